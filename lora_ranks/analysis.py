@@ -1,0 +1,207 @@
+"""The analysis pipeline as plain functions: per-layer spectra on disk, then one rank config.
+
+``analyze_layer`` is the unit of parallel work (one transformer block: its 7 projections by default). It
+writes the layer's singular values to ``<out>/raw_data/layers/<layer>.safetensors`` (float64 vectors keyed
+by module name; energies, methods and accuracy in the file's metadata) and returns a small summary, so
+orchestrators move paths, not tensors. ``assemble_rank_config`` reads those files back, allocates ranks and
+writes the config. ``analyze_checkpoints`` runs both serially for users who do not need Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._io import atomic_write
+from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
+from .config import AlphaPolicy, build_rank_config, save_rank_config
+from .ranks import AllocationSettings, allocate_ranks
+from .spectra import Spectrum, SpectrumMethod, compute_spectrum
+
+__all__ = ["OutputLayout", "LayerResult", "analyze_layer", "load_layer_spectra", "assemble_rank_config", "analyze_checkpoints",
+           "layer_file_name"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run's files go, under one root (the original design's folder names)::
+
+        <root>/saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}
+        <root>/configs/lora_rank_config.json
+        <root>/analysis_outputs/svd/{plots,raw_data}/
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "saved_models" / "preliminary_finetune"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "configs" / "lora_rank_config.json"
+
+    @property
+    def svd_dir(self) -> Path:
+        return self.root / "analysis_outputs" / "svd"
+
+
+@dataclass
+class LayerResult:
+    """What one layer task returns: where its spectra are and how long they took (small, picklable)."""
+
+    layer: str
+    path: str
+    modules: list[str]
+    fingerprint: str
+    seconds: float
+    methods: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+
+
+def layer_file_name(layer: str) -> str:
+    """File name for a layer's spectra: ``model.layers.3`` -> ``model.layers.3.safetensors``."""
+    return layer.replace("/", "_") + ".safetensors"
+
+
+def analyze_layer(
+    pair: CheckpointPair,
+    modules: Sequence[ModuleRef],
+    out_dir: str | Path,
+    *,
+    top_k: int,
+    method: SpectrumMethod = "auto",
+    device: str | None = None,
+    fingerprint: str | None = None,
+) -> LayerResult:
+    """Compute and store the spectra of one layer's modules.
+
+    Args:
+        pair: the checkpoint pair.
+        modules: this layer's modules (all with the same ``layer``).
+        out_dir: the SVD output folder (``OutputLayout.svd_dir``); the file goes to ``raw_data/layers/``.
+        top_k: singular values kept per module (max_rank + 1).
+        method, device: passed to ``compute_spectrum``.
+        fingerprint: content fingerprint of the layer if already computed (else computed here).
+    """
+    if not modules:
+        raise ValueError("analyze_layer needs at least one module")
+    layers = {m.layer for m in modules}
+    if len(layers) != 1:
+        raise ValueError(f"analyze_layer takes one layer's modules, got modules of {sorted(layers)}")
+    start = time.perf_counter()
+    layer = modules[0].layer
+    fingerprint = fingerprint or pair.fingerprint(modules)
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict] = {}
+    for module in modules:
+        delta = pair.delta(module)  # (d_out, d_in) float32
+        spectrum = compute_spectrum(delta, top_k, method=method, device=device)
+        del delta
+        tensors[module.name] = torch.from_numpy(spectrum.singular_values.copy())  # (k,) float64
+        info[module.name] = {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape),
+                             "method": spectrum.method, "rel_error_bound": spectrum.rel_error_bound,
+                             "seconds": spectrum.seconds, "device": spectrum.device,
+                             "power_iters": spectrum.power_iters}
+    path = Path(out_dir) / "raw_data" / "layers" / layer_file_name(layer)
+    metadata = {"layer": layer, "fingerprint": fingerprint, "modules": json.dumps(info)}
+
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, time.perf_counter() - start,
+                       {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
+
+
+def load_layer_spectra(path: str | Path) -> dict[str, Spectrum]:
+    """Read a layer file written by ``analyze_layer`` back into ``module name -> Spectrum``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        info = json.loads(handle.metadata()["modules"])
+        out = {}
+        for name, meta in info.items():
+            values = handle.get_tensor(name).numpy()
+            out[name] = Spectrum(values, meta["total_energy"], tuple(meta["shape"]), meta["method"],
+                                 meta["rel_error_bound"], meta["seconds"], meta["device"], meta["power_iters"])
+    return out
+
+
+def assemble_rank_config(
+    pair: CheckpointPair,
+    modules: Sequence[ModuleRef],
+    layer_results: Sequence[LayerResult],
+    settings: AllocationSettings,
+    config_path: str | Path,
+    *,
+    alpha_policy: AlphaPolicy = AlphaPolicy(),
+    extra_metadata: dict | None = None,
+) -> tuple[dict, dict[str, Spectrum]]:
+    """Read every layer's spectra, allocate ranks, write the validated config atomically.
+
+    Returns:
+        (config dict, spectra by module name) -- the spectra feed the plots and raw-data export.
+    """
+    spectra: dict[str, Spectrum] = {}
+    for result in layer_results:
+        spectra.update(load_layer_spectra(result.path))
+    allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters)
+    spectra_info = {
+        name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),
+               "device": s.device, "total_energy": s.total_energy}
+        for name, s in spectra.items()
+    }
+    metadata = {
+        "checkpoints": pair.identity(),
+        "layer_fingerprints": {r.layer: r.fingerprint for r in layer_results},
+        "svd": {
+            "methods": sorted({s.method for s in spectra.values()}),
+            "max_rel_error_bound": max(s.rel_error_bound for s in spectra.values()),
+            "total_seconds": sum(s.seconds for s in spectra.values()),
+            "top_k": settings.required_top_k,
+        },
+    }
+    if extra_metadata:
+        metadata.update(extra_metadata)
+    config = build_rank_config(allocations, settings, base_parameters=pair.base_parameters,
+                               alpha_policy=alpha_policy, spectra_info=spectra_info, extra_metadata=metadata)
+    save_rank_config(config_path, config)
+    return config, spectra
+
+
+def analyze_checkpoints(
+    base: str | Path,
+    finetuned: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: AllocationSettings = AllocationSettings(),
+    targets: TargetSpec = TargetSpec(),
+    method: SpectrumMethod = "auto",
+    device: str | None = None,
+    alpha_policy: AlphaPolicy = AlphaPolicy(),
+    allow_pickle: bool = False,
+) -> dict:
+    """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
+
+    Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config dict.
+    """
+    start = time.perf_counter()
+    layout = OutputLayout(out_dir)
+    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
+    layers = pair.layers(targets)
+    results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=method, device=device)
+               for mods in layers.values()]
+    modules = [m for mods in layers.values() for m in mods]
+    config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path,
+                                     alpha_policy=alpha_policy,
+                                     extra_metadata={"timings": {"analysis_seconds": time.perf_counter() - start}})
+    return config

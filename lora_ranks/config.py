@@ -1,0 +1,222 @@
+"""Stage 4: the rank config, ``lora_rank_config.json``: the contract between analysis and model building.
+
+Shape (schema version 1)::
+
+    {
+      "schema_version": 1,
+      "layer_ranks": {"q_proj": 32, ...},          # per module type: median final rank (design overview)
+      "target_modules": ["model.layers.0.self_attn.q_proj", ...],   # full names on the loaded model
+      "rank_pattern": {"^model\\.layers\\.0\\.self_attn\\.q_proj": 8, ...},
+      "alpha_pattern": {"^model\\.layers\\.0\\.self_attn\\.q_proj": 16, ...},
+      "lora_alpha": 16, "use_rslora": false, "alpha_policy": {"policy": "constant", "scale": 2.0},
+      "compression_ratio": 0.0123,                  # LoRA trainable parameters / base parameters
+      "trainable_parameters": 123456, "base_parameters": 10000000,
+      "analysis_metadata": {...}                    # per-module decisions, settings, accuracy, identities
+    }
+
+PEFT matches a ``rank_pattern`` key ``K`` against a module name with ``re.match(rf"(.*\\.)?({K})$", name)``
+and takes the first key that matches. Our keys are ``^`` + the escaped full module name, so each matches
+exactly one module and the order cannot matter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from ._io import atomic_write_json
+from .ranks import AllocationSettings, ModuleAllocation, lora_parameters
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AlphaPolicy",
+    "RankConfigError",
+    "anchored_key",
+    "build_rank_config",
+    "save_rank_config",
+    "load_rank_config",
+    "validate_rank_config",
+]
+
+SCHEMA_VERSION = 1
+
+
+class RankConfigError(ValueError):
+    """A rank config file is missing, unreadable, or does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class AlphaPolicy:
+    """How ``lora_alpha`` is set per module.
+
+    ``"constant"``: alpha = scale * r, so the LoRA update's scale alpha / r equals ``scale`` in every module
+    whatever its rank (the common alpha = 2r rule). ``"rslora"``: rank-stabilized LoRA (Kalajdzievski 2023):
+    one alpha = ``scale`` * 8 for all modules and PEFT's ``use_rslora`` divides by sqrt(r) instead of r,
+    so higher-rank modules keep a larger update scale.
+    """
+
+    policy: Literal["constant", "rslora"] = "constant"
+    """Scaling rule; constant alpha = 2r is what most LoRA recipes use."""
+    scale: float = 2.0
+    """alpha / r for "constant"; alpha = 8 * scale for "rslora"."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("constant", "rslora"):
+            raise ValueError(f"alpha policy must be 'constant' or 'rslora', got policy={self.policy!r}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"alpha scale must be a positive number, got scale={self.scale}")
+
+    def alpha(self, rank: int) -> float:
+        value = self.scale * rank if self.policy == "constant" else self.scale * 8
+        return int(value) if float(value).is_integer() else float(value)
+
+
+def anchored_key(module_name: str) -> str:
+    """The ``rank_pattern`` key that PEFT matches to ``module_name`` and nothing else."""
+    return "^" + re.escape(module_name)
+
+
+def build_rank_config(
+    allocations: Sequence[ModuleAllocation],
+    settings: AllocationSettings,
+    *,
+    base_parameters: int,
+    alpha_policy: AlphaPolicy = AlphaPolicy(),
+    spectra_info: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> dict:
+    """Assemble the config dict (validated) from rank decisions.
+
+    Args:
+        allocations: one per module (from ``allocate_ranks``).
+        settings: the allocation settings used (recorded).
+        base_parameters: parameter count of the base model, the denominator of ``compression_ratio``.
+        alpha_policy: scaling policy (recorded; sets ``alpha_pattern``/``lora_alpha``/``use_rslora``).
+        spectra_info: per module name, method/accuracy/timing facts to record next to its decision.
+        extra_metadata: merged into ``analysis_metadata`` (checkpoint identities, timings, versions).
+    """
+    if not allocations:
+        raise RankConfigError("no modules to write: the allocation is empty")
+    if base_parameters <= 0:
+        raise RankConfigError(f"base_parameters must be positive, got {base_parameters}")
+    from . import __version__
+
+    by_type: dict[str, list[int]] = {}
+    for a in allocations:
+        by_type.setdefault(a.module_type, []).append(a.final_rank)
+    layer_ranks = {t: int(np.median(r)) for t, r in by_type.items()}
+    trainable = sum(lora_parameters(a.shape, a.final_rank) for a in allocations)
+    rank_pattern = {anchored_key(a.name): a.final_rank for a in allocations}
+    alpha_pattern = {anchored_key(a.name): alpha_policy.alpha(a.final_rank) for a in allocations}
+    modules_meta = {}
+    for a in allocations:
+        entry = a.to_dict()
+        entry.pop("name")
+        if spectra_info and a.name in spectra_info:
+            entry.update(spectra_info[a.name])
+        modules_meta[a.name] = entry
+    metadata: dict[str, Any] = {
+        "tool_version": __version__,
+        "settings": settings.to_dict(),
+        "mode": "budget" if settings.budget_mode else "energy_threshold",
+        "n_modules": len(allocations),
+        "n_saturated": sum(a.saturated for a in allocations),
+        "saturated_modules": [a.name for a in allocations if a.saturated],
+        "modules": modules_meta,
+    }
+    if extra_metadata:
+        metadata.update(extra_metadata)
+    config = {
+        "schema_version": SCHEMA_VERSION,
+        "layer_ranks": layer_ranks,
+        "target_modules": [a.name for a in allocations],
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_alpha": alpha_policy.alpha(layer_ranks[allocations[0].module_type]),
+        "use_rslora": alpha_policy.policy == "rslora",
+        "alpha_policy": asdict(alpha_policy),
+        "compression_ratio": trainable / base_parameters,
+        "trainable_parameters": trainable,
+        "base_parameters": base_parameters,
+        "analysis_metadata": metadata,
+    }
+    validate_rank_config(config)
+    return config
+
+
+def save_rank_config(path: str | Path, config: Mapping[str, Any]) -> Path:
+    """Validate ``config`` and write it atomically to ``path``."""
+    validate_rank_config(config, source=str(path))
+    return atomic_write_json(path, config)
+
+
+def load_rank_config(path: str | Path) -> dict:
+    """Read and validate a rank config file.
+
+    Raises:
+        RankConfigError: naming the file and the first problem found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RankConfigError(f"rank config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RankConfigError(f"rank config {path} is not valid JSON: {exc}") from exc
+    validate_rank_config(config, source=str(path))
+    return config
+
+
+def validate_rank_config(config: Any, source: str = "rank config") -> None:
+    """Check ``config`` against schema version 1; raise RankConfigError naming the first problem."""
+
+    def fail(msg: str) -> None:
+        raise RankConfigError(f"{source}: {msg}")
+
+    if not isinstance(config, dict):
+        fail(f"top level must be a JSON object, got {type(config).__name__}")
+    version = config.get("schema_version")
+    if version != SCHEMA_VERSION:
+        fail(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
+    for key, kind in (("layer_ranks", dict), ("target_modules", list), ("rank_pattern", dict),
+                      ("alpha_pattern", dict), ("analysis_metadata", dict), ("compression_ratio", (int, float))):
+        if key not in config:
+            fail(f"missing required key {key!r}")
+        if not isinstance(config[key], kind):
+            fail(f"{key!r} must be a {kind.__name__ if isinstance(kind, type) else 'number'}, got {type(config[key]).__name__}")
+    targets = config["target_modules"]
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        fail("'target_modules' must be a non-empty list of module names")
+    if len(set(targets)) != len(targets):
+        fail("'target_modules' lists a module twice")
+    for section in ("rank_pattern", "alpha_pattern", "layer_ranks"):
+        for key, value in config[section].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or not math.isfinite(value):
+                fail(f"{section}[{key!r}] must be a positive number, got {value!r}")
+            if section == "rank_pattern" and not isinstance(value, int):
+                fail(f"rank_pattern[{key!r}] must be an integer rank, got {value!r}")
+    expected = {anchored_key(t) for t in targets}
+    for section in ("rank_pattern", "alpha_pattern"):
+        keys = set(config[section])
+        extra, missing = keys - expected, expected - keys
+        if extra:
+            fail(f"{section} has key {sorted(extra)[0]!r} that is not an anchored target module name")
+        if section == "rank_pattern" and missing:
+            fail(f"rank_pattern has no rank for target module {sorted(missing)[0]!r}")
+    if not (0 < config["compression_ratio"] < math.inf):
+        fail(f"compression_ratio must be positive, got {config['compression_ratio']!r}")
+    modules = config["analysis_metadata"].get("modules")
+    if isinstance(modules, dict):
+        for name, entry in modules.items():
+            key = anchored_key(name)
+            if key not in config["rank_pattern"]:
+                fail(f"analysis_metadata.modules names {name!r}, which has no rank_pattern entry")
+            if entry.get("final_rank") != config["rank_pattern"][key]:
+                fail(f"module {name!r}: final_rank {entry.get('final_rank')!r} disagrees with rank_pattern "
+                     f"{config['rank_pattern'][key]!r}")

@@ -1,0 +1,210 @@
+"""Training data for the preliminary fine-tune: loading, stratified subsets, tokenization with masking.
+
+Record shapes (JSON list or JSONL, one object per line):
+
+* chat: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}], "task": ...}``
+  rendered with the tokenizer's chat template when it has one, else with the fallback
+  ``"<role>: <content>\\n"`` per message;
+* instruction: ``{"instruction": ..., "input": ..., "output": ..., "task": ...}`` (``input`` optional),
+  rendered as ``"{instruction}\\n{input}\\n"`` + ``output``;
+* plain text: ``{"text": ..., "task": ...}``.
+
+Loss is on the response only (assistant turns, ``output``); prompt tokens get label -100. Plain text is
+trained on every token. Records without the task key fall into one stratum named ``"default"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["DataError", "load_records", "record_kind", "stratified_subset", "SubsetReport", "tokenize_record",
+           "collate"]
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+
+class DataError(ValueError):
+    """A dataset file or record is unusable (the message names the file and line)."""
+
+
+def record_kind(record: dict, where: str = "record") -> str:
+    """Return "chat", "instruction" or "text" for a record, or raise DataError naming ``where``."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: chat record has no assistant message to learn from")
+        return "chat"
+    if "instruction" in record or "output" in record:
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                raise DataError(f"{where}: instruction record needs a string {key!r}")
+        return "instruction"
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        return "text"
+    raise DataError(f"{where}: record has none of 'messages', 'instruction'/'output', 'text' (keys: {sorted(record)})")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Load and check every record of a ``.json`` (list of objects) or ``.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"dataset file {path} is empty")
+    records: list[tuple[str, dict]] = []
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json dataset must be a list of records, got {type(data).__name__}")
+        records = [(f"{path} record {i}", r) for i, r in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+    if not records:
+        raise DataError(f"dataset file {path} holds no records")
+    for where, record in records:
+        record_kind(record, where)
+    return [r for _, r in records]
+
+
+@dataclass
+class SubsetReport:
+    """Per-task counts before and after sampling (written to training_metrics.json)."""
+
+    counts_before: dict[str, int]
+    counts_after: dict[str, int]
+    subset_ratio: float
+    max_samples: int
+    seed: int
+
+
+def stratified_subset(
+    records: Sequence[dict],
+    subset_ratio: float = 0.01,
+    max_samples: int = 1000,
+    *,
+    seed: int = 0,
+    task_key: str = "task",
+) -> tuple[list[dict], SubsetReport]:
+    """Sample a subset that keeps every task, in proportion to task size.
+
+    The target size is ``min(max_samples, round(ratio * N))``, at least one per task. Each task gets its
+    proportional share's floor; the remaining slots go to the largest remainders (ties by task name);
+    tasks still at zero then get one sample. Deterministic for a seed.
+    """
+    if not (0.0 < subset_ratio <= 1.0):
+        raise ValueError(f"subset_ratio must be in (0, 1], got subset_ratio={subset_ratio}")
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got max_samples={max_samples}")
+    if not records:
+        raise DataError("cannot sample from an empty dataset")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(str(r.get(task_key, "default")), []).append(i)
+    n = len(records)
+    target = max(min(max_samples, round(subset_ratio * n)), len(groups))
+    target = min(target, n)
+    shares = {t: target * len(idx) / n for t, idx in groups.items()}
+    alloc = {t: math.floor(s) for t, s in shares.items()}
+    leftover = target - sum(alloc.values())
+    for t in sorted(groups, key=lambda t: (-(shares[t] - alloc[t]), t))[:leftover]:
+        alloc[t] += 1
+    for t in groups:  # every task represented, even when its share rounds to zero
+        if alloc[t] == 0:
+            alloc[t] = 1
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for t in sorted(groups):
+        chosen.extend(rng.sample(groups[t], min(alloc[t], len(groups[t]))))
+    chosen.sort()
+    subset = [records[i] for i in chosen]
+    report = SubsetReport({t: len(i) for t, i in sorted(groups.items())},
+                          dict(sorted(Counter(str(r.get(task_key, "default")) for r in subset).items())),
+                          subset_ratio, max_samples, seed)
+    return subset, report
+
+
+def _prompt_and_response(record: dict, tokenizer) -> list[tuple[str, bool]]:
+    """Split a record into text pieces, each flagged True when it is trained on (the response)."""
+    kind = record_kind(record)
+    if kind == "text":
+        return [(record["text"], True)]
+    if kind == "instruction":
+        prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "") + "\n"
+        return [(prompt, False), (record["output"], True)]
+    pieces: list[tuple[str, bool]] = []
+    if getattr(tokenizer, "chat_template", None):
+        # Render the conversation up to each assistant turn; the difference is that turn's text.
+        rendered = ""
+        for i, message in enumerate(record["messages"]):
+            upto = tokenizer.apply_chat_template(record["messages"][: i + 1], tokenize=False)
+            if message["role"] == "assistant":
+                head = tokenizer.apply_chat_template(record["messages"][:i], tokenize=False, add_generation_prompt=True)
+                pieces.append((head[len(rendered):], False))
+                pieces.append((upto[len(head):], True))
+            else:
+                pieces.append((upto[len(rendered):], False))
+            rendered = upto
+        return [(t, train) for t, train in pieces if t]
+    for message in record["messages"]:  # documented fallback: "<role>: <content>\n"
+        pieces.append((f"{message['role']}: ", False))
+        pieces.append((message["content"] + "\n", message["role"] == "assistant"))
+    return pieces
+
+
+def tokenize_record(record: dict, tokenizer, max_length: int = 256) -> dict[str, list[int]]:
+    """Token ids and labels for one record; labels are -100 on prompt tokens. An EOS ends the response.
+
+    Returns:
+        {"input_ids": list[int], "labels": list[int]} of equal length <= max_length.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, train in _prompt_and_response(record, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if train else [IGNORE_INDEX] * len(piece))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int):
+    """Right-pad a batch: input_ids/labels/attention_mask LongTensors of shape (batch, max_len)."""
+    import torch
+
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,237 @@
+"""Stage 0: a brief full-parameter fine-tune on a stratified subset, saving the checkpoint pair.
+
+Layout written (the original design's)::
+
+    <out>/pretrained/            # the base model as safetensors (or, for a local safetensors base with
+                                 #   copy_base=False, nothing: training_metrics.json records its path)
+    <out>/finetuned/             # all parameters after training, safetensors + tokenizer
+    <out>/training_metrics.json  # losses, per-task counts before/after sampling, settings, timings
+
+The training loop is deliberately plain torch (AdamW, warmup + cosine/linear decay, gradient accumulation,
+optional gradient checkpointing, bf16 autocast on CUDA) so one screen shows everything it does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from ._io import atomic_write_json
+from .data import collate, load_records, stratified_subset, tokenize_record
+
+__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm"]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Settings of the preliminary fine-tune (recorded in training_metrics.json)."""
+
+    subset_ratio: float = 0.01
+    """Fraction of the dataset to train on: ~1% is enough to see which directions each layer moves in."""
+    max_samples: int = 1000
+    """Cap on the subset size, so huge datasets stay a *brief* fine-tune."""
+    task_key: str = "task"
+    """Record field naming the task, used to stratify the subset."""
+    max_steps: int = 100
+    """Optimizer steps (a step = grad_accumulation micro-batches); the run stops at the first of steps/epochs."""
+    epochs: float = 3.0
+    """Passes over the subset; caps max_steps on tiny subsets."""
+    batch_size: int = 4
+    """Micro-batch size (sequences)."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate; full fine-tunes of 7B models use 1e-5..1e-4."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; 0 keeps the delta purely data-driven."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warmup."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    max_length: int = 256
+    """Tokens per sequence (longer records are truncated)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    seed: int = 0
+    """Seeds sampling, shuffling and torch."""
+    copy_base: bool = True
+    """Write pretrained/ even when the base is a local safetensors folder (False: record its path instead)."""
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.subset_ratio <= 1.0):
+            raise ValueError(f"subset_ratio must be in (0, 1], got subset_ratio={self.subset_ratio}")
+        for name in ("max_samples", "max_steps", "batch_size", "grad_accumulation", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got learning_rate={self.learning_rate}")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={self.warmup_ratio}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got schedule={self.schedule!r}")
+
+
+@dataclass
+class FinetuneResult:
+    """Where the checkpoint pair is, plus the loss curve (small, picklable)."""
+
+    pretrained_dir: str
+    finetuned_dir: str
+    metrics_path: str
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a local folder; safetensors only, no remote code unless asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def _save_dir(model, tokenizer, target: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then rename: never a half-written checkpoint."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def run_preliminary_finetune(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    settings: FinetuneSettings = FinetuneSettings(),
+    *,
+    device: str | None = None,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune every parameter of ``model_path`` briefly on a stratified subset of ``data_path``.
+
+    Args:
+        model_path: local Hugging Face folder (safetensors) of the base causal LM.
+        data_path: JSON/JSONL dataset (see ``lora_ranks.data``).
+        out_dir: where pretrained/, finetuned/ and training_metrics.json go.
+        settings: see FinetuneSettings.
+        device: "cuda", "cpu", ... (None: CUDA when available).
+        on_step: called as ``on_step(step, total_steps, loss, lr)`` after each optimizer step (logging).
+        progress: show a console progress bar.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    # Step 1: data -- stratified subset, tokenized with response-only labels.
+    records = load_records(data_path)
+    subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
+                                       seed=settings.seed, task_key=settings.task_key)
+    model, tokenizer = load_causal_lm(model_path)
+    examples = [tokenize_record(r, tokenizer, settings.max_length) for r in subset]
+
+    # Step 2: the pretrained side of the pair.
+    local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
+    if settings.copy_base or not local_safetensors:
+        pretrained_dir = out / "pretrained"
+        _save_dir(model, tokenizer, pretrained_dir)
+    else:
+        pretrained_dir = Path(model_path).resolve()
+
+    # Step 3: train.
+    model.to(dev).train()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
+    warmup = int(settings.warmup_ratio * total)
+    rng = random.Random(settings.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="preliminary fine-tune", unit="step")
+    for step in range(total):
+        lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(settings.grad_accumulation):
+            if len(order) < settings.batch_size:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            batch_idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            batch = {k: v.to(dev) for k, v in collate([examples[i] for i in batch_idx], tokenizer.pad_token_id).items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss / settings.grad_accumulation
+            loss.backward()
+            step_loss += float(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(step + 1, total, step_loss, lr)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+    if bar is not None:
+        bar.close()
+
+    # Step 4: the fine-tuned side, then the metrics.
+    model.config.use_cache = True
+    finetuned_dir = out / "finetuned"
+    _save_dir(model.cpu(), tokenizer, finetuned_dir)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "model": str(model_path),
+        "pretrained_dir": str(pretrained_dir),
+        "finetuned_dir": str(finetuned_dir),
+        "data": str(data_path),
+        "n_records": len(records),
+        "n_train": len(subset),
+        "task_counts_before": report.counts_before,
+        "task_counts_after": report.counts_after,
+        "settings": asdict(settings),
+        "device": str(dev),
+        "bf16": use_bf16,
+        "steps": total,
+        "losses": losses,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": seconds,
+    }
+    metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
+    return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds)

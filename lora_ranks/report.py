@@ -1,0 +1,128 @@
+"""Plots and raw-data export for an analysis (matplotlib, Agg backend: no display needed).
+
+Files written under ``<out>/``::
+
+    plots/singular_values.png   # s_i / s_1 per module type, one line per layer, chosen ranks marked
+    plots/cumulative_energy.png # kept energy vs rank per module type, with tau
+    plots/rank_heatmap.png      # final rank, layer x module type
+    raw_data/singular_values.npz  # one float64 array per module (key = module name), plus total energies
+    raw_data/summary.csv        # one row per module: shape, ranks, energy kept, flags, method
+    raw_data/summary.json       # the same as JSON
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ._io import atomic_write, atomic_write_bytes, atomic_write_json
+from .spectra import Spectrum
+
+__all__ = ["write_plots", "write_raw_data"]
+
+
+def _module_rows(config: dict) -> list[dict]:
+    rows = []
+    for name, meta in config["analysis_metadata"]["modules"].items():
+        rows.append({"module": name, **{k: meta.get(k) for k in (
+            "module_type", "layer", "depth", "shape", "raw_rank", "saturated", "bounded_rank", "smoothed_rank",
+            "final_rank", "energy_retained", "zero_delta", "svd_method", "rel_error_bound", "total_energy")}})
+    return rows
+
+
+def write_raw_data(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+    """Write the singular values (npz) and per-module summary (CSV and JSON); return their paths."""
+    raw = Path(out_dir) / "raw_data"
+    arrays = {name: s.singular_values for name, s in spectra.items()}
+    arrays["__total_energy__"] = np.array([spectra[n].total_energy for n in spectra])
+    arrays["__module_names__"] = np.array(list(spectra))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    paths = {"singular_values": str(atomic_write_bytes(raw / "singular_values.npz", buffer.getvalue()))}
+    rows = _module_rows(config)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
+    paths["summary_csv"] = str(atomic_write_bytes(raw / "summary.csv", text.getvalue().encode()))
+    paths["summary_json"] = str(atomic_write_json(raw / "summary.json", rows))
+    return paths
+
+
+def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+    """Write the three analysis plots (PNG, 110 dpi); return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = Path(out_dir) / "plots"
+    modules = config["analysis_metadata"]["modules"]
+    tau = config["analysis_metadata"]["settings"]["energy_threshold"]
+    types = list(dict.fromkeys(m["module_type"] for m in modules.values()))
+    depths = sorted({m["depth"] for m in modules.values()})
+    cmap = plt.get_cmap("viridis")
+    ncols = min(4, len(types))
+    nrows = -(-len(types) // ncols)
+    paths: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        target = plots / name
+        atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        plt.close(fig)
+        paths[name.removesuffix(".png")] = str(target)
+
+    for kind in ("singular_values", "cumulative_energy"):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+        for ax, mtype in zip(axes.flat, types):
+            for name, meta in modules.items():
+                if meta["module_type"] != mtype or name not in spectra:
+                    continue
+                s = spectra[name]
+                color = cmap(depths.index(meta["depth"]) / max(1, len(depths) - 1))
+                x = np.arange(1, len(s.singular_values) + 1)
+                y = s.singular_values / s.singular_values[0] if kind == "singular_values" and s.singular_values[0] > 0 \
+                    else s.cumulative_energy() if kind == "cumulative_energy" else s.singular_values
+                ax.plot(x, y, color=color, lw=1)
+                r = meta["final_rank"]
+                if r <= len(y):
+                    ax.plot([r], [y[r - 1]], "o", color=color, ms=4)
+            ax.set_title(mtype, fontsize=9)
+            ax.set_xlabel("index i", fontsize=8)
+            if kind == "singular_values":
+                ax.set_yscale("log")
+                ax.set_ylabel("s_i / s_1", fontsize=8)
+            else:
+                ax.axhline(tau, color="red", ls="--", lw=1)
+                ax.set_ylim(0, 1.02)
+                ax.set_ylabel("energy kept (exact total)", fontsize=8)
+        for ax in list(axes.flat)[len(types):]:
+            ax.axis("off")
+        title = "Singular values of W_ft - W_pre (dots: chosen rank; colour: depth)" if kind == "singular_values" \
+            else f"Cumulative energy (dashed: tau = {tau})"
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        save(fig, f"{kind}.png")
+
+    grid = np.full((len(depths), len(types)), np.nan)
+    for meta in modules.values():
+        grid[depths.index(meta["depth"]), types.index(meta["module_type"])] = meta["final_rank"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(types) + 2, 0.35 * len(depths) + 2))
+    image = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(depths)), [str(d) for d in depths], fontsize=8)
+    ax.set_ylabel("layer")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="white" if v < np.nanmax(grid) * 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="LoRA rank")
+    ax.set_title("Final LoRA rank per layer and module", fontsize=10)
+    fig.tight_layout()
+    save(fig, "rank_heatmap.png")
+    return paths

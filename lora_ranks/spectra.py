@@ -1,0 +1,230 @@
+"""Stage 2: the spectrum of one weight delta: exact total energy and accurate top-k singular values.
+
+Energy-based ranks need two numbers per candidate rank r: the energy kept, sum_{i<=r} s_i^2, and the
+total energy ||dW||_F^2. Many extractors divide by the sum over a *truncated* spectrum, which overstates
+the kept fraction; here the denominator is always the exact Frobenius norm (a float64 reduction over all
+entries), and only the top-k values (k >= max rank) are computed, to a checked relative accuracy.
+
+Methods (``method=``):
+
+``"gram"``
+    Eigenvalues of the float64 Gram matrix of the short side (``dWᵀdW`` or ``dWdWᵀ``), s = sqrt(lambda).
+    Cost O(m n^2 + n^3) for n = min(m, n). Backward-stable eigenvalues give
+    |ds_i| / s_i <~ n * eps64 * (s_1 / s_i)^2 / 2, i.e. about 1e-10 at s_1 / s_i = 1e3: exact for our needs.
+``"svdvals"``
+    LAPACK singular values in float64 (the reference; slowest).
+``"randomized"``
+    Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with q = k + oversample
+    columns in float32, then a float64 Rayleigh-Ritz step and an *a-posteriori* check: for every Ritz
+    triplet (s_i, u_i, v_i) with i < k the residual ``r_i = ||dW v_i - s_i u_i||`` bounds the distance from
+    s_i to a true singular value (``dWᵀ u_i = s_i v_i`` holds exactly by construction), and Ritz values
+    never exceed the true ones (interlacing). The check accepts when ``r_i <= tol * s_i`` for all i < k;
+    otherwise more power iterations run, and after ``max_power_iters`` the exact Gram method is used.
+    Slowly decaying or flat tails (a noise floor) converge slowly and usually end in that fallback:
+    fast when the spectrum has structure, never wrong when it has not.
+``"auto"``
+    ``"randomized"`` when the short side is much larger than q (6x on the CPU, 3x on CUDA, where eigvalsh
+    is relatively slow and matrix products fast), else ``"gram"``. Measured on 2 CPU cores at
+    2816x1024 with k = 129: Gram 0.15-0.18 s, randomized 0.3-0.8 s (1.3 s when it falls back), LAPACK
+    float32 ``svd`` 0.37 s.
+
+The GPU is used when one is visible (``device=None``); a CUDA out-of-memory error on one matrix falls
+back to the CPU for that matrix and says so in ``Spectrum.device``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+__all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device"]
+
+SpectrumMethod = Literal["auto", "gram", "svdvals", "randomized"]
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Top singular values and exact energy of one delta matrix.
+
+    Attributes:
+        singular_values: ndarray of shape (k,), float64, non-increasing, the k largest singular values.
+        total_energy: ||dW||_F^2 over *all* singular values, float64 (exact, not from the truncated list).
+        shape: (d_out, d_in) of the delta.
+        method: method that produced the values ("gram", "svdvals", "randomized", or
+            "randomized->gram" when the a-posteriori check failed and the exact fallback ran).
+        rel_error_bound: estimated bound on max_i |s_i - s_i*| / s_i* over the returned values
+            (from backward-error analysis for exact methods, from Ritz residuals for randomized).
+        seconds: wall time of the computation.
+        device: where it ran ("cpu", "cuda:0", "cpu (CUDA out of memory)").
+        power_iters: subspace iterations used by the randomized method (0 otherwise).
+    """
+
+    singular_values: np.ndarray
+    total_energy: float
+    shape: tuple[int, int]
+    method: str
+    rel_error_bound: float
+    seconds: float
+    device: str = "cpu"
+    power_iters: int = 0
+
+    def cumulative_energy(self) -> np.ndarray:
+        """Fraction of the total energy kept by the top r values, r = 1..k: ndarray (k,), float64."""
+        if self.total_energy <= 0.0:
+            return np.zeros_like(self.singular_values)
+        return np.cumsum(self.singular_values**2) / self.total_energy
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when one is visible, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_spectrum(
+    delta: torch.Tensor,
+    top_k: int,
+    *,
+    method: SpectrumMethod = "auto",
+    device: torch.device | str | None = None,
+    tol: float = 1e-5,
+    oversample: int | None = None,
+    power_iters: int = 4,
+    max_power_iters: int = 16,
+    seed: int = 0,
+) -> Spectrum:
+    """Exact energy and the top ``top_k`` singular values of ``delta``.
+
+    Args:
+        delta: Tensor of shape (m, n), any float dtype; not modified.
+        top_k: number of leading singular values wanted (clipped to min(m, n)); use max_rank + 1 so that
+            saturation at the upper bound can be seen.
+        method: see the module docstring.
+        device: where to compute; None picks CUDA when available.
+        tol: randomized method's acceptance threshold on the relative Ritz residual r_i / s_i. The
+            default 1e-5 keeps every returned value within 1e-5 relative of a true singular value,
+            comfortably inside the 1e-4 accuracy the rank decision is designed for.
+        oversample: extra columns beyond ``top_k`` for the randomized method; None uses
+            max(top_k, 32), since oversampling speeds convergence on slowly decaying spectra far more
+            than extra iterations (Halko et al. 2011, sec. 4.5).
+        power_iters: subspace iterations before the first check.
+        max_power_iters: iterations after which the exact Gram method is used instead.
+        seed: seed for the Gaussian test matrix (results are deterministic for a seed).
+
+    Returns:
+        Spectrum with ``singular_values`` of shape (min(top_k, m, n),), float64.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a 2-D matrix, got shape {tuple(delta.shape)}")
+    if not delta.is_floating_point():
+        raise ValueError(f"delta must be floating point, got dtype {delta.dtype}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k=}")
+    if method not in ("auto", "gram", "svdvals", "randomized"):
+        raise ValueError(f"method must be one of auto, gram, svdvals, randomized; got {method=!r}")
+    if not 0.0 < tol < 1.0:
+        raise ValueError(f"tol must be in (0, 1), got {tol=}")
+    dev = torch.device(device) if device is not None else default_device()
+    try:
+        return _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, max_power_iters, seed)
+    except torch.OutOfMemoryError:
+        if dev.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        result = _compute_spectrum(delta, top_k, method, torch.device("cpu"), tol, oversample, power_iters,
+                                   max_power_iters, seed)
+        return Spectrum(**{**result.__dict__, "device": "cpu (CUDA out of memory)"})
+
+
+def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, max_power_iters, seed) -> Spectrum:
+    start = time.perf_counter()
+    m, n = delta.shape
+    k = min(top_k, m, n)
+    a = delta.to(device=dev)
+    total_energy = float(torch.linalg.vector_norm(a, dtype=torch.float64) ** 2)  # exact ||dW||_F^2
+    if total_energy == 0.0:  # zero delta: all singular values are exactly 0
+        return Spectrum(np.zeros(k), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, str(dev))
+
+    p = max(k, 32) if oversample is None else int(oversample)
+    q = min(k + p, min(m, n))
+    if method == "auto":
+        # Each randomized pass costs ~2*m*n*q flops vs ~m*n^2 for the Gram matrix: with q close to the short
+        # side, the exact method is as cheap and needs no check.
+        factor = 3 if dev.type == "cuda" else 6
+        method = "randomized" if factor * q <= min(m, n) else "gram"
+
+    iters = 0
+    if method == "svdvals":
+        s = torch.linalg.svdvals(a.to(torch.float64))[:k]
+        bound = _exact_bound(s, min(m, n), squared=False)
+    elif method == "gram":
+        s, bound = _gram_values(a, k)
+    else:
+        s, bound, iters = _randomized_values(a, k, q, tol, power_iters, max_power_iters, seed)
+        if s is None:
+            s, bound = _gram_values(a, k)
+            method = "randomized->gram"
+    values = s.detach().cpu().numpy().astype(np.float64)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return Spectrum(values, total_energy, (m, n), method, float(bound), time.perf_counter() - start, str(dev), iters)
+
+
+def _exact_bound(s: torch.Tensor, n: int, squared: bool) -> float:
+    """Backward-error bound on the relative error of the smallest returned nonzero value."""
+    positive = s[s > 0]
+    if positive.numel() == 0:
+        return 0.0
+    ratio = float(positive[0] / positive[-1])
+    return n * _EPS64 * (ratio**2 / 2 if squared else ratio)
+
+
+def _gram_values(a: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    a64 = a.to(torch.float64)
+    gram = a64.T @ a64 if a64.shape[0] >= a64.shape[1] else a64 @ a64.T  # (n, n) for the short side n
+    del a64
+    eig = torch.linalg.eigvalsh(gram)  # ascending, float64
+    s = torch.sqrt(torch.clamp(torch.flip(eig, (0,))[:k], min=0.0))  # (k,)
+    return s, _exact_bound(s, gram.shape[0], squared=True)
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _randomized_values(a, k, q, tol, power_iters, max_power_iters, seed):
+    """Randomized subspace iteration with an a-posteriori residual check (see module docstring).
+
+    Returns (values (k,) float64, bound, iterations) or (None, inf, iterations) when the check never
+    passed within ``max_power_iters``.
+    """
+    m, n = a.shape
+    work = a.to(torch.float32)  # (m, n): matrix products in float32, the fast path on every device
+    gen = torch.Generator(device=work.device).manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, device=work.device, dtype=work.dtype)  # (n, q)
+    basis = _orth(work @ omega)  # (m, q) orthonormal range estimate
+    a64 = a.to(torch.float64)
+    iters, next_check = 0, power_iters
+    while True:
+        while iters < next_check:
+            basis = _orth(work @ _orth(work.T @ basis))  # one power iteration, re-orthonormalized both ways
+            iters += 1
+        basis64 = _orth(basis.to(torch.float64))  # float32 QR is orthonormal only to ~1e-7; redo in float64
+        small = basis64.T @ a64  # (q, n) Rayleigh-Ritz projection
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)  # (q, q), (q,), (q, n)
+        s_k, v_k = s[:k], vh[:k].T  # (k,), (n, k)
+        residual = a64 @ v_k - basis64 @ (u_small[:, :k] * s_k)  # (m, k): dW v_i - s_i u_i
+        r = torch.linalg.vector_norm(residual, dim=0)  # (k,)
+        floor = float(s[0]) * 1e-12  # values at round-off level are zero for our purpose
+        rel = r / torch.clamp(s_k, min=floor)
+        worst = float(rel.max())
+        if worst <= tol:
+            return s_k, worst, iters
+        if iters >= max_power_iters:
+            return None, math.inf, iters
+        next_check = min(max_power_iters, iters + max(2, power_iters // 2))

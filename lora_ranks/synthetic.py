@@ -1,0 +1,151 @@
+"""Offline stand-ins for what a user brings: a multi-task dataset, a tokenizer and a tiny Qwen3.
+
+There is no model hub on the machines this tool is tested on, so the demo and the tests build everything
+here in seconds: templated tasks with learnable structure (so a brief fine-tune moves the weights in a
+low-rank way), a byte-level BPE tokenizer trained with ``tokenizers``, and a Qwen3 built from a config.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+from typing import Literal
+
+from ._io import atomic_write_text
+
+__all__ = ["DEMO_MODEL", "SYNTHETIC_TASKS", "synthetic_records", "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
+           "CHAT_TEMPLATE"]
+
+#: A minimal Qwen-style chat template; ``{% generation %}`` is not needed because masking is done by us.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: Model name that stands for "build a tiny Qwen3 offline" in flows and the CLI (no hub needed).
+DEMO_MODEL = "demo:tiny-qwen3"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+def _example(task: str, rng: random.Random) -> tuple[str, str, str]:
+    """(instruction, input, output) for one templated task."""
+    if task == "add":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return "Add the two numbers.", f"{a} + {b}", str(a + b)
+    if task == "reverse":
+        w = _word(rng)
+        return "Reverse the word.", w, w[::-1]
+    if task == "upper":
+        w = " ".join(_word(rng) for _ in range(rng.randint(1, 3)))
+        return "Write the text in capital letters.", w, w.upper()
+    if task == "sort":
+        w = _word(rng, 4, 8)
+        return "Sort the letters alphabetically.", w, "".join(sorted(w))
+    if task == "count":
+        w = _word(rng, 3, 9)
+        return "Count the letters.", w, str(len(w))
+    raise ValueError(f"unknown synthetic task {task!r}; choose from {SYNTHETIC_TASKS}")
+
+
+SYNTHETIC_TASKS: tuple[str, ...] = ("add", "reverse", "upper", "sort", "count")
+
+
+def synthetic_records(
+    n_per_task: int | dict[str, int],
+    *,
+    fmt: Literal["instruction", "chat", "text", "mixed"] = "instruction",
+    seed: int = 0,
+    tasks: tuple[str, ...] = SYNTHETIC_TASKS,
+) -> list[dict]:
+    """Templated multi-task records in the formats ``data.load_records`` reads.
+
+    Args:
+        n_per_task: records per task (an int for all, or a dict ``task -> count`` for unbalanced sets).
+        fmt: "instruction" ({instruction, input, output, task}), "chat" ({messages, task}), "text"
+            ({text, task}), or "mixed" (cycles through the three).
+        seed: makes the records deterministic.
+    """
+    rng = random.Random(seed)
+    counts = n_per_task if isinstance(n_per_task, dict) else {t: n_per_task for t in tasks}
+    records = []
+    formats = ("instruction", "chat", "text")
+    for task, count in counts.items():
+        for i in range(count):
+            instruction, inp, out = _example(task, rng)
+            kind = formats[i % 3] if fmt == "mixed" else fmt
+            if kind == "instruction":
+                records.append({"instruction": instruction, "input": inp, "output": out, "task": task})
+            elif kind == "chat":
+                records.append({"messages": [{"role": "user", "content": f"{instruction}\n{inp}"},
+                                             {"role": "assistant", "content": out}], "task": task})
+            else:
+                records.append({"text": f"{instruction} {inp} => {out}", "task": task})
+    rng.shuffle(records)
+    return records
+
+
+def write_synthetic_dataset(path: str | Path, n_per_task: int | dict[str, int] = 200, **kwargs) -> Path:
+    """Write ``synthetic_records(...)`` as JSONL to ``path`` (atomically) and return the path."""
+    records = synthetic_records(n_per_task, **kwargs)
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 384):
+    """Train a byte-level BPE on ``texts`` offline and wrap it for transformers.
+
+    Returns:
+        ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set and a Qwen-style chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen3(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
+    """Save a randomly initialized Qwen3ForCausalLM (safetensors) and a tokenizer to ``out_dir``.
+
+    With no ``tokenizer`` given, one is trained on synthetic records. ``vocab_size`` is ``len(tokenizer)``.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if tokenizer is None:
+        texts = [json.dumps(r) for r in synthetic_records(100, fmt="mixed", seed=seed)]
+        tokenizer = train_tokenizer(texts)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

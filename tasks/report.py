@@ -1,0 +1,41 @@
+"""Task writing plots, raw data and the Prefect UI artifacts of an analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from lora_ranks.analysis import LayerResult, load_layer_spectra
+from lora_ranks.config import load_rank_config
+from lora_ranks.report import write_plots, write_raw_data
+
+
+@task(name="write-report")
+def write_report_task(config_path: str, svd_dir: str, results: list[LayerResult]) -> dict[str, str]:
+    """Plots + raw data under ``svd_dir``; a summary markdown and a per-module table in the Prefect UI."""
+    config = load_rank_config(config_path)
+    spectra = {}
+    for r in results:
+        spectra.update(load_layer_spectra(r.path))
+    paths = {**write_plots(svd_dir, config, spectra), **write_raw_data(svd_dir, config, spectra)}
+    meta = config["analysis_metadata"]
+    rows = [{"module": name, "type": m["module_type"], "raw": m["raw_rank"], "final": m["final_rank"],
+             "energy kept": round(m["energy_retained"], 4), "saturated": m["saturated"]}
+            for name, m in meta["modules"].items()]
+    create_table_artifact(key="rank-table", table=rows, description="Per-module LoRA ranks")
+    lines = [
+        "# LoRA rank analysis", "",
+        f"Config: `{Path(config_path).resolve()}`", "",
+        f"Modules: {meta['n_modules']}, saturated: {meta['n_saturated']}, "
+        f"compression ratio: {config['compression_ratio']:.4%}, trainable: {config['trainable_parameters']:,}", "",
+        "| module type | median rank |", "|---|---|",
+        *[f"| {t} | {r} |" for t, r in config["layer_ranks"].items()], "",
+        f"SVD: {', '.join(meta['svd']['methods'])}, max relative error bound {meta['svd']['max_rel_error_bound']:.1e}, "
+        f"{meta['svd']['total_seconds']:.2f} s", "",
+        "Plots: " + ", ".join(f"`{p}`" for k, p in paths.items() if p.endswith(".png")),
+    ]
+    create_markdown_artifact(key="svd-analysis-summary", markdown="\n".join(lines), description="Rank analysis summary")
+    get_run_logger().info("Plots and raw data in %s", svd_dir)
+    return paths
