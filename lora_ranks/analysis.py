@@ -9,6 +9,7 @@ writes the config. ``analyze_checkpoints`` runs both serially for users who do n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,9 @@ class LayerResult:
     layer: str
     path: str
     modules: list[str]
-    fingerprint: str
+    fingerprint: str  # sha256 of (base digest, fine-tuned digest): the layer's cache identity
+    base_digest: str
+    finetuned_digest: str
     seconds: float
     methods: dict[str, str] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
@@ -81,7 +84,7 @@ def analyze_layer(
     top_k: int,
     method: SpectrumMethod = "auto",
     device: str | None = None,
-    fingerprint: str | None = None,
+    digests: tuple[str, str] | None = None,
 ) -> LayerResult:
     """Compute and store the spectra of one layer's modules.
 
@@ -91,7 +94,7 @@ def analyze_layer(
         out_dir: the SVD output folder (``OutputLayout.svd_dir``); the file goes to ``raw_data/layers/``.
         top_k: singular values kept per module (max_rank + 1).
         method, device: passed to ``compute_spectrum``.
-        fingerprint: content fingerprint of the layer if already computed (else computed here).
+        digests: (base, fine-tuned) content digests of the layer if already computed (else computed here).
     """
     if not modules:
         raise ValueError("analyze_layer needs at least one module")
@@ -100,7 +103,8 @@ def analyze_layer(
         raise ValueError(f"analyze_layer takes one layer's modules, got modules of {sorted(layers)}")
     start = time.perf_counter()
     layer = modules[0].layer
-    fingerprint = fingerprint or pair.fingerprint(modules)
+    base_digest, finetuned_digest = digests or pair.fingerprints(modules)
+    fingerprint = hashlib.sha256(f"{base_digest}|{finetuned_digest}".encode()).hexdigest()
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
     for module in modules:
@@ -113,13 +117,19 @@ def analyze_layer(
                              "seconds": spectrum.seconds, "device": spectrum.device,
                              "power_iters": spectrum.power_iters}
     path = Path(out_dir) / "raw_data" / "layers" / layer_file_name(layer)
-    metadata = {"layer": layer, "fingerprint": fingerprint, "modules": json.dumps(info)}
+    metadata = {"layer": layer, "fingerprint": fingerprint, "base_digest": base_digest,
+                "finetuned_digest": finetuned_digest, "modules": json.dumps(info)}
 
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, time.perf_counter() - start,
+    return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
+                       time.perf_counter() - start,
                        {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
+
+
+def _combine(digests) -> str:
+    return hashlib.sha256("|".join(digests).encode()).hexdigest()
 
 
 def load_layer_spectra(path: str | Path) -> dict[str, Spectrum]:
@@ -161,7 +171,8 @@ def assemble_rank_config(
         for name, s in spectra.items()
     }
     metadata = {
-        "checkpoints": pair.identity(),
+        "checkpoints": pair.identity(content=(_combine(r.base_digest for r in layer_results),
+                                              _combine(r.finetuned_digest for r in layer_results))),
         "layer_fingerprints": {r.layer: r.fingerprint for r in layer_results},
         "svd": {
             "methods": sorted({s.method for s in spectra.values()}),

@@ -259,6 +259,15 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {key!r} is not in checkpoint {self.root}") from None
 
+    def content_digest(self, keys: Iterable[str]) -> str:
+        """sha256 over the stored bytes, dtype and shape of the tensors ``keys``, in the given order."""
+        digest = hashlib.sha256()
+        for key in keys:
+            tensor = self.get(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+
     def header_fingerprint(self) -> str:
         """sha256 over every shard's safetensors header and size: changes whenever names, shapes,
         dtypes or file sizes change. Cheap (reads headers only); content hashes are per layer."""
@@ -436,23 +445,26 @@ class CheckpointPair:
             raise CheckpointError(f"delta of {module.weight_key!r} overflows {dtype} (Inf)")
         return delta
 
-    def fingerprint(self, modules: Iterable[ModuleRef]) -> str:
-        """sha256 of the stored bytes of ``modules``' weights in both checkpoints: a content identity for
-        caching a layer's result (changes iff a weight, dtype or shape changes)."""
-        digest = hashlib.sha256()
-        for module in modules:
-            for ckpt in (self.base, self.finetuned):
-                tensor = ckpt.get(module.weight_key).contiguous()
-                digest.update(f"{module.weight_key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().data if tensor.dtype != torch.uint8 else tensor.numpy().data)
-        return digest.hexdigest()
+    def fingerprints(self, modules: Iterable[ModuleRef]) -> tuple[str, str]:
+        """Content digests (sha256 of stored bytes, dtypes, shapes) of ``modules``' weights in the base and
+        the fine-tuned checkpoint: they change iff a weight changes, so they key caches and identify runs."""
+        modules = list(modules)
+        return self.base.content_digest(m.weight_key for m in modules), \
+            self.finetuned.content_digest(m.weight_key for m in modules)
 
-    def identity(self) -> dict:
-        """Paths and header fingerprints of both checkpoints (for the config's metadata)."""
-        return {
-            "pretrained": {"source": self.base.source, "path": str(self.base.root), "fingerprint": self.base.header_fingerprint()},
-            "finetuned": {"source": self.finetuned.source, "path": str(self.finetuned.root), "fingerprint": self.finetuned.header_fingerprint()},
-        }
+    def identity(self, content: tuple[str, str] | None = None) -> dict:
+        """Sources, paths and fingerprints of both checkpoints (for the config's metadata).
+
+        ``header_fingerprint`` covers names, shapes, dtypes and sizes of every shard; ``content``, when given,
+        is the (base, fine-tuned) digest of the analyzed tensors' bytes.
+        """
+        out = {}
+        for role, ckpt, digest in (("pretrained", self.base, content[0] if content else None),
+                                   ("finetuned", self.finetuned, content[1] if content else None)):
+            out[role] = {"source": ckpt.source, "path": str(ckpt.root), "header_fingerprint": ckpt.header_fingerprint()}
+            if digest is not None:
+                out[role]["content_fingerprint"] = digest
+        return out
 
 
 def module_types_in_order(modules: Sequence[ModuleRef]) -> list[str]:

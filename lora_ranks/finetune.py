@@ -167,7 +167,9 @@ def run_preliminary_finetune(
     # Step 3: train.
     model.to(dev).train()
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed gradient_checkpointing_enable; keep working on both spellings.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -197,7 +199,7 @@ def run_preliminary_finetune(
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss / settings.grad_accumulation
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ from typing import Literal
 from ._io import atomic_write_text
 
 __all__ = ["DEMO_MODEL", "SYNTHETIC_TASKS", "synthetic_records", "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
+           "write_planted_pair",
            "CHAT_TEMPLATE"]
 
 #: A minimal Qwen-style chat template; ``{% generation %}`` is not needed because masking is done by us.
@@ -149,3 +150,67 @@ def build_tiny_qwen3(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_planted_pair(
+    base_dir: str | Path,
+    finetuned_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 256,
+    planted_rank: int | tuple[int, ...] = 8,
+    decay: float = 0.7,
+    noise: float = 1e-3,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write a Qwen3 checkpoint pair whose deltas have *planted* spectra.
+
+    For every target projection, fine-tuned = base + U diag(s) V^T + E, with U, V random orthonormal,
+    s_i = decay^i for i < r (r cycles through ``planted_rank`` across modules), and E Gaussian with
+    ||E||_F = noise * ||diag(s)||_F (a noise floor). The spectrum of the *stored* delta is what tests
+    compare against (after rounding to ``dtype``).
+
+    Args:
+        dtype: "float32", "bfloat16" or "float16": storage dtype of both checkpoints.
+        max_shard_size: e.g. "200KB" to write sharded checkpoints with an index file.
+
+    Returns:
+        (base_dir, finetuned_dir).
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         head_dim=hidden_size // num_heads, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(base_dir, **kwargs)
+    ranks = (planted_rank,) if isinstance(planted_rank, int) else tuple(planted_rank)
+    gen = torch.Generator().manual_seed(seed + 1)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    i = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not name.endswith(targets):
+                continue
+            d_out, d_in = module.weight.shape
+            r = min(ranks[i % len(ranks)], d_out, d_in)
+            i += 1
+            u = torch.linalg.qr(torch.randn(d_out, r, generator=gen, dtype=torch.float64)).Q  # (d_out, r)
+            v = torch.linalg.qr(torch.randn(d_in, r, generator=gen, dtype=torch.float64)).Q  # (d_in, r)
+            s = decay ** torch.arange(r, dtype=torch.float64)  # (r,)
+            delta = (u * s) @ v.T  # (d_out, d_in), singular values s
+            floor = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+            delta += floor * (noise * torch.linalg.vector_norm(s) / torch.linalg.vector_norm(floor))
+            scale = module.weight.detach().double().abs().mean()  # delta comparable to the weights
+            module.weight.copy_((module.weight.double() + scale * delta).to(module.weight.dtype))
+    model.save_pretrained(finetuned_dir, **kwargs)
+    return Path(base_dir), Path(finetuned_dir)

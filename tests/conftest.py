@@ -1,0 +1,38 @@
+"""Shared fixtures: seeded RNGs, tiny checkpoint pairs with planted spectra, a Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lora_ranks.synthetic import write_planted_pair  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def planted_pair(tmp_path_factory):
+    """A float32 Qwen3 pair (2 layers, hidden 64) with planted ranks 3/8/20 cycling over modules."""
+    root = tmp_path_factory.mktemp("planted")
+    return write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8, 20), noise=1e-3)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

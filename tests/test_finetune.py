@@ -1,0 +1,65 @@
+"""The preliminary fine-tune on a tiny Qwen3: loss goes down, the pair is saved, reloads and differs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_ranks.finetune import FinetuneSettings, load_causal_lm, run_preliminary_finetune
+from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    base = build_tiny_qwen3(root / "base")
+    data = write_synthetic_dataset(root / "data.jsonl", 60, fmt="mixed")
+    settings = FinetuneSettings(subset_ratio=0.5, max_steps=25, learning_rate=2e-3, batch_size=8, epochs=100)
+    return base, run_preliminary_finetune(base, data, root / "out", settings, progress=False)
+
+
+def test_loss_goes_down(finetuned):
+    _, result = finetuned
+    losses = result.losses
+    assert result.steps == 25 and len(losses) == 25
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_pair_reloads_and_differs(finetuned):
+    base, result = finetuned
+    pre, _ = load_causal_lm(result.pretrained_dir)
+    post, _ = load_causal_lm(result.finetuned_dir)
+    original, _ = load_causal_lm(base)
+    for (name, a), b, c in zip(pre.state_dict().items(), post.state_dict().values(), original.state_dict().values()):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)  # pretrained/ is the base, unchanged
+    changed = [n for (n, a), b in zip(pre.state_dict().items(), post.state_dict().values()) if not torch.equal(a, b)]
+    assert any("q_proj" in n for n in changed) and any("down_proj" in n for n in changed)
+    result_dir = Path(result.finetuned_dir)
+    assert list(result_dir.glob("*.safetensors")) and not list(result_dir.glob("*.bin"))
+
+
+def test_metrics_record_counts_and_losses(finetuned):
+    _, result = finetuned
+    metrics = json.loads(open(result.metrics_path).read())
+    assert metrics["task_counts_before"] == {t: 60 for t in ("add", "count", "reverse", "sort", "upper")}
+    assert metrics["task_counts_after"] == {t: 30 for t in ("add", "count", "reverse", "sort", "upper")}
+    assert metrics["losses"] == pytest.approx(result.losses)
+    assert metrics["settings"]["max_steps"] == 25
+
+
+def test_copy_base_false_records_the_local_folder(tmp_path):
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=1)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 5)
+    result = run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(max_steps=1, copy_base=False),
+                                      progress=False)
+    assert result.pretrained_dir == str(base.resolve())
+    assert not (tmp_path / "out" / "pretrained").exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(subset_ratio=0), "subset_ratio"), (dict(max_steps=0), "max_steps"),
+                                          (dict(learning_rate=-1), "learning_rate"), (dict(schedule="step"), "schedule")])
+def test_settings_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneSettings(**kwargs)

@@ -1,0 +1,28 @@
+"""The library is pure: importing it must not import Prefect (tasks/flows depend on it, never the reverse)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_import_lora_ranks_does_not_import_prefect():
+    code = "import sys, lora_ranks, lora_ranks.analysis, lora_ranks.report, lora_ranks.finetune, lora_ranks.data;" \
+           "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'));" \
+           "print(bad); sys.exit(1 if bad else 0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"lora_ranks imported Prefect modules: {done.stdout} {done.stderr}"
+
+
+def test_library_source_never_mentions_prefect_imports():
+    root = Path(__file__).resolve().parents[1] / "lora_ranks"
+    offenders = [p.name for p in root.rglob("*.py") if "import prefect" in p.read_text() or "from prefect" in p.read_text()]
+    assert offenders == []
+
+
+def test_cli_help_lists_subcommands():
+    exe = Path(sys.executable).with_name("lora-ranks")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+    done = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for sub in ("demo", "analyze", "finetune"):
+        assert sub in done.stdout
