@@ -1,0 +1,129 @@
+"""Benchmark: the analysis engine vs the naive approach, side by side in one run.
+
+Naive = what most extraction scripts do: load both models whole with transformers, then a full float32
+``torch.linalg.svd(delta)`` per module (default ``full_matrices=True``), energy ranks from the full spectrum.
+Engine = ``lora_ranks.analyze_checkpoints``: lazy per-tensor reads, exact energy, top-k spectra.
+
+Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) is its own. Pairs are synthetic
+Qwen3-shaped checkpoints (bf16) with planted spectra: low-rank signal with geometric decay plus a noise floor.
+
+    .venv/bin/python benchmarks/bench_analysis.py            # hidden 1024, intermediate 2816, 8 and 16 layers
+    .venv/bin/python benchmarks/bench_analysis.py --record   # also append the table to BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_naive(base: str, ft: str, tau: float) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)
+    loaded = time.perf_counter() - start
+    wb = dict(b.named_parameters())
+    ranks = {}
+    svd_seconds = 0.0
+    for name, p in a.named_parameters():
+        if not name.endswith("proj.weight"):
+            continue
+        delta = (wb[name] - p).detach()
+        t = time.perf_counter()
+        _, s, _ = torch.linalg.svd(delta)
+        svd_seconds += time.perf_counter() - t
+        cum = torch.cumsum(s.double() ** 2, 0) / torch.sum(s.double() ** 2)
+        ranks[name[: -len(".weight")]] = int(torch.nonzero(cum >= tau * (1 - 1e-12))[0]) + 1
+    return {"seconds": time.perf_counter() - start, "load_seconds": loaded, "svd_seconds": svd_seconds,
+            "peak_mb": _peak_mb(), "ranks": ranks}
+
+
+def run_engine(base: str, ft: str, tau: float) -> dict:
+    from lora_ranks import AllocationSettings, analyze_checkpoints
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        settings = AllocationSettings(energy_threshold=tau, min_rank=1, max_rank=128, smoothing="none")
+        config = analyze_checkpoints(base, ft, out, settings=settings, device="cpu")
+    modules = config["analysis_metadata"]["modules"]
+    return {"seconds": time.perf_counter() - start, "svd_seconds": config["analysis_metadata"]["svd"]["total_seconds"],
+            "peak_mb": _peak_mb(), "methods": config["analysis_metadata"]["svd"]["methods"],
+            "ranks": {n: m["raw_rank"] for n, m in modules.items()}}
+
+
+def _child(kind: str, base: str, ft: str, tau: float) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.bench_analysis import run_{kind};"
+            f"print('RESULT' + json.dumps(run_{kind}({base!r}, {ft!r}, {tau})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    args = parser.parse_args()
+
+    from lora_ranks.synthetic import write_planted_pair
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n_layers in args.layers:
+            base, ft = Path(tmp) / f"base{n_layers}", Path(tmp) / f"ft{n_layers}"
+            write_planted_pair(base, ft, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                               num_layers=n_layers, num_heads=16, num_kv_heads=4, planted_rank=(16, 48, 96),
+                               decay=0.97, noise=0.3, dtype="bfloat16")
+            naive = _child("naive", str(base), str(ft), args.tau)
+            engine = _child("engine", str(base), str(ft), args.tau)
+            same = naive["ranks"] == engine["ranks"]
+            rows.append((n_layers, naive, engine, same))
+            print(f"layers={n_layers}: naive {naive['seconds']:.1f}s ({naive['peak_mb']:.0f} MB), engine "
+                  f"{engine['seconds']:.1f}s ({engine['peak_mb']:.0f} MB), ranks identical: {same}", flush=True)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    lines = [f"### Analysis engine vs naive ({date.today().isoformat()}, CPU: {machine})", "",
+             f"Qwen3-shaped bf16 pair, hidden {args.hidden}, intermediate {args.intermediate}, 7 projections per "
+             f"layer, tau = {args.tau}. Command: `.venv/bin/python benchmarks/bench_analysis.py`", "",
+             "| layers | naive total s | naive SVD s | naive peak MB | engine total s | engine SVD s | engine peak MB "
+             "| speed-up | raw ranks identical | engine methods |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n_layers, naive, engine, same in rows:
+        lines.append(f"| {n_layers} | {naive['seconds']:.1f} | {naive['svd_seconds']:.1f} | {naive['peak_mb']:.0f} | "
+                     f"{engine['seconds']:.1f} | {engine['svd_seconds']:.1f} | {engine['peak_mb']:.0f} | "
+                     f"{naive['seconds'] / engine['seconds']:.1f}x | {same} | {', '.join(engine['methods'])} |")
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.record:
+        path = REPO / "BENCHMARKS.md"
+        head = "" if path.exists() else "# Benchmarks\n\nSide-by-side measurements; each row's numbers come from one run.\n\n"
+        with open(path, "a") as handle:
+            handle.write(head + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
