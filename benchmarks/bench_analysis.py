@@ -30,6 +30,14 @@ sys.path.insert(0, str(REPO))
 
 
 def _peak_mb() -> float:
+    """Peak resident memory of this process in MB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork + exec, so a child would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -58,6 +66,8 @@ def run_naive(base: str, ft: str, tau: float) -> dict:
 
 
 def run_engine(base: str, ft: str, tau: float) -> dict:
+    import transformers  # noqa: F401  (imported before the clock starts, as in run_naive)
+
     from lora_ranks import AllocationSettings, analyze_checkpoints
 
     start = time.perf_counter()

@@ -62,6 +62,7 @@ def svd_analysis(
     learning_rate: Annotated[float, Field(gt=0, description="Fine-tune peak learning rate")] = 1e-4,
     batch_size: Annotated[int, Field(ge=1, description="Fine-tune micro-batch size")] = 4,
     allow_pickle: Annotated[bool, Field(description="Accept pickle .bin checkpoints (weights_only load)")] = False,
+    save_deltas: Annotated[bool, Field(description="Also save the float32 deltas (large: 4 bytes per parameter)")] = False,
 ) -> str:
     """Decide per-module LoRA ranks from the spectra of a brief full fine-tune's weight deltas.
 
@@ -100,7 +101,7 @@ def svd_analysis(
     futures = analyze_layer_task.map(
         list(layers.keys()), list(layers.values()), unmapped(base_model), unmapped(finetuned_model),
         unmapped(str(layout.svd_dir)), unmapped(settings.required_top_k), unmapped(svd_method), unmapped(device),
-        unmapped(allow_pickle),
+        unmapped(allow_pickle), unmapped(save_deltas),
     )
     results = futures.result()
 

@@ -85,6 +85,7 @@ def analyze_layer(
     method: SpectrumMethod = "auto",
     device: str | None = None,
     digests: tuple[str, str] | None = None,
+    save_deltas: bool = False,
 ) -> LayerResult:
     """Compute and store the spectra of one layer's modules.
 
@@ -95,6 +96,8 @@ def analyze_layer(
         top_k: singular values kept per module (max_rank + 1).
         method, device: passed to ``compute_spectrum``.
         digests: (base, fine-tuned) content digests of the layer if already computed (else computed here).
+        save_deltas: also write the float32 deltas to ``<out_dir>/delta_weights/<layer>.safetensors``
+            (4 bytes per parameter: ~26 GB for a 7B model's projections; off by default).
     """
     if not modules:
         raise ValueError("analyze_layer needs at least one module")
@@ -102,14 +105,24 @@ def analyze_layer(
     if len(layers) != 1:
         raise ValueError(f"analyze_layer takes one layer's modules, got modules of {sorted(layers)}")
     start = time.perf_counter()
+    try:
+        return _analyze_layer(pair, modules, Path(out_dir), top_k, method, device, digests, save_deltas, start)
+    finally:
+        pair.close()  # unmap this layer's pages: memory stays flat however many layers follow
+
+
+def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_deltas, start) -> LayerResult:
     layer = modules[0].layer
     base_digest, finetuned_digest = digests or pair.fingerprints(modules)
     fingerprint = hashlib.sha256(f"{base_digest}|{finetuned_digest}".encode()).hexdigest()
     tensors: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
     for module in modules:
         delta = pair.delta(module)  # (d_out, d_in) float32
         spectrum = compute_spectrum(delta, top_k, method=method, device=device)
+        if save_deltas:
+            deltas[module.name] = delta
         del delta
         tensors[module.name] = torch.from_numpy(spectrum.singular_values.copy())  # (k,) float64
         info[module.name] = {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape),
@@ -123,6 +136,9 @@ def analyze_layer(
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if save_deltas:
+        delta_path = Path(out_dir) / "delta_weights" / layer_file_name(layer)
+        atomic_write(delta_path, lambda tmp: save_file(deltas, tmp, metadata={"layer": layer, "fingerprint": fingerprint}))
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
                        {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
@@ -200,6 +216,7 @@ def analyze_checkpoints(
     device: str | None = None,
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     allow_pickle: bool = False,
+    save_deltas: bool = False,
 ) -> dict:
     """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
 
@@ -209,7 +226,8 @@ def analyze_checkpoints(
     layout = OutputLayout(out_dir)
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.layers(targets)
-    results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=method, device=device)
+    results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=method, device=device,
+                             save_deltas=save_deltas)
                for mods in layers.values()]
     modules = [m for mods in layers.values() for m in mods]
     config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path,

@@ -282,6 +282,10 @@ class Checkpoint:
             digest.update(str(shard.stat().st_size).encode())
         return digest.hexdigest()
 
+    def close(self) -> None:
+        """Drop open file handles (their memory-mapped pages leave the process); reads reopen lazily."""
+        self._handles.clear()
+
     def __getstate__(self):  # open file handles do not pickle; reopen lazily after a round trip
         state = dict(self.__dict__)
         state["_handles"] = {}
@@ -444,6 +448,11 @@ class CheckpointPair:
         if not torch.isfinite(delta).all():
             raise CheckpointError(f"delta of {module.weight_key!r} overflows {dtype} (Inf)")
         return delta
+
+    def close(self) -> None:
+        """Release both checkpoints' file handles (call between layers to keep memory flat)."""
+        self.base.close()
+        self.finetuned.close()
 
     def fingerprints(self, modules: Iterable[ModuleRef]) -> tuple[str, str]:
         """Content digests (sha256 of stored bytes, dtypes, shapes) of ``modules``' weights in the base and

@@ -53,12 +53,14 @@ class Spectrum:
     """Top singular values and exact energy of one delta matrix.
 
     Attributes:
-        singular_values: ndarray of shape (k,), float64, non-increasing, the k largest singular values.
+        singular_values: ndarray of shape (k',), float64, non-increasing: the largest singular values. The
+            exact methods ("gram", "svdvals") return the whole spectrum, k' = min(m, n), since LAPACK computes
+            it anyway (so raw ranks above max_rank stay exact); "randomized" returns k' = top_k.
         total_energy: ||dW||_F^2 over *all* singular values, float64 (exact, not from the truncated list).
         shape: (d_out, d_in) of the delta.
         method: method that produced the values ("gram", "svdvals", "randomized", or
             "randomized->gram" when the a-posteriori check failed and the exact fallback ran).
-        rel_error_bound: estimated bound on max_i |s_i - s_i*| / s_i* over the returned values
+        rel_error_bound: estimated bound on max_i |s_i - s_i*| / s_i* over the top ``top_k`` values
             (from backward-error analysis for exact methods, from Ritz residuals for randomized).
         seconds: wall time of the computation.
         device: where it ran ("cpu", "cuda:0", "cpu (CUDA out of memory)").
@@ -117,7 +119,8 @@ def compute_spectrum(
         seed: seed for the Gaussian test matrix (results are deterministic for a seed).
 
     Returns:
-        Spectrum with ``singular_values`` of shape (min(top_k, m, n),), float64.
+        Spectrum with at least min(top_k, m, n) singular values, float64 (the whole spectrum from exact
+        methods).
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be a 2-D matrix, got shape {tuple(delta.shape)}")
@@ -148,7 +151,7 @@ def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, m
     a = delta.to(device=dev)
     total_energy = float(torch.linalg.vector_norm(a, dtype=torch.float64) ** 2)  # exact ||dW||_F^2
     if total_energy == 0.0:  # zero delta: all singular values are exactly 0
-        return Spectrum(np.zeros(k), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, str(dev))
+        return Spectrum(np.zeros(min(m, n)), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, str(dev))
 
     p = max(k, 32) if oversample is None else int(oversample)
     q = min(k + p, min(m, n))
@@ -160,8 +163,8 @@ def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, m
 
     iters = 0
     if method == "svdvals":
-        s = torch.linalg.svdvals(a.to(torch.float64))[:k]
-        bound = _exact_bound(s, min(m, n), squared=False)
+        s = torch.linalg.svdvals(a.to(torch.float64))
+        bound = _exact_bound(s[:k], min(m, n), squared=False)
     elif method == "gram":
         s, bound = _gram_values(a, k)
     else:
@@ -188,9 +191,9 @@ def _gram_values(a: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     a64 = a.to(torch.float64)
     gram = a64.T @ a64 if a64.shape[0] >= a64.shape[1] else a64 @ a64.T  # (n, n) for the short side n
     del a64
-    eig = torch.linalg.eigvalsh(gram)  # ascending, float64
-    s = torch.sqrt(torch.clamp(torch.flip(eig, (0,))[:k], min=0.0))  # (k,)
-    return s, _exact_bound(s, gram.shape[0], squared=True)
+    eig = torch.linalg.eigvalsh(gram)  # ascending, float64; LAPACK computes all of them anyway
+    s = torch.sqrt(torch.clamp(torch.flip(eig, (0,)), min=0.0))  # (n,): the whole spectrum, kept for free
+    return s, _exact_bound(s[:k], gram.shape[0], squared=True)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:

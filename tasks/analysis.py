@@ -24,10 +24,11 @@ def discover_layers(base: str, finetuned: str, targets: TargetSpec, allow_pickle
 
 @task(name="analyze-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="analyze-{layer}")
 def analyze_layer_task(layer: str, modules: list[ModuleRef], base: str, finetuned: str, svd_dir: str, top_k: int,
-                       method: str = "auto", device: str | None = None, allow_pickle: bool = False) -> LayerResult:
+                       method: str = "auto", device: str | None = None, allow_pickle: bool = False,
+                       save_deltas: bool = False) -> LayerResult:
     """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
-    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device)
+    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device, save_deltas=save_deltas)
     get_run_logger().info("%s: %d modules in %.2f s (%s)", layer, len(modules), result.seconds,
                           ", ".join(sorted(set(result.methods.values()))))
     return result

@@ -202,3 +202,14 @@ def test_qwen25_vl_names_match_the_loaded_model(tmp_path):
     assert all(m.name.startswith("model.visual.blocks.") for m in vision)
     assert {m.name for m in with_vision} <= linear_names
     assert "model.visual.blocks.1.attn.qkv" in {m.name for m in vision}
+
+
+def test_saved_deltas_are_exact(planted_pair, tmp_path):
+    analyze_checkpoints(*planted_pair, tmp_path, save_deltas=True)
+    files = sorted((tmp_path / "analysis_outputs" / "svd" / "delta_weights").glob("*.safetensors"))
+    assert [f.name for f in files] == ["model.layers.0.safetensors", "model.layers.1.safetensors"]
+    a, b = _stored(planted_pair[0]), _stored(planted_pair[1])
+    with safe_open(str(files[1]), "pt") as h:
+        saved = h.get_tensor("model.layers.1.mlp.down_proj")
+    torch.testing.assert_close(saved, b["model.layers.1.mlp.down_proj.weight"] - a["model.layers.1.mlp.down_proj.weight"],
+                               rtol=0, atol=0)
