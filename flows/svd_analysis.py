@@ -4,9 +4,14 @@ Steps:
     1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"``;
     2. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
     3. discover target modules, grouped by layer;
-    4. one ``analyze-layer`` task per layer, fanned out with ``.map``;
+    4. one ``fingerprint-layer`` and one ``analyze-layer`` task per layer, fanned out with ``.map``
+       (analyze-layer is cached by layer content: reruns compute only what is missing), with a progress
+       artifact updated as layers finish;
     5. assemble the rank config;
     6. plots, raw data and UI artifacts.
+
+The task runner (threads, processes pinned one per GPU, or Dask) comes from LORA_RANKS_TASK_RUNNER; see
+``flows/_runtime.py``. Results are identical whichever runner is used.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from flows._runtime import apply_defaults, max_workers
+from flows._runtime import apply_defaults, task_runner
 
 apply_defaults()
 
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from lora_ranks.analysis import OutputLayout  # noqa: E402
@@ -29,12 +35,13 @@ from lora_ranks.config import AlphaPolicy  # noqa: E402
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
 from lora_ranks.finetune import FinetuneSettings  # noqa: E402
 from lora_ranks.ranks import AllocationSettings  # noqa: E402
-from tasks.analysis import analyze_layer_task, assemble_rank_config_task, discover_layers  # noqa: E402
+from tasks.analysis import (analyze_layer_task, assemble_rank_config_task, discover_layers,  # noqa: E402
+                            fingerprint_layer, layer_result_is_current)
 from tasks.finetune import build_demo_inputs, preliminary_finetune_task  # noqa: E402
 from tasks.report import write_report_task  # noqa: E402
 
 
-@flow(name="svd-analysis", task_runner=ThreadPoolTaskRunner(max_workers=max_workers()), log_prints=True)
+@flow(name="svd-analysis", task_runner=task_runner(), log_prints=True)
 def svd_analysis(
     base_model: Annotated[str, Field(description="Base model: a local Hugging Face folder, a hub id, or "
                                                  f"'{DEMO_MODEL}' to build a tiny offline model")] = DEMO_MODEL,
@@ -63,6 +70,7 @@ def svd_analysis(
     batch_size: Annotated[int, Field(ge=1, description="Fine-tune micro-batch size")] = 4,
     allow_pickle: Annotated[bool, Field(description="Accept pickle .bin checkpoints (weights_only load)")] = False,
     save_deltas: Annotated[bool, Field(description="Also save the float32 deltas (large: 4 bytes per parameter)")] = False,
+    refresh: Annotated[bool, Field(description="Recompute every layer even when a cached result exists")] = False,
 ) -> str:
     """Decide per-module LoRA ranks from the spectra of a brief full fine-tune's weight deltas.
 
@@ -97,13 +105,29 @@ def svd_analysis(
     # Step 3: layers.
     layers = discover_layers(base_model, finetuned_model, targets, allow_pickle)
 
-    # Step 4: one SVD task per layer.
-    futures = analyze_layer_task.map(
-        list(layers.keys()), list(layers.values()), unmapped(base_model), unmapped(finetuned_model),
-        unmapped(str(layout.svd_dir)), unmapped(settings.required_top_k), unmapped(svd_method), unmapped(device),
-        unmapped(allow_pickle), unmapped(save_deltas),
-    )
-    results = futures.result()
+    # Step 4: one SVD task per layer, cached by the layer's content.
+    names, groups = list(layers.keys()), list(layers.values())
+    digests = fingerprint_layer.map(names, groups, unmapped(base_model), unmapped(finetuned_model),
+                                    unmapped(allow_pickle))
+    analyze = analyze_layer_task.with_options(refresh_cache=True) if refresh else analyze_layer_task
+    shared = dict(base=unmapped(base_model), finetuned=unmapped(finetuned_model), svd_dir=unmapped(str(layout.svd_dir)),
+                  top_k=unmapped(settings.required_top_k), method=unmapped(svd_method), device=unmapped(device),
+                  allow_pickle=unmapped(allow_pickle), save_deltas=unmapped(save_deltas))
+    futures = analyze.map(names, groups, digests, **shared)
+    progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
+                                        description=f"Layers analyzed (of {len(names)})")
+    for done, future in enumerate(as_completed(futures), start=1):
+        future.result()
+        update_progress_artifact(progress, progress=100.0 * done / len(names))
+    results = [f.result() for f in futures]
+    # A cached result whose layer file was deleted or overwritten since is recomputed.
+    stale = [i for i, r in enumerate(results) if not layer_result_is_current(r)]
+    if stale:
+        logger.warning("Recomputing %d layer(s) whose cached spectra file is missing or changed", len(stale))
+        redo = analyze_layer_task.with_options(refresh_cache=True).map(
+            [names[i] for i in stale], [groups[i] for i in stale], [digests[i] for i in stale], **shared)
+        for i, result in zip(stale, redo.result()):
+            results[i] = result
 
     # Step 5: the rank config.
     config_path = assemble_rank_config_task(base_model, finetuned_model, layers, results, settings,

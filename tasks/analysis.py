@@ -1,19 +1,30 @@
-"""Tasks of the spectral analysis stage: discover layers, one task per layer, assemble the config."""
+"""Tasks of the spectral analysis stage: discover layers, fingerprint and analyze each layer, assemble.
+
+Caching: ``analyze-layer`` results are persisted and keyed by the layer's *content* (sha256 of its weights
+in both checkpoints, from ``fingerprint-layer``) plus the analysis parameters that change the result, never
+by run id or task source. A rerun after a crash, or with more layers, computes only what is missing;
+``refresh=True`` on the flow recomputes everything.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import OrderedDict
+from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 
-from lora_ranks.analysis import LayerResult, analyze_layer, assemble_rank_config
+from lora_ranks import __version__
+from lora_ranks.analysis import LayerResult, analyze_layer, assemble_rank_config, layer_file_name
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from lora_ranks.config import AlphaPolicy
 from lora_ranks.ranks import AllocationSettings
 
 
-@task(name="discover-layers")
+@task(name="discover-layers", retries=2, retry_delay_seconds=5)
 def discover_layers(base: str, finetuned: str, targets: TargetSpec, allow_pickle: bool = False) -> "OrderedDict[str, list[ModuleRef]]":
     """Validate the pair and list the target modules grouped by layer (names as PEFT will see them)."""
     layers = CheckpointPair(base, finetuned, allow_pickle=allow_pickle).layers(targets)
@@ -22,16 +33,54 @@ def discover_layers(base: str, finetuned: str, targets: TargetSpec, allow_pickle
     return layers
 
 
-@task(name="analyze-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="analyze-{layer}")
-def analyze_layer_task(layer: str, modules: list[ModuleRef], base: str, finetuned: str, svd_dir: str, top_k: int,
-                       method: str = "auto", device: str | None = None, allow_pickle: bool = False,
-                       save_deltas: bool = False) -> LayerResult:
-    """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
+@task(name="fingerprint-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="fingerprint-{layer}")
+def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned: str,
+                      allow_pickle: bool = False) -> tuple[str, str]:
+    """sha256 of this layer's weights in the base and the fine-tuned checkpoint (the cache identity)."""
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
-    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device, save_deltas=save_deltas)
-    get_run_logger().info("%s: %d modules in %.2f s (%s)", layer, len(modules), result.seconds,
-                          ", ".join(sorted(set(result.methods.values()))))
+    try:
+        return pair.fingerprints(modules)
+    finally:
+        pair.close()
+
+
+def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of ``analyze-layer``: content digests + everything that changes the stored result."""
+    identity = [__version__, parameters["layer"], list(parameters["digests"]), parameters["top_k"],
+                parameters["method"], parameters["save_deltas"], str(Path(parameters["svd_dir"]).resolve())]
+    return "analyze-layer-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+@task(name="analyze-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="analyze-{layer}",
+      cache_key_fn=layer_cache_key, persist_result=True)
+def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str, str], base: str, finetuned: str,
+                       svd_dir: str, top_k: int, method: str = "auto", device: str | None = None,
+                       allow_pickle: bool = False, save_deltas: bool = False) -> LayerResult:
+    """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
+    logger = get_run_logger()
+    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
+    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device,
+                           digests=tuple(digests), save_deltas=save_deltas)
+    fallbacks = [name for name, dev in result.devices.items() if "out of memory" in dev]
+    if fallbacks:
+        logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer, ", ".join(fallbacks))
+    logger.info("%s: %d modules in %.2f s (%s)", layer, len(modules), result.seconds,
+                ", ".join(sorted(set(result.methods.values()))))
     return result
+
+
+def layer_result_is_current(result: LayerResult) -> bool:
+    """True if the layer file a (possibly cached) result points to still exists with the same fingerprint."""
+    path = Path(result.path)
+    if not path.is_file() or path.name != layer_file_name(result.layer):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata().get("fingerprint") == result.fingerprint
+    except Exception:
+        return False
 
 
 @task(name="assemble-rank-config")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from lora_ranks.analysis import LayerResult, load_layer_spectra
 from lora_ranks.config import load_rank_config
@@ -14,7 +15,9 @@ from lora_ranks.report import write_plots, write_raw_data
 
 @task(name="write-report")
 def write_report_task(config_path: str, svd_dir: str, results: list[LayerResult]) -> dict[str, str]:
-    """Plots + raw data under ``svd_dir``; a summary markdown and a per-module table in the Prefect UI."""
+    """Plots + raw data under ``svd_dir``; in the Prefect UI a summary (markdown, with the plots embedded as
+    data URIs so they render on the artifact page without a file server), a per-module table and a link to
+    the config."""
     config = load_rank_config(config_path)
     spectra = {}
     for r in results:
@@ -34,8 +37,12 @@ def write_report_task(config_path: str, svd_dir: str, results: list[LayerResult]
         *[f"| {t} | {r} |" for t, r in config["layer_ranks"].items()], "",
         f"SVD: {', '.join(meta['svd']['methods'])}, max relative error bound {meta['svd']['max_rel_error_bound']:.1e}, "
         f"{meta['svd']['total_seconds']:.2f} s", "",
-        "Plots: " + ", ".join(f"`{p}`" for k, p in paths.items() if p.endswith(".png")),
+        "Plots: " + ", ".join(f"`{p}`" for k, p in paths.items() if p.endswith(".png")), "",
+        *[f"![{k}](data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()})\n"
+          for k, p in paths.items() if p.endswith(".png")],
     ]
     create_markdown_artifact(key="svd-analysis-summary", markdown="\n".join(lines), description="Rank analysis summary")
+    create_link_artifact(key="rank-config", link=Path(config_path).resolve().as_uri(), link_text="lora_rank_config.json",
+                         description="The rank config written by this run")
     get_run_logger().info("Plots and raw data in %s", svd_dir)
     return paths

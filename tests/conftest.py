@@ -36,3 +36,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+
+@pytest.fixture
+def task_states(prefect_harness):
+    """``task_states(flow_state) -> {task run name: sorted [(state name, run count), ...]}`` from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def read(flow_state):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        out: dict[str, list] = {}
+        for r in runs:
+            out.setdefault(r.name, []).append((r.state.name, r.run_count))
+        return {name: sorted(v) for name, v in out.items()}
+
+    return read

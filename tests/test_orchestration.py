@@ -1,0 +1,172 @@
+"""Orchestration guarantees: crash and resume from the cache, identical results on every task runner,
+retries of a failing layer, CPU fallback after CUDA out-of-memory."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_ranks import spectra
+from lora_ranks.config import load_rank_config
+from lora_ranks.synthetic import write_planted_pair
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+KW = dict(energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none")
+
+
+@pytest.fixture(scope="module")
+def six_layer_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("six")
+    return write_planted_pair(root / "base", root / "ft", num_layers=6, planted_rank=(3, 9, 17), noise=1e-2)
+
+
+def _comparable(config: dict) -> dict:
+    """Everything in a config except wall times and the runner-dependent timing section."""
+    modules = {n: {k: v for k, v in m.items() if k != "svd_seconds"} for n, m in config["analysis_metadata"]["modules"].items()}
+    return {"rank_pattern": config["rank_pattern"], "alpha_pattern": config["alpha_pattern"],
+            "layer_ranks": config["layer_ranks"], "compression_ratio": config["compression_ratio"], "modules": modules,
+            "fingerprints": config["analysis_metadata"]["layer_fingerprints"]}
+
+
+DRIVER = textwrap.dedent("""
+    import os, sys
+    import tasks.analysis as T
+    crash_at = os.environ.get("CRASH_AT_LAYER")
+    original = T.analyze_layer
+    def analyze_or_die(pair, modules, *args, **kwargs):
+        if modules[0].layer == crash_at:
+            os._exit(17)  # the process dies as under SIGKILL: no cleanup, no state reported
+        return original(pair, modules, *args, **kwargs)
+    T.analyze_layer = analyze_or_die
+    from flows.svd_analysis import svd_analysis
+    svd_analysis(base_model=sys.argv[1], finetuned_model=sys.argv[2], output_dir=sys.argv[3],
+                 energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none")
+""")
+
+
+def _run_driver(args, env, log_path, crash_at=None):
+    """Run DRIVER in its own process group; afterwards stop whatever it left (its ephemeral API server
+    outlives a crash) by killing that group. Returns (exit code, combined output)."""
+    env = {**env, **({"CRASH_AT_LAYER": crash_at} if crash_at else {})}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group we created: the driver and its server
+            except ProcessLookupError:
+                pass
+    return code, Path(log_path).read_text()
+
+
+def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path, prefect_harness):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "LORA_RANKS_MAX_WORKERS": "1",
+           "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)  # each run uses its own ephemeral API on the shared SQLite database
+    out = tmp_path / "out"
+    code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "crashed.log", crash_at="model.layers.3")
+    assert code == 17, log[-3000:]
+    done_before = sorted(p.name for p in (out / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*"))
+    assert done_before == [f"model.layers.{i}.safetensors" for i in range(3)]
+    assert not (out / "configs" / "lora_rank_config.json").exists()
+
+    code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "resumed.log")
+    assert code == 0, log[-3000:]
+    for i in range(6):
+        cached = f"Task run 'analyze-model.layers.{i}' - Finished in state Cached" in log
+        computed = f"model.layers.{i}: 7 modules in" in log
+        assert (cached, computed) == ((True, False) if i < 3 else (False, True)), f"layer {i}"
+
+    from flows.svd_analysis import svd_analysis  # an uninterrupted run, for reference
+
+    reference = load_rank_config(svd_analysis(base_model=str(six_layer_pair[0]), finetuned_model=str(six_layer_pair[1]),
+                                              output_dir=str(tmp_path / "reference"), **KW))
+    assert _comparable(load_rank_config(out / "configs" / "lora_rank_config.json")) == _comparable(reference)
+
+
+def test_rerun_hits_cache_and_refresh_recomputes(planted_pair, tmp_path, task_states):
+    from flows.svd_analysis import svd_analysis
+
+    kwargs = dict(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), output_dir=str(tmp_path),
+                  return_state=True, **KW)
+    layers = ["analyze-model.layers.0", "analyze-model.layers.1"]
+
+    def analyzed(state):
+        states = task_states(state)
+        return {name: [s for s, _ in states[name]] for name in layers}
+
+    first = svd_analysis(**kwargs)
+    assert analyzed(first) == {name: ["Completed"] for name in layers}
+    rerun = svd_analysis(**kwargs)
+    assert analyzed(rerun) == {name: ["Cached"] for name in layers}
+    # A deleted layer file is noticed and recomputed even though the cache still has the result.
+    (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers" / "model.layers.1.safetensors").unlink()
+    healed = svd_analysis(**kwargs)
+    assert (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers" / "model.layers.1.safetensors").is_file()
+    assert analyzed(healed) == {layers[0]: ["Cached"], layers[1]: ["Cached", "Completed"]}
+    refreshed = svd_analysis(**kwargs, refresh=True)
+    assert analyzed(refreshed) == {name: ["Completed"] for name in layers}
+    configs = [load_rank_config(s.result()) for s in (first, rerun, healed, refreshed)]
+    assert all(_comparable(c) == _comparable(configs[0]) for c in configs)
+
+
+@pytest.mark.parametrize("runner", ["processes", "dask"])
+def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, prefect_harness, runner, monkeypatch):
+    from flows import _runtime
+    from flows.svd_analysis import svd_analysis
+
+    kwargs = dict(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), refresh=True, **KW)
+    threads = load_rank_config(svd_analysis(output_dir=str(tmp_path / "threads"), **kwargs))
+    monkeypatch.setenv("LORA_RANKS_TASK_RUNNER", runner)
+    monkeypatch.setenv("LORA_RANKS_MAX_WORKERS", "2")
+    other = load_rank_config(svd_analysis.with_options(task_runner=_runtime.task_runner())(
+        output_dir=str(tmp_path / runner), **kwargs))
+    assert _comparable(other) == _comparable(threads)
+
+
+def test_a_layer_that_fails_once_is_retried(planted_pair, tmp_path, monkeypatch, task_states):
+    import tasks.analysis as T
+    from flows.svd_analysis import svd_analysis
+
+    calls = {"n": 0}
+    original = T.analyze_layer
+
+    def flaky(pair, modules, *args, **kwargs):
+        if modules[0].layer == "model.layers.1" and calls["n"] == 0:
+            calls["n"] += 1
+            raise OSError("injected transient read error")
+        return original(pair, modules, *args, **kwargs)
+
+    monkeypatch.setattr(T, "analyze_layer", flaky)
+    state = svd_analysis(
+        base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), output_dir=str(tmp_path),
+        refresh=True, return_state=True, **KW)
+    assert calls["n"] == 1
+    assert task_states(state)["analyze-model.layers.1"] == [("Completed", 2)]  # failed once, retried, succeeded
+    assert task_states(state)["analyze-model.layers.0"] == [("Completed", 1)]
+    assert load_rank_config(state.result())["analysis_metadata"]["n_modules"] == 14
+
+
+def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
+    real = spectra._compute_spectrum
+
+    def oom_on_cuda(delta, top_k, method, dev, *rest):
+        if dev.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(delta, top_k, method, dev, *rest)
+
+    monkeypatch.setattr(spectra, "_compute_spectrum", oom_on_cuda)
+    a = torch.randn(40, 30, dtype=torch.float64).float()
+    result = spectra.compute_spectrum(a, 10, device="cuda")
+    assert result.device == "cpu (CUDA out of memory)"
+    ref = torch.linalg.svdvals(a.double())[:10].numpy()
+    assert np.max(np.abs(result.singular_values[:10] - ref) / ref) < 1e-10
