@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--steps", type=int, default=100)
     finetune.add_argument("--lr", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=4)
+    finetune.add_argument("--trust-remote-code", action="store_true",
+                          help="run Python code shipped with the model (off by default: only known architectures load)")
     return parser
 
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = preliminary_finetune(model=args.model, data_path=args.data, output_dir=args.out,
                                   subset_ratio=args.subset_ratio, max_samples=args.max_samples, max_steps=args.steps,
-                                  learning_rate=args.lr, batch_size=args.batch_size)
+                                  learning_rate=args.lr, batch_size=args.batch_size,
+                                  trust_remote_code=args.trust_remote_code)
     print(f"\nPretrained: {result.pretrained_dir}\nFine-tuned: {result.finetuned_dir}\nMetrics:    {result.metrics_path}")
     return 0
 

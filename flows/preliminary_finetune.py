@@ -37,6 +37,7 @@ def preliminary_finetune(
     gradient_checkpointing: Annotated[bool, Field(description="Recompute activations to save memory")] = True,
     task_key: Annotated[str, Field(description="Record field naming the task (stratification)")] = "task",
     seed: Annotated[int, Field(description="Random seed")] = 0,
+    trust_remote_code: Annotated[bool, Field(description="Run Python code shipped with the model (off: safe)")] = False,
 ) -> FinetuneResult:
     """Brief full fine-tune; returns where the pretrained/fine-tuned pair and metrics are."""
     layout = OutputLayout(Path(output_dir).resolve())
@@ -49,7 +50,7 @@ def preliminary_finetune(
     if data_path is None:
         raise ValueError("data_path is required unless model is the demo model")
     # Step 2: fine-tune.
-    return preliminary_finetune_task(model, data_path, str(layout.finetune_dir), settings)
+    return preliminary_finetune_task(model, data_path, str(layout.finetune_dir), settings, trust_remote_code)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def svd_analysis(
     allow_pickle: Annotated[bool, Field(description="Accept pickle .bin checkpoints (weights_only load)")] = False,
     save_deltas: Annotated[bool, Field(description="Also save the float32 deltas (large: 4 bytes per parameter)")] = False,
     refresh: Annotated[bool, Field(description="Recompute every layer even when a cached result exists")] = False,
+    trust_remote_code: Annotated[bool, Field(description="Run Python code shipped with the model (off: safe)")] = False,
 ) -> str:
     """Decide per-module LoRA ranks from the spectra of a brief full fine-tune's weight deltas.
 
@@ -99,7 +100,8 @@ def svd_analysis(
         ft = preliminary_finetune_task(base_model, data_path, str(layout.finetune_dir),
                                        FinetuneSettings(subset_ratio=subset_ratio, max_samples=max_samples,
                                                         max_steps=finetune_steps, learning_rate=learning_rate,
-                                                        batch_size=batch_size))
+                                                        batch_size=batch_size),
+                                       trust_remote_code)
         base_model, finetuned_model = ft.pretrained_dir, ft.finetuned_dir
 
     # Step 3: layers.

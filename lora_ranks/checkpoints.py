@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "DEFAULT_VISION_TARGET_MODULES",
     "resolve_model_path",
+    "build_meta_model",
 ]
 
 #: The language model's attention and MLP projections (what LoRA usually adapts).
@@ -292,6 +293,23 @@ class Checkpoint:
         return state
 
 
+def build_meta_model(model_dir: str | Path):
+    """The model of ``model_dir``'s config.json, built on the meta device (no memory, no weights read).
+
+    The class is the config's ``architectures[0]`` when transformers has it, else AutoModelForCausalLM.
+    Custom code is never run (``trust_remote_code=False``).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
+
+
 class _NameMapper:
     """Maps on-disk tensor names to the names of the loaded model (see module docstring)."""
 
@@ -307,17 +325,10 @@ class _NameMapper:
             warnings.warn(f"could not build {root} on the meta device ({exc}); using on-disk tensor names as module names")
 
     def _build(self, root: Path) -> None:
-        import transformers
-        from transformers import AutoConfig
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter
 
-        config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
+        model = build_meta_model(root)
         self.meta_state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         self.base_parameters = sum(p.numel() for p in model.parameters())  # tied weights counted once
         transforms = get_model_conversion_mapping(model)

@@ -42,6 +42,7 @@ __all__ = [
     "save_rank_config",
     "load_rank_config",
     "validate_rank_config",
+    "check_config_matches_model",
 ]
 
 SCHEMA_VERSION = 1
@@ -128,6 +129,7 @@ def build_rank_config(
         "n_modules": len(allocations),
         "n_saturated": sum(a.saturated for a in allocations),
         "saturated_modules": [a.name for a in allocations if a.saturated],
+        "zero_delta_modules": [a.name for a in allocations if a.zero_delta],
         "modules": modules_meta,
     }
     if extra_metadata:
@@ -220,3 +222,39 @@ def validate_rank_config(config: Any, source: str = "rank config") -> None:
             if entry.get("final_rank") != config["rank_pattern"][key]:
                 fail(f"module {name!r}: final_rank {entry.get('final_rank')!r} disagrees with rank_pattern "
                      f"{config['rank_pattern'][key]!r}")
+
+
+def check_config_matches_model(config: Mapping[str, Any], model: Any) -> None:
+    """Check that every module the config names exists in ``model`` as a linear layer of the recorded shape.
+
+    Args:
+        config: a validated rank config.
+        model: a ``torch.nn.Module`` (e.g. the loaded base model), or a model folder, which is built on the
+            meta device for the check (no weights read).
+
+    Raises:
+        RankConfigError: listing every module that is missing, not linear, or of another shape.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        from .checkpoints import build_meta_model
+
+        model = build_meta_model(model)
+    modules = dict(model.named_modules())
+    recorded = config.get("analysis_metadata", {}).get("modules", {})
+    problems = []
+    for name in config["target_modules"]:
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: no such module in the model")
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) and not (weight is not None and weight.ndim == 2):
+            problems.append(f"{name}: is a {type(module).__name__}, not a linear layer")
+            continue
+        shape = recorded.get(name, {}).get("shape")
+        if shape is not None and list(weight.shape) != list(shape):
+            problems.append(f"{name}: weight shape {tuple(weight.shape)} but the config was made for {tuple(shape)}")
+    if problems:
+        raise RankConfigError(f"rank config does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))

@@ -130,6 +130,7 @@ def run_preliminary_finetune(
     device: str | None = None,
     on_step: Callable[[int, int, float, float], None] | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> FinetuneResult:
     """Fine-tune every parameter of ``model_path`` briefly on a stratified subset of ``data_path``.
 
@@ -141,6 +142,8 @@ def run_preliminary_finetune(
         device: "cuda", "cpu", ... (None: CUDA when available).
         on_step: called as ``on_step(step, total_steps, loss, lr)`` after each optimizer step (logging).
         progress: show a console progress bar.
+        trust_remote_code: run Python code shipped with the model (off: only architectures transformers
+            knows load, so a downloaded folder cannot execute anything).
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -153,7 +156,7 @@ def run_preliminary_finetune(
     records = load_records(data_path)
     subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
                                        seed=settings.seed, task_key=settings.task_key)
-    model, tokenizer = load_causal_lm(model_path)
+    model, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
     examples = [tokenize_record(r, tokenizer, settings.max_length) for r in subset]
 
     # Step 2: the pretrained side of the pair.

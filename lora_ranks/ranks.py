@@ -250,7 +250,7 @@ def allocate_ranks(
     if any(zero.values()):
         names = [n for n, z in zero.items() if z]
         warnings.warn(f"{len(names)} module(s) did not change during fine-tuning (zero delta), e.g. {names[0]!r}; "
-                      f"they get min_rank={settings.min_rank}")
+                      f"they get min_rank={settings.min_rank}", stacklevel=2)
     # A rank above min(d_out, d_in) adds parameters but no expressiveness: cap there too.
     cap = {m.name: min(settings.max_rank, min(m.shape)) for m in modules}
     bounded = {}

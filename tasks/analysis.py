@@ -95,7 +95,14 @@ def assemble_rank_config_task(base: str, finetuned: str, layers: "OrderedDict[st
     config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,
                                      extra_metadata=extra)
     meta = config["analysis_metadata"]
-    get_run_logger().info("Wrote %s: %d modules, layer ranks %s, compression ratio %.4f, %d saturated",
+    logger = get_run_logger()
+    if meta["zero_delta_modules"]:
+        logger.warning("%d module(s) did not change during fine-tuning (zero delta), e.g. %s; they get min_rank=%d",
+                       len(meta["zero_delta_modules"]), meta["zero_delta_modules"][0], settings.min_rank)
+    if meta["n_saturated"]:
+        logger.warning("%d module(s) need more than max_rank=%d to keep %.0f%% of their delta energy (saturated)",
+                       meta["n_saturated"], settings.max_rank, 100 * settings.energy_threshold)
+    logger.info("Wrote %s: %d modules, layer ranks %s, compression ratio %.4f, %d saturated",
                           config_path, meta["n_modules"], config["layer_ranks"], config["compression_ratio"],
                           meta["n_saturated"])
     return config_path

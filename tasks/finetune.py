@@ -25,7 +25,8 @@ def build_demo_inputs(out_dir: str, data_path: str | None = None, num_layers: in
 
 
 @task(name="preliminary-finetune", retries=1, retry_delay_seconds=10)
-def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings) -> FinetuneResult:
+def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
+                              trust_remote_code: bool = False) -> FinetuneResult:
     """Brief full fine-tune; logs the loss to the Prefect run log about 20 times per run."""
     logger = get_run_logger()
 
@@ -33,7 +34,8 @@ def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, set
         if step == 1 or step == total or step % max(1, total // 20) == 0:
             logger.info("step %d/%d loss %.4f lr %.2e", step, total, loss, lr)
 
-    result = run_preliminary_finetune(model_path, data_path, out_dir, settings, on_step=on_step)
+    result = run_preliminary_finetune(model_path, data_path, out_dir, settings, on_step=on_step,
+                                      trust_remote_code=trust_remote_code)
     logger.info("Fine-tuned %d steps in %.1f s: loss %.4f -> %.4f; pair at %s and %s", result.steps, result.seconds,
                 result.losses[0], result.losses[-1], result.pretrained_dir, result.finetuned_dir)
     return result

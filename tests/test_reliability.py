@@ -1,0 +1,127 @@
+"""Reliability and security guarantees that are not covered stage by stage elsewhere."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_ranks.analysis import analyze_checkpoints, load_layer_spectra
+from lora_ranks.checkpoints import CheckpointError, CheckpointPair
+from lora_ranks.config import RankConfigError, check_config_matches_model
+from lora_ranks.finetune import load_causal_lm
+from lora_ranks.report import write_plots, write_raw_data
+from lora_ranks.synthetic import write_planted_pair
+
+
+def test_identical_checkpoints_fall_to_min_rank_with_a_warning(planted_pair, tmp_path):
+    base = planted_pair[0]
+    with pytest.warns(UserWarning, match=r"14 module\(s\) did not change"):
+        config = analyze_checkpoints(base, base, tmp_path)
+    meta = config["analysis_metadata"]
+    assert set(config["rank_pattern"].values()) == {4}
+    assert len(meta["zero_delta_modules"]) == 14
+    assert all(m["zero_delta"] and m["raw_rank"] == 0 for m in meta["modules"].values())
+    assert np.isfinite(config["compression_ratio"])
+    spectra = {}
+    for f in (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*.safetensors"):
+        spectra.update(load_layer_spectra(f))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # log-scale axes of all-zero data warn; the files must still be written
+        paths = {**write_plots(tmp_path, config, spectra), **write_raw_data(tmp_path, config, spectra)}
+    assert all(Path(p).stat().st_size > 0 for p in paths.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_named(planted_pair, tmp_path, bad):
+    base = shutil.copytree(planted_pair[0], tmp_path / "base")
+    from safetensors import safe_open
+
+    with safe_open(str(planted_pair[0] / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = bad
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    pair = CheckpointPair(base, planted_pair[1])
+    module = next(m for m in pair.modules() if m.name == "model.layers.1.self_attn.o_proj")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight.*NaN or Inf"):
+        pair.delta(module)
+
+
+def test_config_naming_modules_the_model_lacks_is_refused(planted_pair, tmp_path):
+    config = analyze_checkpoints(*planted_pair, tmp_path)
+    check_config_matches_model(config, planted_pair[0])  # fits its own model (built on the meta device)
+    other = write_planted_pair(tmp_path / "b1", tmp_path / "f1", num_layers=1, hidden_size=32, num_heads=2,
+                               num_kv_heads=1, intermediate_size=64)
+    with pytest.raises(RankConfigError) as err:
+        check_config_matches_model(config, other[0])
+    assert "model.layers.1.self_attn.q_proj: no such module" in str(err.value)
+    assert "model.layers.0.mlp.down_proj: weight shape (32, 64) but the config was made for (64, 176)" in str(err.value)
+
+
+def test_remote_code_never_runs_by_default(tmp_path):
+    """A model folder that ships Python code: loading it must fail, and the code must not have run."""
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}}))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n"
+                                    "    model_type = 'evil'\n")
+    with pytest.raises(Exception, match="trust_remote_code"):
+        load_causal_lm(folder)
+    assert not marker.exists()
+
+
+def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, monkeypatch, prefect_harness):
+    sentinel = "sk-test-SENTINEL-4f9c1d"
+    for var in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, sentinel)
+    from prefect.client.orchestration import get_client
+
+    from flows.svd_analysis import svd_analysis
+
+    state = svd_analysis(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]),
+                         output_dir=str(tmp_path), return_state=True)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        assert sentinel.encode() not in path.read_bytes(), path
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        logs = client.read_logs()
+    assert artifacts and logs
+    assert all(sentinel not in str(a.data) for a in artifacts)
+    assert all(sentinel not in log.message for log in logs)
+    assert state.is_completed()
+
+
+def test_atomic_writes_leave_no_temporary_files(planted_pair, tmp_path):
+    analyze_checkpoints(*planted_pair, tmp_path)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path, monkeypatch):
+    """A crash while a layer file is being written leaves the previous complete file, never a partial one."""
+    import lora_ranks.analysis as analysis
+
+    analyze_checkpoints(*planted_pair, tmp_path)
+    path = tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers" / "model.layers.0.safetensors"
+    before = path.read_bytes()
+
+    def crash_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_checkpoints(*planted_pair, tmp_path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
