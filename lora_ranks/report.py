@@ -43,7 +43,7 @@ def write_raw_data(out_dir: str | Path, config: dict, spectra: Mapping[str, Spec
     arrays["__module_names__"] = np.array(list(spectra))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    paths = {"singular_values": str(atomic_write_bytes(raw / "singular_values.npz", buffer.getvalue()))}
+    paths = {"singular_values_npz": str(atomic_write_bytes(raw / "singular_values.npz", buffer.getvalue()))}
     rows = _module_rows(config)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))

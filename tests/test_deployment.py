@@ -4,6 +4,7 @@ a process worker, and `prefect deployment run svd-analysis/default --watch` on t
 Everything started here is stopped here, by PID (each in its own process group), with bounded waits.
 """
 
+import json
 import os
 import signal
 import socket
@@ -84,6 +85,12 @@ def test_deployment_run_through_server_and_worker(tmp_path):
         watched = _run([PREFECT, "deployment", "run", "svd-analysis/default", "--watch", "--watch-timeout", "400",
                         "--param", f"output_dir={out_dir}", "--param", "finetune_steps=10"], env, 450)
         assert "Completed" in watched  # --watch also exits non-zero when the run fails
+
+        for name in ("svd-analysis/default", "preliminary-finetune/default"):
+            _run([PREFECT, "deployment", "inspect", name], env, 60)
+        nightly = json.loads(_run([PREFECT, "deployment", "inspect", "svd-analysis/nightly-reanalysis",
+                                   "--output", "json"], env, 60))
+        assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 3 * * *", False)]
 
         config = load_rank_config(out_dir / "configs" / "lora_rank_config.json")
         assert all(4 <= r <= 128 for r in config["rank_pattern"].values())

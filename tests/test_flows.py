@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def test_svd_analysis_demo_end_to_end(prefect_harness, tmp_path):
     from flows.svd_analysis import svd_analysis
 
-    config_path = svd_analysis(output_dir=str(tmp_path), finetune_steps=15)
+    state = svd_analysis(output_dir=str(tmp_path), finetune_steps=15, return_state=True)
+    config_path = state.result()
     config = load_rank_config(config_path)
     assert Path(config_path) == tmp_path / "configs" / "lora_rank_config.json"
     meta = config["analysis_metadata"]
@@ -33,6 +34,17 @@ def test_svd_analysis_demo_end_to_end(prefect_harness, tmp_path):
     assert [row["final_rank"] for row in summary] == ranks
     metrics = json.loads((tmp_path / "saved_models" / "preliminary_finetune" / "training_metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) >= {"svd-analysis-summary", "rank-table", "rank-config", "svd-analysis-progress"}
+    assert by_key["svd-analysis-summary"].data.count("data:image/png;base64,") == 3  # all three plots embedded
+    assert by_key["svd-analysis-progress"].data == 100.0
 
 
 def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):

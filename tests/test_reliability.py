@@ -125,3 +125,13 @@ def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path,
         analyze_checkpoints(*planted_pair, tmp_path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_plot_and_raw_data_paths_do_not_collide(planted_pair, tmp_path):
+    config = analyze_checkpoints(*planted_pair, tmp_path)
+    spectra = {}
+    for f in (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*.safetensors"):
+        spectra.update(load_layer_spectra(f))
+    plots, raw = write_plots(tmp_path, config, spectra), write_raw_data(tmp_path, config, spectra)
+    assert not set(plots) & set(raw)  # the report task merges them into one dict
+    assert sorted(Path(p).name for p in plots.values()) == ["cumulative_energy.png", "rank_heatmap.png", "singular_values.png"]
