@@ -46,6 +46,23 @@ def _stop(proc: subprocess.Popen, name: str) -> None:
         raise RuntimeError(f"{name} (pid {proc.pid}) did not stop")
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def test_readme_starts_the_server_on_loopback():
+    readme = (REPO / "README.md").read_text()
+    starts = [line for line in readme.splitlines() if "prefect server start" in line]
+    assert starts and all("--host 127.0.0.1" in line for line in starts)
+
+
 def _run(args, env, timeout):
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -74,6 +91,8 @@ def test_deployment_run_through_server_and_worker(tmp_path):
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "server did not become healthy within 120 s"
             time.sleep(0.5)
+
+        assert _listening_addresses(port) == {"127.0.0.1"}  # loopback only, not 0.0.0.0
 
         _run([PREFECT, "work-pool", "create", "gpu-pool", "--type", "process", "--base-job-template",
               "deployments/gpu-pool.base-job-template.json"], env, 120)
