@@ -254,7 +254,9 @@ def check_config_matches_model(config: Mapping[str, Any], model: Any) -> None:
             problems.append(f"{name}: is a {type(module).__name__}, not a linear layer")
             continue
         shape = recorded.get(name, {}).get("shape")
-        if shape is not None and list(weight.shape) != list(shape):
-            problems.append(f"{name}: weight shape {tuple(weight.shape)} but the config was made for {tuple(shape)}")
+        # Quantized layers store packed weights: their logical shape is (out_features, in_features).
+        actual = (module.out_features, module.in_features) if hasattr(module, "out_features") else tuple(weight.shape)
+        if shape is not None and list(actual) != list(shape):
+            problems.append(f"{name}: weight shape {tuple(actual)} but the config was made for {tuple(shape)}")
     if problems:
         raise RankConfigError(f"rank config does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))

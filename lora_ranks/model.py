@@ -1,0 +1,291 @@
+"""Stage 5: PEFT LoRA models with the heterogeneous ranks of a rank config.
+
+PEFT's ``rank_pattern`` silently ignores keys that match nothing and takes the first key that matches, so a
+wrong config can become a silently wrong model. Here every model is checked after it is built: each module
+the config names must carry a LoRA adapter of exactly the configured rank (read from ``lora_A.weight``), and
+no other module may carry one; otherwise ``DynamicLoRAError`` lists every mismatch.
+
+    model, tokenizer = create_model_with_dynamic_lora("Qwen/Qwen3-8B", "configs/lora_rank_config.json",
+                                                      quantization="4bit")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+from .checkpoints import resolve_model_path
+from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, validate_rank_config
+
+__all__ = [
+    "DynamicLoRAError",
+    "DynamicLoRAConfig",
+    "PEFTModelFactory",
+    "create_model_with_dynamic_lora",
+    "create_peft_model_from_config",
+    "load_peft_checkpoint",
+    "detect_model_type",
+    "lora_ranks_of",
+    "validate_peft_model",
+    "save_adapter",
+]
+
+Quantization = Literal["4bit", "8bit"]
+
+
+class DynamicLoRAError(ValueError):
+    """A PEFT model does not carry the adapters its rank config asks for."""
+
+
+def detect_model_type(model_dir: str | Path) -> Literal["qwen3", "qwen2_5_vl", "causal_lm"]:
+    """Model family from ``config.json``: Qwen3, Qwen2.5-VL, or any other causal LM."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type == "qwen2_5_vl":
+        return "qwen2_5_vl"
+    if model_type == "qwen3":
+        return "qwen3"
+    return "causal_lm"
+
+
+@dataclass
+class DynamicLoRAConfig:
+    """A validated rank config, turned into a ``peft.LoraConfig``.
+
+    Attributes:
+        rank_config: the ``lora_rank_config.json`` content (validated on construction).
+        lora_dropout: dropout on the LoRA input; 0.05 is PEFT's most common recipe value.
+        init_lora_weights: PEFT's initialisation (True: A Kaiming, B zero, so training starts at the base).
+    """
+
+    rank_config: dict
+    lora_dropout: float = 0.05
+    init_lora_weights: bool | str = True
+    source: str = "<dict>"
+
+    def __post_init__(self) -> None:
+        validate_rank_config(self.rank_config, source=self.source)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout}")
+        for name in self.target_modules:
+            if name.split(".")[-1] in ("lm_head", "embed_tokens", "wte", "word_embeddings"):
+                raise RankConfigError(f"{self.source}: {name!r} is an output head or embedding; adapters on them "
+                                      "are rejected by serving stacks, so rank configs never target them")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> "DynamicLoRAConfig":
+        return cls(load_rank_config(path), source=str(path), **kwargs)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.rank_config["target_modules"])
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Module name -> rank, for every targeted module."""
+        return {name: self.rank_config["rank_pattern"][anchored_key(name)] for name in self.target_modules}
+
+    @property
+    def includes_vision(self) -> bool:
+        return any(".visual." in f".{n}." or ".vision" in n for n in self.target_modules)
+
+    def predicted_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
+        """LoRA parameters the built model will have: sum of r * (d_in + d_out) over targeted modules."""
+        return sum(r * (shapes[n][0] + shapes[n][1]) for n, r in self.ranks.items())
+
+    def to_peft_config(self, **overrides: Any):
+        """``peft.LoraConfig`` with anchored per-module ``rank_pattern``/``alpha_pattern``.
+
+        ``r``/``lora_alpha`` (the fallbacks) are set to the most common rank/alpha; every targeted module
+        has its own anchored pattern entry anyway.
+        """
+        from peft import LoraConfig
+
+        ranks = list(self.rank_config["rank_pattern"].values())
+        alphas = list(self.rank_config["alpha_pattern"].values())
+        common = max(set(ranks), key=ranks.count)
+        kwargs = dict(
+            r=common,
+            lora_alpha=alphas[ranks.index(common)] if alphas else self.rank_config.get("lora_alpha", 2 * common),
+            target_modules=self.target_modules,
+            rank_pattern=dict(self.rank_config["rank_pattern"]),
+            alpha_pattern=dict(self.rank_config["alpha_pattern"]),  # never None: PEFT crashes on alpha_pattern=None
+            use_rslora=bool(self.rank_config.get("use_rslora", False)),
+            lora_dropout=self.lora_dropout,
+            init_lora_weights=self.init_lora_weights,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+
+def lora_ranks_of(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, int]:
+    """Module name (relative to the base model) -> rank of its LoRA adapter ``adapter_name``."""
+    out = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a:
+            out[name.removeprefix("base_model.model.")] = int(lora_a[adapter_name].weight.shape[0])
+    return out
+
+
+def validate_peft_model(model: torch.nn.Module, config: DynamicLoRAConfig, adapter_name: str = "default") -> None:
+    """Raise DynamicLoRAError unless exactly the configured modules carry adapters of exactly the configured ranks."""
+    built = lora_ranks_of(model, adapter_name)
+    wanted = config.ranks
+    problems = [f"{n}: no LoRA adapter (the config asks for rank {r})" for n, r in wanted.items() if n not in built]
+    problems += [f"{n}: rank {built[n]} but the config asks for {r}" for n, r in wanted.items() if n in built and built[n] != r]
+    problems += [f"{n}: has a rank-{r} adapter the config does not ask for" for n, r in built.items() if n not in wanted]
+    if problems:
+        raise DynamicLoRAError(f"PEFT model does not match {config.source} ({len(problems)} problem(s)):\n  "
+                               + "\n  ".join(problems))
+
+
+def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | Mapping | str | Path,
+                                  adapter_name: str = "default", **lora_overrides: Any):
+    """Wrap ``model`` in a PEFT model with the config's ranks, after checking the config fits the model.
+
+    Raises:
+        RankConfigError: the config names modules the model lacks (or of other shapes), listing them.
+        DynamicLoRAError: PEFT did not build exactly the configured adapters.
+    """
+    from peft import get_peft_model
+
+    config = _as_config(config)
+    check_config_matches_model(config.rank_config, model)
+    peft_model = get_peft_model(model, config.to_peft_config(**lora_overrides), adapter_name=adapter_name)
+    validate_peft_model(peft_model, config, adapter_name)
+    return peft_model
+
+
+def _as_config(config: DynamicLoRAConfig | Mapping | str | Path) -> DynamicLoRAConfig:
+    if isinstance(config, DynamicLoRAConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return DynamicLoRAConfig.from_file(config)
+    return DynamicLoRAConfig(dict(config))
+
+
+@dataclass
+class PEFTModelFactory:
+    """Loads a base model (optionally 4/8-bit) and wraps it with the config's heterogeneous LoRA.
+
+    Attributes:
+        config: the rank config.
+        quantization: None, "4bit" (nf4, double quantization, bf16 compute on CUDA / float32 on CPU) or
+            "8bit" (LLM.int8); bitsandbytes 0.45+ runs both on CPU and CUDA.
+        dtype: weights dtype for unquantized loads (None: bf16 on CUDA, float32 on CPU).
+        gradient_checkpointing: enable it on the base model (less activation memory when training).
+        freeze_vision: keep a vision tower frozen (it is, unless the config targets it).
+        trust_remote_code: run Python code shipped with the model (off by default).
+    """
+
+    config: DynamicLoRAConfig | None = None
+    quantization: Quantization | None = None
+    dtype: torch.dtype | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    device_map: Any = None
+    extra_load_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"quantization must be None, '4bit' or '8bit', got quantization={self.quantization!r}")
+
+    def load_base(self, model_name: str | Path):
+        """(base model, tokenizer or processor) from a local folder or hub id; safetensors only."""
+        import transformers
+
+        root = resolve_model_path(model_name)
+        kind = detect_model_type(root)
+        kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=self.trust_remote_code, **self.extra_load_kwargs)
+        cuda = torch.cuda.is_available()
+        if self.quantization is not None:
+            compute = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=self.quantization == "4bit", load_in_8bit=self.quantization == "8bit",
+                bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+            kwargs["dtype"] = compute
+            kwargs["device_map"] = self.device_map or ({"": 0} if cuda else {"": "cpu"})
+        else:
+            kwargs["dtype"] = self.dtype or (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32)
+            if self.device_map is not None:
+                kwargs["device_map"] = self.device_map
+        if kind == "qwen2_5_vl":
+            model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root), **kwargs)
+            processor_cls = transformers.AutoProcessor
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(root), **kwargs)
+            processor_cls = transformers.AutoTokenizer
+        try:
+            tokenizer = processor_cls.from_pretrained(str(root), trust_remote_code=self.trust_remote_code)
+        except Exception:  # a processor needs image-processor files; fall back to the tokenizer
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), trust_remote_code=self.trust_remote_code)
+        return model, tokenizer
+
+    def build(self, model_name: str | Path, adapter_name: str = "default"):
+        """(PEFT model, tokenizer or processor), validated against the config."""
+        if self.config is None:
+            raise ValueError("PEFTModelFactory.build needs a config (DynamicLoRAConfig); load_base does not")
+        model, tokenizer = self.load_base(model_name)
+        if self.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        elif self.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            model.enable_input_require_grads()
+        return create_peft_model_from_config(model, self.config, adapter_name), tokenizer
+
+
+def create_model_with_dynamic_lora(model_name: str | Path, rank_config_path: str | Path, quantization: Quantization | None = None,
+                                   **factory_kwargs: Any):
+    """One call: (PEFT model with the config's ranks, tokenizer or processor). See PEFTModelFactory."""
+    factory = PEFTModelFactory(DynamicLoRAConfig.from_file(rank_config_path), quantization=quantization, **factory_kwargs)
+    return factory.build(model_name)
+
+
+def load_peft_checkpoint(model_name: str | Path, adapter_dir: str | Path, *, quantization: Quantization | None = None,
+                         is_trainable: bool = False, adapter_name: str = "default", **factory_kwargs: Any):
+    """Load a saved adapter onto its base model: (PeftModel, tokenizer or processor).
+
+    If the adapter folder holds the ``lora_rank_config.json`` it was built from, the loaded ranks are
+    validated against it.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; is it a saved PEFT adapter?")
+    config_file = adapter_dir / "lora_rank_config.json"
+    rank_config = DynamicLoRAConfig.from_file(config_file) if config_file.is_file() else None
+    factory = PEFTModelFactory(rank_config, quantization=quantization, **factory_kwargs)
+    base, tokenizer = factory.load_base(model_name)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    if rank_config is not None:
+        validate_peft_model(model, rank_config, adapter_name)
+    return model, tokenizer
+
+
+def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = None) -> Path:
+    """``save_pretrained`` into a temporary sibling folder, then rename (never a half-written adapter); the
+    rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it."""
+    import shutil
+
+    from ._io import atomic_write_json
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if config is not None:
+        atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,183 @@
+"""PEFT integration: exact heterogeneous ranks, validation, save/load, quantization, extraction, hot swap."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lora_ranks.analysis import analyze_checkpoints
+from lora_ranks.config import RankConfigError, anchored_key
+from lora_ranks.extract import extract_lora, truncated_svd_factors
+from lora_ranks.model import (DynamicLoRAConfig, DynamicLoRAError, PEFTModelFactory, create_model_with_dynamic_lora,
+                              create_peft_model_from_config, load_peft_checkpoint, lora_ranks_of, save_adapter,
+                              validate_peft_model)
+from lora_ranks.ranks import AllocationSettings
+
+TOKENS = torch.tensor([[5, 17, 42, 99, 3, 8, 200, 11]])
+
+
+@pytest.fixture(scope="module")
+def rank_config_path(planted_pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rc")
+    analyze_checkpoints(*planted_pair, out, settings=AllocationSettings(energy_threshold=0.99, min_rank=2, max_rank=16,
+                                                                         smoothing="none"))
+    path = out / "configs" / "lora_rank_config.json"
+    assert len(set(json.loads(path.read_text())["rank_pattern"].values())) > 1  # heterogeneous
+    return path
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_every_module_gets_exactly_its_rank(planted_pair, rank_config_path):
+    model, tokenizer = create_model_with_dynamic_lora(planted_pair[0], rank_config_path)
+    config = DynamicLoRAConfig.from_file(rank_config_path)
+    assert lora_ranks_of(model) == config.ranks  # every lora_A shape, nothing extra
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shapes = {n: tuple(m["shape"]) for n, m in config.rank_config["analysis_metadata"]["modules"].items()}
+    assert trainable == config.predicted_parameters(shapes) == config.rank_config["trainable_parameters"]
+    base_total = sum(p.numel() for p in model.parameters()) - trainable
+    assert trainable / base_total == pytest.approx(config.rank_config["compression_ratio"])
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora_bytes == 4 * trainable  # float32 adapters on CPU: bytes are predictable from the config
+
+
+def test_validation_lists_wrong_and_extra_adapters(planted_pair, rank_config_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = DynamicLoRAConfig.from_file(rank_config_path)
+    first = config.target_modules[0]
+    # A plain suffix pattern, the classic mistake: one rank (5) for every q_proj and o_proj, nothing else.
+    wrong = get_peft_model(AutoModelForCausalLM.from_pretrained(planted_pair[0]),
+                           LoraConfig(r=5, target_modules=["q_proj", "o_proj"], alpha_pattern={}))
+    with pytest.raises(DynamicLoRAError) as err:
+        validate_peft_model(wrong, config)
+    text = str(err.value)
+    assert f"{first}: rank 5 but the config asks for {config.ranks[first]}" in text
+    assert "model.layers.0.mlp.up_proj: no LoRA adapter" in text
+
+
+def test_config_key_matching_nothing_raises(planted_pair, rank_config_path):
+    from transformers import AutoModelForCausalLM
+
+    raw = json.loads(rank_config_path.read_text())
+    raw["target_modules"].append("model.layers.7.self_attn.q_proj")
+    raw["rank_pattern"][anchored_key("model.layers.7.self_attn.q_proj")] = 4
+    with pytest.raises(RankConfigError, match=r"model\.layers\.7\.self_attn\.q_proj: no such module"):
+        create_peft_model_from_config(AutoModelForCausalLM.from_pretrained(planted_pair[0]), DynamicLoRAConfig(raw))
+
+
+def test_lm_head_is_never_targeted(rank_config_path):
+    raw = json.loads(rank_config_path.read_text())
+    raw["target_modules"].append("lm_head")
+    raw["rank_pattern"]["^lm_head"] = 4
+    with pytest.raises(RankConfigError, match="lm_head"):
+        DynamicLoRAConfig(raw)
+
+
+def test_save_and_load_reproduce_logits_exactly(planted_pair, rank_config_path, tmp_path):
+    model, _ = create_model_with_dynamic_lora(planted_pair[0], rank_config_path)
+    with torch.no_grad():  # non-zero adapters, so the check is not trivially the base model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.eval()
+    expected = _logits(model)
+    save_adapter(model, tmp_path / "adapter", DynamicLoRAConfig.from_file(rank_config_path))
+    loaded, _ = load_peft_checkpoint(planted_pair[0], tmp_path / "adapter")
+    loaded.eval()
+    assert torch.equal(_logits(loaded), expected)
+    assert lora_ranks_of(loaded) == DynamicLoRAConfig.from_file(rank_config_path).ranks
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_model_builds_and_trains_a_step(planted_pair, rank_config_path, quantization):
+    model, _ = create_model_with_dynamic_lora(planted_pair[0], rank_config_path, quantization=quantization)
+    assert lora_ranks_of(model) == DynamicLoRAConfig.from_file(rank_config_path).ranks
+    quantized = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert quantized, "no bitsandbytes layer in the model"
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    loss = model(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_full_rank_extraction_reproduces_the_finetuned_model(planted_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # A config with every module at full rank (min(d_out, d_in)).
+    analyze_checkpoints(*planted_pair, tmp_path / "full", settings=AllocationSettings(
+        min_rank=64, max_rank=64, smoothing="none"))  # bounds clip to min(d_out, d_in): full rank everywhere
+    full_config = tmp_path / "full" / "configs" / "lora_rank_config.json"
+    raw = json.loads(full_config.read_text())
+    for name, meta in raw["analysis_metadata"]["modules"].items():
+        assert raw["rank_pattern"][anchored_key(name)] == min(meta["shape"])
+    report = extract_lora(*planted_pair, full_config, tmp_path / "adapter")
+    assert report["max_relative_error"] < 1e-6
+    model, _ = load_peft_checkpoint(planted_pair[0], tmp_path / "adapter")
+    model.eval()
+    finetuned = AutoModelForCausalLM.from_pretrained(planted_pair[1]).eval()
+    torch.testing.assert_close(_logits(model), _logits(finetuned), rtol=1e-4, atol=1e-4)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), _logits(finetuned), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,rank", [((48, 20), 5), ((20, 48), 7), ((32, 32), 32)])
+def test_truncated_svd_factors_are_optimal(shape, rank):
+    torch.manual_seed(1)
+    delta = torch.randn(*shape, dtype=torch.float64)
+    scale = 2.0
+    lora_a, lora_b, rel = truncated_svd_factors(delta, rank, scale)
+    assert lora_a.shape == (rank, shape[1]) and lora_b.shape == (shape[0], rank)
+    s = torch.linalg.svdvals(delta)
+    optimal = float(torch.sqrt(torch.sum(s[rank:] ** 2) / torch.sum(s**2)))  # Eckart-Young
+    assert rel == pytest.approx(optimal, abs=1e-10)
+    approx = scale * lora_b.double() @ lora_a.double()
+    achieved = float(torch.linalg.vector_norm(delta - approx) / torch.linalg.vector_norm(delta))
+    assert achieved == pytest.approx(optimal, abs=1e-6)  # float32 factors
+
+
+def test_extraction_report_errors_match_the_spectrum(planted_pair, rank_config_path, tmp_path):
+    report = extract_lora(*planted_pair, rank_config_path, tmp_path / "adapter")
+    config = json.loads(rank_config_path.read_text())
+    for name, entry in report["modules"].items():
+        kept = config["analysis_metadata"]["modules"][name]["energy_retained"]
+        assert entry["relative_error"] == pytest.approx((1 - kept) ** 0.5, abs=1e-6)
+    saved = json.loads((tmp_path / "adapter" / "extraction_report.json").read_text())
+    assert saved["modules"] == report["modules"]
+
+
+def test_hot_swap_between_adapters(planted_pair, rank_config_path, tmp_path):
+    extract_lora(*planted_pair, rank_config_path, tmp_path / "extracted")
+    model, _ = load_peft_checkpoint(planted_pair[0], tmp_path / "extracted", adapter_name="extracted")
+    other = DynamicLoRAConfig.from_file(rank_config_path).to_peft_config(init_lora_weights=False)  # random B != 0
+    model.add_adapter("random", other)
+    model.eval()
+    model.set_adapter("extracted")
+    first = _logits(model)
+    model.set_adapter("random")
+    second = _logits(model)
+    assert not torch.allclose(first, second)
+    model.set_adapter("extracted")
+    assert torch.equal(_logits(model), first)
+    with model.disable_adapter():
+        base = _logits(model)
+    assert not torch.allclose(base, first)
+
+
+def test_warm_start_from_extracted_adapter(planted_pair, rank_config_path, tmp_path):
+    """Initialising a trainable dynamic-rank LoRA from the delta's singular vectors (instead of B = 0)."""
+    extract_lora(*planted_pair, rank_config_path, tmp_path / "extracted")
+    model, _ = load_peft_checkpoint(planted_pair[0], tmp_path / "extracted", is_trainable=True)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
+    fresh, _ = create_model_with_dynamic_lora(planted_pair[0], rank_config_path)
+    assert not torch.allclose(_logits(model.eval()), _logits(fresh.eval()))  # starts at base + dW_r, not base
