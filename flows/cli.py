@@ -1,8 +1,10 @@
-"""The ``lora-ranks`` command line: each subcommand runs a Prefect flow.
+"""The ``lora-ranks`` command line. Every subcommand but ``extract`` runs a Prefect flow.
 
     lora-ranks demo                                  # whole pipeline on a tiny offline Qwen3
     lora-ranks analyze --base DIR --finetuned DIR --out DIR [--energy 0.9 ...]
     lora-ranks finetune --model DIR --data FILE --out DIR
+    lora-ranks train --model DIR --lora-config FILE --data FILE --out DIR [--quantization 4bit]
+    lora-ranks extract --base DIR --finetuned DIR --config FILE --out DIR     # plain library call, no Prefect
 
 Without PREFECT_API_URL the flows run on Prefect's ephemeral API (SQLite under PREFECT_HOME); with it,
 they report to that server and show up in its UI.
@@ -54,7 +56,7 @@ def _analysis_kwargs(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-ranks", description="Per-module LoRA ranks from weight-delta spectra.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,analyze,finetune}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,analyze,finetune,train,extract}")
 
     demo = sub.add_parser("demo", help="run svd-analysis end to end on a tiny offline Qwen3 and synthetic data")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
@@ -78,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--batch-size", type=int, default=4)
     finetune.add_argument("--trust-remote-code", action="store_true",
                           help="run Python code shipped with the model (off by default: only known architectures load)")
+
+    train = sub.add_parser("train", help="train a LoRA with the per-module ranks of a rank config (train-dynamic-lora)")
+    train.add_argument("--model", required=True, help="base model folder or hub id")
+    train.add_argument("--lora-config", required=True, help="lora_rank_config.json")
+    train.add_argument("--data", required=True, help="JSON/JSONL training data")
+    train.add_argument("--out", required=True, help="output folder (adapter/ and training_metrics.json)")
+    train.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="quantize the base (QLoRA)")
+    train.add_argument("--warm-start-from", default=None,
+                       help="fine-tuned model folder: start from the truncated SVD of its delta")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--no-gradient-checkpointing", action="store_true")
+    train.add_argument("--trust-remote-code", action="store_true")
+
+    extract = sub.add_parser("extract", help="write the truncated-SVD LoRA of a full fine-tune at the configured ranks")
+    extract.add_argument("--base", required=True, help="pretrained model folder")
+    extract.add_argument("--finetuned", required=True, help="fine-tuned model folder")
+    extract.add_argument("--config", required=True, help="lora_rank_config.json")
+    extract.add_argument("--out", required=True, help="adapter output folder")
+    extract.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (weights_only load)")
     return parser
 
 
@@ -97,6 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Raw data:           {out / 'analysis_outputs' / 'svd' / 'raw_data'}")
         if args.command == "demo":
             print(f"Checkpoint pair:    {out / 'saved_models' / 'preliminary_finetune'}")
+        return 0
+    if args.command == "extract":
+        from lora_ranks.extract import extract_lora
+
+        report = extract_lora(args.base, args.finetuned, args.config, args.out, allow_pickle=args.allow_pickle)
+        print(f"Adapter:  {Path(args.out).resolve()}  ({len(report['modules'])} modules, "
+              f"relative error mean {report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f})")
+        return 0
+    if args.command == "train":
+        from flows.train_dynamic_lora import train_dynamic_lora_flow
+
+        result = train_dynamic_lora_flow(model=args.model, rank_config=args.lora_config, data_path=args.data,
+                                         output_dir=args.out, quantization=args.quantization,
+                                         warm_start_from=args.warm_start_from, max_steps=args.steps, epochs=args.epochs,
+                                         learning_rate=args.lr, batch_size=args.batch_size,
+                                         gradient_checkpointing=not args.no_gradient_checkpointing,
+                                         trust_remote_code=args.trust_remote_code)
+        print(f"\nAdapter:  {result.adapter_dir}\nMetrics:  {result.metrics_path}\n"
+              f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)")
         return 0
     from flows.preliminary_finetune import preliminary_finetune
 

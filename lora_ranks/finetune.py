@@ -26,7 +26,8 @@ import torch
 from ._io import atomic_write_json
 from .data import collate, load_records, stratified_subset, tokenize_record
 
-__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm"]
+__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm", "train_loop",
+           "prepare_examples"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,14 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, trust_
     return model, tokenizer
 
 
+def prepare_examples(data_path: str | Path, tokenizer, settings: FinetuneSettings):
+    """Load, stratify and tokenize: (examples, SubsetReport, number of records in the file)."""
+    records = load_records(data_path)
+    subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
+                                       seed=settings.seed, task_key=settings.task_key)
+    return [tokenize_record(r, tokenizer, settings.max_length) for r in subset], report, len(records)
+
+
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -109,6 +118,56 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def train_loop(model, examples: list[dict], pad_token_id: int, settings: FinetuneSettings, device: torch.device, *,
+               on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
+               desc: str = "training") -> tuple[list[float], bool]:
+    """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0,
+    bf16 autocast on CUDA. Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
+    warmup = int(settings.warmup_ratio * total)
+    rng = random.Random(settings.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="step")
+    for step in range(total):
+        lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(settings.grad_accumulation):
+            if len(order) < settings.batch_size:  # reshuffle at each epoch boundary
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            batch_idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_idx], pad_token_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss / settings.grad_accumulation
+            loss.backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(step + 1, total, step_loss, lr)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+    if bar is not None:
+        bar.close()
+    return losses, use_bf16
 
 
 def _save_dir(model, tokenizer, target: Path) -> None:
@@ -153,11 +212,8 @@ def run_preliminary_finetune(
     torch.manual_seed(settings.seed)
 
     # Step 1: data -- stratified subset, tokenized with response-only labels.
-    records = load_records(data_path)
-    subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
-                                       seed=settings.seed, task_key=settings.task_key)
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
-    examples = [tokenize_record(r, tokenizer, settings.max_length) for r in subset]
+    examples, report, n_records = prepare_examples(data_path, tokenizer, settings)
 
     # Step 2: the pretrained side of the pair.
     local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
@@ -174,46 +230,9 @@ def run_preliminary_finetune(
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.config.use_cache = False
-    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total = min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
-    warmup = int(settings.warmup_ratio * total)
-    rng = random.Random(settings.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="preliminary fine-tune", unit="step")
-    for step in range(total):
-        lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(settings.grad_accumulation):
-            if len(order) < settings.batch_size:
-                fresh = list(range(len(examples)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            batch_idx, order = order[: settings.batch_size], order[settings.batch_size:]
-            batch = {k: v.to(dev) for k, v in collate([examples[i] for i in batch_idx], tokenizer.pad_token_id).items()}
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss / settings.grad_accumulation
-            loss.backward()
-            step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        if on_step is not None:
-            on_step(step + 1, total, step_loss, lr)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-    if bar is not None:
-        bar.close()
+    losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
+                                  progress=progress, desc="preliminary fine-tune")
+    total = len(losses)
 
     # Step 4: the fine-tuned side, then the metrics.
     model.config.use_cache = True
@@ -225,8 +244,8 @@ def run_preliminary_finetune(
         "pretrained_dir": str(pretrained_dir),
         "finetuned_dir": str(finetuned_dir),
         "data": str(data_path),
-        "n_records": len(records),
-        "n_train": len(subset),
+        "n_records": n_records,
+        "n_train": len(examples),
         "task_counts_before": report.counts_before,
         "task_counts_after": report.counts_after,
         "settings": asdict(settings),

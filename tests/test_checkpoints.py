@@ -13,6 +13,7 @@ from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.checkpoints import Checkpoint, CheckpointError, CheckpointPair, TargetSpec
 from lora_ranks.ranks import AllocationSettings
 from lora_ranks.synthetic import write_planted_pair
+from tests.helpers import tiny_qwen25_vl
 
 
 def _stored(folder):
@@ -160,25 +161,11 @@ def test_missing_folder_and_config(tmp_path):
         Checkpoint(tmp_path / "empty")
 
 
-def _tiny_qwen25_vl():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1]),
-        image_token_id=150, video_token_id=151, vision_start_token_id=152,
-    )
-    return Qwen2_5_VLForConditionalGeneration(cfg)
-
-
 def test_qwen25_vl_names_match_the_loaded_model(tmp_path):
     """On disk `model.layers.N` / `visual.blocks.N`; loaded `model.language_model.layers.N` / `model.visual...`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = _tiny_qwen25_vl()
+    model = tiny_qwen25_vl()
     model.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         for p in model.parameters():

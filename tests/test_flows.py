@@ -68,3 +68,30 @@ def test_bad_parameters_fail_before_any_work(prefect_harness, tmp_path):
     with pytest.raises(Exception, match="max_rank"):
         svd_analysis(output_dir=str(tmp_path), min_rank=16, max_rank=8)
     assert not (tmp_path / "demo_inputs").exists()
+
+
+def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
+    """The whole product path: fine-tune -> ranks -> train a dynamic LoRA from the SVD warm start."""
+    from flows.train_dynamic_lora import train_dynamic_lora_flow
+    from lora_ranks.finetune import FinetuneSettings, run_preliminary_finetune
+    from lora_ranks.model import DynamicLoRAConfig, load_peft_checkpoint, lora_ranks_of
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 30, fmt="mixed")
+    ft = run_preliminary_finetune(base, data, tmp_path / "ft", FinetuneSettings(subset_ratio=0.5, max_steps=10,
+                                                                                 learning_rate=2e-3), progress=False)
+    analyze_checkpoints(ft.pretrained_dir, ft.finetuned_dir, tmp_path / "an",
+                        settings=AllocationSettings(min_rank=2, max_rank=16, smoothing="none"))
+    rank_config = tmp_path / "an" / "configs" / "lora_rank_config.json"
+    result = train_dynamic_lora_flow(model=str(base), rank_config=str(rank_config), data_path=str(data),
+                                     output_dir=str(tmp_path / "train"), warm_start_from=ft.finetuned_dir,
+                                     max_steps=12, epochs=10, learning_rate=5e-3, batch_size=8)
+    metrics = json.loads(Path(result.metrics_path).read_text())
+    assert metrics["init_from"] == str(tmp_path / "train" / "warm_start_adapter")
+    assert (tmp_path / "train" / "warm_start_adapter" / "extraction_report.json").is_file()
+    assert sum(metrics["losses"][-3:]) < sum(metrics["losses"][:3])
+    config = DynamicLoRAConfig.from_file(rank_config)
+    assert metrics["trainable_parameters"] == config.rank_config["trainable_parameters"]
+    model, _ = load_peft_checkpoint(base, result.adapter_dir)
+    assert lora_ranks_of(model) == config.ranks

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def test_import_lora_ranks_does_not_import_prefect():
-    code = "import sys, lora_ranks, lora_ranks.analysis, lora_ranks.report, lora_ranks.finetune, lora_ranks.data;" \
+    code = "import sys, lora_ranks, lora_ranks.analysis, lora_ranks.report, lora_ranks.finetune, lora_ranks.data," \
+           "lora_ranks.model, lora_ranks.extract, lora_ranks.train;" \
            "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'));" \
            "print(bad); sys.exit(1 if bad else 0)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -24,5 +25,5 @@ def test_cli_help_lists_subcommands():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
     done = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for sub in ("demo", "analyze", "finetune"):
+    for sub in ("demo", "analyze", "finetune", "train", "extract"):
         assert sub in done.stdout

@@ -181,3 +181,31 @@ def test_warm_start_from_extracted_adapter(planted_pair, rank_config_path, tmp_p
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_B" in n)
     fresh, _ = create_model_with_dynamic_lora(planted_pair[0], rank_config_path)
     assert not torch.allclose(_logits(model.eval()), _logits(fresh.eval()))  # starts at base + dW_r, not base
+
+
+def test_qwen25_vl_gets_exact_ranks_with_and_without_the_vision_tower(tmp_path):
+    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+    from tests.helpers import tiny_qwen25_vl
+
+    model = tiny_qwen25_vl()
+    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(5)])
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ft")
+    settings = AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=16, smoothing="none")
+
+    from lora_ranks.checkpoints import TargetSpec
+
+    for include_vision, n_modules in ((False, 14), (True, 24)):
+        out = tmp_path / f"vision-{include_vision}"
+        analyze_checkpoints(tmp_path / "base", tmp_path / "ft", out, settings=settings,
+                            targets=TargetSpec(include_vision=include_vision))
+        path = out / "configs" / "lora_rank_config.json"
+        peft_model, _ = create_model_with_dynamic_lora(tmp_path / "base", path)
+        ranks = lora_ranks_of(peft_model)
+        assert ranks == DynamicLoRAConfig.from_file(path).ranks and len(ranks) == n_modules
+        assert any(n.startswith("model.visual.") for n in ranks) == include_vision
+        assert all(n.startswith(("model.language_model.layers.", "model.visual.blocks.")) for n in ranks)
