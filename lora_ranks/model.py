@@ -97,20 +97,18 @@ class DynamicLoRAConfig:
         """LoRA parameters the built model will have: sum of r * (d_in + d_out) over targeted modules."""
         return sum(r * (shapes[n][0] + shapes[n][1]) for n, r in self.ranks.items())
 
-    def to_peft_config(self, **overrides: Any):
-        """``peft.LoraConfig`` with anchored per-module ``rank_pattern``/``alpha_pattern``.
+    def peft_kwargs(self) -> dict[str, Any]:
+        """The ``peft.LoraConfig`` arguments for this config (plain data; PEFT is not imported).
 
-        ``r``/``lora_alpha`` (the fallbacks) are set to the most common rank/alpha; every targeted module
-        has its own anchored pattern entry anyway.
+        ``r``/``lora_alpha`` (the fallbacks) are set to the most common rank and its alpha; every targeted
+        module has its own anchored pattern entry anyway.
         """
-        from peft import LoraConfig
-
         ranks = list(self.rank_config["rank_pattern"].values())
-        alphas = list(self.rank_config["alpha_pattern"].values())
         common = max(set(ranks), key=ranks.count)
-        kwargs = dict(
+        common_key = next(k for k, r in self.rank_config["rank_pattern"].items() if r == common)
+        return dict(
             r=common,
-            lora_alpha=alphas[ranks.index(common)] if alphas else self.rank_config.get("lora_alpha", 2 * common),
+            lora_alpha=self.rank_config["alpha_pattern"].get(common_key, self.rank_config.get("lora_alpha", 2 * common)),
             target_modules=self.target_modules,
             rank_pattern=dict(self.rank_config["rank_pattern"]),
             alpha_pattern=dict(self.rank_config["alpha_pattern"]),  # never None: PEFT crashes on alpha_pattern=None
@@ -120,8 +118,18 @@ class DynamicLoRAConfig:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        kwargs.update(overrides)
-        return LoraConfig(**kwargs)
+
+    def to_peft_config(self, **overrides: Any):
+        """``peft.LoraConfig`` with anchored per-module ``rank_pattern``/``alpha_pattern``."""
+        from peft import LoraConfig
+
+        return LoraConfig(**{**self.peft_kwargs(), **overrides})
+
+    def adapter_config(self, base_model_name_or_path: str) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT writes for ``to_peft_config()`` (for writers that do not
+        import PEFT, like extraction)."""
+        return {"peft_type": "LORA", "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+                "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, **self.peft_kwargs()}
 
 
 def lora_ranks_of(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, int]:

@@ -114,6 +114,7 @@ class ModuleAllocation:
     final_rank: int
     energy_retained: float
     zero_delta: bool = False
+    weight_key: str = ""  # tensor name on disk, so later stages can read the weight without transformers
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -287,5 +288,6 @@ def allocate_ranks(
         r = final[m.name]
         kept = float(spectrum.cumulative_energy()[min(r, len(spectrum.singular_values)) - 1]) if not zero[m.name] else 1.0
         out.append(ModuleAllocation(m.name, m.module_type, m.layer, m.depth, m.shape, raw[m.name],
-                                    saturated[m.name], bounded[m.name], smoothed[m.name], r, kept, zero[m.name]))
+                                    saturated[m.name], bounded[m.name], smoothed[m.name], r, kept, zero[m.name],
+                                    m.weight_key))
     return out
