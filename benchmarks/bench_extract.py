@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command, interleaved; medians reported")
     parser.add_argument("--mergekit-venv", default="/tmp/mergekit-venv")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
@@ -94,11 +96,17 @@ def main() -> None:
         analyze_checkpoints(base, ft, tmp / "an", settings=AllocationSettings(
             min_rank=args.rank, max_rank=args.rank, smoothing="none"))  # uniform rank: equal to mergekit's
         config = tmp / "an" / "configs" / "lora_rank_config.json"
-        ours_s, ours_mb = timed([str(REPO / ".venv" / "bin" / "lora-ranks"), "extract", "--base", str(base),
-                                 "--finetuned", str(ft), "--config", str(config), "--out", str(tmp / "ours")])
-        theirs_s, theirs_mb = timed([str(mergekit), "--model", str(ft), "--base-model", str(base), "--out-path",
-                                     str(tmp / "mergekit"), "--max-rank", str(args.rank), "--no-embed-lora",
-                                     "-i", r".*layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj.*"])
+        ours_cmd = [str(REPO / ".venv" / "bin" / "lora-ranks"), "extract", "--base", str(base), "--finetuned", str(ft),
+                    "--config", str(config), "--out", str(tmp / "ours")]
+        theirs_cmd = [str(mergekit), "--model", str(ft), "--base-model", str(base), "--out-path", str(tmp / "mergekit"),
+                      "--max-rank", str(args.rank), "--no-embed-lora",
+                      "-i", r".*layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj.*"]
+        runs = {"ours": [], "theirs": []}
+        for _ in range(args.repeats):  # interleaved, so machine-load drift hits both alike
+            runs["ours"].append(timed(ours_cmd))
+            runs["theirs"].append(timed(theirs_cmd))
+        ours_s, ours_mb = (statistics.median(x) for x in zip(*runs["ours"]))
+        theirs_s, theirs_mb = (statistics.median(x) for x in zip(*runs["theirs"]))
         ours_err = reconstruction_errors(base, ft, tmp / "ours")
         theirs_err = reconstruction_errors(base, ft, tmp / "mergekit")
 
@@ -108,6 +116,7 @@ def main() -> None:
         f"### LoRA extraction vs mergekit ({date.today().isoformat()}, CPU: {machine})", "",
         f"bf16 Qwen3-shaped pair, hidden 1024, intermediate 2816, {args.layers} layers, rank {args.rank} on all "
         f"{len(ours_err)} projections. Command: `.venv/bin/python benchmarks/bench_extract.py`", "",
+        f"Medians of {args.repeats} interleaved runs of each whole command.", "",
         "| tool | wall s (whole command) | peak RSS MB | mean rel. error | max rel. error |", "|---|---|---|---|---|",
         f"| lora-ranks extract | {ours_s:.1f} | {ours_mb:.0f} | {mean(ours_err):.6f} | {max(ours_err.values()):.6f} |",
         f"| mergekit-extract-lora 0.1.5 | {theirs_s:.1f} | {theirs_mb:.0f} | {mean(theirs_err):.6f} | {max(theirs_err.values()):.6f} |",

@@ -170,3 +170,31 @@ def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
     assert result.device == "cpu (CUDA out of memory)"
     ref = torch.linalg.svdvals(a.double())[:10].numpy()
     assert np.max(np.abs(result.singular_values[:10] - ref) / ref) < 1e-10
+
+
+def _worker_env(_):
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_process_pool_pins_one_gpu_per_worker(monkeypatch):
+    """The process runner's initializer gives each worker its own device and a share of the CPU threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flows import _runtime
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("LORA_RANKS_MAX_WORKERS", raising=False)
+    monkeypatch.setenv("LORA_RANKS_TASK_RUNNER", "processes")
+    assert _runtime.visible_gpus() == ["0", "1"]
+    runner = _runtime.task_runner()
+    assert runner._max_workers == 2 and runner._initargs == (("0", "1"), max(1, (os.cpu_count() or 1) // 2))
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_runtime.pin_worker,
+                             initargs=(("0", "1"), 1)) as pool:
+        seen = list(pool.map(_worker_env, range(16)))
+    device_of = {}
+    for pid, device, threads in seen:
+        assert device in ("0", "1") and threads == "1"
+        assert device_of.setdefault(pid, device) == device  # a worker keeps its device
+    assert len(set(device_of.values())) == len(device_of)  # no two workers share one

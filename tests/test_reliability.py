@@ -135,3 +135,25 @@ def test_plot_and_raw_data_paths_do_not_collide(planted_pair, tmp_path):
     plots, raw = write_plots(tmp_path, config, spectra), write_raw_data(tmp_path, config, spectra)
     assert not set(plots) & set(raw)  # the report task merges them into one dict
     assert sorted(Path(p).name for p in plots.values()) == ["cumulative_energy.png", "rank_heatmap.png", "singular_values.png"]
+
+
+def test_interrupted_adapter_save_keeps_the_previous_adapter(planted_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lora_ranks.model import DynamicLoRAConfig, create_peft_model_from_config, save_adapter
+
+    config = analyze_checkpoints(*planted_pair, tmp_path / "an")
+    dyn = DynamicLoRAConfig(config)
+    model = create_peft_model_from_config(AutoModelForCausalLM.from_pretrained(planted_pair[0]), dyn)
+    target = save_adapter(model, tmp_path / "adapter", dyn)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash_midway(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    model.save_pretrained = crash_midway
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, tmp_path / "adapter", dyn)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
