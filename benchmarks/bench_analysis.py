@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import emit  # noqa: E402
+
 
 def _peak_mb() -> float:
     """Peak resident memory of this process in MB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
@@ -126,13 +128,7 @@ def main() -> None:
         lines.append(f"| {n_layers} | {naive['seconds']:.1f} | {naive['svd_seconds']:.1f} | {naive['peak_mb']:.0f} | "
                      f"{engine['seconds']:.1f} | {engine['svd_seconds']:.1f} | {engine['peak_mb']:.0f} | "
                      f"{naive['seconds'] / engine['seconds']:.1f}x | {same} | {', '.join(engine['methods'])} |")
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    if args.record:
-        path = REPO / "BENCHMARKS.md"
-        head = "" if path.exists() else "# Benchmarks\n\nSide-by-side measurements; each row's numbers come from one run.\n\n"
-        with open(path, "a") as handle:
-            handle.write(head + table + "\n")
+    emit("\n".join(lines) + "\n", args.record)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import emit  # noqa: E402
+
 
 def ensure_mergekit(venv: Path) -> Path:
     exe = venv / "bin" / "mergekit-extract-lora"
@@ -123,11 +125,7 @@ def main() -> None:
         "", f"Speed-up {theirs_s / ours_s:.1f}x; peak memory {ours_mb / theirs_mb:.2f}x of mergekit's; largest per-module "
         f"error difference (ours - mergekit) {max(ours_err[n] - theirs_err[n] for n in ours_err):+.2e}.",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.record:
-        with open(REPO / "BENCHMARKS.md", "a") as handle:
-            handle.write("\n" + table)
+    emit("\n".join(lines) + "\n", args.record)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import emit  # noqa: E402
+
 import torch  # noqa: E402
 
 
@@ -151,11 +153,7 @@ def main() -> None:
         f"| training 4x256, full fine-tune | {full_tps:,.0f} tokens/s |",
         f"| training 4x256, dynamic LoRA | {lora_tps:,.0f} tokens/s ({lora_tps / full_tps:.2f}x) |",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.record:
-        with open(REPO / "BENCHMARKS.md", "a") as handle:
-            handle.write("\n" + table)
+    emit("\n".join(lines) + "\n", args.record)
 
 
 if __name__ == "__main__":
