@@ -1,0 +1,209 @@
+"""Evidence: how well do the chosen ranks serve the model? Fidelity curves and allocation comparisons.
+
+Fidelity. For a rank allocation, replace every analyzed weight of the base model by its base value plus the
+truncated SVD of its delta at the allocated rank (exactly what merging the extracted adapter does), and
+measure on held-out records how close that model is to the fully fine-tuned one:
+
+    mean KL(P_finetuned || P_model) of next-token distributions over the response tokens (nats per token),
+    and the difference in loss (cross-entropy of the labels) between the two.
+
+A sweep over tau (energy-threshold ranks) and, at the same trainable-parameter counts, budget water-filling and
+uniform ranks, gives parameters-vs-fidelity curves. Identical models give KL = 0; full-rank allocations give
+KL at float tolerance when only the analyzed modules changed (both tested).
+
+Comparison. ``allocation_configs`` builds the three rank configs at (about) equal parameter count that the
+``compare-allocations`` flow trains from scratch and evaluates by held-out loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .checkpoints import CheckpointPair, ModuleRef
+from .config import AlphaPolicy, build_rank_config
+from .data import IGNORE_INDEX, collate
+from .ranks import AllocationSettings, ModuleAllocation, allocate_ranks, lora_parameters
+from .spectra import Spectrum
+
+__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "uniform_allocation",
+           "allocation_configs", "held_out_loss", "mean_and_std"]
+
+
+@dataclass
+class FidelityPoint:
+    """One allocation's fidelity: parameters spent and distance to the fine-tuned model."""
+
+    method: str  # "energy", "budget", "uniform", or "full"
+    setting: float  # tau for "energy", the parameter budget otherwise
+    trainable_parameters: int
+    mean_kl: float  # nats per token, KL(P_finetuned || P_model)
+    loss: float  # held-out cross-entropy of the model
+    loss_finetuned: float
+    ranks: dict[str, int]
+
+    @property
+    def loss_difference(self) -> float:
+        return self.loss - self.loss_finetuned
+
+
+@torch.no_grad()
+def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, examples: Sequence[dict],
+                        pad_token_id: int, batch_size: int = 8) -> tuple[float, float, float]:
+    """(mean KL(P_reference || P_model), loss of model, loss of reference) over label positions.
+
+    ``examples`` are tokenized records ({"input_ids", "labels"}); positions whose next-token label is -100
+    (prompts, padding) are skipped, so this measures the responses the fine-tune taught.
+    """
+    reference.eval()
+    model.eval()
+    kl_sum, loss_model, loss_ref, count = 0.0, 0.0, 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size], pad_token_id)
+        labels = batch["labels"][:, 1:]  # (B, T-1): next-token targets
+        mask = labels != IGNORE_INDEX
+        if not mask.any():
+            continue
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logp_ref = torch.log_softmax(reference(**inputs).logits[:, :-1].double(), dim=-1)  # (B, T-1, V)
+        logp_model = torch.log_softmax(model(**inputs).logits[:, :-1].double(), dim=-1)
+        kl = (logp_ref.exp() * (logp_ref - logp_model)).sum(-1)  # (B, T-1)
+        target = labels.clamp(min=0).unsqueeze(-1)
+        kl_sum += float(kl[mask].sum())
+        loss_model -= float(logp_model.gather(-1, target).squeeze(-1)[mask].sum())
+        loss_ref -= float(logp_ref.gather(-1, target).squeeze(-1)[mask].sum())
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("no response tokens to evaluate: every label is -100")
+    return kl_sum / count, loss_model / count, loss_ref / count
+
+
+class DeltaBasis:
+    """Full SVD of every analyzed delta, kept in memory, so any rank's truncation is a slice.
+
+    Meant for the models of fidelity experiments (small enough to hold U, S, V of every module).
+    """
+
+    def __init__(self, pair: CheckpointPair, modules: Sequence[ModuleRef]):
+        self.modules = list(modules)
+        self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for m in self.modules:
+            u, s, vh = torch.linalg.svd(pair.delta(m).double(), full_matrices=False)  # (m,k), (k,), (k,n)
+            self.svd[m.name] = (u, s, vh)
+        pair.close()
+
+    def truncated(self, name: str, rank: int) -> torch.Tensor:
+        """The best rank-``rank`` approximation of the delta of ``name``: (d_out, d_in), float64."""
+        u, s, vh = self.svd[name]
+        return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+    def apply(self, base_model: torch.nn.Module, ranks: Mapping[str, int]) -> torch.nn.Module:
+        """A copy of ``base_model`` with W += truncated delta at ``ranks`` (= base + merged extracted adapter)."""
+        model = copy.deepcopy(base_model)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, rank in ranks.items():
+                weight = modules[name].weight
+                weight += self.truncated(name, rank).to(weight.dtype)
+        return model
+
+
+def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, int]:
+    """The largest single rank r (capped per module at min(d_out, d_in)) whose parameters fit ``budget``."""
+    best = {m.name: 1 for m in modules}
+    for r in range(1, max(min(m.shape) for m in modules) + 1):
+        ranks = {m.name: min(r, min(m.shape)) for m in modules}
+        if sum(lora_parameters(m.shape, ranks[m.name]) for m in modules) > budget:
+            break
+        best = ranks
+    return best
+
+
+def _params(modules: Sequence[ModuleRef], ranks: Mapping[str, int]) -> int:
+    return sum(lora_parameters(m.shape, ranks[m.name]) for m in modules)
+
+
+def fidelity_sweep(
+    base_model: torch.nn.Module,
+    finetuned_model: torch.nn.Module,
+    basis: DeltaBasis,
+    spectra: Mapping[str, Spectrum],
+    examples: Sequence[dict],
+    pad_token_id: int,
+    *,
+    taus: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+    min_rank: int = 1,
+    max_rank: int = 128,
+) -> list[FidelityPoint]:
+    """Fidelity of energy-threshold ranks for each tau, and of budget water-filling and uniform ranks at the
+    same parameter counts (smoothing off, so each method is seen on its own)."""
+    modules = basis.modules
+    points: list[FidelityPoint] = []
+
+    def measure(method: str, setting: float, ranks: dict[str, int]) -> None:
+        kl, loss, loss_ft = next_token_fidelity(finetuned_model, basis.apply(base_model, ranks), examples, pad_token_id)
+        points.append(FidelityPoint(method, setting, _params(modules, ranks), kl, loss, loss_ft, ranks))
+
+    for tau in taus:
+        settings = AllocationSettings(energy_threshold=tau, min_rank=min_rank, max_rank=max_rank, smoothing="none")
+        energy = {a.name: a.final_rank for a in allocate_ranks(modules, spectra, settings)}
+        measure("energy", tau, energy)
+        budget = _params(modules, energy)
+        water = allocate_ranks(modules, spectra, AllocationSettings(min_rank=min_rank, max_rank=max_rank,
+                                                                    budget_parameters=budget))
+        measure("budget", budget, {a.name: a.final_rank for a in water})
+        measure("uniform", budget, uniform_allocation(modules, budget))
+    return points
+
+
+def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
+                       settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy()) -> dict[str, dict]:
+    """Rank configs for the comparison at (about) equal trainable parameters.
+
+    "energy" uses ``settings`` (the method of the original design); "budget" water-fills exactly its
+    parameter count; "uniform" takes the largest single rank that does not exceed it.
+    """
+    energy = allocate_ranks(modules, spectra, settings)
+    budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
+    water = allocate_ranks(modules, spectra, AllocationSettings(min_rank=settings.min_rank, max_rank=settings.max_rank,
+                                                                budget_parameters=budget))
+    uniform_ranks = uniform_allocation(modules, budget)
+    uniform = [ModuleAllocation(a.name, a.module_type, a.layer, a.depth, a.shape, a.raw_rank, a.saturated,
+                                uniform_ranks[a.name], uniform_ranks[a.name], uniform_ranks[a.name],
+                                float(spectra[a.name].cumulative_energy()[uniform_ranks[a.name] - 1])
+                                if spectra[a.name].total_energy > 0 else 1.0, a.zero_delta, a.weight_key)
+               for a in energy]
+    budget_settings = AllocationSettings(min_rank=settings.min_rank, max_rank=settings.max_rank, budget_parameters=budget)
+    out = {}
+    for label, allocs, used in (("uniform", uniform, settings), ("energy", energy, settings), ("budget", water, budget_settings)):
+        out[label] = build_rank_config(allocs, used, base_parameters=base_parameters, alpha_policy=alpha_policy,
+                                       extra_metadata={"allocation": label, "budget_parameters": budget})
+    return out
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size], pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total -= float(logp[mask].sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
