@@ -8,7 +8,8 @@ Steps:
        (analyze-layer is cached by layer content: reruns compute only what is missing), with a progress
        artifact updated as layers finish;
     5. assemble the rank config;
-    6. plots, raw data and UI artifacts.
+    6. plots, raw data and UI artifacts; with ``fidelity_report``, a tau sweep of extracted adapters'
+       closeness to the fine-tuned model (``analysis_outputs/fidelity``).
 
 The task runner (threads, processes pinned one per GPU, or Dask) comes from LORA_RANKS_TASK_RUNNER; see
 ``flows/_runtime.py``. Results are identical whichever runner is used.
@@ -38,6 +39,7 @@ from lora_ranks.ranks import AllocationSettings  # noqa: E402
 from tasks.analysis import (analyze_layer_task, assemble_rank_config_task, discover_layers,  # noqa: E402
                             fingerprint_layer, layer_result_is_current)
 from tasks.finetune import build_demo_inputs, preliminary_finetune_task  # noqa: E402
+from tasks.evidence import fidelity_report_task  # noqa: E402
 from tasks.report import write_report_task  # noqa: E402
 
 
@@ -72,6 +74,10 @@ def svd_analysis(
     save_deltas: Annotated[bool, Field(description="Also save the float32 deltas (large: 4 bytes per parameter)")] = False,
     refresh: Annotated[bool, Field(description="Recompute every layer even when a cached result exists")] = False,
     trust_remote_code: Annotated[bool, Field(description="Run Python code shipped with the model (off: safe)")] = False,
+    fidelity_report: Annotated[bool, Field(description="Also measure how close base + extracted adapters get to the "
+                                                      "fine-tuned model (KL on held-out records) over a tau sweep")] = False,
+    eval_data_path: Annotated[Optional[str], Field(description="Held-out records for the fidelity report; empty = a "
+                                                             "sample of data_path (may overlap the fine-tune subset)")] = None,
 ) -> str:
     """Decide per-module LoRA ranks from the spectra of a brief full fine-tune's weight deltas.
 
@@ -135,8 +141,14 @@ def svd_analysis(
     config_path = assemble_rank_config_task(base_model, finetuned_model, layers, results, settings,
                                             str(layout.config_path), policy, started, allow_pickle)
 
-    # Step 6: plots, raw data, UI artifacts.
+    # Step 6: plots, raw data, UI artifacts (and the optional fidelity report).
     write_report_task(config_path, str(layout.svd_dir), results)
+    if fidelity_report:
+        eval_data = eval_data_path or data_path
+        if eval_data is None:
+            raise ValueError("fidelity_report needs eval_data_path (or data_path) to evaluate on")
+        fidelity_report_task(config_path, str(layout.svd_dir), eval_data, str(layout.root / "analysis_outputs" / "fidelity"),
+                             [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     logger.info("Rank config: %s", config_path)
     logger.info("Plots and raw data: %s", layout.svd_dir)
     return config_path

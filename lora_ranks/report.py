@@ -23,7 +23,7 @@ import numpy as np
 from ._io import atomic_write, atomic_write_bytes, atomic_write_json
 from .spectra import Spectrum
 
-__all__ = ["write_plots", "write_raw_data"]
+__all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot"]
 
 
 def _module_rows(config: dict) -> list[dict]:
@@ -126,3 +126,54 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
     fig.tight_layout()
     save(fig, "rank_heatmap.png")
     return paths
+
+
+def write_fidelity_plot(out_dir: str | Path, points) -> str:
+    """Trainable parameters vs mean KL to the fine-tuned model, one line per allocation method (PNG path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, style in (("energy", "o-"), ("budget", "s--"), ("uniform", "^:")):
+        series = sorted((p.trainable_parameters, p.mean_kl) for p in points if p.method == method)
+        if series:
+            ax.plot(*zip(*series), style, label=method)
+    for p in points:
+        if p.method == "energy":
+            ax.annotate(f"tau={p.setting:g}", (p.trainable_parameters, p.mean_kl), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("LoRA trainable parameters")
+    ax.set_ylabel("mean KL(fine-tuned || base + adapter), nats/token")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Fidelity of extracted adapters vs parameters", fontsize=10)
+    fig.tight_layout()
+    target = Path(out_dir) / "fidelity.png"
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return str(target)
+
+
+def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
+    """Held-out loss (mean +- std over seeds) per allocation, as a bar chart (PNG path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    labels = [f"{r['allocation']}\n{r['trainable_parameters']:,} params" for r in rows]
+    ax.bar(labels, [r["loss_mean"] for r in rows], yerr=[r["loss_std"] for r in rows], capsize=6,
+           color=["#999999", "#4477aa", "#cc6677"][: len(rows)])
+    low = min(r["loss_mean"] - r["loss_std"] for r in rows)
+    high = max(r["loss_mean"] + r["loss_std"] for r in rows)
+    ax.set_ylim(max(0.0, low - 0.5 * (high - low) - 1e-3), high + 0.5 * (high - low) + 1e-3)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("LoRA trained from scratch, equal parameter budget", fontsize=10)
+    fig.tight_layout()
+    target = Path(out_dir) / "comparison.png"
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return str(target)

@@ -95,3 +95,30 @@ def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
     assert metrics["trainable_parameters"] == config.rank_config["trainable_parameters"]
     model, _ = load_peft_checkpoint(base, result.adapter_dir)
     assert lora_ranks_of(model) == config.ranks
+
+
+def test_compare_allocations_flow(prefect_harness, tmp_path):
+    from flows.compare_allocations import compare_allocations
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
+    results = json.loads(Path(compare_allocations(
+        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"), min_rank=2, max_rank=16,
+        seeds=[0, 1], max_steps=3, learning_rate=1e-3, batch_size=4, finetune_steps=5, finetune_learning_rate=1e-3,
+        subset_ratio=0.3)).read_text())
+    rows = {r["allocation"]: r for r in results["rows"]}
+    assert set(rows) == {"uniform", "energy", "budget"}
+    for row in rows.values():
+        assert len(row["losses"]) == 2 and all(loss > 0 for loss in row["losses"])
+        assert row["trainable_parameters"] <= rows["energy"]["trainable_parameters"]
+    fidelity = json.loads((tmp_path / "cmp" / "analysis" / "analysis_outputs" / "fidelity" / "fidelity.json").read_text())
+    assert {p["method"] for p in fidelity["points"]} == {"energy", "budget", "uniform"}
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 5_000
+    from collections import Counter
+
+    held_out = (tmp_path / "cmp" / "data" / "eval.jsonl").read_text().splitlines()
+    trained = (tmp_path / "cmp" / "data" / "train.jsonl").read_text().splitlines()
+    everything = [json.dumps(json.loads(line)) for line in Path(data).read_text().splitlines()]
+    assert len(held_out) == int(0.2 * len(everything))
+    assert Counter(held_out) + Counter(trained) == Counter(everything)  # a partition: nothing held out is trained on
