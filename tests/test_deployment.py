@@ -105,7 +105,8 @@ def test_deployment_run_through_server_and_worker(tmp_path):
                         "--param", f"output_dir={out_dir}", "--param", "finetune_steps=10"], env, 450)
         assert "Completed" in watched  # --watch also exits non-zero when the run fails
 
-        for name in ("svd-analysis/default", "preliminary-finetune/default"):
+        for name in ("svd-analysis/default", "preliminary-finetune/default", "train-dynamic-lora/default",
+                     "compare-allocations/default"):
             _run([PREFECT, "deployment", "inspect", name], env, 60)
         nightly = json.loads(_run([PREFECT, "deployment", "inspect", "svd-analysis/nightly-reanalysis",
                                    "--output", "json"], env, 60))
