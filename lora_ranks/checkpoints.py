@@ -74,7 +74,7 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception:
+    except Exception:  # not cached yet: fall through to a download
         pass
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=patterns))

@@ -26,6 +26,23 @@ from .spectra import Spectrum
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot"]
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, target: Path) -> str:
+    """Write ``fig`` to ``target`` atomically (110 dpi) and close it."""
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    _pyplot().close(fig)
+    return str(target)
+
+
 def _module_rows(config: dict) -> list[dict]:
     rows = []
     for name, meta in config["analysis_metadata"]["modules"].items():
@@ -57,10 +74,7 @@ def write_raw_data(out_dir: str | Path, config: dict, spectra: Mapping[str, Spec
 
 def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
     """Write the three analysis plots (PNG, 110 dpi); return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     plots = Path(out_dir) / "plots"
     modules = config["analysis_metadata"]["modules"]
@@ -73,10 +87,7 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
     paths: dict[str, str] = {}
 
     def save(fig, name: str) -> None:
-        target = plots / name
-        atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-        plt.close(fig)
-        paths[name.removesuffix(".png")] = str(target)
+        paths[name.removesuffix(".png")] = _save_png(fig, plots / name)
 
     for kind in ("singular_values", "cumulative_energy"):
         fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
@@ -130,12 +141,7 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
 
 def write_fidelity_plot(out_dir: str | Path, points) -> str:
     """Trainable parameters vs mean KL to the fine-tuned model, one line per allocation method (PNG path)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
     for method, style in (("energy", "o-"), ("budget", "s--"), ("uniform", "^:")):
         series = sorted((p.trainable_parameters, p.mean_kl) for p in points if p.method == method)
         if series:
@@ -150,20 +156,12 @@ def write_fidelity_plot(out_dir: str | Path, points) -> str:
     ax.legend()
     ax.set_title("Fidelity of extracted adapters vs parameters", fontsize=10)
     fig.tight_layout()
-    target = Path(out_dir) / "fidelity.png"
-    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return str(target)
+    return _save_png(fig, Path(out_dir) / "fidelity.png")
 
 
 def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
     """Held-out loss (mean +- std over seeds) per allocation, as a bar chart (PNG path)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
     labels = [f"{r['allocation']}\n{r['trainable_parameters']:,} params" for r in rows]
     ax.bar(labels, [r["loss_mean"] for r in rows], yerr=[r["loss_std"] for r in rows], capsize=6,
            color=["#999999", "#4477aa", "#cc6677"][: len(rows)])
@@ -173,7 +171,4 @@ def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("LoRA trained from scratch, equal parameter budget", fontsize=10)
     fig.tight_layout()
-    target = Path(out_dir) / "comparison.png"
-    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return str(target)
+    return _save_png(fig, Path(out_dir) / "comparison.png")
