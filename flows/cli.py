@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--steps", type=int, default=100)
     finetune.add_argument("--lr", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=4)
+    finetune.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                          help="adamw8bit: bitsandbytes 8-bit AdamW, ~75%% less optimizer memory")
+    finetune.add_argument("--copy-base", action="store_true",
+                          help="copy a local safetensors base into pretrained/ (default: reference it)")
+    finetune.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (needs wandb)")
     finetune.add_argument("--trust-remote-code", action="store_true",
                           help="run Python code shipped with the model (off by default: only known architectures load)")
 
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     result = preliminary_finetune(model=args.model, data_path=args.data, output_dir=args.out,
                                   subset_ratio=args.subset_ratio, max_samples=args.max_samples, max_steps=args.steps,
                                   learning_rate=args.lr, batch_size=args.batch_size,
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=args.trust_remote_code, optimizer=args.optimizer,
+                                  copy_base=args.copy_base, wandb_project=args.wandb_project)
     print(f"\nPretrained: {result.pretrained_dir}\nFine-tuned: {result.finetuned_dir}\nMetrics:    {result.metrics_path}")
     return 0
 

@@ -8,7 +8,7 @@ Steps:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from flows._runtime import apply_defaults
 
@@ -38,12 +38,19 @@ def preliminary_finetune(
     task_key: Annotated[str, Field(description="Record field naming the task (stratification)")] = "task",
     seed: Annotated[int, Field(description="Random seed")] = 0,
     trust_remote_code: Annotated[bool, Field(description="Run Python code shipped with the model (off: safe)")] = False,
+    optimizer: Annotated[Literal["adamw", "adamw8bit"], Field(description="AdamW, or bitsandbytes 8-bit AdamW "
+                                                                         "(~75% less optimizer memory)")] = "adamw",
+    copy_base: Annotated[bool, Field(description="Copy a local safetensors base into pretrained/ (default: "
+                                                 "reference it)")] = False,
+    wandb_project: Annotated[Optional[str], Field(description="Weights & Biases project to log to (needs wandb; "
+                                                            "WANDB_MODE=offline works)")] = None,
 ) -> FinetuneResult:
     """Brief full fine-tune; returns where the pretrained/fine-tuned pair and metrics are."""
     layout = OutputLayout(Path(output_dir).resolve())
     settings = FinetuneSettings(subset_ratio=subset_ratio, max_samples=max_samples, max_steps=max_steps,
                                 learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
-                                gradient_checkpointing=gradient_checkpointing, task_key=task_key, seed=seed)
+                                gradient_checkpointing=gradient_checkpointing, task_key=task_key, seed=seed,
+                                optimizer=optimizer, copy_base=copy_base, wandb_project=wandb_project)
     # Step 1: demo inputs.
     if model == DEMO_MODEL:
         model, data_path = build_demo_inputs(str(layout.root / "demo_inputs"), data_path)

@@ -2,8 +2,9 @@
 
 Layout written (the original design's)::
 
-    <out>/pretrained/            # the base model as safetensors (or, for a local safetensors base with
-                                 #   copy_base=False, nothing: training_metrics.json records its path)
+    <out>/pretrained/            # the base model as safetensors, written only when the base is not already a
+                                 #   local safetensors folder (or with copy_base=True); otherwise
+                                 #   training_metrics.json records that folder's path and fingerprint
     <out>/finetuned/             # all parameters after training, safetensors + tokenizer
     <out>/training_metrics.json  # losses, per-task counts before/after sampling, settings, timings
 
@@ -62,8 +63,14 @@ class FinetuneSettings:
     """Recompute activations in backward: less memory, ~30% more compute."""
     seed: int = 0
     """Seeds sampling, shuffling and torch."""
-    copy_base: bool = True
-    """Write pretrained/ even when the base is a local safetensors folder (False: record its path instead)."""
+    copy_base: bool = False
+    """Write pretrained/ even when the base is already a local safetensors folder; by default its path and
+    header fingerprint are recorded instead (the analysis reads it lazily; a 7B copy costs 15 GB)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75% less optimizer memory)."""
+    wandb_project: str | None = None
+    """Log loss and learning rate to this Weights & Biases project (needs `pip install wandb`; honours
+    WANDB_MODE=offline; the API key is read by wandb from the environment, never by this tool)."""
 
     def __post_init__(self) -> None:
         if not (0.0 < self.subset_ratio <= 1.0):
@@ -77,6 +84,8 @@ class FinetuneSettings:
             raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={self.warmup_ratio}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got schedule={self.schedule!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got optimizer={self.optimizer!r}")
 
 
 @dataclass
@@ -128,7 +137,8 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Finetun
     """
     params = [p for p in model.parameters() if p.requires_grad]
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = _optimizer(params, settings)
+    run = _wandb_run(settings, desc)
     micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
     warmup = int(settings.warmup_ratio * total)
@@ -162,12 +172,39 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Finetun
         losses.append(step_loss)
         if on_step is not None:
             on_step(step + 1, total, step_loss, lr)
+        if run is not None:
+            run.log({"loss": step_loss, "lr": lr}, step=step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
     if bar is not None:
         bar.close()
+    if run is not None:
+        run.finish()
     return losses, use_bf16
+
+
+def _optimizer(params: list, settings: FinetuneSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # not installed, or no backend for this platform
+        raise ValueError(f"optimizer='adamw8bit' needs bitsandbytes, which cannot be loaded here ({exc}); "
+                         "use optimizer='adamw'") from exc
+    return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def _wandb_run(settings: FinetuneSettings, name: str):
+    """A wandb run when ``wandb_project`` is set (config = the training settings only), else None."""
+    if settings.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ValueError("wandb_project is set but wandb is not installed: pip install wandb "
+                         "(or leave wandb_project empty)") from exc
+    return wandb.init(project=settings.wandb_project, name=name, config=asdict(settings), reinit=True)
 
 
 def _save_dir(model, tokenizer, target: Path) -> None:
@@ -215,13 +252,16 @@ def run_preliminary_finetune(
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
     examples, report, n_records = prepare_examples(data_path, tokenizer, settings)
 
-    # Step 2: the pretrained side of the pair.
+    # Step 2: the pretrained side of the pair (a local safetensors base is referenced, not copied).
     local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
     if settings.copy_base or not local_safetensors:
         pretrained_dir = out / "pretrained"
         _save_dir(model, tokenizer, pretrained_dir)
     else:
         pretrained_dir = Path(model_path).resolve()
+    from .checkpoints import Checkpoint
+
+    pretrained_fingerprint = Checkpoint(pretrained_dir).header_fingerprint()
 
     # Step 3: train.
     model.to(dev).train()
@@ -242,6 +282,8 @@ def run_preliminary_finetune(
     metrics = {
         "model": str(model_path),
         "pretrained_dir": str(pretrained_dir),
+        "pretrained_copied": pretrained_dir == out / "pretrained",
+        "pretrained_fingerprint": pretrained_fingerprint,
         "finetuned_dir": str(finetuned_dir),
         "data": str(data_path),
         "n_records": n_records,

@@ -47,6 +47,7 @@ def test_metrics_record_counts_and_losses(finetuned):
     assert metrics["task_counts_after"] == {t: 30 for t in ("add", "count", "reverse", "sort", "upper")}
     assert metrics["losses"] == pytest.approx(result.losses)
     assert metrics["settings"]["max_steps"] == 25
+    assert metrics["pretrained_copied"] is False and len(metrics["pretrained_fingerprint"]) == 64
 
 
 def test_copy_base_false_records_the_local_folder(tmp_path):
@@ -63,3 +64,61 @@ def test_copy_base_false_records_the_local_folder(tmp_path):
 def test_settings_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FinetuneSettings(**kwargs)
+
+
+def test_copy_base_true_writes_pretrained(tmp_path):
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=1)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 5)
+    result = run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(max_steps=1, copy_base=True),
+                                      progress=False)
+    assert result.pretrained_dir == str(tmp_path / "out" / "pretrained")
+    pre, _ = load_causal_lm(result.pretrained_dir)
+    original, _ = load_causal_lm(base)
+    for a, b in zip(pre.state_dict().values(), original.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_8bit_adamw_trains(tmp_path):
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=1)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 20)
+    result = run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(
+        subset_ratio=1.0, max_steps=15, learning_rate=3e-3, batch_size=8, optimizer="adamw8bit"), progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+
+
+def test_wandb_logging_sends_settings_and_losses_only(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_API_KEY", "sk-SENTINEL-should-not-leak")
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=1)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 5)
+    run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(max_steps=3, wandb_project="demo"),
+                             progress=False)
+    assert calls["init"][0]["project"] == "demo" and calls["finish"] == 1
+    assert [step for step, _ in calls["log"]] == [1, 2, 3] and set(calls["log"][0][1]) == {"loss", "lr"}
+    assert "SENTINEL" not in repr(calls)
+
+
+def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=1)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 5)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(max_steps=1, wandb_project="demo"),
+                                 progress=False)
