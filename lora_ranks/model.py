@@ -89,10 +89,6 @@ class DynamicLoRAConfig:
         """Module name -> rank, for every targeted module."""
         return {name: self.rank_config["rank_pattern"][anchored_key(name)] for name in self.target_modules}
 
-    @property
-    def includes_vision(self) -> bool:
-        return any(".visual." in f".{n}." or ".vision" in n for n in self.target_modules)
-
     def predicted_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
         """LoRA parameters the built model will have: sum of r * (d_in + d_out) over targeted modules."""
         return sum(r * (shapes[n][0] + shapes[n][1]) for n, r in self.ranks.items())
@@ -189,7 +185,6 @@ class PEFTModelFactory:
             "8bit" (LLM.int8); bitsandbytes 0.45+ runs both on CPU and CUDA.
         dtype: weights dtype for unquantized loads (None: bf16 on CUDA, float32 on CPU).
         gradient_checkpointing: enable it on the base model (less activation memory when training).
-        freeze_vision: keep a vision tower frozen (it is, unless the config targets it).
         trust_remote_code: run Python code shipped with the model (off by default).
     """
 
