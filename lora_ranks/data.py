@@ -7,7 +7,11 @@ Record shapes (JSON list or JSONL, one object per line):
   ``"<role>: <content>\\n"`` per message;
 * instruction: ``{"instruction": ..., "input": ..., "output": ..., "task": ...}`` (``input`` optional),
   rendered as ``"{instruction}\\n{input}\\n"`` + ``output``;
-* plain text: ``{"text": ..., "task": ...}``.
+* plain text: ``{"text": ..., "task": ...}``;
+* vision-language chat: ``{"images": ["a.png", ...], "messages": [...], "task": ...}`` (paths relative to the
+  dataset file), for Qwen2.5-VL: the images go through the model's image processor (``pixel_values``,
+  ``image_grid_thw``) and the first user turn gets one ``<|vision_start|><|image_pad|><|vision_end|>`` per
+  image, each ``<|image_pad|>`` expanded to the image's ``t * h * w / merge_size**2`` placeholder tokens.
 
 Loss is on the response only (assistant turns, ``output``); prompt tokens get label -100. Plain text is
 trained on every token. Records without the task key fall into one stratum named ``"default"``.
@@ -37,6 +41,11 @@ def record_kind(record: dict, where: str = "record") -> str:
     """Return "chat", "instruction" or "text" for a record, or raise DataError naming ``where``."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "images" in record and (not isinstance(record["images"], list) or not record["images"]
+                               or not all(isinstance(i, str) for i in record["images"])):
+        raise DataError(f"{where}: 'images' must be a non-empty list of image paths")
+    if "images" in record and "messages" not in record:
+        raise DataError(f"{where}: a record with 'images' needs 'messages'")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -176,12 +185,24 @@ def _prompt_and_response(record: dict, tokenizer) -> list[tuple[str, bool]]:
     return pieces
 
 
-def tokenize_record(record: dict, tokenizer, max_length: int = 256) -> dict[str, list[int]]:
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def tokenize_record(record: dict, tokenizer, max_length: int = 256, *, image_processor=None,
+                    base_dir: str | Path | None = None) -> dict:
     """Token ids and labels for one record; labels are -100 on prompt tokens. An EOS ends the response.
 
     Returns:
-        {"input_ids": list[int], "labels": list[int]} of equal length <= max_length.
+        {"input_ids": list[int], "labels": list[int]} of equal length <= max_length; vision records also
+        carry "pixel_values" (Tensor (patches, C*T*P*P)) and "image_grid_thw" (LongTensor (n_images, 3)).
     """
+    if "images" in record:
+        return _tokenize_vision_record(record, tokenizer, max_length, image_processor, base_dir)
+    ids, labels = _tokenize(record, tokenizer)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def _tokenize(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
     for text, train in _prompt_and_response(record, tokenizer):
@@ -191,11 +212,48 @@ def tokenize_record(record: dict, tokenizer, max_length: int = 256) -> dict[str,
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    return ids, labels
 
 
-def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int):
-    """Right-pad a batch: input_ids/labels/attention_mask LongTensors of shape (batch, max_len)."""
+def _tokenize_vision_record(record, tokenizer, max_length, image_processor, base_dir) -> dict:
+    if image_processor is None:
+        raise DataError("a record has 'images' but the model has no image processor: vision-language records "
+                        "need a vision-language model such as Qwen2.5-VL")
+    from PIL import Image
+
+    root = Path(base_dir) if base_dir is not None else Path(".")
+    images = []
+    for name in record["images"]:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"image {path} (from a record's 'images') does not exist")
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    vision = image_processor(images=images, return_tensors="pt")
+    grid = vision["image_grid_thw"]  # (n_images, 3): t, h, w in patches
+    per_image = (grid.prod(-1) // image_processor.merge_size**2).tolist()  # placeholder tokens per image
+    messages = [dict(m) for m in record["messages"]]
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[first_user]["content"] = VISION_PLACEHOLDER * len(images) + messages[first_user]["content"]
+    ids, labels = _tokenize({k: v for k, v in record.items() if k != "images"} | {"messages": messages}, tokenizer)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expanded_ids, expanded_labels, counts = [], [], iter(per_image)
+    for token, label in zip(ids, labels):
+        n = next(counts) if token == pad else 1
+        expanded_ids.extend([token] * n)
+        expanded_labels.extend([IGNORE_INDEX] * n if token == pad else [label])
+    if len(expanded_ids) > max_length:
+        if expanded_ids[max_length:].count(pad):
+            raise DataError(f"a vision record needs {len(expanded_ids)} tokens with its images, more than "
+                            f"max_length={max_length}; raise max_length or use smaller images")
+        expanded_ids, expanded_labels = expanded_ids[:max_length], expanded_labels[:max_length]
+    return {"input_ids": expanded_ids, "labels": expanded_labels, "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid}
+
+
+def collate(batch: Sequence[dict], pad_token_id: int):
+    """Right-pad a batch: input_ids/labels/attention_mask LongTensors of shape (batch, max_len); vision
+    records' pixel_values and image_grid_thw are concatenated in batch order (Qwen2.5-VL's layout)."""
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
@@ -207,4 +265,9 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int):
         ids[i, :n] = torch.tensor(b["input_ids"])
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    vision = [b for b in batch if "pixel_values" in b]
+    if vision:
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in vision])
+        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in vision])
+    return out

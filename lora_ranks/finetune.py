@@ -27,8 +27,8 @@ import torch
 from ._io import atomic_write_json
 from .data import collate, load_records, stratified_subset, tokenize_record
 
-__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm", "train_loop",
-           "prepare_examples"]
+__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm", "load_image_processor",
+           "train_loop", "prepare_examples"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class FinetuneSettings:
     """Recompute activations in backward: less memory, ~30% more compute."""
     seed: int = 0
     """Seeds sampling, shuffling and torch."""
+    freeze_vision: bool = True
+    """Keep a vision tower (Qwen2.5-VL) frozen: the ranks are for the language model unless asked otherwise."""
     copy_base: bool = False
     """Write pretrained/ even when the base is already a local safetensors folder; by default its path and
     header fingerprint are recorded instead (the analysis reads it lazily; a 7B copy costs 15 GB)."""
@@ -101,23 +103,51 @@ class FinetuneResult:
 
 
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a local folder; safetensors only, no remote code unless asked."""
+    """Load (model, tokenizer) from a local folder; safetensors only, no remote code unless asked.
+
+    Qwen2.5-VL folders load as ``Qwen2_5_VLForConditionalGeneration``; see ``load_image_processor``.
+    """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if _model_type(path) == "qwen2_5_vl":
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def prepare_examples(data_path: str | Path, tokenizer, settings: FinetuneSettings):
-    """Load, stratify and tokenize: (examples, SubsetReport, number of records in the file)."""
+def load_image_processor(path: str | Path):
+    """The image processor saved with a vision-language model (preprocessor_config.json), or None."""
+    if not (Path(path) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(path))
+
+
+def _model_type(path: str | Path) -> str:
+    import json
+
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()).get("model_type", "") if config.is_file() else ""
+
+
+def prepare_examples(data_path: str | Path, tokenizer, settings: FinetuneSettings, image_processor=None):
+    """Load, stratify and tokenize: (examples, SubsetReport, number of records in the file).
+
+    Image paths in vision records are relative to the dataset file's folder.
+    """
     records = load_records(data_path)
     subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
                                        seed=settings.seed, task_key=settings.task_key)
-    return [tokenize_record(r, tokenizer, settings.max_length) for r in subset], report, len(records)
+    examples = [tokenize_record(r, tokenizer, settings.max_length, image_processor=image_processor,
+                                base_dir=Path(data_path).parent) for r in subset]
+    return examples, report, len(records)
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -207,12 +237,14 @@ def _wandb_run(settings: FinetuneSettings, name: str):
     return wandb.init(project=settings.wandb_project, name=name, config=asdict(settings), reinit=True)
 
 
-def _save_dir(model, tokenizer, target: Path) -> None:
+def _save_dir(model, tokenizer, target: Path, image_processor=None) -> None:
     """save_pretrained into a temporary sibling folder, then rename: never a half-written checkpoint."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if image_processor is not None:
+        image_processor.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -250,13 +282,14 @@ def run_preliminary_finetune(
 
     # Step 1: data -- stratified subset, tokenized with response-only labels.
     model, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
-    examples, report, n_records = prepare_examples(data_path, tokenizer, settings)
+    image_processor = load_image_processor(model_path)
+    examples, report, n_records = prepare_examples(data_path, tokenizer, settings, image_processor)
 
     # Step 2: the pretrained side of the pair (a local safetensors base is referenced, not copied).
     local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
     if settings.copy_base or not local_safetensors:
         pretrained_dir = out / "pretrained"
-        _save_dir(model, tokenizer, pretrained_dir)
+        _save_dir(model, tokenizer, pretrained_dir, image_processor)
     else:
         pretrained_dir = Path(model_path).resolve()
     from .checkpoints import Checkpoint
@@ -265,6 +298,10 @@ def run_preliminary_finetune(
 
     # Step 3: train.
     model.to(dev).train()
+    if settings.freeze_vision:
+        for name, param in model.named_parameters():
+            if ".visual." in f".{name}":
+                param.requires_grad_(False)
     if settings.gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable; keep working on both spellings.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -277,7 +314,7 @@ def run_preliminary_finetune(
     # Step 4: the fine-tuned side, then the metrics.
     model.config.use_cache = True
     finetuned_dir = out / "finetuned"
-    _save_dir(model.cpu(), tokenizer, finetuned_dir)
+    _save_dir(model.cpu(), tokenizer, finetuned_dir, image_processor)
     seconds = time.perf_counter() - start
     metrics = {
         "model": str(model_path),

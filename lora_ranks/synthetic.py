@@ -16,7 +16,7 @@ from typing import Literal
 from ._io import atomic_write_text
 
 __all__ = ["DEMO_MODEL", "SYNTHETIC_TASKS", "synthetic_records", "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
-           "write_planted_pair",
+           "write_planted_pair", "write_synthetic_vl_dataset", "build_tiny_qwen25_vl",
            "CHAT_TEMPLATE"]
 
 #: A minimal Qwen-style chat template; ``{% generation %}`` is not needed because masking is done by us.
@@ -214,3 +214,77 @@ def write_planted_pair(
             module.weight.copy_((module.weight.double() + scale * delta).to(module.weight.dtype))
     model.save_pretrained(finetuned_dir, **kwargs)
     return Path(base_dir), Path(finetuned_dir)
+
+
+VISION_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def write_synthetic_vl_dataset(folder: str | Path, n_per_task: int = 20, *, seed: int = 0, size: int = 56) -> Path:
+    """Small generated images and vision chat records (JSONL) for two tasks.
+
+    "color": a plain image, answer its colour name; "side": a white square on the left or right half of a
+    black image, answer "left" or "right". Writes ``<folder>/images/*.png`` and ``<folder>/vl.jsonl``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    out = Path(folder)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_per_task):
+        name, rgb = rng.choice(sorted(_COLORS.items()))
+        pixels = np.zeros((size, size, 3), dtype=np.uint8) + np.array(rgb, dtype=np.uint8)
+        Image.fromarray(pixels).save(out / "images" / f"color-{i}.png")
+        records.append({"images": [f"images/color-{i}.png"], "task": "color", "messages": [
+            {"role": "user", "content": "What colour is this image?"}, {"role": "assistant", "content": name}]})
+        side = rng.choice(["left", "right"])
+        pixels = np.zeros((size, size, 3), dtype=np.uint8)
+        x0 = 4 if side == "left" else size // 2 + 4
+        pixels[size // 4: 3 * size // 4, x0: x0 + size // 2 - 8] = 255
+        Image.fromarray(pixels).save(out / "images" / f"side-{i}.png")
+        records.append({"images": [f"images/side-{i}.png"], "task": "side", "messages": [
+            {"role": "user", "content": "Is the square on the left or the right?"},
+            {"role": "assistant", "content": side}]})
+    rng.shuffle(records)
+    return atomic_write_text(out / "vl.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
+def build_tiny_qwen25_vl(out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2, vision_depth: int = 2,
+                         seed: int = 0) -> Path:
+    """Save a randomly initialised Qwen2.5-VL (safetensors), a tokenizer with the vision tokens, and a
+    Qwen2-VL image processor (56x56 images -> 4 placeholder tokens) to ``out_dir``.
+
+    The text config's ``mrope_section`` sums to head_dim / 2 and the vision tower's ``out_hidden_size``
+    equals the text hidden size, as Qwen2.5-VL requires.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    texts = [json.dumps(r) for r in synthetic_records(50, fmt="mixed", seed=seed)] + list(_COLORS) + ["left", "right"]
+    tokenizer = train_tokenizer(texts)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_SPECIAL_TOKENS})
+    heads = 4
+    head_dim = hidden_size // heads
+    section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # sums to head_dim / 2
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id,
+                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}),
+        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                          temporal_patch_size=2).save_pretrained(out)
+    return out
