@@ -37,13 +37,14 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--svd-method", choices=["auto", "gram", "svdvals", "randomized"], default="auto")
     g.add_argument("--device", default=None, help="cuda or cpu (default: CUDA when available)")
     g.add_argument("--save-deltas", action="store_true", help="also save the float32 deltas as safetensors (large)")
+    g.add_argument("--save-vectors", action="store_true", help="also save each delta's top singular directions")
 
 
 def _analysis_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(energy_threshold=args.energy, min_rank=args.min_rank, max_rank=args.max_rank,
                   smoothing=args.smoothing, smoothing_window=args.smoothing_window, round_to=args.round_to,
                   alpha_policy=args.alpha_policy, include_vision=args.include_vision, svd_method=args.svd_method,
-                  device=args.device, save_deltas=args.save_deltas)
+                  device=args.device, save_deltas=args.save_deltas, save_vectors=args.save_vectors)
     if args.budget is not None:
         if args.budget <= 0:
             raise SystemExit(f"--budget must be positive, got {args.budget}")

@@ -72,6 +72,7 @@ def svd_analysis(
     batch_size: Annotated[int, Field(ge=1, description="Fine-tune micro-batch size")] = 4,
     allow_pickle: Annotated[bool, Field(description="Accept pickle .bin checkpoints (weights_only load)")] = False,
     save_deltas: Annotated[bool, Field(description="Also save the float32 deltas (large: 4 bytes per parameter)")] = False,
+    save_vectors: Annotated[bool, Field(description="Also save each delta's top singular directions (for extraction)")] = False,
     refresh: Annotated[bool, Field(description="Recompute every layer even when a cached result exists")] = False,
     trust_remote_code: Annotated[bool, Field(description="Run Python code shipped with the model (off: safe)")] = False,
     fidelity_report: Annotated[bool, Field(description="Also measure how close base + extracted adapters get to the "
@@ -120,7 +121,8 @@ def svd_analysis(
     analyze = analyze_layer_task.with_options(refresh_cache=True) if refresh else analyze_layer_task
     shared = dict(base=unmapped(base_model), finetuned=unmapped(finetuned_model), svd_dir=unmapped(str(layout.svd_dir)),
                   top_k=unmapped(settings.required_top_k), method=unmapped(svd_method), device=unmapped(device),
-                  allow_pickle=unmapped(allow_pickle), save_deltas=unmapped(save_deltas))
+                  allow_pickle=unmapped(allow_pickle), save_deltas=unmapped(save_deltas),
+                  save_vectors=unmapped(save_vectors))
     futures = analyze.map(names, groups, digests, **shared)
     progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
                                         description=f"Layers analyzed (of {len(names)})")

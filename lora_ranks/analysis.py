@@ -86,6 +86,7 @@ def analyze_layer(
     device: str | None = None,
     digests: tuple[str, str] | None = None,
     save_deltas: bool = False,
+    save_vectors: bool = False,
 ) -> LayerResult:
     """Compute and store the spectra of one layer's modules.
 
@@ -98,6 +99,10 @@ def analyze_layer(
         digests: (base, fine-tuned) content digests of the layer if already computed (else computed here).
         save_deltas: also write the float32 deltas to ``<out_dir>/delta_weights/<layer>.safetensors``
             (4 bytes per parameter: ~26 GB for a 7B model's projections; off by default).
+        save_vectors: also write the top-``top_k`` singular directions of each delta, as the factor pair
+            ``<name>.B`` = U_k diag(sqrt s_k) (d_out, k) and ``<name>.A`` = diag(sqrt s_k) V_k^T (k, d_in),
+            float32, to ``<out_dir>/singular_vectors/<layer>.safetensors``; B[:, :r] @ A[:r] is the
+            truncated SVD at any rank r <= k (what extraction needs).
     """
     if not modules:
         raise ValueError("analyze_layer needs at least one module")
@@ -106,23 +111,31 @@ def analyze_layer(
         raise ValueError(f"analyze_layer takes one layer's modules, got modules of {sorted(layers)}")
     start = time.perf_counter()
     try:
-        return _analyze_layer(pair, modules, Path(out_dir), top_k, method, device, digests, save_deltas, start)
+        return _analyze_layer(pair, modules, Path(out_dir), top_k, method, device, digests, save_deltas, save_vectors,
+                              start)
     finally:
         pair.close()  # unmap this layer's pages: memory stays flat however many layers follow
 
 
-def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_deltas, start) -> LayerResult:
+def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_deltas, save_vectors,
+                   start) -> LayerResult:
     layer = modules[0].layer
     base_digest, finetuned_digest = digests or pair.fingerprints(modules)
     fingerprint = hashlib.sha256(f"{base_digest}|{finetuned_digest}".encode()).hexdigest()
     tensors: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
+    vectors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
     for module in modules:
         delta = pair.delta(module)  # (d_out, d_in) float32
         spectrum = compute_spectrum(delta, top_k, method=method, device=device)
         if save_deltas:
             deltas[module.name] = delta
+        if save_vectors:
+            from .extract import truncated_svd_factors
+
+            lora_a, lora_b, _ = truncated_svd_factors(delta, min(top_k, *delta.shape), 1.0)
+            vectors[f"{module.name}.A"], vectors[f"{module.name}.B"] = lora_a, lora_b
         del delta
         tensors[module.name] = torch.from_numpy(spectrum.singular_values.copy())  # (k,) float64
         info[module.name] = {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape),
@@ -136,9 +149,10 @@ def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    if save_deltas:
-        delta_path = Path(out_dir) / "delta_weights" / layer_file_name(layer)
-        atomic_write(delta_path, lambda tmp: save_file(deltas, tmp, metadata={"layer": layer, "fingerprint": fingerprint}))
+    for folder, payload in (("delta_weights", deltas), ("singular_vectors", vectors)):
+        if payload:
+            atomic_write(Path(out_dir) / folder / layer_file_name(layer),
+                         lambda tmp, payload=payload: save_file(payload, tmp, metadata={"layer": layer, "fingerprint": fingerprint}))
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
                        {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
@@ -217,6 +231,7 @@ def analyze_checkpoints(
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     allow_pickle: bool = False,
     save_deltas: bool = False,
+    save_vectors: bool = False,
 ) -> dict:
     """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
 
@@ -227,7 +242,7 @@ def analyze_checkpoints(
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.layers(targets)
     results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=method, device=device,
-                             save_deltas=save_deltas)
+                             save_deltas=save_deltas, save_vectors=save_vectors)
                for mods in layers.values()]
     modules = [m for mods in layers.values() for m in mods]
     config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path,

@@ -35,10 +35,11 @@ def truncated_svd_factors(delta: torch.Tensor, rank: int, scale: float,
     """LoRA factors of the best rank-``rank`` approximation of ``delta`` (Eckart-Young).
 
     The top singular subspace comes from ``eigh`` of the Gram matrix of the short side in ``precision``
-    (float32 by default: 2x faster than float64, and the subspace it gives costs < 1e-8 in relative error,
-    since the approximation error is second order in the subspace angle). With Q that orthonormal basis,
-    the approximation is the projection of ``delta`` onto it (Q Q^T dW, or dW Q Q^T), whose error has the
-    exact closed form ||dW||^2 - ||Q^T dW||^2, evaluated in float64.
+    (float32 by default: 2x faster than float64). With Q that orthonormal basis, the approximation is the
+    projection of ``delta`` onto it (Q Q^T dW, or dW Q Q^T), whose error has the exact closed form
+    ||dW||^2 - ||Q^T dW||^2, evaluated in float64. Rounding in the float32 Gram perturbs the kept energy by
+    about eps32 * sqrt(n) * s_1^2; when that could move the relative error by more than 1e-6 (small errors,
+    i.e. ranks reaching into a noise floor), the factors are recomputed with a float64 Gram.
 
     Args:
         delta: Tensor (d_out, d_in), any float dtype.
@@ -66,6 +67,11 @@ def truncated_svd_factors(delta: torch.Tensor, rank: int, scale: float,
     total = float(torch.linalg.vector_norm(a64) ** 2)
     kept = float(energy.sum())
     rel_error = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+    if precision != torch.float64 and total > 0:
+        eps = torch.finfo(precision).eps
+        energy_excess = eps * gram.shape[0] ** 0.5 * float(energy.max()) / total  # float32 Gram's effect, estimated
+        if energy_excess / (2 * max(rel_error, 1e-12)) > 1e-6:
+            return truncated_svd_factors(delta, rank, scale, torch.float64)
     sigma = torch.sqrt(energy)
     nonzero = sigma > (sigma.max() * 1e-12 if sigma.numel() else 0)  # round-off directions: zero, never divide
     root = torch.where(nonzero, torch.sqrt(sigma), torch.zeros_like(sigma))  # (r,)

@@ -47,7 +47,8 @@ def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned
 def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``analyze-layer``: content digests + everything that changes the stored result."""
     identity = [__version__, parameters["layer"], list(parameters["digests"]), parameters["top_k"],
-                parameters["method"], parameters["save_deltas"], str(Path(parameters["svd_dir"]).resolve())]
+                parameters["method"], parameters["save_deltas"], parameters.get("save_vectors", False),
+                str(Path(parameters["svd_dir"]).resolve())]
     return "analyze-layer-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
@@ -55,12 +56,12 @@ def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
       cache_key_fn=layer_cache_key, persist_result=True)
 def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str, str], base: str, finetuned: str,
                        svd_dir: str, top_k: int, method: str = "auto", device: str | None = None,
-                       allow_pickle: bool = False, save_deltas: bool = False) -> LayerResult:
+                       allow_pickle: bool = False, save_deltas: bool = False, save_vectors: bool = False) -> LayerResult:
     """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
     logger = get_run_logger()
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device,
-                           digests=tuple(digests), save_deltas=save_deltas)
+                           digests=tuple(digests), save_deltas=save_deltas, save_vectors=save_vectors)
     fallbacks = [name for name, dev in result.devices.items() if "out of memory" in dev]
     if fallbacks:
         logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer, ", ".join(fallbacks))

@@ -200,3 +200,20 @@ def test_saved_deltas_are_exact(planted_pair, tmp_path):
         saved = h.get_tensor("model.layers.1.mlp.down_proj")
     torch.testing.assert_close(saved, b["model.layers.1.mlp.down_proj.weight"] - a["model.layers.1.mlp.down_proj.weight"],
                                rtol=0, atol=0)
+
+
+def test_saved_singular_vectors_give_the_truncated_svd_at_any_rank(planted_pair, tmp_path):
+    analyze_checkpoints(*planted_pair, tmp_path, save_vectors=True,
+                        settings=AllocationSettings(min_rank=1, max_rank=20, smoothing="none"))
+    path = tmp_path / "analysis_outputs" / "svd" / "singular_vectors" / "model.layers.0.safetensors"
+    pair = CheckpointPair(*planted_pair)
+    module = next(m for m in pair.modules() if m.name == "model.layers.0.mlp.gate_proj")
+    delta = pair.delta(module).double()
+    s = torch.linalg.svdvals(delta)
+    with safe_open(str(path), "pt") as h:
+        lora_a, lora_b = h.get_tensor(f"{module.name}.A").double(), h.get_tensor(f"{module.name}.B").double()
+    assert lora_a.shape == (21, 64) and lora_b.shape == (176, 21)  # top_k = max_rank + 1
+    for r in (1, 5, 21):
+        err = torch.linalg.vector_norm(delta - lora_b[:, :r] @ lora_a[:r]) / torch.linalg.vector_norm(delta)
+        optimal = torch.sqrt(torch.sum(s[r:] ** 2) / torch.sum(s**2))
+        assert float(err) == pytest.approx(float(optimal), abs=1e-6)
