@@ -1,0 +1,149 @@
+"""The GPU checks of issues 3 and 4, as one prepared script (run where a CUDA device is lent).
+
+spectra   Qwen2.5-7B-shaped deltas (28 layers x q/k/v/o 3584-wide, gate/up/down 18944x3584): total seconds of
+          ``compute_spectrum`` (auto method) for the whole model, against full float32 ``torch.linalg.svd`` timed
+          on the first ``--naive-layers`` layers and scaled to 28; accuracy of the top-129 values against float64
+          ``svdvals`` on a sample. Two delta families: Gaussian (flat spectrum, the worst case) and low rank
+          plus a noise floor. Target (issue 3): <= 5 s for the whole model at 1e-4 accuracy (naive: 113 s).
+finetune  peak memory and step time of one full fine-tuning step (batch 2 x 512, gradient checkpointing,
+          bf16 weights) of a Qwen2.5-7B-shaped model with torch AdamW vs bitsandbytes 8-bit AdamW.
+          Target (issue 4): <= 40 GB with 8-bit AdamW (torch AdamW measured 63 GB).
+
+    python benchmarks/gpu_checks.py --out $OUT spectra finetune
+    python benchmarks/gpu_checks.py --device cpu --small --out /tmp/gpu-check spectra finetune   # smoke test
+
+Results go to <out>/gpu_checks.json and are printed as markdown tables for BENCHMARKS.md. PEFT latency and
+throughput on the GPU: benchmarks/bench_peft.py --device cuda --hidden 3584 --intermediate 18944 --layers 28 --compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+FULL = dict(hidden=3584, intermediate=18944, kv=512, layers=28, heads=28, kv_heads=4, vocab=152064)
+SMALL = dict(hidden=256, intermediate=704, kv=64, layers=2, heads=4, kv_heads=1, vocab=1024)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _shapes(dims):
+    h, i, kv = dims["hidden"], dims["intermediate"], dims["kv"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # q k v o gate up down, (d_out, d_in)
+
+
+def _delta(shape, family, device, gen):
+    m, n = shape
+    if family == "gaussian":
+        return torch.randn(m, n, device=device, generator=gen) * 1e-3
+    r = 256
+    left = torch.randn(m, r, device=device, generator=gen) * (0.97 ** torch.arange(r, device=device))
+    return (left @ torch.randn(r, n, device=device, generator=gen)) * 1e-4 + torch.randn(m, n, device=device, generator=gen) * 1e-4
+
+
+def check_spectra(device, dims, naive_layers: int) -> dict:
+    from lora_ranks.spectra import compute_spectrum
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for family in ("gaussian", "lowrank+noise"):
+        engine_s, naive_s, errors, methods = 0.0, 0.0, [], {}
+        for layer in range(dims["layers"]):
+            for shape in _shapes(dims):
+                delta = _delta(shape, family, device, gen)
+                _sync(device)
+                start = time.perf_counter()
+                spectrum = compute_spectrum(delta, 129, device=device)
+                _sync(device)
+                engine_s += time.perf_counter() - start
+                methods[spectrum.method] = methods.get(spectrum.method, 0) + 1
+                if layer < naive_layers:
+                    start = time.perf_counter()
+                    torch.linalg.svd(delta, full_matrices=False)
+                    _sync(device)
+                    naive_s += time.perf_counter() - start
+                if layer == 0:
+                    ref = torch.linalg.svdvals(delta.double())[:129].cpu().numpy()
+                    k = min(len(ref), len(spectrum.singular_values))
+                    errors.append(float(max(abs(spectrum.singular_values[:k] - ref[:k]) / ref[:k])))
+        out[family] = {"engine_seconds": engine_s, "naive_seconds_scaled": naive_s * dims["layers"] / max(1, naive_layers),
+                       "max_rel_error_layer0": max(errors), "methods": methods}
+    return out
+
+
+def check_finetune(device, dims) -> dict:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                         num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
+                         num_key_value_heads=dims["kv_heads"], tie_word_embeddings=False)
+    out = {}
+    for optimizer_name in ("adamw", "adamw8bit"):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(dtype)
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        if optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        else:
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-5)
+        tokens = torch.randint(0, dims["vocab"], (2, 512 if device.type == "cuda" else 64), device=device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(3):  # the first step allocates optimizer state
+            _sync(device)
+            start = time.perf_counter()
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        out[optimizer_name] = {"peak_gib": peak, "step_seconds": min(times[1:]), "loss": float(loss)}
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checks", nargs="+", choices=["spectra", "finetune"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test of the script itself)")
+    parser.add_argument("--naive-layers", type=int, default=2)
+    parser.add_argument("--out", default="gpu-checks")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dims = SMALL if args.small else FULL
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "dims": dims}
+    if "spectra" in args.checks:
+        results["spectra"] = check_spectra(device, dims, args.naive_layers)
+    if "finetune" in args.checks:
+        results["finetune"] = check_finetune(device, dims)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_checks.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
