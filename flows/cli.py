@@ -112,8 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; bad input ends with one ``lora-ranks: error: ...`` line and exit status 2."""
     args = build_parser().parse_args(argv)
     apply_defaults()
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError, DataError, RankConfigError, ... included
+        print(f"lora-ranks: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("demo", "analyze"):
         from flows.svd_analysis import svd_analysis
 

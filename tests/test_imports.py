@@ -27,3 +27,40 @@ def test_cli_help_lists_subcommands():
     assert done.returncode == 0, done.stderr
     for sub in ("demo", "analyze", "finetune", "train", "extract"):
         assert sub in done.stdout
+
+
+def _cli():
+    exe = Path(sys.executable).with_name("lora-ranks")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+def test_cli_analyze_then_extract(planted_pair, tmp_path):
+    """The documented commands, as a user types them: analyze a pair, then extract its adapter."""
+    import json
+    import os
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # the embedded (ephemeral) API
+    done = subprocess.run(_cli() + ["analyze", "--base", str(planted_pair[0]), "--finetuned", str(planted_pair[1]),
+                                    "--out", str(tmp_path / "an"), "--energy", "0.95", "--min-rank", "2",
+                                    "--round-to", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config_path = tmp_path / "an" / "configs" / "lora_rank_config.json"
+    assert f"Rank config:        {config_path}" in done.stdout
+    config = json.loads(config_path.read_text())
+    assert config["analysis_metadata"]["settings"]["energy_threshold"] == 0.95
+    assert all(r % 2 == 0 for r in config["rank_pattern"].values())
+    done = subprocess.run(_cli() + ["extract", "--base", str(planted_pair[0]), "--finetuned", str(planted_pair[1]),
+                                    "--config", str(config_path), "--out", str(tmp_path / "adapter")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Adapter:" in done.stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    done = subprocess.run(_cli() + ["extract", "--base", str(tmp_path / "missing"), "--finetuned", str(tmp_path),
+                                    "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"lora-ranks: error: rank config {tmp_path / 'c.json'} does not exist"
