@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .config import AlphaPolicy, build_rank_config, save_rank_config
 from .ranks import AllocationSettings, allocate_ranks
 from .spectra import Spectrum, SpectrumMethod, compute_spectrum
 
-__all__ = ["OutputLayout", "LayerResult", "analyze_layer", "load_layer_spectra", "assemble_rank_config", "analyze_checkpoints",
+__all__ = ["OutputLayout", "LayerResult", "analyze_layer", "load_layer_spectra", "load_spectra", "spectra_files", "assemble_rank_config", "analyze_checkpoints",
            "layer_file_name"]
 
 
@@ -176,6 +176,19 @@ def load_layer_spectra(path: str | Path) -> dict[str, Spectrum]:
     return out
 
 
+def load_spectra(paths: Iterable[str | Path]) -> dict[str, Spectrum]:
+    """All modules' spectra from layer files (``LayerResult.path``s, or ``spectra_files(svd_dir)``)."""
+    spectra: dict[str, Spectrum] = {}
+    for path in paths:
+        spectra.update(load_layer_spectra(path))
+    return spectra
+
+
+def spectra_files(svd_dir: str | Path) -> list[Path]:
+    """The layer files under an SVD output folder (``OutputLayout.svd_dir``), in name order."""
+    return sorted((Path(svd_dir) / "raw_data" / "layers").glob("*.safetensors"))
+
+
 def assemble_rank_config(
     pair: CheckpointPair,
     modules: Sequence[ModuleRef],
@@ -191,9 +204,7 @@ def assemble_rank_config(
     Returns:
         (config dict, spectra by module name) -- the spectra feed the plots and raw-data export.
     """
-    spectra: dict[str, Spectrum] = {}
-    for result in layer_results:
-        spectra.update(load_layer_spectra(result.path))
+    spectra = load_spectra(r.path for r in layer_results)
     allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters)
     spectra_info = {
         name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),

@@ -142,10 +142,6 @@ class ModuleRef:
     depth: int
     module_type: str
 
-    @property
-    def n_params(self) -> int:
-        return self.shape[0] * self.shape[1]
-
 
 class Checkpoint:
     """A safetensors model folder opened for lazy, per-tensor reads.
@@ -486,10 +482,3 @@ class CheckpointPair:
                 out[role]["content_fingerprint"] = digest
         return out
 
-
-def module_types_in_order(modules: Sequence[ModuleRef]) -> list[str]:
-    """Distinct module types in first-seen order."""
-    seen: dict[str, None] = {}
-    for m in modules:
-        seen.setdefault(m.module_type, None)
-    return list(seen)

@@ -43,6 +43,7 @@ __all__ = [
     "load_rank_config",
     "validate_rank_config",
     "check_config_matches_model",
+    "modules_from_config",
 ]
 
 SCHEMA_VERSION = 1
@@ -260,3 +261,16 @@ def check_config_matches_model(config: Mapping[str, Any], model: Any) -> None:
             problems.append(f"{name}: weight shape {tuple(actual)} but the config was made for {tuple(shape)}")
     if problems:
         raise RankConfigError(f"rank config does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+
+def modules_from_config(config: Mapping[str, Any]):
+    """The config's target modules as ``ModuleRef``s (names, on-disk tensor names, shapes, layers) from its
+    metadata, so later stages read weights without building a model. Returns None for configs whose
+    metadata lacks ``weight_key`` (written before it was recorded)."""
+    from .checkpoints import ModuleRef
+
+    meta = config.get("analysis_metadata", {}).get("modules", {})
+    if not all(meta.get(n, {}).get("weight_key") for n in config["target_modules"]):
+        return None
+    return [ModuleRef(n, meta[n]["weight_key"], tuple(meta[n]["shape"]), meta[n].get("layer", ""),
+                      meta[n].get("depth", 0), meta[n].get("module_type", "")) for n in config["target_modules"]]

@@ -25,7 +25,7 @@ import torch
 
 from ._io import atomic_write, atomic_write_json
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
-from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config
+from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, modules_from_config
 
 __all__ = ["truncated_svd_factors", "extract_lora"]
 
@@ -92,27 +92,23 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, Mo
     Configs record each module's ``weight_key``, so no model needs to be built (no transformers import);
     older configs without it fall back to the name mapping of ``CheckpointPair.modules``.
     """
-    meta = rank_config["analysis_metadata"].get("modules", {})
-    names = rank_config["target_modules"]
-    if not all(meta.get(n, {}).get("weight_key") for n in names):
+    refs = modules_from_config(rank_config)
+    if refs is None:
         check_config_matches_model(rank_config, pair.base.root)
-        targets = TargetSpec(target_regex="|".join(map(re.escape, names)), include_vision=True)
+        targets = TargetSpec(target_regex="|".join(map(re.escape, rank_config["target_modules"])), include_vision=True)
         return {m.name: m for m in pair.modules(targets)}
-    problems, modules = [], {}
-    for name in names:
-        entry = meta[name]
-        key, shape = entry["weight_key"], tuple(entry["shape"])
+    problems = []
+    for ref in refs:
         for ckpt in (pair.base, pair.finetuned):
-            if key not in ckpt:
-                problems.append(f"{name}: tensor {key!r} is missing from {ckpt.root}")
-            elif tuple(ckpt.shape(key)) != shape:
-                problems.append(f"{name}: tensor {key!r} has shape {tuple(ckpt.shape(key))} in {ckpt.root}, "
-                                f"the config was made for {shape}")
-        modules[name] = ModuleRef(name, key, shape, entry.get("layer", ""), entry.get("depth", 0), entry.get("module_type", ""))
+            if ref.weight_key not in ckpt:
+                problems.append(f"{ref.name}: tensor {ref.weight_key!r} is missing from {ckpt.root}")
+            elif tuple(ckpt.shape(ref.weight_key)) != ref.shape:
+                problems.append(f"{ref.name}: tensor {ref.weight_key!r} has shape {tuple(ckpt.shape(ref.weight_key))} "
+                                f"in {ckpt.root}, the config was made for {ref.shape}")
     if problems:
         raise RankConfigError(f"rank config does not fit the checkpoints ({len(problems)} problem(s)):\n  "
                               + "\n  ".join(problems))
-    return modules
+    return {ref.name: ref for ref in refs}
 
 
 def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str | Path, out_dir: str | Path,

@@ -12,27 +12,14 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_ranks._io import atomic_write_json, atomic_write_text
-from lora_ranks.analysis import load_layer_spectra
-from lora_ranks.checkpoints import CheckpointPair, ModuleRef
-from lora_ranks.config import load_rank_config, save_rank_config
+from lora_ranks.analysis import load_spectra, spectra_files
+from lora_ranks.checkpoints import CheckpointPair
+from lora_ranks.config import load_rank_config, modules_from_config, save_rank_config
 from lora_ranks.data import load_records, tokenize_record
 from lora_ranks.evidence import DeltaBasis, allocation_configs, fidelity_sweep, held_out_loss
 from lora_ranks.finetune import load_causal_lm
 from lora_ranks.ranks import AllocationSettings
 from lora_ranks.report import write_fidelity_plot
-
-
-def _spectra(svd_dir: str) -> dict:
-    spectra = {}
-    for path in sorted((Path(svd_dir) / "raw_data" / "layers").glob("*.safetensors")):
-        spectra.update(load_layer_spectra(path))
-    return spectra
-
-
-def _modules(config: dict) -> list[ModuleRef]:
-    meta = config["analysis_metadata"]["modules"]
-    return [ModuleRef(n, meta[n]["weight_key"], tuple(meta[n]["shape"]), meta[n]["layer"], meta[n]["depth"],
-                      meta[n]["module_type"]) for n in config["target_modules"]]
 
 
 def _examples(data_path: str, tokenizer, limit: int, seed: int = 0) -> list[dict]:
@@ -64,10 +51,10 @@ def fidelity_report_task(config_path: str, svd_dir: str, eval_data_path: str, ou
     base_dir, ft_dir = identity["pretrained"]["path"], identity["finetuned"]["path"]
     base, tokenizer = load_causal_lm(base_dir)
     finetuned, _ = load_causal_lm(ft_dir)
-    modules = _modules(config)
+    modules = modules_from_config(config)
     basis = DeltaBasis(CheckpointPair(base_dir, ft_dir), modules)
     settings = config["analysis_metadata"]["settings"]
-    points = fidelity_sweep(base, finetuned, basis, _spectra(svd_dir), _examples(eval_data_path, tokenizer, eval_samples),
+    points = fidelity_sweep(base, finetuned, basis, load_spectra(spectra_files(svd_dir)), _examples(eval_data_path, tokenizer, eval_samples),
                             tokenizer.pad_token_id, taus=taus, min_rank=settings["min_rank"], max_rank=settings["max_rank"])
     rows = [{**{k: v for k, v in asdict(p).items() if k != "ranks"}, "loss_difference": p.loss_difference} for p in points]
     out = Path(out_dir)
@@ -88,7 +75,7 @@ def allocation_configs_task(config_path: str, svd_dir: str, out_dir: str) -> dic
     s = config["analysis_metadata"]["settings"]
     settings = AllocationSettings(energy_threshold=s["energy_threshold"], min_rank=s["min_rank"], max_rank=s["max_rank"],
                                   smoothing=s["smoothing"], smoothing_window=s["smoothing_window"], round_to=s["round_to"])
-    configs = allocation_configs(_modules(config), _spectra(svd_dir), config["base_parameters"], settings)
+    configs = allocation_configs(modules_from_config(config), load_spectra(spectra_files(svd_dir)), config["base_parameters"], settings)
     paths = {}
     for label, cfg in configs.items():
         paths[label] = str(save_rank_config(Path(out_dir) / f"{label}.json", cfg))

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from lora_ranks.analysis import LayerResult, load_layer_spectra
+from lora_ranks.analysis import LayerResult, load_spectra
 from lora_ranks.config import load_rank_config
 from lora_ranks.report import write_plots, write_raw_data
 
@@ -19,9 +19,7 @@ def write_report_task(config_path: str, svd_dir: str, results: list[LayerResult]
     data URIs so they render on the artifact page without a file server), a per-module table and a link to
     the config."""
     config = load_rank_config(config_path)
-    spectra = {}
-    for r in results:
-        spectra.update(load_layer_spectra(r.path))
+    spectra = load_spectra(r.path for r in results)
     paths = {**write_plots(svd_dir, config, spectra), **write_raw_data(svd_dir, config, spectra)}
     meta = config["analysis_metadata"]
     rows = [{"module": name, "type": m["module_type"], "raw": m["raw_rank"], "final": m["final_rank"],

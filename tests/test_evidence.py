@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_ranks.analysis import analyze_checkpoints, load_layer_spectra
+from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointPair
 from lora_ranks.evidence import (DeltaBasis, allocation_configs, fidelity_sweep, held_out_loss, next_token_fidelity,
                                  uniform_allocation)
@@ -15,9 +15,7 @@ from lora_ranks.ranks import AllocationSettings, lora_parameters
 def setting(planted_pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("ev")
     analyze_checkpoints(*planted_pair, out)
-    spectra = {}
-    for f in (out / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*.safetensors"):
-        spectra.update(load_layer_spectra(f))
+    spectra = load_spectra(spectra_files(out / "analysis_outputs" / "svd"))
     pair = CheckpointPair(*planted_pair)
     modules = pair.modules()
     gen = torch.Generator().manual_seed(0)

@@ -223,3 +223,14 @@ def test_extraction_refuses_checkpoints_the_config_was_not_made_for(rank_config_
     assert "model.layers.1.self_attn.q_proj: tensor 'model.layers.1.self_attn.q_proj.weight' is missing" in str(err.value)
     assert "has shape (32, 32)" in str(err.value)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_extraction_of_a_config_without_weight_keys_maps_names(planted_pair, rank_config_path, tmp_path):
+    """Configs written before weight_key was recorded still extract (through the model's name mapping)."""
+    raw = json.loads(rank_config_path.read_text())
+    for meta in raw["analysis_metadata"]["modules"].values():
+        meta.pop("weight_key")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw))
+    assert extract_lora(*planted_pair, old, tmp_path / "a")["modules"] == \
+        extract_lora(*planted_pair, rank_config_path, tmp_path / "b")["modules"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_ranks.analysis import analyze_checkpoints, load_layer_spectra
+from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointError, CheckpointPair
 from lora_ranks.config import RankConfigError, check_config_matches_model
 from lora_ranks.finetune import load_causal_lm
@@ -27,9 +27,7 @@ def test_identical_checkpoints_fall_to_min_rank_with_a_warning(planted_pair, tmp
     assert len(meta["zero_delta_modules"]) == 14
     assert all(m["zero_delta"] and m["raw_rank"] == 0 for m in meta["modules"].values())
     assert np.isfinite(config["compression_ratio"])
-    spectra = {}
-    for f in (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*.safetensors"):
-        spectra.update(load_layer_spectra(f))
+    spectra = load_spectra(spectra_files(tmp_path / "analysis_outputs" / "svd"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # log-scale axes of all-zero data warn; the files must still be written
         paths = {**write_plots(tmp_path, config, spectra), **write_raw_data(tmp_path, config, spectra)}
@@ -129,9 +127,7 @@ def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path,
 
 def test_plot_and_raw_data_paths_do_not_collide(planted_pair, tmp_path):
     config = analyze_checkpoints(*planted_pair, tmp_path)
-    spectra = {}
-    for f in (tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers").glob("*.safetensors"):
-        spectra.update(load_layer_spectra(f))
+    spectra = load_spectra(spectra_files(tmp_path / "analysis_outputs" / "svd"))
     plots, raw = write_plots(tmp_path, config, spectra), write_raw_data(tmp_path, config, spectra)
     assert not set(plots) & set(raw)  # the report task merges them into one dict
     assert sorted(Path(p).name for p in plots.values()) == ["cumulative_energy.png", "rank_heatmap.png", "singular_values.png"]
