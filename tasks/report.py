@@ -34,7 +34,7 @@ def write_report_task(config_path: str, svd_dir: str, results: list[LayerResult]
         "| module type | median rank |", "|---|---|",
         *[f"| {t} | {r} |" for t, r in config["layer_ranks"].items()], "",
         f"SVD: {', '.join(meta['svd']['methods'])}, max relative error bound {meta['svd']['max_rel_error_bound']:.1e}, "
-        f"{meta['svd']['total_seconds']:.2f} s", "",
+        f"{meta['svd']['total_seconds']:.2f} s of compute summed over matrices", "",
         "Plots: " + ", ".join(f"`{p}`" for k, p in paths.items() if p.endswith(".png")), "",
         *[f"![{k}](data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()})\n"
           for k, p in paths.items() if p.endswith(".png")],

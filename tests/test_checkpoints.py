@@ -59,6 +59,24 @@ def test_sharded_and_single_file_give_identical_configs(tmp_path):
     assert strip(a) == strip(b)
 
 
+
+@pytest.mark.parametrize("plan", [(1, 2), (3, 1)], ids=["one-at-a-time", "side-by-side"])
+def test_side_by_side_spectra_equal_one_at_a_time(planted_pair, tmp_path, monkeypatch, plan):
+    """A layer's matrices computed concurrently (threads, one BLAS thread each) give the same ranks and, to
+    round-off (1e-12 relative), the same spectra as one matrix at a time, in module order."""
+    import lora_ranks.analysis as analysis
+    from lora_ranks.analysis import load_spectra, spectra_files
+
+    reference = analyze_checkpoints(*planted_pair, tmp_path / "ref")
+    monkeypatch.setattr(analysis, "parallel_plan", lambda jobs, device: plan)
+    config = analyze_checkpoints(*planted_pair, tmp_path / "run")
+    assert config["rank_pattern"] == reference["rank_pattern"]
+    ours, ref = (load_spectra(spectra_files(tmp_path / d / "analysis_outputs" / "svd")) for d in ("run", "ref"))
+    assert list(ours) == list(ref)
+    for name in ref:
+        np.testing.assert_allclose(ours[name].singular_values, ref[name].singular_values, rtol=1e-12,
+                                   atol=1e-12 * ref[name].singular_values[0])
+
 def test_bf16_pair_matches_reference_of_stored_tensors(tmp_path):
     base, ft = write_planted_pair(tmp_path / "base", tmp_path / "ft", planted_rank=(5, 12), dtype="bfloat16", noise=1e-2)
     assert _stored(base)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16

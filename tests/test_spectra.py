@@ -86,3 +86,53 @@ def test_bad_arguments_are_named(kwargs, match):
     kwargs.setdefault("top_k", 2)
     with pytest.raises(ValueError, match=match):
         compute_spectrum(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64)])
+def test_numpy_and_torch_gram_backends_agree(shape):
+    """The CPU backend (NumPy dsyrk + dsyevd) and the CUDA backend (torch, run here on the CPU) give the same
+    float64 eigenvalues to round-off: |d lambda| <= 1e-12 * lambda_max."""
+    from lora_ranks.spectra import _gram_eigenvalues_numpy, _gram_eigenvalues_torch
+
+    a = _matrix(*shape, 0.9 ** np.arange(min(shape)), noise=0.01)
+    ours = _gram_eigenvalues_numpy(a)
+    theirs = _gram_eigenvalues_torch(a).numpy()
+    assert ours.shape == theirs.shape == (min(shape),)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * theirs.max())
+
+
+def test_parallel_plan_splits_the_thread_budget(monkeypatch):
+    from lora_ranks.spectra import parallel_plan
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert parallel_plan(7, "cpu") == (2, 1)
+    assert parallel_plan(1, "cpu") == (1, 2)  # one matrix keeps every thread
+    assert parallel_plan(7, "cuda") == (1, 2)  # the GPU serializes kernels anyway
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert parallel_plan(7, "cpu") == (4, 4)  # max_workers bounds memory; threads fill the budget
+    assert parallel_plan(3, "cpu") == (3, 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert parallel_plan(7, "cpu") == (1, 1)
+
+
+def test_exactly_low_rank_delta_has_an_exact_zero_tail():
+    """A rank-10 delta (a merged LoRA, say): the 10 nonzero values match float64 LAPACK to 1e-9 relative; the
+    tail (here ~1e-8 s_1, from storing the matrix in float32) is below the Gram method's resolution and comes
+    back as exact zeros, and the reported error bound covers the resolved values (before, the round-off
+    values made it ~1e2). LAPACK ``svdvals`` does resolve that tail and keeps it."""
+    a = _matrix(300, 120, np.linspace(3.0, 0.5, 10))
+    reference = torch.linalg.svdvals(a.double()).numpy()
+    gram = compute_spectrum(a, 33, method="gram", device="cpu")
+    np.testing.assert_allclose(gram.singular_values[:10], reference[:10], rtol=1e-9)
+    assert np.all(gram.singular_values[10:] == 0.0)
+    assert gram.rel_error_bound <= 1e-9
+    exact = compute_spectrum(a, 33, method="svdvals", device="cpu")
+    np.testing.assert_allclose(exact.singular_values, reference, rtol=1e-12, atol=1e-14 * reference[0])
+    assert np.all(exact.singular_values[10:33] > 0.0)
+
+
+def test_auto_uses_the_gram_method_on_the_cpu():
+    """On the CPU the exact Gram path beat randomized iteration at every measured shape (see the module
+    docstring), so auto never picks randomized there, even where the sketch is narrow (q = 52 of 800)."""
+    a = _matrix(800, 800, 0.9 ** np.arange(800))
+    assert compute_spectrum(a, 20, method="auto", device="cpu").method == "gram"
