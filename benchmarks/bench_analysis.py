@@ -2,13 +2,16 @@
 
 Naive = what most extraction scripts do: load both models whole with transformers, then a full float32
 ``torch.linalg.svd(delta)`` per module (default ``full_matrices=True``), energy ranks from the full spectrum.
-Engine = ``lora_ranks.analyze_checkpoints``: lazy per-tensor reads, exact energy, top-k spectra.
+svdvals = the same load, then float32 ``torch.linalg.svdvals`` (no singular vectors; the careful baseline).
+Engine = ``lora_ranks.analyze_checkpoints``: lazy per-tensor reads, exact energy, float64 spectra.
 
 Each measurement runs in a fresh subprocess so peak memory (ru_maxrss) is its own. Pairs are synthetic
 Qwen3-shaped checkpoints (bf16) with planted spectra: low-rank signal with geometric decay plus a noise floor.
 
     .venv/bin/python benchmarks/bench_analysis.py            # hidden 1024, intermediate 2816, 8 and 16 layers
     .venv/bin/python benchmarks/bench_analysis.py --record   # also append the table to BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_analysis.py --hidden 1536 --intermediate 8960 --heads 12 --kv-heads 2 \
+        --layers 4 8                                           # Qwen2.5-1.5B layer shapes
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_naive(base: str, ft: str, tau: float) -> dict:
+def run_naive(base: str, ft: str, tau: float, values_only: bool = False) -> dict:
+    """Load both models, then per delta ``torch.linalg.svd`` (full matrices, the default), or with
+    ``values_only`` the careful variant ``torch.linalg.svdvals`` (float32 LAPACK, no singular vectors)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +64,7 @@ def run_naive(base: str, ft: str, tau: float) -> dict:
             continue
         delta = (wb[name] - p).detach()
         t = time.perf_counter()
-        _, s, _ = torch.linalg.svd(delta)
+        s = torch.linalg.svdvals(delta) if values_only else torch.linalg.svd(delta)[1]
         svd_seconds += time.perf_counter() - t
         cum = torch.cumsum(s.double() ** 2, 0) / torch.sum(s.double() ** 2)
         ranks[name[: -len(".weight")]] = int(torch.nonzero(cum >= tau * (1 - 1e-12))[0]) + 1
@@ -82,6 +87,10 @@ def run_engine(base: str, ft: str, tau: float) -> dict:
             "discovery_seconds": timings["discovery_seconds"],
             "peak_mb": _peak_mb(), "methods": config["analysis_metadata"]["svd"]["methods"],
             "ranks": {n: m["raw_rank"] for n, m in modules.items()}}
+
+
+def run_svdvals(base: str, ft: str, tau: float) -> dict:
+    return run_naive(base, ft, tau, values_only=True)
 
 
 def _child(kind: str, base: str, ft: str, tau: float) -> dict:
@@ -115,10 +124,12 @@ def main() -> None:
                                num_layers=n_layers, num_heads=args.heads, num_kv_heads=args.kv_heads, planted_rank=(16, 48, 96),
                                decay=0.97, noise=0.3, dtype="bfloat16")
             naive = _child("naive", str(base), str(ft), args.tau)
+            svdvals = _child("svdvals", str(base), str(ft), args.tau)
             engine = _child("engine", str(base), str(ft), args.tau)
-            same = naive["ranks"] == engine["ranks"]
-            rows.append((n_layers, naive, engine, same))
-            print(f"layers={n_layers}: naive {naive['seconds']:.1f}s ({naive['peak_mb']:.0f} MB), engine "
+            same = naive["ranks"] == engine["ranks"] == svdvals["ranks"]
+            rows.append((n_layers, naive, svdvals, engine, same))
+            print(f"layers={n_layers}: naive {naive['seconds']:.1f}s ({naive['peak_mb']:.0f} MB), svdvals "
+                  f"{svdvals['seconds']:.1f}s, engine "
                   f"{engine['seconds']:.1f}s ({engine['peak_mb']:.0f} MB), ranks identical: {same}", flush=True)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
@@ -126,17 +137,22 @@ def main() -> None:
     lines = [f"### Analysis engine vs naive ({date.today().isoformat()}, CPU: {machine})", "",
              f"Qwen3-shaped bf16 pair, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}/"
              f"{args.kv_heads} (q/kv), 7 projections per layer, tau = {args.tau}. Command: {command}", "",
-             "| layers | naive total s | naive SVD s | naive peak MB | engine total s | engine discovery s "
-             "| engine spectra s | engine peak MB | speed-up | raw ranks identical | engine methods |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n_layers, naive, engine, same in rows:
+             "| layers | naive total s | naive SVD s | naive peak MB | svdvals total s | engine total s "
+             "| engine discovery s | engine spectra s | engine peak MB | speed-up vs naive | vs svdvals "
+             "| raw ranks identical | engine methods |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n_layers, naive, svdvals, engine, same in rows:
         lines.append(f"| {n_layers} | {naive['seconds']:.1f} | {naive['svd_seconds']:.1f} | {naive['peak_mb']:.0f} | "
-                     f"{engine['seconds']:.1f} | {engine['discovery_seconds']:.1f} | {engine['svd_seconds']:.1f} | "
-                     f"{engine['peak_mb']:.0f} | {naive['seconds'] / engine['seconds']:.1f}x | {same} | "
-                     f"{', '.join(engine['methods'])} |")
-    lines += ["", "Engine discovery = reading headers and building the model on the meta device for the loaded "
-              "names (mostly importing transformers' model code, which the naive load pays too); engine spectra = "
-              "wall time of the per-layer loop (reads, deltas, spectra, layer files)."]
+                     f"{svdvals['seconds']:.1f} | {engine['seconds']:.1f} | {engine['discovery_seconds']:.1f} | "
+                     f"{engine['svd_seconds']:.1f} | {engine['peak_mb']:.0f} | "
+                     f"{naive['seconds'] / engine['seconds']:.1f}x | {svdvals['seconds'] / engine['seconds']:.1f}x | "
+                     f"{same} | {', '.join(engine['methods'])} |")
+    lines += ["", "Naive = load both models, full float32 `torch.linalg.svd(delta)` (default `full_matrices=True`, as "
+              "in kohya's extraction script); svdvals = the same load, then float32 `torch.linalg.svdvals` (no "
+              "singular vectors: what a careful script would do). Engine discovery = reading headers and building "
+              "the model on the meta device for the loaded names (mostly importing transformers' model code, "
+              "which the naive load pays too); engine spectra = wall time of the per-layer loop (reads, deltas, "
+              "spectra, layer files)."]
     emit("\n".join(lines) + "\n", args.record)
 
 

@@ -39,7 +39,10 @@ back to the CPU for that matrix and says so in ``Spectrum.device``.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,11 +114,42 @@ def parallel_plan(jobs: int, device: torch.device | str | None = None, max_worke
     return workers, max(1, budget // workers)
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: dict = {"users": 0, "limiter": None}
+
+
+
+def _reset_blas_state_after_fork() -> None:  # a forked child has none of the parent's threads in the block
+    global _BLAS_LOCK
+    _BLAS_LOCK = threading.Lock()
+    _BLAS_STATE.update(users=0, limiter=None)
+
+
+os.register_at_fork(after_in_child=_reset_blas_state_after_fork)
+
+
+@contextmanager
 def blas_threads(threads: int):
-    """Context manager limiting NumPy's BLAS/LAPACK to ``threads`` threads (threadpoolctl)."""
+    """Limit NumPy's BLAS/LAPACK to ``threads`` threads (threadpoolctl) while the block runs.
+
+    The limit is process-wide, and layers may run concurrently in threads (Prefect's thread runner): the
+    first caller sets it, the last one out restores the original, so an early finisher cannot lift it
+    under a running layer, nor a late one leave it set after the run.
+    """
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=threads, user_api="blas")
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            _BLAS_STATE["limiter"] = threadpool_limits(limits=threads, user_api="blas")
+        _BLAS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def compute_spectrum(

@@ -136,3 +136,24 @@ def test_auto_uses_the_gram_method_on_the_cpu():
     docstring), so auto never picks randomized there, even where the sketch is narrow (q = 52 of 800)."""
     a = _matrix(800, 800, 0.9 ** np.arange(800))
     assert compute_spectrum(a, 20, method="auto", device="cpu").method == "gram"
+
+
+def test_blas_limit_holds_until_the_last_concurrent_layer_leaves():
+    """Layers running in threads share one process-wide BLAS limit: the first in sets it, an early finisher
+    does not lift it under the others, the last one out restores the original."""
+    from threadpoolctl import threadpool_info
+
+    from lora_ranks.spectra import blas_threads
+
+    def blas() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    original = blas()
+    first, second = blas_threads(1), blas_threads(1)
+    first.__enter__()
+    second.__enter__()
+    assert blas() == {1}
+    first.__exit__(None, None, None)
+    assert blas() == {1}  # the second layer is still computing
+    second.__exit__(None, None, None)
+    assert blas() == original
