@@ -78,8 +78,27 @@ def check_spectra(device, dims, naive_layers: int) -> dict:
                     k = min(len(ref), len(spectrum.singular_values))
                     errors.append(float(max(abs(spectrum.singular_values[:k] - ref[:k]) / ref[:k])))
         out[family] = {"engine_seconds": engine_s, "naive_seconds_scaled": naive_s * dims["layers"] / max(1, naive_layers),
-                       "max_rel_error_layer0": max(errors), "methods": methods}
+                       "max_rel_error_layer0": max(errors), "methods": methods,
+                       "per_method_layer0_seconds": _per_method(family, device, dims, gen)}
     return out
+
+
+def _per_method(family, device, dims, gen) -> dict:
+    """Seconds for one layer's 7 deltas with each method forced: the data to choose ``auto``'s rule on this
+    device (on the CPU, 2 cores, the Gram won at every shape; the CUDA rule is still a guess)."""
+    from lora_ranks.spectra import compute_spectrum
+
+    deltas = [_delta(shape, family, device, gen) for shape in _shapes(dims)]
+    seconds = {}
+    for method in ("gram", "randomized", "svdvals"):
+        compute_spectrum(deltas[0], 129, method=method, device=device)  # warm-up (kernels, workspaces)
+        _sync(device)
+        start = time.perf_counter()
+        for delta in deltas:
+            compute_spectrum(delta, 129, method=method, device=device)
+        _sync(device)
+        seconds[method] = time.perf_counter() - start
+    return seconds
 
 
 def check_finetune(device, dims) -> dict:
