@@ -119,13 +119,18 @@ def test_exactly_low_rank_delta_has_an_exact_zero_tail():
     """A rank-10 delta (a merged LoRA, say): the 10 nonzero values match float64 LAPACK to 1e-9 relative; the
     tail (here ~1e-8 s_1, from storing the matrix in float32) is below the Gram method's resolution and comes
     back as exact zeros, and the reported error bound covers the resolved values (before, the round-off
-    values made it ~1e2). LAPACK ``svdvals`` does resolve that tail and keeps it."""
+    values made it ~1e2). Randomized iteration recognizes the same tail as zeros instead of failing its
+    relative check and falling back (it did before). LAPACK ``svdvals`` does resolve that tail and keeps it."""
     a = _matrix(300, 120, np.linspace(3.0, 0.5, 10))
     reference = torch.linalg.svdvals(a.double()).numpy()
     gram = compute_spectrum(a, 33, method="gram", device="cpu")
     np.testing.assert_allclose(gram.singular_values[:10], reference[:10], rtol=1e-9)
     assert np.all(gram.singular_values[10:] == 0.0)
     assert gram.rel_error_bound <= 1e-9
+    randomized = compute_spectrum(a, 33, method="randomized", device="cpu")
+    assert randomized.method == "randomized"  # accepted, no fallback: the zero tail is recognized as such
+    np.testing.assert_allclose(randomized.singular_values[:10], reference[:10], rtol=1e-5)
+    assert np.all(randomized.singular_values[10:] == 0.0)
     exact = compute_spectrum(a, 33, method="svdvals", device="cpu")
     np.testing.assert_allclose(exact.singular_values, reference, rtol=1e-12, atol=1e-14 * reference[0])
     assert np.all(exact.singular_values[10:33] > 0.0)
