@@ -104,7 +104,7 @@ def parallel_plan(jobs: int, device: torch.device | str | None = None, max_worke
     at a time with all threads: LAPACK's tridiagonal reduction (half of it matrix-vector products) scales
     poorly over threads (measured on 2 cores: 30% less wall time for a layer's 7 spectra). The thread
     budget is ``torch.get_num_threads()`` (what the process runner pins per worker); ``max_workers``
-    bounds the memory held at once (each worker holds one float64 delta and its Gram matrix, ~0.8 GB
+    bounds the memory held at once (each worker holds one float64 delta and its Gram matrix, ~0.65 GB
     at 18944x3584). On CUDA one worker: the device serializes the kernels anyway.
     """
     dev = torch.device(device) if device is not None else default_device()

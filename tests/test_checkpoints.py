@@ -77,6 +77,23 @@ def test_side_by_side_spectra_equal_one_at_a_time(planted_pair, tmp_path, monkey
         np.testing.assert_allclose(ours[name].singular_values, ref[name].singular_values, rtol=1e-12,
                                    atol=1e-12 * ref[name].singular_values[0])
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_delta_by_blocks_is_exact(tmp_path, monkeypatch, dtype):
+    """The delta is built in place by blocks of rows; with blocks of 2-3 rows it still equals
+    dtype(fine-tuned) - dtype(base) of the stored bf16 tensors bit for bit, and never writes into them."""
+    import lora_ranks.checkpoints as checkpoints
+
+    base, ft = write_planted_pair(tmp_path / "base", tmp_path / "ft", planted_rank=(5,), dtype="bfloat16")
+    monkeypatch.setattr(checkpoints, "_DELTA_BLOCK_ELEMENTS", 150)  # 2 rows of a 64-wide matrix per block
+    pair = CheckpointPair(base, ft)
+    stored_base, stored_ft = _stored(base), _stored(ft)
+    for module in pair.modules():
+        got = pair.delta(module, dtype=dtype)
+        want = stored_ft[module.weight_key].to(dtype) - stored_base[module.weight_key].to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), module.name
+        assert torch.equal(pair.base.get(module.weight_key), stored_base[module.weight_key])
+
 def test_bf16_pair_matches_reference_of_stored_tensors(tmp_path):
     base, ft = write_planted_pair(tmp_path / "base", tmp_path / "ft", planted_rank=(5, 12), dtype="bfloat16", noise=1e-2)
     assert _stored(base)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
