@@ -119,7 +119,6 @@ _BLAS_LOCK = threading.Lock()
 _BLAS_STATE: dict = {"users": 0, "limiter": None}
 
 
-
 def _reset_blas_state_after_fork() -> None:  # a forked child has none of the parent's threads in the block
     global _BLAS_LOCK
     _BLAS_LOCK = threading.Lock()
