@@ -133,13 +133,12 @@ def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_
     workers, threads = parallel_plan(len(modules), device)
     on_cpu = (torch.device(device) if device is not None else default_device()).type == "cpu"
     delta_dtype = torch.float64 if on_cpu else torch.float32
-    if digests is None:  # hash both checkpoints' bytes (sha256 releases the GIL) beside the first spectra
+    digest_jobs = []
+    if digests is None and workers > 1:  # hash both checkpoints' bytes (sha256 releases the GIL) beside the spectra
         keys = [m.weight_key for m in modules]
-        if workers > 1:
-            jobs = [_spectra_pool(workers).submit(c.content_digest, keys) for c in (pair.base, pair.finetuned)]
-            digests = _Pending(jobs)
-        else:
-            digests = pair.fingerprints(modules)
+        digest_jobs = [_spectra_pool(workers).submit(c.content_digest, keys) for c in (pair.base, pair.finetuned)]
+    elif digests is None:
+        digests = pair.fingerprints(modules)
 
     def one_module(module: ModuleRef) -> tuple[ModuleRef, Spectrum, torch.Tensor | None, tuple | None]:
         delta = pair.delta(module, dtype=delta_dtype)  # (d_out, d_in)
@@ -160,7 +159,7 @@ def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_
         with blas_threads(threads):
             done = {r[0].name: r for r in _spectra_pool(workers).map(one_module, by_cost)}
         results = [done[m.name] for m in modules]
-    base_digest, finetuned_digest = digests.result() if isinstance(digests, _Pending) else digests
+    base_digest, finetuned_digest = [job.result() for job in digest_jobs] if digest_jobs else digests
     fingerprint = hashlib.sha256(f"{base_digest}|{finetuned_digest}".encode()).hexdigest()
     for module, spectrum, delta, factors in results:  # in module order whatever finished first
         if delta is not None:
@@ -186,16 +185,6 @@ def _analyze_layer(pair, modules, out_dir, top_k, method, device, digests, save_
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
                        {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
-
-
-@dataclass
-class _Pending:
-    """Futures of the (base, fine-tuned) digests being computed in the spectra pool."""
-
-    jobs: list
-
-    def result(self) -> tuple[str, str]:
-        return tuple(job.result() for job in self.jobs)
 
 
 def _spectrum_cost(shape: tuple[int, int]) -> int:

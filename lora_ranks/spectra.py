@@ -252,8 +252,12 @@ def _resolved(s: torch.Tensor, n: int, squared: bool) -> torch.Tensor:
     """
     if s.numel() == 0 or float(s[0]) <= 0.0:
         return s
-    floor = float(s[0]) * (math.sqrt(2 * n * _EPS64) if squared else 2 * n * _EPS64)
-    return torch.where(s >= floor, s, torch.zeros_like(s))
+    return torch.where(s >= _resolution(float(s[0]), n, squared), s, torch.zeros_like(s))
+
+
+def _resolution(s1: float, n: int, squared: bool) -> float:
+    """Smallest singular value a backward-stable method resolves next to ``s1`` (see ``_resolved``)."""
+    return s1 * (math.sqrt(2 * n * _EPS64) if squared else 2 * n * _EPS64)
 
 
 def _exact_bound(s: torch.Tensor, n: int, squared: bool) -> float:
@@ -327,7 +331,7 @@ def _randomized_values(a, k, q, tol, power_iters, max_power_iters, seed):
         # A Ritz pair whose value and residual are both below the Gram method's resolution is numerically
         # zero (the zero tail of an exactly low-rank delta): returned as 0, as "gram" would, instead of
         # failing the relative check forever.
-        zero = (s_k + r) <= float(s[0]) * math.sqrt(2 * min(m, n) * _EPS64)
+        zero = (s_k + r) <= _resolution(float(s[0]), min(m, n), squared=True)
         floor = float(s[0]) * 1e-12
         rel = torch.where(zero, torch.zeros_like(r), r / torch.clamp(s_k, min=floor))
         worst = float(rel.max())
