@@ -1,5 +1,7 @@
 # Two commands do all set-up (see README):  make demo   |   make test
 # Both create or reuse .venv at the repo root; installs are skipped when pyproject.toml has not changed.
+# Prefect's defaults (PREFECT_HOME = .prefect/ of this checkout, no telemetry, a patient ephemeral server) are set in
+# one place, flows/_runtime.py, which the CLI, the flows and the tests all go through.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,11 +10,8 @@ BIN := $(VENV)/bin
 # .venv first (see README) and this step leaves it alone.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-export PREFECT_HOME ?= $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: demo test setup clean
+.PHONY: demo test quick lint setup clean
 
 setup: $(STAMP)
 
@@ -25,8 +24,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lora-ranks demo
 
-test: $(STAMP)
+# What CI runs (.ci/run): the linter, then every test.
+test: lint
 	$(BIN)/python -m pytest -q
 
+# For local iteration: everything but the slow end-to-end tests (flows, servers, runners).
+quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 clean:
-	rm -rf outputs .prefect .pytest_cache
+	rm -rf outputs .prefect .pytest_cache .ruff_cache

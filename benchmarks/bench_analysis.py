@@ -75,12 +75,12 @@ def run_naive(base: str, ft: str, tau: float, values_only: bool = False) -> dict
 def run_engine(base: str, ft: str, tau: float) -> dict:
     import transformers  # noqa: F401  (imported before the clock starts, as in run_naive)
 
-    from lora_ranks import AllocationSettings, analyze_checkpoints
+    from lora_ranks import AllocationSettings, AnalysisSettings, analyze_checkpoints
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         settings = AllocationSettings(energy_threshold=tau, min_rank=1, max_rank=128, smoothing="none")
-        config = analyze_checkpoints(base, ft, out, settings=settings, device="cpu")
+        config = analyze_checkpoints(base, ft, out, settings=settings, analysis=AnalysisSettings(device="cpu"))
     modules = config["analysis_metadata"]["modules"]
     timings = config["analysis_metadata"]["timings"]
     return {"seconds": time.perf_counter() - start, "svd_seconds": timings["spectra_wall_seconds"],
@@ -99,7 +99,7 @@ def _child(kind: str, base: str, ft: str, tau: float) -> dict:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT"))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
 
 

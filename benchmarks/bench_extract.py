@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lora_ranks.analysis import analyze_checkpoints
-    from lora_ranks.ranks import AllocationSettings
+    from lora_ranks.settings import AllocationSettings
     from lora_ranks.synthetic import write_planted_pair
 
     mergekit = ensure_mergekit(Path(args.mergekit_venv))
@@ -121,7 +121,8 @@ def main() -> None:
         f"Medians of {args.repeats} interleaved runs of each whole command.", "",
         "| tool | wall s (whole command) | peak RSS MB | mean rel. error | max rel. error |", "|---|---|---|---|---|",
         f"| lora-ranks extract | {ours_s:.1f} | {ours_mb:.0f} | {mean(ours_err):.6f} | {max(ours_err.values()):.6f} |",
-        f"| mergekit-extract-lora 0.1.5 | {theirs_s:.1f} | {theirs_mb:.0f} | {mean(theirs_err):.6f} | {max(theirs_err.values()):.6f} |",
+        f"| mergekit-extract-lora 0.1.5 | {theirs_s:.1f} | {theirs_mb:.0f} | {mean(theirs_err):.6f} | "
+        f"{max(theirs_err.values()):.6f} |",
         "", f"Speed-up {theirs_s / ours_s:.1f}x; peak memory {ours_mb / theirs_mb:.2f}x of mergekit's; largest per-module "
         f"error difference (ours - mergekit) {max(ours_err[n] - theirs_err[n] for n in ours_err):+.2e}.",
     ]

@@ -28,22 +28,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import emit  # noqa: E402
-
 import torch  # noqa: E402
+
+from benchmarks._common import emit  # noqa: E402
 
 
 def design_example_config(model_dir: Path) -> dict:
     """A rank config with the original design's example ranks: attention 32, MLP 64."""
     from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.config import build_rank_config
-    from lora_ranks.ranks import AllocationSettings, ModuleAllocation
+    from lora_ranks.ranks import ModuleAllocation
+    from lora_ranks.settings import AllocationSettings
 
     pair = CheckpointPair(model_dir, model_dir)
     allocations = []
     for m in pair.modules():
         r = 64 if m.module_type in ("gate_proj", "up_proj", "down_proj") else 32
-        allocations.append(ModuleAllocation(m.name, m.module_type, m.layer, m.depth, m.shape, r, False, r, r, r, 1.0))
+        allocations.append(ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth,
+                                            shape=m.shape, raw_rank=r, saturated=False, bounded_rank=r, smoothed_rank=r,
+                                            final_rank=r, energy_retained=1.0))
     return build_rank_config(allocations, AllocationSettings(), base_parameters=pair.base_parameters)
 
 

@@ -43,7 +43,14 @@ def main() -> None:
 
     apply_defaults()
     from flows.compare_allocations import compare_allocations
-    from lora_ranks.finetune import FinetuneSettings, run_preliminary_finetune
+    from lora_ranks.finetune import run_preliminary_finetune
+    from lora_ranks.settings import (
+        AllocationSettings,
+        ComparisonSettings,
+        FidelitySettings,
+        FinetuneSettings,
+        LoRATrainingSettings,
+    )
     from lora_ranks.synthetic import build_tiny_qwen3, synthetic_records, train_tokenizer, write_synthetic_dataset
 
     # Step 1: a base model with structure.
@@ -60,11 +67,13 @@ def main() -> None:
 
     # Step 2: the whole pipeline on a new task mix.
     data = write_synthetic_dataset(out / "task.jsonl", 1000, fmt="mixed", seed=2, tasks=("sort", "count", "reverse"))
-    results_path = compare_allocations(base_model=base, data_path=str(data), output_dir=str(out / "compare"),
-                                       energy_threshold=0.9, min_rank=2, max_rank=64, seeds=args.seeds,
-                                       max_steps=args.lora_steps, learning_rate=2e-3, batch_size=16,
-                                       finetune_steps=100, finetune_learning_rate=1e-3, subset_ratio=0.01,
-                                       fidelity_report=True)
+    results_path = compare_allocations(
+        base_model=base, data_path=str(data), output_dir=str(out / "compare"),
+        allocation=AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=64),
+        comparison=ComparisonSettings(seeds=tuple(args.seeds)),
+        training=LoRATrainingSettings(max_steps=args.lora_steps, epochs=10**6, learning_rate=2e-3, batch_size=16),
+        finetune=FinetuneSettings(max_steps=100, learning_rate=1e-3, subset_ratio=0.01),
+        fidelity=FidelitySettings(fidelity_report=True))
 
     # Step 3: tables.
     results = json.loads(Path(results_path).read_text())
@@ -78,7 +87,8 @@ def main() -> None:
              "| tau | parameters | energy ranks KL | budget ranks KL | uniform ranks KL |", "|---|---|---|---|---|"]
     energy_points = [p for p in fidelity["points"] if p["method"] == "energy"]
     for e in energy_points:
-        same = {p["method"]: p for p in fidelity["points"] if p["method"] != "energy" and p["setting"] == e["trainable_parameters"]}
+        same = {p["method"]: p for p in fidelity["points"]
+                if p["method"] != "energy" and p["setting"] == e["trainable_parameters"]}
         lines.append(f"| {e['setting']:g} | {e['trainable_parameters']:,} | {e['mean_kl']:.4g} | "
                      f"{same['budget']['mean_kl']:.4g} ({same['budget']['trainable_parameters']:,}) | "
                      f"{same['uniform']['mean_kl']:.4g} ({same['uniform']['trainable_parameters']:,}) |")

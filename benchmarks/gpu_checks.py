@@ -49,7 +49,8 @@ def _delta(shape, family, device, gen):
         return torch.randn(m, n, device=device, generator=gen) * 1e-3
     r = 256
     left = torch.randn(m, r, device=device, generator=gen) * (0.97 ** torch.arange(r, device=device))
-    return (left @ torch.randn(r, n, device=device, generator=gen)) * 1e-4 + torch.randn(m, n, device=device, generator=gen) * 1e-4
+    right = torch.randn(r, n, device=device, generator=gen)
+    return (left @ right) * 1e-4 + torch.randn(m, n, device=device, generator=gen) * 1e-4
 
 
 def check_spectra(device, dims, naive_layers: int) -> dict:

@@ -1,5 +1,6 @@
-"""Process-level settings for the flows: Prefect defaults applied before Prefect is imported, and the task
-runner, chosen by environment so that deployments pick it per work pool or run (job_variables.env):
+"""Process-level settings for the flows: Prefect's defaults, applied before Prefect is imported (the one place
+they are set: the Makefile, the CLI, the tests and the workers all come through here), and the task runner,
+chosen by environment so that deployments pick it per work pool or run (job_variables.env):
 
     LORA_RANKS_TASK_RUNNER   threads (default) | processes | dask
     LORA_RANKS_MAX_WORKERS   concurrent layer tasks (default 2; processes: one per visible GPU if any)
@@ -12,6 +13,9 @@ CUDA_VISIBLE_DEVICES and the thread budget before torch is first imported in the
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parents[1]
 
 DEFAULTS = {
     # No telemetry: these machines are offline and the server would log a connection error.
@@ -23,8 +27,12 @@ RUNNERS = ("threads", "processes", "dask")
 
 
 def apply_defaults() -> None:
+    """Set Prefect's defaults unless the environment already sets them. Run from a source checkout (the README's
+    setup), the ephemeral API keeps its SQLite database in the checkout's ``.prefect/``."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "lora_ranks").is_dir():
+        os.environ.setdefault("PREFECT_HOME", str(_CHECKOUT / ".prefect"))
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -39,8 +47,8 @@ def _positive_int(name: str, default: int) -> int:
 
 
 def max_workers() -> int:
-    """Concurrent layer tasks: LORA_RANKS_MAX_WORKERS, default 2 (each task's matrix products already use
-    every core; more threads mostly add memory)."""
+    """Concurrent layer tasks: LORA_RANKS_MAX_WORKERS, default 2 (each task's matrix products already use every
+    core; more threads mostly add memory)."""
     return _positive_int("LORA_RANKS_MAX_WORKERS", 2)
 
 
@@ -58,8 +66,8 @@ def visible_gpus() -> list[str]:
 
 
 def pin_worker(gpu_ids: tuple[str, ...], threads: int) -> None:
-    """Process-pool initializer: give this worker one GPU (round robin over ``gpu_ids``) and a CPU thread
-    budget, before torch is imported, so parallel SVD tasks neither share a device nor oversubscribe cores."""
+    """Process-pool initializer: give this worker one GPU (round robin over ``gpu_ids``) and a CPU thread budget,
+    before torch is imported, so parallel SVD tasks neither share a device nor oversubscribe cores."""
     import multiprocessing
 
     identity = multiprocessing.current_process()._identity  # (k,) for the k-th worker this pool started
@@ -95,3 +103,28 @@ def task_runner():
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": max_workers(), "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
+
+
+def described(what: str | type):
+    """A pydantic ``Field`` whose description is a help text, or the first paragraph of a settings class's doc."""
+    from pydantic import Field
+
+    text = what if isinstance(what, str) else " ".join((what.__doc__ or "").split("\n\n")[0].split())
+    return Field(description=text)
+
+
+def documented(fn):
+    """Append an ``Args:`` section built from the parameters' ``Annotated[..., described(...)]`` help texts to the
+    flow function's docstring: Prefect 3.9 reads parameter descriptions for the UI form from the docstring (it
+    drops those given in ``Annotated``), so each help text is still written once, where the parameter is."""
+    import typing
+
+    hints = typing.get_type_hints(fn, include_extras=True)
+    lines = []
+    for name, hint in hints.items():
+        for meta in getattr(hint, "__metadata__", ()):
+            if getattr(meta, "description", None):
+                lines.append(f"    {name}: {meta.description}")
+    if lines:
+        fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+    return fn

@@ -1,43 +1,44 @@
 """lora-ranks: decide per-module LoRA ranks from the spectrum of a brief full fine-tune's weight deltas.
 
-The library is pure (no Prefect): stages are ``checkpoints`` -> ``spectra`` -> ``ranks`` -> ``config`` ->
-``model`` (PEFT), with ``data``/``finetune`` producing the checkpoint pair, ``report`` the plots and raw data,
-``extract`` the truncated-SVD adapter of a full fine-tune and ``train`` the dynamic-rank LoRA training.
-Orchestration lives in the top-level ``tasks`` and ``flows`` packages.
+The library is pure (no Prefect). Stages, each a module or package of this folder::
+
+    settings      every option of every stage, declared once
+    data, finetune                the checkpoint pair: records, the brief full fine-tune
+    checkpoints   stage 1: read the pair lazily, discover targets, deltas
+    spectra       stage 2: exact energy + top singular values; truncated SVD factors
+    analysis      per-layer spectra on disk (the unit of parallel work), assembled into a rank config
+    ranks         stage 3: spectra -> one rank per module (threshold, bounds, smoothing, budget)
+    config        stage 4: lora_rank_config.json, the contract between analysis and model building
+    model, train, extract         stage 5: PEFT models with those ranks; training; adapters from a full fine-tune
+    report, evidence              plots and raw data; do the ranks help?
+
+Orchestration lives in the top-level ``tasks`` and ``flows`` packages. Names below are imported on first use,
+so ``import lora_ranks`` (and reading the settings) stays fast.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
 
-from .analysis import analyze_checkpoints  # noqa: E402
-from .checkpoints import Checkpoint, CheckpointError, CheckpointPair, ModuleRef, TargetSpec  # noqa: E402
-from .config import AlphaPolicy, RankConfigError, load_rank_config, save_rank_config  # noqa: E402
-from .extract import extract_lora  # noqa: E402
-from .model import (DynamicLoRAConfig, DynamicLoRAError, PEFTModelFactory, create_model_with_dynamic_lora,  # noqa: E402
-                    create_peft_model_from_config, load_peft_checkpoint)
-from .ranks import AllocationSettings, allocate_ranks  # noqa: E402
-from .spectra import Spectrum, compute_spectrum  # noqa: E402
+from ._version import __version__
 
-__all__ = [
-    "__version__",
-    "analyze_checkpoints",
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointPair",
-    "ModuleRef",
-    "TargetSpec",
-    "AlphaPolicy",
-    "RankConfigError",
-    "load_rank_config",
-    "save_rank_config",
-    "AllocationSettings",
-    "allocate_ranks",
-    "Spectrum",
-    "compute_spectrum",
-    "extract_lora",
-    "DynamicLoRAConfig",
-    "DynamicLoRAError",
-    "PEFTModelFactory",
-    "create_model_with_dynamic_lora",
-    "create_peft_model_from_config",
-    "load_peft_checkpoint",
-]
+_EXPORTS = {
+    "analyze_checkpoints": "analysis",
+    "Checkpoint": "checkpoints", "CheckpointError": "checkpoints", "CheckpointPair": "checkpoints",
+    "ModuleRef": "checkpoints", "TargetSpec": "checkpoints",
+    "RankConfigError": "config", "load_rank_config": "config", "save_rank_config": "config",
+    "LoraRanksError": "errors",
+    "extract_lora": "extract",
+    "DynamicLoRAConfig": "model", "DynamicLoRAError": "model", "PEFTModelFactory": "model",
+    "create_model_with_dynamic_lora": "model", "create_peft_model_from_config": "model", "load_peft_checkpoint": "model",
+    "allocate_ranks": "ranks",
+    "AllocationSettings": "settings", "AlphaPolicy": "settings", "AnalysisSettings": "settings",
+    "FinetuneSettings": "settings", "LoRATrainingSettings": "settings",
+    "Spectrum": "spectra", "compute_spectrum": "spectra",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'lora_ranks' has no attribute {name!r}")

@@ -1,20 +1,29 @@
-"""Atomic file writes and small I/O helpers.
+"""Atomic file and folder writes.
 
-Every output of the tool goes through these functions so that an interrupted run leaves either the
-previous file or the complete new one, never a truncated file that looks valid: the bytes go to a
-temporary file in the same folder, are flushed to disk, then renamed over the target (`os.replace`
-is atomic on POSIX and Windows when source and target share a file system).
+Every output of the tool goes through these functions so that an interrupted run leaves either the previous
+file or the complete new one, never a truncated file that looks valid: the bytes go to a temporary file in the
+same folder, are flushed to disk, then renamed over the target (``os.replace`` is atomic on POSIX and Windows
+when source and target share a file system).
+
+Folders (checkpoints, adapters) cannot be renamed over a non-empty folder, so ``atomic_folder`` writes the new
+folder beside the target, moves the old one aside, moves the new one in, then deletes the old one. A crash
+between the two moves leaves both complete folders beside the target name; ``recover_folder`` (run before the
+next write, and when a missing model folder is opened) finishes the swap.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_folder",
+           "recover_folder"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -61,3 +70,54 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     NaN and infinity are refused (``allow_nan=False``): they are not JSON and other tools choke on them.
     """
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _staging(target: Path) -> Path:
+    return target.with_name(f".{target.name}.new")
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_folder(path: str | os.PathLike) -> None:
+    """Finish or clean up an ``atomic_folder`` swap that a crash interrupted; a no-op when there is none.
+
+    * old folder aside and no target: the crash came between the two moves, after the new folder was complete,
+      so the new folder is moved in (or, if it is gone, the old one back);
+    * old folder aside and the target in place: the crash came before the old folder was deleted: delete it;
+    * a new folder that never moved in: its write did not finish (or was superseded): delete it.
+    """
+    target = Path(path)
+    staging, aside = _staging(target), _aside(target)
+    if aside.exists():
+        if not target.exists():
+            os.rename(staging if staging.exists() else aside, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder that replaces ``path`` only once complete.
+
+    Yields a fresh staging folder beside ``path`` to write into. When the block ends without an exception, the old
+    folder (if any) is renamed aside, the staging folder renamed to ``path``, and the old one deleted; at every
+    instant the complete old or the complete new folder exists (see ``recover_folder``). If the block raises,
+    the staging folder is deleted and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(target)
+    staging, aside = _staging(target), _aside(target)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        os.rename(target, aside)  # step 1: the old folder aside
+    os.rename(staging, target)  # step 2: the new folder in
+    shutil.rmtree(aside, ignore_errors=True)  # step 3: the old folder gone

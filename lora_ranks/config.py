@@ -24,14 +24,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ._io import atomic_write_json
-from .ranks import AllocationSettings, ModuleAllocation, lora_parameters
+from ._version import __version__
+from .errors import LoraRanksError, list_problems
+from .ranks import ModuleAllocation, lora_parameters
+from .settings import AllocationSettings, AlphaPolicy
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -44,39 +47,14 @@ __all__ = [
     "validate_rank_config",
     "check_config_matches_model",
     "modules_from_config",
+    "allocation_settings_of",
 ]
 
 SCHEMA_VERSION = 1
 
 
-class RankConfigError(ValueError):
+class RankConfigError(LoraRanksError):
     """A rank config file is missing, unreadable, or does not follow the schema."""
-
-
-@dataclass(frozen=True)
-class AlphaPolicy:
-    """How ``lora_alpha`` is set per module.
-
-    ``"constant"``: alpha = scale * r, so the LoRA update's scale alpha / r equals ``scale`` in every module
-    whatever its rank (the common alpha = 2r rule). ``"rslora"``: rank-stabilized LoRA (Kalajdzievski 2023):
-    one alpha = ``scale`` * 8 for all modules and PEFT's ``use_rslora`` divides by sqrt(r) instead of r,
-    so higher-rank modules keep a larger update scale.
-    """
-
-    policy: Literal["constant", "rslora"] = "constant"
-    """Scaling rule; constant alpha = 2r is what most LoRA recipes use."""
-    scale: float = 2.0
-    """alpha / r for "constant"; alpha = 8 * scale for "rslora"."""
-
-    def __post_init__(self) -> None:
-        if self.policy not in ("constant", "rslora"):
-            raise ValueError(f"alpha policy must be 'constant' or 'rslora', got policy={self.policy!r}")
-        if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(f"alpha scale must be a positive number, got scale={self.scale}")
-
-    def alpha(self, rank: int) -> float:
-        value = self.scale * rank if self.policy == "constant" else self.scale * 8
-        return int(value) if float(value).is_integer() else float(value)
 
 
 def anchored_key(module_name: str) -> str:
@@ -107,8 +85,6 @@ def build_rank_config(
         raise RankConfigError("no modules to write: the allocation is empty")
     if base_parameters <= 0:
         raise RankConfigError(f"base_parameters must be positive, got {base_parameters}")
-    from . import __version__
-
     by_type: dict[str, list[int]] = {}
     for a in allocations:
         by_type.setdefault(a.module_type, []).append(a.final_rank)
@@ -143,7 +119,7 @@ def build_rank_config(
         "alpha_pattern": alpha_pattern,
         "lora_alpha": alpha_policy.alpha(layer_ranks[allocations[0].module_type]),
         "use_rslora": alpha_policy.policy == "rslora",
-        "alpha_policy": asdict(alpha_policy),
+        "alpha_policy": alpha_policy.to_dict(),
         "compression_ratio": trainable / base_parameters,
         "trainable_parameters": trainable,
         "base_parameters": base_parameters,
@@ -260,7 +236,7 @@ def check_config_matches_model(config: Mapping[str, Any], model: Any) -> None:
         if shape is not None and list(actual) != list(shape):
             problems.append(f"{name}: weight shape {tuple(actual)} but the config was made for {tuple(shape)}")
     if problems:
-        raise RankConfigError(f"rank config does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        raise RankConfigError(list_problems("rank config does not fit the model", problems))
 
 
 def modules_from_config(config: Mapping[str, Any]):
@@ -274,3 +250,14 @@ def modules_from_config(config: Mapping[str, Any]):
         return None
     return [ModuleRef(n, meta[n]["weight_key"], tuple(meta[n]["shape"]), meta[n].get("layer", ""),
                       meta[n].get("depth", 0), meta[n].get("module_type", "")) for n in config["target_modules"]]
+
+
+def allocation_settings_of(config: Mapping[str, Any]) -> AllocationSettings:
+    """The allocation settings a config was made with, from its metadata (older configs' separate
+    ``budget_parameters`` / ``budget_fraction`` map onto ``budget``)."""
+    recorded = dict(config.get("analysis_metadata", {}).get("settings", {}))
+    for old in ("budget_parameters", "budget_fraction"):
+        value = recorded.pop(old, None)
+        if value is not None:
+            recorded["budget"] = float(value)
+    return AllocationSettings(**{k: v for k, v in recorded.items() if k in AllocationSettings.model_fields})

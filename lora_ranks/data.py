@@ -23,9 +23,11 @@ import json
 import math
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+
+from .errors import LoraRanksError
 
 __all__ = ["DataError", "load_records", "record_kind", "stratified_subset", "SubsetReport", "tokenize_record",
            "collate"]
@@ -33,7 +35,7 @@ __all__ = ["DataError", "load_records", "record_kind", "stratified_subset", "Sub
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
 
-class DataError(ValueError):
+class DataError(LoraRanksError):
     """A dataset file or record is unusable (the message names the file and line)."""
 
 
@@ -113,13 +115,13 @@ class SubsetReport:
 
 def stratified_subset(
     records: Sequence[dict],
-    subset_ratio: float = 0.01,
-    max_samples: int = 1000,
+    subset_ratio: float,
+    max_samples: int,
     *,
     seed: int = 0,
     task_key: str = "task",
 ) -> tuple[list[dict], SubsetReport]:
-    """Sample a subset that keeps every task, in proportion to task size.
+    """Sample a subset that keeps every task, in proportion to task size (``FinetuneSettings`` has the defaults).
 
     The target size is ``min(max_samples, round(ratio * N))``, at least one per task. Each task gets its
     proportional share's floor; the remaining slots go to the largest remainders (ties by task name);

@@ -9,85 +9,29 @@ Layout written (the original design's)::
     <out>/training_metrics.json  # losses, per-task counts before/after sampling, settings, timings
 
 The training loop is deliberately plain torch (AdamW, warmup + cosine/linear decay, gradient accumulation,
-optional gradient checkpointing, bf16 autocast on CUDA) so one screen shows everything it does.
+optional gradient checkpointing, bf16 autocast on CUDA) so one screen shows everything it does; LoRA training
+(``train.py``) runs the same loop. The options are ``FinetuneSettings`` / ``TrainingSettings`` in
+``lora_ranks.settings``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
 
 import torch
 
-from ._io import atomic_write_json
+from ._io import atomic_folder, atomic_write_json
 from .data import collate, load_records, stratified_subset, tokenize_record
+from .loading import load_image_processor, load_model
+from .settings import FinetuneSettings, TrainingSettings
 
-__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "load_causal_lm", "load_image_processor",
-           "train_loop", "prepare_examples"]
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Settings of the preliminary fine-tune (recorded in training_metrics.json)."""
-
-    subset_ratio: float = 0.01
-    """Fraction of the dataset to train on: ~1% is enough to see which directions each layer moves in."""
-    max_samples: int = 1000
-    """Cap on the subset size, so huge datasets stay a *brief* fine-tune."""
-    task_key: str = "task"
-    """Record field naming the task, used to stratify the subset."""
-    max_steps: int = 100
-    """Optimizer steps (a step = grad_accumulation micro-batches); the run stops at the first of steps/epochs."""
-    epochs: float = 3.0
-    """Passes over the subset; caps max_steps on tiny subsets."""
-    batch_size: int = 4
-    """Micro-batch size (sequences)."""
-    grad_accumulation: int = 1
-    """Micro-batches per optimizer step."""
-    learning_rate: float = 1e-4
-    """Peak AdamW learning rate; full fine-tunes of 7B models use 1e-5..1e-4."""
-    weight_decay: float = 0.0
-    """AdamW weight decay; 0 keeps the delta purely data-driven."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps with linear warmup."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup."""
-    max_length: int = 256
-    """Tokens per sequence (longer records are truncated)."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward: less memory, ~30% more compute."""
-    seed: int = 0
-    """Seeds sampling, shuffling and torch."""
-    freeze_vision: bool = True
-    """Keep a vision tower (Qwen2.5-VL) frozen: the ranks are for the language model unless asked otherwise."""
-    copy_base: bool = False
-    """Write pretrained/ even when the base is already a local safetensors folder; by default its path and
-    header fingerprint are recorded instead (the analysis reads it lazily; a 7B copy costs 15 GB)."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75% less optimizer memory)."""
-    wandb_project: str | None = None
-    """Log loss and learning rate to this Weights & Biases project (needs `pip install wandb`; honours
-    WANDB_MODE=offline; the API key is read by wandb from the environment, never by this tool)."""
-
-    def __post_init__(self) -> None:
-        if not (0.0 < self.subset_ratio <= 1.0):
-            raise ValueError(f"subset_ratio must be in (0, 1], got subset_ratio={self.subset_ratio}")
-        for name in ("max_samples", "max_steps", "batch_size", "grad_accumulation", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got learning_rate={self.learning_rate}")
-        if not (0.0 <= self.warmup_ratio < 1.0):
-            raise ValueError(f"warmup_ratio must be in [0, 1), got warmup_ratio={self.warmup_ratio}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule must be cosine, linear or constant, got schedule={self.schedule!r}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got optimizer={self.optimizer!r}")
+__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "train_loop", "prepare_examples",
+           "enable_gradient_checkpointing"]
 
 
 @dataclass
@@ -102,52 +46,25 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a local folder; safetensors only, no remote code unless asked.
-
-    Qwen2.5-VL folders load as ``Qwen2_5_VLForConditionalGeneration``; see ``load_image_processor``.
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    if _model_type(path) == "qwen2_5_vl":
-        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def load_image_processor(path: str | Path):
-    """The image processor saved with a vision-language model (preprocessor_config.json), or None."""
-    if not (Path(path) / "preprocessor_config.json").is_file():
-        return None
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(str(path))
-
-
-def _model_type(path: str | Path) -> str:
-    import json
-
-    config = Path(path) / "config.json"
-    return json.loads(config.read_text()).get("model_type", "") if config.is_file() else ""
-
-
-def prepare_examples(data_path: str | Path, tokenizer, settings: FinetuneSettings, image_processor=None):
+def prepare_examples(data_path: str | Path, tokenizer, *, max_length: int, seed: int = 0, subset_ratio: float = 1.0,
+                     max_samples: int | None = None, task_key: str = "task", image_processor=None):
     """Load, stratify and tokenize: (examples, SubsetReport, number of records in the file).
 
-    Image paths in vision records are relative to the dataset file's folder.
+    ``subset_ratio`` / ``max_samples`` pick a stratified subset by ``task_key`` (all records by default). Image
+    paths in vision records are relative to the dataset file's folder.
     """
     records = load_records(data_path)
-    subset, report = stratified_subset(records, settings.subset_ratio, settings.max_samples,
-                                       seed=settings.seed, task_key=settings.task_key)
-    examples = [tokenize_record(r, tokenizer, settings.max_length, image_processor=image_processor,
+    subset, report = stratified_subset(records, subset_ratio, max_samples if max_samples is not None else len(records),
+                                       seed=seed, task_key=task_key)
+    examples = [tokenize_record(r, tokenizer, max_length, image_processor=image_processor,
                                 base_dir=Path(data_path).parent) for r in subset]
     return examples, report, len(records)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (transformers 5 renamed the method; both spellings work)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -159,7 +76,7 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
-def train_loop(model, examples: list[dict], pad_token_id: int, settings: FinetuneSettings, device: torch.device, *,
+def train_loop(model, examples: list[dict], pad_token_id: int, settings: TrainingSettings, device: torch.device, *,
                on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
                desc: str = "training") -> tuple[list[float], bool]:
     """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0,
@@ -214,7 +131,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Finetun
     return losses, use_bf16
 
 
-def _optimizer(params: list, settings: FinetuneSettings) -> torch.optim.Optimizer:
+def _optimizer(params: list, settings: TrainingSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     try:
@@ -225,7 +142,7 @@ def _optimizer(params: list, settings: FinetuneSettings) -> torch.optim.Optimize
     return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
-def _wandb_run(settings: FinetuneSettings, name: str):
+def _wandb_run(settings: TrainingSettings, name: str):
     """A wandb run when ``wandb_project`` is set (config = the training settings only), else None."""
     if settings.wandb_project is None:
         return None
@@ -234,19 +151,16 @@ def _wandb_run(settings: FinetuneSettings, name: str):
     except ImportError as exc:
         raise ValueError("wandb_project is set but wandb is not installed: pip install wandb "
                          "(or leave wandb_project empty)") from exc
-    return wandb.init(project=settings.wandb_project, name=name, config=asdict(settings), reinit=True)
+    return wandb.init(project=settings.wandb_project, name=name, config=settings.to_dict(), reinit=True)
 
 
 def _save_dir(model, tokenizer, target: Path, image_processor=None) -> None:
-    """save_pretrained into a temporary sibling folder, then rename: never a half-written checkpoint."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if image_processor is not None:
-        image_processor.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    """Save model, tokenizer (and image processor) as a folder that replaces ``target`` only once complete."""
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
 
 
 def run_preliminary_finetune(
@@ -281,9 +195,11 @@ def run_preliminary_finetune(
     torch.manual_seed(settings.seed)
 
     # Step 1: data -- stratified subset, tokenized with response-only labels.
-    model, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(model_path, trust_remote_code=trust_remote_code)
     image_processor = load_image_processor(model_path)
-    examples, report, n_records = prepare_examples(data_path, tokenizer, settings, image_processor)
+    examples, report, n_records = prepare_examples(
+        data_path, tokenizer, max_length=settings.max_length, seed=settings.seed, subset_ratio=settings.subset_ratio,
+        max_samples=settings.max_samples, task_key=settings.task_key, image_processor=image_processor)
 
     # Step 2: the pretrained side of the pair (a local safetensors base is referenced, not copied).
     local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
@@ -303,9 +219,7 @@ def run_preliminary_finetune(
             if ".visual." in f".{name}":
                 param.requires_grad_(False)
     if settings.gradient_checkpointing:
-        # transformers 5 renamed gradient_checkpointing_enable; keep working on both spellings.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
         model.config.use_cache = False
     losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
                                   progress=progress, desc="preliminary fine-tune")
@@ -327,7 +241,7 @@ def run_preliminary_finetune(
         "n_train": len(examples),
         "task_counts_before": report.counts_before,
         "task_counts_after": report.counts_after,
-        "settings": asdict(settings),
+        "settings": settings.to_dict(),
         "device": str(dev),
         "bf16": use_bf16,
         "steps": total,

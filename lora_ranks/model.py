@@ -11,15 +11,18 @@ no other module may carry one; otherwise ``DynamicLoRAError`` lists every mismat
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any
 
 import torch
 
-from .checkpoints import resolve_model_path
+from ._io import atomic_folder, atomic_write_json
 from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, validate_rank_config
+from .errors import LoraRanksError, list_problems
+from .loading import Quantization, detect_model_type, load_model
+from .settings import LoRATrainingSettings
 
 __all__ = [
     "DynamicLoRAError",
@@ -34,22 +37,9 @@ __all__ = [
     "save_adapter",
 ]
 
-Quantization = Literal["4bit", "8bit"]
 
-
-class DynamicLoRAError(ValueError):
+class DynamicLoRAError(LoraRanksError):
     """A PEFT model does not carry the adapters its rank config asks for."""
-
-
-def detect_model_type(model_dir: str | Path) -> Literal["qwen3", "qwen2_5_vl", "causal_lm"]:
-    """Model family from ``config.json``: Qwen3, Qwen2.5-VL, or any other causal LM."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    model_type = config.get("model_type", "")
-    if model_type == "qwen2_5_vl":
-        return "qwen2_5_vl"
-    if model_type == "qwen3":
-        return "qwen3"
-    return "causal_lm"
 
 
 @dataclass
@@ -58,12 +48,12 @@ class DynamicLoRAConfig:
 
     Attributes:
         rank_config: the ``lora_rank_config.json`` content (validated on construction).
-        lora_dropout: dropout on the LoRA input; 0.05 is PEFT's most common recipe value.
+        lora_dropout: dropout on the LoRA input (default: ``LoRATrainingSettings.lora_dropout``).
         init_lora_weights: PEFT's initialisation (True: A Kaiming, B zero, so training starts at the base).
     """
 
     rank_config: dict
-    lora_dropout: float = 0.05
+    lora_dropout: float = LoRATrainingSettings.model_fields["lora_dropout"].default
     init_lora_weights: bool | str = True
     source: str = "<dict>"
 
@@ -77,7 +67,7 @@ class DynamicLoRAConfig:
                                       "are rejected by serving stacks, so rank configs never target them")
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs: Any) -> "DynamicLoRAConfig":
+    def from_file(cls, path: str | Path, **kwargs: Any) -> DynamicLoRAConfig:
         return cls(load_rank_config(path), source=str(path), **kwargs)
 
     @property
@@ -146,8 +136,7 @@ def validate_peft_model(model: torch.nn.Module, config: DynamicLoRAConfig, adapt
     problems += [f"{n}: rank {built[n]} but the config asks for {r}" for n, r in wanted.items() if n in built and built[n] != r]
     problems += [f"{n}: has a rank-{r} adapter the config does not ask for" for n, r in built.items() if n not in wanted]
     if problems:
-        raise DynamicLoRAError(f"PEFT model does not match {config.source} ({len(problems)} problem(s)):\n  "
-                               + "\n  ".join(problems))
+        raise DynamicLoRAError(list_problems(f"PEFT model does not match {config.source}", problems))
 
 
 def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | Mapping | str | Path,
@@ -201,35 +190,15 @@ class PEFTModelFactory:
             raise ValueError(f"quantization must be None, '4bit' or '8bit', got quantization={self.quantization!r}")
 
     def load_base(self, model_name: str | Path):
-        """(base model, tokenizer or processor) from a local folder or hub id; safetensors only."""
-        import transformers
+        """(base model, tokenizer) from a local folder or hub id; safetensors only (see ``loading.load_model``).
 
-        root = resolve_model_path(model_name)
-        kind = detect_model_type(root)
-        kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=self.trust_remote_code, **self.extra_load_kwargs)
-        cuda = torch.cuda.is_available()
-        if self.quantization is not None:
-            compute = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_4bit=self.quantization == "4bit", load_in_8bit=self.quantization == "8bit",
-                bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-            kwargs["dtype"] = compute
-            kwargs["device_map"] = self.device_map or ({"": 0} if cuda else {"": "cpu"})
-        else:
-            kwargs["dtype"] = self.dtype or (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32)
-            if self.device_map is not None:
-                kwargs["device_map"] = self.device_map
-        if kind == "qwen2_5_vl":
-            model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root), **kwargs)
-            processor_cls = transformers.AutoProcessor
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(root), **kwargs)
-            processor_cls = transformers.AutoTokenizer
-        try:
-            tokenizer = processor_cls.from_pretrained(str(root), trust_remote_code=self.trust_remote_code)
-        except Exception:  # a processor needs image-processor files; fall back to the tokenizer
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), trust_remote_code=self.trust_remote_code)
-        return model, tokenizer
+        Unquantized weights load in ``dtype`` (None: bf16 on CUDA, float32 on the CPU).
+        """
+        dtype = self.dtype
+        if dtype is None and self.quantization is None:
+            dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return load_model(model_name, dtype=dtype, quantization=self.quantization, trust_remote_code=self.trust_remote_code,
+                          device_map=self.device_map, **self.extra_load_kwargs)
 
     def build(self, model_name: str | Path, adapter_name: str = "default"):
         """(PEFT model, tokenizer or processor), validated against the config."""
@@ -241,8 +210,9 @@ class PEFTModelFactory:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+            from .finetune import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
             model.enable_input_require_grads()
         return create_peft_model_from_config(model, self.config, adapter_name), tokenizer
 
@@ -277,18 +247,11 @@ def load_peft_checkpoint(model_name: str | Path, adapter_dir: str | Path, *, qua
 
 
 def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = None) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then rename (never a half-written adapter); the
+    """``save_pretrained`` into a folder that replaces ``out_dir`` only once complete (see ``atomic_folder``); the
     rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it."""
-    import shutil
-
-    from ._io import atomic_write_json
-
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if config is not None:
-        atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(str(tmp))
+        if config is not None:
+            atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
     return out

@@ -1,5 +1,8 @@
 """Plots and raw-data export for an analysis (matplotlib, Agg backend: no display needed).
 
+Also the markdown of the UI summaries (plots embedded as data URIs, so that they render on a Prefect artifact
+page without a file server).
+
 Files written under ``<out>/``::
 
     plots/singular_values.png   # s_i / s_1 per module type, one line per layer, chosen ranks marked
@@ -12,18 +15,20 @@ Files written under ``<out>/``::
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from ._io import atomic_write, atomic_write_bytes, atomic_write_json
 from .spectra import Spectrum
 
-__all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot"]
+__all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
+           "analysis_summary_markdown", "comparison_markdown", "rank_table_rows"]
 
 
 def _pyplot():
@@ -172,3 +177,43 @@ def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
     ax.set_title("LoRA trained from scratch, equal parameter budget", fontsize=10)
     fig.tight_layout()
     return _save_png(fig, Path(out_dir) / "comparison.png")
+
+
+def markdown_image(path: str | Path, alt: str) -> str:
+    """A markdown image whose source is the PNG itself, as a base64 data URI."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+
+
+def rank_table_rows(config: dict) -> list[dict]:
+    """One row per module: type, raw and final rank, energy kept, saturation (the UI's rank table)."""
+    return [{"module": name, "type": m["module_type"], "raw": m["raw_rank"], "final": m["final_rank"],
+             "energy kept": round(m["energy_retained"], 4), "saturated": m["saturated"]}
+            for name, m in config["analysis_metadata"]["modules"].items()]
+
+
+def analysis_summary_markdown(config: dict, config_path: str | Path, plots: Mapping[str, str]) -> str:
+    """The analysis summary: counts, per-type ranks, SVD accuracy and timing, and every plot embedded."""
+    meta = config["analysis_metadata"]
+    pngs = {k: p for k, p in plots.items() if str(p).endswith(".png")}
+    lines = [
+        "# LoRA rank analysis", "",
+        f"Config: `{Path(config_path).resolve()}`", "",
+        f"Modules: {meta['n_modules']}, saturated: {meta['n_saturated']}, "
+        f"compression ratio: {config['compression_ratio']:.4%}, trainable: {config['trainable_parameters']:,}", "",
+        "| module type | median rank |", "|---|---|",
+        *[f"| {t} | {r} |" for t, r in config["layer_ranks"].items()], "",
+        f"SVD: {', '.join(meta['svd']['methods'])}, max relative error bound {meta['svd']['max_rel_error_bound']:.1e}, "
+        f"{meta['svd']['total_seconds']:.2f} s of compute summed over matrices", "",
+        "Plots: " + ", ".join(f"`{p}`" for p in pngs.values()), "",
+        *[markdown_image(p, k) + "\n" for k, p in pngs.items()],
+    ]
+    return "\n".join(lines)
+
+
+def comparison_markdown(rows: Sequence[dict], plot: str | Path) -> str:
+    """The comparison summary: held-out loss per allocation (mean +- std over seeds) and the bar chart."""
+    return "\n".join(["# Uniform vs data-driven ranks at equal budget", "",
+                      "| allocation | parameters | held-out loss |", "|---|---|---|",
+                      *[f"| {r['allocation']} | {r['trainable_parameters']:,} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} |"
+                        for r in rows],
+                      "", markdown_image(plot, "comparison")])

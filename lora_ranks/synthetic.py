@@ -15,7 +15,8 @@ from typing import Literal
 
 from ._io import atomic_write_text
 
-__all__ = ["DEMO_MODEL", "SYNTHETIC_TASKS", "synthetic_records", "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
+__all__ = ["DEMO_MODEL", "build_demo_inputs", "demo_finetune_settings", "SYNTHETIC_TASKS", "synthetic_records",
+           "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
            "write_planted_pair", "write_synthetic_vl_dataset", "build_tiny_qwen25_vl",
            "CHAT_TEMPLATE"]
 
@@ -26,6 +27,8 @@ CHAT_TEMPLATE = (
 )
 #: Model name that stands for "build a tiny Qwen3 offline" in flows and the CLI (no hub needed).
 DEMO_MODEL = "demo:tiny-qwen3"
+DEMO_LAYERS = 4  # the demo model's depth: enough layers for across-depth smoothing to show
+DEMO_RECORDS_PER_TASK = 400  # 2,000 records over the five tasks
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -288,3 +291,22 @@ def build_tiny_qwen25_vl(out_dir: str | Path, *, hidden_size: int = 64, num_laye
     Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                           temporal_patch_size=2).save_pretrained(out)
     return out
+
+
+def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None) -> tuple[Path, Path]:
+    """The offline demo's inputs under ``out_dir``: a tiny Qwen3 (random init) and, unless ``data_path`` is
+    given, a synthetic multi-task JSONL. Returns (model folder, dataset path)."""
+    model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
+    if data_path is None:
+        data_path = write_synthetic_dataset(Path(out_dir) / "synthetic.jsonl", DEMO_RECORDS_PER_TASK, fmt="mixed")
+    return model_dir, Path(data_path)
+
+
+def demo_finetune_settings(settings):
+    """``settings`` (FinetuneSettings) adapted to the demo's small synthetic set: at least a fifth of the records,
+    a learning rate of at least 1e-3 and at most 40 steps, so that the fine-tune moves the weights in seconds."""
+    from .settings import FinetuneSettings
+
+    return FinetuneSettings(**{**settings.to_dict(), "subset_ratio": max(settings.subset_ratio, 0.2),
+                               "learning_rate": max(settings.learning_rate, 1e-3),
+                               "max_steps": min(settings.max_steps, 40)})

@@ -1,8 +1,10 @@
 """Tasks of the spectral analysis stage: discover layers, fingerprint and analyze each layer, assemble.
 
-Caching: ``analyze-layer`` results are persisted and keyed by the layer's *content* (sha256 of its weights
-in both checkpoints, from ``fingerprint-layer``) plus the analysis parameters that change the result, never
-by run id or task source. A rerun after a crash, or with more layers, computes only what is missing;
+Caching: ``analyze-layer`` results are persisted and keyed by the layer's *content* (sha256 of its weights in
+both checkpoints, from ``fingerprint-layer``), the identity of the numerics that compute it (a digest of that
+library code and the package version), the device type and the method each matrix resolves to there, and the
+parameters that change the stored file; never by run id or task source. A rerun after a crash, or with more
+layers, computes only what is missing; an upgrade, a code change or a move from CPU to GPU recomputes;
 ``refresh=True`` on the flow recomputes everything.
 """
 
@@ -17,23 +19,32 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from lora_ranks import __version__
-from lora_ranks.analysis import LayerResult, analyze_layer, assemble_rank_config, layer_file_name
-from lora_ranks.checkpoints import CheckpointPair, ModuleRef, TargetSpec
-from lora_ranks.config import AlphaPolicy
-from lora_ranks.ranks import AllocationSettings
+from lora_ranks.analysis import (
+    LayerResult,
+    analyze_layer,
+    assemble_rank_config,
+    layer_file_fingerprint,
+    layer_file_name,
+    numerics_identity,
+    zero_delta_message,
+)
+from lora_ranks.checkpoints import CheckpointPair, ModuleRef
+from lora_ranks.settings import AllocationSettings, AlphaPolicy, AnalysisSettings
+from lora_ranks.spectra import default_device, resolve_method
+from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
 
-@task(name="discover-layers", retries=2, retry_delay_seconds=5)
-def discover_layers(base: str, finetuned: str, targets: TargetSpec, allow_pickle: bool = False) -> "OrderedDict[str, list[ModuleRef]]":
-    """Validate the pair and list the target modules grouped by layer (names as PEFT will see them)."""
-    layers = CheckpointPair(base, finetuned, allow_pickle=allow_pickle).layers(targets)
-    n = sum(len(v) for v in layers.values())
-    get_run_logger().info("Found %d target modules in %d layers", n, len(layers))
+@task(name="discover-layers", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient)
+def discover_layers(base: str, finetuned: str, analysis: AnalysisSettings,
+                    allow_pickle: bool = False) -> OrderedDict[str, list[ModuleRef]]:
+    """Preflight the pair (every problem its headers show, in one error) and list the target modules by layer."""
+    layers = CheckpointPair(base, finetuned, allow_pickle=allow_pickle).preflight(analysis.targets)
+    get_run_logger().info("Found %d target modules in %d layers", sum(len(v) for v in layers.values()), len(layers))
     return layers
 
 
-@task(name="fingerprint-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="fingerprint-{layer}")
+@task(name="fingerprint-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
+      task_run_name="fingerprint-{layer}")
 def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned: str,
                       allow_pickle: bool = False) -> tuple[str, str]:
     """sha256 of this layer's weights in the base and the fine-tuned checkpoint (the cache identity)."""
@@ -45,23 +56,26 @@ def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned
 
 
 def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key of ``analyze-layer``: content digests + everything that changes the stored result."""
-    identity = [__version__, parameters["layer"], list(parameters["digests"]), parameters["top_k"],
-                parameters["method"], parameters["save_deltas"], parameters.get("save_vectors", False),
+    """Cache key of ``analyze-layer`` (see the module docstring). Computed where the task runs, so the device type
+    is the one the task would use."""
+    analysis: AnalysisSettings = parameters["analysis"]
+    device_type = (analysis.device or default_device().type).split(":")[0]
+    methods = [resolve_method(analysis.svd_method, device_type, m.shape, parameters["top_k"]) for m in parameters["modules"]]
+    identity = [numerics_identity(), device_type, methods, parameters["layer"], list(parameters["digests"]),
+                parameters["top_k"], analysis.svd_method, analysis.save_deltas, analysis.save_vectors,
                 str(Path(parameters["svd_dir"]).resolve())]
     return "analyze-layer-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
-@task(name="analyze-layer", retries=2, retry_delay_seconds=[2, 10], task_run_name="analyze-{layer}",
-      cache_key_fn=layer_cache_key, persist_result=True)
+@task(name="analyze-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
+      task_run_name="analyze-{layer}", cache_key_fn=layer_cache_key, persist_result=True)
 def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str, str], base: str, finetuned: str,
-                       svd_dir: str, top_k: int, method: str = "auto", device: str | None = None,
-                       allow_pickle: bool = False, save_deltas: bool = False, save_vectors: bool = False) -> LayerResult:
+                       svd_dir: str, top_k: int, analysis: AnalysisSettings, allow_pickle: bool = False) -> LayerResult:
     """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
     logger = get_run_logger()
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
-    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=method, device=device,
-                           digests=tuple(digests), save_deltas=save_deltas, save_vectors=save_vectors)
+    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=analysis.svd_method, device=analysis.device,
+                           digests=tuple(digests), save_deltas=analysis.save_deltas, save_vectors=analysis.save_vectors)
     fallbacks = [name for name, dev in result.devices.items() if "out of memory" in dev]
     if fallbacks:
         logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer, ", ".join(fallbacks))
@@ -73,37 +87,29 @@ def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str,
 def layer_result_is_current(result: LayerResult) -> bool:
     """True if the layer file a (possibly cached) result points to still exists with the same fingerprint."""
     path = Path(result.path)
-    if not path.is_file() or path.name != layer_file_name(result.layer):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata().get("fingerprint") == result.fingerprint
-    except Exception:
-        return False
+    return path.name == layer_file_name(result.layer) and layer_file_fingerprint(path) == result.fingerprint
 
 
 @task(name="assemble-rank-config")
-def assemble_rank_config_task(base: str, finetuned: str, layers: "OrderedDict[str, list[ModuleRef]]",
+def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str, list[ModuleRef]],
                               results: list[LayerResult], settings: AllocationSettings, config_path: str,
-                              alpha_policy: AlphaPolicy, started: float, allow_pickle: bool = False) -> str:
+                              alpha_policy: AlphaPolicy, analysis: AnalysisSettings, started: float,
+                              allow_pickle: bool = False) -> str:
     """Allocate ranks from every layer's spectra and write the validated config atomically."""
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     modules = [m for mods in layers.values() for m in mods]
-    extra = {"timings": {"analysis_seconds": time.time() - started,
+    extra = {"analysis": analysis.to_dict(),
+             "timings": {"analysis_seconds": time.time() - started,
                          "layer_task_seconds": {r.layer: r.seconds for r in results}}}
     config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,
                                      extra_metadata=extra)
     meta = config["analysis_metadata"]
     logger = get_run_logger()
     if meta["zero_delta_modules"]:
-        logger.warning("%d module(s) did not change during fine-tuning (zero delta), e.g. %s; they get min_rank=%d",
-                       len(meta["zero_delta_modules"]), meta["zero_delta_modules"][0], settings.min_rank)
+        logger.warning(zero_delta_message(meta["zero_delta_modules"], settings.min_rank))
     if meta["n_saturated"]:
         logger.warning("%d module(s) need more than max_rank=%d to keep %.0f%% of their delta energy (saturated)",
                        meta["n_saturated"], settings.max_rank, 100 * settings.energy_threshold)
-    logger.info("Wrote %s: %d modules, layer ranks %s, compression ratio %.4f, %d saturated",
-                          config_path, meta["n_modules"], config["layer_ranks"], config["compression_ratio"],
-                          meta["n_saturated"])
+    logger.info("Wrote %s: %d modules, layer ranks %s, compression ratio %.4f, %d saturated", config_path,
+                meta["n_modules"], config["layer_ranks"], config["compression_ratio"], meta["n_saturated"])
     return config_path

@@ -5,32 +5,28 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from lora_ranks.extract import extract_lora
-from lora_ranks.finetune import FinetuneSettings
+from lora_ranks.settings import LoRATrainingSettings
 from lora_ranks.train import TrainResult, train_dynamic_lora
+from tasks._common import retry_if_transient, step_logger
 
 
 @task(name="extract-lora")
-def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir: str) -> str:
+def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir: str, allow_pickle: bool = False) -> str:
     """Truncated-SVD adapter of the full fine-tune at the configured ranks (used as a warm start)."""
-    report = extract_lora(base, finetuned, rank_config_path, out_dir)
+    report = extract_lora(base, finetuned, rank_config_path, out_dir, allow_pickle=allow_pickle)
     get_run_logger().info("Extracted %d modules to %s: mean relative error %.4f, max %.4f", len(report["modules"]),
                           out_dir, report["mean_relative_error"], report["max_relative_error"])
     return out_dir
 
 
-@task(name="train-dynamic-lora", retries=1, retry_delay_seconds=10)
-def train_dynamic_lora_task(model: str, rank_config_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
-                            quantization: str | None = None, init_from: str | None = None,
+@task(name="train-dynamic-lora", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def train_dynamic_lora_task(model: str, rank_config_path: str, data_path: str, out_dir: str,
+                            settings: LoRATrainingSettings, init_from: str | None = None,
                             trust_remote_code: bool = False) -> TrainResult:
     """Train the adapter; logs the trainable-parameter count and share, then the loss about 20 times."""
     logger = get_run_logger()
-
-    def on_step(step: int, total: int, loss: float, lr: float) -> None:
-        if step == 1 or step == total or step % max(1, total // 20) == 0:
-            logger.info("step %d/%d loss %.4f lr %.2e", step, total, loss, lr)
-
-    result = train_dynamic_lora(model, rank_config_path, data_path, out_dir, settings, quantization=quantization,
-                                init_from=init_from, on_step=on_step, trust_remote_code=trust_remote_code)
+    result = train_dynamic_lora(model, rank_config_path, data_path, out_dir, settings, init_from=init_from,
+                                on_step=step_logger(logger), trust_remote_code=trust_remote_code)
     logger.info("Trainable parameters: %s of %s (%.3f%%); adapter saved to %s", f"{result.trainable_parameters:,}",
                 f"{result.total_parameters:,}", 100 * result.trainable_share, result.adapter_dir)
     return result

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import random
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from flows._runtime import apply_defaults
+
+apply_defaults()  # Prefect's defaults, from their one place, before Prefect is first imported
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -47,7 +47,8 @@ def task_states(prefect_harness):
 
     def read(flow_state):
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+            run_id = flow_state.state_details.flow_run_id
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
         out: dict[str, list] = {}
         for r in runs:
             out.setdefault(r.name, []).append((r.state.name, r.run_count))

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.checkpoints import Checkpoint, CheckpointError, CheckpointPair, TargetSpec
-from lora_ranks.ranks import AllocationSettings
+from lora_ranks.settings import AllocationSettings, AnalysisSettings
 from lora_ranks.synthetic import write_planted_pair
 from tests.helpers import tiny_qwen25_vl
 
@@ -55,7 +55,8 @@ def test_sharded_and_single_file_give_identical_configs(tmp_path):
     a = analyze_checkpoints(*single, tmp_path / "a")
     b = analyze_checkpoints(*sharded, tmp_path / "b")
     assert a["rank_pattern"] == b["rank_pattern"]
-    strip = lambda c: {n: {k: v for k, v in m.items() if k != "svd_seconds"} for n, m in c["analysis_metadata"]["modules"].items()}  # noqa: E731
+    def strip(c):
+        return {n: {k: v for k, v in m.items() if k != "svd_seconds"} for n, m in c["analysis_metadata"]["modules"].items()}
     assert strip(a) == strip(b)
 
 
@@ -64,11 +65,11 @@ def test_sharded_and_single_file_give_identical_configs(tmp_path):
 def test_side_by_side_spectra_equal_one_at_a_time(planted_pair, tmp_path, monkeypatch, plan):
     """A layer's matrices computed concurrently (threads, one BLAS thread each) give the same ranks and, to
     round-off (1e-12 relative), the same spectra as one matrix at a time, in module order."""
-    import lora_ranks.analysis as analysis
+    import lora_ranks.analysis.layer as layer
     from lora_ranks.analysis import load_spectra, spectra_files
 
     reference = analyze_checkpoints(*planted_pair, tmp_path / "ref")
-    monkeypatch.setattr(analysis, "parallel_plan", lambda jobs, device: plan)
+    monkeypatch.setattr(layer, "parallel_plan", lambda jobs, device: plan)
     config = analyze_checkpoints(*planted_pair, tmp_path / "run")
     assert config["rank_pattern"] == reference["rank_pattern"]
     ours, ref = (load_spectra(spectra_files(tmp_path / d / "analysis_outputs" / "svd")) for d in ("run", "ref"))
@@ -82,7 +83,7 @@ def test_side_by_side_spectra_equal_one_at_a_time(planted_pair, tmp_path, monkey
 def test_delta_by_blocks_is_exact(tmp_path, monkeypatch, dtype):
     """The delta is built in place by blocks of rows; with blocks of 2-3 rows it still equals
     dtype(fine-tuned) - dtype(base) of the stored bf16 tensors bit for bit, and never writes into them."""
-    import lora_ranks.checkpoints as checkpoints
+    import lora_ranks.checkpoints.pair as checkpoints
 
     base, ft = write_planted_pair(tmp_path / "base", tmp_path / "ft", planted_rank=(5,), dtype="bfloat16")
     monkeypatch.setattr(checkpoints, "_DELTA_BLOCK_ELEMENTS", 150)  # 2 rows of a 64-wide matrix per block
@@ -227,7 +228,7 @@ def test_qwen25_vl_names_match_the_loaded_model(tmp_path):
 
 
 def test_saved_deltas_are_exact(planted_pair, tmp_path):
-    analyze_checkpoints(*planted_pair, tmp_path, save_deltas=True)
+    analyze_checkpoints(*planted_pair, tmp_path, analysis=AnalysisSettings(save_deltas=True))
     files = sorted((tmp_path / "analysis_outputs" / "svd" / "delta_weights").glob("*.safetensors"))
     assert [f.name for f in files] == ["model.layers.0.safetensors", "model.layers.1.safetensors"]
     a, b = _stored(planted_pair[0]), _stored(planted_pair[1])
@@ -238,7 +239,7 @@ def test_saved_deltas_are_exact(planted_pair, tmp_path):
 
 
 def test_saved_singular_vectors_give_the_truncated_svd_at_any_rank(planted_pair, tmp_path):
-    analyze_checkpoints(*planted_pair, tmp_path, save_vectors=True,
+    analyze_checkpoints(*planted_pair, tmp_path, analysis=AnalysisSettings(save_vectors=True),
                         settings=AllocationSettings(min_rank=1, max_rank=20, smoothing="none"))
     path = tmp_path / "analysis_outputs" / "svd" / "singular_vectors" / "model.layers.0.safetensors"
     pair = CheckpointPair(*planted_pair)

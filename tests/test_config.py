@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_ranks.analysis import analyze_checkpoints
-from lora_ranks.ranks import AllocationSettings
 from lora_ranks.config import AlphaPolicy, RankConfigError, anchored_key, load_rank_config, save_rank_config
+from lora_ranks.ranks import AllocationSettings
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,10 @@ def test_failed_write_keeps_the_previous_file(config_and_path, tmp_path):
 
 
 def test_rslora_policy():
-    policy = AlphaPolicy("rslora", 2.0)
+    policy = AlphaPolicy(policy="rslora", scale=2.0)
     assert policy.alpha(4) == policy.alpha(64) == 16
     with pytest.raises(ValueError, match="policy"):
-        AlphaPolicy("sqrt")
+        AlphaPolicy(policy="sqrt")
 
 
 def test_peft_builds_exactly_the_configured_ranks(config_and_path, planted_pair):

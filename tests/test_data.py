@@ -38,14 +38,14 @@ def test_stratified_counts_are_exact(counts, ratio, max_samples, expected):
 
 def test_sampling_is_deterministic_and_seed_dependent():
     records = _records({"a": 200, "b": 100})
-    one, _ = stratified_subset(records, 0.1, seed=3)
-    two, _ = stratified_subset(records, 0.1, seed=3)
-    other, _ = stratified_subset(records, 0.1, seed=4)
+    one, _ = stratified_subset(records, 0.1, 1000, seed=3)
+    two, _ = stratified_subset(records, 0.1, 1000, seed=3)
+    other, _ = stratified_subset(records, 0.1, 1000, seed=4)
     assert one == two and one != other
 
 
 def test_records_without_task_share_one_stratum():
-    _, report = stratified_subset([{"text": "x"}] * 10 + [{"text": "y", "task": "t"}] * 10, 0.5)
+    _, report = stratified_subset([{"text": "x"}] * 10 + [{"text": "y", "task": "t"}] * 10, 0.5, 1000)
     assert report.counts_before == {"default": 10, "t": 10}
 
 
@@ -61,9 +61,9 @@ def test_instruction_masking_token_by_token(tokenizer):
 def test_chat_masking_trains_only_assistant_turns(tokenizer):
     messages = [{"role": "user", "content": "Count the letters.\nabcd"}, {"role": "assistant", "content": "4"}]
     out = tokenize_record({"messages": messages}, tokenizer)
-    trained = [t for t, l in zip(out["input_ids"], out["labels"]) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "4<|im_end|>\n<|endoftext|>"
-    masked = [t for t, l in zip(out["input_ids"], out["labels"]) if l == IGNORE_INDEX]
+    masked = [t for t, label in zip(out["input_ids"], out["labels"]) if label == IGNORE_INDEX]
     assert tokenizer.decode(masked) == "<|im_start|>user\nCount the letters.\nabcd<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -71,7 +71,7 @@ def test_chat_fallback_without_template(tokenizer):
     plain = train_tokenizer(["user: hi\nassistant: yo\n"] * 5)
     plain.chat_template = None
     out = tokenize_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, plain)
-    trained = [t for t, l in zip(out["input_ids"], out["labels"]) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert plain.decode(trained) == "yo\n<|endoftext|>"
 
 

@@ -6,9 +6,15 @@ from transformers import AutoModelForCausalLM
 
 from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointPair
-from lora_ranks.evidence import (DeltaBasis, allocation_configs, fidelity_sweep, held_out_loss, next_token_fidelity,
-                                 uniform_allocation)
-from lora_ranks.ranks import AllocationSettings, lora_parameters
+from lora_ranks.evidence import (
+    DeltaBasis,
+    allocation_configs,
+    fidelity_sweep,
+    held_out_loss,
+    next_token_fidelity,
+    uniform_allocation,
+)
+from lora_ranks.ranks import AllocationSettings
 
 
 @pytest.fixture(scope="module")

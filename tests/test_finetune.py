@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from lora_ranks.finetune import FinetuneSettings, load_causal_lm, run_preliminary_finetune
+from lora_ranks.finetune import FinetuneSettings, run_preliminary_finetune
+from lora_ranks.loading import load_model
 from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
 
 
@@ -29,10 +29,10 @@ def test_loss_goes_down(finetuned):
 
 def test_pair_reloads_and_differs(finetuned):
     base, result = finetuned
-    pre, _ = load_causal_lm(result.pretrained_dir)
-    post, _ = load_causal_lm(result.finetuned_dir)
-    original, _ = load_causal_lm(base)
-    for (name, a), b, c in zip(pre.state_dict().items(), post.state_dict().values(), original.state_dict().values()):
+    pre, _ = load_model(result.pretrained_dir)
+    post, _ = load_model(result.finetuned_dir)
+    original, _ = load_model(base)
+    for a, c in zip(pre.state_dict().values(), original.state_dict().values()):
         torch.testing.assert_close(a, c, rtol=0, atol=0)  # pretrained/ is the base, unchanged
     changed = [n for (n, a), b in zip(pre.state_dict().items(), post.state_dict().values()) if not torch.equal(a, b)]
     assert any("q_proj" in n for n in changed) and any("down_proj" in n for n in changed)
@@ -72,8 +72,8 @@ def test_copy_base_true_writes_pretrained(tmp_path):
     result = run_preliminary_finetune(base, data, tmp_path / "out", FinetuneSettings(max_steps=1, copy_base=True),
                                       progress=False)
     assert result.pretrained_dir == str(tmp_path / "out" / "pretrained")
-    pre, _ = load_causal_lm(result.pretrained_dir)
-    original, _ = load_causal_lm(base)
+    pre, _ = load_model(result.pretrained_dir)
+    original, _ = load_model(base)
     for a, b in zip(pre.state_dict().values(), original.state_dict().values()):
         assert torch.equal(a, b)
 

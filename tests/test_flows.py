@@ -7,7 +7,7 @@ import pytest
 
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.config import load_rank_config
-from lora_ranks.ranks import AllocationSettings
+from lora_ranks.settings import AllocationSettings, ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_svd_analysis_demo_end_to_end(prefect_harness, tmp_path):
     from flows.svd_analysis import svd_analysis
 
-    state = svd_analysis(output_dir=str(tmp_path), finetune_steps=15, return_state=True)
+    state = svd_analysis(output_dir=str(tmp_path), finetune=FinetuneSettings(max_steps=15), return_state=True)
     config_path = state.result()
     config = load_rank_config(config_path)
     assert Path(config_path) == tmp_path / "configs" / "lora_rank_config.json"
@@ -53,7 +53,7 @@ def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):
 
     base, ft = planted_pair
     path = svd_analysis(base_model=str(base), finetuned_model=str(ft), output_dir=str(tmp_path / "flow"),
-                        energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none")
+                        allocation=AllocationSettings(energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none"))
     flow_config = load_rank_config(path)
     lib_config = analyze_checkpoints(base, ft, tmp_path / "lib",
                                      settings=AllocationSettings(energy_threshold=0.95, min_rank=2, max_rank=32,
@@ -65,8 +65,8 @@ def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):
 def test_bad_parameters_fail_before_any_work(prefect_harness, tmp_path):
     from flows.svd_analysis import svd_analysis
 
-    with pytest.raises(Exception, match="max_rank"):
-        svd_analysis(output_dir=str(tmp_path), min_rank=16, max_rank=8)
+    with pytest.raises(Exception, match="max_rank"):  # as a UI form or `--param allocation=...` sends it
+        svd_analysis(output_dir=str(tmp_path), allocation={"min_rank": 16, "max_rank": 8})
     assert not (tmp_path / "demo_inputs").exists()
 
 
@@ -86,7 +86,8 @@ def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
     rank_config = tmp_path / "an" / "configs" / "lora_rank_config.json"
     result = train_dynamic_lora_flow(model=str(base), rank_config=str(rank_config), data_path=str(data),
                                      output_dir=str(tmp_path / "train"), warm_start_from=ft.finetuned_dir,
-                                     max_steps=12, epochs=10, learning_rate=5e-3, batch_size=8)
+                                     training=LoRATrainingSettings(max_steps=12, epochs=10, learning_rate=5e-3,
+                                                                   batch_size=8))
     metrics = json.loads(Path(result.metrics_path).read_text())
     assert metrics["init_from"] == str(tmp_path / "train" / "warm_start_adapter")
     assert (tmp_path / "train" / "warm_start_adapter" / "extraction_report.json").is_file()
@@ -104,9 +105,11 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
     base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
     data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
     results = json.loads(Path(compare_allocations(
-        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"), min_rank=2, max_rank=16,
-        seeds=[0, 1], max_steps=3, learning_rate=1e-3, batch_size=4, finetune_steps=5, finetune_learning_rate=1e-3,
-        subset_ratio=0.3)).read_text())
+        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
+        allocation=AllocationSettings(min_rank=2, max_rank=16), comparison=ComparisonSettings(seeds=(0, 1)),
+        training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
+        finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.3),
+        fidelity=FidelitySettings(fidelity_report=True))).read_text())
     rows = {r["allocation"]: r for r in results["rows"]}
     assert set(rows) == {"uniform", "energy", "budget"}
     for row in rows.values():

@@ -1,18 +1,25 @@
 """PEFT integration: exact heterogeneous ranks, validation, save/load, quantization, extraction, hot swap."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.config import RankConfigError, anchored_key
-from lora_ranks.extract import extract_lora, truncated_svd_factors
-from lora_ranks.model import (DynamicLoRAConfig, DynamicLoRAError, PEFTModelFactory, create_model_with_dynamic_lora,
-                              create_peft_model_from_config, load_peft_checkpoint, lora_ranks_of, save_adapter,
-                              validate_peft_model)
+from lora_ranks.extract import extract_lora
+from lora_ranks.model import (
+    DynamicLoRAConfig,
+    DynamicLoRAError,
+    create_model_with_dynamic_lora,
+    create_peft_model_from_config,
+    load_peft_checkpoint,
+    lora_ranks_of,
+    save_adapter,
+    validate_peft_model,
+)
 from lora_ranks.ranks import AllocationSettings
+from lora_ranks.spectra import truncated_svd_factors
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 8, 200, 11]])
 
@@ -194,17 +201,17 @@ def test_qwen25_vl_gets_exact_ranks_with_and_without_the_vision_tower(tmp_path):
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "ft")
     settings = AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=16, smoothing="none")
 
-    from lora_ranks.checkpoints import TargetSpec
+    from lora_ranks.settings import AnalysisSettings
 
     for include_vision, n_modules in ((False, 14), (True, 24)):
         out = tmp_path / f"vision-{include_vision}"
         analyze_checkpoints(tmp_path / "base", tmp_path / "ft", out, settings=settings,
-                            targets=TargetSpec(include_vision=include_vision))
+                            analysis=AnalysisSettings(include_vision=include_vision))
         path = out / "configs" / "lora_rank_config.json"
         peft_model, _ = create_model_with_dynamic_lora(tmp_path / "base", path)
         ranks = lora_ranks_of(peft_model)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from lora_ranks import spectra
 from lora_ranks.config import load_rank_config
+from lora_ranks.settings import AllocationSettings
+from lora_ranks.spectra import spectrum as spectra
 from lora_ranks.synthetic import write_planted_pair
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-KW = dict(energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none")
+KW = dict(allocation=AllocationSettings(energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none"))
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ DRIVER = textwrap.dedent("""
         return original(pair, modules, *args, **kwargs)
     T.analyze_layer = analyze_or_die
     from flows.svd_analysis import svd_analysis
+    from lora_ranks.settings import AllocationSettings
     svd_analysis(base_model=sys.argv[1], finetuned_model=sys.argv[2], output_dir=sys.argv[3],
-                 energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none")
+                 allocation=AllocationSettings(energy_threshold=0.95, min_rank=2, max_rank=32, smoothing="none"))
 """)
 
 
@@ -198,3 +200,48 @@ def test_process_pool_pins_one_gpu_per_worker(monkeypatch):
         assert device in ("0", "1") and threads == "1"
         assert device_of.setdefault(pid, device) == device  # a worker keeps its device
     assert len(set(device_of.values())) == len(device_of)  # no two workers share one
+
+
+def test_layer_cache_key_follows_numerics_and_device(planted_pair, tmp_path, monkeypatch, task_states):
+    """A rerun hits the cache; other numerics (an upgrade, an edited spectra module) or another device type
+    recompute, so a result computed by other code is never served."""
+    import tasks.analysis as T
+    from flows.svd_analysis import svd_analysis
+
+    kwargs = dict(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), output_dir=str(tmp_path),
+                  return_state=True, **KW)
+
+    def analyzed(state):
+        return {name: [s for s, _ in v] for name, v in task_states(state).items() if name.startswith("analyze-")}
+
+    layers = ["analyze-model.layers.0", "analyze-model.layers.1"]
+    first = svd_analysis(**kwargs)
+    assert analyzed(first) == {n: ["Completed"] for n in layers}
+    assert analyzed(svd_analysis(**kwargs)) == {n: ["Cached"] for n in layers}
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "numerics_identity", lambda: "spectra code of another version")
+        assert analyzed(svd_analysis(**kwargs)) == {n: ["Completed"] for n in layers}
+    with monkeypatch.context() as patch:  # the same pair analyzed where CUDA is the default device
+        patch.setattr(T, "default_device", lambda: torch.device("cuda"))
+        assert analyzed(svd_analysis(**kwargs)) == {n: ["Completed"] for n in layers}
+    assert analyzed(svd_analysis(**kwargs)) == {n: ["Cached"] for n in layers}  # back as before: cached
+
+
+def test_numerics_identity_changes_when_the_code_does(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import lora_ranks.analysis.layer as layer
+
+    module = tmp_path / "fake_spectra.py"
+    module.write_text("ALGORITHM = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(layer, "_NUMERICS_MODULES", layer._NUMERICS_MODULES + ("fake_spectra",))
+    layer.numerics_identity.cache_clear()
+    before = layer.numerics_identity()
+    module.write_text("ALGORITHM = 2  # a changed rule\n")
+    sys.modules.pop("fake_spectra", None)
+    importlib.invalidate_caches()
+    layer.numerics_identity.cache_clear()
+    assert layer.numerics_identity() != before
+    layer.numerics_identity.cache_clear()

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from lora_ranks.checkpoints import ModuleRef
-from lora_ranks.ranks import (AllocationSettings, allocate_ranks, energy_rank, lora_parameters, round_rank,
-                              smooth_across_depth, water_fill)
+from lora_ranks.ranks import (
+    AllocationSettings,
+    allocate_ranks,
+    energy_rank,
+    lora_parameters,
+    round_rank,
+    smooth_across_depth,
+    water_fill,
+)
 from lora_ranks.spectra import Spectrum
 
 
@@ -106,11 +113,29 @@ def test_budget_mode_spends_within_budget():
     rng = np.random.default_rng(0)
     spectra = {m.name: _spectrum(np.sort(rng.random(128))[::-1] * (d + 1), shape=(128, 128)) for d, m in enumerate(mods)}
     budget = 40 * 256 * 4
-    out = allocate_ranks(mods, spectra, AllocationSettings(budget_parameters=budget))
+    out = allocate_ranks(mods, spectra, AllocationSettings(budget=budget))
     assert sum(lora_parameters(a.shape, a.final_rank) for a in out) <= budget
     assert out[-1].final_rank >= out[0].final_rank  # the high-energy module gets more
-    frac = allocate_ranks(mods, spectra, AllocationSettings(budget_fraction=0.5), base_parameters=2 * budget)
+    frac = allocate_ranks(mods, spectra, AllocationSettings(budget=0.5), base_parameters=2 * budget)
     assert [a.final_rank for a in frac] == [a.final_rank for a in out]
+
+
+@pytest.mark.parametrize("round_to,min_rank", [(8, 4), (8, 8), (4, 2), (1, 4)])
+def test_round_to_means_the_same_in_budget_mode(round_to, min_rank):
+    """Budget mode: final ranks are multiples of round_to within [min_rank, max_rank], as in threshold mode."""
+    shapes = {(d, t): (256, 128) for d in range(4) for t in ("q_proj", "up_proj")}
+    mods = _modules(shapes)
+    rng = np.random.default_rng(1)
+    spectra = {m.name: _spectrum(np.sort(rng.random(128) ** (i + 1))[::-1], shape=(256, 128)) for i, m in enumerate(mods)}
+    budget = 20 * 384 * len(mods)
+    settings = AllocationSettings(budget=budget, round_to=round_to, min_rank=min_rank, max_rank=64)
+    out = allocate_ranks(mods, spectra, settings)
+    ranks = [a.final_rank for a in out]
+    assert all(r % round_to == 0 and min_rank <= r <= 64 for r in ranks), ranks
+    assert sum(lora_parameters(a.shape, a.final_rank) for a in out) <= budget
+    assert len(set(ranks)) > 1  # the budget is spread unevenly, by energy
+    threshold = allocate_ranks(mods, spectra, AllocationSettings(round_to=round_to, min_rank=min_rank, max_rank=64))
+    assert all(a.final_rank % round_to == 0 for a in threshold)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,9 +145,8 @@ def test_budget_mode_spends_within_budget():
     (dict(min_rank=16, max_rank=8), "max_rank"),
     (dict(smoothing="gauss"), "smoothing"),
     (dict(smoothing_window=2), "smoothing_window"),
-    (dict(budget_parameters=-5), "budget_parameters"),
-    (dict(budget_fraction=2.0), "budget_fraction"),
-    (dict(budget_parameters=10, budget_fraction=0.1), "not both"),
+    (dict(budget=-5), "budget"),
+    (dict(budget=0), "budget"),
     (dict(round_to=256), "round_to"),
 ])
 def test_settings_validation(kwargs, match):

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointError, CheckpointPair
 from lora_ranks.config import RankConfigError, check_config_matches_model
-from lora_ranks.finetune import load_causal_lm
+from lora_ranks.loading import load_model
 from lora_ranks.report import write_plots, write_raw_data
 from lora_ranks.synthetic import write_planted_pair
 
@@ -72,7 +71,7 @@ def test_remote_code_never_runs_by_default(tmp_path):
                                     "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n"
                                     "    model_type = 'evil'\n")
     with pytest.raises(Exception, match="trust_remote_code"):
-        load_causal_lm(folder)
+        load_model(folder)
     assert not marker.exists()
 
 
@@ -107,7 +106,6 @@ def test_atomic_writes_leave_no_temporary_files(planted_pair, tmp_path):
 
 def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path, monkeypatch):
     """A crash while a layer file is being written leaves the previous complete file, never a partial one."""
-    import lora_ranks.analysis as analysis
 
     analyze_checkpoints(*planted_pair, tmp_path)
     path = tmp_path / "analysis_outputs" / "svd" / "raw_data" / "layers" / "model.layers.0.safetensors"
@@ -153,3 +151,46 @@ def test_interrupted_adapter_save_keeps_the_previous_adapter(planted_pair, tmp_p
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "adapter", dyn)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+@pytest.mark.parametrize("crash_at,survivor", [("write", "old"), ("old-aside", "old"), ("between-renames", "new"),
+                                               ("cleanup", "new")])
+def test_atomic_folder_survives_a_crash_at_every_step(tmp_path, monkeypatch, crash_at, survivor):
+    """Checkpoint and adapter folders: a crash at any step leaves the complete old or the complete new folder, and
+    the next run (or opening the folder) recovers it, leaving nothing else behind."""
+    import os
+
+    from lora_ranks import _io
+    from lora_ranks.checkpoints import resolve_model_path
+
+    target = tmp_path / "adapter"
+    with _io.atomic_folder(target) as staging:
+        (staging / "weights").write_text("old")
+    renames, real_rename, real_rmtree = [], os.rename, _io.shutil.rmtree
+
+    def rename(src, dst):
+        renames.append(dst)
+        if (crash_at, len(renames)) in (("old-aside", 1), ("between-renames", 2)):
+            raise KeyboardInterrupt(f"killed at {crash_at}")
+        real_rename(src, dst)
+
+    def rmtree(path, **kwargs):
+        if crash_at == "cleanup":
+            raise KeyboardInterrupt("killed while deleting the old folder")
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(_io.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with _io.atomic_folder(target) as staging:
+            (staging / "weights").write_text("new")
+            if crash_at == "write":
+                raise KeyboardInterrupt("killed while writing")
+    monkeypatch.undo()
+    # At this instant a complete folder exists: under the target name, or (between the renames) both beside it.
+    contents = {p.name: (p / "weights").read_text() for p in tmp_path.iterdir() if (p / "weights").is_file()}
+    assert survivor in contents.values()
+    assert resolve_model_path(target) == target.resolve()  # opening the folder recovers an interrupted swap
+    assert (target / "weights").read_text() == survivor
+    _io.recover_folder(target)  # what the next write does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

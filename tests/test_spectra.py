@@ -92,7 +92,7 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_numpy_and_torch_gram_backends_agree(shape):
     """The CPU backend (NumPy dsyrk + dsyevd) and the CUDA backend (torch, run here on the CPU) give the same
     float64 eigenvalues to round-off: |d lambda| <= 1e-12 * lambda_max."""
-    from lora_ranks.spectra import _gram_eigenvalues_numpy, _gram_eigenvalues_torch
+    from lora_ranks.spectra.spectrum import _gram_eigenvalues_numpy, _gram_eigenvalues_torch
 
     a = _matrix(*shape, 0.9 ** np.arange(min(shape)), noise=0.01)
     ours = _gram_eigenvalues_numpy(a)

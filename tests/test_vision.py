@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.data import IGNORE_INDEX, DataError, collate, load_records, tokenize_record
-from lora_ranks.finetune import FinetuneSettings, load_causal_lm, load_image_processor, run_preliminary_finetune
+from lora_ranks.finetune import FinetuneSettings, run_preliminary_finetune
+from lora_ranks.loading import load_image_processor, load_model
 from lora_ranks.ranks import AllocationSettings
 from lora_ranks.synthetic import build_tiny_qwen25_vl, write_synthetic_vl_dataset
 
@@ -23,7 +24,7 @@ def vl(tmp_path_factory):
 
 def test_image_placeholders_expand_and_only_the_answer_is_trained(vl):
     base, data = vl
-    _, tokenizer = load_causal_lm(base)
+    _, tokenizer = load_model(base)
     processor = load_image_processor(base)
     record = load_records(data)[0]
     out = tokenize_record(record, tokenizer, image_processor=processor, base_dir=data.parent)
@@ -31,7 +32,7 @@ def test_image_placeholders_expand_and_only_the_answer_is_trained(vl):
     assert tuple(out["image_grid_thw"].tolist()[0]) == (1, 4, 4)
     assert out["input_ids"].count(pad) == 16 // 2**2  # t*h*w / merge_size^2 placeholders for one 56x56 image
     assert out["pixel_values"].shape[0] == 16
-    trained = [t for t, l in zip(out["input_ids"], out["labels"]) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == record["messages"][-1]["content"] + "<|im_end|>\n<|endoftext|>"
     batch = collate([out, out], tokenizer.pad_token_id)
     assert batch["pixel_values"].shape[0] == 32 and batch["image_grid_thw"].shape == (2, 3)
@@ -39,7 +40,7 @@ def test_image_placeholders_expand_and_only_the_answer_is_trained(vl):
 
 def test_vision_records_need_images_and_a_processor(vl, tmp_path):
     base, data = vl
-    _, tokenizer = load_causal_lm(base)
+    _, tokenizer = load_model(base)
     record = load_records(data)[0]
     with pytest.raises(DataError, match="no image processor"):
         tokenize_record(record, tokenizer)

@@ -1,37 +1,34 @@
-"""Evidence: how well do the chosen ranks serve the model? Fidelity curves and allocation comparisons.
+"""Fidelity: how close does base + truncated delta (= the merged extracted adapter) get to the fine-tuned model?
 
-Fidelity. For a rank allocation, replace every analyzed weight of the base model by its base value plus the
-truncated SVD of its delta at the allocated rank (exactly what merging the extracted adapter does), and
-measure on held-out records how close that model is to the fully fine-tuned one:
+For a rank allocation, replace every analyzed weight of the base model by its base value plus the truncated SVD
+of its delta at the allocated rank, and measure on held-out records how close that model is to the fully
+fine-tuned one:
 
     mean KL(P_finetuned || P_model) of next-token distributions over the response tokens (nats per token),
     and the difference in loss (cross-entropy of the labels) between the two.
 
 A sweep over tau (energy-threshold ranks) and, at the same trainable-parameter counts, budget water-filling and
-uniform ranks, gives parameters-vs-fidelity curves. Identical models give KL = 0; full-rank allocations give
-KL at float tolerance when only the analyzed modules changed (both tested).
-
-Comparison. ``allocation_configs`` builds the three rank configs at (about) equal parameter count that the
-``compare-allocations`` flow trains from scratch and evaluates by held-out loss.
+uniform ranks, gives parameters-vs-fidelity curves. Identical models give KL = 0; full-rank allocations give KL
+at float tolerance when only the analyzed modules changed (both tested).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoints import CheckpointPair, ModuleRef
-from .config import AlphaPolicy, build_rank_config
-from .data import IGNORE_INDEX, collate
-from .ranks import AllocationSettings, ModuleAllocation, allocate_ranks, lora_parameters
-from .spectra import Spectrum
+from ..checkpoints import CheckpointPair, ModuleRef
+from ..data import IGNORE_INDEX, collate
+from ..ranks import allocate_ranks, lora_parameters
+from ..settings import AllocationSettings, FidelitySettings
+from ..spectra import Spectrum
+from .allocations import uniform_allocation
 
-__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "uniform_allocation",
-           "allocation_configs", "held_out_loss", "mean_and_std"]
+__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std"]
 
 
 @dataclass
@@ -112,17 +109,6 @@ class DeltaBasis:
         return model
 
 
-def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, int]:
-    """The largest single rank r (capped per module at min(d_out, d_in)) whose parameters fit ``budget``."""
-    best = {m.name: 1 for m in modules}
-    for r in range(1, max(min(m.shape) for m in modules) + 1):
-        ranks = {m.name: min(r, min(m.shape)) for m in modules}
-        if sum(lora_parameters(m.shape, ranks[m.name]) for m in modules) > budget:
-            break
-        best = ranks
-    return best
-
-
 def _params(modules: Sequence[ModuleRef], ranks: Mapping[str, int]) -> int:
     return sum(lora_parameters(m.shape, ranks[m.name]) for m in modules)
 
@@ -135,9 +121,9 @@ def fidelity_sweep(
     examples: Sequence[dict],
     pad_token_id: int,
     *,
-    taus: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+    taus: Sequence[float] = FidelitySettings.model_fields["taus"].default,
     min_rank: int = 1,
-    max_rank: int = 128,
+    max_rank: int = AllocationSettings.model_fields["max_rank"].default,
 ) -> list[FidelityPoint]:
     """Fidelity of energy-threshold ranks for each tau, and of budget water-filling and uniform ranks at the
     same parameter counts (smoothing off, so each method is seen on its own)."""
@@ -154,35 +140,10 @@ def fidelity_sweep(
         measure("energy", tau, energy)
         budget = _params(modules, energy)
         water = allocate_ranks(modules, spectra, AllocationSettings(min_rank=min_rank, max_rank=max_rank,
-                                                                    budget_parameters=budget))
+                                                                    budget=float(budget)))
         measure("budget", budget, {a.name: a.final_rank for a in water})
         measure("uniform", budget, uniform_allocation(modules, budget))
     return points
-
-
-def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
-                       settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy()) -> dict[str, dict]:
-    """Rank configs for the comparison at (about) equal trainable parameters.
-
-    "energy" uses ``settings`` (the method of the original design); "budget" water-fills exactly its
-    parameter count; "uniform" takes the largest single rank that does not exceed it.
-    """
-    energy = allocate_ranks(modules, spectra, settings)
-    budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
-    water = allocate_ranks(modules, spectra, AllocationSettings(min_rank=settings.min_rank, max_rank=settings.max_rank,
-                                                                budget_parameters=budget))
-    uniform_ranks = uniform_allocation(modules, budget)
-    uniform = [ModuleAllocation(a.name, a.module_type, a.layer, a.depth, a.shape, a.raw_rank, a.saturated,
-                                uniform_ranks[a.name], uniform_ranks[a.name], uniform_ranks[a.name],
-                                float(spectra[a.name].cumulative_energy()[uniform_ranks[a.name] - 1])
-                                if spectra[a.name].total_energy > 0 else 1.0, a.zero_delta, a.weight_key)
-               for a in energy]
-    budget_settings = AllocationSettings(min_rank=settings.min_rank, max_rank=settings.max_rank, budget_parameters=budget)
-    out = {}
-    for label, allocs, used in (("uniform", uniform, settings), ("energy", energy, settings), ("budget", water, budget_settings)):
-        out[label] = build_rank_config(allocs, used, base_parameters=base_parameters, alpha_policy=alpha_policy,
-                                       extra_metadata={"allocation": label, "budget_parameters": budget})
-    return out
 
 
 @torch.no_grad()

@@ -40,17 +40,14 @@ back to the CPU for that matrix and says so in ``Spectrum.device``.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-__all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device", "parallel_plan", "blas_threads"]
+__all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device", "resolve_method"]
 
 SpectrumMethod = Literal["auto", "gram", "svdvals", "randomized"]
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -95,61 +92,6 @@ class Spectrum:
 def default_device() -> torch.device:
     """The first CUDA device when one is visible, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def parallel_plan(jobs: int, device: torch.device | str | None = None, max_workers: int = 4) -> tuple[int, int]:
-    """How to run ``jobs`` independent spectra at once: (concurrent workers, BLAS threads per worker).
-
-    On the CPU, several matrices computed side by side with single- or few-threaded BLAS beat one matrix
-    at a time with all threads: LAPACK's tridiagonal reduction (half of it matrix-vector products) scales
-    poorly over threads (measured on 2 cores: 30% less wall time for a layer's 7 spectra). The thread
-    budget is ``torch.get_num_threads()`` (what the process runner pins per worker); ``max_workers``
-    bounds the memory held at once (each worker holds one float64 delta and its Gram matrix, ~0.65 GB
-    at 18944x3584). On CUDA one worker: the device serializes the kernels anyway.
-    """
-    dev = torch.device(device) if device is not None else default_device()
-    budget = max(1, torch.get_num_threads())
-    if dev.type != "cpu" or jobs <= 1 or budget == 1:
-        return 1, budget
-    workers = max(1, min(jobs, budget, max_workers))
-    return workers, max(1, budget // workers)
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_STATE: dict = {"users": 0, "limiter": None}
-
-
-def _reset_blas_state_after_fork() -> None:  # a forked child has none of the parent's threads in the block
-    global _BLAS_LOCK
-    _BLAS_LOCK = threading.Lock()
-    _BLAS_STATE.update(users=0, limiter=None)
-
-
-os.register_at_fork(after_in_child=_reset_blas_state_after_fork)
-
-
-@contextmanager
-def blas_threads(threads: int):
-    """Limit NumPy's BLAS/LAPACK to ``threads`` threads (threadpoolctl) while the block runs.
-
-    The limit is process-wide, and layers may run concurrently in threads (Prefect's thread runner): the
-    first caller sets it, the last one out restores the original, so an early finisher cannot lift it
-    under a running layer, nor a late one leave it set after the run.
-    """
-    from threadpoolctl import threadpool_limits
-
-    with _BLAS_LOCK:
-        if _BLAS_STATE["users"] == 0:
-            _BLAS_STATE["limiter"] = threadpool_limits(limits=threads, user_api="blas")
-        _BLAS_STATE["users"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_STATE["users"] -= 1
-            if _BLAS_STATE["users"] == 0:
-                _BLAS_STATE["limiter"].restore_original_limits()
-                _BLAS_STATE["limiter"] = None
 
 
 def compute_spectrum(
@@ -217,13 +159,8 @@ def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, m
     if total_energy == 0.0:  # zero delta: all singular values are exactly 0
         return Spectrum(np.zeros(min(m, n)), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, str(dev))
 
-    p = max(k, 32) if oversample is None else int(oversample)
-    q = min(k + p, min(m, n))
-    if method == "auto":
-        # Each randomized pass costs ~2*m*n*q flops vs ~m*n^2 for the Gram matrix: with q close to the short
-        # side, the exact method is as cheap and needs no check. On the CPU the Gram wins at every measured
-        # shape (see the module docstring).
-        method = "randomized" if dev.type == "cuda" and 3 * q <= min(m, n) else "gram"
+    q = _columns(k, m, n, oversample)
+    method = resolve_method(method, dev, (m, n), top_k, oversample)
 
     iters = 0
     if method == "svdvals":
@@ -240,6 +177,29 @@ def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, m
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return Spectrum(values, total_energy, (m, n), method, float(bound), time.perf_counter() - start, str(dev), iters)
+
+
+def _columns(k: int, m: int, n: int, oversample: int | None) -> int:
+    """Columns q of the randomized method's subspace: k plus the oversampling, at most the short side."""
+    p = max(k, 32) if oversample is None else int(oversample)
+    return min(k + p, min(m, n))
+
+
+def resolve_method(method: SpectrumMethod, device: torch.device | str | None, shape: tuple[int, int], top_k: int,
+                   oversample: int | None = None) -> str:
+    """The method ``method`` stands for on ``device`` for a ``shape`` delta ("auto" resolved, others unchanged).
+
+    "auto": the Gram on the CPU (it wins at every measured shape, see the module docstring); on CUDA the
+    randomized method when its subspace is at most a third of the short side, since each randomized pass costs
+    ~2 m n q flops vs ~m n^2 for the Gram matrix: with q close to the short side the exact method is as cheap
+    and needs no check.
+    """
+    if method != "auto":
+        return method
+    dev = torch.device(device) if device is not None else default_device()
+    m, n = shape
+    q = _columns(min(top_k, m, n), m, n, oversample)
+    return "randomized" if dev.type == "cuda" and 3 * q <= min(m, n) else "gram"
 
 
 def _resolved(s: torch.Tensor, n: int, squared: bool) -> torch.Tensor:

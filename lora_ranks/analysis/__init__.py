@@ -1,0 +1,21 @@
+"""The analysis: per-layer spectra on disk, then one rank config.
+
+    layout.py     where a run's files go (``OutputLayout``) and the per-layer spectra file format
+    layer.py      the unit of parallel work: one layer's spectra (``analyze_layer``), and the numerics identity
+    assemble.py   every layer's spectra -> ranks -> ``lora_rank_config.json``; ``analyze_checkpoints`` serially
+"""
+
+from .assemble import analyze_checkpoints, assemble_rank_config, zero_delta_message
+from .layer import LayerResult, analyze_layer, numerics_identity
+from .layout import (
+                     OutputLayout,
+                     layer_file_fingerprint,
+                     layer_file_name,
+                     load_layer_spectra,
+                     load_spectra,
+                     spectra_files,
+)
+
+__all__ = ["OutputLayout", "LayerResult", "analyze_layer", "numerics_identity", "load_layer_spectra", "load_spectra",
+           "spectra_files", "layer_file_name", "layer_file_fingerprint", "assemble_rank_config", "analyze_checkpoints",
+           "zero_delta_message"]

@@ -1,0 +1,119 @@
+"""From every layer's spectra to one rank config, and the whole analysis in one process.
+
+``assemble_rank_config`` reads the layer files back, allocates ranks and writes the validated config;
+``analyze_checkpoints`` runs discovery, every layer and the assembly serially, for users who do not need
+Prefect (the ``svd-analysis`` flow fans the same steps out, one task per layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..checkpoints import CheckpointPair, ModuleRef
+from ..config import build_rank_config, save_rank_config
+from ..ranks import allocate_ranks
+from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings
+from ..spectra import Spectrum
+from .layer import LayerResult, analyze_layer
+from .layout import OutputLayout, load_spectra
+
+__all__ = ["assemble_rank_config", "analyze_checkpoints"]
+
+
+def _combine(digests: Iterable[str]) -> str:
+    return hashlib.sha256("|".join(digests).encode()).hexdigest()
+
+
+def assemble_rank_config(
+    pair: CheckpointPair,
+    modules: Sequence[ModuleRef],
+    layer_results: Sequence[LayerResult],
+    settings: AllocationSettings,
+    config_path: str | Path,
+    *,
+    alpha_policy: AlphaPolicy = AlphaPolicy(),
+    extra_metadata: dict | None = None,
+) -> tuple[dict, dict[str, Spectrum]]:
+    """Read every layer's spectra, allocate ranks, write the validated config atomically.
+
+    Modules that did not change (zero deltas) get ``min_rank`` and are listed in the metadata's
+    ``zero_delta_modules``; callers decide how to tell the user.
+
+    Returns:
+        (config dict, spectra by module name) -- the spectra feed the plots and raw-data export.
+    """
+    spectra = load_spectra(r.path for r in layer_results)
+    allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters)
+    spectra_info = {
+        name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),
+               "device": s.device, "total_energy": s.total_energy}
+        for name, s in spectra.items()
+    }
+    metadata = {
+        "checkpoints": pair.identity(content=(_combine(r.base_digest for r in layer_results),
+                                              _combine(r.finetuned_digest for r in layer_results))),
+        "layer_fingerprints": {r.layer: r.fingerprint for r in layer_results},
+        "svd": {
+            "methods": sorted({s.method for s in spectra.values()}),
+            "max_rel_error_bound": max(s.rel_error_bound for s in spectra.values()),
+            # per-matrix compute seconds, summed (matrices of a layer run side by side: can exceed wall time)
+            "total_seconds": sum(s.seconds for s in spectra.values()),
+            "top_k": settings.required_top_k,
+        },
+    }
+    if extra_metadata:
+        metadata.update(extra_metadata)
+    config = build_rank_config(allocations, settings, base_parameters=pair.base_parameters,
+                               alpha_policy=alpha_policy, spectra_info=spectra_info, extra_metadata=metadata)
+    save_rank_config(config_path, config)
+    return config, spectra
+
+
+def analyze_checkpoints(
+    base: str | Path,
+    finetuned: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: AllocationSettings = AllocationSettings(),
+    analysis: AnalysisSettings = AnalysisSettings(),
+    alpha_policy: AlphaPolicy = AlphaPolicy(),
+    allow_pickle: bool = False,
+) -> dict:
+    """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
+
+    Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config dict. Warns
+    (``UserWarning``) when some modules did not change at all.
+
+    Raises:
+        CheckpointError: listing every problem the headers show (before any tensor is read), or naming a
+            tensor with NaN or Inf.
+    """
+    start = time.perf_counter()
+    layout = OutputLayout(out_dir)
+    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
+    layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
+    discovered = time.perf_counter()
+    results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=analysis.svd_method,
+                             device=analysis.device, save_deltas=analysis.save_deltas,
+                             save_vectors=analysis.save_vectors)
+               for mods in layers.values()]
+    spectra_done = time.perf_counter()
+    modules = [m for mods in layers.values() for m in mods]
+    timings = {"discovery_seconds": discovered - start, "spectra_wall_seconds": spectra_done - discovered,
+               "analysis_seconds": spectra_done - start}
+    config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path, alpha_policy=alpha_policy,
+                                     extra_metadata={"timings": timings, "analysis": analysis.to_dict()})
+    unchanged = config["analysis_metadata"]["zero_delta_modules"]
+    if unchanged:
+        warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)
+    return config
+
+
+def zero_delta_message(names: Sequence[str], min_rank: int) -> str:
+    """The one-line warning for modules whose weights did not change."""
+    return (f"{len(names)} module(s) did not change during fine-tuning (zero delta), e.g. {names[0]!r}; "
+            f"they get min_rank={min_rank}")

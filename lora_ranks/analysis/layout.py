@@ -1,0 +1,125 @@
+"""Where a run's files go, and the per-layer spectra file format.
+
+Layout under one root (the original design's folder names)::
+
+    <root>/demo_inputs/                                  # the offline demo's model and data, when used
+    <root>/saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}
+    <root>/configs/lora_rank_config.json
+    <root>/analysis_outputs/svd/plots/                   # png
+    <root>/analysis_outputs/svd/raw_data/layers/<layer>.safetensors
+    <root>/analysis_outputs/fidelity/                    # the optional fidelity report
+
+A layer file holds one float64 vector of singular values per module (keyed by module name); the file's
+metadata holds the layer name, its content fingerprint and per-module facts (energy, shape, method, accuracy,
+timing, device) as JSON. Orchestrators pass these paths around, never tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write
+from ..spectra import Spectrum
+
+__all__ = ["OutputLayout", "layer_file_name", "write_layer_file", "load_layer_spectra", "load_spectra",
+           "spectra_files", "layer_file_fingerprint"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The folders and files of one run under ``root`` (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def demo_inputs_dir(self) -> Path:
+        return self.root / "demo_inputs"
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "saved_models" / "preliminary_finetune"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "configs" / "lora_rank_config.json"
+
+    @property
+    def svd_dir(self) -> Path:
+        return self.root / "analysis_outputs" / "svd"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.svd_dir / "plots"
+
+    @property
+    def raw_data_dir(self) -> Path:
+        return self.svd_dir / "raw_data"
+
+    @property
+    def fidelity_dir(self) -> Path:
+        return self.root / "analysis_outputs" / "fidelity"
+
+
+def layer_file_name(layer: str) -> str:
+    """File name for a layer's spectra: ``model.layers.3`` -> ``model.layers.3.safetensors``."""
+    return layer.replace("/", "_") + ".safetensors"
+
+
+def layer_file(svd_dir: str | Path, layer: str, folder: str = "raw_data/layers") -> Path:
+    """Path of a layer's file in ``folder`` under the SVD output folder."""
+    return Path(svd_dir) / folder / layer_file_name(layer)
+
+
+def write_layer_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` with string ``metadata`` as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_layer_spectra(path: str | Path) -> dict[str, Spectrum]:
+    """Read a layer file written by ``analyze_layer`` back into ``module name -> Spectrum``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        info = json.loads(handle.metadata()["modules"])
+        out = {}
+        for name, meta in info.items():
+            values = handle.get_tensor(name).numpy()
+            out[name] = Spectrum(values, meta["total_energy"], tuple(meta["shape"]), meta["method"],
+                                 meta["rel_error_bound"], meta["seconds"], meta["device"], meta["power_iters"])
+    return out
+
+
+def load_spectra(paths: Iterable[str | Path]) -> dict[str, Spectrum]:
+    """All modules' spectra from layer files (``LayerResult.path``s, or ``spectra_files(svd_dir)``)."""
+    spectra: dict[str, Spectrum] = {}
+    for path in paths:
+        spectra.update(load_layer_spectra(path))
+    return spectra
+
+
+def spectra_files(svd_dir: str | Path) -> list[Path]:
+    """The layer files under an SVD output folder (``OutputLayout.svd_dir``), in name order."""
+    return sorted((Path(svd_dir) / "raw_data" / "layers").glob("*.safetensors"))
+
+
+def layer_file_fingerprint(path: str | Path) -> str | None:
+    """The content fingerprint a layer file records, or None if it is missing or unreadable."""
+    if not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata().get("fingerprint")
+    except Exception:  # a damaged file counts as missing: the caller recomputes it
+        return None

@@ -1,0 +1,52 @@
+"""Model folders and hub ids: where a model's files are on this machine."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .._io import recover_folder
+from ..errors import LoraRanksError
+
+__all__ = ["CheckpointError", "resolve_model_path"]
+
+
+class CheckpointError(LoraRanksError):
+    """A checkpoint is missing, unreadable, unsafe, or does not pair with the other one."""
+
+
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+# Files a model needs (config, weights, tokenizer, chat template); pickle weights are never fetched.
+_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None) -> Path:
+    """The local folder of a model given a folder path or a Hugging Face hub id.
+
+    Hub ids are resolved with ``huggingface_hub.snapshot_download`` (only ``*.json``, ``*.safetensors``,
+    tokenizer and template files are fetched); an existing cache is used first, so this works offline for models
+    already downloaded.
+
+    Raises:
+        CheckpointError: the path is a file, does not exist and is no hub id, or the hub id cannot be resolved.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        recover_folder(path)  # a model folder whose atomic replacement a crash interrupted comes back
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a model folder with config.json")
+    if not _HUB_ID.fullmatch(str(name_or_path)):
+        raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist (and is not a hub id like 'Qwen/Qwen3-8B')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_ALLOW_PATTERNS,
+                                      local_files_only=True))
+    except Exception:  # not in the local cache yet: fall through to a download
+        pass
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_ALLOW_PATTERNS))
+    except Exception as exc:  # no hub here, or no such repo
+        raise CheckpointError(f"could not resolve hub id {str(name_or_path)!r} to a local snapshot: {exc}") from exc

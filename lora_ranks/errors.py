@@ -1,0 +1,62 @@
+"""Error types, and which failures are worth retrying.
+
+Every problem a user can fix (a bad option, checkpoint, dataset, rank config or adapter) raises a subclass of
+``LoraRanksError``. These are deterministic: running the same thing again fails the same way, so orchestration
+never retries them, and the command line reports them as one line without a traceback. Anything else is
+either transient (``is_transient``: worth a retry) or a bug (kept with its traceback).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+__all__ = ["LoraRanksError", "is_user_error", "is_transient", "list_problems"]
+
+
+class LoraRanksError(ValueError):
+    """A problem with the user's input; the message names what is wrong and where."""
+
+
+def list_problems(what: str, problems: Sequence[str], limit: int = 50) -> str:
+    """One line listing every problem found (the first ``limit``, then a count): ``what: N problem(s): a; b``."""
+    shown = "; ".join(problems[:limit])
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{what}: {len(problems)} problem(s): {shown}{more}"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the project's own error types and for settings that failed validation (pydantic)."""
+    if isinstance(exc, LoraRanksError):
+        return True
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - pydantic comes with the package
+        return False
+    return isinstance(exc, ValidationError)
+
+
+# OSErrors that describe the request, not the storage: retrying cannot make a missing file appear.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT} if hasattr(errno, "EDQUOT") else {errno.ENOSPC, errno.EROFS}
+# Failures of the machinery around a task, by class name so that no optional package has to be imported.
+_TRANSIENT_NAMES = {"OutOfMemoryError", "KilledWorker", "BrokenProcessPool", "CommClosedError", "StreamClosedError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the same call may succeed on a retry.
+
+    Transient: I/O errors of the storage (``EIO``, ``ESTALE`` on network file systems, timeouts, dropped
+    connections), CUDA out of memory (another process may free the device), and a lost worker process.
+    Not transient: the project's own errors, validation errors, a missing file or permission, a full disk,
+    and every other exception (bugs are fixed, not retried).
+    """
+    if is_user_error(exc):
+        return False
+    if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return not isinstance(exc, _PERMANENT_OS_ERRORS) and exc.errno not in _PERMANENT_ERRNOS
+    return False

@@ -1,0 +1,25 @@
+"""Evidence: do the chosen ranks serve the model? Fidelity curves and allocation comparisons.
+
+    fidelity.py      KL of base + truncated delta to the fine-tuned model; held-out loss
+    allocations.py   uniform / energy / budget allocations at equal trainable parameters
+    reports.py       the fidelity report and the comparison's steps as files (what the tasks call)
+"""
+
+from .allocations import allocation_configs, uniform_allocation
+from .fidelity import DeltaBasis, FidelityPoint, fidelity_sweep, held_out_loss, mean_and_std, next_token_fidelity
+from .reports import (
+                      ComparisonLayout,
+                      ComparisonReport,
+                      FidelityReport,
+                      comparison_report,
+                      eval_examples,
+                      evaluate_adapter,
+                      run_fidelity_report,
+                      split_records,
+                      write_allocation_configs,
+)
+
+__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
+           "uniform_allocation", "allocation_configs", "ComparisonLayout", "ComparisonReport", "FidelityReport",
+           "comparison_report", "eval_examples", "evaluate_adapter", "run_fidelity_report", "split_records",
+           "write_allocation_configs"]

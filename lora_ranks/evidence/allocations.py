@@ -1,0 +1,49 @@
+"""Rank allocations to compare at equal trainable parameters: uniform, energy threshold, budget water-filling."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..checkpoints import ModuleRef
+from ..config import build_rank_config
+from ..ranks import ModuleAllocation, allocate_ranks, lora_parameters
+from ..settings import AllocationSettings, AlphaPolicy
+from ..spectra import Spectrum
+
+__all__ = ["uniform_allocation", "allocation_configs"]
+
+
+def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, int]:
+    """The largest single rank r (capped per module at min(d_out, d_in)) whose parameters fit ``budget``."""
+    best = {m.name: 1 for m in modules}
+    for r in range(1, max(min(m.shape) for m in modules) + 1):
+        ranks = {m.name: min(r, min(m.shape)) for m in modules}
+        if sum(lora_parameters(m.shape, ranks[m.name]) for m in modules) > budget:
+            break
+        best = ranks
+    return best
+
+
+def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
+                       settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy()) -> dict[str, dict]:
+    """Rank configs for the comparison at (about) equal trainable parameters.
+
+    "energy" uses ``settings`` (the method of the original design); "budget" water-fills exactly its
+    parameter count; "uniform" takes the largest single rank that does not exceed it.
+    """
+    energy = allocate_ranks(modules, spectra, settings)
+    budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
+    budget_settings = AllocationSettings(**{**settings.to_dict(), "budget": float(budget)})
+    water = allocate_ranks(modules, spectra, budget_settings)
+    uniform_ranks = uniform_allocation(modules, budget)
+    uniform = []
+    for a in energy:
+        r, spectrum = uniform_ranks[a.name], spectra[a.name]
+        kept = float(spectrum.cumulative_energy()[r - 1]) if spectrum.total_energy > 0 else 1.0
+        uniform.append(ModuleAllocation(**{**a.to_dict(), "shape": a.shape, "bounded_rank": r, "smoothed_rank": r,
+                                           "final_rank": r, "energy_retained": kept}))
+    out = {}
+    for label, allocs, used in (("uniform", uniform, settings), ("energy", energy, settings), ("budget", water, budget_settings)):
+        out[label] = build_rank_config(allocs, used, base_parameters=base_parameters, alpha_policy=alpha_policy,
+                                       extra_metadata={"allocation": label, "budget_parameters": budget})
+    return out

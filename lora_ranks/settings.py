@@ -1,0 +1,286 @@
+"""Every option of every stage, declared once: type, default (with the reason for it), help text, validation.
+
+The classes below are the single source of truth. The command line (``flows/cli.py``) generates its flags
+from their fields, the flows take them as parameters (so the Prefect UI shows one form per class, with these
+help texts, and ``prefect deployment run --param analysis='{"svd_method": "gram"}'`` validates the same way),
+and ``prefect.yaml`` sets only what differs from these defaults. A field's help text is its docstring.
+
+Settings are frozen pydantic models: constructing one validates it, and a bad value raises
+``pydantic.ValidationError`` (a ``ValueError``) naming the field, the value and the allowed range.
+``model_copy(update=...)`` makes a changed copy (without validating it again: prefer constructing anew).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "Settings",
+    "AllocationSettings",
+    "AlphaPolicy",
+    "AnalysisSettings",
+    "SafetySettings",
+    "TrainingSettings",
+    "FinetuneSettings",
+    "LoRATrainingSettings",
+    "FidelitySettings",
+    "ComparisonSettings",
+    "INPUT_HELP",
+    "DEFAULT_TARGET_MODULES",
+    "DEFAULT_VISION_TARGET_MODULES",
+    "SETTINGS_CLASSES",
+    "Smoothing",
+]
+
+#: The language model's attention and MLP projections (what LoRA usually adapts).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Qwen2.5-VL vision-tower projections, adapted only when asked (``include_vision``).
+DEFAULT_VISION_TARGET_MODULES: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+Smoothing = Literal["none", "median", "mean"]
+
+#: Help texts of the inputs the flows and commands take besides settings (paths, models), one definition each.
+INPUT_HELP: dict[str, str] = {
+    "base_model": "Base (pretrained) model: a local Hugging Face folder or a hub id",
+    "finetuned_model": "Already fine-tuned model folder; empty = run the preliminary fine-tune first",
+    "data_path": "JSON/JSONL training records ({messages}, {instruction, output} or {text}, each with a task field)",
+    "eval_data_path": "Held-out JSON/JSONL records to evaluate on",
+    "output_dir": "Root folder for checkpoints, the rank config, plots and raw data",
+    "rank_config": "lora_rank_config.json written by svd-analysis",
+    "warm_start_from": "Fine-tuned model folder: start LoRA training from the truncated SVD of its delta "
+                       "instead of PEFT's zero init",
+    "adapter_dir": "Output folder of the PEFT adapter",
+    "refresh": "Recompute every layer even when a cached result exists",
+}
+
+
+class Settings(BaseModel):
+    """Base of every settings class: frozen, unknown fields refused, help text = field docstring."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (recorded in configs and metrics)."""
+        return self.model_dump(mode="json")
+
+
+class AllocationSettings(Settings):
+    """How spectra become ranks (recorded in the rank config's metadata)."""
+
+    energy_threshold: float = Field(0.9, gt=0, le=1)
+    """tau: the fraction of the delta's energy ||dW||_F^2 each rank keeps; 0.9 is the original design's default."""
+    min_rank: int = Field(4, ge=1)
+    """Lower rank bound: below 4, LoRA adapters train poorly and serving gains nothing."""
+    max_rank: int = Field(128, ge=1)
+    """Upper rank bound: keeps adapters small; modules that want more are flagged saturated."""
+    smoothing: Smoothing = "median"
+    """Across-depth smoothing per module type: a median resists single-layer outliers; none turns it off."""
+    smoothing_window: int = Field(3, ge=1)
+    """Odd window, in layers, of the moving median/mean; 3 = each layer and its two neighbours."""
+    round_to: int = Field(1, ge=1)
+    """Final ranks are multiples of this, within the bounds (8 suits serving stacks); 1 = no rounding."""
+    budget: Optional[float] = Field(None, gt=0)
+    """Budget mode, instead of the energy threshold: LoRA parameters to spread across modules by energy per
+    parameter; above 1 a count, up to 1 a fraction of the base model's parameters (0.01 = 1%)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AllocationSettings:
+        if self.max_rank < self.min_rank:
+            raise ValueError(f"max_rank ({self.max_rank}) must be at least min_rank ({self.min_rank})")
+        if self.smoothing_window % 2 == 0:
+            raise ValueError(f"smoothing_window must be odd, got smoothing_window={self.smoothing_window}")
+        if self.round_to > self.max_rank:
+            raise ValueError(f"round_to ({self.round_to}) must not exceed max_rank ({self.max_rank})")
+        return self
+
+    @property
+    def budget_mode(self) -> bool:
+        return self.budget is not None
+
+    @property
+    def required_top_k(self) -> int:
+        """Singular values needed per module: max_rank + 1, so that saturation is visible."""
+        return self.max_rank + 1
+
+    def budget_parameters(self, base_parameters: int | None) -> int:
+        """The budget as a parameter count (a fraction needs the base model's parameter count)."""
+        if self.budget is None:
+            raise ValueError("budget_parameters() needs budget mode (budget is not set)")
+        if self.budget > 1:
+            return int(self.budget)
+        if base_parameters is None:
+            raise ValueError(f"budget={self.budget} is a fraction of the base model's parameters, which are unknown here")
+        return int(self.budget * base_parameters)
+
+
+class AlphaPolicy(Settings):
+    """How lora_alpha is set per module (the LoRA update is scaled by alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+
+    policy: Literal["constant", "rslora"] = "constant"
+    """constant: alpha = scale * r, the same update scale in every module whatever its rank (the common alpha = 2r
+    rule); rslora: rank-stabilized LoRA (Kalajdzievski 2023), one alpha = 8 * scale divided by sqrt(r)."""
+    scale: float = Field(2.0, gt=0, allow_inf_nan=False)
+    """alpha / r for constant (2 = the usual alpha = 2r); alpha = 8 * scale for rslora."""
+
+    def alpha(self, rank: int) -> float:
+        """lora_alpha of a module of rank ``rank`` (an int when it is whole)."""
+        value = self.scale * rank if self.policy == "constant" else self.scale * 8
+        return int(value) if float(value).is_integer() else float(value)
+
+
+class AnalysisSettings(Settings):
+    """Which modules are analyzed and how their spectra are computed."""
+
+    target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1)
+    """Module names (q_proj matches ...self_attn.q_proj) or dotted tails (mlp.down_proj) to analyze in the
+    language model's layers; default: the attention and MLP projections LoRA usually adapts."""
+    target_regex: Optional[str] = None
+    """Regex full-matched against module names, used instead of target_modules (vision modules still need
+    include_vision)."""
+    include_vision: bool = False
+    """Also analyze the vision tower of a vision-language model; off: most users fine-tune the language model only."""
+    vision_target_modules: tuple[str, ...] = Field(DEFAULT_VISION_TARGET_MODULES, min_length=1)
+    """Module tails analyzed in vision-tower blocks when include_vision is on."""
+    svd_method: Literal["auto", "gram", "svdvals", "randomized"] = "auto"
+    """Spectrum method: auto = float64 Gram eigenvalues on the CPU (exact, fastest there); gram, svdvals (LAPACK,
+    the reference) or randomized (checked a posteriori, exact fallback)."""
+    device: Optional[str] = None
+    """Where spectra are computed: cpu, cuda or cuda:N; empty = CUDA when available."""
+    save_deltas: bool = False
+    """Also save the float32 deltas as safetensors (large: 4 bytes per analyzed parameter)."""
+    save_vectors: bool = False
+    """Also save each delta's top singular directions (what extraction needs), float32."""
+
+    @property
+    def targets(self):
+        """These settings as the ``TargetSpec`` that checkpoint discovery takes."""
+        from .checkpoints.naming import TargetSpec
+
+        return TargetSpec(self.target_modules, self.target_regex, self.include_vision, self.vision_target_modules)
+
+    @field_validator("target_regex")
+    @classmethod
+    def _compiles(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"target_regex {value!r} is not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got device={value!r}")
+        return value
+
+
+class SafetySettings(Settings):
+    """Opt-ins that weaken the safe defaults; both are off."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with a model folder; off: only architectures transformers knows load."""
+    allow_pickle: bool = False
+    """Accept pickle-based .bin/.pt checkpoints (loaded with torch.load(weights_only=True)); off: safetensors only."""
+
+
+class TrainingSettings(Settings):
+    """The training loop shared by the preliminary fine-tune and LoRA training."""
+
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps (a step = grad_accumulation micro-batches); training stops at the first of steps and epochs."""
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training records; caps max_steps on tiny subsets."""
+    batch_size: int = Field(4, ge=1)
+    """Micro-batch size, in sequences."""
+    grad_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak AdamW learning rate; full fine-tunes of 7B models use 1e-5 to 1e-4."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay; 0 keeps the weight delta purely data-driven."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the steps with a linear warmup."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after the warmup."""
+    max_length: int = Field(256, ge=1)
+    """Tokens per sequence; longer records are truncated."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory for about 30% more compute."""
+    seed: int = 0
+    """Seeds sampling, shuffling and torch, so the same command gives the same result."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about 75% less optimizer memory)."""
+    wandb_project: Optional[str] = None
+    """Log loss and learning rate to this Weights & Biases project (needs wandb; WANDB_MODE=offline works; the
+    API key is read by wandb from the environment, never by this tool)."""
+
+
+class FinetuneSettings(TrainingSettings):
+    """The preliminary full fine-tune on a stratified subset (recorded in training_metrics.json)."""
+
+    subset_ratio: float = Field(0.01, gt=0, le=1)
+    """Fraction of the records to fine-tune on: about 1% shows which directions each layer moves in."""
+    max_samples: int = Field(1000, ge=1)
+    """Cap on the subset size, so that huge datasets stay a brief fine-tune."""
+    task_key: str = "task"
+    """Record field naming the task; the subset is stratified by it."""
+    freeze_vision: bool = True
+    """Keep a vision tower (Qwen2.5-VL) frozen: the ranks are for the language model unless asked otherwise."""
+    copy_base: bool = False
+    """Write pretrained/ even when the base is a local safetensors folder; by default its path and header
+    fingerprint are recorded instead (the analysis reads it lazily; a copy of a 7B model costs 15 GB)."""
+
+
+class LoRATrainingSettings(TrainingSettings):
+    """Training a LoRA with the per-module ranks of a rank config."""
+
+    max_steps: int = Field(200, ge=1)
+    """Optimizer steps (a step = grad_accumulation micro-batches); training stops at the first of steps and epochs."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training records; one pass is the usual LoRA recipe."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak AdamW learning rate; LoRA recipes use 1e-4 to 3e-4, higher than full fine-tuning."""
+    quantization: Optional[Literal["4bit", "8bit"]] = None
+    """Quantize the frozen base with bitsandbytes (QLoRA): 4bit = nf4 with double quantization, 8bit = LLM.int8."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input; 0.05 is PEFT's most common recipe value."""
+
+
+class FidelitySettings(Settings):
+    """The fidelity report: how close base + extracted adapters get to the fine-tuned model."""
+
+    fidelity_report: bool = False
+    """Measure, for a sweep of tau and at equal parameters for budget and uniform ranks, the KL of base +
+    extracted adapter to the fine-tuned model on held-out records (loads both models: off by default)."""
+    taus: tuple[float, ...] = Field((0.5, 0.7, 0.8, 0.9, 0.95, 0.99), min_length=1)
+    """Energy thresholds of the sweep."""
+    eval_samples: int = Field(200, ge=1)
+    """Held-out records evaluated."""
+
+    @field_validator("taus")
+    @classmethod
+    def _in_range(cls, taus: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [t for t in taus if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"every tau must be in (0, 1], got {bad[0]}")
+        return taus
+
+
+class ComparisonSettings(Settings):
+    """The allocation comparison: LoRAs of equal parameter count trained on identical data and seeds."""
+
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
+    """Training seeds; three or more give a spread."""
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the records held out for evaluation when no separate eval data is given."""
+
+
+#: Every settings class, for tools that walk all options (the CLI generator and its tests).
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, SafetySettings,
+                                                 FinetuneSettings, LoRATrainingSettings, FidelitySettings,
+                                                 ComparisonSettings)

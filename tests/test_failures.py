@@ -1,0 +1,269 @@
+"""Failures that read well: hostile input through the CLI as a user types it, no retries of deterministic errors,
+no tracebacks for user errors, every header problem listed at once."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_ranks.checkpoints import CheckpointError, CheckpointPair
+from lora_ranks.errors import is_transient, is_user_error
+from lora_ranks.synthetic import write_planted_pair
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = "model.layers.1.self_attn.o_proj.weight"
+
+
+def _cli(*args, env=None, timeout=600):
+    exe = Path(sys.executable).with_name("lora-ranks")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as h:
+        return {k: h.get_tensor(k) for k in h.keys()}
+
+
+def _rewrite(folder: Path, change) -> Path:
+    tensors = _tensors(folder)
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _hostile(kind: str, pair: tuple[Path, Path], root: Path) -> Path:
+    """A copy of the fine-tuned checkpoint with one kind of damage."""
+    ft = Path(shutil.copytree(pair[1], root / kind))
+    if kind == "missing":
+        return _rewrite(ft, lambda t: t.pop(TARGET))
+    if kind == "shape":
+        return _rewrite(ft, lambda t: t.update({TARGET: t[TARGET][:, :-1].contiguous()}))
+    if kind == "two-problems":
+        return _rewrite(ft, lambda t: (t.pop(TARGET), t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)})))
+    if kind == "quantized":
+        return _rewrite(ft, lambda t: t.update({TARGET: t[TARGET].to(torch.int8)}))
+    if kind == "truncated":
+        data = (ft / "model.safetensors").read_bytes()
+        (ft / "model.safetensors").write_bytes(data[: len(data) - 4096])
+        return ft
+    if kind == "pickle-only":
+        torch.save(_tensors(ft), ft / "pytorch_model.bin")
+        (ft / "model.safetensors").unlink()
+        return ft
+    if kind == "nan":
+        return _rewrite(ft, lambda t: t[TARGET].__setitem__((3, 5), float("nan")))
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8), noise=1e-3)
+
+
+def _assert_one_line_error(done, *fragments, only_line=True):
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "Retry" not in done.stdout + done.stderr
+    assert output[-1].startswith("lora-ranks: error: "), output[-5:]
+    for fragment in fragments:
+        assert fragment in output[-1], output[-1]
+    if only_line:
+        assert done.stdout.strip() == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("kind,fragments", [
+    ("missing", [f"tensor {TARGET!r} is missing from the fine-tuned checkpoint"]),
+    ("shape", [f"tensor {TARGET!r} has shape (64, 64) in the base but (64, 63)"]),
+    ("two-problems", ["2 problem(s)", "is missing from the fine-tuned", "model.layers.0.mlp.up_proj.weight' has shape"]),
+    ("quantized", ["is stored as I8 in the fine-tuned checkpoint", "dequantize"]),
+    ("truncated", ["cannot read safetensors file", "truncated or corrupt"]),
+    ("pickle-only", ["holds only pickle-based weights", "--allow-pickle"]),
+])
+def test_header_problems_end_the_cli_before_prefect_starts(pair, tmp_path, kind, fragments):
+    finetuned = _hostile(kind, pair, tmp_path)
+    done = _cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out")
+    _assert_one_line_error(done, *fragments)
+    assert not (tmp_path / "out" / "configs").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--energy", "1.5"], ["--energy-threshold 1.5: input should be less than or equal to 1"]),
+    (["--energy-threshold", "0"], ["--energy-threshold 0: input should be greater than 0"]),
+    (["--min-rank", "16", "--max-rank", "8"], ["--max-rank (8) must be at least --min-rank (16)"]),
+    (["--min-rank", "0"], ["--min-rank 0: input should be greater than or equal to 1"]),
+    (["--budget", "-5"], ["--budget -5: input should be greater than 0"]),
+    (["--smoothing", "gauss"], ["argument --smoothing: invalid choice: 'gauss'", "median"]),
+    (["--smoothing-window", "2"], ["--smoothing-window must be odd"]),
+    (["--max-rank", "lots"], ["--max-rank lots: input should be a valid integer"]),
+    (["--device", "tpu"], ["--device tpu: device must be cpu, cuda or cuda:N"]),
+])
+def test_bad_options_are_one_line_without_loading_torch_or_prefect(tmp_path, args, fragments):
+    """Options are validated first: one line, exit 2, and neither torch nor Prefect was even imported."""
+    code = ("import sys\nfrom flows.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    rc = e.code\nheavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'transformers'})\n"
+            "print(heavy)\nsys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "analyze", "--base", "b", "--finetuned", "f", "--out",
+                           str(tmp_path), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.strip() == "[]"  # validated before any heavy import
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-ranks: error: "), done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_nan_weights_fail_once_in_the_layer_task_without_traceback(pair, tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    finetuned = _hostile("nan", pair, tmp_path)
+    done = _cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out", env=env)
+    _assert_one_line_error(done, f"tensor {TARGET!r}", "contains NaN or Inf", only_line=False)
+    assert "analyze-model.layers.1' - Finished in state Failed" in done.stderr  # the layer task failed once
+    assert not (tmp_path / "out" / "configs" / "lora_rank_config.json").exists()
+    # --debug brings the traceback back
+    debug = _cli("--debug", "analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out2", env=env)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+@pytest.mark.slow
+def test_identical_checkpoints_succeed_with_one_warning_line(pair, tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    done = _cli("analyze", "--base", pair[0], "--finetuned", pair[0], "--out", tmp_path / "out", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in (done.stdout + done.stderr).splitlines() if "did not change" in line]
+    assert len(warnings) == 1, warnings
+    config = json.loads((tmp_path / "out" / "configs" / "lora_rank_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {4}
+
+
+def test_a_config_naming_modules_the_model_lacks_is_refused_before_training(pair, tmp_path):
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.synthetic import write_synthetic_dataset
+
+    analyze_checkpoints(*pair, tmp_path / "an")
+    config = tmp_path / "an" / "configs" / "lora_rank_config.json"
+    other = write_planted_pair(tmp_path / "b1", tmp_path / "f1", num_layers=1, hidden_size=32, num_heads=2,
+                               num_kv_heads=1, intermediate_size=64)
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 2)
+    done = _cli("train", "--model", other[0], "--lora-config", config, "--data", data, "--out", tmp_path / "t")
+    _assert_one_line_error(done, "rank config does not fit the model", "model.layers.1.self_attn.q_proj: no such module")
+    done = _cli("extract", "--base", other[0], "--finetuned", other[1], "--config", config, "--out", tmp_path / "x")
+    _assert_one_line_error(done, "rank config does not fit the checkpoints")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "x").exists()
+
+
+def test_bad_records_are_named_before_training(pair, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine", "task": "a"}\n{"oops": 1}\n')
+    done = _cli("finetune", "--model", pair[0], "--data", data, "--out", tmp_path / "o")
+    _assert_one_line_error(done, f"{data}:2")
+
+
+def test_preflight_lists_every_problem_at_once(pair, tmp_path):
+    finetuned = _hostile("two-problems", pair, tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        CheckpointPair(pair[0], finetuned).preflight()
+    message = str(err.value)
+    assert "2 problem(s)" in message and "\n" not in message
+    assert TARGET in message and "model.layers.0.mlp.up_proj.weight" in message
+
+
+# -- what is retried ----------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc,retried", [
+    (CheckpointError("bad tensor"), False),
+    (ValueError("a bug or a bad value"), False),
+    (RuntimeError("a bug"), False),
+    (FileNotFoundError(2, "No such file"), False),
+    (PermissionError(13, "denied"), False),
+    (OSError(5, "Input/output error"), True),  # EIO on network storage
+    (OSError(116, "Stale file handle"), True),  # ESTALE
+    (TimeoutError("read timed out"), True),
+    (ConnectionResetError("peer reset"), True),
+    (torch.OutOfMemoryError("CUDA out of memory"), True),
+])
+def test_only_transient_failures_are_retried(exc, retried):
+    from tasks._common import retry_if_transient
+
+    assert is_transient(exc) is retried
+    assert retry_if_transient(None, None, _State(exc)) is retried
+
+
+def test_validation_errors_are_user_errors():
+    from pydantic import ValidationError
+
+    from lora_ranks.settings import AllocationSettings
+
+    with pytest.raises(ValidationError) as err:
+        AllocationSettings(energy_threshold=2)
+    assert is_user_error(err.value) and not is_transient(err.value)
+
+
+@pytest.mark.slow
+def test_a_deterministic_layer_failure_is_not_retried(pair, tmp_path, monkeypatch, task_states):
+    import tasks.analysis as T
+    from flows.svd_analysis import svd_analysis
+
+    def broken(pair_, modules, *args, **kwargs):
+        raise CheckpointError(f"tensor of {modules[0].layer} is damaged (injected)")
+
+    monkeypatch.setattr(T, "analyze_layer", broken)
+    state = svd_analysis(base_model=str(pair[0]), finetuned_model=str(pair[1]), output_dir=str(tmp_path), refresh=True,
+                         return_state=True)
+    assert state.is_failed()
+    assert "damaged (injected)" in state.message
+    states = task_states(state)
+    assert states["analyze-model.layers.0"] == [("Failed", 1)]  # one run: no retry of a deterministic error
+
+
+# -- tracebacks ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exc,debug,kept", [
+    (CheckpointError("bad"), False, False),
+    (CheckpointError("bad"), True, True),
+    (RuntimeError("a bug"), False, True),
+])
+def test_engine_logs_drop_the_traceback_of_user_errors_only(exc, debug, kept, monkeypatch):
+    from tasks._common import install_traceback_filter
+
+    install_traceback_filter()
+    monkeypatch.setenv("LORA_RANKS_DEBUG", "1" if debug else "0")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    logger = logging.getLogger("prefect.task_runs")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        try:
+            raise exc
+        except Exception:
+            logger.error("Task run failed with exception: %r", exc, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].getMessage().startswith("Task run failed")
+    assert (seen[0].exc_info is not None) is kept
