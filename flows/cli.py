@@ -32,6 +32,7 @@ from lora_ranks.settings import (
     AlphaPolicy,
     AnalysisSettings,
     ComparisonSettings,
+    CurvatureSettings,
     FidelitySettings,
     FinetuneSettings,
     LoRATrainingSettings,
@@ -61,7 +62,10 @@ class Command:
 
 
 _ALLOCATION = (SettingsGroup(AllocationSettings, "allocation"), SettingsGroup(AlphaPolicy, "alpha", prefix="alpha"),
-               SettingsGroup(AnalysisSettings, "analysis"))
+               SettingsGroup(AnalysisSettings, "analysis"), SettingsGroup(CurvatureSettings, "curvature"))
+# The fine-tune's subset is also the calibration set of the curvature spectra.
+_SUBSET = SettingsGroup(FinetuneSettings, "finetune", fields=("subset_ratio", "max_samples", "task_key", "seed",
+                                                               "max_length"))
 _PICKLE = SettingsGroup(SafetySettings, "safety", fields=("allow_pickle",))
 _REMOTE_CODE = SettingsGroup(SafetySettings, "safety", fields=("trust_remote_code",))
 
@@ -73,9 +77,9 @@ COMMANDS: dict[str, Command] = {
     "analyze": Command(
         "ranks from an existing pretrained/fine-tuned pair (no fine-tuning)",
         inputs=(Input("--base", "base_model", "base_model"), Input("--finetuned", "finetuned_model", "finetuned_model"),
-                Input("--out", "output_dir", "output_dir"),
+                Input("--out", "output_dir", "output_dir"), Input("--data", "data_path", "data_path", required=False),
                 Input("--eval-data", "eval_data_path", "eval_data_path", required=False)),
-        groups=(*_ALLOCATION, SettingsGroup(FidelitySettings, "fidelity"), _PICKLE),
+        groups=(*_ALLOCATION, _SUBSET, SettingsGroup(FidelitySettings, "fidelity"), _PICKLE),
         flags=(Input("--refresh", "refresh", "refresh", required=False),)),
     "finetune": Command(
         "brief full fine-tune on a stratified subset (preliminary-finetune)",
@@ -167,9 +171,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
     if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
         from lora_ranks.checkpoints import CheckpointPair
 
-        base = inputs["base_model"]
-        CheckpointPair(base, inputs["finetuned_model"], allow_pickle=settings["safety"].allow_pickle).preflight(
-            settings["analysis"].targets)
+        pair = CheckpointPair(inputs["base_model"], inputs["finetuned_model"],
+                              allow_pickle=settings["safety"].allow_pickle)
+        pair.preflight(settings["analysis"].targets)
+        if settings["curvature"].spectrum != "weight":
+            _check_calibration(pair.finetuned.root, inputs.get("data_path"), settings)
     if command in ("finetune", "compare"):
         from lora_ranks.checkpoints import resolve_model_path
 
@@ -181,6 +187,21 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         check_config_matches_model(load_rank_config(inputs["rank_config"]), resolve_model_path(inputs["model"]))
         if inputs["warm_start_from"]:
             resolve_model_path(inputs["warm_start_from"])
+
+
+def _check_calibration(model_dir, data_path, settings: dict) -> None:
+    """The calibration records of an input/fisher spectrum: given, readable, with enough tokens."""
+    from transformers import AutoTokenizer
+
+    from lora_ranks.analysis import calibration_examples
+    from lora_ranks.curvature import CalibrationError
+
+    curvature = settings["curvature"]
+    if data_path is None:
+        raise CalibrationError(f"--spectrum {curvature.spectrum} needs calibration records: give --data (the "
+                               "fine-tuning data)")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    calibration_examples(data_path, tokenizer, settings["finetune"], curvature.min_calibration_tokens)
 
 
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:

@@ -30,6 +30,7 @@ from lora_ranks.settings import (  # noqa: E402
     AlphaPolicy,
     AnalysisSettings,
     ComparisonSettings,
+    CurvatureSettings,
     FidelitySettings,
     FinetuneSettings,
     LoRATrainingSettings,
@@ -52,6 +53,7 @@ def compare_allocations(
     allocation: Annotated[AllocationSettings, described(AllocationSettings)] = AllocationSettings(),
     alpha: Annotated[AlphaPolicy, described(AlphaPolicy)] = AlphaPolicy(),
     analysis: Annotated[AnalysisSettings, described(AnalysisSettings)] = AnalysisSettings(),
+    curvature: Annotated[CurvatureSettings, described(CurvatureSettings)] = CurvatureSettings(),
     finetune: Annotated[FinetuneSettings, described(FinetuneSettings)] = FinetuneSettings(),
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     comparison: Annotated[ComparisonSettings, described(ComparisonSettings)] = ComparisonSettings(),
@@ -74,7 +76,8 @@ def compare_allocations(
     # Step 2: ranks (and the optional fidelity report), from the train records only.
     config_path = svd_analysis(base_model=base_model, finetuned_model=finetuned_model, data_path=train_path,
                                output_dir=str(layout.analysis.root), allocation=allocation, alpha=alpha,
-                               analysis=analysis, finetune=finetune, safety=safety, fidelity=fidelity,
+                               analysis=analysis, curvature=curvature, finetune=finetune, safety=safety,
+                               fidelity=fidelity,
                                eval_data_path=eval_data_path)
     pretrained = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["pretrained"]["path"]
 

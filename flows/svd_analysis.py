@@ -2,13 +2,15 @@
 
 Steps:
     1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"``;
-    2. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
-    3. preflight the pair (every problem its headers show, in one error) and discover target modules by layer;
-    4. one ``fingerprint-layer`` and one ``analyze-layer`` task per layer, fanned out with ``.map``
-       (analyze-layer is cached by layer content and numerics: reruns compute only what is missing), with a
-       progress artifact updated as layers finish;
-    5. assemble the rank config;
-    6. plots, raw data and UI artifacts; with ``fidelity.fidelity_report``, a tau sweep of extracted adapters'
+    2. with an input or fisher spectrum, check the calibration records (the fine-tuning data) before fine-tuning;
+    3. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
+    4. preflight the pair (every problem its headers show, in one error), discover target modules by layer and
+       fingerprint each layer's weights (``fingerprint-layer``, fanned out with ``.map``);
+    5. (input or fisher spectrum) ``collect-curvature``: K-FAC factors from the fine-tuned model, one file a layer;
+    6. one ``analyze-layer`` task per layer (cached by layer content, curvature and numerics: reruns compute only
+       what is missing), with a progress artifact updated as layers finish;
+    7. assemble the rank config;
+    8. plots, raw data and UI artifacts; with ``fidelity.fidelity_report``, a tau sweep of extracted adapters'
        closeness to the fine-tuned model (``analysis_outputs/fidelity``).
 
 Every option is a field of the settings parameters (``lora_ranks.settings``); the task runner (threads,
@@ -36,6 +38,7 @@ from lora_ranks.settings import (  # noqa: E402
     AllocationSettings,
     AlphaPolicy,
     AnalysisSettings,
+    CurvatureSettings,
     FidelitySettings,
     FinetuneSettings,
     SafetySettings,
@@ -44,6 +47,9 @@ from lora_ranks.synthetic import DEMO_MODEL, demo_finetune_settings  # noqa: E40
 from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
+    check_calibration_task,
+    collect_curvature_task,
+    curvature_result_is_current,
     discover_layers,
     fingerprint_layer,
     layer_result_is_current,
@@ -63,6 +69,7 @@ def svd_analysis(
     allocation: Annotated[AllocationSettings, described(AllocationSettings)] = AllocationSettings(),
     alpha: Annotated[AlphaPolicy, described(AlphaPolicy)] = AlphaPolicy(),
     analysis: Annotated[AnalysisSettings, described(AnalysisSettings)] = AnalysisSettings(),
+    curvature: Annotated[CurvatureSettings, described(CurvatureSettings)] = CurvatureSettings(),
     finetune: Annotated[FinetuneSettings, described(FinetuneSettings)] = FinetuneSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
     fidelity: Annotated[FidelitySettings, described(FidelitySettings)] = FidelitySettings(),
@@ -83,7 +90,11 @@ def svd_analysis(
         if finetuned_model is None:  # the tiny demo set is small: train on a fifth of it, at a higher rate
             finetune = demo_finetune_settings(finetune)
 
-    # Step 2: preliminary fine-tune.
+    # Step 2: the calibration records a curvature spectrum needs, checked before any fine-tuning.
+    if curvature.spectrum != "weight":
+        check_calibration_task(base_model, data_path, curvature, finetune, safety.trust_remote_code)
+
+    # Step 3: preliminary fine-tune.
     if finetuned_model is None:
         if data_path is None:
             raise ValueError("data_path is required to fine-tune (or pass finetuned_model to skip fine-tuning)")
@@ -91,17 +102,32 @@ def svd_analysis(
                                        safety.trust_remote_code)
         base_model, finetuned_model = ft.pretrained_dir, ft.finetuned_dir
 
-    # Step 3: preflight and layers.
+    # Step 4: preflight and layers.
     layers = discover_layers(base_model, finetuned_model, analysis, safety.allow_pickle)
-
-    # Step 4: one SVD task per layer, cached by the layer's content and the numerics.
     names, groups = list(layers.keys()), list(layers.values())
     digests = fingerprint_layer.map(names, groups, unmapped(base_model), unmapped(finetuned_model),
                                     unmapped(safety.allow_pickle))
+
+    # Step 5: curvature factors from the fine-tuned model (input and fisher spectra), cached like the layers.
+    factors = None
+    if curvature.spectrum != "weight":
+        modules = [m for group in groups for m in group]
+        collect = collect_curvature_task.with_options(refresh_cache=True) if refresh else collect_curvature_task
+        kwargs = dict(finetuned=finetuned_model, data_path=data_path, modules=modules, svd_dir=str(layout.svd_dir),
+                      curvature=curvature, subset=finetune, finetuned_digests=[d.result()[1] for d in digests],
+                      device=analysis.device, trust_remote_code=safety.trust_remote_code)
+        factors = collect(**kwargs)
+        if not curvature_result_is_current(factors):
+            logger.warning("Recollecting curvature factors whose cached files are missing or changed")
+            factors = collect_curvature_task.with_options(refresh_cache=True)(**kwargs)
+
+    # Step 6: one SVD task per layer, cached by the layer's content and the numerics.
     analyze = analyze_layer_task.with_options(refresh_cache=True) if refresh else analyze_layer_task
     shared = dict(base=unmapped(base_model), finetuned=unmapped(finetuned_model), svd_dir=unmapped(str(layout.svd_dir)),
                   top_k=unmapped(allocation.required_top_k), analysis=unmapped(analysis),
-                  allow_pickle=unmapped(safety.allow_pickle))
+                  allow_pickle=unmapped(safety.allow_pickle), damping=unmapped(curvature.curvature_damping),
+                  curvature_path=[factors.paths[n] if factors else None for n in names],
+                  curvature_digest=[factors.digests[n] if factors else None for n in names])
     futures = analyze.map(names, groups, digests, **shared)
     progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
                                         description=f"Layers analyzed (of {len(names)})")
@@ -114,15 +140,18 @@ def svd_analysis(
     if stale:
         logger.warning("Recomputing %d layer(s) whose cached spectra file is missing or changed", len(stale))
         redo = analyze_layer_task.with_options(refresh_cache=True).map(
-            [names[i] for i in stale], [groups[i] for i in stale], [digests[i] for i in stale], **shared)
+            [names[i] for i in stale], [groups[i] for i in stale], [digests[i] for i in stale],
+            **{**shared, "curvature_path": [shared["curvature_path"][i] for i in stale],
+               "curvature_digest": [shared["curvature_digest"][i] for i in stale]})
         for i, result in zip(stale, redo.result()):
             results[i] = result
 
-    # Step 5: the rank config.
+    # Step 7: the rank config.
     config_path = assemble_rank_config_task(base_model, finetuned_model, layers, results, allocation,
-                                            str(layout.config_path), alpha, analysis, started, safety.allow_pickle)
+                                            str(layout.config_path), alpha, analysis, started, safety.allow_pickle,
+                                            curvature, factors, data_path if factors else None)
 
-    # Step 6: plots, raw data, UI artifacts (and the optional fidelity report).
+    # Step 8: plots, raw data, UI artifacts (and the optional fidelity report).
     write_report_task(config_path, str(layout.svd_dir), results)
     if fidelity.fidelity_report:
         eval_data = eval_data_path or data_path

@@ -102,11 +102,12 @@ def build_rank_config(
     metadata: dict[str, Any] = {
         "tool_version": __version__,
         "settings": settings.to_dict(),
-        "mode": "budget" if settings.budget_mode else "energy_threshold",
+        "mode": {"energy": "energy_threshold", "signal": "signal", "budget": "budget"}[settings.rank_rule],
         "n_modules": len(allocations),
         "n_saturated": sum(a.saturated for a in allocations),
         "saturated_modules": [a.name for a in allocations if a.saturated],
         "zero_delta_modules": [a.name for a in allocations if a.zero_delta],
+        "fallback_modules": {a.name: a.fallback for a in allocations if a.fallback},
         "modules": modules_meta,
     }
     if extra_metadata:

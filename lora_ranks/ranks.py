@@ -11,6 +11,10 @@ value so the config's metadata shows why a module got its rank:
    (``smooth_across_depth``), then clipped back into the bounds;
 4. rounding up to a multiple (serving stacks like multiples of 8), never beyond max_rank.
 
+The signal rule replaces 1: the raw rank is the number of singular values above the noise floor of the
+module's weight spectrum (``noise.noise_floor``, Gavish-Donoho); bounds, smoothing and rounding follow as above.
+Every module's floor and signal rank are recorded whatever the rule.
+
 Budget mode replaces 1-3: ``water_fill`` spends a total trainable-parameter budget greedily on the
 singular directions with the most energy per parameter, sigma_k^2 / (d_out + d_in), within the bounds, in
 steps of ``round_to`` directions, so that ranks are multiples of it there too.
@@ -28,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .checkpoints import ModuleRef
+from .noise import noise_floor
 from .settings import AllocationSettings, Smoothing
 from .spectra import Spectrum
 
@@ -60,6 +65,10 @@ class ModuleAllocation:
     energy_retained: float
     zero_delta: bool = False
     weight_key: str = ""  # tensor name on disk, so later stages can read the weight without transformers
+    signal_rank: int | None = None  # singular values of the weight spectrum above its noise floor
+    noise_threshold: float | None = None  # that floor (Gavish-Donoho), in units of the weight spectrum
+    spectrum: str = "weight"  # the spectrum the rank was read from: weight, input or fisher
+    fallback: str = ""  # why this module used another spectrum than asked, if it did
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -174,15 +183,23 @@ def allocate_ranks(
     spectra: Mapping[str, Spectrum],
     settings: AllocationSettings,
     base_parameters: int | None = None,
+    *,
+    weight_spectra: Mapping[str, Spectrum] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    fallbacks: Mapping[str, str] | None = None,
 ) -> list[ModuleAllocation]:
     """Decide the rank of every module.
 
     Args:
         modules: the analyzed modules (names, types, depths, shapes).
         spectra: ``module.name -> Spectrum`` with at least ``settings.required_top_k`` values (or the full
-            spectrum of smaller matrices).
-        settings: threshold, bounds, smoothing, rounding, budget.
+            spectrum of smaller matrices): the spectra ranks are read from (weight or curvature-weighted).
+        settings: rule, threshold, bounds, smoothing, rounding, budget.
         base_parameters: base-model parameter count, needed when the budget is a fraction.
+        weight_spectra: the plain spectra of the deltas, for the noise floor, when ``spectra`` are weighted
+            (default: ``spectra``).
+        kinds: module name -> which spectrum ``spectra`` holds ("weight", "input", "fisher"), recorded.
+        fallbacks: module name -> why it fell back to another spectrum than asked, recorded.
 
     Returns:
         One ModuleAllocation per module, in the order of ``modules``.
@@ -198,7 +215,12 @@ def allocate_ranks(
                 f"{settings.required_top_k} (or the full spectrum)"
             )
 
-    raw = {m.name: energy_rank(spectra[m.name], settings.energy_threshold) for m in modules}
+    weight_spectra = weight_spectra or spectra
+    floors = {m.name: noise_floor(weight_spectra[m.name]) for m in modules}
+    if settings.rank_rule == "signal":
+        raw = {m.name: floors[m.name].signal_rank for m in modules}
+    else:
+        raw = {m.name: energy_rank(spectra[m.name], settings.energy_threshold) for m in modules}
     zero = {m.name: spectra[m.name].total_energy <= 0.0 for m in modules}  # unchanged modules: min_rank
     # A rank above min(d_out, d_in) adds parameters but no expressiveness: cap there too.
     cap = {m.name: min(settings.max_rank, min(m.shape)) for m in modules}
@@ -234,5 +256,8 @@ def allocate_ranks(
         out.append(ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth,
                                     shape=m.shape, raw_rank=raw[m.name], saturated=saturated[m.name],
                                     bounded_rank=bounded[m.name], smoothed_rank=smoothed[m.name], final_rank=r,
-                                    energy_retained=kept, zero_delta=zero[m.name], weight_key=m.weight_key))
+                                    energy_retained=kept, zero_delta=zero[m.name], weight_key=m.weight_key,
+                                    signal_rank=floors[m.name].signal_rank, noise_threshold=floors[m.name].threshold,
+                                    spectrum=(kinds or {}).get(m.name, "weight"),
+                                    fallback=(fallbacks or {}).get(m.name, "")))
     return out

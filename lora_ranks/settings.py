@@ -22,6 +22,7 @@ __all__ = [
     "AllocationSettings",
     "AlphaPolicy",
     "AnalysisSettings",
+    "CurvatureSettings",
     "SafetySettings",
     "TrainingSettings",
     "FinetuneSettings",
@@ -45,8 +46,9 @@ Smoothing = Literal["none", "median", "mean"]
 #: Help texts of the inputs the flows and commands take besides settings (paths, models), one definition each.
 INPUT_HELP: dict[str, str] = {
     "base_model": "Base (pretrained) model: a local Hugging Face folder or a hub id",
-    "finetuned_model": "Already fine-tuned model folder; empty = run the preliminary fine-tune first",
-    "data_path": "JSON/JSONL training records ({messages}, {instruction, output} or {text}, each with a task field)",
+    "finetuned_model": "Fine-tuned model folder (svd-analysis: empty = run the preliminary fine-tune first)",
+    "data_path": "JSON/JSONL training records ({messages}, {instruction, output} or {text}, each with a task field); "
+                 "also the calibration records of the input and fisher spectra",
     "eval_data_path": "Held-out JSON/JSONL records to evaluate on",
     "output_dir": "Root folder for checkpoints, the rank config, plots and raw data",
     "rank_config": "lora_rank_config.json written by svd-analysis",
@@ -70,6 +72,10 @@ class Settings(BaseModel):
 class AllocationSettings(Settings):
     """How spectra become ranks (recorded in the rank config's metadata)."""
 
+    rank_rule: Literal["energy", "signal", "budget"] = "energy"
+    """How raw ranks are chosen: energy keeps energy_threshold of each module's spectrum; signal keeps the directions
+    above the noise floor of its weight spectrum (Gavish-Donoho threshold); budget spreads the budget over all
+    modules by spectrum energy per parameter (giving a budget alone implies it)."""
     energy_threshold: float = Field(0.9, gt=0, le=1)
     """tau: the fraction of the delta's energy ||dW||_F^2 each rank keeps; 0.9 is the original design's default."""
     min_rank: int = Field(4, ge=1)
@@ -86,8 +92,19 @@ class AllocationSettings(Settings):
     """Budget mode, instead of the energy threshold: LoRA parameters to spread across modules by energy per
     parameter; above 1 a count, up to 1 a fraction of the base model's parameters (0.01 = 1%)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_implies_its_rule(cls, data):
+        if isinstance(data, dict) and data.get("budget") is not None and "rank_rule" not in data:
+            return {**data, "rank_rule": "budget"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> AllocationSettings:
+        if self.rank_rule == "budget" and self.budget is None:
+            raise ValueError("rank_rule budget needs a budget (a parameter count, or a fraction of the base model's)")
+        if self.rank_rule != "budget" and self.budget is not None:
+            raise ValueError(f"budget is only used by rank_rule budget, not by rank_rule {self.rank_rule}")
         if self.max_rank < self.min_rank:
             raise ValueError(f"max_rank ({self.max_rank}) must be at least min_rank ({self.min_rank})")
         if self.smoothing_window % 2 == 0:
@@ -98,7 +115,7 @@ class AllocationSettings(Settings):
 
     @property
     def budget_mode(self) -> bool:
-        return self.budget is not None
+        return self.rank_rule == "budget"
 
     @property
     def required_top_k(self) -> int:
@@ -177,6 +194,27 @@ class AnalysisSettings(Settings):
         if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got device={value!r}")
         return value
+
+
+class CurvatureSettings(Settings):
+    """Which spectrum ranks the directions of each delta: the plain weight spectrum, or one weighted by curvature."""
+
+    spectrum: Literal["weight", "input", "fisher"] = "weight"
+    """weight: singular values of dW (needs only the checkpoints); input: of dW A^1/2, A the second moment of the
+    module's inputs (its output error); fisher: of G^1/2 dW A^1/2 with the K-FAC Fisher factors of the fine-tuned
+    model (the loss cost of dropping each direction, comparable across modules). input and fisher need calibration
+    records (the fine-tuning data)."""
+    fisher_samples: int = Field(4, ge=1)
+    """Monte-Carlo draws of labels from the fine-tuned model per record, for the Fisher factor G."""
+    curvature_damping: float = Field(0.01, ge=0, allow_inf_nan=False)
+    """Tikhonov damping of the factors, relative to their mean eigenvalue: directions the calibration never
+    excited keep a small weight instead of none (and the loss-aware truncation stays bounded)."""
+    min_calibration_tokens: int = Field(256, ge=1)
+    """Fewest calibration tokens accepted: fewer cannot estimate a d x d second moment."""
+    factor_memory_gb: float = Field(4.0, gt=0)
+    """float64 factors held at once while collecting (GiB); more layers per pass over the calibration data."""
+    calibration_batch_size: int = Field(8, ge=1)
+    """Records per forward pass while collecting the factors."""
 
 
 class SafetySettings(Settings):
@@ -281,6 +319,7 @@ class ComparisonSettings(Settings):
 
 
 #: Every settings class, for tools that walk all options (the CLI generator and its tests).
-SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, SafetySettings,
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings,
+                                                 SafetySettings,
                                                  FinetuneSettings, LoRATrainingSettings, FidelitySettings,
                                                  ComparisonSettings)

@@ -20,16 +20,20 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from lora_ranks.analysis import (
+    CurvatureResult,
     LayerResult,
     analyze_layer,
     assemble_rank_config,
+    calibration_examples,
+    collect_layer_curvature,
+    curvature_record,
     layer_file_fingerprint,
     layer_file_name,
     numerics_identity,
     zero_delta_message,
 )
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef
-from lora_ranks.settings import AllocationSettings, AlphaPolicy, AnalysisSettings
+from lora_ranks.settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from lora_ranks.spectra import default_device, resolve_method
 from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
@@ -55,27 +59,93 @@ def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned
         pair.close()
 
 
+@task(name="check-calibration")
+def check_calibration_task(model: str, data_path: str | None, curvature: CurvatureSettings, subset: FinetuneSettings,
+                           trust_remote_code: bool = False) -> int:
+    """Before any fine-tuning: the calibration records a curvature spectrum needs exist and have enough tokens
+    (the model's tokenizer counts them). Returns the number of calibration records."""
+    from transformers import AutoTokenizer
+
+    from lora_ranks.checkpoints import resolve_model_path
+    from lora_ranks.curvature import CalibrationError
+
+    if data_path is None:
+        raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records: give data_path")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)), trust_remote_code=trust_remote_code)
+    return len(calibration_examples(data_path, tokenizer, subset, curvature.min_calibration_tokens))
+
+
+def _device_type(device: str | None) -> str:
+    return (device or default_device().type).split(":")[0]
+
+
+def curvature_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of ``collect-curvature``: the fine-tuned weights (their layer digests), the calibration file's
+    bytes, the settings that shape the factors, the numerics identity and the device type."""
+    data = hashlib.sha256(Path(parameters["data_path"]).read_bytes()).hexdigest()
+    identity = [numerics_identity(), _device_type(parameters.get("device")), sorted(parameters["finetuned_digests"]),
+                data, parameters["curvature"].to_dict(), parameters["subset"].to_dict(),
+                [m.name for m in parameters["modules"]], str(Path(parameters["svd_dir"]).resolve())]
+    return "collect-curvature-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+@task(name="collect-curvature", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
+      cache_key_fn=curvature_cache_key, persist_result=True, task_run_name="collect-curvature")
+def collect_curvature_task(finetuned: str, data_path: str, modules: list[ModuleRef], svd_dir: str,
+                           curvature: CurvatureSettings, subset: FinetuneSettings, finetuned_digests: list[str],
+                           device: str | None = None, trust_remote_code: bool = False) -> CurvatureResult:
+    """K-FAC factors of every target module from the fine-tuned model on the calibration records, one file per
+    layer (memory bounded by ``factor_memory_gb``); progress logged about 10 times per pass."""
+    logger = get_run_logger()
+
+    def on_batch(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            logger.info("curvature: batch %d/%d", done, total)
+
+    result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, device=device,
+                                     trust_remote_code=trust_remote_code, on_batch=on_batch)
+    logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on)", curvature.spectrum,
+                len(result.paths), result.records, result.tokens, result.response_tokens)
+    if result.silent_modules:
+        logger.warning("%d module(s) never ran on the calibration records (e.g. %s): their ranks use the weight "
+                       "spectrum", len(result.silent_modules), result.silent_modules[0])
+    return result
+
+
+def curvature_result_is_current(result: CurvatureResult) -> bool:
+    """True if every layer file a (possibly cached) curvature result points to still has the recorded bytes."""
+    for layer, path in result.paths.items():
+        if not Path(path).is_file() or hashlib.sha256(Path(path).read_bytes()).hexdigest() != result.digests[layer]:
+            return False
+    return True
+
+
 def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``analyze-layer`` (see the module docstring). Computed where the task runs, so the device type
     is the one the task would use."""
     analysis: AnalysisSettings = parameters["analysis"]
-    device_type = (analysis.device or default_device().type).split(":")[0]
+    device_type = _device_type(analysis.device)
     methods = [resolve_method(analysis.svd_method, device_type, m.shape, parameters["top_k"]) for m in parameters["modules"]]
     identity = [numerics_identity(), device_type, methods, parameters["layer"], list(parameters["digests"]),
                 parameters["top_k"], analysis.svd_method, analysis.save_deltas, analysis.save_vectors,
-                str(Path(parameters["svd_dir"]).resolve())]
+                str(Path(parameters["svd_dir"]).resolve()), parameters.get("curvature_digest"),
+                parameters.get("damping", 0.0)]
     return "analyze-layer-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 @task(name="analyze-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
       task_run_name="analyze-{layer}", cache_key_fn=layer_cache_key, persist_result=True)
 def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str, str], base: str, finetuned: str,
-                       svd_dir: str, top_k: int, analysis: AnalysisSettings, allow_pickle: bool = False) -> LayerResult:
-    """Spectra of one layer's deltas, written to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
+                       svd_dir: str, top_k: int, analysis: AnalysisSettings, allow_pickle: bool = False,
+                       curvature_path: str | None = None, curvature_digest: str | None = None,
+                       damping: float = 0.0) -> LayerResult:
+    """Spectra of one layer's deltas (curvature-weighted when ``curvature_path`` is given), written to
+    ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
     logger = get_run_logger()
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=analysis.svd_method, device=analysis.device,
-                           digests=tuple(digests), save_deltas=analysis.save_deltas, save_vectors=analysis.save_vectors)
+                           digests=tuple(digests), save_deltas=analysis.save_deltas, save_vectors=analysis.save_vectors,
+                           curvature_path=curvature_path, damping=damping)
     fallbacks = [name for name, dev in result.devices.items() if "out of memory" in dev]
     if fallbacks:
         logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer, ", ".join(fallbacks))
@@ -94,11 +164,12 @@ def layer_result_is_current(result: LayerResult) -> bool:
 def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str, list[ModuleRef]],
                               results: list[LayerResult], settings: AllocationSettings, config_path: str,
                               alpha_policy: AlphaPolicy, analysis: AnalysisSettings, started: float,
-                              allow_pickle: bool = False) -> str:
+                              allow_pickle: bool = False, curvature: CurvatureSettings = CurvatureSettings(),
+                              curvature_result: CurvatureResult | None = None, calibration_data: str | None = None) -> str:
     """Allocate ranks from every layer's spectra and write the validated config atomically."""
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     modules = [m for mods in layers.values() for m in mods]
-    extra = {"analysis": analysis.to_dict(),
+    extra = {"analysis": analysis.to_dict(), "curvature": curvature_record(curvature, curvature_result, calibration_data),
              "timings": {"analysis_seconds": time.time() - started,
                          "layer_task_seconds": {r.layer: r.seconds for r in results}}}
     config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,

@@ -125,3 +125,33 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
     everything = [json.dumps(json.loads(line)) for line in Path(data).read_text().splitlines()]
     assert len(held_out) == int(0.2 * len(everything))
     assert Counter(held_out) + Counter(trained) == Counter(everything)  # a partition: nothing held out is trained on
+
+
+def test_fisher_spectrum_through_the_flow_is_cached_by_content(prefect_harness, tmp_path, task_states):
+    """svd-analysis with the Fisher spectrum: collect-curvature runs once, a rerun serves it and every layer from
+    the cache, and the ranks are those of the library call."""
+    from flows.svd_analysis import svd_analysis
+    from lora_ranks.finetune import run_preliminary_finetune
+    from lora_ranks.settings import CurvatureSettings
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 20, fmt="mixed")
+    subset = FinetuneSettings(subset_ratio=0.5, max_steps=6, learning_rate=3e-3)
+    ft = run_preliminary_finetune(base, data, tmp_path / "ft", subset, progress=False)
+    curvature = CurvatureSettings(spectrum="fisher", fisher_samples=2, min_calibration_tokens=100)
+    allocation = AllocationSettings(min_rank=1, max_rank=16, smoothing="none")
+    kwargs = dict(base_model=ft.pretrained_dir, finetuned_model=ft.finetuned_dir, data_path=str(data),
+                  output_dir=str(tmp_path / "flow"), allocation=allocation, curvature=curvature, finetune=subset,
+                  return_state=True)
+    first = svd_analysis(**kwargs)
+    states = task_states(first)
+    assert [s for s, _ in states["collect-curvature"]] == ["Completed"]
+    again = task_states(svd_analysis(**kwargs))
+    assert {name: [s for s, _ in v] for name, v in again.items() if name.startswith(("collect", "analyze"))} == {
+        "collect-curvature": ["Cached"], "analyze-model.layers.0": ["Cached"], "analyze-model.layers.1": ["Cached"]}
+    flow_config = load_rank_config(first.result())
+    lib_config = analyze_checkpoints(ft.pretrained_dir, ft.finetuned_dir, tmp_path / "lib", settings=allocation,
+                                     curvature=curvature, calibration_data=data, subset=subset)
+    assert flow_config["rank_pattern"] == lib_config["rank_pattern"]
+    assert {m["spectrum"] for m in flow_config["analysis_metadata"]["modules"].values()} == {"fisher"}

@@ -15,13 +15,15 @@ from pathlib import Path
 
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import build_rank_config, save_rank_config
+from ..curvature import CalibrationError
 from ..ranks import allocate_ranks
-from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings
+from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum
+from .curvature import CurvatureResult, collect_layer_curvature
 from .layer import LayerResult, analyze_layer
-from .layout import OutputLayout, load_spectra
+from .layout import OutputLayout, load_module_records, load_spectra
 
-__all__ = ["assemble_rank_config", "analyze_checkpoints"]
+__all__ = ["assemble_rank_config", "analyze_checkpoints", "curvature_record", "zero_delta_message"]
 
 
 def _combine(digests: Iterable[str]) -> str:
@@ -46,8 +48,13 @@ def assemble_rank_config(
     Returns:
         (config dict, spectra by module name) -- the spectra feed the plots and raw-data export.
     """
-    spectra = load_spectra(r.path for r in layer_results)
-    allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters)
+    paths = [r.path for r in layer_results]
+    spectra = load_spectra(paths)
+    records = load_module_records(paths)
+    allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters,
+                                 weight_spectra=load_spectra(paths, weight=True),
+                                 kinds={n: r["spectrum"] for n, r in records.items()},
+                                 fallbacks={n: r["fallback"] for n, r in records.items() if r.get("fallback")})
     spectra_info = {
         name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),
                "device": s.device, "total_energy": s.total_energy}
@@ -82,35 +89,62 @@ def analyze_checkpoints(
     analysis: AnalysisSettings = AnalysisSettings(),
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     allow_pickle: bool = False,
+    curvature: CurvatureSettings = CurvatureSettings(),
+    calibration_data: str | Path | None = None,
+    subset: FinetuneSettings = FinetuneSettings(),
 ) -> dict:
     """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
 
     Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config dict. Warns
     (``UserWarning``) when some modules did not change at all.
 
+    Args:
+        curvature: which spectrum ranks the directions; "input" and "fisher" first collect curvature factors from
+            the fine-tuned model on ``calibration_data`` (the ``subset`` of it the fine-tune trains on).
+
     Raises:
         CheckpointError: listing every problem the headers show (before any tensor is read), or naming a
             tensor with NaN or Inf.
+        CalibrationError: a curvature spectrum without usable calibration data.
     """
     start = time.perf_counter()
     layout = OutputLayout(out_dir)
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
+    modules = [m for mods in layers.values() for m in mods]
+    factors = None
+    if curvature.spectrum != "weight":
+        if calibration_data is None:
+            raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records (the fine-tuning data)")
+        factors = collect_layer_curvature(pair.finetuned.root, calibration_data, modules, layout.svd_dir, curvature,
+                                          subset, device=analysis.device)
     discovered = time.perf_counter()
     results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=analysis.svd_method,
                              device=analysis.device, save_deltas=analysis.save_deltas,
-                             save_vectors=analysis.save_vectors)
-               for mods in layers.values()]
+                             save_vectors=analysis.save_vectors,
+                             curvature_path=factors.paths.get(layer) if factors else None, damping=curvature.curvature_damping)
+               for layer, mods in layers.items()]
     spectra_done = time.perf_counter()
-    modules = [m for mods in layers.values() for m in mods]
     timings = {"discovery_seconds": discovered - start, "spectra_wall_seconds": spectra_done - discovered,
                "analysis_seconds": spectra_done - start}
+    extra = {"timings": timings, "analysis": analysis.to_dict(),
+             "curvature": curvature_record(curvature, factors, calibration_data)}
     config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path, alpha_policy=alpha_policy,
-                                     extra_metadata={"timings": timings, "analysis": analysis.to_dict()})
+                                     extra_metadata=extra)
     unchanged = config["analysis_metadata"]["zero_delta_modules"]
     if unchanged:
         warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)
     return config
+
+
+def curvature_record(settings: CurvatureSettings, result: CurvatureResult | None, data: str | Path | None) -> dict:
+    """What the config records about the curvature behind its spectra."""
+    record = {"settings": settings.to_dict()}
+    if result is not None:
+        record.update({"calibration_data": str(data), "records": result.records, "tokens": result.tokens,
+                       "response_tokens": result.response_tokens, "folder": str(Path(next(iter(result.paths.values()))).parent),
+                       "silent_modules": result.silent_modules})
+    return record
 
 
 def zero_delta_message(names: Sequence[str], min_rank: int) -> str:

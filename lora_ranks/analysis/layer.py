@@ -31,13 +31,16 @@ from ..spectra import (
     spectra_pool,
     truncated_svd_factors,
 )
-from .layout import layer_file, write_layer_file
+from ..spectra.weighted import SymmetricRoot, symmetric_root, weighted_spectrum
+from .layout import WEIGHT_PREFIX, layer_file, write_layer_file
 
-__all__ = ["LayerResult", "analyze_layer", "numerics_identity"]
+__all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
 
 # The modules whose code decides what a layer file contains: deltas, spectra, factors and the file format.
 _NUMERICS_MODULES = ("lora_ranks.checkpoints.pair", "lora_ranks.spectra.spectrum", "lora_ranks.spectra.factors",
+                     "lora_ranks.spectra.weighted", "lora_ranks.curvature", "lora_ranks.analysis.curvature",
                      "lora_ranks.analysis.layer", "lora_ranks.analysis.layout")
+
 
 
 @functools.cache
@@ -80,6 +83,8 @@ def analyze_layer(
     digests: tuple[str, str] | None = None,
     save_deltas: bool = False,
     save_vectors: bool = False,
+    curvature_path: str | Path | None = None,
+    damping: float = 0.0,
 ) -> LayerResult:
     """Compute and store the spectra of one layer's modules.
 
@@ -96,6 +101,10 @@ def analyze_layer(
             ``<name>.B`` = U_k diag(sqrt s_k) (d_out, k) and ``<name>.A`` = diag(sqrt s_k) V_k^T (k, d_in), float32,
             to ``<svd_dir>/singular_vectors/<layer>.safetensors``; B[:, :r] @ A[:r] is the truncated SVD at any
             rank r <= k (what extraction needs).
+        curvature_path: this layer's curvature file (``analysis.curvature``): the main spectra are then the
+            curvature-weighted ones (``spectra.weighted``, with relative ``damping``), and the plain weight spectra
+            are stored beside them under ``weight:<module>`` (the noise floor is read from those). A module the
+            calibration never ran through keeps its weight spectrum, and its record says so.
     """
     if not modules:
         raise ValueError("analyze_layer needs at least one module")
@@ -105,14 +114,15 @@ def analyze_layer(
     start = time.perf_counter()
     try:
         return _analyze_layer(pair, modules, Path(svd_dir), top_k, method, device, digests, save_deltas, save_vectors,
-                              start)
+                              curvature_path, damping, start)
     finally:
         pair.close()  # unmap this layer's pages: memory stays flat however many layers follow
 
 
 def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_deltas, save_vectors,
-                   start) -> LayerResult:
+                   curvature_path, damping, start) -> LayerResult:
     layer = modules[0].layer
+    roots, kind = _curvature_roots(modules, curvature_path, damping)
     # On the CPU the spectra run in float64 (NumPy's Gram path uses the delta in place); a GPU gets float32,
     # half the bytes to move, and converts on the device.
     workers, threads = parallel_plan(len(modules), device)
@@ -125,11 +135,16 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
     elif digests is None:
         digests = pair.fingerprints(modules)
 
-    def one_module(module: ModuleRef) -> tuple[ModuleRef, Spectrum, torch.Tensor | None, tuple | None]:
+    def one_module(module: ModuleRef) -> tuple[ModuleRef, Spectrum, Spectrum | None, torch.Tensor | None, tuple | None]:
         delta = pair.delta(module, dtype=delta_dtype)  # (d_out, d_in)
         spectrum = compute_spectrum(delta, top_k, method=method, device=device)
+        weighted = None
+        if module.name in roots:
+            output_root, input_root = roots[module.name]
+            weighted = weighted_spectrum(delta, top_k, output_root=output_root, input_root=input_root, method=method,
+                                         device=device)
         factors = truncated_svd_factors(delta, min(top_k, *delta.shape), 1.0)[:2] if save_vectors else None  # (A, B)
-        return module, spectrum, (delta.float() if save_deltas else None), factors
+        return module, spectrum, weighted, (delta.float() if save_deltas else None), factors
 
     if workers == 1:
         results = [one_module(m) for m in modules]
@@ -147,25 +162,61 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
     deltas: dict[str, torch.Tensor] = {}
     vectors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
-    for module, spectrum, delta, factors in results:  # in module order whatever finished first
+    for module, spectrum, weighted, delta, factors in results:  # in module order whatever finished first
         if delta is not None:
             deltas[module.name] = delta
         if factors is not None:
             vectors[f"{module.name}.A"], vectors[f"{module.name}.B"] = factors
-        tensors[module.name] = torch.from_numpy(spectrum.singular_values.copy())  # (k,) float64
-        info[module.name] = {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape),
-                             "method": spectrum.method, "rel_error_bound": spectrum.rel_error_bound,
-                             "seconds": spectrum.seconds, "device": spectrum.device,
-                             "power_iters": spectrum.power_iters}
+        main = weighted if weighted is not None else spectrum
+        tensors[module.name] = torch.from_numpy(main.singular_values.copy())  # (k,) float64
+        info[module.name] = {**_facts(main), "spectrum": kind if weighted is not None else "weight"}
+        if kind != "weight":
+            tensors[WEIGHT_PREFIX + module.name] = torch.from_numpy(spectrum.singular_values.copy())
+            info[WEIGHT_PREFIX + module.name] = {**_facts(spectrum), "spectrum": "weight"}
+            if weighted is None:
+                info[module.name]["fallback"] = "never ran on the calibration records: weight spectrum"
     path = layer_file(svd_dir, layer)
     write_layer_file(path, tensors, {"layer": layer, "fingerprint": fingerprint, "base_digest": base_digest,
-                                     "finetuned_digest": finetuned_digest, "modules": json.dumps(info)})
+                                     "finetuned_digest": finetuned_digest, "spectrum": kind,
+                                     "modules": json.dumps(info)})
     for folder, payload in (("delta_weights", deltas), ("singular_vectors", vectors)):
         if payload:
             write_layer_file(layer_file(svd_dir, layer, folder), payload, {"layer": layer, "fingerprint": fingerprint})
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
                        {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
+
+
+def _facts(spectrum: Spectrum) -> dict:
+    return {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape), "method": spectrum.method,
+            "rel_error_bound": spectrum.rel_error_bound, "seconds": spectrum.seconds, "device": spectrum.device,
+            "power_iters": spectrum.power_iters}
+
+
+def _curvature_roots(modules: Sequence[ModuleRef], curvature_path, damping: float
+                     ) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], str]:
+    """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
+
+    One eigendecomposition per distinct input factor (q/k/v share one). Memory: the roots of one layer, d x d
+    float64 each.
+    """
+    if curvature_path is None:
+        return {}, "weight"
+    from .curvature import load_curvature_file
+
+    factors = load_curvature_file(curvature_path)
+    kind = "fisher" if any(f.output_factor is not None for f in factors.values()) else "input"
+    input_roots: dict[str, SymmetricRoot] = {}
+    roots = {}
+    for m in modules:
+        f = factors.get(m.name)
+        if f is None or not f.fired:
+            continue
+        d_out, d_in = m.shape
+        if f.input_key not in input_roots:
+            input_roots[f.input_key] = symmetric_root(f.input_factor, d_in, damping)
+        roots[m.name] = (symmetric_root(f.output_factor, d_out, damping), input_roots[f.input_key])
+    return roots, kind
 
 
 def _spectrum_cost(shape: tuple[int, int]) -> int:

@@ -27,7 +27,7 @@ from .._io import atomic_write
 from ..spectra import Spectrum
 
 __all__ = ["OutputLayout", "layer_file_name", "write_layer_file", "load_layer_spectra", "load_spectra",
-           "spectra_files", "layer_file_fingerprint"]
+           "spectra_files", "layer_file_fingerprint", "load_module_records", "WEIGHT_PREFIX"]
 
 
 @dataclass(frozen=True)
@@ -85,25 +85,48 @@ def write_layer_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_layer_spectra(path: str | Path) -> dict[str, Spectrum]:
-    """Read a layer file written by ``analyze_layer`` back into ``module name -> Spectrum``."""
+WEIGHT_PREFIX = "weight:"  # key prefix of the plain weight spectra beside curvature-weighted ones
+
+
+def load_layer_spectra(path: str | Path, weight: bool = False) -> dict[str, Spectrum]:
+    """Read a layer file written by ``analyze_layer`` back into ``module name -> Spectrum``.
+
+    The main spectra by default (curvature-weighted when the analysis was); ``weight=True`` gives the plain
+    spectra of the deltas (the same ones when the analysis used the weight spectrum).
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         info = json.loads(handle.metadata()["modules"])
         out = {}
-        for name, meta in info.items():
-            values = handle.get_tensor(name).numpy()
-            out[name] = Spectrum(values, meta["total_energy"], tuple(meta["shape"]), meta["method"],
-                                 meta["rel_error_bound"], meta["seconds"], meta["device"], meta["power_iters"])
+        for name in (n for n in info if not n.startswith(WEIGHT_PREFIX)):
+            key = WEIGHT_PREFIX + name if weight and WEIGHT_PREFIX + name in info else name
+            meta = info[key]
+            out[name] = Spectrum(handle.get_tensor(key).numpy(), meta["total_energy"], tuple(meta["shape"]),
+                                 meta["method"], meta["rel_error_bound"], meta["seconds"], meta["device"],
+                                 meta["power_iters"])
     return out
 
 
-def load_spectra(paths: Iterable[str | Path]) -> dict[str, Spectrum]:
-    """All modules' spectra from layer files (``LayerResult.path``s, or ``spectra_files(svd_dir)``)."""
+def load_module_records(paths: Iterable[str | Path]) -> dict[str, dict]:
+    """Module name -> the facts a layer file records about its main spectrum: shape, energy, method, accuracy,
+    timing, ``spectrum`` ("weight", "input" or "fisher") and ``fallback`` (why another spectrum than asked)."""
+    from safetensors import safe_open
+
+    records = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            info = json.loads(handle.metadata()["modules"])
+        records.update({n: {"spectrum": "weight", **m} for n, m in info.items() if not n.startswith(WEIGHT_PREFIX)})
+    return records
+
+
+def load_spectra(paths: Iterable[str | Path], weight: bool = False) -> dict[str, Spectrum]:
+    """All modules' spectra from layer files (``LayerResult.path``s, or ``spectra_files(svd_dir)``); see
+    ``load_layer_spectra`` for ``weight``."""
     spectra: dict[str, Spectrum] = {}
     for path in paths:
-        spectra.update(load_layer_spectra(path))
+        spectra.update(load_layer_spectra(path, weight))
     return spectra
 
 

@@ -33,7 +33,7 @@ def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spect
     """
     energy = allocate_ranks(modules, spectra, settings)
     budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
-    budget_settings = AllocationSettings(**{**settings.to_dict(), "budget": float(budget)})
+    budget_settings = AllocationSettings(**{**settings.to_dict(), "rank_rule": "budget", "budget": float(budget)})
     water = allocate_ranks(modules, spectra, budget_settings)
     uniform_ranks = uniform_allocation(modules, budget)
     uniform = []

@@ -1,0 +1,140 @@
+"""Curvature factors for the analysis: collected once from the fine-tuned model, stored one file per layer.
+
+``collect_layer_curvature`` loads the fine-tuned model and the calibration records (the fine-tuning subset:
+the same stratified sample the fine-tune trained on, by the same settings), runs ``lora_ranks.curvature`` and
+writes ``<svd_dir>/curvature/<layer>.safetensors``: float64 ``input:<key>`` tensors (A, once per distinct input)
+and ``output:<module>`` tensors (G), with per-module facts in the metadata. ``analyze_layer`` reads its layer's
+file back with ``load_curvature_file``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import ModuleRef
+from ..curvature import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
+from ..settings import CurvatureSettings, FinetuneSettings
+from .layout import layer_file, write_layer_file
+
+__all__ = ["CurvatureResult", "collect_layer_curvature", "load_curvature_file", "calibration_examples"]
+
+CURVATURE_FOLDER = "curvature"
+
+
+@dataclass
+class CurvatureResult:
+    """Where each layer's factors are, and a digest of each file's content (small, picklable)."""
+
+    kind: str
+    paths: dict[str, str] = field(default_factory=dict)  # layer -> path
+    digests: dict[str, str] = field(default_factory=dict)  # layer -> sha256 of the file
+    tokens: int = 0
+    response_tokens: int = 0
+    records: int = 0
+    silent_modules: list[str] = field(default_factory=list)  # modules the calibration never ran through
+
+
+def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, min_tokens: int,
+                         image_processor=None) -> list[dict]:
+    """The calibration records: the fine-tune's stratified subset of ``data_path``, tokenized.
+
+    Raises:
+        CalibrationError: the file is missing or empty, or the subset has fewer than ``min_tokens`` tokens (the
+            message names the file and the counts).
+    """
+    from ..data import DataError
+    from ..finetune import prepare_examples
+
+    try:
+        examples, _, n_records = prepare_examples(
+            data_path, tokenizer, max_length=subset.max_length, seed=subset.seed, subset_ratio=subset.subset_ratio,
+            max_samples=subset.max_samples, task_key=subset.task_key, image_processor=image_processor)
+    except DataError as exc:
+        raise CalibrationError(f"calibration data: {exc}") from None
+    tokens, response = calibration_tokens(examples)
+    if tokens < min_tokens:
+        raise CalibrationError(
+            f"calibration data {data_path}: the subset of {len(examples)} of {n_records} records has {tokens} tokens "
+            f"({response} trained on), fewer than the {min_tokens} needed (min_calibration_tokens); give more "
+            "records or a larger subset_ratio")
+    return examples
+
+
+def collect_layer_curvature(
+    finetuned: str | Path,
+    data_path: str | Path,
+    modules: Sequence[ModuleRef],
+    svd_dir: str | Path,
+    settings: CurvatureSettings,
+    subset: FinetuneSettings = FinetuneSettings(),
+    *,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> CurvatureResult:
+    """Collect the factors of every module (``settings.spectrum`` "input" or "fisher") and write one file per layer.
+
+    Memory is bounded by ``settings.factor_memory_gb`` (see ``lora_ranks.curvature``); each layer's file is written as
+    soon as its pass ends.
+    """
+    from ..loading import load_image_processor, load_model
+
+    if settings.spectrum == "weight":
+        raise ValueError("the weight spectrum needs no curvature factors")
+    model, tokenizer = load_model(finetuned, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    examples = calibration_examples(data_path, tokenizer, subset, settings.min_calibration_tokens,
+                                    load_image_processor(finetuned))
+    tokens, response = calibration_tokens(examples)
+    result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
+    for layer, factors in collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind=settings.spectrum,
+                                            samples=settings.fisher_samples, seed=subset.seed,
+                                            batch_size=settings.calibration_batch_size,
+                                            memory_bytes=int(settings.factor_memory_gb * 2**30), on_batch=on_batch):
+        path = layer_file(svd_dir, layer, CURVATURE_FOLDER)
+        _write(path, layer, factors, settings.spectrum)
+        result.paths[layer] = str(path)
+        result.digests[layer] = hashlib.sha256(path.read_bytes()).hexdigest()
+        result.silent_modules += [name for name, f in factors.items() if not f.fired]
+    return result
+
+
+def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: str) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    info = {}
+    for name, f in factors.items():
+        if f.fired:
+            tensors.setdefault(f"input:{f.input_key}", f.input_factor.contiguous())
+            if f.output_factor is not None:
+                tensors[f"output:{name}"] = f.output_factor.contiguous()
+        info[name] = {"input": f.input_key, "tokens": f.tokens, "response_tokens": f.response_tokens, "fired": f.fired}
+    if not tensors:  # safetensors needs one tensor; a layer whose modules all stayed silent
+        tensors["empty"] = torch.zeros(1)
+    write_layer_file(path, tensors, {"layer": layer, "kind": kind, "modules": json.dumps(info)})
+
+
+def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
+    """Module name -> CurvatureFactors of one layer file (modules sharing an input share one A tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        info = json.loads(meta["modules"])
+        keys = set(handle.keys())
+        inputs = {key: handle.get_tensor(key) for key in keys if key.startswith("input:")}
+        out = {}
+        for name, m in info.items():
+            if not m["fired"]:
+                out[name] = CurvatureFactors(torch.zeros(0), None, m["tokens"], m["response_tokens"], "", fired=False)
+                continue
+            g = handle.get_tensor(f"output:{name}") if f"output:{name}" in keys else None
+            out[name] = CurvatureFactors(inputs[f"input:{m['input']}"], g, m["tokens"], m["response_tokens"],
+                                         m["input"])
+    return out

@@ -1,0 +1,307 @@
+"""Loss-aware curvature: K-FAC factors against float64 references, weighted spectra and the weighted truncation
+against exact and brute-force references."""
+
+import pytest
+import torch
+
+from lora_ranks.checkpoints import ModuleRef
+from lora_ranks.curvature import CalibrationError, collect_curvature, plan_passes, sample_labels
+from lora_ranks.data import tokenize_record
+from lora_ranks.spectra.weighted import symmetric_root, weighted_spectrum, weighted_truncation_factors
+from lora_ranks.synthetic import synthetic_records, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A float64 two-layer Qwen3 (hidden 32), its tokenizer, tokenized records and its target modules."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    records = synthetic_records(3, fmt="mixed", seed=5)
+    tokenizer = train_tokenizer([str(r) for r in records] * 3, vocab_size=300)
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen3ForCausalLM(config).double().eval()
+    examples = [tokenize_record(r, tokenizer) for r in records]
+    modules = []
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            depth = int(name.split(".")[2])
+            modules.append(ModuleRef(name, name + ".weight", tuple(module.weight.shape), f"model.layers.{depth}",
+                                     depth, name.split(".")[-1]))
+    return model, tokenizer, examples, modules
+
+
+def _reference_factors(model, tokenizer, examples, module_name, samples, seed, batch_size):
+    """A and G of one module by another route: its output replaced by a leaf tensor, gradients by autograd.grad,
+    the inputs captured by a forward pre-hook, products accumulated in explicit float64 loops over positions."""
+    from lora_ranks.data import collate
+
+    module = dict(model.named_modules())[module_name]
+    generator = torch.Generator().manual_seed(seed)
+    a = g = None
+    tokens = 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size], tokenizer.pad_token_id)
+        mask = batch["attention_mask"].bool()
+        captured = {}
+
+        def pre(mod, args, captured=captured):
+            captured["x"] = args[0].detach().clone()
+
+        def replace(mod, args, output, captured=captured):
+            captured["y"] = output.detach().clone().requires_grad_(True)
+            return captured["y"]
+
+        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(replace)]
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            x = captured["x"]
+            for b, t in mask.nonzero().tolist():
+                outer = torch.outer(x[b, t], x[b, t])
+                a = outer if a is None else a + outer
+                tokens += 1
+            for _ in range(samples):
+                sampled = sample_labels(logits, batch["labels"], generator)
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                         sampled[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, captured["y"], retain_graph=True)
+                for b, t in mask.nonzero().tolist():
+                    outer = torch.outer(grad[b, t], grad[b, t])
+                    g = outer if g is None else g + outer
+        finally:
+            for h in handles:
+                h.remove()
+    return a / tokens, g / (tokens * samples)
+
+
+@pytest.mark.parametrize("module_name", ["model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                                         "model.layers.1.self_attn.o_proj"])
+def test_fisher_factors_match_a_float64_reference(tiny, module_name):
+    """Relative Frobenius error <= 1e-10 (float64 throughout; the same label draws by construction)."""
+    model, tokenizer, examples, modules = tiny
+    layers = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind="fisher", samples=2,
+                                    seed=3, batch_size=2))
+    ours = next(f for layer in layers.values() for n, f in layer.items() if n == module_name)
+    a_ref, g_ref = _reference_factors(model, tokenizer, examples, module_name, samples=2, seed=3, batch_size=2)
+    assert torch.linalg.norm(ours.input_factor - a_ref) <= 1e-10 * torch.linalg.norm(a_ref)
+    assert torch.linalg.norm(ours.output_factor - g_ref) <= 1e-10 * torch.linalg.norm(g_ref)
+    assert ours.tokens == sum(len(e["input_ids"]) for e in examples)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients were accumulated
+
+
+def test_memory_budget_splits_passes_without_changing_the_factors(tiny):
+    model, tokenizer, examples, modules = tiny
+    one_pass = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, samples=1, seed=1))
+    assert plan_passes(modules, "fisher", 1) == [["model.layers.0"], ["model.layers.1"]]
+    per_layer = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, samples=1, seed=1,
+                                       memory_bytes=1))
+    for layer, factors in one_pass.items():
+        for name, f in factors.items():
+            assert torch.equal(f.input_factor, per_layer[layer][name].input_factor)
+            assert torch.equal(f.output_factor, per_layer[layer][name].output_factor)
+
+
+def test_modules_reading_one_input_share_one_factor(tiny):
+    model, tokenizer, examples, modules = tiny
+    factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind="input"))["model.layers.0"]
+    q, k, v, o, gate, up, down = (factors[f"model.layers.0.{p}"] for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"))
+    assert q.input_factor is k.input_factor is v.input_factor and gate.input_factor is up.input_factor
+    assert o.input_factor is not q.input_factor and down.input_factor is not gate.input_factor
+    assert q.output_factor is None  # input-only curvature needs no backward pass
+
+
+def test_no_records_is_a_clear_error(tiny):
+    model, tokenizer, _, modules = tiny
+    with pytest.raises(CalibrationError, match="no calibration records"):
+        list(collect_curvature(model, [], tokenizer.pad_token_id, modules))
+
+
+# -- weighted spectra and truncation -------------------------------------------------------------------------
+def _psd(d, rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, rank, generator=gen, dtype=torch.float64)
+    return x @ x.T / rank
+
+
+def _sqrtm(c):
+    """Symmetric square root by Newton-Schulz (Higham 2008, ch. 6): independent of eigh."""
+    norm = torch.linalg.norm(c)
+    y, z = c / norm, torch.eye(c.shape[0], dtype=c.dtype)
+    for _ in range(60):
+        t = 0.5 * (3 * torch.eye(c.shape[0], dtype=c.dtype) - z @ y)
+        y, z = y @ t, t @ z
+    return y * norm.sqrt()
+
+
+@pytest.mark.parametrize("damping", [0.05, 0.5])
+def test_weighted_spectrum_equals_the_svd_of_the_weighted_delta(damping):
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    a, g = _psd(12, 5, 1), _psd(20, 7, 2)  # rank-deficient, as calibration factors often are
+    in_root, out_root = symmetric_root(a, 12, damping), symmetric_root(g, 20, damping)
+    spectrum = weighted_spectrum(delta, 13, output_root=out_root, input_root=in_root, method="svdvals")
+    a_d = a + damping * torch.trace(a) / 12 * torch.eye(12, dtype=torch.float64)
+    g_d = g + damping * torch.trace(g) / 20 * torch.eye(20, dtype=torch.float64)
+    reference = torch.linalg.svdvals(_sqrtm(g_d) @ delta @ _sqrtm(a_d))
+    torch.testing.assert_close(torch.from_numpy(spectrum.singular_values[:12]), reference, rtol=1e-9, atol=0)
+    assert spectrum.total_energy == pytest.approx(float(torch.trace(g_d @ delta @ a_d @ delta.T)), rel=1e-12)
+
+
+def test_identity_factors_give_the_plain_spectrum_and_truncation():
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(16, 9, generator=gen, dtype=torch.float64)
+    eye_out, eye_in = symmetric_root(None, 16, 0.0), symmetric_root(None, 9, 0.0)
+    weighted = weighted_spectrum(delta, 9, output_root=eye_out, input_root=eye_in, method="svdvals")
+    torch.testing.assert_close(torch.from_numpy(weighted.singular_values), torch.linalg.svdvals(delta), rtol=1e-12, atol=0)
+    lora_a, lora_b, _ = weighted_truncation_factors(delta, 3, 2.0, output_root=eye_out, input_root=eye_in)
+    u, s, vh = torch.linalg.svd(delta)
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    torch.testing.assert_close(2.0 * lora_b.double() @ lora_a.double(), best, rtol=0, atol=1e-6)  # float32 factors
+
+
+def _objective(delta, low_rank, g_root, a_root):
+    return float(torch.linalg.norm(g_root @ (delta - low_rank) @ a_root) ** 2)
+
+
+def test_weighted_truncation_is_optimal_against_brute_force():
+    """The closed form (SVD of G^1/2 dW A^1/2, mapped back) reaches the minimum that direct numerical optimization
+    of ||G^1/2 (dW - B C) A^1/2|| over all rank-2 factor pairs finds (L-BFGS, 12 random starts), to 1e-8."""
+    gen = torch.Generator().manual_seed(2)
+    delta = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    a, g = _psd(6, 6, 3) + 0.1 * torch.eye(6, dtype=torch.float64), _psd(8, 8, 4) + 0.1 * torch.eye(8, dtype=torch.float64)
+    in_root, out_root = symmetric_root(a, 6, 0.0), symmetric_root(g, 8, 0.0)
+    lora_a, lora_b, rel = weighted_truncation_factors(delta, 2, 1.0, output_root=out_root, input_root=in_root)
+    g_half, a_half = _sqrtm(g), _sqrtm(a)
+    ours = _objective(delta, lora_b.double() @ lora_a.double(), g_half, a_half)
+    best = float("inf")
+    for start in range(12):
+        init = torch.Generator().manual_seed(100 + start)
+        b = torch.randn(8, 2, generator=init, dtype=torch.float64, requires_grad=True)
+        c = torch.randn(2, 6, generator=init, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([b, c], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                                      line_search_fn="strong_wolfe")
+
+        def closure(optimizer=optimizer, b=b, c=c):
+            optimizer.zero_grad()
+            loss = torch.linalg.norm(g_half @ (delta - b @ c) @ a_half) ** 2
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        best = min(best, _objective(delta, (b @ c).detach(), g_half, a_half))
+    assert ours <= best * (1 + 1e-6) + 1e-12  # float32 factors: relative 1e-6
+    assert best <= ours * (1 + 1e-6) + 1e-12
+    total = float(torch.linalg.norm(g_half @ delta @ a_half) ** 2)
+    assert rel == pytest.approx((ours / total) ** 0.5, rel=1e-5)
+    plain_u, plain_s, plain_vh = torch.linalg.svd(delta)
+    plain = (plain_u[:, :2] * plain_s[:2]) @ plain_vh[:2]
+    assert ours < _objective(delta, plain, g_half, a_half)  # the weighting changes the best choice
+
+
+def test_damping_keeps_singular_factors_bounded():
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(10, 8, generator=gen, dtype=torch.float64)
+    a = torch.zeros(8, 8, dtype=torch.float64)
+    a[:3, :3] = _psd(3, 3, 5)  # five input directions never excited
+    for damping in (1e-3, 1e-1, 1e6):
+        lora_a, lora_b, _ = weighted_truncation_factors(delta, 2, 1.0, output_root=symmetric_root(None, 10, 0.0),
+                                                        input_root=symmetric_root(a, 8, damping))
+        assert torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()
+    # heavy damping: the plain truncated SVD again
+    u, s, vh = torch.linalg.svd(delta)
+    torch.testing.assert_close(lora_b.double() @ lora_a.double(), (u[:, :2] * s[:2]) @ vh[:2], rtol=0, atol=1e-4)
+
+
+def test_labels_are_sampled_from_the_model_where_the_data_trains():
+    """Position t of the sampled labels is drawn from the logits at t-1 (next-token prediction), only where the
+    data has a label; a distribution peaked on token k always yields k."""
+    logits = torch.full((2, 5, 11), -1e9, dtype=torch.float64)
+    for t in range(5):
+        logits[:, t, t + 3] = 0.0  # position t predicts token t + 3 with probability 1
+    labels = torch.tensor([[-100, -100, 4, 9, 1], [-100, 2, -100, -100, 6]])
+    sampled = sample_labels(logits, labels, torch.Generator().manual_seed(0))
+    expected = torch.tensor([[-100, -100, 4, 5, 6], [-100, 3, -100, -100, 6]])
+    assert torch.equal(sampled, expected)
+
+
+# -- in the analysis -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finetuned_pair(tmp_path_factory):
+    """A tiny Qwen3 fine-tuned briefly on synthetic records: (base, fine-tuned, data)."""
+    from lora_ranks.finetune import run_preliminary_finetune
+    from lora_ranks.settings import FinetuneSettings
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ft")
+    base = build_tiny_qwen3(root / "base", num_layers=2)
+    data = write_synthetic_dataset(root / "data.jsonl", 20, fmt="mixed")
+    result = run_preliminary_finetune(base, data, root / "out", FinetuneSettings(subset_ratio=0.5, max_steps=8,
+                                                                                 learning_rate=3e-3), progress=False)
+    return result.pretrained_dir, result.finetuned_dir, data
+
+
+@pytest.mark.parametrize("spectrum", ["input", "fisher"])
+def test_analysis_with_a_curvature_spectrum(finetuned_pair, tmp_path, spectrum):
+    import numpy as np
+
+    from lora_ranks.analysis import analyze_checkpoints, load_curvature_file, load_spectra, spectra_files
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.settings import AllocationSettings, CurvatureSettings, FinetuneSettings
+
+    base, finetuned, data = finetuned_pair
+    settings = AllocationSettings(min_rank=1, max_rank=32, smoothing="none")
+    curvature = CurvatureSettings(spectrum=spectrum, fisher_samples=2, curvature_damping=0.01, min_calibration_tokens=100)
+    config = analyze_checkpoints(base, finetuned, tmp_path / spectrum, settings=settings, curvature=curvature,
+                                 calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
+    modules = config["analysis_metadata"]["modules"]
+    assert {m["spectrum"] for m in modules.values()} == {spectrum}
+    assert all(isinstance(m["signal_rank"], int) and m["noise_threshold"] >= 0 for m in modules.values())
+    record = config["analysis_metadata"]["curvature"]
+    assert record["settings"]["spectrum"] == spectrum and record["tokens"] >= 100 and record["silent_modules"] == []
+    # the stored main spectrum of a module is that of G^1/2 dW A^1/2 with the stored factors
+    svd_dir = tmp_path / spectrum / "analysis_outputs" / "svd"
+    name = "model.layers.1.mlp.down_proj"
+    factors = load_curvature_file(svd_dir / "curvature" / "model.layers.1.safetensors")[name]
+    pair = CheckpointPair(base, finetuned)
+    delta = pair.delta(next(m for m in pair.modules() if m.name == name), torch.float64)
+    a = factors.input_factor + 0.01 * torch.trace(factors.input_factor) / delta.shape[1] * torch.eye(delta.shape[1],
+                                                                                                   dtype=torch.float64)
+    weighted = delta @ _sqrtm(a)
+    if spectrum == "fisher":
+        g = factors.output_factor
+        weighted = _sqrtm(g + 0.01 * torch.trace(g) / delta.shape[0] * torch.eye(delta.shape[0], dtype=torch.float64)) @ weighted
+    reference = torch.linalg.svdvals(weighted).numpy()
+    ours = load_spectra(spectra_files(svd_dir))[name].singular_values[:len(reference)]
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6 * reference[0])  # values below the resolution are 0
+    weight = load_spectra(spectra_files(svd_dir), weight=True)[name].singular_values
+    np.testing.assert_allclose(weight[:5], torch.linalg.svdvals(delta).numpy()[:5], rtol=1e-9)
+
+
+def test_calibration_with_too_few_tokens_is_refused_naming_the_file(finetuned_pair, tmp_path):
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.settings import CurvatureSettings
+
+    base, finetuned, data = finetuned_pair
+    with pytest.raises(CalibrationError, match=rf"calibration data {data}: the subset of \d+ of 100 records has \d+ tokens"):
+        analyze_checkpoints(base, finetuned, tmp_path, curvature=CurvatureSettings(spectrum="fisher",
+                                                                                  min_calibration_tokens=10**7),
+                            calibration_data=data)
+    with pytest.raises(CalibrationError, match="needs calibration records"):
+        analyze_checkpoints(base, finetuned, tmp_path, curvature=CurvatureSettings(spectrum="fisher"))
+    assert not (tmp_path / "configs").exists()
+
+
+def test_signal_rule_reads_the_noise_floor(finetuned_pair, tmp_path):
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.settings import AllocationSettings
+
+    base, finetuned, _ = finetuned_pair
+    config = analyze_checkpoints(base, finetuned, tmp_path, settings=AllocationSettings(
+        rank_rule="signal", min_rank=1, max_rank=64, smoothing="none"))
+    for meta in config["analysis_metadata"]["modules"].values():
+        assert meta["raw_rank"] == meta["signal_rank"]
+        assert meta["final_rank"] == min(max(meta["signal_rank"], 1), 64, min(meta["shape"]))
