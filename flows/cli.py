@@ -33,6 +33,7 @@ from lora_ranks.settings import (
     AnalysisSettings,
     ComparisonSettings,
     CurvatureSettings,
+    ExtractionSettings,
     FidelitySettings,
     FinetuneSettings,
     LoRATrainingSettings,
@@ -91,12 +92,13 @@ COMMANDS: dict[str, Command] = {
         inputs=(Input("--model", "model", "base_model"), Input("--lora-config", "rank_config", "rank_config"),
                 Input("--data", "data_path", "data_path"), Input("--out", "output_dir", "output_dir"),
                 Input("--warm-start-from", "warm_start_from", "warm_start_from", required=False)),
-        groups=(SettingsGroup(LoRATrainingSettings, "training"), SettingsGroup(SafetySettings, "safety"))),
+        groups=(SettingsGroup(LoRATrainingSettings, "training"), SettingsGroup(ExtractionSettings, "extraction"),
+                SettingsGroup(SafetySettings, "safety"))),
     "extract": Command(
         "write the truncated-SVD LoRA of a full fine-tune at the configured ranks",
         inputs=(Input("--base", "base", "base_model"), Input("--finetuned", "finetuned", "finetuned_model"),
                 Input("--config", "rank_config_path", "rank_config"), Input("--out", "out_dir", "adapter_dir")),
-        groups=(_PICKLE,)),
+        groups=(SettingsGroup(ExtractionSettings, "extraction"), _PICKLE)),
     "compare": Command(
         "uniform vs energy vs budget ranks at equal parameters, LoRAs trained over seeds (compare-allocations)",
         inputs=(Input("--model", "base_model", "base_model"), Input("--data", "data_path", "data_path"),
@@ -220,9 +222,10 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     if command == "extract":
         from lora_ranks.extract import extract_lora
 
-        report = extract_lora(**inputs, allow_pickle=settings["safety"].allow_pickle)
-        return [f"Adapter:  {Path(inputs['out_dir']).resolve()}  ({len(report['modules'])} modules, relative error "
-                f"mean {report['mean_relative_error']:.4f}, max {report['max_relative_error']:.4f})"]
+        report = extract_lora(**inputs, allow_pickle=settings["safety"].allow_pickle, settings=settings["extraction"])
+        return [f"Adapter:  {Path(inputs['out_dir']).resolve()}  ({len(report['modules'])} modules, {report['truncation']} "
+                f"truncation, relative error mean {report['mean_relative_error']:.4f}, "
+                f"max {report['max_relative_error']:.4f})"]
     if command == "train":
         from flows.train_dynamic_lora import train_dynamic_lora_flow
 

@@ -16,7 +16,7 @@ apply_defaults()
 
 from prefect import flow  # noqa: E402
 
-from lora_ranks.settings import INPUT_HELP, LoRATrainingSettings, SafetySettings  # noqa: E402
+from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
 from lora_ranks.train import TrainResult  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
@@ -30,6 +30,7 @@ def train_dynamic_lora_flow(
     output_dir: Annotated[str, described(INPUT_HELP["output_dir"])] = "outputs/train-dynamic-lora",
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     warm_start_from: Annotated[Optional[str], described(INPUT_HELP["warm_start_from"])] = None,
+    extraction: Annotated[ExtractionSettings, described(ExtractionSettings)] = ExtractionSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
 ) -> TrainResult:
     """Train a heterogeneous-rank LoRA; returns where the adapter and metrics are."""
@@ -38,7 +39,7 @@ def train_dynamic_lora_flow(
     init_from = None
     if warm_start_from is not None:
         init_from = extract_lora_task(model, warm_start_from, rank_config, str(out / "warm_start_adapter"),
-                                      safety.allow_pickle)
+                                      safety.allow_pickle, extraction)
     # Step 2: train.
     return train_dynamic_lora_task(model, rank_config, data_path, str(out), training, init_from,
                                    safety.trust_remote_code)

@@ -22,7 +22,9 @@ from ._io import atomic_folder, atomic_write_json
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, modules_from_config
 from .errors import list_problems
+from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
+from .spectra.weighted import weighted_truncation_factors
 
 __all__ = ["extract_lora"]
 
@@ -51,14 +53,42 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, Mo
     return {ref.name: ref for ref in refs}
 
 
+def _curvature_roots_of(rank_config: dict, modules: list[ModuleRef], settings: ExtractionSettings):
+    """Module name -> damped (G, A) roots for a curvature truncation, or None for the plain truncated SVD."""
+    record = rank_config.get("analysis_metadata", {}).get("curvature", {})
+    spectrum = record.get("settings", {}).get("spectrum", "weight")
+    folder = record.get("folder")
+    if settings.truncation == "weight" or (settings.truncation == "auto" and spectrum == "weight"):
+        return None
+    if spectrum == "weight" or not folder or not Path(folder).is_dir():
+        raise RankConfigError(f"truncation={settings.truncation!r} needs the curvature factors of the analysis, but the "
+                              f"rank config was made from the {spectrum} spectrum"
+                              + (f" and its factor folder {folder} is gone" if folder else ""))
+    from .analysis.curvature import curvature_roots
+    from .analysis.layout import layer_file
+
+    damping = record["settings"]["curvature_damping"]
+    roots = {}
+    for layer in dict.fromkeys(m.layer for m in modules):
+        path = layer_file(Path(folder).parent, layer, Path(folder).name)
+        if path.is_file():
+            roots.update(curvature_roots([m for m in modules if m.layer == layer], path, damping)[0])
+    return roots
+
+
 def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str | Path, out_dir: str | Path,
-                 *, allow_pickle: bool = False) -> dict[str, Any]:
+                 *, allow_pickle: bool = False, settings: ExtractionSettings = ExtractionSettings()) -> dict[str, Any]:
     """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) whose every module is
-    the truncated SVD of its delta at the configured rank; returns the extraction report.
+    the best rank-r approximation of its delta at the configured rank; returns the extraction report.
+
+    With ``settings.truncation`` "curvature" (or "auto" on a config made from an input or fisher spectrum), "best"
+    is in the curvature-weighted norm the ranks were chosen by (``spectra.weighted.weighted_truncation_factors``,
+    with the analysis' factors and damping); modules without factors fall back to the plain truncated SVD and the
+    report says so. ``relative_error`` is then the weighted one.
 
     Raises:
         RankConfigError: listing every configured module whose tensor is missing from, or shaped differently
-            in, either checkpoint.
+            in, either checkpoint; or "curvature" asked of a config that has no curvature factors.
     """
     from safetensors.torch import save_file
 
@@ -70,15 +100,24 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     wanted = config.ranks
     modules = _modules_to_extract(pair, config.rank_config)
     use_rslora = bool(config.rank_config.get("use_rslora", False))
+    roots = _curvature_roots_of(config.rank_config, list(modules.values()), settings)
     tensors: dict[str, torch.Tensor] = {}
-    report: dict[str, Any] = {"modules": {}}
+    report: dict[str, Any] = {"modules": {}, "truncation": "curvature" if roots is not None else "weight"}
     for name, rank in wanted.items():
         alpha = config.rank_config["alpha_pattern"].get(anchored_key(name), config.rank_config.get("lora_alpha", 2 * rank))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        lora_a, lora_b, rel_error = truncated_svd_factors(pair.delta(modules[name]), rank, scale)
+        delta = pair.delta(modules[name], dtype=torch.float64 if roots is not None else torch.float32)
+        if roots is not None and name in roots:
+            output_root, input_root = roots[name]
+            lora_a, lora_b, rel_error = weighted_truncation_factors(delta, rank, scale, output_root=output_root,
+                                                                    input_root=input_root)
+            how = "curvature"
+        else:
+            lora_a, lora_b, rel_error = truncated_svd_factors(delta, rank, scale)
+            how = "weight"
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        report["modules"][name] = {"rank": rank, "scale": scale, "relative_error": rel_error}
+        report["modules"][name] = {"rank": rank, "scale": scale, "relative_error": rel_error, "truncation": how}
         pair.close()
     errors = [m["relative_error"] for m in report["modules"].values()]
     report.update({"base": str(pair.base.root), "finetuned": str(pair.finetuned.root), "seconds": time.perf_counter() - start,

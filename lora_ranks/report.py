@@ -109,6 +109,12 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
                 r = meta["final_rank"]
                 if r <= len(y):
                     ax.plot([r], [y[r - 1]], "o", color=color, ms=4)
+                signal = meta.get("signal_rank")
+                if signal and signal <= len(y):  # the noise floor: directions above it are signal
+                    ax.plot([signal], [y[signal - 1]], "x", color=color, ms=5)
+                if (kind == "singular_values" and meta.get("spectrum", "weight") == "weight"
+                        and meta.get("noise_threshold") and s.singular_values[0] > 0):
+                    ax.axhline(meta["noise_threshold"] / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
             ax.set_title(mtype, fontsize=9)
             ax.set_xlabel("index i", fontsize=8)
             if kind == "singular_values":
@@ -120,8 +126,11 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
                 ax.set_ylabel("energy kept (exact total)", fontsize=8)
         for ax in list(axes.flat)[len(types):]:
             ax.axis("off")
-        title = "Singular values of W_ft - W_pre (dots: chosen rank; colour: depth)" if kind == "singular_values" \
-            else f"Cumulative energy (dashed: tau = {tau})"
+        spectrum = next(iter(modules.values())).get("spectrum", "weight")
+        of = "W_ft - W_pre" if spectrum == "weight" else f"the {spectrum}-weighted delta G^1/2 dW A^1/2"
+        title = (f"Singular values of {of} (dots: chosen rank; x: noise-floor signal rank"
+                 + ("; dotted: noise floor" if spectrum == "weight" else "") + "; colour: depth)"
+                 if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         save(fig, f"{kind}.png")

@@ -23,6 +23,7 @@ __all__ = [
     "AlphaPolicy",
     "AnalysisSettings",
     "CurvatureSettings",
+    "ExtractionSettings",
     "SafetySettings",
     "TrainingSettings",
     "FinetuneSettings",
@@ -217,6 +218,15 @@ class CurvatureSettings(Settings):
     """Records per forward pass while collecting the factors."""
 
 
+class ExtractionSettings(Settings):
+    """How a full fine-tune's delta becomes a LoRA adapter (extraction, and the SVD warm start of training)."""
+
+    truncation: Literal["auto", "weight", "curvature"] = "auto"
+    """weight: the truncated SVD of dW (best in Frobenius norm); curvature: the rank-r L minimizing
+    ||G^1/2 (dW - L) A^1/2|| with the factors the analysis collected (best in predicted loss); auto: curvature when
+    the rank config was made from an input or fisher spectrum, else weight."""
+
+
 class SafetySettings(Settings):
     """Opt-ins that weaken the safe defaults; both are off."""
 
@@ -320,6 +330,6 @@ class ComparisonSettings(Settings):
 
 #: Every settings class, for tools that walk all options (the CLI generator and its tests).
 SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings,
-                                                 SafetySettings,
+                                                 ExtractionSettings, SafetySettings,
                                                  FinetuneSettings, LoRATrainingSettings, FidelitySettings,
                                                  ComparisonSettings)

@@ -5,17 +5,19 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from lora_ranks.extract import extract_lora
-from lora_ranks.settings import LoRATrainingSettings
+from lora_ranks.settings import ExtractionSettings, LoRATrainingSettings
 from lora_ranks.train import TrainResult, train_dynamic_lora
 from tasks._common import retry_if_transient, step_logger
 
 
 @task(name="extract-lora")
-def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir: str, allow_pickle: bool = False) -> str:
-    """Truncated-SVD adapter of the full fine-tune at the configured ranks (used as a warm start)."""
-    report = extract_lora(base, finetuned, rank_config_path, out_dir, allow_pickle=allow_pickle)
-    get_run_logger().info("Extracted %d modules to %s: mean relative error %.4f, max %.4f", len(report["modules"]),
-                          out_dir, report["mean_relative_error"], report["max_relative_error"])
+def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir: str, allow_pickle: bool = False,
+                      settings: ExtractionSettings = ExtractionSettings()) -> str:
+    """The best adapter of the full fine-tune at the configured ranks (used as a warm start)."""
+    report = extract_lora(base, finetuned, rank_config_path, out_dir, allow_pickle=allow_pickle, settings=settings)
+    get_run_logger().info("Extracted %d modules to %s (%s truncation): mean relative error %.4f, max %.4f",
+                          len(report["modules"]), out_dir, report["truncation"], report["mean_relative_error"],
+                          report["max_relative_error"])
     return out_dir
 
 

@@ -1,6 +1,7 @@
 """Loss-aware curvature: K-FAC factors against float64 references, weighted spectra and the weighted truncation
 against exact and brute-force references."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -305,3 +306,79 @@ def test_signal_rule_reads_the_noise_floor(finetuned_pair, tmp_path):
     for meta in config["analysis_metadata"]["modules"].values():
         assert meta["raw_rank"] == meta["signal_rank"]
         assert meta["final_rank"] == min(max(meta["signal_rank"], 1), 64, min(meta["shape"]))
+
+
+def test_extraction_with_the_curvature_truncation(finetuned_pair, tmp_path):
+    """auto on a fisher config: every module is G^-1/2 (G^1/2 dW A^1/2)_r A^-1/2 (damped), which beats the plain
+    truncated SVD on the weighted objective; asking curvature of a weight config is refused."""
+    from safetensors import safe_open
+
+    from lora_ranks.analysis import analyze_checkpoints, load_curvature_file
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.config import RankConfigError
+    from lora_ranks.extract import extract_lora
+    from lora_ranks.settings import AllocationSettings, CurvatureSettings, ExtractionSettings, FinetuneSettings
+
+    base, finetuned, data = finetuned_pair
+    curvature = CurvatureSettings(spectrum="fisher", fisher_samples=2, min_calibration_tokens=100)
+    analyze_checkpoints(base, finetuned, tmp_path / "an", settings=AllocationSettings(min_rank=2, max_rank=8),
+                        curvature=curvature, calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
+    config_path = tmp_path / "an" / "configs" / "lora_rank_config.json"
+    ours = extract_lora(base, finetuned, config_path, tmp_path / "fisher")
+    plain = extract_lora(base, finetuned, config_path, tmp_path / "plain", settings=ExtractionSettings(truncation="weight"))
+    assert ours["truncation"] == "curvature" and plain["truncation"] == "weight"
+    name = "model.layers.0.self_attn.v_proj"
+    rank, scale = ours["modules"][name]["rank"], ours["modules"][name]["scale"]
+    factors = load_curvature_file(tmp_path / "an" / "analysis_outputs" / "svd" / "curvature" / "model.layers.0.safetensors")[name]
+    pair = CheckpointPair(base, finetuned)
+    delta = pair.delta(next(m for m in pair.modules() if m.name == name), torch.float64)
+    d_out, d_in = delta.shape
+    a = factors.input_factor + 0.01 * torch.trace(factors.input_factor) / d_in * torch.eye(d_in, dtype=torch.float64)
+    g = factors.output_factor + 0.01 * torch.trace(factors.output_factor) / d_out * torch.eye(d_out, dtype=torch.float64)
+    g_half, a_half = _sqrtm(g), _sqrtm(a)
+    u, s, vh = torch.linalg.svd(g_half @ delta @ a_half)
+    reference = torch.linalg.inv(g_half) @ ((u[:, :rank] * s[:rank]) @ vh[:rank]) @ torch.linalg.inv(a_half)
+
+    def adapter(folder):
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as h:
+            lora_a = h.get_tensor(f"base_model.model.{name}.lora_A.weight").double()
+            lora_b = h.get_tensor(f"base_model.model.{name}.lora_B.weight").double()
+        return scale * lora_b @ lora_a
+
+    torch.testing.assert_close(adapter(tmp_path / "fisher"), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
+    assert _objective(delta, adapter(tmp_path / "fisher"), g_half, a_half) < _objective(delta, adapter(tmp_path / "plain"),
+                                                                                         g_half, a_half)
+    analyze_checkpoints(base, finetuned, tmp_path / "weight")
+    with pytest.raises(RankConfigError, match="made from the weight spectrum"):
+        extract_lora(base, finetuned, tmp_path / "weight" / "configs" / "lora_rank_config.json", tmp_path / "x",
+                     settings=ExtractionSettings(truncation="curvature"))
+
+
+def test_spearman_against_known_orders():
+    from lora_ranks.evidence import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+
+
+def test_module_sensitivities_measure_what_one_truncation_adds(finetuned_pair):
+    """Truncating at full rank changes nothing (KL at round-off); at rank 1 every module adds KL, and the plain
+    basis predicts its discarded energy."""
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.evidence import DeltaBasis, module_sensitivities
+    from lora_ranks.loading import load_model
+
+    base, finetuned, data = finetuned_pair
+    model, tokenizer = load_model(finetuned, dtype=torch.float64)
+    pair = CheckpointPair(base, finetuned)
+    modules = pair.modules()[:3]
+    basis = DeltaBasis(pair, modules)
+    examples = [tokenize_record(r, tokenizer) for r in synthetic_records(2, fmt="instruction", seed=9)]
+    full = module_sensitivities(model, basis, examples, tokenizer.pad_token_id, rank=64)
+    assert all(abs(s.measured_kl) < 1e-12 and s.predicted == pytest.approx(0.0, abs=1e-20) for s in full)
+    one = module_sensitivities(model, basis, examples, tokenizer.pad_token_id, rank=1, scale=1.0)
+    for s, m in zip(one, modules):
+        assert s.measured_kl > 0
+        assert s.predicted == pytest.approx(float(torch.sum(torch.linalg.svdvals(pair.delta(m, torch.float64))[1:] ** 2)))

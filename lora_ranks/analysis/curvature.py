@@ -20,9 +20,11 @@ import torch
 from ..checkpoints import ModuleRef
 from ..curvature import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
+from ..spectra.weighted import SymmetricRoot, symmetric_root
 from .layout import layer_file, write_layer_file
 
-__all__ = ["CurvatureResult", "collect_layer_curvature", "load_curvature_file", "calibration_examples"]
+__all__ = ["CurvatureResult", "collect_layer_curvature", "load_curvature_file", "calibration_examples",
+           "curvature_roots", "CURVATURE_FOLDER"]
 
 CURVATURE_FOLDER = "curvature"
 
@@ -138,3 +140,27 @@ def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
             out[name] = CurvatureFactors(inputs[f"input:{m['input']}"], g, m["tokens"], m["response_tokens"],
                                          m["input"])
     return out
+
+
+def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | None, damping: float
+                     ) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], str]:
+    """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
+
+    One eigendecomposition per distinct input factor (q/k/v share one). Memory: the roots of one layer, d x d
+    float64 each.
+    """
+    if curvature_path is None:
+        return {}, "weight"
+    factors = load_curvature_file(curvature_path)
+    kind = "fisher" if any(f.output_factor is not None for f in factors.values()) else "input"
+    input_roots: dict[str, SymmetricRoot] = {}
+    roots = {}
+    for m in modules:
+        f = factors.get(m.name)
+        if f is None or not f.fired:
+            continue
+        d_out, d_in = m.shape
+        if f.input_key not in input_roots:
+            input_roots[f.input_key] = symmetric_root(f.input_factor, d_in, damping)
+        roots[m.name] = (symmetric_root(f.output_factor, d_out, damping), input_roots[f.input_key])
+    return roots, kind

@@ -31,7 +31,8 @@ from ..spectra import (
     spectra_pool,
     truncated_svd_factors,
 )
-from ..spectra.weighted import SymmetricRoot, symmetric_root, weighted_spectrum
+from ..spectra.weighted import weighted_spectrum
+from .curvature import curvature_roots
 from .layout import WEIGHT_PREFIX, layer_file, write_layer_file
 
 __all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
@@ -122,7 +123,7 @@ def analyze_layer(
 def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_deltas, save_vectors,
                    curvature_path, damping, start) -> LayerResult:
     layer = modules[0].layer
-    roots, kind = _curvature_roots(modules, curvature_path, damping)
+    roots, kind = curvature_roots(modules, curvature_path, damping)
     # On the CPU the spectra run in float64 (NumPy's Gram path uses the delta in place); a GPU gets float32,
     # half the bytes to move, and converts on the device.
     workers, threads = parallel_plan(len(modules), device)
@@ -191,32 +192,6 @@ def _facts(spectrum: Spectrum) -> dict:
     return {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape), "method": spectrum.method,
             "rel_error_bound": spectrum.rel_error_bound, "seconds": spectrum.seconds, "device": spectrum.device,
             "power_iters": spectrum.power_iters}
-
-
-def _curvature_roots(modules: Sequence[ModuleRef], curvature_path, damping: float
-                     ) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], str]:
-    """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
-
-    One eigendecomposition per distinct input factor (q/k/v share one). Memory: the roots of one layer, d x d
-    float64 each.
-    """
-    if curvature_path is None:
-        return {}, "weight"
-    from .curvature import load_curvature_file
-
-    factors = load_curvature_file(curvature_path)
-    kind = "fisher" if any(f.output_factor is not None for f in factors.values()) else "input"
-    input_roots: dict[str, SymmetricRoot] = {}
-    roots = {}
-    for m in modules:
-        f = factors.get(m.name)
-        if f is None or not f.fired:
-            continue
-        d_out, d_in = m.shape
-        if f.input_key not in input_roots:
-            input_roots[f.input_key] = symmetric_root(f.input_factor, d_in, damping)
-        roots[m.name] = (symmetric_root(f.output_factor, d_out, damping), input_roots[f.input_key])
-    return roots, kind
 
 
 def _spectrum_cost(shape: tuple[int, int]) -> int:

@@ -2,6 +2,7 @@
 
     fidelity.py      KL of base + truncated delta to the fine-tuned model; held-out loss
     allocations.py   uniform / energy / budget allocations at equal trainable parameters
+    sensitivity.py   do loss-aware spectra predict what truncating one module costs? (comparability check)
     reports.py       the fidelity report and the comparison's steps as files (what the tasks call)
 """
 
@@ -18,8 +19,9 @@ from .reports import (
                       split_records,
                       write_allocation_configs,
 )
+from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 
 __all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
            "uniform_allocation", "allocation_configs", "ComparisonLayout", "ComparisonReport", "FidelityReport",
            "comparison_report", "eval_examples", "evaluate_adapter", "run_fidelity_report", "split_records",
-           "write_allocation_configs"]
+           "write_allocation_configs", "ModuleSensitivity", "module_sensitivities", "spearman"]

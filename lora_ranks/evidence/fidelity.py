@@ -82,21 +82,39 @@ def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, exam
 class DeltaBasis:
     """Full SVD of every analyzed delta, kept in memory, so any rank's truncation is a slice.
 
+    With ``roots`` (module name -> damped (G, A) roots, ``spectra.weighted``) the SVD is that of the weighted delta
+    M = G^1/2 dW A^1/2 and a truncation is the loss-aware one, G^-1/2 M_r A^-1/2; without, the plain truncated SVD.
     Meant for the models of fidelity experiments (small enough to hold U, S, V of every module).
     """
 
-    def __init__(self, pair: CheckpointPair, modules: Sequence[ModuleRef]):
+    def __init__(self, pair: CheckpointPair, modules: Sequence[ModuleRef], roots: Mapping | None = None):
         self.modules = list(modules)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.inverse_roots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for m in self.modules:
-            u, s, vh = torch.linalg.svd(pair.delta(m).double(), full_matrices=False)  # (m,k), (k,), (k,n)
+            delta = pair.delta(m, torch.float64)  # (d_out, d_in)
+            if roots is not None and m.name in roots:
+                out_root, in_root = roots[m.name]
+                delta = out_root.root() @ delta @ in_root.root()
+                self.inverse_roots[m.name] = (out_root.inverse_root(), in_root.inverse_root())
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (m,k), (k,), (k,n)
             self.svd[m.name] = (u, s, vh)
         pair.close()
 
     def truncated(self, name: str, rank: int) -> torch.Tensor:
-        """The best rank-``rank`` approximation of the delta of ``name``: (d_out, d_in), float64."""
+        """The best rank-``rank`` approximation of the delta of ``name`` (in the weighted norm when the basis has
+        roots): (d_out, d_in), float64."""
         u, s, vh = self.svd[name]
-        return (u[:, :rank] * s[:rank]) @ vh[:rank]
+        low_rank = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        if name in self.inverse_roots:
+            out_inverse, in_inverse = self.inverse_roots[name]
+            low_rank = out_inverse @ low_rank @ in_inverse
+        return low_rank
+
+    def discarded_energy(self, name: str, rank: int) -> float:
+        """Sum of the squared singular values beyond ``rank`` (in the weighted norm when the basis has roots)."""
+        s = self.svd[name][1]
+        return float(torch.sum(s[rank:] ** 2))
 
     def apply(self, base_model: torch.nn.Module, ranks: Mapping[str, int]) -> torch.nn.Module:
         """A copy of ``base_model`` with W += truncated delta at ``ranks`` (= base + merged extracted adapter)."""
