@@ -28,7 +28,7 @@ from ._io import atomic_write, atomic_write_bytes, atomic_write_json
 from .spectra import Spectrum
 
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
-           "analysis_summary_markdown", "comparison_markdown", "rank_table_rows"]
+           "analysis_summary_markdown", "comparison_markdown", "rank_table_rows", "write_sensitivity_plot"]
 
 
 def _pyplot():
@@ -226,3 +226,29 @@ def comparison_markdown(rows: Sequence[dict], plot: str | Path) -> str:
                       *[f"| {r['allocation']} | {r['trainable_parameters']:,} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} |"
                         for r in rows],
                       "", markdown_image(plot, "comparison")])
+
+
+def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict]) -> str:
+    """Predicted vs measured KL of truncating one module at a time, one panel per spectrum (log-log; colour =
+    depth), with Spearman's correlation in each title (PNG path).
+
+    ``sensitivity``: spectrum kind -> {"spearman": float, "rows": [{"predicted", "measured_kl", "layer", ...}]}.
+    """
+    plt = _pyplot()
+    kinds = list(sensitivity)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = sensitivity[kind]["rows"]
+        layers = sorted({r["layer"] for r in rows})
+        cmap = plt.get_cmap("viridis")
+        for r in rows:
+            ax.scatter(max(r["predicted"], 1e-12), max(r["measured_kl"], 1e-12),
+                       color=cmap(layers.index(r["layer"]) / max(1, len(layers) - 1)), s=14)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("predicted (discarded energy)" if kind != "fisher" else "predicted KL (Fisher)", fontsize=8)
+        ax.set_ylabel("measured KL, nats/token", fontsize=8)
+        ax.set_title(f"{kind}: Spearman {sensitivity[kind]['spearman']:.2f}", fontsize=9)
+    fig.suptitle("One module truncated to rank 2: predicted vs measured loss increase (colour: depth)", fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, Path(out_dir) / "sensitivity.png")

@@ -293,10 +293,22 @@ def build_tiny_qwen25_vl(out_dir: str | Path, *, hidden_size: int = 64, num_laye
     return out
 
 
+#: The demo's base: a 4-layer Qwen3 (hidden 64) pretrained on the Python standard library's source, committed with
+#: the package (1.3 MB); rebuilt reproducibly by ``python -m lora_ranks.pretrain --preset demo --out <this folder>``.
+DEMO_BASE = Path(__file__).resolve().parent / "assets" / "demo-base"
+
+
 def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None) -> tuple[Path, Path]:
-    """The offline demo's inputs under ``out_dir``: a tiny Qwen3 (random init) and, unless ``data_path`` is
-    given, a synthetic multi-task JSONL. Returns (model folder, dataset path)."""
-    model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
+    """The offline demo's inputs: the pretrained demo base (``DEMO_BASE``; a randomly initialised tiny Qwen3 under
+    ``out_dir`` if the package was installed without it) and, unless ``data_path`` is given, a synthetic multi-task
+    JSONL under ``out_dir``. Returns (model folder, dataset path)."""
+    if (DEMO_BASE / "model.safetensors").is_file():
+        model_dir = DEMO_BASE
+    else:
+        import warnings
+
+        warnings.warn(f"the pretrained demo base {DEMO_BASE} is missing: using a randomly initialised model", stacklevel=2)
+        model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
     if data_path is None:
         data_path = write_synthetic_dataset(Path(out_dir) / "synthetic.jsonl", DEMO_RECORDS_PER_TASK, fmt="mixed")
     return model_dir, Path(data_path)

@@ -12,7 +12,7 @@ from tasks._common import retry_if_transient, step_logger
 
 @task(name="build-demo-inputs")
 def build_demo_inputs_task(out_dir: str, data_path: str | None = None) -> tuple[str, str]:
-    """The offline demo's inputs: a tiny Qwen3 (random init) and a synthetic multi-task JSONL (unless
+    """The offline demo's inputs: the pretrained demo base and a synthetic multi-task JSONL (unless
     ``data_path`` is given). Returns (model folder, dataset path)."""
     model_dir, data = build_demo_inputs(out_dir, data_path)
     get_run_logger().info("Built tiny Qwen3 at %s and data at %s", model_dir, data)

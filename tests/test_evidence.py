@@ -81,3 +81,36 @@ def test_held_out_loss_matches_the_model_loss(setting):
     ids = torch.tensor([examples[0]["input_ids"]])
     expected = float(base(input_ids=ids, labels=ids).loss)
     assert held_out_loss(base, examples[:1], pad_token_id=0) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("t,df,p_two_sided", [(2.776445, 4, 0.05), (2.262157, 9, 0.05), (4.604095, 4, 0.01),
+                                               (1.0, 1, 0.5), (0.0, 7, 1.0)])
+def test_student_t_p_values_match_the_tables(t, df, p_two_sided):
+    from lora_ranks.evidence.experiment import student_t_sf
+
+    assert 2 * student_t_sf(t, df) == pytest.approx(p_two_sided, abs=2e-6)
+
+
+def test_paired_comparison_of_seeds():
+    from lora_ranks.evidence.experiment import paired_comparison
+
+    out = paired_comparison([2.0, 2.1, 1.9, 2.05, 2.0], [2.1, 2.2, 2.0, 2.1, 2.15])
+    diffs = [-0.1, -0.1, -0.1, -0.05, -0.15]
+    mean = sum(diffs) / 5
+    std = (sum((d - mean) ** 2 for d in diffs) / 4) ** 0.5
+    assert out["mean"] == pytest.approx(mean) and out["std"] == pytest.approx(std)
+    assert out["t"] == pytest.approx(mean / (std / 5**0.5)) and 0 < out["p"] < 0.01
+
+
+def test_energy_ranks_at_budget_fit_and_are_tight(planted_pair, tmp_path):
+    from lora_ranks.evidence.experiment import allocations_at_budget, parameters_of
+
+    analyze_checkpoints(*planted_pair, tmp_path)
+    spectra = load_spectra(spectra_files(tmp_path / "analysis_outputs" / "svd"))
+    modules = CheckpointPair(*planted_pair).modules()
+    budget = 20_000
+    allocations = allocations_at_budget(modules, {"weight": spectra}, budget, min_rank=1, max_rank=32)
+    assert set(allocations) == {"uniform", "energy", "budget-weight"}
+    for ranks in allocations.values():
+        assert parameters_of(modules, ranks) <= budget
+    assert parameters_of(modules, allocations["budget-weight"]) > 0.9 * budget

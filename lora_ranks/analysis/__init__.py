@@ -7,18 +7,18 @@
 """
 
 from .assemble import analyze_checkpoints, assemble_rank_config, curvature_record, zero_delta_message
-from .curvature import CurvatureResult, calibration_examples, collect_layer_curvature, load_curvature_file
+from .curvature import CurvatureResult, calibration_examples, collect_layer_curvature, curvature_roots, load_curvature_file
 from .layer import LayerResult, analyze_layer, numerics_identity
 from .layout import (
-                     OutputLayout,
-                     layer_file_fingerprint,
-                     layer_file_name,
-                     load_layer_spectra,
-                     load_spectra,
-                     spectra_files,
+                        OutputLayout,
+                        layer_file_fingerprint,
+                        layer_file_name,
+                        load_layer_spectra,
+                        load_spectra,
+                        spectra_files,
 )
 
 __all__ = ["OutputLayout", "LayerResult", "analyze_layer", "numerics_identity", "load_layer_spectra", "load_spectra",
            "spectra_files", "layer_file_name", "layer_file_fingerprint", "assemble_rank_config", "analyze_checkpoints",
            "zero_delta_message", "curvature_record", "CurvatureResult", "collect_layer_curvature",
-           "load_curvature_file", "calibration_examples"]
+           "load_curvature_file", "calibration_examples", "curvature_roots"]

@@ -1,0 +1,138 @@
+"""The allocation experiment's building blocks: allocations at equal budgets, and paired statistics over seeds.
+
+``allocations_at_budget`` gives, for one parameter budget, the ranks of every allocation the experiment compares:
+uniform ranks, the energy threshold tuned to the budget, and water-filling the budget on each spectrum (weight,
+input-weighted, Fisher-weighted). ``paired_comparison`` compares two allocations trained on the same seeds:
+the mean and standard deviation of the per-seed differences, the t statistic and its two-sided p-value
+(Student's t with n − 1 degrees of freedom, computed here: no SciPy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from ..checkpoints import ModuleRef
+from ..ranks import allocate_ranks, lora_parameters
+from ..settings import AllocationSettings
+from ..spectra import Spectrum
+from .allocations import uniform_allocation
+
+__all__ = ["parameters_of", "uniform_ranks", "energy_ranks_at_budget", "budget_ranks", "allocations_at_budget",
+           "paired_comparison", "student_t_sf"]
+
+
+def parameters_of(modules: Sequence[ModuleRef], ranks: Mapping[str, int]) -> int:
+    """LoRA parameters of ``ranks``: sum of r (d_in + d_out)."""
+    return sum(lora_parameters(m.shape, ranks[m.name]) for m in modules)
+
+
+def uniform_ranks(modules: Sequence[ModuleRef], rank: int) -> dict[str, int]:
+    """The same rank everywhere (capped at each module's short side)."""
+    return {m.name: min(rank, *m.shape) for m in modules}
+
+
+def budget_ranks(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], budget: int, *, min_rank: int,
+                 max_rank: int) -> dict[str, int]:
+    """Water-filling of ``budget`` parameters on ``spectra`` (energy per parameter; ``ranks.water_fill``)."""
+    settings = AllocationSettings(rank_rule="budget", budget=float(budget), min_rank=min_rank, max_rank=max_rank,
+                                  smoothing="none")
+    return {a.name: a.final_rank for a in allocate_ranks(modules, spectra, settings)}
+
+
+def energy_ranks_at_budget(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], budget: int, *,
+                           min_rank: int, max_rank: int) -> tuple[dict[str, int], float]:
+    """The energy-threshold ranks (no smoothing) of the largest tau whose parameters fit ``budget``, by bisection
+    over tau: (ranks, tau)."""
+    def ranks_at(tau: float) -> dict[str, int]:
+        settings = AllocationSettings(energy_threshold=tau, min_rank=min_rank, max_rank=max_rank, smoothing="none")
+        return {a.name: a.final_rank for a in allocate_ranks(modules, spectra, settings)}
+
+    low, high = 1e-6, 1.0
+    best = ranks_at(low)
+    if parameters_of(modules, best) > budget:
+        return best, low  # even the smallest tau (min_rank everywhere) exceeds the budget
+    for _ in range(40):
+        mid = (low + high) / 2
+        ranks = ranks_at(mid)
+        if parameters_of(modules, ranks) <= budget:
+            low, best = mid, ranks
+        else:
+            high = mid
+    return best, low
+
+
+def allocations_at_budget(modules: Sequence[ModuleRef], spectra_by_kind: Mapping[str, Mapping[str, Spectrum]],
+                          budget: int, *, min_rank: int = 1, max_rank: int = 64) -> dict[str, dict[str, int]]:
+    """Every compared allocation at ``budget`` parameters: ``uniform`` (the largest single rank that fits),
+    ``energy`` (tau tuned to the budget, on the weight spectrum), and ``budget-<kind>`` (water-filling) for each
+    kind of spectrum given (``weight``, ``input``, ``fisher``)."""
+    out = {"uniform": uniform_allocation(modules, budget),
+           "energy": energy_ranks_at_budget(modules, spectra_by_kind["weight"], budget, min_rank=min_rank,
+                                            max_rank=max_rank)[0]}
+    for kind, spectra in spectra_by_kind.items():
+        out[f"budget-{kind}"] = budget_ranks(modules, spectra, budget, min_rank=min_rank, max_rank=max_rank)
+    return out
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (Lentz's method; Numerical Recipes, 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Per-seed differences a − b: mean, sample std, standard error, t = mean / se, two-sided p (df = n − 1).
+
+    ``t`` is inf (and p 0) when every difference is the same nonzero value, nan (and p 1) when all are zero.
+    """
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired comparison needs two equal-length samples of at least 2, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    se = std / math.sqrt(n)
+    if se == 0:
+        t = math.copysign(math.inf, mean) if mean != 0 else math.nan
+        p = 0.0 if mean != 0 else 1.0
+    else:
+        t = mean / se
+        p = 2.0 * student_t_sf(abs(t), n - 1)
+    return {"mean": mean, "std": std, "se": se, "t": t, "p": p, "n": n}
