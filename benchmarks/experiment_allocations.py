@@ -171,12 +171,12 @@ def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations:
     from lora_ranks.analysis import curvature_roots
     from lora_ranks.analysis.layout import layer_file
     from lora_ranks.checkpoints import CheckpointPair
-    from lora_ranks.evidence import DeltaBasis, eval_examples, next_token_fidelity
+    from lora_ranks.evidence import DeltaBasis, eval_examples, fidelity_to, reference_outputs
     from lora_ranks.loading import load_model
 
     base, tokenizer = load_model(pair[0], dtype=torch.float32)
     finetuned, _ = load_model(pair[1], dtype=torch.float32)
-    examples = eval_examples(eval_path, tokenizer, 200)
+    reference = reference_outputs(finetuned, eval_examples(eval_path, tokenizer, 200), tokenizer.pad_token_id)
     modules = allocations["modules"]
     bases = {}
     for kind in ("weight", "input", "fisher"):
@@ -190,14 +190,14 @@ def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations:
                                              layer_file(folder, layer, "curvature"), damping)[0])
         bases[kind] = DeltaBasis(CheckpointPair(*pair), modules, roots)
     full = {m.name: min(m.shape) for m in modules}
-    ceiling = next_token_fidelity(finetuned, bases["weight"].apply(base, full), examples, tokenizer.pad_token_id)[0]
+    ceiling = fidelity_to(reference, bases["weight"].apply(base, full))[0]
     rows = []
     for (method, r), ranks in allocations["ranks"].items():
         truncations = {"weight"} | ({MATCHING_TRUNCATION[method]} if method in MATCHING_TRUNCATION else set())
         if method == "uniform":
             truncations |= {"input", "fisher"}
         for truncation in sorted(truncations):
-            kl = next_token_fidelity(finetuned, bases[truncation].apply(base, ranks), examples, tokenizer.pad_token_id)[0]
+            kl = fidelity_to(reference, bases[truncation].apply(base, ranks))[0]
             rows.append({"method": method, "budget_rank": r, "truncation": truncation, "kl": kl,
                          "excess": kl - ceiling, "parameters": allocations["parameters"][(method, r)]})
     result = {"ceiling_kl": ceiling, "rows": rows}
@@ -219,7 +219,7 @@ def step_sensitivity(out: Path, pair, eval_path: Path, analysis: dict, allocatio
     from lora_ranks.loading import load_model
 
     finetuned, tokenizer = load_model(pair[1], dtype=torch.float32)
-    examples = eval_examples(eval_path, tokenizer, 200)
+    examples = eval_examples(eval_path, tokenizer, 64)  # 126 one-module truncations: 64 records keep it to minutes
     modules = allocations["modules"]
     result = {}
     for kind in ("weight", "input", "fisher"):
@@ -240,65 +240,101 @@ def step_sensitivity(out: Path, pair, eval_path: Path, analysis: dict, allocatio
     return result
 
 
-def train_one(out: Path, base: str, config_path: str, train: Path, eval_path: Path, seed: int, warm: str | None,
-              truncation: str, analysis_pair, args) -> dict:
-    """One LoRA run (cached as JSON): held-out loss and seconds."""
+class Trainer:
+    """Trains and evaluates LoRAs in-process with the library's own pieces (``create_peft_model_from_config``,
+    PEFT's adapter loading for warm starts, ``train_loop``, ``held_out_loss``: what ``lora-ranks train`` runs), with
+    the base model loaded and the records tokenized once, since the runs differ only in ranks, init and seed."""
+
+    def __init__(self, base: str, train: Path, eval_path: Path):
+        import torch
+
+        from lora_ranks.evidence import eval_examples
+        from lora_ranks.finetune import prepare_examples
+        from lora_ranks.loading import load_model
+
+        self.base, self.tokenizer = load_model(base, dtype=torch.float32)
+        self.train_examples = prepare_examples(train, self.tokenizer, max_length=96)[0]
+        self.eval_examples = eval_examples(eval_path, self.tokenizer, 200)
+
+    def lora(self, config_path: str, seed: int, init_from: Path | None, args) -> tuple[float, int]:
+        """(held-out loss, trainable parameters) of one LoRA run."""
+        import copy
+
+        import torch
+        from peft import PeftModel
+
+        from lora_ranks.evidence import held_out_loss
+        from lora_ranks.finetune import train_loop
+        from lora_ranks.model import DynamicLoRAConfig, create_peft_model_from_config, validate_peft_model
+        from lora_ranks.settings import LoRATrainingSettings
+
+        config = DynamicLoRAConfig.from_file(config_path, lora_dropout=0.0)
+        torch.manual_seed(seed)
+        model = copy.deepcopy(self.base)
+        if init_from is None:
+            model = create_peft_model_from_config(model, config)
+        else:
+            model = PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
+            validate_peft_model(model, config)
+        settings = LoRATrainingSettings(max_steps=args.lora_steps, epochs=10**6, batch_size=8, learning_rate=args.lora_lr,
+                                        max_length=96, gradient_checkpointing=False, seed=seed, lora_dropout=0.0)
+        model.train()
+        train_loop(model, self.train_examples, self.tokenizer.pad_token_id, settings, torch.device("cpu"), progress=False)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return held_out_loss(model, self.eval_examples, self.tokenizer.pad_token_id), trainable
+
+    def full(self, seed: int, args) -> float:
+        """Held-out loss of a full fine-tune trained as long as the LoRAs, on the same records."""
+        import copy
+
+        import torch
+
+        from lora_ranks.evidence import held_out_loss
+        from lora_ranks.finetune import train_loop
+        from lora_ranks.settings import TrainingSettings
+
+        torch.manual_seed(seed)
+        model = copy.deepcopy(self.base)
+        model.train()
+        settings = TrainingSettings(max_steps=args.lora_steps, epochs=10**6, batch_size=8, learning_rate=args.full_lr,
+                                    max_length=96, gradient_checkpointing=False, seed=seed)
+        train_loop(model, self.train_examples, self.tokenizer.pad_token_id, settings, torch.device("cpu"), progress=False)
+        return held_out_loss(model, self.eval_examples, self.tokenizer.pad_token_id)
+
+
+def train_one(out: Path, trainer: Trainer, config_path: str, seed: int, warm: bool, truncation: str, analysis_pair,
+              args) -> dict:
+    """One LoRA run, cached as JSON: held-out loss and seconds."""
     key = f"{Path(config_path).stem}-{'warm' if warm else 'cold'}-seed{seed}"
     result_path = out / "runs" / f"{key}.json"
     cached = _json(result_path)
     if cached is not None:
         return cached
-    import shutil
-
-    from lora_ranks.evidence import evaluate_adapter
     from lora_ranks.extract import extract_lora
-    from lora_ranks.settings import ExtractionSettings, LoRATrainingSettings
-    from lora_ranks.train import train_dynamic_lora
+    from lora_ranks.settings import ExtractionSettings
 
     start = time.perf_counter()
     init_from = None
-    if warm:
+    if warm:  # the SVD warm start: the adapter extracted from the analysis pair, with this config's truncation
         init_from = out / "warm" / Path(config_path).stem
         if not (init_from / "adapter_config.json").is_file():
             extract_lora(analysis_pair[0], analysis_pair[1], config_path, init_from,
                          settings=ExtractionSettings(truncation="weight" if truncation == "weight" else "curvature"))
-    work = out / "work" / key
-    settings = LoRATrainingSettings(max_steps=args.lora_steps, epochs=10**6, batch_size=8, learning_rate=args.lora_lr,
-                                    max_length=96, gradient_checkpointing=False, seed=seed, lora_dropout=0.0)
-    trained = train_dynamic_lora(base, config_path, train, work, settings, init_from=init_from, progress=False)
-    loss = evaluate_adapter(base, trained.adapter_dir, eval_path, 200)
-    result = {"key": key, "config": config_path, "seed": seed, "warm": bool(warm), "truncation": truncation,
-              "held_out_loss": loss, "trainable_parameters": trained.trainable_parameters,
-              "seconds": time.perf_counter() - start}
+    loss, trainable = trainer.lora(config_path, seed, init_from, args)
+    result = {"key": key, "config": config_path, "seed": seed, "warm": warm, "truncation": truncation,
+              "held_out_loss": loss, "trainable_parameters": trainable, "seconds": time.perf_counter() - start}
     _save(result_path, result)
-    shutil.rmtree(work, ignore_errors=True)
     return result
 
 
-def full_finetune_one(out: Path, base: str, train: Path, eval_path: Path, seed: int, args) -> dict:
+def full_finetune_one(out: Path, trainer: Trainer, seed: int, args) -> dict:
     result_path = out / "runs" / f"full-finetune-seed{seed}.json"
     cached = _json(result_path)
     if cached is not None:
         return cached
-    import shutil
-
-    import torch
-
-    from lora_ranks.evidence import eval_examples, held_out_loss
-    from lora_ranks.finetune import run_preliminary_finetune
-    from lora_ranks.loading import load_model
-    from lora_ranks.settings import FinetuneSettings
-
     start = time.perf_counter()
-    work = out / "work" / f"full-seed{seed}"
-    ft = run_preliminary_finetune(base, train, work, FinetuneSettings(
-        subset_ratio=1.0, max_samples=10**6, max_steps=args.lora_steps, epochs=10**6, batch_size=8,
-        learning_rate=args.full_lr, max_length=96, gradient_checkpointing=False, seed=seed), progress=False)
-    model, tokenizer = load_model(ft.finetuned_dir, dtype=torch.float32)
-    loss = held_out_loss(model, eval_examples(eval_path, tokenizer, 200), tokenizer.pad_token_id)
-    result = {"seed": seed, "held_out_loss": loss, "seconds": time.perf_counter() - start}
+    result = {"seed": seed, "held_out_loss": trainer.full(seed, args), "seconds": time.perf_counter() - start}
     _save(result_path, result)
-    shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -311,8 +347,8 @@ def main() -> None:
     parser.add_argument("--ft-steps", type=int, default=60)
     parser.add_argument("--ft-lr", type=float, default=3e-4)
     parser.add_argument("--lora-steps", type=int, default=30)
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
-    parser.add_argument("--full-lr", type=float, default=2e-4)
+    parser.add_argument("--lora-lr", type=float, default=1e-2, help="best of 1e-3..3e-2 for cold and warm LoRAs (seed 0, r=2)")
+    parser.add_argument("--full-lr", type=float, default=1e-3, help="best of 2e-4..3e-3 for the full fine-tune (seed 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-training", action="store_true", help="analysis, fidelity and comparability only")
     parser.add_argument("--record", action="store_true")
@@ -346,12 +382,13 @@ def main() -> None:
             plan.append((method, r, truncation, True))
             if method == "uniform":
                 plan.append((method, r, "fisher", True))  # uniform ranks, loss-aware warm start
+        trainer = Trainer(str(base), train, eval_path)
         for method, r, truncation, warm in plan:
             for seed in args.seeds:
-                result = train_one(out, str(base), allocations["paths"][(method, r, truncation)], train, eval_path, seed,
-                                   "warm" if warm else None, truncation, pair, args)
+                result = train_one(out, trainer, allocations["paths"][(method, r, truncation)], seed, warm, truncation,
+                                   pair, args)
                 runs.append({**result, "method": method, "budget_rank": r})
-        full = [full_finetune_one(out, str(base), train, eval_path, seed, args) for seed in args.seeds]
+        full = [full_finetune_one(out, trainer, seed, args) for seed in args.seeds]
         lap("training")
     else:
         full = []
@@ -385,7 +422,8 @@ def summarize(out: Path, args, analysis, allocations, fidelity, sensitivity, run
         lines.append(f"| {row['budget_rank'] or 'signal'} | {row['parameters']:,} | {row['method']} | {row['truncation']} | "
                      f"{row['kl']:.4f} | {ratio:.2f} |")
     plot = write_sensitivity_plot(out, sensitivity)
-    lines += ["", "**Comparability** (each module truncated alone to rank 2; Spearman of predicted vs measured KL over "
+    lines += ["", "**Comparability** (each module truncated alone to rank 2, KL on 64 held-out records; Spearman of "
+              "predicted vs measured KL over "
               f"{len(sensitivity['fisher']['rows'])} modules; plot `{plot}`): "
               + ", ".join(f"{kind} {v['spearman']:.2f}" for kind, v in sensitivity.items()), ""]
     if runs:

@@ -14,6 +14,9 @@ of perturbing W by E is ½ (T / T_resp) tr(G E A Eᵀ), with T / T_resp the rati
 (``CurvatureFactors.token_ratio``); the same for every module, so the weighted spectra are comparable across
 modules (``lora_ranks.spectra.weighted``).
 
+Precision. Each batch's products are formed in float32 (float64 for a float64 model) and summed over batches in
+float64.
+
 Memory. Factors are accumulated in float64 for the modules of a group of layers at a time: each pass over the
 calibration set holds the factors of the layers whose float64 factors fit ``memory_bytes`` (at least one
 layer), so the memory held is at most max(``memory_bytes``, one layer's factors) plus the model and one batch,
@@ -174,10 +177,16 @@ def collect_curvature(
         model.train(was_training)
 
 
+def _rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The masked positions' vectors, (n, d), for one batch's product: float64 stays float64 (exact references);
+    anything else is multiplied in float32 (fast), and every batch's product is summed into float64."""
+    rows = tensor.detach()[mask]
+    return rows if rows.dtype == torch.float64 else rows.float()
+
+
 def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, seed, batch_size, on_batch, total):
     """One pass over the calibration set with hooks on ``modules``: their factors (see ``collect_curvature``)."""
     device = next(model.parameters()).device
-    accumulate = torch.float64 if device.type == "cpu" else torch.float32  # products on the GPU in float32
     inputs: dict[str, torch.Tensor] = {}  # input key -> Σ x xᵀ (float64, CPU)
     input_key: dict[str, str] = {}  # module -> key of the A it shares
     outputs: dict[str, torch.Tensor] = {}  # module -> Σ g gᵀ
@@ -195,12 +204,12 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
             else:
                 seen[(layer, x.data_ptr())] = (x, name)
                 input_key[name] = name
-                rows = x.detach()[mask].to(accumulate)  # (n, d_in)
+                rows = _rows(x, mask)  # (n, d_in)
                 product = (rows.T @ rows).to(torch.float64).cpu()
                 inputs[name] = product if name not in inputs else inputs[name] + product
             if kind == "fisher" and output.requires_grad:
                 def grad_hook(grad):
-                    rows = grad.detach()[state["mask"]].to(accumulate)  # (n, d_out)
+                    rows = _rows(grad, state["mask"])  # (n, d_out)
                     product = (rows.T @ rows).to(torch.float64).cpu()
                     outputs[name] = product if name not in outputs else outputs[name] + product
                 output.register_hook(grad_hook)

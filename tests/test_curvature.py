@@ -382,3 +382,56 @@ def test_module_sensitivities_measure_what_one_truncation_adds(finetuned_pair):
     for s, m in zip(one, modules):
         assert s.measured_kl > 0
         assert s.predicted == pytest.approx(float(torch.sum(torch.linalg.svdvals(pair.delta(m, torch.float64))[1:] ** 2)))
+
+
+def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(tiny, finetuned_pair, tmp_path):
+    """A module that no calibration record reaches (a vision tower with text-only data, say) is reported as silent
+    by the collection, and the analysis ranks it by its weight spectrum with the reason in the config."""
+    import warnings
+
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.analysis.curvature import _write
+    from lora_ranks.settings import AllocationSettings, CurvatureSettings, FinetuneSettings
+
+    model, tokenizer, examples, modules = tiny
+    model.model.unused = torch.nn.Linear(32, 32).double()  # registered, never called in forward
+    silent = ModuleRef("model.unused", "model.unused.weight", (32, 32), "model.layers.0", 0, "unused")
+    try:
+        factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, [*modules, silent], samples=1))
+    finally:
+        del model.model.unused
+    assert not factors["model.layers.0"]["model.unused"].fired
+    assert factors["model.layers.0"]["model.layers.0.self_attn.q_proj"].fired
+
+    base, finetuned, data = finetuned_pair
+    curvature = CurvatureSettings(spectrum="fisher", fisher_samples=1, min_calibration_tokens=100)
+    out = tmp_path / "an"
+    config = analyze_checkpoints(base, finetuned, out, settings=AllocationSettings(min_rank=1, max_rank=16),
+                                 curvature=curvature, calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
+    # rewrite layer 1's factors as if its down_proj had never run, and analyze again from those factors
+    from lora_ranks.analysis import load_curvature_file
+
+    path = out / "analysis_outputs" / "svd" / "curvature" / "model.layers.1.safetensors"
+    layer = load_curvature_file(path)
+    name = "model.layers.1.mlp.down_proj"
+    layer[name].fired = False
+    _write(path, "model.layers.1", layer, "fisher")
+    from lora_ranks.analysis import analyze_layer
+    from lora_ranks.checkpoints import CheckpointPair
+
+    pair = CheckpointPair(base, finetuned)
+    svd = out / "analysis_outputs" / "svd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = [analyze_layer(pair, [m for m in pair.modules() if m.layer == layer], svd, top_k=17,
+                                 curvature_path=svd / "curvature" / f"{layer}.safetensors", damping=0.01)
+                   for layer in ("model.layers.0", "model.layers.1")]
+    from lora_ranks.analysis import assemble_rank_config
+
+    assert config["analysis_metadata"]["fallback_modules"] == {}
+    again, _ = assemble_rank_config(pair, pair.modules(), results, AllocationSettings(min_rank=1, max_rank=16),
+                                    tmp_path / "again.json")
+    modules_meta = again["analysis_metadata"]["modules"]
+    assert modules_meta[name]["spectrum"] == "weight" and "never ran" in modules_meta[name]["fallback"]
+    assert modules_meta["model.layers.1.mlp.up_proj"]["spectrum"] == "fisher"
+    assert list(again["analysis_metadata"]["fallback_modules"]) == [name]

@@ -7,21 +7,32 @@
 """
 
 from .allocations import allocation_configs, uniform_allocation
-from .fidelity import DeltaBasis, FidelityPoint, fidelity_sweep, held_out_loss, mean_and_std, next_token_fidelity
+from .fidelity import (
+                       DeltaBasis,
+                       FidelityPoint,
+                       ReferenceOutputs,
+                       fidelity_sweep,
+                       fidelity_to,
+                       held_out_loss,
+                       mean_and_std,
+                       next_token_fidelity,
+                       reference_outputs,
+)
 from .reports import (
-                      ComparisonLayout,
-                      ComparisonReport,
-                      FidelityReport,
-                      comparison_report,
-                      eval_examples,
-                      evaluate_adapter,
-                      run_fidelity_report,
-                      split_records,
-                      write_allocation_configs,
+                       ComparisonLayout,
+                       ComparisonReport,
+                       FidelityReport,
+                       comparison_report,
+                       eval_examples,
+                       evaluate_adapter,
+                       run_fidelity_report,
+                       split_records,
+                       write_allocation_configs,
 )
 from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 
-__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
+__all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",
+           "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
            "uniform_allocation", "allocation_configs", "ComparisonLayout", "ComparisonReport", "FidelityReport",
            "comparison_report", "eval_examples", "evaluate_adapter", "run_fidelity_report", "split_records",
            "write_allocation_configs", "ModuleSensitivity", "module_sensitivities", "spearman"]

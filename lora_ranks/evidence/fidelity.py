@@ -28,7 +28,8 @@ from ..settings import AllocationSettings, FidelitySettings
 from ..spectra import Spectrum
 from .allocations import uniform_allocation
 
-__all__ = ["FidelityPoint", "next_token_fidelity", "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std"]
+__all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",
+           "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std"]
 
 
 @dataclass
@@ -48,17 +49,26 @@ class FidelityPoint:
         return self.loss - self.loss_finetuned
 
 
-@torch.no_grad()
-def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, examples: Sequence[dict],
-                        pad_token_id: int, batch_size: int = 8) -> tuple[float, float, float]:
-    """(mean KL(P_reference || P_model), loss of model, loss of reference) over label positions.
+@dataclass
+class ReferenceOutputs:
+    """A reference model's next-token log-probabilities at the label positions of some examples, computed once so
+    that many models can be compared with it (each comparison then costs one forward pass of the model).
 
-    ``examples`` are tokenized records ({"input_ids", "labels"}); positions whose next-token label is -100
-    (prompts, padding) are skipped, so this measures the responses the fine-tune taught.
+    ``batches`` holds, per batch: the model inputs, the label mask (B, T-1) bool, the targets (n,) and the
+    reference log-probabilities (n, V) float64 at the n masked positions.
     """
+
+    batches: list[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]]
+    count: int
+
+
+@torch.no_grad()
+def reference_outputs(reference: torch.nn.Module, examples: Sequence[dict], pad_token_id: int,
+                      batch_size: int = 8) -> ReferenceOutputs:
+    """Run ``reference`` once over ``examples`` (tokenized records) and keep its log-probabilities at the positions
+    whose next-token label is trained (not -100)."""
     reference.eval()
-    model.eval()
-    kl_sum, loss_model, loss_ref, count = 0.0, 0.0, 0.0, 0
+    batches, count = [], 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start: start + batch_size], pad_token_id)
         labels = batch["labels"][:, 1:]  # (B, T-1): next-token targets
@@ -66,17 +76,36 @@ def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, exam
         if not mask.any():
             continue
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logp_ref = torch.log_softmax(reference(**inputs).logits[:, :-1].double(), dim=-1)  # (B, T-1, V)
-        logp_model = torch.log_softmax(model(**inputs).logits[:, :-1].double(), dim=-1)
-        kl = (logp_ref.exp() * (logp_ref - logp_model)).sum(-1)  # (B, T-1)
-        target = labels.clamp(min=0).unsqueeze(-1)
-        kl_sum += float(kl[mask].sum())
-        loss_model -= float(logp_model.gather(-1, target).squeeze(-1)[mask].sum())
-        loss_ref -= float(logp_ref.gather(-1, target).squeeze(-1)[mask].sum())
+        logits = reference(**inputs).logits[:, :-1][mask]  # (n, V): only where a label is trained
+        batches.append((inputs, mask, labels[mask], torch.log_softmax(logits.double(), dim=-1)))
         count += int(mask.sum())
     if count == 0:
         raise ValueError("no response tokens to evaluate: every label is -100")
-    return kl_sum / count, loss_model / count, loss_ref / count
+    return ReferenceOutputs(batches, count)
+
+
+@torch.no_grad()
+def fidelity_to(reference: ReferenceOutputs, model: torch.nn.Module) -> tuple[float, float, float]:
+    """(mean KL(P_reference || P_model), loss of model, loss of reference) over the reference's label positions."""
+    model.eval()
+    kl_sum = loss_model = loss_ref = 0.0
+    for inputs, mask, target, logp_ref in reference.batches:
+        logp_model = torch.log_softmax(model(**inputs).logits[:, :-1][mask].double(), dim=-1)  # (n, V)
+        kl_sum += float((logp_ref.exp() * (logp_ref - logp_model)).sum())
+        loss_model -= float(logp_model.gather(-1, target.unsqueeze(-1)).sum())
+        loss_ref -= float(logp_ref.gather(-1, target.unsqueeze(-1)).sum())
+    return kl_sum / reference.count, loss_model / reference.count, loss_ref / reference.count
+
+
+def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, examples: Sequence[dict],
+                        pad_token_id: int, batch_size: int = 8) -> tuple[float, float, float]:
+    """(mean KL(P_reference || P_model), loss of model, loss of reference) over label positions.
+
+    ``examples`` are tokenized records ({"input_ids", "labels"}); positions whose next-token label is -100
+    (prompts, padding) are skipped, so this measures the responses the fine-tune taught. To compare many models
+    with one reference, compute ``reference_outputs`` once and call ``fidelity_to``.
+    """
+    return fidelity_to(reference_outputs(reference, examples, pad_token_id, batch_size), model)
 
 
 class DeltaBasis:
@@ -147,9 +176,10 @@ def fidelity_sweep(
     same parameter counts (smoothing off, so each method is seen on its own)."""
     modules = basis.modules
     points: list[FidelityPoint] = []
+    reference = reference_outputs(finetuned_model, examples, pad_token_id)
 
     def measure(method: str, setting: float, ranks: dict[str, int]) -> None:
-        kl, loss, loss_ft = next_token_fidelity(finetuned_model, basis.apply(base_model, ranks), examples, pad_token_id)
+        kl, loss, loss_ft = fidelity_to(reference, basis.apply(base_model, ranks))
         points.append(FidelityPoint(method, setting, _params(modules, ranks), kl, loss, loss_ft, ranks))
 
     for tau in taus:

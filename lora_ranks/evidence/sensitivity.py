@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .fidelity import DeltaBasis, next_token_fidelity
+from .fidelity import DeltaBasis, fidelity_to, reference_outputs
 
 __all__ = ["ModuleSensitivity", "module_sensitivities", "spearman"]
 
@@ -59,13 +59,14 @@ def module_sensitivities(finetuned: torch.nn.Module, basis: DeltaBasis, examples
     The truncation is the basis' own (loss-aware for a weighted basis); ``predicted`` is ``scale`` times the energy
     it discards (½ T / T_resp for a Fisher-weighted basis; any constant for a comparison of orders).
     """
+    reference = reference_outputs(finetuned, examples, pad_token_id)
     out = []
     for m in basis.modules:
         model = copy.deepcopy(finetuned)
         weight = dict(model.named_modules())[m.name].weight
         full = basis.truncated(m.name, min(m.shape))  # the whole delta, reconstructed in this basis
         weight -= (full - basis.truncated(m.name, rank)).to(weight.dtype)  # W_ft - dW + dW_r
-        kl, _, _ = next_token_fidelity(finetuned, model, examples, pad_token_id)
+        kl, _, _ = fidelity_to(reference, model)
         out.append(ModuleSensitivity(m.name, m.layer, m.module_type, rank, scale * basis.discarded_energy(m.name, rank),
                                      kl))
     return out
