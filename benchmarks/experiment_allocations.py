@@ -161,6 +161,22 @@ def step_allocations(out: Path, analysis: dict, budgets: list[int]) -> dict:
             "parameters": {key: parameters_of(modules, ranks) for key, ranks in rows.items()}}
 
 
+def _roots(out: Path, kind: str, modules, analysis: dict):
+    """Damped curvature roots of every module for a weighted basis (None for the weight spectrum)."""
+    if kind == "weight":
+        return None
+    from lora_ranks.analysis import curvature_roots
+    from lora_ranks.analysis.layout import layer_file
+
+    folder = out / "analysis" / kind / "analysis_outputs" / "svd"
+    damping = analysis["configs"][kind]["analysis_metadata"]["curvature"]["settings"]["curvature_damping"]
+    roots = {}
+    for layer in dict.fromkeys(m.layer for m in modules):
+        roots.update(curvature_roots([m for m in modules if m.layer == layer], layer_file(folder, layer, "curvature"),
+                                     damping)[0])
+    return roots
+
+
 def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations: dict) -> dict:
     """KL of base + merged extracted adapter to the analysis fine-tune, per allocation and truncation."""
     cached = _json(out / "fidelity.json")
@@ -168,8 +184,6 @@ def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations:
         return cached
     import torch
 
-    from lora_ranks.analysis import curvature_roots
-    from lora_ranks.analysis.layout import layer_file
     from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.evidence import DeltaBasis, eval_examples, fidelity_to, reference_outputs
     from lora_ranks.loading import load_model
@@ -178,17 +192,8 @@ def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations:
     finetuned, _ = load_model(pair[1], dtype=torch.float32)
     reference = reference_outputs(finetuned, eval_examples(eval_path, tokenizer, 200), tokenizer.pad_token_id)
     modules = allocations["modules"]
-    bases = {}
-    for kind in ("weight", "input", "fisher"):
-        roots = None
-        if kind != "weight":
-            folder = out / "analysis" / kind / "analysis_outputs" / "svd"
-            damping = analysis["configs"][kind]["analysis_metadata"]["curvature"]["settings"]["curvature_damping"]
-            roots = {}
-            for layer in dict.fromkeys(m.layer for m in modules):
-                roots.update(curvature_roots([m for m in modules if m.layer == layer],
-                                             layer_file(folder, layer, "curvature"), damping)[0])
-        bases[kind] = DeltaBasis(CheckpointPair(*pair), modules, roots)
+    bases = {kind: DeltaBasis(CheckpointPair(*pair), modules, _roots(out, kind, modules, analysis))
+             for kind in ("weight", "input", "fisher")}
     full = {m.name: min(m.shape) for m in modules}
     ceiling = fidelity_to(reference, bases["weight"].apply(base, full))[0]
     rows = []
@@ -212,8 +217,6 @@ def step_sensitivity(out: Path, pair, eval_path: Path, analysis: dict, allocatio
         return cached
     import torch
 
-    from lora_ranks.analysis import curvature_roots
-    from lora_ranks.analysis.layout import layer_file
     from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.evidence import DeltaBasis, eval_examples, module_sensitivities, spearman
     from lora_ranks.loading import load_model
@@ -223,17 +226,10 @@ def step_sensitivity(out: Path, pair, eval_path: Path, analysis: dict, allocatio
     modules = allocations["modules"]
     result = {}
     for kind in ("weight", "input", "fisher"):
-        roots = None
         record = analysis["configs"][kind]["analysis_metadata"]["curvature"]
-        if kind != "weight":
-            folder = out / "analysis" / kind / "analysis_outputs" / "svd"
-            roots = {}
-            for layer in dict.fromkeys(m.layer for m in modules):
-                roots.update(curvature_roots([m for m in modules if m.layer == layer],
-                                             layer_file(folder, layer, "curvature"), record["settings"]["curvature_damping"])[0])
         scale = 0.5 * record["tokens"] / record["response_tokens"] if kind == "fisher" else 1.0
-        rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair), modules, roots), examples,
-                                    tokenizer.pad_token_id, rank=2, scale=scale)
+        rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair), modules, _roots(out, kind, modules, analysis)),
+                                    examples, tokenizer.pad_token_id, rank=2, scale=scale)
         result[kind] = {"spearman": spearman([r.predicted for r in rows], [r.measured_kl for r in rows]),
                         "rows": [r.__dict__ for r in rows]}
     _save(out / "sensitivity.json", result)

@@ -108,7 +108,7 @@ COMMANDS: dict[str, Command] = {
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune", prefix="finetune"),
                 SettingsGroup(LoRATrainingSettings, "training", prefix="lora"),
                 SettingsGroup(ComparisonSettings, "comparison"), SettingsGroup(FidelitySettings, "fidelity"),
-                SettingsGroup(SafetySettings, "safety"))),
+                SettingsGroup(ExtractionSettings, "extraction"), SettingsGroup(SafetySettings, "safety"))),
 }
 
 
@@ -176,7 +176,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         pair = CheckpointPair(inputs["base_model"], inputs["finetuned_model"],
                               allow_pickle=settings["safety"].allow_pickle)
         pair.preflight(settings["analysis"].targets)
-        if settings["curvature"].spectrum != "weight":
+        if settings["curvature"].resolved(inputs.get("data_path") is not None).spectrum != "weight":
             _check_calibration(pair.finetuned.root, inputs.get("data_path"), settings)
     if command in ("finetune", "compare"):
         from lora_ranks.checkpoints import resolve_model_path
@@ -185,10 +185,13 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
     if command == "train":
         from lora_ranks.checkpoints import resolve_model_path
         from lora_ranks.config import check_config_matches_model, load_rank_config
+        from lora_ranks.train import warm_start_source
 
-        check_config_matches_model(load_rank_config(inputs["rank_config"]), resolve_model_path(inputs["model"]))
-        if inputs["warm_start_from"]:
-            resolve_model_path(inputs["warm_start_from"])
+        rank_config = load_rank_config(inputs["rank_config"])
+        check_config_matches_model(rank_config, resolve_model_path(inputs["model"]))
+        source = warm_start_source(rank_config, inputs["warm_start_from"], settings["training"].init)
+        if source is not None:
+            resolve_model_path(source)
 
 
 def _check_calibration(model_dir, data_path, settings: dict) -> None:

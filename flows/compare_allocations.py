@@ -5,7 +5,8 @@ Steps:
     2. ranks: the ``svd-analysis`` flow on the train records (as a subflow; it fine-tunes first unless
        ``finetuned_model`` is given), optionally with its fidelity report on the held-out records;
     3. three rank configs at (about) equal trainable parameters: uniform, energy threshold, budget water-filling;
-    4. train a LoRA for every config and seed (identical data, steps and seeds);
+    4. train a LoRA for every config and seed (identical data, steps and seeds), warm-started from the adapter
+       extracted at its ranks unless ``training.init`` is "cold";
     5. held-out loss of every adapter;
     6. a table (mean +- std over seeds) and a plot, as files and UI artifacts.
 """
@@ -31,6 +32,7 @@ from lora_ranks.settings import (  # noqa: E402
     AnalysisSettings,
     ComparisonSettings,
     CurvatureSettings,
+    ExtractionSettings,
     FidelitySettings,
     FinetuneSettings,
     LoRATrainingSettings,
@@ -39,7 +41,7 @@ from lora_ranks.settings import (  # noqa: E402
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
 from tasks.evidence import allocation_configs_task, comparison_report_task, evaluate_adapter_task, split_data_task  # noqa: E402
 from tasks.finetune import build_demo_inputs_task  # noqa: E402
-from tasks.train import train_dynamic_lora_task  # noqa: E402
+from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
 
 @flow(name="compare-allocations")
@@ -57,6 +59,7 @@ def compare_allocations(
     finetune: Annotated[FinetuneSettings, described(FinetuneSettings)] = FinetuneSettings(),
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     comparison: Annotated[ComparisonSettings, described(ComparisonSettings)] = ComparisonSettings(),
+    extraction: Annotated[ExtractionSettings, described(ExtractionSettings)] = ExtractionSettings(),
     fidelity: Annotated[FidelitySettings, described(FidelitySettings)] = FidelitySettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
 ) -> str:
@@ -84,12 +87,20 @@ def compare_allocations(
     # Step 3: equal-budget configs.
     configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir))
 
-    # Step 4: train every config x seed.
+    # Step 4: train every config x seed (warm: from the adapter extracted at the config's ranks).
+    finetuned = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["finetuned"]["path"]
+    warm = {}
+    if training.init == "warm":
+        extracted = extract_lora_task.map(unmapped(pretrained), unmapped(finetuned), list(configs.values()),
+                                          [str(layout.root / "warm" / label) for label in configs],
+                                          unmapped(safety.allow_pickle), unmapped(extraction))
+        warm = dict(zip(configs, extracted.result()))
     runs = [(label, seed) for label in configs for seed in comparison.seeds]
     trained = train_dynamic_lora_task.map(
         [pretrained] * len(runs), [configs[label] for label, _ in runs], [train_path] * len(runs),
         [str(layout.run_dir(label, seed)) for label, seed in runs],
-        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed}) for _, seed in runs])
+        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed}) for _, seed in runs],
+        [warm.get(label) for label, _ in runs])
 
     # Step 5: held-out loss.
     losses = evaluate_adapter_task.map([pretrained] * len(runs), [t.result().adapter_dir for t in trained],

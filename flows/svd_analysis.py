@@ -91,6 +91,7 @@ def svd_analysis(
             finetune = demo_finetune_settings(finetune)
 
     # Step 2: the calibration records a curvature spectrum needs, checked before any fine-tuning.
+    curvature = curvature.resolved(data_path is not None)
     if curvature.spectrum != "weight":
         check_calibration_task(base_model, data_path, curvature, finetune, safety.trust_remote_code)
 

@@ -1,7 +1,8 @@
 """Flow ``train-dynamic-lora``: train a LoRA whose per-module ranks come from a rank config.
 
 Steps:
-    1. (optional) extract the truncated-SVD adapter of a full fine-tune, as a warm start;
+    1. (init "warm", the default) extract the best adapter of the fine-tuned model the ranks came from, at these
+       ranks, as the starting point;
     2. train the dynamic-rank LoRA (optionally on a 4-bit or 8-bit base) and save the adapter.
 """
 
@@ -14,10 +15,11 @@ from flows._runtime import apply_defaults, described, documented
 
 apply_defaults()
 
-from prefect import flow  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 
+from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
-from lora_ranks.train import TrainResult  # noqa: E402
+from lora_ranks.train import TrainResult, warm_start_source  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
 
@@ -35,11 +37,15 @@ def train_dynamic_lora_flow(
 ) -> TrainResult:
     """Train a heterogeneous-rank LoRA; returns where the adapter and metrics are."""
     out = Path(output_dir).resolve()
-    # Step 1: optional SVD warm start.
+    # Step 1: the SVD warm start (training.init "warm"): extracted from the fine-tuned model the ranks came from.
     init_from = None
-    if warm_start_from is not None:
-        init_from = extract_lora_task(model, warm_start_from, rank_config, str(out / "warm_start_adapter"),
+    source = warm_start_source(load_rank_config(rank_config), warm_start_from, training.init)
+    if source is not None:
+        init_from = extract_lora_task(model, str(source), rank_config, str(out / "warm_start_adapter"),
                                       safety.allow_pickle, extraction)
+    elif training.init == "warm":
+        get_run_logger().warning("No fine-tuned model to warm-start from (the rank config records none that exists, "
+                                 "and warm_start_from is not set): training from PEFT's init")
     # Step 2: train.
     return train_dynamic_lora_task(model, rank_config, data_path, str(out), training, init_from,
                                    safety.trust_remote_code)

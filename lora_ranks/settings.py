@@ -53,8 +53,8 @@ INPUT_HELP: dict[str, str] = {
     "eval_data_path": "Held-out JSON/JSONL records to evaluate on",
     "output_dir": "Root folder for checkpoints, the rank config, plots and raw data",
     "rank_config": "lora_rank_config.json written by svd-analysis",
-    "warm_start_from": "Fine-tuned model folder: start LoRA training from the truncated SVD of its delta "
-                       "instead of PEFT's zero init",
+    "warm_start_from": "Fine-tuned model to warm-start LoRA training from (default: the one the rank config was "
+                       "analyzed from)",
     "adapter_dir": "Output folder of the PEFT adapter",
     "refresh": "Recompute every layer even when a cached result exists",
 }
@@ -200,11 +200,12 @@ class AnalysisSettings(Settings):
 class CurvatureSettings(Settings):
     """Which spectrum ranks the directions of each delta: the plain weight spectrum, or one weighted by curvature."""
 
-    spectrum: Literal["weight", "input", "fisher"] = "weight"
+    spectrum: Literal["auto", "weight", "input", "fisher"] = "auto"
     """weight: singular values of dW (needs only the checkpoints); input: of dW A^1/2, A the second moment of the
     module's inputs (its output error); fisher: of G^1/2 dW A^1/2 with the K-FAC Fisher factors of the fine-tuned
     model (the loss cost of dropping each direction, comparable across modules). input and fisher need calibration
-    records (the fine-tuning data)."""
+    records (the fine-tuning data). auto: fisher when calibration records are given, else weight (fisher ranked
+    modules' loss costs best and gave the closest adapters in BENCHMARKS.md's experiment)."""
     fisher_samples: int = Field(4, ge=1)
     """Monte-Carlo draws of labels from the fine-tuned model per record, for the Fisher factor G."""
     curvature_damping: float = Field(0.01, ge=0, allow_inf_nan=False)
@@ -216,6 +217,12 @@ class CurvatureSettings(Settings):
     """float64 factors held at once while collecting (GiB); more layers per pass over the calibration data."""
     calibration_batch_size: int = Field(8, ge=1)
     """Records per forward pass while collecting the factors."""
+
+    def resolved(self, has_calibration: bool) -> CurvatureSettings:
+        """These settings with ``spectrum`` "auto" made concrete: fisher with calibration records, else weight."""
+        if self.spectrum != "auto":
+            return self
+        return CurvatureSettings(**{**self.to_dict(), "spectrum": "fisher" if has_calibration else "weight"})
 
 
 class ExtractionSettings(Settings):
@@ -293,6 +300,11 @@ class LoRATrainingSettings(TrainingSettings):
     """Passes over the training records; one pass is the usual LoRA recipe."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak AdamW learning rate; LoRA recipes use 1e-4 to 3e-4, higher than full fine-tuning."""
+    init: Literal["warm", "cold"] = "warm"
+    """warm: start from the best adapter of the analysis' fine-tuned model at these ranks (the SVD warm start, with
+    the truncation the ranks were chosen by), found through the rank config or warm_start_from; cold: PEFT's init
+    (B = 0). warm measured better at every budget of BENCHMARKS.md's experiment; without a fine-tuned model to start
+    from it trains cold and says so."""
     quantization: Optional[Literal["4bit", "8bit"]] = None
     """Quantize the frozen base with bitsandbytes (QLoRA): 4bit = nf4 with double quantization, 8bit = LLM.int8."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)

@@ -20,7 +20,7 @@ from .finetune import prepare_examples, train_loop
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
 from .settings import LoRATrainingSettings
 
-__all__ = ["TrainResult", "train_dynamic_lora"]
+__all__ = ["TrainResult", "train_dynamic_lora", "warm_start_source"]
 
 
 @dataclass
@@ -37,6 +37,25 @@ class TrainResult:
     @property
     def trainable_share(self) -> float:
         return self.trainable_parameters / self.total_parameters
+
+
+def warm_start_source(rank_config: dict, warm_start_from: str | Path | None, init: str) -> Path | None:
+    """The fine-tuned model to extract a warm start from: ``warm_start_from`` when given, else the fine-tuned
+    checkpoint the rank config was analyzed from when it still exists; None for a cold start.
+
+    Raises:
+        LoraRanksError: ``warm_start_from`` given with ``init="cold"``.
+    """
+    from .errors import LoraRanksError
+
+    if init == "cold":
+        if warm_start_from is not None:
+            raise LoraRanksError(f"warm_start_from={str(warm_start_from)!r} asks for a warm start, but init is 'cold'")
+        return None
+    if warm_start_from is not None:
+        return Path(warm_start_from)
+    recorded = rank_config.get("analysis_metadata", {}).get("checkpoints", {}).get("finetuned", {}).get("path")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
 def train_dynamic_lora(

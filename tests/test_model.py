@@ -241,3 +241,21 @@ def test_extraction_of_a_config_without_weight_keys_maps_names(planted_pair, ran
     old.write_text(json.dumps(raw))
     assert extract_lora(*planted_pair, old, tmp_path / "a")["modules"] == \
         extract_lora(*planted_pair, rank_config_path, tmp_path / "b")["modules"]
+
+
+def test_warm_start_source_follows_the_rank_config(tmp_path):
+    """init warm: an explicit folder wins, else the config's recorded fine-tuned model while it exists; cold: none,
+    and an explicit folder with init cold is refused."""
+    from lora_ranks.errors import LoraRanksError
+    from lora_ranks.train import warm_start_source
+
+    finetuned = tmp_path / "ft"
+    finetuned.mkdir()
+    config = {"analysis_metadata": {"checkpoints": {"finetuned": {"path": str(finetuned)}}}}
+    assert warm_start_source(config, None, "warm") == finetuned
+    assert warm_start_source(config, tmp_path / "other", "warm") == tmp_path / "other"
+    assert warm_start_source(config, None, "cold") is None
+    finetuned.rmdir()
+    assert warm_start_source(config, None, "warm") is None  # the recorded model is gone: cold, with a warning
+    with pytest.raises(LoraRanksError, match="init is 'cold'"):
+        warm_start_source(config, tmp_path / "other", "cold")

@@ -112,6 +112,7 @@ def analyze_checkpoints(
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
     modules = [m for mods in layers.values() for m in mods]
+    curvature = curvature.resolved(calibration_data is not None)
     factors = None
     if curvature.spectrum != "weight":
         if calibration_data is None:

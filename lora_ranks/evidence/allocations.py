@@ -25,8 +25,10 @@ def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, i
 
 
 def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
-                       settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy()) -> dict[str, dict]:
-    """Rank configs for the comparison at (about) equal trainable parameters.
+                       settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy(),
+                       extra_metadata: Mapping | None = None) -> dict[str, dict]:
+    """Rank configs for the comparison at (about) equal trainable parameters (``extra_metadata`` is recorded in
+    each, e.g. the analysis' curvature record, so that extraction can use the matching truncation).
 
     "energy" uses ``settings`` (the method of the original design); "budget" water-fills exactly its
     parameter count; "uniform" takes the largest single rank that does not exceed it.
@@ -45,5 +47,6 @@ def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spect
     out = {}
     for label, allocs, used in (("uniform", uniform, settings), ("energy", energy, settings), ("budget", water, budget_settings)):
         out[label] = build_rank_config(allocs, used, base_parameters=base_parameters, alpha_policy=alpha_policy,
-                                       extra_metadata={"allocation": label, "budget_parameters": budget})
+                                       extra_metadata={**(extra_metadata or {}), "allocation": label,
+                                                       "budget_parameters": budget})
     return out

@@ -130,7 +130,8 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
     ``<out_dir>/<label>.json``; returns their paths by label."""
     config = load_rank_config(config_path)
     configs = allocation_configs(modules_from_config(config), load_spectra(spectra_files(svd_dir)),
-                                 config["base_parameters"], allocation_settings_of(config))
+                                 config["base_parameters"], allocation_settings_of(config),
+                                 extra_metadata={"curvature": config["analysis_metadata"].get("curvature", {})})
     return {label: str(save_rank_config(Path(out_dir) / f"{label}.json", cfg)) for label, cfg in configs.items()}
 
 
