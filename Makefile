@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test quick lint setup clean
+.PHONY: demo test quick lint setup clean interop
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ quick: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# llama.cpp as a real serving client of exported adapters (builds llama.cpp: ~6 minutes on 2 cores; not in CI).
+interop: $(STAMP)
+	$(BIN)/python -c "import llama_cpp, sentencepiece" 2>/dev/null || $(BIN)/pip install --quiet llama-cpp-python==0.3.36 sentencepiece
+	$(BIN)/python benchmarks/interop_llamacpp.py
 
 clean:
 	rm -rf outputs .prefect .pytest_cache .ruff_cache

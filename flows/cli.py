@@ -1,4 +1,4 @@
-"""The ``lora-ranks`` command line. Every subcommand but ``extract`` runs a Prefect flow.
+"""The ``lora-ranks`` command line. Every subcommand but ``extract`` and ``export`` runs a Prefect flow.
 
     lora-ranks demo                                  # whole pipeline on a tiny offline Qwen3
     lora-ranks analyze --base DIR --finetuned DIR --out DIR [--energy TAU ...]
@@ -6,6 +6,7 @@
     lora-ranks train --model DIR --lora-config FILE --data FILE --out DIR [--quantization 4bit]
     lora-ranks extract --base DIR --finetuned DIR --config FILE --out DIR     # plain library call, no Prefect
     lora-ranks compare --model DIR --data FILE --out DIR                      # the compare-allocations flow
+    lora-ranks export ADAPTER_DIR --out DIR [--format uniform|merged]         # plain library call, no Prefect
 
 The options of each subcommand are generated from the settings classes the flow takes (``flows/options.py``).
 Everything that can be checked before Prefect starts is: option values, the checkpoint pair's headers, the
@@ -33,6 +34,7 @@ from lora_ranks.settings import (
     AnalysisSettings,
     ComparisonSettings,
     CurvatureSettings,
+    ExportSettings,
     ExtractionSettings,
     FidelitySettings,
     FinetuneSettings,
@@ -52,6 +54,7 @@ class Input:
     help_key: str
     required: bool = True
     default: str | None = None
+    positional: bool = False  # ``flag`` is then the metavar (e.g. ADAPTER_DIR)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,11 @@ COMMANDS: dict[str, Command] = {
                 SettingsGroup(LoRATrainingSettings, "training", prefix="lora"),
                 SettingsGroup(ComparisonSettings, "comparison"), SettingsGroup(FidelitySettings, "fidelity"),
                 SettingsGroup(ExtractionSettings, "extraction"), SettingsGroup(SafetySettings, "safety"))),
+    "export": Command(
+        "write an adapter every server reads right: one uniform rank, or merged into the base",
+        inputs=(Input("ADAPTER_DIR", "adapter_dir", "source_adapter", positional=True),
+                Input("--out", "out_dir", "export_dir"), Input("--base", "base", "export_base", required=False)),
+        groups=(SettingsGroup(ExportSettings, "export"), _REMOTE_CODE)),
 }
 
 
@@ -128,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=command.help, description=command.help)
         for i in command.inputs:
             help = INPUT_HELP[i.help_key] + (f" (default: {i.default})" if i.default else "")
-            p.add_argument(i.flag, dest=i.param, required=i.required, default=i.default, help=help)
+            if i.positional:
+                p.add_argument(i.param, metavar=i.flag, help=help)
+            else:
+                p.add_argument(i.flag, dest=i.param, required=i.required, default=i.default, help=help)
         for i in command.flags:
             p.add_argument(i.flag, dest=i.param, action="store_true", help=INPUT_HELP[i.help_key])
         for group in command.groups:
@@ -182,6 +193,10 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.checkpoints import resolve_model_path
 
         resolve_model_path(inputs.get("model") or inputs["base_model"])
+    if command == "export":
+        from lora_ranks.export import check_export
+
+        check_export(inputs["adapter_dir"], settings["export"], inputs["base"])
     if command == "train":
         from lora_ranks.checkpoints import resolve_model_path
         from lora_ranks.config import check_config_matches_model, load_rank_config
@@ -228,13 +243,23 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         report = extract_lora(**inputs, allow_pickle=settings["safety"].allow_pickle, settings=settings["extraction"])
         return [f"Adapter:  {Path(inputs['out_dir']).resolve()}  ({len(report['modules'])} modules, {report['truncation']} "
                 f"truncation, relative error mean {report['mean_relative_error']:.4f}, "
-                f"max {report['max_relative_error']:.4f})"]
+                f"max {report['max_relative_error']:.4f})", *_serving_lines(report["serving_problems"], inputs["out_dir"])]
+    if command == "export":
+        from lora_ranks.export import export_adapter
+
+        report = export_adapter(inputs["adapter_dir"], inputs["out_dir"], settings["export"], inputs["base"],
+                                settings["safety"].trust_remote_code)
+        shape = f"rank {report['rank']}, global scale 1" if report["format"] == "uniform" else f"merged, {report['dtype']}"
+        lines = [f"Exported: {Path(inputs['out_dir']).resolve()}  ({shape}; {report['bytes_before']:,} bytes of adapter "
+                 f"-> {report['bytes_after']:,} bytes)"]
+        return lines + ([f"Note:     {report['note']}"] if report.get("note") else [])
     if command == "train":
         from flows.train_dynamic_lora import train_dynamic_lora_flow
 
         result = train_dynamic_lora_flow(**inputs, **settings)
         return [f"Adapter:  {result.adapter_dir}", f"Metrics:  {result.metrics_path}",
-                f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)"]
+                f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)",
+                *_serving_lines(result.serving_problems, result.adapter_dir)]
     if command == "compare":
         from flows.compare_allocations import compare_allocations
 
@@ -244,6 +269,15 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     result = preliminary_finetune(**inputs, **settings)
     return [f"Pretrained: {result.pretrained_dir}", f"Fine-tuned: {result.finetuned_dir}",
             f"Metrics:    {result.metrics_path}"]
+
+
+def _serving_lines(problems: dict[str, str], adapter_dir) -> list[str]:
+    """What the user must know before serving a heterogeneous adapter (also in the adapter's README.md)."""
+    if not problems:
+        return []
+    lines = [f"Serving:  {server} {problem}" for server, problem in problems.items()]
+    return lines + [f"          exact copy for every server: lora-ranks export {Path(adapter_dir).resolve()} "
+                    f"--out {Path(adapter_dir).resolve()}-uniform"]
 
 
 def _quiet_prefect_exit() -> None:

@@ -22,6 +22,7 @@ from ._io import atomic_folder, atomic_write_json
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, modules_from_config
 from .errors import list_problems
+from .export import note_serving
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
 from .spectra.weighted import weighted_truncation_factors
@@ -92,7 +93,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     """
     from safetensors.torch import save_file
 
-    from .model import DynamicLoRAConfig  # imports torch only; PEFT stays unimported
+    from .model import DynamicLoRAConfig
 
     start = time.perf_counter()
     config = DynamicLoRAConfig(load_rank_config(rank_config_path), lora_dropout=0.0, source=str(rank_config_path))
@@ -126,6 +127,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
         atomic_write_json(tmp / "adapter_config.json", config.adapter_config(str(pair.base.root)))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
+        report["serving_problems"] = note_serving(tmp, {"made_by": "extract", "base": str(pair.base.root),
+                                                        "finetuned": str(pair.finetuned.root)}, out_dir)
         atomic_write_json(tmp / "extraction_report.json", report)
     return report
 

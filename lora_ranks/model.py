@@ -246,12 +246,18 @@ def load_peft_checkpoint(model_name: str | Path, adapter_dir: str | Path, *, qua
     return model, tokenizer
 
 
-def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = None) -> Path:
+def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = None,
+                 provenance: Mapping[str, Any] | None = None) -> Path:
     """``save_pretrained`` into a folder that replaces ``out_dir`` only once complete (see ``atomic_folder``); the
-    rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it."""
+    rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it, and ``provenance`` (how
+    it was made) is recorded; servers that would mis-serve the adapter are named in its README
+    (``export.note_serving``)."""
+    from .export import note_serving
+
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
         model.save_pretrained(str(tmp))
         if config is not None:
             atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
+        note_serving(tmp, {"made_by": "lora-ranks", **(provenance or {})}, out)
     return out

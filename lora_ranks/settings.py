@@ -56,6 +56,9 @@ INPUT_HELP: dict[str, str] = {
     "warm_start_from": "Fine-tuned model to warm-start LoRA training from (default: the one the rank config was "
                        "analyzed from)",
     "adapter_dir": "Output folder of the PEFT adapter",
+    "source_adapter": "Saved PEFT LoRA adapter folder (from extract or train)",
+    "export_dir": "Output folder of the exported adapter, or of the merged model",
+    "export_base": "Base model to merge into (default: the adapter's base_model_name_or_path)",
     "refresh": "Recompute every layer even when a cached result exists",
 }
 
@@ -234,6 +237,28 @@ class ExtractionSettings(Settings):
     the rank config was made from an input or fisher spectrum, else weight."""
 
 
+#: The LoRA ranks servers preallocate for (vLLM's ``max_lora_rank`` choices); a uniform export uses one of them.
+SERVING_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ExportSettings(Settings):
+    """How a heterogeneous-rank adapter is exported for servers that ignore PEFT's rank and alpha patterns."""
+
+    format: Literal["uniform", "merged"] = "uniform"
+    """uniform: every module zero-padded to one serving rank with its scale folded into B, global scale 1 (exact,
+    read right by vLLM, SGLang, LoRAX/TGI and llama.cpp); merged: a full model folder with the adapter merged in."""
+    rank: Optional[int] = None
+    """The uniform export's rank R, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 and at least the largest module
+    rank; empty: the smallest one that fits."""
+
+    @field_validator("rank")
+    @classmethod
+    def _serving_rank(cls, rank: Optional[int]) -> Optional[int]:
+        if rank is not None and rank not in SERVING_RANKS:
+            raise ValueError(f"rank={rank} is not a serving rank; allowed: {', '.join(map(str, SERVING_RANKS))}")
+        return rank
+
+
 class SafetySettings(Settings):
     """Opt-ins that weaken the safe defaults; both are off."""
 
@@ -342,6 +367,6 @@ class ComparisonSettings(Settings):
 
 #: Every settings class, for tools that walk all options (the CLI generator and its tests).
 SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings,
-                                                 ExtractionSettings, SafetySettings,
+                                                 ExtractionSettings, ExportSettings, SafetySettings,
                                                  FinetuneSettings, LoRATrainingSettings, FidelitySettings,
                                                  ComparisonSettings)

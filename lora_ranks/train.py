@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_json
+from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
 from .settings import LoRATrainingSettings
@@ -33,6 +34,9 @@ class TrainResult:
     total_parameters: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    serving_problems: dict[str, str] = field(default_factory=dict)
+    """Server -> how it would mis-serve the adapter (``export.serving_problems``); empty when every server reads it
+    right."""
 
     @property
     def trainable_share(self) -> float:
@@ -100,7 +104,8 @@ def train_dynamic_lora(
                                   progress=progress, desc="dynamic LoRA")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    adapter_dir = save_adapter(model, out / "adapter", config)
+    adapter_dir = save_adapter(model, out / "adapter", config,
+                               {"made_by": "train", "base": str(model_name), "quantization": settings.quantization})
     metrics = {
         "model": str(model_name), "rank_config": str(rank_config_path), "data": str(data_path),
         "quantization": settings.quantization, "init_from": str(init_from) if init_from else None,
@@ -110,4 +115,5 @@ def train_dynamic_lora(
         "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start,
     }
     metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
-    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"])
+    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
+                       serving_problems(read_adapter(adapter_dir)))

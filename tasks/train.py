@@ -15,6 +15,8 @@ def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir:
                       settings: ExtractionSettings = ExtractionSettings()) -> str:
     """The best adapter of the full fine-tune at the configured ranks (used as a warm start)."""
     report = extract_lora(base, finetuned, rank_config_path, out_dir, allow_pickle=allow_pickle, settings=settings)
+    for server, problem in report["serving_problems"].items():
+        get_run_logger().warning("Serving: %s %s (see %s/README.md)", server, problem, out_dir)
     get_run_logger().info("Extracted %d modules to %s (%s truncation): mean relative error %.4f, max %.4f",
                           len(report["modules"]), out_dir, report["truncation"], report["mean_relative_error"],
                           report["max_relative_error"])
@@ -31,4 +33,7 @@ def train_dynamic_lora_task(model: str, rank_config_path: str, data_path: str, o
                                 on_step=step_logger(logger), trust_remote_code=trust_remote_code)
     logger.info("Trainable parameters: %s of %s (%.3f%%); adapter saved to %s", f"{result.trainable_parameters:,}",
                 f"{result.total_parameters:,}", 100 * result.trainable_share, result.adapter_dir)
+    for server, problem in result.serving_problems.items():
+        logger.warning("Serving: %s %s; `lora-ranks export %s --out %s-uniform` writes an exact copy every server "
+                       "reads right (see the adapter's README.md)", server, problem, result.adapter_dir, result.adapter_dir)
     return result

@@ -97,6 +97,19 @@ def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
     model, _ = load_peft_checkpoint(base, result.adapter_dir)
     assert lora_ranks_of(model) == config.ranks
 
+    # Serving: the trained adapter says which servers would mis-serve it; the export-adapter flow fixes that.
+    from flows.export_adapter import export_adapter_flow
+    from lora_ranks.export import read_adapter, serving_problems
+    from lora_ranks.settings import ExportSettings
+
+    assert "llama.cpp" in result.serving_problems
+    assert "lora-ranks export" in (Path(result.adapter_dir) / "README.md").read_text()
+    uniform = export_adapter_flow(adapter_dir=result.adapter_dir, output_dir=str(tmp_path / "uniform"))
+    assert uniform["rank"] >= max(config.ranks.values()) and serving_problems(read_adapter(tmp_path / "uniform")) == {}
+    merged = export_adapter_flow(adapter_dir=result.adapter_dir, output_dir=str(tmp_path / "merged"),
+                                 export=ExportSettings(format="merged"))
+    assert merged["format"] == "merged" and (tmp_path / "merged" / "tokenizer.json").is_file()
+
 
 def test_compare_allocations_flow(prefect_harness, tmp_path):
     from flows.compare_allocations import compare_allocations

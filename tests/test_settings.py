@@ -13,11 +13,12 @@ from lora_ranks.settings import SETTINGS_CLASSES, AllocationSettings, FinetuneSe
 
 def _flows():
     from flows.compare_allocations import compare_allocations
+    from flows.export_adapter import export_adapter_flow
     from flows.preliminary_finetune import preliminary_finetune
     from flows.svd_analysis import svd_analysis
     from flows.train_dynamic_lora import train_dynamic_lora_flow
 
-    return [svd_analysis, preliminary_finetune, train_dynamic_lora_flow, compare_allocations]
+    return [svd_analysis, preliminary_finetune, train_dynamic_lora_flow, compare_allocations, export_adapter_flow]
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -78,9 +79,10 @@ def test_every_settings_field_reaches_the_cli_and_a_flow_with_one_default_and_he
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_no_options_give_the_settings_defaults(command, tmp_path):
     inputs = {"--base": "b", "--finetuned": "f", "--out": str(tmp_path), "--model": "m", "--data": "d",
-              "--lora-config": "c", "--config": "c"}
+              "--lora-config": "c", "--config": "c", "ADAPTER_DIR": "a"}
     spec = COMMANDS[command]
-    argv = [command] + [x for i in spec.inputs if i.required for x in (i.flag, inputs[i.flag])]
+    argv = [command] + [x for i in spec.inputs if i.required
+                        for x in ((inputs[i.flag],) if i.positional else (i.flag, inputs[i.flag]))]
     args = build_parser().parse_args(argv)
     for group in spec.groups:
         assert settings_from_args(args, group) == group.cls()

@@ -1,0 +1,368 @@
+"""Stage 6: adapters that every server reads right.
+
+Per-module ranks reach PEFT through ``rank_pattern`` / ``alpha_pattern``; PEFT honours both, most servers do not
+(read from their sources, 2026-11; ``SERVERS`` below): vLLM applies one global scale ``lora_alpha / r`` to every
+module, llama.cpp scales each tensor by ``lora_alpha / rank_of_that_tensor``, SGLang, LoRAX and TGI reject ranks
+that differ. Two exports are served right everywhere:
+
+- **uniform**: every module zero-padded to one rank R, its own scale folded into B, and one global scale of 1
+  (``r = lora_alpha = R``, ``use_rslora = false``, empty patterns). Exact: with A' = [A; 0] (R x d_in) and
+  B' = [s_i B, 0] (d_out x R), B'A' = s_i BA (up to one rounding of s_i B in the adapter's dtype).
+- **merged**: W + s_i B A written into a copy of the base model (safetensors, sharded like the base).
+
+    report = export_adapter("outputs/train/adapter", "outputs/export", ExportSettings(format="uniform"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_folder, atomic_write_json
+from .errors import LoraRanksError, list_problems
+from .settings import SERVING_RANKS, ExportSettings
+
+__all__ = ["AdapterError", "LoRAModule", "Adapter", "read_adapter", "serving_problems", "serving_readme",
+           "served_scales", "note_serving", "check_export", "export_uniform", "export_merged", "export_adapter", "SERVERS"]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROVENANCE = "lora_ranks_adapter.json"  # how the adapter was made (extract / train, quantization of the base)
+_PREFIX = "base_model.model."
+
+# How each server scales and stores a PEFT LoRA (what ``serving_problems`` checks).
+SERVERS = {
+    "vLLM": "one global scale lora_alpha / r (or / sqrt(r) with use_rslora) for every module; "
+            f"max_lora_rank one of {', '.join(map(str, SERVING_RANKS))}",
+    "llama.cpp": "each tensor scaled by lora_alpha / its own rank (alpha_pattern and use_rslora dropped)",
+    "SGLang": "buffers sized from the global r: every module must have rank r",
+    "LoRAX / TGI": "each module type stacked across layers: its rank must not differ across layers",
+}
+
+
+class AdapterError(LoraRanksError):
+    """An adapter folder that cannot be read or exported as asked."""
+
+
+@dataclass
+class LoRAModule:
+    """One adapted module: ``lora_A`` (r, d_in), ``lora_B`` (d_out, r), in the adapter's dtype; ``scale`` is what
+    PEFT multiplies B A by (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+
+    name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    alpha: float
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the adapted weight."""
+        return int(self.lora_B.shape[0]), int(self.lora_A.shape[1])
+
+    @property
+    def kind(self) -> str:
+        """The module type (``q_proj``, ``down_proj``, ...)."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Adapter:
+    """A saved PEFT LoRA adapter: its ``adapter_config.json`` and its modules by name (names as in the base model)."""
+
+    folder: Path
+    config: dict[str, Any]
+    modules: dict[str, LoRAModule]
+    bytes: int
+    provenance: dict[str, Any]
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: m.rank for n, m in self.modules.items()}
+
+
+def read_adapter(folder: str | Path) -> Adapter:
+    """Read and check a PEFT LoRA adapter folder (safetensors only).
+
+    Every module's tensors must be present in pairs, with ``lora_A.shape[0] == lora_B.shape[1]`` equal to the rank
+    ``adapter_config.json`` gives it (through ``rank_pattern`` as PEFT matches it).
+
+    Raises:
+        AdapterError: no such folder, no ``adapter_config.json`` or weights, not a LoRA, DoRA or extra trained
+            tensors (not exportable), or weights that do not match the config's ranks (every problem listed).
+    """
+    from peft.utils.other import get_pattern_key
+    from safetensors import safe_open
+
+    root = Path(folder)
+    config_path, weights_path = root / "adapter_config.json", root / ADAPTER_WEIGHTS
+    if not root.is_dir():
+        raise AdapterError(f"{root}: no such adapter folder")
+    if not config_path.is_file():
+        raise AdapterError(f"{root} has no adapter_config.json; is it a saved PEFT adapter?")
+    if not weights_path.is_file():
+        found = "adapter_model.bin (pickle, not read for safety)" if (root / "adapter_model.bin").is_file() else "none"
+        raise AdapterError(f"{root} has no {ADAPTER_WEIGHTS} (weights found: {found})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: a DoRA adapter (use_dora true) has magnitude vectors that no zero-padding "
+                           "or global scale can carry; it cannot be exported")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # a truncated or foreign file: safetensors' own message says what
+        raise AdapterError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.endswith(suffix):
+                pairs.setdefault(key.removeprefix(_PREFIX).removesuffix(suffix), {})[part] = tensor
+                break
+        else:
+            problems.append(f"{key}: not a lora_A/lora_B weight (modules_to_save, biases or embeddings are not exported)")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    modules = {}
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            problems.append(f"{name}: has {', '.join(pair)} but not both lora_A and lora_B")
+            continue
+        a, b = pair["lora_A"], pair["lora_B"]
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", 8))
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a LoRA")
+        elif a.shape[0] != r:
+            problems.append(f"{name}: weights have rank {a.shape[0]} but adapter_config.json gives rank {r}")
+        else:
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            modules[name] = LoRAModule(name, a, b, float(alpha), float(scale))
+    if not pairs:
+        problems.append(f"{ADAPTER_WEIGHTS} holds no LoRA weights")
+    if problems:
+        raise AdapterError(list_problems(str(root), problems))
+    provenance_path = root / PROVENANCE
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    return Adapter(root, config, modules, weights_path.stat().st_size, provenance)
+
+
+def served_scales(adapter: Adapter, server: str) -> dict[str, float]:
+    """The scale each module gets on ``server`` ("PEFT", "vLLM" or "llama.cpp"), by the rule in ``SERVERS``."""
+    config = adapter.config
+    if server == "PEFT":
+        return {n: m.scale for n, m in adapter.modules.items()}
+    if server == "vLLM":
+        r = config.get("r", 8)
+        scale = config.get("lora_alpha", 8) / (math.sqrt(r) if config.get("use_rslora") else r)
+        return {n: scale for n in adapter.modules}
+    if server == "llama.cpp":
+        return {n: config.get("lora_alpha", 8) / m.rank for n, m in adapter.modules.items()}
+    raise ValueError(f"served_scales: unknown server {server!r} (PEFT, vLLM or llama.cpp)")
+
+
+def serving_problems(adapter: Adapter, rel_tol: float = 1e-6) -> dict[str, str]:
+    """Server -> what goes wrong when it serves this adapter (servers that serve it right are left out)."""
+    out = {}
+    for server in ("vLLM", "llama.cpp"):
+        wrong = [n for n, s in served_scales(adapter, server).items()
+                 if not math.isclose(s, adapter.modules[n].scale, rel_tol=rel_tol)]
+        if wrong:
+            out[server] = (f"mis-scales {len(wrong)} of {len(adapter.modules)} modules (e.g. {wrong[0]}: "
+                           f"{served_scales(adapter, server)[wrong[0]]:.4g} instead of {adapter.modules[wrong[0]].scale:.4g})")
+    r = adapter.config.get("r", 8)
+    off = [n for n, m in adapter.modules.items() if m.rank != r]
+    if off:
+        out["SGLang"] = (f"rejects it: {len(off)} modules differ from the global r={r} "
+                         f"(e.g. {off[0]}: {adapter.modules[off[0]].rank})")
+    by_kind: dict[str, set[int]] = {}
+    for m in adapter.modules.values():
+        by_kind.setdefault(m.kind, set()).add(m.rank)
+    mixed = sorted(k for k, ranks in by_kind.items() if len(ranks) > 1)
+    if mixed:
+        out["LoRAX / TGI"] = f"reject it: ranks differ across layers for {', '.join(mixed)}"
+    return out
+
+
+def serving_readme(adapter: Adapter, problems: dict[str, str], folder: str | Path | None = None) -> str:
+    """The README section saved with an adapter that some servers would get wrong (``folder``: where the adapter
+    will be, for the export command; default: where it is)."""
+    folder = folder or adapter.folder
+    lines = ["## Serving this adapter", "",
+             f"Per-module ranks {min(adapter.ranks.values())}-{max(adapter.ranks.values())} and scales are exact in PEFT "
+             "(`PeftModel.from_pretrained`). These servers would get it wrong:", ""]
+    lines += [f"- **{server}**: {problem}." for server, problem in problems.items()]
+    lines += ["", "Export a copy every server reads right (zero-padded to one serving rank, scales folded in; exact):",
+              "", "```", f"lora-ranks export {folder} --out {folder}-uniform --format uniform",
+              "```", "", "or merge it into the base model (`--format merged`).", ""]
+    return "\n".join(lines)
+
+
+def note_serving(folder: str | Path, provenance: dict[str, Any], final_folder: str | Path | None = None) -> dict[str, str]:
+    """While saving an adapter into ``folder`` (a staging folder that becomes ``final_folder``): record how it was
+    made, and when servers would get it wrong, say so in its README (appended to PEFT's model card if there is
+    one). Returns the problems by server (empty when none)."""
+    root = Path(folder)
+    atomic_write_json(root / PROVENANCE, provenance)
+    adapter = read_adapter(root)
+    problems = serving_problems(adapter)
+    if problems:
+        readme = root / "README.md"
+        before = readme.read_text() + "\n" if readme.is_file() else ""
+        readme.write_text(before + serving_readme(adapter, problems, Path(final_folder or folder).resolve()))
+    return problems
+
+
+def _serving_rank(adapter: Adapter, rank: int | None) -> int:
+    largest = max(adapter.ranks.values())
+    if rank is None:
+        fits = [r for r in SERVING_RANKS if r >= largest]
+        if not fits:
+            raise AdapterError(f"{adapter.folder}: largest module rank {largest} is above every serving rank "
+                               f"({SERVING_RANKS[-1]} at most); merge it instead (--format merged)")
+        return fits[0]
+    if rank < largest:
+        name = max(adapter.ranks, key=adapter.ranks.get)
+        raise AdapterError(f"--rank {rank} is below the largest module rank {largest} ({name})")
+    return rank
+
+
+def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | None = None) -> dict[str, Any]:
+    """Write ``adapter_dir`` as a uniform-rank adapter in ``out_dir`` (see the module docstring); returns the report.
+
+    Args:
+        rank: the exported rank R (one of ``SERVING_RANKS``, at least the largest module rank); None: the smallest
+            serving rank that fits.
+    """
+    from safetensors.torch import save_file
+
+    adapter = read_adapter(adapter_dir)
+    R = _serving_rank(adapter, rank)
+    tensors = {}
+    for name, m in adapter.modules.items():
+        d_out, d_in = m.shape
+        a = torch.zeros(R, d_in, dtype=m.lora_A.dtype)
+        b = torch.zeros(d_out, R, dtype=m.lora_B.dtype)
+        a[: m.rank] = m.lora_A
+        b[:, : m.rank] = (m.lora_B.double() * m.scale).to(m.lora_B.dtype)  # the global scale is 1
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    config = {**adapter.config, "r": R, "lora_alpha": R, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    report = {"format": "uniform", "source": str(adapter.folder), "rank": R, "global_scale": 1.0,
+              "source_ranks": adapter.ranks, "source_scales": {n: m.scale for n, m in adapter.modules.items()},
+              "bytes_before": adapter.bytes}
+    with atomic_folder(out_dir) as tmp:
+        atomic_write_json(tmp / "adapter_config.json", config)
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        report["bytes_after"] = (tmp / ADAPTER_WEIGHTS).stat().st_size
+        atomic_write_json(tmp / "export_report.json", report)
+        atomic_write_json(tmp / PROVENANCE, {**adapter.provenance, "exported_from": str(adapter.folder),
+                                             "export": "uniform"})
+    return report
+
+
+def _check_base_shapes(adapter: Adapter, model: torch.nn.Module) -> None:
+    """Every adapted module exists in the base model as a linear layer of the adapter's shape."""
+    layers = dict(model.named_modules())
+    problems = []
+    for name, m in adapter.modules.items():
+        layer = layers.get(name)
+        if layer is None or not hasattr(layer, "in_features"):
+            problems.append(f"{name}: not a linear module of the base model")
+        elif (layer.out_features, layer.in_features) != m.shape:
+            problems.append(f"{name}: adapter is {m.shape[0]}x{m.shape[1]} but the base's weight is "
+                            f"{layer.out_features}x{layer.in_features}")
+    if problems:
+        raise AdapterError(list_problems(f"{adapter.folder} does not fit the base model (an adapter for another base?)",
+                                         problems))
+
+
+def _shard_bytes(base_dir: Path) -> int:
+    """The largest shard of the base (so the merged model is sharded like it)."""
+    return max(p.stat().st_size for p in base_dir.glob("*.safetensors"))
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
+                  trust_remote_code: bool = False) -> dict[str, Any]:
+    """Merge the adapter into its base (W + s_i B A per module) and write the full model to ``out_dir``.
+
+    The base loads unquantized in its stored dtype (an adapter trained on a 4/8-bit base is merged into the
+    full-precision weights that base was quantized from: the report says so); shards are no larger than the base's
+    largest; every non-weight file of the base folder (tokenizer, processor, templates) is copied.
+    """
+    from peft import PeftModel
+
+    from .loading import load_model
+
+    start = time.perf_counter()
+    adapter = read_adapter(adapter_dir)
+    base_dir, meta = _meta_base(adapter, base)
+    _check_base_shapes(adapter, meta)
+    model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
+    quantized = adapter.provenance.get("quantization")
+    report = {"format": "merged", "source": str(adapter.folder), "base": str(base_dir),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "bytes_before": adapter.bytes,
+              "note": (f"trained on a {quantized}-quantized base; merged into the full-precision weights it was "
+                       "quantized from (outputs differ from the quantized training model by the quantization error)"
+                       if quantized else None)}
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(str(tmp), max_shard_size=_shard_bytes(base_dir))
+        for f in base_dir.iterdir():
+            if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") \
+                    and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        report["bytes_after"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        report["seconds"] = time.perf_counter() - start
+        atomic_write_json(tmp / "export_report.json", report)
+    return report
+
+
+def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSettings(),
+                 base: str | Path | None = None) -> Adapter:
+    """Everything ``export_adapter`` would refuse, checked without writing (the CLI runs it first): the adapter
+    folder, the rank (uniform) or the base and its shapes from its config alone (merged). Returns the adapter."""
+    adapter = read_adapter(adapter_dir)
+    if settings.format == "uniform":
+        _serving_rank(adapter, settings.rank)
+    else:
+        if settings.rank is not None:
+            raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
+        _check_base_shapes(adapter, _meta_base(adapter, base)[1])
+    return adapter
+
+
+def _meta_base(adapter: Adapter, base: str | Path | None):
+    """(base folder, the base model on the meta device) of an adapter, ``base`` overriding its recorded one."""
+    from .checkpoints import build_meta_model, resolve_model_path
+
+    base = base or adapter.config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter.folder}/adapter_config.json names no base model: give --base")
+    base_dir = resolve_model_path(base)
+    return base_dir, build_meta_model(base_dir)
+
+
+def export_adapter(adapter_dir: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings(),
+                   base: str | Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``export_uniform`` or ``export_merged`` as ``settings.format`` says; returns the report."""
+    check_export(adapter_dir, settings, base)
+    if settings.format == "merged":
+        return export_merged(adapter_dir, out_dir, base, trust_remote_code)
+    return export_uniform(adapter_dir, out_dir, settings.rank)
