@@ -435,3 +435,22 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
     assert modules_meta[name]["spectrum"] == "weight" and "never ran" in modules_meta[name]["fallback"]
     assert modules_meta["model.layers.1.mlp.up_proj"]["spectrum"] == "fisher"
     assert list(again["analysis_metadata"]["fallback_modules"]) == [name]
+
+
+def test_weighted_truncation_factors_are_balanced():
+    """Same product as the obvious split G^-1/2 U sqrt(S), sqrt(S) V^T A^-1/2, but with B^T B = A A^T diagonal and equal
+    (the SVD split, like the plain truncated SVD's), even when G is tiny (gradient second moments) and A ill-conditioned."""
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(10, 7, generator=gen, dtype=torch.float64)
+    g = 1e-8 * (_psd(10, 10, 5) + 0.1 * torch.eye(10, dtype=torch.float64))
+    a = _psd(7, 7, 4) + 1e-3 * torch.eye(7, dtype=torch.float64)
+    out_root, in_root = symmetric_root(g, 10, 0.0), symmetric_root(a, 7, 0.0)
+    lora_a, lora_b, _ = weighted_truncation_factors(delta, 3, 2.0, output_root=out_root, input_root=in_root)
+    lora_a, lora_b = lora_a.double(), lora_b.double()
+    m = _sqrtm(g) @ delta @ _sqrtm(a)
+    u, s, vh = torch.linalg.svd(m)
+    obvious = torch.linalg.inv(_sqrtm(g)) @ u[:, :3] @ torch.diag(s[:3]) @ vh[:3] @ torch.linalg.inv(_sqrtm(a))
+    assert torch.allclose(2.0 * lora_b @ lora_a, obvious, rtol=1e-5, atol=1e-6 * float(obvious.abs().max()))
+    gram_b, gram_a = lora_b.T @ lora_b, lora_a @ lora_a.T
+    assert torch.allclose(gram_b, gram_a, rtol=1e-5, atol=1e-7 * float(gram_b.abs().max()))
+    assert torch.allclose(gram_b, torch.diag(torch.diagonal(gram_b)), atol=1e-5 * float(gram_b.abs().max()))
