@@ -178,7 +178,7 @@ def main() -> None:
              f"llama-cpp-python {llama_cpp.__version__}, GGUF f32, {len(tokens)} tokens)", "",
              "max |llama.cpp logit - PEFT logit| / max |PEFT logit| on the same tokens; adapter effect: the same "
              f"measure between PEFT with and without the adapter. Match: <= {MATCH:g}.", "",
-             "| model | llama.cpp vs PEFT | adapter effect | export predicts mis-scaling | matches |",
+             "| adapter | llama.cpp vs PEFT | adapter effect | `serving_problems` predicts llama.cpp mis-scales it | matches |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['relative_difference']:.2e} | {r['adapter_effect']:.2f} | "
               f"{'yes' if r['predicted_mis_scaled'] else 'no'} | {'yes' if r['matches'] else 'NO'} |" for r in rows]
