@@ -414,9 +414,10 @@ def summarize(out: Path, args, analysis, allocations, fidelity, sensitivity, run
     uniform_excess = {row["budget_rank"]: row["excess"] for row in fidelity["rows"]
                       if row["method"] == "uniform" and row["truncation"] == "weight"}
     for row in sorted(fidelity["rows"], key=lambda x: (x["budget_rank"], x["method"], x["truncation"])):
-        ratio = row["excess"] / uniform_excess[row["budget_rank"]] if row["budget_rank"] in uniform_excess else float("nan")
+        ratio = (f"{row['excess'] / uniform_excess[row['budget_rank']]:.2f}" if row["budget_rank"] in uniform_excess
+                 else "—")  # the signal rule has a budget of its own
         lines.append(f"| {row['budget_rank'] or 'signal'} | {row['parameters']:,} | {row['method']} | {row['truncation']} | "
-                     f"{row['kl']:.4f} | {ratio:.2f} |")
+                     f"{row['kl']:.4f} | {ratio} |")
     plot = write_sensitivity_plot(out, sensitivity)
     lines += ["", "**Comparability** (each module truncated alone to rank 2, KL on 64 held-out records; Spearman of "
               "predicted vs measured KL over "
@@ -437,7 +438,8 @@ def summarize(out: Path, args, analysis, allocations, fidelity, sensitivity, run
                                                           - allocations["parameters"][("signal", 0)]))
             reference_key = (r if r else closest, "uniform", True, "weight")
             reference = [g["held_out_loss"] for g in sorted(by_key[reference_key], key=lambda g: g["seed"])]
-            comparison = paired_comparison(losses, reference) if (r, method, warm, truncation) != reference_key else None
+            paired = (r, method, warm, truncation) != reference_key and len(losses) >= 2  # a test needs 2+ seeds
+            comparison = paired_comparison(losses, reference) if paired else None
             lines.append(f"| {r or 'signal'} | {method} | {'warm' if warm else 'cold'} | {truncation} | "
                          f"{group[0]['trainable_parameters']:,} | {mean:.4f} ± {std:.4f} | "
                          + (f"{comparison['mean']:+.4f} ± {comparison['std']:.4f} | {comparison['t']:.2f} | "

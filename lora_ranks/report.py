@@ -246,6 +246,7 @@ def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict])
                        color=cmap(layers.index(r["layer"]) / max(1, len(layers) - 1)), s=14)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a narrow log range overlap
         ax.set_xlabel("predicted (discarded energy)" if kind != "fisher" else "predicted KL (Fisher)", fontsize=8)
         ax.set_ylabel("measured KL, nats/token", fontsize=8)
         ax.set_title(f"{kind}: Spearman {sensitivity[kind]['spearman']:.2f}", fontsize=9)
