@@ -224,7 +224,7 @@ def note_serving(folder: str | Path, provenance: dict[str, Any], final_folder: s
     problems = serving_problems(adapter)
     if problems:
         readme = root / "README.md"
-        before = readme.read_text() + "\n" if readme.is_file() else ""
+        before = readme.read_text().rstrip() + "\n\n" if readme.is_file() else ""
         readme.write_text(before + serving_readme(adapter, problems, Path(final_folder or folder).resolve()))
     return problems
 
