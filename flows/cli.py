@@ -1,6 +1,6 @@
 """The ``lora-ranks`` command line. Every subcommand but ``extract`` and ``export`` runs a Prefect flow.
 
-    lora-ranks demo                                  # whole pipeline on a tiny offline Qwen3
+    lora-ranks demo [--vl]                           # whole pipeline on a tiny offline Qwen3 (or Qwen2.5-VL)
     lora-ranks analyze --base DIR --finetuned DIR --out DIR [--energy TAU ...]
     lora-ranks finetune --model DIR --data FILE --out DIR
     lora-ranks train --model DIR --lora-config FILE --data FILE --out DIR [--quantization 4bit]
@@ -43,6 +43,7 @@ from lora_ranks.settings import (
 )
 
 DEMO_OUT = "outputs/demo"
+DEMO_VL_OUT = "outputs/demo-vl"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "run svd-analysis end to end on a tiny offline Qwen3 and synthetic data",
         inputs=(Input("--out", "output_dir", "output_dir", required=False, default=DEMO_OUT),),
-        groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune"), SettingsGroup(FidelitySettings, "fidelity"))),
+        groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune"), SettingsGroup(FidelitySettings, "fidelity")),
+        flags=(Input("--vl", "vl", "vl", required=False),)),
     "analyze": Command(
         "ranks from an existing pretrained/fine-tuned pair (no fine-tuning)",
         inputs=(Input("--base", "base_model", "base_model"), Input("--finetuned", "finetuned_model", "finetuned_model"),
@@ -215,17 +217,21 @@ def _check_calibration(model_dir, data_path, settings: dict) -> None:
 
     from lora_ranks.analysis import calibration_examples
     from lora_ranks.curvature import CalibrationError
+    from lora_ranks.loading import load_image_processor
 
     curvature = settings["curvature"]
     if data_path is None:
         raise CalibrationError(f"--spectrum {curvature.spectrum} needs calibration records: give --data (the "
                                "fine-tuning data)")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    calibration_examples(data_path, tokenizer, settings["finetune"], curvature.min_calibration_tokens)
+    calibration_examples(data_path, tokenizer, settings["finetune"], curvature.min_calibration_tokens,
+                         load_image_processor(model_dir))
 
 
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     """Run the subcommand's flow (or library call); returns the lines that say where the results are."""
+    if command == "demo" and inputs.pop("vl"):
+        return _vl_demo(inputs["output_dir"] if inputs["output_dir"] != DEMO_OUT else DEMO_VL_OUT, settings)
     if command in ("demo", "analyze"):
         from flows.svd_analysis import svd_analysis
 
@@ -269,6 +275,26 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     result = preliminary_finetune(**inputs, **settings)
     return [f"Pretrained: {result.pretrained_dir}", f"Fine-tuned: {result.finetuned_dir}",
             f"Metrics:    {result.metrics_path}"]
+
+
+def _vl_demo(output_dir: str, settings: dict) -> list[str]:
+    """The vision-language demo: svd-analysis on a tiny Qwen2.5-VL with synthetic image tasks (fine-tune, spectra,
+    rank config), then a short dynamic-LoRA training run on the same image records."""
+    from flows.svd_analysis import svd_analysis
+    from flows.train_dynamic_lora import train_dynamic_lora_flow
+    from lora_ranks.config import load_rank_config
+    from lora_ranks.synthetic import DEMO_VL_MODEL
+
+    config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, **settings)
+    config = load_rank_config(config_path)
+    out = Path(output_dir).resolve()
+    data = out / "demo_inputs" / "vl-data" / "vl.jsonl"
+    result = train_dynamic_lora_flow(model=config["analysis_metadata"]["checkpoints"]["pretrained"]["path"],
+                                     rank_config=config_path, data_path=str(data), output_dir=str(out / "train"),
+                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))
+    return [f"Rank config:        {config_path}", f"Plots:              {out / 'analysis_outputs' / 'svd' / 'plots'}",
+            f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
+            f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]
 
 
 def _serving_lines(problems: dict[str, str], adapter_dir) -> list[str]:

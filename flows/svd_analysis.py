@@ -1,7 +1,8 @@
 """Flow ``svd-analysis``: checkpoint pair -> per-layer spectra -> lora_rank_config.json + plots.
 
 Steps:
-    1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"``;
+    1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"`` (or
+       ``"demo:tiny-qwen25-vl"``, the vision-language demo);
     2. with an input or fisher spectrum, check the calibration records (the fine-tuning data) before fine-tuning;
     3. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
     4. preflight the pair (every problem its headers show, in one error), discover target modules by layer and
@@ -43,7 +44,7 @@ from lora_ranks.settings import (  # noqa: E402
     FinetuneSettings,
     SafetySettings,
 )
-from lora_ranks.synthetic import DEMO_MODEL, demo_finetune_settings  # noqa: E402
+from lora_ranks.synthetic import DEMO_MODEL, DEMO_VL_MODEL, demo_finetune_settings  # noqa: E402
 from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
@@ -85,8 +86,8 @@ def svd_analysis(
     layout = OutputLayout(Path(output_dir).resolve())
 
     # Step 1: demo inputs.
-    if base_model == DEMO_MODEL:
-        base_model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path)
+    if base_model in (DEMO_MODEL, DEMO_VL_MODEL):
+        base_model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path, base_model)
         if finetuned_model is None:  # the tiny demo set is small: train on a fifth of it, at a higher rate
             finetune = demo_finetune_settings(finetune)
 

@@ -235,7 +235,8 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
             tokens += int(mask.sum())
             response += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             with torch.set_grad_enabled(kind == "fisher"):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # Image records (Qwen2.5-VL) also carry pixel_values and image_grid_thw.
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
                 for draw in range(samples if kind == "fisher" else 0):

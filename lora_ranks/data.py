@@ -99,7 +99,22 @@ def load_records(path: str | Path) -> list[dict]:
         raise DataError(f"dataset file {path} holds no records")
     for where, record in records:
         record_kind(record, where)
+        for name in record.get("images", ()):
+            _check_image(path.parent / name, where)
     return [r for _, r in records]
+
+
+def _check_image(path: Path, where: str) -> None:
+    """The image exists and is one PIL can read (its header only: cheap), or a DataError naming file:line."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises several types for unreadable or foreign files
+        raise DataError(f"{where}: {path} is not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass

@@ -60,6 +60,8 @@ INPUT_HELP: dict[str, str] = {
     "export_dir": "Output folder of the exported adapter, or of the merged model",
     "export_base": "Base model to merge into (default: the adapter's base_model_name_or_path)",
     "refresh": "Recompute every layer even when a cached result exists",
+    "vl": "The vision-language demo: a tiny Qwen2.5-VL and synthetic image tasks, through a short dynamic-LoRA "
+          "training run (output: outputs/demo-vl)",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ._io import atomic_write_text
 
-__all__ = ["DEMO_MODEL", "build_demo_inputs", "demo_finetune_settings", "SYNTHETIC_TASKS", "synthetic_records",
+__all__ = ["DEMO_MODEL", "DEMO_VL_MODEL", "build_demo_inputs", "demo_finetune_settings", "SYNTHETIC_TASKS", "synthetic_records",
            "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
            "write_planted_pair", "write_synthetic_vl_dataset", "build_tiny_qwen25_vl",
            "CHAT_TEMPLATE"]
@@ -27,6 +27,8 @@ CHAT_TEMPLATE = (
 )
 #: Model name that stands for "build a tiny Qwen3 offline" in flows and the CLI (no hub needed).
 DEMO_MODEL = "demo:tiny-qwen3"
+DEMO_VL_MODEL = "demo:tiny-qwen25-vl"  # the vision-language demo: a tiny random Qwen2.5-VL and synthetic image tasks
+DEMO_VL_RECORDS_PER_TASK = 40
 DEMO_LAYERS = 4  # the demo model's depth: enough layers for across-depth smoothing to show
 DEMO_RECORDS_PER_TASK = 400  # 2,000 records over the five tasks
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -298,10 +300,17 @@ def build_tiny_qwen25_vl(out_dir: str | Path, *, hidden_size: int = 64, num_laye
 DEMO_BASE = Path(__file__).resolve().parent / "assets" / "demo-base"
 
 
-def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None) -> tuple[Path, Path]:
+def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, model: str = DEMO_MODEL
+                      ) -> tuple[Path, Path]:
     """The offline demo's inputs: the pretrained demo base (``DEMO_BASE``; a randomly initialised tiny Qwen3 under
     ``out_dir`` if the package was installed without it) and, unless ``data_path`` is given, a synthetic multi-task
-    JSONL under ``out_dir``. Returns (model folder, dataset path)."""
+    JSONL under ``out_dir``. With ``model`` = ``DEMO_VL_MODEL``: a tiny randomly initialised Qwen2.5-VL (with its
+    image processor) and synthetic image records. Returns (model folder, dataset path)."""
+    if model == DEMO_VL_MODEL:
+        model_dir = build_tiny_qwen25_vl(Path(out_dir) / "tiny-qwen25-vl")
+        if data_path is None:
+            data_path = write_synthetic_vl_dataset(Path(out_dir) / "vl-data", DEMO_VL_RECORDS_PER_TASK)
+        return model_dir, Path(data_path)
     if (DEMO_BASE / "model.safetensors").is_file():
         model_dir = DEMO_BASE
     else:

@@ -18,6 +18,7 @@ import torch
 from ._io import atomic_write_json
 from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
+from .loading import load_image_processor
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
 from .settings import LoRATrainingSettings
 
@@ -98,12 +99,13 @@ def train_dynamic_lora(
     if settings.quantization is None:
         model.to(dev)
     model.train()
+    # Image records go through the image processor saved with a vision-language model, as in the fine-tune stage.
     examples, report, n_records = prepare_examples(data_path, tokenizer, max_length=settings.max_length,
-                                                   seed=settings.seed)
+                                                   seed=settings.seed, image_processor=load_image_processor(model_name))
     losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
                                   progress=progress, desc="dynamic LoRA")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # PEFT's count: a packed 4-bit weight stores two parameters per element (numel() would count half of them).
+    trainable, total = model.get_nb_trainable_parameters()
     adapter_dir = save_adapter(model, out / "adapter", config,
                                {"made_by": "train", "base": str(model_name), "quantization": settings.quantization})
     metrics = {

@@ -68,11 +68,13 @@ def check_calibration_task(model: str, data_path: str | None, curvature: Curvatu
 
     from lora_ranks.checkpoints import resolve_model_path
     from lora_ranks.curvature import CalibrationError
+    from lora_ranks.loading import load_image_processor
 
     if data_path is None:
         raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records: give data_path")
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)), trust_remote_code=trust_remote_code)
-    return len(calibration_examples(data_path, tokenizer, subset, curvature.min_calibration_tokens))
+    return len(calibration_examples(data_path, tokenizer, subset, curvature.min_calibration_tokens,
+                                    load_image_processor(model)))
 
 
 def _device_type(device: str | None) -> str:

@@ -6,16 +6,16 @@ from prefect import get_run_logger, task
 
 from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune
 from lora_ranks.settings import FinetuneSettings
-from lora_ranks.synthetic import build_demo_inputs
+from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
 from tasks._common import retry_if_transient, step_logger
 
 
 @task(name="build-demo-inputs")
-def build_demo_inputs_task(out_dir: str, data_path: str | None = None) -> tuple[str, str]:
-    """The offline demo's inputs: the pretrained demo base and a synthetic multi-task JSONL (unless
-    ``data_path`` is given). Returns (model folder, dataset path)."""
-    model_dir, data = build_demo_inputs(out_dir, data_path)
-    get_run_logger().info("Built tiny Qwen3 at %s and data at %s", model_dir, data)
+def build_demo_inputs_task(out_dir: str, data_path: str | None = None, model: str = DEMO_MODEL) -> tuple[str, str]:
+    """The offline demo's inputs: the demo base (``model``: the text or the vision-language demo) and synthetic
+    records (unless ``data_path`` is given). Returns (model folder, dataset path)."""
+    model_dir, data = build_demo_inputs(out_dir, data_path, model)
+    get_run_logger().info("Demo model at %s and data at %s", model_dir, data)
     return str(model_dir), str(data)
 
 

@@ -259,3 +259,35 @@ def test_warm_start_source_follows_the_rank_config(tmp_path):
     assert warm_start_source(config, None, "warm") is None  # the recorded model is gone: cold, with a warning
     with pytest.raises(LoraRanksError, match="init is 'cold'"):
         warm_start_source(config, tmp_path / "other", "cold")
+
+
+@pytest.fixture(scope="module")
+def trainable_base(tmp_path_factory):
+    """A tiny Qwen3 with a tokenizer, training records and a (min-rank) rank config for it."""
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("trainable")
+    base = build_tiny_qwen3(root / "base")
+    analyze_checkpoints(base, base, root / "an", settings=AllocationSettings(min_rank=2, max_rank=8))
+    return base, root / "an" / "configs" / "lora_rank_config.json", write_synthetic_dataset(root / "data.jsonl", 8)
+
+
+def test_training_counts_parameters_as_peft_does_also_when_quantized(trainable_base, tmp_path):
+    """A packed 4-bit weight holds two parameters per stored element: the logged total is the model's parameter
+    count whatever the quantization (PEFT's get_nb_trainable_parameters)."""
+    from lora_ranks.settings import LoRATrainingSettings
+    from lora_ranks.train import train_dynamic_lora
+
+    counts = {}
+    for quantization in (None, "4bit", "8bit"):
+        result = train_dynamic_lora(*trainable_base[:2], trainable_base[2], tmp_path / str(quantization),
+                                    LoRATrainingSettings(max_steps=1, batch_size=2, init="cold", quantization=quantization),
+                                    progress=False)
+        counts[quantization] = (result.trainable_parameters, result.total_parameters)
+    assert counts["4bit"] == counts["8bit"] == counts[None]
+    assert counts[None][0] == json.loads(trainable_base[1].read_text())["trainable_parameters"]
+    # Issue 13: the 4-bit adapter records its quantization, and a merged export says it merged into full precision.
+    from lora_ranks.export import export_merged
+
+    assert json.loads((tmp_path / "4bit" / "adapter" / "lora_ranks_adapter.json").read_text())["quantization"] == "4bit"
+    assert "4bit-quantized base" in export_merged(tmp_path / "4bit" / "adapter", tmp_path / "merged")["note"]

@@ -50,6 +50,14 @@ def test_vision_records_need_images_and_a_processor(vl, tmp_path):
     bad.write_text(json.dumps({"images": [], "messages": record["messages"]}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: 'images' must be a non-empty list"):
         load_records(bad)
+    # Image paths are checked when the records load (before any model is built), with file:line.
+    (tmp_path / "text.png").write_text("not an image")
+    lines = [{"images": ["missing.png"], "messages": record["messages"]},
+             {"images": ["text.png"], "messages": record["messages"]}]
+    for i, line in enumerate(lines):
+        bad.write_text(json.dumps(record | {"images": [str(data.parent / record["images"][0])]}) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(DataError, match=r"bad\.jsonl:2: .*" + ("does not exist" if i == 0 else "not a readable image")):
+            load_records(bad)
 
 
 def test_vl_finetune_learns_keeps_vision_frozen_and_analyzes(vl, tmp_path):
@@ -69,3 +77,73 @@ def test_vl_finetune_learns_keeps_vision_frozen_and_analyzes(vl, tmp_path):
     config = analyze_checkpoints(result.pretrained_dir, result.finetuned_dir, tmp_path / "an",
                                  settings=AllocationSettings(min_rank=2, max_rank=16))
     assert all(n.startswith("model.language_model.layers.") for n in config["target_modules"])
+
+
+def test_dynamic_lora_trains_on_image_records_and_plain_peft_loads_it(vl, tmp_path):
+    """`train` reads image records as the fine-tune stage does (the processor saved with the VL model); the adapter
+    loads with plain PEFT onto the VL model and changes its outputs on an image record."""
+    from peft import PeftModel
+
+    from lora_ranks.settings import LoRATrainingSettings
+    from lora_ranks.train import train_dynamic_lora
+
+    base, data = vl
+    analyze_checkpoints(base, base, tmp_path / "an", settings=AllocationSettings(min_rank=2, max_rank=8))  # min ranks
+    result = train_dynamic_lora(base, tmp_path / "an" / "configs" / "lora_rank_config.json", data, tmp_path / "train",
+                                LoRATrainingSettings(max_steps=3, batch_size=4, learning_rate=1e-2, init="cold"),
+                                progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    model, tokenizer = load_model(base, dtype=torch.float32)
+    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
+                              base_dir=data.parent)
+    batch = collate([example], tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits
+        after = PeftModel.from_pretrained(model, result.adapter_dir).eval()(**inputs).logits
+    assert (after - before).abs().max() > 1e-4 * before.abs().max()
+
+
+@pytest.mark.slow
+def test_the_vl_path_through_the_cli_as_a_user_types_it(vl, tmp_path, prefect_harness, capsys):
+    """finetune -> analyze -> train -> extract -> export on the tiny Qwen2.5-VL and its image records; the exported
+    adapter loads with plain PEFT onto the VL model and changes its outputs on an image record."""
+    from peft import PeftModel
+
+    from flows.cli import main
+
+    base, data = vl
+    ft, an, tr = tmp_path / "ft", tmp_path / "an", tmp_path / "train"
+    config = an / "configs" / "lora_rank_config.json"
+    finetuned = ft / "saved_models" / "preliminary_finetune" / "finetuned"
+    for argv in (["finetune", "--model", base, "--data", data, "--out", ft, "--subset-ratio", "1", "--steps", "10",
+                  "--lr", "3e-3"],
+                 ["analyze", "--base", base, "--finetuned", finetuned, "--out", an, "--data", data,
+                  "--subset-ratio", "1", "--min-rank", "2", "--max-rank", "8"],
+                 ["train", "--model", base, "--lora-config", config, "--data", data, "--out", tr, "--steps", "5"],
+                 ["extract", "--base", base, "--finetuned", finetuned, "--config", config,
+                  "--out", tmp_path / "extracted"],
+                 ["export", tr / "adapter", "--out", tmp_path / "uniform"]):
+        assert main([str(a) for a in argv]) == 0, (argv[0], capsys.readouterr().err)
+    metrics = json.loads((tr / "training_metrics.json").read_text())
+    assert metrics["init_from"] is not None  # warm-started from the analysis' fine-tuned VL model
+    assert all(n.startswith("model.language_model.") for n in json.loads(config.read_text())["target_modules"])
+    model, tokenizer = load_model(base, dtype=torch.float32)
+    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
+                              base_dir=data.parent)
+    batch = collate([example], tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits
+        after = PeftModel.from_pretrained(model, str(tmp_path / "uniform")).eval()(**inputs).logits
+    assert (after - before).abs().max() > 1e-4 * before.abs().max()
+
+
+@pytest.mark.slow
+def test_vl_demo_runs_the_whole_pipeline(tmp_path, prefect_harness, capsys):
+    from flows.cli import main
+
+    assert main(["demo", "--vl", "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    assert "Adapter:" in capsys.readouterr().out
+    assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "configs" / "lora_rank_config.json").is_file()
