@@ -180,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
     """Everything that can be checked before Prefect starts (it raises the project's error types)."""
     if command in ("finetune", "train", "compare"):
-        from lora_ranks.data import load_records
+        from lora_ranks.data import DataError, load_records
+        from lora_ranks.loading import load_image_processor
+        from lora_ranks.synthetic import DEMO_MODEL
 
-        load_records(inputs["data_path"])  # every record, with file:line on the first bad one
+        records = load_records(inputs["data_path"])  # every record (and image), with file:line on the first bad one
+        model = inputs.get("model") or inputs["base_model"]
+        if model != DEMO_MODEL and any("images" in r for r in records) and load_image_processor(model) is None:
+            raise DataError(f"{inputs['data_path']} has image records but {model} has no image processor "
+                            "(preprocessor_config.json): vision-language records need a vision-language model such as "
+                            "Qwen2.5-VL")
     if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
         from lora_ranks.checkpoints import CheckpointPair
 

@@ -1,6 +1,7 @@
 """Qwen2.5-VL through the fine-tune stage: image records, placeholder expansion, masking, frozen vision tower."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,3 +148,46 @@ def test_vl_demo_runs_the_whole_pipeline(tmp_path, prefect_harness, capsys):
     assert "Adapter:" in capsys.readouterr().out
     assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "configs" / "lora_rank_config.json").is_file()
+
+
+def test_vision_and_text_mismatches_fail_before_prefect_starts(vl, tmp_path, capsys):
+    """An image record for a text-only model, a VL rank config on a text model and the reverse: one line each,
+    exit status 2, from the CLI's preflight (nothing is trained, no flow runs)."""
+    from flows.cli import main
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base, data = vl
+    text = build_tiny_qwen3(tmp_path / "text")
+    text_data = write_synthetic_dataset(tmp_path / "text.jsonl", 4)
+    analyze_checkpoints(base, base, tmp_path / "vl-an", settings=AllocationSettings(min_rank=2, max_rank=8))
+    analyze_checkpoints(text, text, tmp_path / "text-an", settings=AllocationSettings(min_rank=2, max_rank=8))
+    vl_config = tmp_path / "vl-an" / "configs" / "lora_rank_config.json"
+    text_config = tmp_path / "text-an" / "configs" / "lora_rank_config.json"
+    cases = [(text, text_config, data, "has image records but .* has no image processor"),
+             (text, vl_config, text_data, "model.language_model.layers.0"),
+             (base, text_config, data, "model.layers.0")]
+    capsys.readouterr()  # the builders' progress bars
+    for i, (model, config, records, message) in enumerate(cases):
+        argv = ["train", "--model", model, "--lora-config", config, "--data", records, "--out", tmp_path / f"o{i}"]
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lora-ranks: error:") and "\n" not in err and "Prefect" not in err, err
+        assert re.search(message, err), err
+        assert not (tmp_path / f"o{i}").exists()
+
+
+def test_quantized_dynamic_lora_on_the_vl_model(vl, tmp_path):
+    """4-bit and 8-bit bases train on image records as text models do, and count parameters as the float model."""
+    from lora_ranks.settings import LoRATrainingSettings
+    from lora_ranks.train import train_dynamic_lora
+
+    base, data = vl
+    analyze_checkpoints(base, base, tmp_path / "an", settings=AllocationSettings(min_rank=2, max_rank=8))
+    config = tmp_path / "an" / "configs" / "lora_rank_config.json"
+    counts = set()
+    for quantization in (None, "4bit", "8bit"):
+        result = train_dynamic_lora(base, config, data, tmp_path / str(quantization), LoRATrainingSettings(
+            max_steps=2, batch_size=4, init="cold", quantization=quantization), progress=False)
+        assert all(torch.isfinite(torch.tensor(result.losses)))
+        counts.add((result.trainable_parameters, result.total_parameters))
+    assert len(counts) == 1
