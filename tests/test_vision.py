@@ -83,8 +83,6 @@ def test_vl_finetune_learns_keeps_vision_frozen_and_analyzes(vl, tmp_path):
 def test_dynamic_lora_trains_on_image_records_and_plain_peft_loads_it(vl, tmp_path):
     """`train` reads image records as the fine-tune stage does (the processor saved with the VL model); the adapter
     loads with plain PEFT onto the VL model and changes its outputs on an image record."""
-    from peft import PeftModel
-
     from lora_ranks.settings import LoRATrainingSettings
     from lora_ranks.train import train_dynamic_lora
 
@@ -94,23 +92,13 @@ def test_dynamic_lora_trains_on_image_records_and_plain_peft_loads_it(vl, tmp_pa
                                 LoRATrainingSettings(max_steps=3, batch_size=4, learning_rate=1e-2, init="cold"),
                                 progress=False)
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    model, tokenizer = load_model(base, dtype=torch.float32)
-    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
-                              base_dir=data.parent)
-    batch = collate([example], tokenizer.pad_token_id)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-    with torch.no_grad():
-        before = model.eval()(**inputs).logits
-        after = PeftModel.from_pretrained(model, result.adapter_dir).eval()(**inputs).logits
-    assert (after - before).abs().max() > 1e-4 * before.abs().max()
+    assert _adapter_changes_image_logits(base, data, result.adapter_dir)
 
 
 @pytest.mark.slow
 def test_the_vl_path_through_the_cli_as_a_user_types_it(vl, tmp_path, prefect_harness, capsys):
     """finetune -> analyze -> train -> extract -> export on the tiny Qwen2.5-VL and its image records; the exported
     adapter loads with plain PEFT onto the VL model and changes its outputs on an image record."""
-    from peft import PeftModel
-
     from flows.cli import main
 
     base, data = vl
@@ -129,15 +117,7 @@ def test_the_vl_path_through_the_cli_as_a_user_types_it(vl, tmp_path, prefect_ha
     metrics = json.loads((tr / "training_metrics.json").read_text())
     assert metrics["init_from"] is not None  # warm-started from the analysis' fine-tuned VL model
     assert all(n.startswith("model.language_model.") for n in json.loads(config.read_text())["target_modules"])
-    model, tokenizer = load_model(base, dtype=torch.float32)
-    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
-                              base_dir=data.parent)
-    batch = collate([example], tokenizer.pad_token_id)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
-    with torch.no_grad():
-        before = model.eval()(**inputs).logits
-        after = PeftModel.from_pretrained(model, str(tmp_path / "uniform")).eval()(**inputs).logits
-    assert (after - before).abs().max() > 1e-4 * before.abs().max()
+    assert _adapter_changes_image_logits(base, data, tmp_path / "uniform")
 
 
 @pytest.mark.slow
@@ -191,3 +171,18 @@ def test_quantized_dynamic_lora_on_the_vl_model(vl, tmp_path):
         assert all(torch.isfinite(torch.tensor(result.losses)))
         counts.add((result.trainable_parameters, result.total_parameters))
     assert len(counts) == 1
+
+
+def _adapter_changes_image_logits(base, data, adapter_dir) -> bool:
+    """Plain PEFT loads the adapter onto the VL model, and it moves the logits of the first image record."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(base, dtype=torch.float32)
+    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
+                              base_dir=data.parent)
+    batch = collate([example], tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits
+        after = PeftModel.from_pretrained(model, str(adapter_dir)).eval()(**inputs).logits
+    return bool((after - before).abs().max() > 1e-4 * before.abs().max())
