@@ -180,16 +180,14 @@ def main(argv: list[str] | None = None) -> int:
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
     """Everything that can be checked before Prefect starts (it raises the project's error types)."""
     if command in ("finetune", "train", "compare"):
-        from lora_ranks.data import DataError, load_records
+        from lora_ranks.data import check_vision_records, load_records
         from lora_ranks.loading import load_image_processor
         from lora_ranks.synthetic import DEMO_MODEL
 
         records = load_records(inputs["data_path"])  # every record (and image), with file:line on the first bad one
         model = inputs.get("model") or inputs["base_model"]
-        if model != DEMO_MODEL and any("images" in r for r in records) and load_image_processor(model) is None:
-            raise DataError(f"{inputs['data_path']} has image records but {model} has no image processor "
-                            "(preprocessor_config.json): vision-language records need a vision-language model such as "
-                            "Qwen2.5-VL")
+        if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
+            check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
     if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
         from lora_ranks.checkpoints import CheckpointPair
 
@@ -289,13 +287,14 @@ def _vl_demo(output_dir: str, settings: dict) -> list[str]:
     rank config), then a short dynamic-LoRA training run on the same image records."""
     from flows.svd_analysis import svd_analysis
     from flows.train_dynamic_lora import train_dynamic_lora_flow
+    from lora_ranks.analysis.layout import OutputLayout
     from lora_ranks.config import load_rank_config
-    from lora_ranks.synthetic import DEMO_VL_MODEL
+    from lora_ranks.synthetic import DEMO_VL_MODEL, demo_data_path
 
     config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, **settings)
     config = load_rank_config(config_path)
     out = Path(output_dir).resolve()
-    data = out / "demo_inputs" / "vl-data" / "vl.jsonl"
+    data = demo_data_path(OutputLayout(out).demo_inputs_dir, DEMO_VL_MODEL)
     result = train_dynamic_lora_flow(model=config["analysis_metadata"]["checkpoints"]["pretrained"]["path"],
                                      rank_config=config_path, data_path=str(data), output_dir=str(out / "train"),
                                      training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["DataError", "load_records", "record_kind", "stratified_subset", "SubsetReport", "tokenize_record",
-           "collate"]
+__all__ = ["DataError", "load_records", "check_vision_records", "record_kind", "stratified_subset", "SubsetReport",
+           "tokenize_record", "collate"]
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
@@ -232,10 +232,15 @@ def _tokenize(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
+def check_vision_records(records: list[dict], image_processor, where: str = "a record") -> None:
+    """Image records need a model with an image processor (``preprocessor_config.json``); DataError otherwise."""
+    if image_processor is None and any("images" in r for r in records):
+        raise DataError(f"{where} has 'images' but the model has no image processor (preprocessor_config.json): "
+                        "vision-language records need a vision-language model such as Qwen2.5-VL")
+
+
 def _tokenize_vision_record(record, tokenizer, max_length, image_processor, base_dir) -> dict:
-    if image_processor is None:
-        raise DataError("a record has 'images' but the model has no image processor: vision-language records "
-                        "need a vision-language model such as Qwen2.5-VL")
+    check_vision_records([record], image_processor)
     from PIL import Image
 
     root = Path(base_dir) if base_dir is not None else Path(".")

@@ -91,8 +91,11 @@ class Adapter:
         return {n: m.rank for n, m in self.modules.items()}
 
 
-def read_adapter(folder: str | Path) -> Adapter:
+def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
     """Read and check a PEFT LoRA adapter folder (safetensors only).
+
+    With ``weights=False`` only the safetensors header is read: the modules' tensors are on the meta device (shapes,
+    ranks and scales without the data), which is all the checks and ``serving_problems`` need.
 
     Every module's tensors must be present in pairs, with ``lora_A.shape[0] == lora_B.shape[1]`` equal to the rank
     ``adapter_config.json`` gives it (through ``rank_pattern`` as PEFT matches it).
@@ -124,7 +127,8 @@ def read_adapter(folder: str | Path) -> Adapter:
                            "or global scale can carry; it cannot be exported")
     try:
         with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) if weights else torch.empty(f.get_slice(k).get_shape(), device="meta")
+                       for k in f.keys()}
     except Exception as exc:  # a truncated or foreign file: safetensors' own message says what
         raise AdapterError(f"{weights_path}: unreadable safetensors file ({exc})") from None
 
@@ -164,28 +168,27 @@ def read_adapter(folder: str | Path) -> Adapter:
 
 
 def served_scales(adapter: Adapter, server: str) -> dict[str, float]:
-    """The scale each module gets on ``server`` ("PEFT", "vLLM" or "llama.cpp"), by the rule in ``SERVERS``."""
+    """The scale each module gets on ``server`` ("vLLM" or "llama.cpp"), by the rule in ``SERVERS`` (PEFT's is
+    each module's ``scale``)."""
     config = adapter.config
-    if server == "PEFT":
-        return {n: m.scale for n, m in adapter.modules.items()}
     if server == "vLLM":
         r = config.get("r", 8)
         scale = config.get("lora_alpha", 8) / (math.sqrt(r) if config.get("use_rslora") else r)
         return {n: scale for n in adapter.modules}
     if server == "llama.cpp":
         return {n: config.get("lora_alpha", 8) / m.rank for n, m in adapter.modules.items()}
-    raise ValueError(f"served_scales: unknown server {server!r} (PEFT, vLLM or llama.cpp)")
+    raise ValueError(f"served_scales: unknown server {server!r} (vLLM or llama.cpp)")
 
 
 def serving_problems(adapter: Adapter, rel_tol: float = 1e-6) -> dict[str, str]:
     """Server -> what goes wrong when it serves this adapter (servers that serve it right are left out)."""
     out = {}
     for server in ("vLLM", "llama.cpp"):
-        wrong = [n for n, s in served_scales(adapter, server).items()
-                 if not math.isclose(s, adapter.modules[n].scale, rel_tol=rel_tol)]
+        served = served_scales(adapter, server)
+        wrong = [n for n, s in served.items() if not math.isclose(s, adapter.modules[n].scale, rel_tol=rel_tol)]
         if wrong:
             out[server] = (f"mis-scales {len(wrong)} of {len(adapter.modules)} modules (e.g. {wrong[0]}: "
-                           f"{served_scales(adapter, server)[wrong[0]]:.4g} instead of {adapter.modules[wrong[0]].scale:.4g})")
+                           f"{served[wrong[0]]:.4g} instead of {adapter.modules[wrong[0]].scale:.4g})")
     r = adapter.config.get("r", 8)
     off = [n for n, m in adapter.modules.items() if m.rank != r]
     if off:
@@ -207,7 +210,7 @@ def serving_readme(adapter: Adapter, problems: dict[str, str], folder: str | Pat
     lines = ["## Serving this adapter", "",
              f"Per-module ranks {min(adapter.ranks.values())}-{max(adapter.ranks.values())} and scales are exact in PEFT "
              "(`PeftModel.from_pretrained`). These servers would get it wrong:", ""]
-    lines += [f"- **{server}**: {problem}." for server, problem in problems.items()]
+    lines += [f"- **{server}** ({SERVERS[server]}): {problem}." for server, problem in problems.items()]
     lines += ["", "Export a copy every server reads right (zero-padded to one serving rank, scales folded in; exact):",
               "", "```", f"lora-ranks export {folder} --out {folder}-uniform --format uniform",
               "```", "", "or merge it into the base model (`--format merged`).", ""]
@@ -220,7 +223,7 @@ def note_serving(folder: str | Path, provenance: dict[str, Any], final_folder: s
     one). Returns the problems by server (empty when none)."""
     root = Path(folder)
     atomic_write_json(root / PROVENANCE, provenance)
-    adapter = read_adapter(root)
+    adapter = read_adapter(root, weights=False)
     problems = serving_problems(adapter)
     if problems:
         readme = root / "README.md"
@@ -288,6 +291,9 @@ def _check_base_shapes(adapter: Adapter, model: torch.nn.Module) -> None:
         elif (layer.out_features, layer.in_features) != m.shape:
             problems.append(f"{name}: adapter is {m.shape[0]}x{m.shape[1]} but the base's weight is "
                             f"{layer.out_features}x{layer.in_features}")
+    if len(problems) == len(adapter.modules) and all(p.endswith("not a linear module of the base model") for p in problems):
+        raise AdapterError(f"{adapter.folder} does not fit the base model: none of its {len(problems)} modules (e.g. "
+                           f"{next(iter(adapter.modules))}) is a linear module of the base; an adapter for another base?")
     if problems:
         raise AdapterError(list_problems(f"{adapter.folder} does not fit the base model (an adapter for another base?)",
                                          problems))
@@ -311,7 +317,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     from .loading import load_model
 
     start = time.perf_counter()
-    adapter = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir, weights=False)  # PeftModel.from_pretrained reads the weights below
     base_dir, meta = _meta_base(adapter, base)
     _check_base_shapes(adapter, meta)
     model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
@@ -338,7 +344,7 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
                  base: str | Path | None = None) -> Adapter:
     """Everything ``export_adapter`` would refuse, checked without writing (the CLI runs it first): the adapter
     folder, the rank (uniform) or the base and its shapes from its config alone (merged). Returns the adapter."""
-    adapter = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir, weights=False)
     if settings.format == "uniform":
         _serving_rank(adapter, settings.rank)
     else:
@@ -361,8 +367,10 @@ def _meta_base(adapter: Adapter, base: str | Path | None):
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings(),
                    base: str | Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """``export_uniform`` or ``export_merged`` as ``settings.format`` says; returns the report."""
-    check_export(adapter_dir, settings, base)
+    """``export_uniform`` or ``export_merged`` as ``settings.format`` says (each checks its input first); returns the
+    report."""
     if settings.format == "merged":
+        if settings.rank is not None:
+            raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
         return export_merged(adapter_dir, out_dir, base, trust_remote_code)
     return export_uniform(adapter_dir, out_dir, settings.rank)

@@ -15,7 +15,8 @@ from typing import Literal
 
 from ._io import atomic_write_text
 
-__all__ = ["DEMO_MODEL", "DEMO_VL_MODEL", "build_demo_inputs", "demo_finetune_settings", "SYNTHETIC_TASKS", "synthetic_records",
+__all__ = ["DEMO_MODEL", "DEMO_VL_MODEL", "build_demo_inputs", "demo_data_path", "demo_finetune_settings",
+           "SYNTHETIC_TASKS", "synthetic_records",
            "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
            "write_planted_pair", "write_synthetic_vl_dataset", "build_tiny_qwen25_vl",
            "CHAT_TEMPLATE"]
@@ -309,7 +310,7 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
     if model == DEMO_VL_MODEL:
         model_dir = build_tiny_qwen25_vl(Path(out_dir) / "tiny-qwen25-vl")
         if data_path is None:
-            data_path = write_synthetic_vl_dataset(Path(out_dir) / "vl-data", DEMO_VL_RECORDS_PER_TASK)
+            data_path = write_synthetic_vl_dataset(demo_data_path(out_dir, model).parent, DEMO_VL_RECORDS_PER_TASK)
         return model_dir, Path(data_path)
     if (DEMO_BASE / "model.safetensors").is_file():
         model_dir = DEMO_BASE
@@ -319,8 +320,13 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
         warnings.warn(f"the pretrained demo base {DEMO_BASE} is missing: using a randomly initialised model", stacklevel=2)
         model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
     if data_path is None:
-        data_path = write_synthetic_dataset(Path(out_dir) / "synthetic.jsonl", DEMO_RECORDS_PER_TASK, fmt="mixed")
+        data_path = write_synthetic_dataset(demo_data_path(out_dir, model), DEMO_RECORDS_PER_TASK, fmt="mixed")
     return model_dir, Path(data_path)
+
+
+def demo_data_path(out_dir: str | Path, model: str = DEMO_MODEL) -> Path:
+    """Where ``build_demo_inputs(out_dir, model=model)`` writes the demo's records."""
+    return Path(out_dir) / ("vl-data/vl.jsonl" if model == DEMO_VL_MODEL else "synthetic.jsonl")
 
 
 def demo_finetune_settings(settings):

@@ -118,4 +118,4 @@ def train_dynamic_lora(
     }
     metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
     return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
-                       serving_problems(read_adapter(adapter_dir)))
+                       serving_problems(read_adapter(adapter_dir, weights=False)))

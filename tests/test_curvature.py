@@ -389,8 +389,9 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
     by the collection, and the analysis ranks it by its weight spectrum with the reason in the config."""
     import warnings
 
-    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.analysis import analyze_checkpoints, analyze_layer, assemble_rank_config, load_curvature_file
     from lora_ranks.analysis.curvature import _write
+    from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.settings import AllocationSettings, CurvatureSettings, FinetuneSettings
 
     model, tokenizer, examples, modules = tiny
@@ -409,16 +410,11 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
     config = analyze_checkpoints(base, finetuned, out, settings=AllocationSettings(min_rank=1, max_rank=16),
                                  curvature=curvature, calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
     # rewrite layer 1's factors as if its down_proj had never run, and analyze again from those factors
-    from lora_ranks.analysis import load_curvature_file
-
     path = out / "analysis_outputs" / "svd" / "curvature" / "model.layers.1.safetensors"
     layer = load_curvature_file(path)
     name = "model.layers.1.mlp.down_proj"
     layer[name].fired = False
     _write(path, "model.layers.1", layer, "fisher")
-    from lora_ranks.analysis import analyze_layer
-    from lora_ranks.checkpoints import CheckpointPair
-
     pair = CheckpointPair(base, finetuned)
     svd = out / "analysis_outputs" / "svd"
     with warnings.catch_warnings():
@@ -426,8 +422,6 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
         results = [analyze_layer(pair, [m for m in pair.modules() if m.layer == layer], svd, top_k=17,
                                  curvature_path=svd / "curvature" / f"{layer}.safetensors", damping=0.01)
                    for layer in ("model.layers.0", "model.layers.1")]
-    from lora_ranks.analysis import assemble_rank_config
-
     assert config["analysis_metadata"]["fallback_modules"] == {}
     again, _ = assemble_rank_config(pair, pair.modules(), results, AllocationSettings(min_rank=1, max_rank=16),
                                     tmp_path / "again.json")

@@ -211,8 +211,13 @@ def test_bad_adapters_are_refused_with_the_problem_named_and_nothing_written(ada
     (bad / "adapter_config.json").unlink()
     refused(bad, "has no adapter_config.json")
     tiny_qwen25_vl().save_pretrained(str(tmp_path / "other-base"))
-    refused(adapters["constant"], "does not fit the base model .*model.layers.0.self_attn.q_proj: not a linear module",
+    refused(adapters["constant"], r"does not fit the base model: none of its \d+ modules .* is a linear module of the base",
             base=tmp_path / "other-base")
+    from lora_ranks.synthetic import build_tiny_qwen3
+
+    build_tiny_qwen3(tmp_path / "narrow-base", hidden_size=32, intermediate_size=88)  # same names, other shapes
+    refused(adapters["constant"], r"model.layers.0.mlp.down_proj: adapter is 64x176 but the base's weight is 32x88",
+            base=tmp_path / "narrow-base")
 
 
 def test_cli_export_and_its_one_line_errors(adapters, tmp_path, capsys):

@@ -143,7 +143,7 @@ def test_vision_and_text_mismatches_fail_before_prefect_starts(vl, tmp_path, cap
     analyze_checkpoints(text, text, tmp_path / "text-an", settings=AllocationSettings(min_rank=2, max_rank=8))
     vl_config = tmp_path / "vl-an" / "configs" / "lora_rank_config.json"
     text_config = tmp_path / "text-an" / "configs" / "lora_rank_config.json"
-    cases = [(text, text_config, data, "has image records but .* has no image processor"),
+    cases = [(text, text_config, data, r"vl\.jsonl \(for .*text\) has 'images' but the model has no image processor"),
              (text, vl_config, text_data, "model.language_model.layers.0"),
              (base, text_config, data, "model.layers.0")]
     capsys.readouterr()  # the builders' progress bars
