@@ -7,12 +7,15 @@
     lora-ranks extract --base DIR --finetuned DIR --config FILE --out DIR     # plain library call, no Prefect
     lora-ranks compare --model DIR --data FILE --out DIR                      # the compare-allocations flow
     lora-ranks export ADAPTER_DIR --out DIR [--format uniform|merged]         # plain library call, no Prefect
+    lora-ranks check --model DIR --lora-config FILE [--batch 4 --seq-len 1024] [--max-train-memory-gb X]
+                     [--max-infer-overhead 0.05] [--quantization 4bit] [--device cuda]   # the check-config flow
 
 The options of each subcommand are generated from the settings classes the flow takes (``flows/options.py``).
 Everything that can be checked before Prefect starts is: option values, the checkpoint pair's headers, the
 rank config against the model, the dataset. Bad input ends with one ``lora-ranks: error: ...`` line and exit
-status 2 (``--debug`` adds the traceback). Without PREFECT_API_URL the flows run on Prefect's ephemeral API
-(SQLite under PREFECT_HOME); with it, they report to that server and show up in its UI.
+status 2 (``--debug`` adds the traceback); ``check`` exits with status 1 when a budget does not hold. Without
+PREFECT_API_URL the flows run on Prefect's ephemeral API (SQLite under PREFECT_HOME); with it, they report to
+that server and show up in its UI.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.options import SettingsGroup, add_settings_options, settings_from_args
+from lora_ranks.check.report import CheckFailed, format_table
 from lora_ranks.errors import is_user_error
 from lora_ranks.settings import (
     INPUT_HELP,
     AllocationSettings,
     AlphaPolicy,
     AnalysisSettings,
+    CheckSettings,
     ComparisonSettings,
     CurvatureSettings,
     ExportSettings,
@@ -119,6 +124,16 @@ COMMANDS: dict[str, Command] = {
         inputs=(Input("ADAPTER_DIR", "adapter_dir", "source_adapter", positional=True),
                 Input("--out", "out_dir", "export_dir"), Input("--base", "base", "export_base", required=False)),
         groups=(SettingsGroup(ExportSettings, "export"), _REMOTE_CODE)),
+    "check": Command(
+        "measure a rank config on this machine before deploying it: memory of a training step, inference latency, "
+        "budgets as assertions (check-config)",
+        inputs=(Input("--model", "model", "base_model"), Input("--lora-config", "rank_config", "rank_config"),
+                Input("--out", "output_dir", "check_dir", required=False, default="outputs/check")),
+        groups=(SettingsGroup(CheckSettings, "check"),
+                # How training builds and steps the model: what the check measures.
+                SettingsGroup(LoRATrainingSettings, "training",
+                              fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout")),
+                _REMOTE_CODE)),
 }
 
 
@@ -160,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = {g.param: settings_from_args(args, g) for g in command.groups}
         _preflight(args.command, inputs, settings)
         lines = _run(args.command, inputs, settings)
+    except CheckFailed as exc:  # the check ran, and a budget does not hold: its table, then the failing lines
+        _quiet_prefect_exit()
+        print("\n" + format_table(exc.report))
+        print(f"lora-ranks: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if not is_user_error(exc) or args.debug:
             _quiet_prefect_exit()
@@ -204,6 +224,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.export import check_export
 
         check_export(inputs["adapter_dir"], settings["export"], inputs["base"])
+    if command == "check":
+        from lora_ranks.check import check_inputs
+
+        check_inputs(inputs["model"], inputs["rank_config"], settings["check"], settings["training"],
+                     settings["safety"].trust_remote_code)
     if command == "train":
         from lora_ranks.checkpoints import resolve_model_path
         from lora_ranks.config import check_config_matches_model, load_rank_config
@@ -271,6 +296,13 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         return [f"Adapter:  {result.adapter_dir}", f"Metrics:  {result.metrics_path}",
                 f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)",
                 *_serving_lines(result.serving_problems, result.adapter_dir)]
+    if command == "check":
+        from flows.check_config import check_config_flow
+        from lora_ranks.check import REPORT_NAME
+
+        report = check_config_flow(**inputs, **settings)
+        return [format_table(report), "", f"Report:   {Path(inputs['output_dir']).resolve() / REPORT_NAME}",
+                "All budgets hold." if any(r["budget"] for r in report["rows"]) else "No budgets given."]
     if command == "compare":
         from flows.compare_allocations import compare_allocations
 

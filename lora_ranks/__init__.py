@@ -11,6 +11,8 @@ The library is pure (no Prefect). Stages, each a module or package of this folde
     config        stage 4: lora_rank_config.json, the contract between analysis and model building
     model, train, extract         stage 5: PEFT models with those ranks; training; adapters from a full fine-tune
     report, evidence              plots and raw data; do the ranks help?
+    export        adapters every server reads right (uniform rank, or merged)
+    check         stage 6: memory and latency of a rank config on this machine, budgets as assertions
 
 Orchestration lives in the top-level ``tasks`` and ``flows`` packages. Names below are imported on first use,
 so ``import lora_ranks`` (and reading the settings) stays fast.
@@ -30,6 +32,7 @@ _EXPORTS = {
     "DynamicLoRAConfig": "model", "DynamicLoRAError": "model", "PEFTModelFactory": "model",
     "create_model_with_dynamic_lora": "model", "create_peft_model_from_config": "model", "load_peft_checkpoint": "model",
     "allocate_ranks": "ranks",
+    "check_rank_config": "check", "CheckSettings": "settings",
     "AllocationSettings": "settings", "AlphaPolicy": "settings", "AnalysisSettings": "settings",
     "FinetuneSettings": "settings", "LoRATrainingSettings": "settings",
     "Spectrum": "spectra", "compute_spectrum": "spectra",

@@ -30,6 +30,7 @@ __all__ = [
     "LoRATrainingSettings",
     "FidelitySettings",
     "ComparisonSettings",
+    "CheckSettings",
     "INPUT_HELP",
     "DEFAULT_TARGET_MODULES",
     "DEFAULT_VISION_TARGET_MODULES",
@@ -59,10 +60,18 @@ INPUT_HELP: dict[str, str] = {
     "source_adapter": "Saved PEFT LoRA adapter folder (from extract or train)",
     "export_dir": "Output folder of the exported adapter, or of the merged model",
     "export_base": "Base model to merge into (default: the adapter's base_model_name_or_path)",
+    "check_dir": "Folder of the check's report (check_report.json)",
     "refresh": "Recompute every layer even when a cached result exists",
     "vl": "The vision-language demo: a tiny Qwen2.5-VL and synthetic image tasks, through a short dynamic-LoRA "
           "training run (output: outputs/demo-vl)",
 }
+
+
+def _device_name(value: Optional[str]) -> Optional[str]:
+    """A device option's value: cpu, cuda or cuda:N (or empty)."""
+    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got device={value!r}")
+    return value
 
 
 class Settings(BaseModel):
@@ -194,12 +203,7 @@ class AnalysisSettings(Settings):
                 raise ValueError(f"target_regex {value!r} is not a valid regular expression: {exc}") from None
         return value
 
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got device={value!r}")
-        return value
+    _known_device = field_validator("device")(classmethod(lambda cls, value: _device_name(value)))
 
 
 class CurvatureSettings(Settings):
@@ -367,8 +371,33 @@ class ComparisonSettings(Settings):
     """Share of the records held out for evaluation when no separate eval data is given."""
 
 
+class CheckSettings(Settings):
+    """What `lora-ranks check` measures, where, and the budgets it asserts (before deploying a rank config)."""
+
+    batch: int = Field(4, ge=1)
+    """Sequences per training micro-batch measured (the batch_size training will use)."""
+    seq_len: int = Field(1024, ge=1)
+    """Tokens per sequence, of the training step and the latency runs; every sequence is full length (the worst
+    case of training's max_length)."""
+    latency_batch: int = Field(1, ge=1)
+    """Sequences per forward pass of the latency runs (1: one request at a time)."""
+    latency_repeats: int = Field(10, ge=3)
+    """Timed rounds per latency comparison, after one warm-up round; each round runs both models, in alternating
+    order, and the median of the per-round ratios is reported."""
+    max_train_memory_gb: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    """Budget, GiB: peak memory of a training step with the gradient checkpointing training uses (CUDA: the
+    allocator's peak reserved memory; CPU: the process's peak resident memory); empty: not asserted."""
+    max_infer_overhead: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    """Budget: forward latency of the unmerged adapter over the base's, as a fraction (0.05 = at most 5% slower);
+    empty: not asserted."""
+    device: Optional[str] = None
+    """Where to measure: cpu, cuda or cuda:N; empty: CUDA when available."""
+
+    _known_device = field_validator("device")(classmethod(lambda cls, value: _device_name(value)))
+
+
 #: Every settings class, for tools that walk all options (the CLI generator and its tests).
 SETTINGS_CLASSES: tuple[type[Settings], ...] = (AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings,
                                                  ExtractionSettings, ExportSettings, SafetySettings,
                                                  FinetuneSettings, LoRATrainingSettings, FidelitySettings,
-                                                 ComparisonSettings)
+                                                 ComparisonSettings, CheckSettings)

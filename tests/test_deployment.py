@@ -106,7 +106,7 @@ def test_deployment_run_through_server_and_worker(tmp_path):
         assert "Completed" in watched  # --watch also exits non-zero when the run fails
 
         for name in ("svd-analysis/default", "preliminary-finetune/default", "train-dynamic-lora/default",
-                     "compare-allocations/default", "export-adapter/default"):
+                     "compare-allocations/default", "export-adapter/default", "check-config/default"):
             _run([PREFECT, "deployment", "inspect", name], env, 60)
         nightly = json.loads(_run([PREFECT, "deployment", "inspect", "svd-analysis/nightly-reanalysis",
                                    "--output", "json"], env, 60))

@@ -12,13 +12,15 @@ from lora_ranks.settings import SETTINGS_CLASSES, AllocationSettings, FinetuneSe
 
 
 def _flows():
+    from flows.check_config import check_config_flow
     from flows.compare_allocations import compare_allocations
     from flows.export_adapter import export_adapter_flow
     from flows.preliminary_finetune import preliminary_finetune
     from flows.svd_analysis import svd_analysis
     from flows.train_dynamic_lora import train_dynamic_lora_flow
 
-    return [svd_analysis, preliminary_finetune, train_dynamic_lora_flow, compare_allocations, export_adapter_flow]
+    return [svd_analysis, preliminary_finetune, train_dynamic_lora_flow, compare_allocations, export_adapter_flow,
+            check_config_flow]
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

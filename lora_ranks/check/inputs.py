@@ -1,0 +1,110 @@
+"""What is checked before anything is built, and what is predicted from the config alone.
+
+``check_inputs`` answers bad input with one ``CheckInputError`` naming it: a rank config that names modules the
+model lacks (all of them listed), a device that is not there, a sequence longer than the model's context.
+Non-positive batch, sequence length and budgets are refused by ``CheckSettings`` itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LoraRanksError
+from ..settings import CheckSettings, LoRATrainingSettings
+from .measure import Target
+
+__all__ = ["CheckInputError", "check_inputs", "predict_sizes", "bitsandbytes_problem", "resolve_device"]
+
+#: Bytes per element of the LoRA weights PEFT builds: float32 (``autocast_adapter_dtype`` upcasts bf16/fp16).
+ADAPTER_BYTES_PER_PARAMETER = 4
+
+
+class CheckInputError(LoraRanksError):
+    """An input of ``lora-ranks check`` that cannot be measured (named in the message)."""
+
+
+def resolve_device(device: str | None) -> str:
+    """``device``, or CUDA when available else the CPU; raises CheckInputError for a CUDA device that is not there."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise CheckInputError(f"device {device} is not available here: torch {torch.__version__} sees {count} CUDA "
+                                  "device(s)")
+    return device
+
+
+def check_inputs(model: str, rank_config: str, settings: CheckSettings,
+                 training: LoRATrainingSettings = LoRATrainingSettings(), trust_remote_code: bool = False) -> Target:
+    """Everything that can be checked without building the model; returns what to measure.
+
+    Raises:
+        RankConfigError: the config is invalid, or names modules the model lacks or of other shapes (all listed).
+        CheckInputError: the device is not available, or ``seq_len`` exceeds the model's context.
+        LoraRanksError: the model or the config file is missing.
+    """
+    from ..checkpoints import resolve_model_path
+    from ..config import check_config_matches_model, load_rank_config
+
+    device = resolve_device(settings.device)
+    config = load_rank_config(rank_config)
+    root = resolve_model_path(model)
+    check_config_matches_model(config, root)
+    context = _context_length(root)
+    if context is not None and settings.seq_len > context:
+        raise CheckInputError(f"seq_len {settings.seq_len} is longer than the context of {model} "
+                              f"(max_position_embeddings {context})")
+    return Target(model=str(model), rank_config=str(Path(rank_config).resolve()), device=device,
+                  quantization=training.quantization, optimizer=training.optimizer, lora_dropout=training.lora_dropout,
+                  trust_remote_code=trust_remote_code)
+
+
+def bitsandbytes_problem(target: Target) -> str | None:
+    """Why the target cannot be built here when it needs bitsandbytes (4/8-bit base, 8-bit AdamW); else None."""
+    if target.quantization is None and target.optimizer != "adamw8bit":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # not installed, or no backend for this platform
+        needs = f"{target.quantization} quantization" if target.quantization else "the adamw8bit optimizer"
+        return f"{needs} needs bitsandbytes, which cannot load here ({type(exc).__name__}: {exc})"
+    return None
+
+
+def predict_sizes(target: Target) -> dict:
+    """Parameter counts and bytes predicted from the rank config and the model's config (no weights read).
+
+    Returns ``adapter_parameters`` (sum of r * (d_in + d_out)), ``adapter_bytes`` (float32 LoRA weights),
+    ``parameters`` (base + adapter), ``base_dtype``, and for an unquantized base ``base_bytes`` in training's dtype on the device
+    (bf16 on a CUDA device that supports it, else float32); a 4/8-bit base's bytes are bitsandbytes' packing, not
+    predicted (None).
+    """
+    import torch
+
+    from ..checkpoints import build_meta_model, resolve_model_path
+    from ..model import DynamicLoRAConfig
+
+    meta = build_meta_model(resolve_model_path(target.model))
+    modules = dict(meta.named_modules())
+    config = DynamicLoRAConfig.from_file(target.rank_config)
+    shapes = {name: (modules[name].in_features, modules[name].out_features) for name in config.target_modules}
+    adapter = config.predicted_parameters(shapes)
+    base = sum(p.numel() for p in meta.parameters())
+    bf16 = target.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return {"adapter_parameters": adapter, "adapter_bytes": adapter * ADAPTER_BYTES_PER_PARAMETER,
+            "parameters": base + adapter, "base_parameters": base,
+            "base_dtype": target.quantization or ("bfloat16" if bf16 else "float32"),
+            "base_bytes": None if target.quantization else base * (2 if bf16 else 4)}
+
+
+def _context_length(root: Path) -> int | None:
+    """The text model's ``max_position_embeddings`` (None when the config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)

@@ -1,0 +1,278 @@
+"""What a rank config costs on this machine, each measurement in a fresh child process.
+
+Every measurement runs in its own spawned (not forked) process, so that
+
+* the peak memory of a training step is that process's own: on CUDA the caching allocator's peak statistics, on
+  the CPU the peak resident set size (Linux ``VmHWM``, reset after the model is loaded so that a transient of
+  loading does not count; ``ru_maxrss`` elsewhere, which does include loading);
+* gradient checkpointing on and off are measured in separate processes: one cannot inherit the other's cached
+  allocator blocks or heap;
+* a process killed for memory, or a CUDA out-of-memory error, is a result ("does not fit"), not a crash.
+
+The model is built exactly as ``train_dynamic_lora`` builds it (``PEFTModelFactory``: the same dtype, quantization,
+gradient checkpointing and LoRA dropout), and the training step is ``finetune.train_loop`` itself (the same
+optimizer, bf16 autocast on CUDA, gradient clipping) on random token ids of exactly ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference"]
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is measured: a base model with a rank config's LoRA, built as training builds it, on ``device``.
+
+    Attributes:
+        model: base model folder or hub id.
+        rank_config: path of ``lora_rank_config.json``.
+        device: "cpu", "cuda" or "cuda:N" (already checked to exist).
+        quantization: None, "4bit" or "8bit" (bitsandbytes).
+        optimizer: "adamw" or "adamw8bit", as training's settings say.
+        lora_dropout: as training's settings say.
+        trust_remote_code: as the safety settings say.
+    """
+
+    model: str
+    rank_config: str
+    device: str
+    quantization: str | None = None
+    optimizer: str = "adamw"
+    lora_dropout: float = 0.05
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_isolated(fn: Callable[..., dict], *args: Any, timeout_s: float | None = None) -> dict:
+    """``fn(*args)`` in a fresh spawned process; its result dict, or ``{"impossible": why}`` when the process died
+    (e.g. killed by the kernel for memory). Exceptions raised in the child are re-raised here."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
+    process.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            process.kill()
+            return {"impossible": f"the measuring process did not finish within {timeout_s:.0f} s"}
+        kind, value = receive.recv()
+    except EOFError:  # the child died without answering
+        process.join(30)
+        code = process.exitcode
+        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        hint = " (out of memory?)" if code == -9 else ""
+        return {"impossible": f"the measuring process died: {why}{hint}"}
+    finally:
+        receive.close()
+    process.join(30)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _child(send, fn, args) -> None:
+    import os
+    import warnings
+
+    # A measurement's output is its result: no download bars, deprecation notes or loading progress.
+    os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    warnings.simplefilter("ignore")
+    try:
+        result = ("ok", fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        result = ("error", exc)
+    try:
+        send.send(result)
+    except Exception as exc:  # an exception that does not pickle
+        send.send(("error", RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({exc})")))
+    send.close()
+
+
+def measure_training_step(target: Target, batch: int, seq_len: int, gradient_checkpointing: bool, steps: int = 2) -> dict:
+    """Peak memory and time of ``steps`` training steps (forward, backward, optimizer step) at batch x seq_len.
+
+    Run it through ``run_isolated``. Returns ``peak_bytes`` (the figure budgets are checked against: CUDA peak
+    reserved / CPU peak resident), ``peak_allocated_bytes`` (CUDA), ``device_total_bytes`` (CUDA),
+    ``loaded_bytes`` (resident memory once the model is built, CPU), ``step_seconds`` (the last step: the
+    first also creates the optimizer state), ``tokens_per_s``, ``peak_covers`` (what the peak includes); or
+    ``out_of_memory`` with the message.
+    """
+    import torch
+
+    from ..finetune import train_loop
+    from ..settings import TrainingSettings
+
+    dev = torch.device(target.device)
+    model = _build(target, dev, gradient_checkpointing, with_lora=True)
+    model.train()
+    loaded = _resident_bytes()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (steps * batch, seq_len), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [{"input_ids": row, "labels": row} for row in ids]
+    settings = TrainingSettings(max_steps=steps, batch_size=batch, grad_accumulation=1, warmup_ratio=0.0,
+                                max_length=seq_len, gradient_checkpointing=gradient_checkpointing,
+                                optimizer=target.optimizer)
+    covers = _reset_peaks(dev)
+    stamps = [time.perf_counter()]
+    try:
+        train_loop(model, examples, 0, settings, dev, on_step=lambda *_: stamps.append(_synced_clock(dev)),
+                   progress=False, desc="check")
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        return {"out_of_memory": str(exc).splitlines()[0], **_peaks(dev, loaded, covers)}
+    seconds = stamps[-1] - stamps[-2]
+    return {**_peaks(dev, loaded, covers), "step_seconds": seconds, "tokens_per_s": batch * seq_len / seconds}
+
+
+def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) -> dict:
+    """Parameter counts and bytes, and forward latency of the base, the unmerged and the merged adapter.
+
+    Run it through ``run_isolated``. Two copies of the model are held: the plain base, and the base with the
+    adapter (lora_B drawn with std 0.01, as a trained adapter is not zero). Phase 1 times base and unmerged, phase 2
+    (after ``merge_and_unload``) base and merged; each phase runs one warm-up round, then ``repeats`` rounds that
+    run both models in alternating order. Overheads are medians of the per-round ratios to the base, minus 1.
+    """
+    import torch
+
+    dev = torch.device(target.device)
+    try:
+        base = _build(target, dev, False, with_lora=False).eval()
+        adapted = _build(target, dev, False, with_lora=True).eval()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        return {"impossible": f"two copies of the model do not fit on {dev} ({str(exc).splitlines()[0]})"}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    trainable, total = adapted.get_nb_trainable_parameters()
+    lora = [p for n, p in adapted.named_parameters() if "lora_" in n]
+    counts = {"adapter_parameters": trainable, "parameters": total,
+              "adapter_bytes": sum(p.numel() * p.element_size() for p in lora),
+              "adapter_dtype": str(lora[0].dtype).removeprefix("torch.") if lora else None,
+              "base_bytes": sum(p.numel() * p.element_size() for p in base.parameters())}
+    vocab = base.get_input_embeddings().num_embeddings
+    tokens = torch.randint(vocab, (batch, seq_len), generator=generator).to(dev)
+    unmerged = _interleaved(base, adapted, tokens, repeats)
+    merged_model = adapted.merge_and_unload()
+    merged = _interleaved(base, merged_model, tokens, repeats)
+    base_ms = statistics.median(unmerged["base_ms"] + merged["base_ms"])
+    return {**counts, "base_ms": base_ms,
+            "unmerged_ms": statistics.median(unmerged["other_ms"]), "unmerged_overhead": unmerged["overhead"],
+            "merged_ms": statistics.median(merged["other_ms"]), "merged_overhead": merged["overhead"]}
+
+
+def _build(target: Target, dev, gradient_checkpointing: bool, with_lora: bool):
+    """The base model (``with_lora=False``) or the PEFT model training builds, on ``dev``."""
+    import torch
+
+    from ..model import DynamicLoRAConfig, PEFTModelFactory
+
+    config = DynamicLoRAConfig.from_file(target.rank_config, lora_dropout=target.lora_dropout)
+    # Training's dtype for this device: bf16 on a CUDA device that supports it, else float32.
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    factory = PEFTModelFactory(config, quantization=target.quantization, dtype=dtype,
+                               gradient_checkpointing=gradient_checkpointing, trust_remote_code=target.trust_remote_code,
+                               device_map={"": dev.index or 0 if dev.type == "cuda" else "cpu"} if target.quantization else None)
+    model = factory.build(target.model)[0] if with_lora else factory.load_base(target.model)[0]
+    return model if target.quantization else model.to(dev)
+
+
+def _interleaved(base, other, tokens, repeats: int) -> dict:
+    """Forward times (ms) of ``base`` and ``other`` over ``repeats`` rounds after a warm-up round; each round runs
+    both, in alternating order, so that drifting load or caches favour neither."""
+    import torch
+
+    dev = tokens.device
+    times: dict[str, list[float]] = {"base": [], "other": []}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            order = (("base", base), ("other", other)) if round_ % 2 == 0 else (("other", other), ("base", base))
+            for name, model in order:
+                start = _synced_clock(dev)
+                model(input_ids=tokens)
+                if round_ > 0:  # round 0 is the warm-up
+                    times[name].append(1000 * (_synced_clock(dev) - start))
+    ratios = [o / b for o, b in zip(times["other"], times["base"])]
+    return {"base_ms": times["base"], "other_ms": times["other"], "overhead": statistics.median(ratios) - 1}
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _synced_clock(dev) -> float:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def _reset_peaks(dev) -> str:
+    """Reset the peak-memory statistics after loading; returns what the peak will cover."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return "the training steps (weights resident)"
+    clear_refs = Path("/proc/self/clear_refs")
+    try:
+        clear_refs.write_text("5")  # Linux: resets VmHWM, the peak resident set size
+        return "the training steps (weights resident)"
+    except OSError:
+        return "loading and the training steps"
+
+
+def _peaks(dev, loaded: int, covers: str) -> dict:
+    import torch
+
+    if dev.type == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_reserved(dev), "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+                "device_total_bytes": torch.cuda.get_device_properties(dev).total_memory, "peak_covers": covers}
+    return {"peak_bytes": _peak_resident_bytes(), "loaded_bytes": loaded, "peak_covers": covers}
+
+
+def _resident_bytes() -> int:
+    """Current resident set size (Linux ``VmRSS``; the peak elsewhere)."""
+    return _status_bytes("VmRSS") or _peak_resident_bytes()
+
+
+def _peak_resident_bytes() -> int:
+    """Peak resident set size of this process: ``VmHWM`` (resettable) on Linux, else ``ru_maxrss``."""
+    found = _status_bytes("VmHWM")
+    if found:
+        return found
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux and BSD
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,166 @@
+"""The check's verdict: one table row per quantity, each given budget an assertion, as text, markdown and JSON.
+
+A budget fails when the measured value exceeds it, and also when it could not be measured (the assertion is
+not verified). A training step that runs out of memory with the gradient checkpointing training uses fails even
+without a budget: training would not fit this device.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from .._io import atomic_write_json
+from ..errors import LoraRanksError
+from ..settings import CheckSettings, LoRATrainingSettings
+from .measure import GIB, Target
+
+__all__ = ["CheckFailed", "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME"]
+
+REPORT_NAME = "check_report.json"
+
+
+class CheckFailed(LoraRanksError):
+    """At least one assertion of ``lora-ranks check`` failed; ``report`` holds the whole check."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettings, predicted: dict, inference: dict,
+           steps: dict[bool, dict]) -> dict:
+    """The report: inputs, predictions, measurements, table rows and failures (JSON-ready).
+
+    Args:
+        predicted: ``inputs.predict_sizes``.
+        inference: ``measure.measure_inference`` (or ``{"impossible": why}``).
+        steps: gradient checkpointing (True/False) -> ``measure.measure_training_step`` (or ``{"impossible": why}``).
+    """
+    rows: list[dict] = []
+    failures: list[str] = []
+
+    def row(quantity: str, value: str, budget: str = "", verdict: str = "", short: str = "") -> None:
+        rows.append({"quantity": quantity, "value": value, "budget": budget, "verdict": verdict})
+        name = quantity.removesuffix(" *")
+        if verdict == "FAIL":
+            failures.append(f"{name}: {short or value}" + (f", budget {budget}" if budget else ""))
+        elif budget and verdict == "not measured":
+            failures.append(f"{name}: not measured ({value}), budget {budget}")
+
+    sizes = inference if "impossible" not in inference else {}
+    for key, label in (("adapter_parameters", "adapter parameters"), ("parameters", "parameters, base + adapter")):
+        row(label, _measured_vs_predicted(sizes.get(key), predicted[key], lambda n: f"{n:,}"),
+            verdict=_agreement(predicted[key], sizes.get(key)))
+    row(f"adapter bytes, {sizes.get('adapter_dtype', 'float32')}",
+        _measured_vs_predicted(sizes.get("adapter_bytes"), predicted["adapter_bytes"], _bytes),
+        verdict=_agreement(predicted["adapter_bytes"], sizes.get("adapter_bytes")))
+    row(f"base weights, {predicted['base_dtype']}",
+        _measured_vs_predicted(sizes.get("base_bytes"), predicted["base_bytes"], _bytes),
+        verdict=_agreement(predicted["base_bytes"], sizes.get("base_bytes")) if predicted["base_bytes"] else "")
+
+    for checkpointing in (True, False):
+        used = checkpointing == training.gradient_checkpointing
+        quantity = f"training peak, checkpointing {'on' if checkpointing else 'off'}{' *' if used else ''}"
+        budget = f"<= {settings.max_train_memory_gb:g} GiB" if used and settings.max_train_memory_gb else ""
+        step = steps[checkpointing]
+        if "impossible" in step:
+            row(quantity, step["impossible"], budget, "not measured")
+        elif "out_of_memory" in step:
+            row(quantity, f"out of memory ({step['out_of_memory']})", budget, "FAIL" if used else "")
+        else:
+            over = budget and step["peak_bytes"] > settings.max_train_memory_gb * GIB
+            row(quantity, _peak_text(step), budget, ("FAIL" if over else "ok") if budget else "", _bytes(step["peak_bytes"]))
+
+    budget = f"<= +{settings.max_infer_overhead:.1%}" if settings.max_infer_overhead else ""
+    if "impossible" in inference:
+        row("forward latency", inference["impossible"], budget, "not measured")
+    else:
+        over = budget and inference["unmerged_overhead"] > settings.max_infer_overhead
+        row("forward, base", f"{inference['base_ms']:.2f} ms")
+        row("forward, unmerged adapter", f"{inference['unmerged_overhead']:+.1%} ({inference['unmerged_ms']:.2f} ms)",
+            budget, ("FAIL" if over else "ok") if budget else "", f"{inference['unmerged_overhead']:+.1%}")
+        row("forward, merged adapter", f"{inference['merged_overhead']:+.1%} ({inference['merged_ms']:.2f} ms)")
+
+    import torch
+
+    return {"target": target.to_dict(), "settings": settings.to_dict(),
+            "training": {"gradient_checkpointing": training.gradient_checkpointing},
+            "machine": {"device": _device_name(target.device), "torch": torch.__version__, "python": platform.python_version()},
+            "predicted": predicted, "inference": inference,
+            "training_step": {"gradient_checkpointing_on": steps[True], "gradient_checkpointing_off": steps[False]},
+            "notes": _notes(target, settings, training), "rows": rows, "failures": failures, "ok": not failures}
+
+
+def format_table(report: dict) -> str:
+    """The rows as an aligned plain-text table (the command line's output)."""
+    header = {"quantity": "quantity", "value": "value", "budget": "budget", "verdict": "verdict"}
+    rows = [header, *report["rows"]]
+    widths = {k: max(len(r[k]) for r in rows) for k in header}
+    lines = ["  ".join(r[k].ljust(widths[k]) for k in header).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * widths[k] for k in header))
+    return "\n".join([f"Check on {report['machine']['device']}, torch {report['machine']['torch']}", *lines,
+                      *report["notes"]])
+
+
+def markdown_table(report: dict) -> str:
+    """The rows as a markdown table with a verdict line (the Prefect artifact)."""
+    lines = [f"# Check of {Path(report['target']['rank_config']).name} on {report['machine']['device']}", "",
+             "| quantity | value | budget | verdict |", "|---|---|---|---|"]
+    lines += [f"| {r['quantity']} | {r['value']} | {r['budget']} | {r['verdict']} |" for r in report["rows"]]
+    verdict = "All budgets hold." if report["ok"] else "Failed: " + "; ".join(report["failures"])
+    return "\n".join([*lines, "", *report["notes"], "", verdict])
+
+
+def write_report(report: dict, output_dir: str | Path) -> Path:
+    """``<output_dir>/check_report.json``, written atomically."""
+    return atomic_write_json(Path(output_dir) / REPORT_NAME, report)
+
+
+def _notes(target: Target, settings: CheckSettings, training: LoRATrainingSettings) -> list[str]:
+    """What the figures mean: shapes, optimizer, what a peak covers."""
+    memory = ("the CUDA allocator's peak reserved memory" if target.device.startswith("cuda")
+              else "the peak resident memory of the measuring process")
+    return [f"training: {settings.batch} x {settings.seq_len} tokens, {training.optimizer}, "
+            f"{target.quantization or 'unquantized'} base, two steps; peak = {memory} (weights, adapter, optimizer "
+            f"state and activations); * = the gradient checkpointing training uses",
+            f"latency: {settings.latency_batch} x {settings.seq_len} tokens, median of {settings.latency_repeats} "
+            "interleaved rounds after a warm-up, as ratios to the base"]
+
+
+def _measured_vs_predicted(measured, predicted, fmt) -> str:
+    return f"{fmt(measured) if measured is not None else '-'} (predicted {fmt(predicted) if predicted else 'n/a'})"
+
+
+def _agreement(predicted: int | None, measured: int | None) -> str:
+    if measured is None:
+        return "not measured"
+    return "matches" if predicted == measured else f"differs by {measured - predicted:+,}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _peak_text(step: dict) -> str:
+    """``1.23 GiB (of 80 GiB; allocated 1.1 GiB), 5,000 tokens/s`` on CUDA; with the loaded model's size on the CPU."""
+    if "device_total_bytes" in step:
+        context = f"of {_bytes(step['device_total_bytes'])}; allocated {_bytes(step['peak_allocated_bytes'])}"
+    else:
+        context = f"model loaded: {_bytes(step['loaded_bytes'])}"
+    return f"{_bytes(step['peak_bytes'])} ({context}), {step['tokens_per_s']:,.0f} tokens/s"
+
+
+def _device_name(device: str) -> str:
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"

@@ -1,0 +1,144 @@
+"""`lora-ranks check`: memory and latency of a rank config measured on this machine, budgets as assertions."""
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from flows.cli import main
+from lora_ranks.analysis import analyze_checkpoints
+from lora_ranks.check import Target, check_rank_config, format_table
+from lora_ranks.check.measure import GIB, measure_training_step, run_isolated
+from lora_ranks.errors import LoraRanksError
+from lora_ranks.ranks import AllocationSettings
+from lora_ranks.settings import CheckSettings, LoRATrainingSettings
+from lora_ranks.synthetic import build_tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def tiny(planted_pair, tmp_path_factory):
+    """A tiny Qwen3 (2 layers, hidden 64, with a tokenizer) and a heterogeneous rank config of its shapes (made
+    from the planted pair, which has the same shapes)."""
+    root = tmp_path_factory.mktemp("check")
+    model = build_tiny_qwen3(root / "model")
+    analyze_checkpoints(*planted_pair, root / "ranks",
+                        settings=AllocationSettings(energy_threshold=0.99, min_rank=2, max_rank=16, smoothing="none"))
+    config = root / "ranks" / "configs" / "lora_rank_config.json"
+    assert len(set(json.loads(config.read_text())["rank_pattern"].values())) > 1
+    return str(model), str(config)
+
+
+def _args(tiny, out, *extra):
+    return ["check", "--model", tiny[0], "--lora-config", tiny[1], "--out", str(out), "--seq-len", "128",
+            "--latency-repeats", "5", *extra]
+
+
+@pytest.mark.slow
+def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_path, capsys):
+    assert main(_args(tiny, tmp_path / "ok", "--max-train-memory-gb", "64", "--max-infer-overhead", "100")) == 0
+    out = capsys.readouterr().out
+    assert "training peak, checkpointing on *" in out and "All budgets hold." in out
+    report = json.loads((tmp_path / "ok" / "check_report.json").read_text())
+    assert report["ok"] and report["failures"] == []
+    predicted, measured = report["predicted"], report["inference"]
+    for key in ("adapter_parameters", "parameters", "adapter_bytes", "base_bytes"):
+        assert measured[key] == predicted[key], key  # float32 on the CPU: bytes follow from the config
+    assert predicted["adapter_parameters"] == json.loads(open(tiny[1]).read())["trainable_parameters"]
+    for gc in ("on", "off"):
+        step = report["training_step"][f"gradient_checkpointing_{gc}"]
+        assert step["loaded_bytes"] < step["peak_bytes"] < 64 * GIB and step["tokens_per_s"] > 0
+    # Merging removes the adapter's cost; unmerged, every adapted module runs two more matmuls.
+    assert measured["merged_overhead"] < measured["unmerged_overhead"]
+    verdicts = {r["quantity"]: r["verdict"] for r in report["rows"]}
+    assert verdicts["training peak, checkpointing on *"] == verdicts["forward, unmerged adapter"] == "ok"
+
+
+@pytest.mark.slow
+def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys):
+    # A process that loaded torch holds far more than 1 MiB; an adapter's extra matmuls cost more than 0.0001%.
+    # Through the check-config flow, which fails (CheckFailed, a one-line state message); the command exits with 1.
+    code = main(_args(tiny, tmp_path / "bad", "--max-train-memory-gb", "0.001", "--max-infer-overhead", "0.000001",
+                      "--no-gradient-checkpointing"))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "training peak, checkpointing off *" in captured.out  # the table is shown, the mode training uses marked
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("lora-ranks: check failed: training peak, checkpointing off: ")
+    assert "budget <= 0.001 GiB" in error and "forward, unmerged adapter: +" in error and "budget <= +0.0%" in error
+    report = json.loads((tmp_path / "bad" / "check_report.json").read_text())
+    assert not report["ok"] and len(report["failures"]) == 2
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_lowers_the_peak_of_a_deep_model(tmp_path):
+    """Each setting in its own process; 8 layers x 4 x 512 tokens hold ~300 MiB of activations without it."""
+    model = build_tiny_qwen3(tmp_path / "deep", hidden_size=128, intermediate_size=384, num_layers=8)
+    analyze_checkpoints(model, model, tmp_path / "ranks")
+    target = Target(str(model), str(tmp_path / "ranks" / "configs" / "lora_rank_config.json"), "cpu")
+    on, off = (run_isolated(measure_training_step, target, 4, 512, gc) for gc in (True, False))
+    assert on["peak_bytes"] < off["peak_bytes"] - 100 * 2**20, (on, off)
+    assert on["peak_covers"] == off["peak_covers"] == "the training steps (weights resident)"  # VmHWM was reset
+
+
+def test_a_measurement_runs_in_its_own_process_and_its_death_is_reported():
+    assert run_isolated(_pid)["pid"] != os.getpid()
+    died = run_isolated(_die)
+    assert died == {"impossible": "the measuring process died: killed by signal 9 (out of memory?)"}
+    with pytest.raises(LoraRanksError, match="raised in the child"):
+        run_isolated(_raise)
+
+
+def _pid() -> dict:
+    return {"pid": os.getpid()}
+
+
+def _die() -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def _raise() -> dict:
+    raise LoraRanksError("raised in the child")
+
+
+def test_without_bitsandbytes_a_quantized_check_says_so_instead_of_guessing(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails, as where it cannot load
+    report = check_rank_config(*tiny, CheckSettings(seq_len=128, max_train_memory_gb=10),
+                               LoRATrainingSettings(quantization="4bit"))
+    assert not report["ok"]
+    table = format_table(report)
+    assert "4bit quantization needs bitsandbytes, which cannot load here" in table
+    assert report["failures"] == [f"training peak, checkpointing on: not measured ({report['rows'][4]['value']}), "
+                                  "budget <= 10 GiB"]
+    assert report["predicted"]["base_bytes"] is None  # a packed base is not predicted either
+    unasserted = check_rank_config(*tiny, CheckSettings(seq_len=128), LoRATrainingSettings(quantization="4bit"))
+    assert unasserted["ok"] and "not measured" in format_table(unasserted)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "0"], "--batch 0: input should be greater than or equal to 1"),
+    (["--seq-len", "0"], "--seq-len 0: input should be greater than or equal to 1"),
+    (["--max-train-memory-gb", "-2"], "--max-train-memory-gb -2: input should be greater than 0"),
+    (["--max-infer-overhead", "0"], "--max-infer-overhead 0: input should be greater than 0"),
+    (["--device", "cuda:7"], "device cuda:7 is not available here"),
+    (["--device", "npu"], "--device npu: device must be cpu, cuda or cuda:N"),
+    (["--seq-len", "4096"], "seq_len 4096 is longer than the context of"),
+])
+def test_bad_input_is_one_line_before_anything_is_built(tiny, tmp_path, capsys, extra, message):
+    args = _args(tiny, tmp_path / "never", *extra)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_config_naming_modules_the_model_lacks_is_refused_with_the_list(tiny, tmp_path, capsys):
+    shallow = build_tiny_qwen3(tmp_path / "one-layer", num_layers=1)
+    capsys.readouterr()  # the model's own writing
+    assert main(["check", "--model", str(shallow), "--lora-config", tiny[1], "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank config does not fit the model: 7 problem(s)" in err[0]
+    assert "model.layers.1.self_attn.q_proj: no such module in the model" in err[0]
+    assert not (tmp_path / "never").exists()
