@@ -254,8 +254,7 @@ def _check_calibration(model_dir, data_path, settings: dict) -> None:
         raise CalibrationError(f"--spectrum {curvature.spectrum} needs calibration records: give --data (the "
                                "fine-tuning data)")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    calibration_examples(data_path, tokenizer, settings["finetune"], curvature.min_calibration_tokens,
-                         load_image_processor(model_dir))
+    calibration_examples(data_path, tokenizer, settings["finetune"], curvature, load_image_processor(model_dir))
 
 
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:

@@ -215,8 +215,13 @@ class CurvatureSettings(Settings):
     model (the loss cost of dropping each direction, comparable across modules). input and fisher need calibration
     records (the fine-tuning data). auto: fisher when calibration records are given, else weight (fisher ranked
     modules' loss costs best and gave the closest adapters in BENCHMARKS.md's experiment)."""
-    fisher_samples: int = Field(4, ge=1)
-    """Monte-Carlo draws of labels from the fine-tuned model per record, for the Fisher factor G."""
+    fisher_samples: int = Field(1, ge=1)
+    """Monte-Carlo draws of labels from the fine-tuned model per record, for the Fisher factor G; each is one
+    backward pass (BENCHMARKS.md: 1, 2 and 4 draws gave adapters of the same fidelity)."""
+    calibration_records: Optional[int] = Field(None, ge=1)
+    """Most records the factors are estimated from: a stratified sample of at most this many of the fine-tuning
+    subset; empty: the whole subset. BENCHMARKS.md: 80 records (3.7k tokens) did as well as 320 on a hidden-256
+    model, at a quarter of the cost; wider models have larger factors to estimate."""
     curvature_damping: float = Field(0.01, ge=0, allow_inf_nan=False)
     """Tikhonov damping of the factors, relative to their mean eigenvalue: directions the calibration never
     excited keep a small weight instead of none (and the loss-aware truncation stays bounded)."""

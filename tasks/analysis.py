@@ -73,8 +73,7 @@ def check_calibration_task(model: str, data_path: str | None, curvature: Curvatu
     if data_path is None:
         raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records: give data_path")
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)), trust_remote_code=trust_remote_code)
-    return len(calibration_examples(data_path, tokenizer, subset, curvature.min_calibration_tokens,
-                                    load_image_processor(model)))
+    return len(calibration_examples(data_path, tokenizer, subset, curvature, load_image_processor(model)))
 
 
 def _device_type(device: str | None) -> str:

@@ -296,6 +296,32 @@ def test_calibration_with_too_few_tokens_is_refused_naming_the_file(finetuned_pa
     assert not (tmp_path / "configs").exists()
 
 
+def test_calibration_records_cap_the_calibration_set_keeping_it_stratified(finetuned_pair):
+    from transformers import AutoTokenizer
+
+    from lora_ranks.analysis import calibration_examples
+    from lora_ranks.data import load_records
+    from lora_ranks.settings import CurvatureSettings, FinetuneSettings
+
+    _, finetuned, data = finetuned_pair
+    tokenizer = AutoTokenizer.from_pretrained(finetuned)
+    subset = FinetuneSettings(subset_ratio=0.5)
+    whole = calibration_examples(data, tokenizer, subset, CurvatureSettings(min_calibration_tokens=1))
+    capped = calibration_examples(data, tokenizer, subset, CurvatureSettings(min_calibration_tokens=1,
+                                                                             calibration_records=6))
+    assert len(whole) == 50 and len(capped) == 6
+    # the capped set is the stratified 6-record subset: every task keeps its share
+    from lora_ranks.data import stratified_subset, tokenize_record
+
+    chosen, report = stratified_subset(load_records(data), 0.5, 6, seed=subset.seed, task_key="task")
+    assert len(report.counts_after) > 1
+    expected = [tokenize_record(r, tokenizer, subset.max_length)["input_ids"] for r in chosen]
+    assert [e["input_ids"] for e in capped] == expected
+    with pytest.raises(CalibrationError, match="more calibration_records"):
+        calibration_examples(data, tokenizer, subset, CurvatureSettings(calibration_records=1,
+                                                                        min_calibration_tokens=10**4))
+
+
 def test_signal_rule_reads_the_noise_floor(finetuned_pair, tmp_path):
     from lora_ranks.analysis import analyze_checkpoints
     from lora_ranks.settings import AllocationSettings

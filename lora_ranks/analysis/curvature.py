@@ -42,9 +42,10 @@ class CurvatureResult:
     silent_modules: list[str] = field(default_factory=list)  # modules the calibration never ran through
 
 
-def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, min_tokens: int,
+def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, curvature: CurvatureSettings,
                          image_processor=None) -> list[dict]:
-    """The calibration records: the fine-tune's stratified subset of ``data_path``, tokenized.
+    """The calibration records: the fine-tune's stratified subset of ``data_path`` (at most
+    ``curvature.calibration_records`` of it, still stratified), tokenized.
 
     Raises:
         CalibrationError: the file is missing or empty, or the subset has fewer than ``min_tokens`` tokens (the
@@ -53,10 +54,12 @@ def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSetti
     from ..data import DataError
     from ..finetune import prepare_examples
 
+    min_tokens = curvature.min_calibration_tokens
+    cap = min(subset.max_samples, curvature.calibration_records or subset.max_samples)
     try:
         examples, _, n_records = prepare_examples(
             data_path, tokenizer, max_length=subset.max_length, seed=subset.seed, subset_ratio=subset.subset_ratio,
-            max_samples=subset.max_samples, task_key=subset.task_key, image_processor=image_processor)
+            max_samples=cap, task_key=subset.task_key, image_processor=image_processor)
     except DataError as exc:
         raise CalibrationError(f"calibration data: {exc}") from None
     tokens, response = calibration_tokens(examples)
@@ -64,7 +67,7 @@ def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSetti
         raise CalibrationError(
             f"calibration data {data_path}: the subset of {len(examples)} of {n_records} records has {tokens} tokens "
             f"({response} trained on), fewer than the {min_tokens} needed (min_calibration_tokens); give more "
-            "records or a larger subset_ratio")
+            "records, a larger subset_ratio or more calibration_records")
     return examples
 
 
@@ -92,8 +95,7 @@ def collect_layer_curvature(
     model, tokenizer = load_model(finetuned, dtype=torch.float32, trust_remote_code=trust_remote_code)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
-    examples = calibration_examples(data_path, tokenizer, subset, settings.min_calibration_tokens,
-                                    load_image_processor(finetuned))
+    examples = calibration_examples(data_path, tokenizer, subset, settings, load_image_processor(finetuned))
     tokens, response = calibration_tokens(examples)
     result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
     for layer, factors in collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind=settings.spectrum,

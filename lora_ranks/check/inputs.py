@@ -24,7 +24,8 @@ class CheckInputError(LoraRanksError):
 
 
 def resolve_device(device: str | None) -> str:
-    """``device``, or CUDA when available else the CPU; raises CheckInputError for a CUDA device that is not there."""
+    """``device``, or CUDA when available else the CPU; raises CheckInputError for a CUDA device that is not there.
+    (Counting devices creates no CUDA context.)"""
     import torch
 
     if device is None:
@@ -79,12 +80,10 @@ def predict_sizes(target: Target) -> dict:
     """Parameter counts and bytes predicted from the rank config and the model's config (no weights read).
 
     Returns ``adapter_parameters`` (sum of r * (d_in + d_out)), ``adapter_bytes`` (float32 LoRA weights),
-    ``parameters`` (base + adapter), ``base_dtype``, and for an unquantized base ``base_bytes`` in training's dtype on the device
-    (bf16 on a CUDA device that supports it, else float32); a 4/8-bit base's bytes are bitsandbytes' packing, not
-    predicted (None).
+    ``parameters`` (base + adapter) and ``base_parameters``. The base's bytes depend on the dtype training loads it
+    in on the device, which the measuring process reports (``report.assess`` predicts them from it); nothing here
+    touches the device, so that no CUDA context of this process takes memory from the measurements.
     """
-    import torch
-
     from ..checkpoints import build_meta_model, resolve_model_path
     from ..model import DynamicLoRAConfig
 
@@ -94,11 +93,8 @@ def predict_sizes(target: Target) -> dict:
     shapes = {name: (modules[name].in_features, modules[name].out_features) for name in config.target_modules}
     adapter = config.predicted_parameters(shapes)
     base = sum(p.numel() for p in meta.parameters())
-    bf16 = target.device.startswith("cuda") and torch.cuda.is_bf16_supported()
     return {"adapter_parameters": adapter, "adapter_bytes": adapter * ADAPTER_BYTES_PER_PARAMETER,
-            "parameters": base + adapter, "base_parameters": base,
-            "base_dtype": target.quantization or ("bfloat16" if bf16 else "float32"),
-            "base_bytes": None if target.quantization else base * (2 if bf16 else 4)}
+            "parameters": base + adapter, "base_parameters": base}
 
 
 def _context_length(root: Path) -> int | None:

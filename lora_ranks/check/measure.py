@@ -139,7 +139,8 @@ def measure_training_step(target: Target, batch: int, seq_len: int, gradient_che
 
 
 def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) -> dict:
-    """Parameter counts and bytes, and forward latency of the base, the unmerged and the merged adapter.
+    """Parameter counts and bytes, and forward latency of the base, the unmerged and the merged adapter; also the
+    ``dtype`` the base was loaded in and the ``device_name``.
 
     Run it through ``run_isolated``. Two copies of the model are held: the plain base, and the base with the
     adapter (lora_B drawn with std 0.01, as a trained adapter is not zero). Phase 1 times base and unmerged, phase 2
@@ -166,7 +167,8 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
     counts = {"adapter_parameters": trainable, "parameters": total,
               "adapter_bytes": sum(p.numel() * p.element_size() for p in lora),
               "adapter_dtype": str(lora[0].dtype).removeprefix("torch.") if lora else None,
-              "base_bytes": sum(p.numel() * p.element_size() for p in base.parameters())}
+              "base_bytes": sum(p.numel() * p.element_size() for p in base.parameters()),
+              "dtype": str(_training_dtype(dev)).removeprefix("torch."), "device_name": _device_name(dev)}
     vocab = base.get_input_embeddings().num_embeddings
     tokens = torch.randint(vocab, (batch, seq_len), generator=generator).to(dev)
     unmerged = _interleaved(base, adapted, tokens, repeats)
@@ -180,18 +182,34 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
 
 def _build(target: Target, dev, gradient_checkpointing: bool, with_lora: bool):
     """The base model (``with_lora=False``) or the PEFT model training builds, on ``dev``."""
-    import torch
 
     from ..model import DynamicLoRAConfig, PEFTModelFactory
 
     config = DynamicLoRAConfig.from_file(target.rank_config, lora_dropout=target.lora_dropout)
-    # Training's dtype for this device: bf16 on a CUDA device that supports it, else float32.
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    factory = PEFTModelFactory(config, quantization=target.quantization, dtype=dtype,
+    factory = PEFTModelFactory(config, quantization=target.quantization, dtype=_training_dtype(dev),
                                gradient_checkpointing=gradient_checkpointing, trust_remote_code=target.trust_remote_code,
                                device_map={"": dev.index or 0 if dev.type == "cuda" else "cpu"} if target.quantization else None)
     model = factory.build(target.model)[0] if with_lora else factory.load_base(target.model)[0]
     return model if target.quantization else model.to(dev)
+
+
+def _training_dtype(dev):
+    """The dtype training loads an unquantized base in (and a quantized one computes in) on ``dev``: bf16 on a CUDA
+    device that supports it, else float32."""
+    import torch
+
+    return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _device_name(dev) -> str:
+    import os
+    import platform
+
+    import torch
+
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _interleaved(base, other, tokens, repeats: int) -> dict:

@@ -18,6 +18,7 @@ from .measure import GIB, Target
 __all__ = ["CheckFailed", "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME"]
 
 REPORT_NAME = "check_report.json"
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class CheckFailed(LoraRanksError):
@@ -55,7 +56,12 @@ def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettin
     row(f"adapter bytes, {sizes.get('adapter_dtype', 'float32')}",
         _measured_vs_predicted(sizes.get("adapter_bytes"), predicted["adapter_bytes"], _bytes),
         verdict=_agreement(predicted["adapter_bytes"], sizes.get("adapter_bytes")))
-    row(f"base weights, {predicted['base_dtype']}",
+    # An unquantized base: its parameters times the bytes of the dtype training loads it in; a packed 4/8-bit
+    # base's bytes are bitsandbytes' business, not predicted.
+    dtype = target.quantization or sizes.get("dtype")
+    predicted = {**predicted, "base_bytes": predicted["base_parameters"] * _DTYPE_BYTES[dtype]
+                 if dtype in _DTYPE_BYTES else None}
+    row(f"base weights, {dtype or 'dtype unknown'}",
         _measured_vs_predicted(sizes.get("base_bytes"), predicted["base_bytes"], _bytes),
         verdict=_agreement(predicted["base_bytes"], sizes.get("base_bytes")) if predicted["base_bytes"] else "")
 
@@ -86,7 +92,8 @@ def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettin
 
     return {"target": target.to_dict(), "settings": settings.to_dict(),
             "training": {"gradient_checkpointing": training.gradient_checkpointing},
-            "machine": {"device": _device_name(target.device), "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {"device": sizes.get("device_name", target.device), "torch": torch.__version__,
+                        "python": platform.python_version()},
             "predicted": predicted, "inference": inference,
             "training_step": {"gradient_checkpointing_on": steps[True], "gradient_checkpointing_off": steps[False]},
             "notes": _notes(target, settings, training), "rows": rows, "failures": failures, "ok": not failures}
@@ -119,13 +126,19 @@ def write_report(report: dict, output_dir: str | Path) -> Path:
 
 def _notes(target: Target, settings: CheckSettings, training: LoRATrainingSettings) -> list[str]:
     """What the figures mean: shapes, optimizer, what a peak covers."""
+    from ..checkpoints import resolve_model_path
+    from ..loading import detect_model_type
+
     memory = ("the CUDA allocator's peak reserved memory" if target.device.startswith("cuda")
               else "the peak resident memory of the measuring process")
+    vision = detect_model_type(resolve_model_path(target.model)) == "qwen2_5_vl"
     return [f"training: {settings.batch} x {settings.seq_len} tokens, {training.optimizer}, "
             f"{target.quantization or 'unquantized'} base, two steps; peak = {memory} (weights, adapter, optimizer "
             f"state and activations); * = the gradient checkpointing training uses",
             f"latency: {settings.latency_batch} x {settings.seq_len} tokens, median of {settings.latency_repeats} "
-            "interleaved rounds after a warm-up, as ratios to the base"]
+            "interleaved rounds after a warm-up, as ratios to the base",
+            *(["a vision-language model: measured on text tokens; images add the vision tower's activations and "
+               "image tokens"] if vision else [])]
 
 
 def _measured_vs_predicted(measured, predicted, fmt) -> str:
@@ -154,13 +167,3 @@ def _peak_text(step: dict) -> str:
     else:
         context = f"model loaded: {_bytes(step['loaded_bytes'])}"
     return f"{_bytes(step['peak_bytes'])} ({context}), {step['tokens_per_s']:,.0f} tokens/s"
-
-
-def _device_name(device: str) -> str:
-    import os
-
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
