@@ -120,16 +120,9 @@ def step_spectra(out: Path, pair: tuple[str, str], train: Path, args) -> dict:
 
 def rank_config(modules, ranks: dict, base_parameters: int, curvature: dict, label: str) -> dict:
     """A rank config for ``ranks`` (constant alpha = 2r), recording the curvature its truncation may use."""
-    from lora_ranks.config import build_rank_config
-    from lora_ranks.ranks import ModuleAllocation
-    from lora_ranks.settings import AllocationSettings
+    from lora_ranks.evidence.experiment import config_from_ranks
 
-    allocations = [ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth, shape=m.shape,
-                                    raw_rank=ranks[m.name], saturated=False, bounded_rank=ranks[m.name],
-                                    smoothed_rank=ranks[m.name], final_rank=ranks[m.name], energy_retained=0.0,
-                                    weight_key=m.weight_key) for m in modules]
-    return build_rank_config(allocations, AllocationSettings(min_rank=1, max_rank=64), base_parameters=base_parameters,
-                             extra_metadata={"allocation": label, "curvature": curvature})
+    return config_from_ranks(modules, ranks, base_parameters, extra_metadata={"allocation": label, "curvature": curvature})
 
 
 def step_allocations(out: Path, analysis: dict, budgets: list[int]) -> dict:

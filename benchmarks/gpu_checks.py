@@ -1,4 +1,4 @@
-"""The GPU checks of issues 3 and 4, as one prepared script (run where a CUDA device is lent).
+"""The GPU checks of issues 3, 4 and 17, as one prepared script (run where a CUDA device is lent).
 
 spectra   Qwen2.5-7B-shaped deltas (28 layers x q/k/v/o 3584-wide, gate/up/down 18944x3584): total seconds of
           ``compute_spectrum`` (auto method) for the whole model, against full float32 ``torch.linalg.svd`` timed
@@ -9,8 +9,12 @@ finetune  peak memory and step time of one full fine-tuning step (batch 2 x 512,
           bf16 weights) of a Qwen2.5-7B-shaped model with torch AdamW vs bitsandbytes 8-bit AdamW.
           Target (issue 4): <= 40 GB with 8-bit AdamW (torch AdamW measured 63 GB).
 
-    python benchmarks/gpu_checks.py --out $OUT spectra finetune
-    python benchmarks/gpu_checks.py --device cpu --small --out /tmp/gpu-check spectra finetune   # smoke test
+check     ``lora-ranks check`` on CUDA (issue 17): a Qwen2.5-7B-wide model of --check-layers layers (8: ~2.2B
+          parameters with the embeddings), the original design's example ranks, batch 4 x 1024: the allocator's
+          peaks with and without gradient checkpointing, latency of unmerged and merged adapter over the base.
+
+    python benchmarks/gpu_checks.py --out $OUT spectra finetune check
+    python benchmarks/gpu_checks.py --device cpu --small --out /tmp/gpu-check spectra finetune check   # smoke test
 
 Results go to <out>/gpu_checks.json and are printed as markdown tables for BENCHMARKS.md. PEFT latency and
 throughput on the GPU: benchmarks/bench_peft.py --device cuda --hidden 3584 --intermediate 18944 --layers 28 --compile.
@@ -143,9 +147,41 @@ def check_finetune(device, dims) -> dict:
     return out
 
 
+def check_config(device, dims, layers: int, out: Path) -> dict:
+    """``lora-ranks check`` (issue 17) on the device: a Qwen2.5-7B-wide model of ``layers`` layers with the original
+    design's example ranks (attention 32, MLP 64), batch 4 x 1024 tokens (x 64 with --small), budgets that hold;
+    the report's rows and its CUDA peaks (allocated, reserved, of the device's total)."""
+    import json as _json
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from benchmarks.bench_peft import design_example_config
+    from lora_ranks.check import check_rank_config, format_table
+    from lora_ranks.config import save_rank_config
+    from lora_ranks.settings import CheckSettings
+    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+
+    folder = out / "check-model"
+    config = Qwen2Config(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                         num_hidden_layers=layers, num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+                         tie_word_embeddings=False, max_position_embeddings=4096)
+    with torch.device(device):
+        Qwen2ForCausalLM(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32).save_pretrained(folder)
+    train_tokenizer([_json.dumps(r) for r in synthetic_records(50)]).save_pretrained(folder)
+    save_rank_config(out / "check-ranks.json", design_example_config(folder))
+    seq = 64 if dims is SMALL else 1024
+    report = check_rank_config(str(folder), str(out / "check-ranks.json"),
+                               CheckSettings(batch=4, seq_len=seq, device=str(device), max_train_memory_gb=130,
+                                             max_infer_overhead=1.0), output_dir=str(out / "check"))
+    print(format_table(report))
+    return {"rows": report["rows"], "ok": report["ok"], "training_step": report["training_step"],
+            "inference": report["inference"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checks", nargs="+", choices=["spectra", "finetune"])
+    parser.add_argument("checks", nargs="+", choices=["spectra", "finetune", "check"])
+    parser.add_argument("--check-layers", type=int, default=8, help="layers of the model `check` measures")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test of the script itself)")
     parser.add_argument("--naive-layers", type=int, default=2)
@@ -161,6 +197,8 @@ def main() -> None:
         results["finetune"] = check_finetune(device, dims)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "check" in args.checks:
+        results["check"] = check_config(device, dims, 2 if args.small else args.check_layers, out)
     (out / "gpu_checks.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

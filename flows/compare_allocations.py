@@ -4,11 +4,14 @@ Steps:
     1. split the data into train and held-out records (or use ``eval_data_path``); the demo model brings its data;
     2. ranks: the ``svd-analysis`` flow on the train records (as a subflow; it fine-tunes first unless
        ``finetuned_model`` is given), optionally with its fidelity report on the held-out records;
-    3. three rank configs at (about) equal trainable parameters: uniform, energy threshold, budget water-filling;
+    3. rank configs at (about) equal trainable parameters: uniform, energy threshold, budget water-filling (with
+       ``comparison.budget_ranks``: at each budget, water-filling on every spectrum the analysis has);
     4. train a LoRA for every config and seed (identical data, steps and seeds), warm-started from the adapter
-       extracted at its ranks unless ``training.init`` is "cold";
+       extracted at its ranks unless ``training.init`` is "cold"; with ``comparison.cold_baseline`` also cold;
+       with ``comparison.full_finetune`` a full fine-tune per seed, trained as long (the reference);
     5. held-out loss of every adapter;
-    6. a table (mean +- std over seeds) and a plot, as files and UI artifacts.
+    6. a table (mean +- std over seeds, paired differences to uniform ranks, the gap closed to the full fine-tune)
+       and a plot, as files and UI artifacts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from lora_ranks.settings import (  # noqa: E402
     SafetySettings,
 )
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
-from tasks.evidence import allocation_configs_task, comparison_report_task, evaluate_adapter_task, split_data_task  # noqa: E402
+from tasks.evidence import (  # noqa: E402
+    allocation_configs_task,
+    comparison_report_task,
+    evaluate_adapter_task,
+    full_finetune_task,
+    split_data_task,
+)
 from tasks.finetune import build_demo_inputs_task  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
@@ -63,7 +72,7 @@ def compare_allocations(
     fidelity: Annotated[FidelitySettings, described(FidelitySettings)] = FidelitySettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
 ) -> str:
-    """Train uniform / energy / budget LoRAs at equal budget over several seeds; returns results.json's path."""
+    """Train LoRAs of different allocations at equal budgets over several seeds; returns results.json's path."""
     layout = ComparisonLayout(Path(output_dir).resolve())
 
     # Step 1: train / held-out split (the demo model brings its own synthetic data).
@@ -85,32 +94,44 @@ def compare_allocations(
     pretrained = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["pretrained"]["path"]
 
     # Step 3: equal-budget configs.
-    configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir))
+    configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir),
+                                      comparison.budget_ranks)
 
-    # Step 4: train every config x seed (warm: from the adapter extracted at the config's ranks).
+    # Step 4: train every config x init x seed (warm: from the adapter extracted at the config's ranks).
     finetuned = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["finetuned"]["path"]
+    inits = [training.init] + (["cold"] if comparison.cold_baseline and training.init == "warm" else [])
     warm = {}
-    if training.init == "warm":
+    if "warm" in inits:
         extracted = extract_lora_task.map(unmapped(pretrained), unmapped(finetuned), list(configs.values()),
                                           [str(layout.root / "warm" / label) for label in configs],
                                           unmapped(safety.allow_pickle), unmapped(extraction))
         warm = dict(zip(configs, extracted.result()))
-    runs = [(label, seed) for label in configs for seed in comparison.seeds]
+    runs = [(label, init, seed) for label in configs for init in inits for seed in comparison.seeds]
     trained = train_dynamic_lora_task.map(
-        [pretrained] * len(runs), [configs[label] for label, _ in runs], [train_path] * len(runs),
-        [str(layout.run_dir(label, seed)) for label, seed in runs],
-        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed}) for _, seed in runs],
-        [warm.get(label) for label, _ in runs])
+        [pretrained] * len(runs), [configs[label] for label, _, _ in runs], [train_path] * len(runs),
+        [str(layout.run_dir(label if init == training.init else f"{label}-{init}", seed)) for label, init, seed in runs],
+        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed}) for _, _, seed in runs],
+        [warm.get(label) if init == "warm" else None for label, init, _ in runs])
+    full = None
+    if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs
+        steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
+                                                                      "grad_accumulation", "max_length")}
+        reference = FinetuneSettings(**{**finetune.to_dict(), **steps})
+        full = dict(zip(comparison.seeds, full_finetune_task.map(
+            unmapped(pretrained), unmapped(train_path), unmapped(eval_data_path),
+            [str(layout.run_dir("full-finetune", seed)) for seed in comparison.seeds], unmapped(reference),
+            list(comparison.seeds), unmapped(fidelity.eval_samples)).result()))
 
     # Step 5: held-out loss.
     losses = evaluate_adapter_task.map([pretrained] * len(runs), [t.result().adapter_dir for t in trained],
-                                       [eval_data_path] * len(runs), [label for label, _ in runs],
-                                       [seed for _, seed in runs], unmapped(fidelity.eval_samples)).result()
+                                       [eval_data_path] * len(runs), [f"{label}-{init}" for label, init, _ in runs],
+                                       [seed for _, _, seed in runs], unmapped(fidelity.eval_samples)).result()
 
     # Step 6: report.
     report = comparison_report_task(str(layout.root), configs, runs, losses,
                                     {"config": config_path, "train_data": train_path, "eval_data": eval_data_path,
-                                     "training": training.to_dict()})
+                                     "training": training.to_dict(), "comparison": comparison.to_dict()},
+                                    training.init, full)
     return report.results_path
 
 

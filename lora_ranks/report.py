@@ -174,16 +174,19 @@ def write_fidelity_plot(out_dir: str | Path, points) -> str:
 
 
 def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
-    """Held-out loss (mean +- std over seeds) per allocation, as a bar chart (PNG path)."""
-    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
-    labels = [f"{r['allocation']}\n{r['trainable_parameters']:,} params" for r in rows]
-    ax.bar(labels, [r["loss_mean"] for r in rows], yerr=[r["loss_std"] for r in rows], capsize=6,
-           color=["#999999", "#4477aa", "#cc6677"][: len(rows)])
+    """Held-out loss (mean +- std over seeds) per allocation and init, as horizontal bars (PNG path)."""
+    fig, ax = _pyplot().subplots(figsize=(6.5, 1.2 + 0.42 * len(rows)))
+    labels = [f"{r['allocation']}, {r.get('init', 'warm')} ({r['trainable_parameters']:,})" for r in rows]
+    colors = {"warm": "#4477aa", "cold": "#999999", "full": "#cc6677"}
+    ax.barh(labels, [r["loss_mean"] for r in rows], xerr=[r["loss_std"] for r in rows], capsize=4,
+            color=[colors.get(r.get("init", "warm"), "#4477aa") for r in rows])
     low = min(r["loss_mean"] - r["loss_std"] for r in rows)
     high = max(r["loss_mean"] + r["loss_std"] for r in rows)
-    ax.set_ylim(max(0.0, low - 0.5 * (high - low) - 1e-3), high + 0.5 * (high - low) + 1e-3)
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("LoRA trained from scratch, equal parameter budget", fontsize=10)
+    ax.set_xlim(max(0.0, low - 0.5 * (high - low) - 1e-3), high + 0.5 * (high - low) + 1e-3)
+    ax.invert_yaxis()  # first row on top
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("held-out loss (nats/token)")
+    ax.set_title("LoRAs at equal parameter budgets (trainable parameters in brackets)", fontsize=9)
     fig.tight_layout()
     return _save_png(fig, Path(out_dir) / "comparison.png")
 
@@ -220,11 +223,20 @@ def analysis_summary_markdown(config: dict, config_path: str | Path, plots: Mapp
 
 
 def comparison_markdown(rows: Sequence[dict], plot: str | Path) -> str:
-    """The comparison summary: held-out loss per allocation (mean +- std over seeds) and the bar chart."""
-    return "\n".join(["# Uniform vs data-driven ranks at equal budget", "",
-                      "| allocation | parameters | held-out loss |", "|---|---|---|",
-                      *[f"| {r['allocation']} | {r['trainable_parameters']:,} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} |"
-                        for r in rows],
+    """The comparison summary: held-out loss per allocation and init (mean +- std over seeds), the paired difference
+    to uniform ranks at the same budget, the gap closed to a full fine-tune, and the bar chart."""
+    def paired(r: dict) -> str:
+        v = r.get("vs_uniform")
+        return f"{v['mean']:+.4f} ± {v['std']:.4f} (p {v['p']:.3f})" if v else ""
+
+    def gap(r: dict) -> str:
+        return f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else ""
+
+    return "\n".join(["# Allocations at equal budget", "",
+                      "| allocation | init | parameters | held-out loss | vs uniform (paired) | gap closed |",
+                      "|---|---|---|---|---|---|",
+                      *[f"| {r['allocation']} | {r.get('init', 'warm')} | {r['trainable_parameters']:,} | "
+                        f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {paired(r)} | {gap(r)} |" for r in rows],
                       "", markdown_image(plot, "comparison")])
 
 

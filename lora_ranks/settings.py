@@ -374,6 +374,23 @@ class ComparisonSettings(Settings):
     """Training seeds; three or more give a spread."""
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of the records held out for evaluation when no separate eval data is given."""
+    budget_ranks: tuple[int, ...] = ()
+    """Budgets to compare at, each the parameters of uniform rank r (2 = rank 2 everywhere), with uniform,
+    energy-tau (tau tuned to the budget) and water-filling on every spectrum the analysis has; empty: one budget,
+    that of the analysis' own energy ranks (uniform / energy / budget)."""
+    cold_baseline: bool = False
+    """Also train every allocation cold (PEFT's init, B = 0) beside training.init, paired by seed: what the warm
+    start is worth."""
+    full_finetune: bool = False
+    """Also fine-tune every parameter as long on the same data, per seed (the fine-tune's learning rate, the LoRA
+    training's steps and batch): the reference of the gap closed (writes a full model per seed)."""
+
+    @field_validator("budget_ranks")
+    @classmethod
+    def _positive_ranks(cls, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"every budget rank must be at least 1, got {min(ranks)}")
+        return tuple(sorted(set(ranks)))
 
 
 class CheckSettings(Settings):

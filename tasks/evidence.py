@@ -11,12 +11,13 @@ from lora_ranks.evidence import (
     ComparisonReport,
     comparison_report,
     evaluate_adapter,
+    full_finetune_loss,
     run_fidelity_report,
     split_records,
     write_allocation_configs,
 )
 from lora_ranks.report import comparison_markdown, markdown_image
-from lora_ranks.settings import FidelitySettings
+from lora_ranks.settings import FidelitySettings, FinetuneSettings
 
 
 @task(name="split-data")
@@ -39,9 +40,10 @@ def fidelity_report_task(config_path: str, svd_dir: str, eval_data_path: str, ou
 
 
 @task(name="allocation-configs")
-def allocation_configs_task(config_path: str, svd_dir: str, out_dir: str) -> dict[str, str]:
-    """uniform / energy / budget rank configs at (about) the analysis config's parameter count."""
-    return write_allocation_configs(config_path, svd_dir, out_dir)
+def allocation_configs_task(config_path: str, svd_dir: str, out_dir: str, budget_ranks: tuple[int, ...] = ()) -> dict[str, str]:
+    """The compared rank configs: uniform / energy / budget at the analysis config's parameter count, or every
+    allocation at each of ``budget_ranks``."""
+    return write_allocation_configs(config_path, svd_dir, out_dir, budget_ranks)
 
 
 @task(name="evaluate-adapter", task_run_name="evaluate-{label}-seed{seed}")
@@ -51,15 +53,24 @@ def evaluate_adapter_task(base_model: str, adapter_dir: str, eval_data_path: str
     return evaluate_adapter(base_model, adapter_dir, eval_data_path, eval_samples)
 
 
+@task(name="full-finetune-reference", task_run_name="full-finetune-seed{seed}")
+def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, out_dir: str, settings: FinetuneSettings,
+                       seed: int, eval_samples: int) -> float:
+    """Held-out loss of every parameter fine-tuned as long as the LoRAs train (the comparison's reference)."""
+    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir,
+                              FinetuneSettings(**{**settings.to_dict(), "seed": seed}), eval_samples)
+
+
 @task(name="comparison-report")
-def comparison_report_task(out_dir: str, configs: dict[str, str], runs: list[tuple[str, int]], losses: list[float],
-                           details: dict) -> ComparisonReport:
+def comparison_report_task(out_dir: str, configs: dict[str, str], runs: list[tuple[str, str, int]], losses: list[float],
+                           details: dict, reference_init: str = "warm",
+                           full_finetune: dict[int, float] | None = None) -> ComparisonReport:
     """results.json, comparison.png and the UI artifacts of the comparison."""
-    report = comparison_report(ComparisonLayout(out_dir), configs, runs, losses, details)
+    report = comparison_report(ComparisonLayout(out_dir), configs, runs, losses, details, reference_init, full_finetune)
     create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k != "losses"}
                                                               for r in report.rows],
                           description="Held-out loss at equal trainable parameters")
     create_markdown_artifact(key="allocation-comparison-summary", markdown=comparison_markdown(report.rows, report.plot_path))
-    get_run_logger().info("Comparison: %s", [(r["allocation"], round(r["loss_mean"], 4), round(r["loss_std"], 4))
-                                             for r in report.rows])
+    get_run_logger().info("Comparison: %s", [(r["allocation"], r["init"], round(r["loss_mean"], 4),
+                                              round(r["loss_std"], 4)) for r in report.rows])
     return report

@@ -140,6 +140,43 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
     assert Counter(held_out) + Counter(trained) == Counter(everything)  # a partition: nothing held out is trained on
 
 
+@pytest.mark.slow
+def test_compare_allocations_matrix_pairs_every_row_with_uniform_ranks(prefect_harness, tmp_path):
+    """Budgets as uniform-rank equivalents, water-filling on the Fisher and the weight spectra, warm and cold, and
+    a full fine-tune: the report's paired differences and gap closed follow from the per-seed losses."""
+    import math
+
+    from flows.compare_allocations import compare_allocations
+    from lora_ranks.evidence.experiment import paired_comparison
+    from lora_ranks.settings import CurvatureSettings
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
+    results = json.loads(Path(compare_allocations(
+        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
+        curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=100),
+        comparison=ComparisonSettings(seeds=(0, 1), budget_ranks=(2,), cold_baseline=True, full_finetune=True),
+        training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
+        finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.5))).read_text())
+    rows = {(r["allocation"], r["init"]): r for r in results["rows"]}
+    labels = {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-fisher"}
+    assert set(rows) == {(label, init) for label in labels for init in ("warm", "cold")} | {("full-finetune", "full")}
+    uniform = rows[("r2-uniform", "warm")]
+    per_rank = uniform["trainable_parameters"] // 2
+    full = rows[("full-finetune", "full")]["loss_mean"]
+    cold = rows[("r2-uniform", "cold")]["loss_mean"]
+    for (label, init), row in rows.items():
+        if label == "full-finetune":
+            continue
+        assert row["trainable_parameters"] <= 2 * per_rank and row["budget_rank"] == 2
+        if (label, init) != ("r2-uniform", "warm"):  # the reference itself has no paired difference
+            assert row["vs_uniform"] == paired_comparison(row["losses"], uniform["losses"])
+        assert math.isclose(row["gap_closed"], (cold - row["loss_mean"]) / (cold - full))
+    assert uniform["vs_uniform"] is None
+    assert (tmp_path / "cmp" / "runs" / "r2-budget-fisher-cold-seed1" / "adapter").is_dir()
+
+
 def test_fisher_spectrum_through_the_flow_is_cached_by_content(prefect_harness, tmp_path, task_states):
     """svd-analysis with the Fisher spectrum: collect-curvature runs once, a rerun serves it and every layer from
     the cache, and the ranks are those of the library call."""

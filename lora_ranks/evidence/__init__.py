@@ -25,6 +25,7 @@ from .reports import (
                        comparison_report,
                        eval_examples,
                        evaluate_adapter,
+                       full_finetune_loss,
                        run_fidelity_report,
                        split_records,
                        write_allocation_configs,
@@ -34,5 +35,5 @@ from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 __all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",
            "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
            "uniform_allocation", "allocation_configs", "ComparisonLayout", "ComparisonReport", "FidelityReport",
-           "comparison_report", "eval_examples", "evaluate_adapter", "run_fidelity_report", "split_records",
+           "comparison_report", "eval_examples", "evaluate_adapter", "full_finetune_loss", "run_fidelity_report", "split_records",
            "write_allocation_configs", "ModuleSensitivity", "module_sensitivities", "spearman"]

@@ -13,13 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ..checkpoints import ModuleRef
-from ..ranks import allocate_ranks, lora_parameters
-from ..settings import AllocationSettings
+from ..config import build_rank_config
+from ..ranks import ModuleAllocation, allocate_ranks, lora_parameters
+from ..settings import AllocationSettings, AlphaPolicy
 from ..spectra import Spectrum
 from .allocations import uniform_allocation
 
 __all__ = ["parameters_of", "uniform_ranks", "energy_ranks_at_budget", "budget_ranks", "allocations_at_budget",
-           "paired_comparison", "student_t_sf"]
+           "config_from_ranks", "budget_matrix_configs", "paired_comparison", "student_t_sf"]
 
 
 def parameters_of(modules: Sequence[ModuleRef], ranks: Mapping[str, int]) -> int:
@@ -72,6 +73,41 @@ def allocations_at_budget(modules: Sequence[ModuleRef], spectra_by_kind: Mapping
                                             max_rank=max_rank)[0]}
     for kind, spectra in spectra_by_kind.items():
         out[f"budget-{kind}"] = budget_ranks(modules, spectra, budget, min_rank=min_rank, max_rank=max_rank)
+    return out
+
+
+def config_from_ranks(modules: Sequence[ModuleRef], ranks: Mapping[str, int], base_parameters: int, *,
+                      spectra: Mapping[str, Spectrum] | None = None, alpha_policy: AlphaPolicy = AlphaPolicy(),
+                      min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict:
+    """A rank config for given ranks (no rule applied: every stage of the allocation is ``ranks``); the energy each
+    rank keeps is read from ``spectra`` when given (else 0)."""
+    allocations = []
+    for m in modules:
+        r, spectrum = ranks[m.name], (spectra or {}).get(m.name)
+        kept = float(spectrum.cumulative_energy()[r - 1]) if spectrum is not None and spectrum.total_energy > 0 else 0.0
+        allocations.append(ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth,
+                                            shape=m.shape, raw_rank=r, saturated=False, bounded_rank=r, smoothed_rank=r,
+                                            final_rank=r, energy_retained=kept, weight_key=m.weight_key))
+    return build_rank_config(allocations, AllocationSettings(min_rank=min_rank, max_rank=max_rank),
+                             base_parameters=base_parameters, alpha_policy=alpha_policy,
+                             extra_metadata=dict(extra_metadata or {}))
+
+
+def budget_matrix_configs(modules: Sequence[ModuleRef], spectra_by_kind: Mapping[str, Mapping[str, Spectrum]],
+                          budget_ranks_: Sequence[int], base_parameters: int, *, alpha_policy: AlphaPolicy = AlphaPolicy(),
+                          min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict[str, dict]:
+    """Rank configs of every allocation of ``allocations_at_budget`` at each budget ``r`` (the parameters of uniform
+    rank r), labelled ``r<r>-<allocation>`` (e.g. ``r4-budget-fisher``); each records its allocation and budget."""
+    per_rank = sum(m.shape[0] + m.shape[1] for m in modules)
+    main = spectra_by_kind.get("weight") or next(iter(spectra_by_kind.values()))
+    out = {}
+    for r in budget_ranks_:
+        for method, ranks in allocations_at_budget(modules, spectra_by_kind, r * per_rank, min_rank=min_rank,
+                                                   max_rank=max_rank).items():
+            out[f"r{r}-{method}"] = config_from_ranks(
+                modules, ranks, base_parameters, spectra=main, alpha_policy=alpha_policy, min_rank=min_rank,
+                max_rank=max_rank, extra_metadata={**(extra_metadata or {}), "allocation": method, "budget_rank": r,
+                                                   "budget_parameters": r * per_rank})
     return out
 
 

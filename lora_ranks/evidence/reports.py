@@ -7,14 +7,17 @@ Comparison layout under one root::
 
     <root>/data/{train,eval}.jsonl           # the held-out split (when no eval data is given)
     <root>/analysis/...                      # an OutputLayout: the svd-analysis run on the train records
-    <root>/configs/{uniform,energy,budget}.json
+    <root>/configs/<allocation>.json         # uniform, energy, budget; or r<r>-uniform, r<r>-budget-fisher, ...
     <root>/runs/<allocation>-seed<seed>/     # adapter/ and training_metrics.json of every trained LoRA
+    <root>/runs/<allocation>-cold-seed<seed>/  # the cold baseline's (comparison.cold_baseline)
+    <root>/runs/full-finetune-seed<seed>/    # the full fine-tune reference's (comparison.full_finetune)
     <root>/results.json, <root>/comparison.png
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,8 +30,9 @@ from ..config import allocation_settings_of, load_rank_config, modules_from_conf
 from ..data import load_records, tokenize_record
 from ..loading import load_model
 from ..report import write_comparison_plot, write_fidelity_plot
-from ..settings import FidelitySettings
+from ..settings import AlphaPolicy, FidelitySettings, FinetuneSettings
 from .allocations import allocation_configs
+from .experiment import budget_matrix_configs, paired_comparison
 from .fidelity import DeltaBasis, fidelity_sweep, held_out_loss, mean_and_std
 
 __all__ = ["ComparisonLayout", "FidelityReport", "ComparisonReport", "eval_examples", "split_records",
@@ -125,14 +129,46 @@ def run_fidelity_report(config_path: str | Path, svd_dir: str | Path, eval_data_
     return FidelityReport(str(json_path), write_fidelity_plot(out, points), rows)
 
 
-def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_dir: str | Path) -> dict[str, str]:
-    """uniform / energy / budget rank configs at (about) the analysis config's parameter count, written as
-    ``<out_dir>/<label>.json``; returns their paths by label."""
+def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_dir: str | Path,
+                             budget_ranks: Sequence[int] = ()) -> dict[str, str]:
+    """The compared rank configs, written as ``<out_dir>/<label>.json``; returns their paths by label.
+
+    Without ``budget_ranks``: uniform / energy / budget at (about) the analysis config's parameter count. With them:
+    at each budget r (the parameters of uniform rank r), uniform, energy-tau tuned to it, and water-filling on the
+    analysis' spectrum and, when that is curvature-weighted, on the plain weight spectrum too
+    (``budget_matrix_configs``). Every config records the analysis' curvature, so warm starts use its truncation.
+    """
     config = load_rank_config(config_path)
-    configs = allocation_configs(modules_from_config(config), load_spectra(spectra_files(svd_dir)),
-                                 config["base_parameters"], allocation_settings_of(config),
-                                 extra_metadata={"curvature": config["analysis_metadata"].get("curvature", {})})
+    modules = modules_from_config(config)
+    curvature = config["analysis_metadata"].get("curvature", {})
+    files = spectra_files(svd_dir)
+    if not budget_ranks:
+        configs = allocation_configs(modules, load_spectra(files), config["base_parameters"],
+                                     allocation_settings_of(config), extra_metadata={"curvature": curvature})
+    else:
+        kind = (curvature.get("settings") or {}).get("spectrum", "weight")
+        spectra = {"weight": load_spectra(files, weight=True)}
+        if kind != "weight":
+            spectra[kind] = load_spectra(files)
+        settings = allocation_settings_of(config)
+        configs = budget_matrix_configs(modules, spectra, budget_ranks, config["base_parameters"],
+                                        alpha_policy=AlphaPolicy(**config.get("alpha_policy", {})), min_rank=1,
+                                        max_rank=settings.max_rank,
+                                        extra_metadata={"curvature": curvature})
     return {label: str(save_rank_config(Path(out_dir) / f"{label}.json", cfg)) for label, cfg in configs.items()}
+
+
+def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
+                       settings: FinetuneSettings, eval_samples: int = 200) -> float:
+    """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
+    return the held-out loss of the result (the reference of the comparison's gap closed)."""
+    from ..finetune import run_preliminary_finetune
+
+    n_records = len(load_records(train_path))
+    every_record = FinetuneSettings(**{**settings.to_dict(), "subset_ratio": 1.0, "max_samples": n_records})
+    result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
+    model, tokenizer = load_model(result.finetuned_dir)
+    return held_out_loss(model, eval_examples(eval_data_path, tokenizer, eval_samples), tokenizer.pad_token_id)
 
 
 def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
@@ -144,19 +180,70 @@ def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_
     return held_out_loss(model, eval_examples(eval_data_path, tokenizer, eval_samples), tokenizer.pad_token_id)
 
 
-def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: Sequence[tuple[str, int]],
-                      losses: Sequence[float], details: dict) -> ComparisonReport:
-    """Rows (mean +- std of the held-out loss over seeds, per allocation), ``results.json`` and ``comparison.png``.
+def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: Sequence[tuple[str, str, int]],
+                      losses: Sequence[float], details: dict, reference_init: str = "warm",
+                      full_finetune: dict[int, float] | None = None) -> ComparisonReport:
+    """Rows (held-out loss per allocation and init: mean +- std over seeds, paired differences), ``results.json``
+    and ``comparison.png``.
 
-    ``runs`` and ``losses`` are parallel: (allocation label, seed) and its held-out loss; ``details`` is recorded
-    in results.json beside the rows (data paths, steps, ...).
+    Args:
+        runs: (allocation label, init "warm"/"cold", seed) of every trained LoRA, parallel to ``losses``.
+        details: recorded in results.json beside the rows (data paths, steps, ...).
+        reference_init: the init of the uniform ranks every row is paired against (training.init).
+        full_finetune: seed -> held-out loss of a full fine-tune trained as long (the reference of the gap).
+
+    Each row has ``vs_uniform`` (``paired_comparison`` of its per-seed losses minus those of the uniform ranks at
+    the same budget and ``reference_init``; None for those uniform ranks themselves and with fewer than 2 seeds; a t
+    that is not finite, when every difference is the same, is None) and, when cold uniform ranks and the full
+    fine-tune were trained, ``gap_closed``: the share of the held-out-loss gap between cold uniform LoRA and the full
+    fine-tune that the row closes.
     """
+    by_run = {(label, init, seed): loss for (label, init, seed), loss in zip(runs, losses)}
+    inits = list(dict.fromkeys(init for _, init, _ in runs))
+    metadata = {label: load_rank_config(path) for label, path in configs.items()}
+
+    def uniform_of(label: str) -> str:
+        r = metadata[label]["analysis_metadata"].get("budget_rank")
+        return f"r{r}-uniform" if r is not None else "uniform"
+
+    def per_seed(label: str, init: str) -> dict[int, float]:
+        return {seed: loss for (run_label, run_init, seed), loss in by_run.items() if (run_label, run_init) == (label, init)}
+
+    full_mean = mean_and_std(list(full_finetune.values()))[0] if full_finetune else None
     rows = []
-    for label, path in configs.items():
-        values = [loss for (run_label, _), loss in zip(runs, losses) if run_label == label]
-        seeds = [seed for run_label, seed in runs if run_label == label]
-        mean, std = mean_and_std(values)
-        rows.append({"allocation": label, "trainable_parameters": load_rank_config(path)["trainable_parameters"],
-                     "loss_mean": mean, "loss_std": std, "losses": values, "seeds": seeds})
-    results = atomic_write_json(layout.results_path, {"rows": rows, **details})
+    for label in configs:
+        for init in inits:
+            losses_by_seed = per_seed(label, init)
+            if not losses_by_seed:
+                continue
+            seeds = sorted(losses_by_seed)
+            mean, std = mean_and_std([losses_by_seed[s] for s in seeds])
+            reference = per_seed(uniform_of(label), reference_init)
+            paired = [s for s in seeds if s in reference]
+            cold_uniform = per_seed(uniform_of(label), "cold")
+            gap = None
+            if full_mean is not None and cold_uniform:
+                baseline = mean_and_std(list(cold_uniform.values()))[0]
+                gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
+            meta = metadata[label]["analysis_metadata"]
+            rows.append({"allocation": label, "method": meta.get("allocation", label), "budget_rank": meta.get("budget_rank"),
+                         "init": init, "trainable_parameters": metadata[label]["trainable_parameters"],
+                         "loss_mean": mean, "loss_std": std, "losses": [losses_by_seed[s] for s in seeds], "seeds": seeds,
+                         "vs_uniform": _finite(paired_comparison([losses_by_seed[s] for s in paired],
+                                                                 [reference[s] for s in paired]))
+                         if len(paired) >= 2 and (label, init) != (uniform_of(label), reference_init) else None,
+                         "gap_closed": gap})
+    if full_finetune:
+        seeds = sorted(full_finetune)
+        mean, std = mean_and_std([full_finetune[s] for s in seeds])
+        base_parameters = next(iter(metadata.values()))["base_parameters"]
+        rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
+                     "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
+                     "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
+    results = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init, **details})
     return ComparisonReport(str(results), write_comparison_plot(layout.root, rows), rows)
+
+
+def _finite(stats: dict) -> dict:
+    """``stats`` with non-finite values (t of identical differences) as None: results.json is strict JSON."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in stats.items()}
