@@ -110,7 +110,7 @@ def compare_allocations(
     trained = train_dynamic_lora_task.map(
         [pretrained] * len(runs), [configs[label] for label, _, _ in runs], [train_path] * len(runs),
         [str(layout.run_dir(label if init == training.init else f"{label}-{init}", seed)) for label, init, seed in runs],
-        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed}) for _, _, seed in runs],
+        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed, "init": init}) for _, init, seed in runs],
         [warm.get(label) if init == "warm" else None for label, init, _ in runs])
     full = None
     if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs

@@ -116,7 +116,12 @@ def measure_training_step(target: Target, batch: int, seq_len: int, gradient_che
     from ..settings import TrainingSettings
 
     dev = torch.device(target.device)
-    model = _build(target, dev, gradient_checkpointing, with_lora=True)
+    try:
+        model = _build(target, dev, gradient_checkpointing, with_lora=True)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        return {"out_of_memory": f"loading the model: {str(exc).splitlines()[0]}", **_peaks(dev, None, "loading")}
     model.train()
     loaded = _resident_bytes()
     vocab = model.get_input_embeddings().num_embeddings
@@ -171,9 +176,14 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
               "dtype": str(_training_dtype(dev)).removeprefix("torch."), "device_name": _device_name(dev)}
     vocab = base.get_input_embeddings().num_embeddings
     tokens = torch.randint(vocab, (batch, seq_len), generator=generator).to(dev)
-    unmerged = _interleaved(base, adapted, tokens, repeats)
-    merged_model = adapted.merge_and_unload()
-    merged = _interleaved(base, merged_model, tokens, repeats)
+    try:
+        unmerged = _interleaved(base, adapted, tokens, repeats)
+        merged = _interleaved(base, adapted.merge_and_unload(), tokens, repeats)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        return {**counts, "impossible": f"out of memory in a forward pass of {batch} x {seq_len} tokens on {dev} "
+                                        f"({str(exc).splitlines()[0]})"}
     base_ms = statistics.median(unmerged["base_ms"] + merged["base_ms"])
     return {**counts, "base_ms": base_ms,
             "unmerged_ms": statistics.median(unmerged["other_ms"]), "unmerged_overhead": unmerged["overhead"],
@@ -261,7 +271,7 @@ def _reset_peaks(dev) -> str:
         return "loading and the training steps"
 
 
-def _peaks(dev, loaded: int, covers: str) -> dict:
+def _peaks(dev, loaded: int | None, covers: str) -> dict:
     import torch
 
     if dev.type == "cuda":

@@ -49,7 +49,7 @@ def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettin
         elif budget and verdict == "not measured":
             failures.append(f"{name}: not measured ({value}), budget {budget}")
 
-    sizes = inference if "impossible" not in inference else {}
+    sizes = inference  # the counts are there unless the model could not be built at all
     for key, label in (("adapter_parameters", "adapter parameters"), ("parameters", "parameters, base + adapter")):
         row(label, _measured_vs_predicted(sizes.get(key), predicted[key], lambda n: f"{n:,}"),
             verdict=_agreement(predicted[key], sizes.get(key)))
