@@ -49,26 +49,71 @@ def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_
     for gc in ("on", "off"):
         step = report["training_step"][f"gradient_checkpointing_{gc}"]
         assert step["loaded_bytes"] < step["peak_bytes"] < 64 * GIB and step["tokens_per_s"] > 0
-    # Merging removes the adapter's cost; unmerged, every adapted module runs two more matmuls.
-    assert measured["merged_overhead"] < measured["unmerged_overhead"]
+    for key in ("base_ms", "unmerged_ms", "merged_ms"):  # timings are reported, not asserted (a loaded machine)
+        assert measured[key] > 0
     verdicts = {r["quantity"]: r["verdict"] for r in report["rows"]}
     assert verdicts["training peak, checkpointing on *"] == verdicts["forward, unmerged adapter"] == "ok"
 
 
 @pytest.mark.slow
 def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys):
-    # A process that loaded torch holds far more than 1 MiB; an adapter's extra matmuls cost more than 0.0001%.
-    # Through the check-config flow, which fails (CheckFailed, a one-line state message); the command exits with 1.
-    code = main(_args(tiny, tmp_path / "bad", "--max-train-memory-gb", "0.001", "--max-infer-overhead", "0.000001",
-                      "--no-gradient-checkpointing"))
+    # A process that loaded torch holds far more than 1 MiB. Through the check-config flow, which fails (CheckFailed,
+    # a one-line state message); the command exits with 1.
+    code = main(_args(tiny, tmp_path / "bad", "--max-train-memory-gb", "0.001", "--no-gradient-checkpointing"))
     captured = capsys.readouterr()
     assert code == 1
     assert "training peak, checkpointing off *" in captured.out  # the table is shown, the mode training uses marked
     error = captured.err.strip().splitlines()[-1]
     assert error.startswith("lora-ranks: check failed: training peak, checkpointing off: ")
-    assert "budget <= 0.001 GiB" in error and "forward, unmerged adapter: +" in error and "budget <= +0.0%" in error
+    assert error.endswith("MiB, budget <= 0.001 GiB")
     report = json.loads((tmp_path / "bad" / "check_report.json").read_text())
-    assert not report["ok"] and len(report["failures"]) == 2
+    assert not report["ok"] and len(report["failures"]) == 1
+
+
+def _measured(unmerged_overhead: float) -> tuple[dict, dict]:
+    """An inference measurement and training steps as the measuring processes return them (for ``assess``)."""
+    inference = {"adapter_parameters": 10, "parameters": 110, "adapter_bytes": 40, "adapter_dtype": "float32",
+                 "base_bytes": 400, "dtype": "float32", "device_name": "cpu (test)", "base_ms": 10.0,
+                 "unmerged_ms": 10.0 * (1 + unmerged_overhead), "unmerged_overhead": unmerged_overhead,
+                 "merged_ms": 10.0, "merged_overhead": 0.0}
+    step = {"peak_bytes": 3 * GIB, "loaded_bytes": GIB, "peak_covers": "the training steps", "step_seconds": 1.0,
+            "tokens_per_s": 100.0}
+    return inference, {True: step, False: {**step, "peak_bytes": 5 * GIB}}
+
+
+@pytest.mark.parametrize("budgets, failures", [
+    (dict(max_train_memory_gb=4, max_infer_overhead=0.5), []),
+    (dict(max_train_memory_gb=2, max_infer_overhead=0.5), ["training peak, checkpointing on: 3.00 GiB, budget <= 2 GiB"]),
+    (dict(max_train_memory_gb=4, max_infer_overhead=0.05), ["forward, unmerged adapter: +30.0%, budget <= +5.0%"]),
+])
+def test_each_budget_is_an_assertion_on_its_line(tiny, budgets, failures):
+    """The verdicts from given measurements: the memory budget applies to the checkpointing training uses (on: 3
+    GiB; off would be 5), the latency budget to the unmerged adapter (+30%)."""
+    from lora_ranks.check import assess, predict_sizes
+
+    target = Target(*tiny, "cpu")
+    settings = CheckSettings(seq_len=128, **budgets)
+    inference, steps = _measured(0.3)
+    report = assess(target, settings, LoRATrainingSettings(), predict_sizes(target), inference, steps)
+    assert report["failures"] == failures and report["ok"] == (not failures)
+    verdicts = {r["quantity"]: r["verdict"] for r in report["rows"]}
+    assert verdicts["training peak, checkpointing on *"] == ("FAIL" if "training" in str(failures) else "ok")
+    assert verdicts["training peak, checkpointing off"] == ""  # not the mode training uses: shown, not asserted
+    assert verdicts["forward, unmerged adapter"] == ("FAIL" if "forward" in str(failures) else "ok")
+
+
+def test_running_out_of_memory_in_the_mode_training_uses_fails_without_a_budget(tiny):
+    from lora_ranks.check import assess, predict_sizes
+
+    target = Target(*tiny, "cpu")
+    inference, steps = _measured(0.3)
+    oom = {"out_of_memory": "CUDA out of memory", "peak_bytes": 0, "loaded_bytes": None, "peak_covers": "loading"}
+    report = assess(target, CheckSettings(seq_len=128), LoRATrainingSettings(), predict_sizes(target), inference,
+                    {True: oom, False: steps[False]})
+    assert report["failures"] == ["training peak, checkpointing on: out of memory (CUDA out of memory)"]
+    report = assess(target, CheckSettings(seq_len=128), LoRATrainingSettings(), predict_sizes(target), inference,
+                    {True: steps[True], False: oom})  # only the mode training does not use ran out: informative
+    assert report["ok"]
 
 
 @pytest.mark.slow
