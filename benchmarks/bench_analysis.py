@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,11 @@ from benchmarks._common import emit  # noqa: E402
 
 
 def _peak_mb() -> float:
-    """Peak resident memory of this process in MB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    """Peak resident memory of this process in MiB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
     fork + exec, so a child would report its parent's peak."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from lora_ranks.check.measure import peak_resident_bytes
+
+    return peak_resident_bytes() / 2**20
 
 
 def run_naive(base: str, ft: str, tau: float, values_only: bool = False) -> dict:

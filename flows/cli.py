@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = _run(args.command, inputs, settings)
     except CheckFailed as exc:  # the check ran, and a budget does not hold: its table, then the failing lines
         _quiet_prefect_exit()
-        print("\n" + format_table(exc.report))
+        from lora_ranks.check import REPORT_NAME
+
+        print("\n" + format_table(exc.report) + f"\n\nReport:   {Path(args.output_dir).resolve() / REPORT_NAME}")
         print(f"lora-ranks: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

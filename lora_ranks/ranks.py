@@ -252,7 +252,7 @@ def allocate_ranks(
     for m in modules:
         spectrum = spectra[m.name]
         r = final[m.name]
-        kept = float(spectrum.cumulative_energy()[min(r, len(spectrum.singular_values)) - 1]) if not zero[m.name] else 1.0
+        kept = spectrum.energy_kept(r)
         out.append(ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth,
                                     shape=m.shape, raw_rank=raw[m.name], saturated=saturated[m.name],
                                     bounded_rank=bounded[m.name], smoothed_rank=smoothed[m.name], final_rank=r,

@@ -10,7 +10,6 @@ from lora_ranks.check import (
     Target,
     assess,
     check_inputs,
-    format_table,
     markdown_table,
     predict_sizes,
     run_measurement,
@@ -46,5 +45,7 @@ def write_check_report_task(target: Target, settings: CheckSettings, training: L
     path = write_report(report, output_dir)
     create_markdown_artifact(key="check-config", markdown=markdown_table(report),
                              description="Memory and latency of a rank config on this worker")
-    get_run_logger().info("%s\nReport: %s", format_table(report), path)
+    # The table itself is the UI artifact (and what the command prints); the log says where and what failed.
+    get_run_logger().info("Check of %s on %s: %s; report %s", report["target"]["rank_config"], report["machine"]["device"],
+                          "; ".join(report["failures"]) or "no budget fails", path)
     return report

@@ -63,6 +63,7 @@ def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsy
     captured = capsys.readouterr()
     assert code == 1
     assert "training peak, checkpointing off *" in captured.out  # the table is shown, the mode training uses marked
+    assert f"Report:   {tmp_path / 'bad' / 'check_report.json'}" in captured.out
     error = captured.err.strip().splitlines()[-1]
     assert error.startswith("lora-ranks: check failed: training peak, checkpointing off: ")
     assert error.endswith("MiB, budget <= 0.001 GiB")

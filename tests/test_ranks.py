@@ -152,3 +152,10 @@ def test_round_to_means_the_same_in_budget_mode(round_to, min_rank):
 def test_settings_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AllocationSettings(**kwargs)
+
+
+def test_energy_kept_is_the_cumulative_share_capped_at_the_stored_values():
+    spectrum = _spectrum([3.0, 2.0, 1.0], total=16.0)  # 14 of 16 stored: a tail of 2 beyond the top 3
+    assert spectrum.energy_kept(1) == pytest.approx(9 / 16)
+    assert spectrum.energy_kept(3) == spectrum.energy_kept(10) == pytest.approx(14 / 16)
+    assert _spectrum([0.0, 0.0], total=0.0).energy_kept(1) == 1.0  # a zero delta has nothing to lose

@@ -58,7 +58,7 @@ def check_inputs(model: str, rank_config: str, settings: CheckSettings,
     context = _context_length(root)
     if context is not None and settings.seq_len > context:
         raise CheckInputError(f"seq_len {settings.seq_len} is longer than the context of {model} "
-                              f"(max_position_embeddings {context})")
+                              f"(max_position_embeddings {context}): measure at a seq_len of at most {context}")
     return Target(model=str(model), rank_config=str(Path(rank_config).resolve()), device=device,
                   quantization=training.quantization, optimizer=training.optimizer, lora_dropout=training.lora_dropout,
                   trust_remote_code=trust_remote_code)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference"]
+__all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference", "peak_resident_bytes"]
 
 GIB = 2**30
 
@@ -56,7 +56,7 @@ class Target:
         return asdict(self)
 
 
-def run_isolated(fn: Callable[..., dict], *args: Any, timeout_s: float | None = None) -> dict:
+def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
     """``fn(*args)`` in a fresh spawned process; its result dict, or ``{"impossible": why}`` when the process died
     (e.g. killed by the kernel for memory). Exceptions raised in the child are re-raised here."""
     ctx = multiprocessing.get_context("spawn")
@@ -65,9 +65,6 @@ def run_isolated(fn: Callable[..., dict], *args: Any, timeout_s: float | None = 
     process.start()
     send.close()
     try:
-        if not receive.poll(timeout_s):
-            process.kill()
-            return {"impossible": f"the measuring process did not finish within {timeout_s:.0f} s"}
         kind, value = receive.recv()
     except EOFError:  # the child died without answering
         process.join(30)
@@ -196,9 +193,11 @@ def _build(target: Target, dev, gradient_checkpointing: bool, with_lora: bool):
     from ..model import DynamicLoRAConfig, PEFTModelFactory
 
     config = DynamicLoRAConfig.from_file(target.rank_config, lora_dropout=target.lora_dropout)
+    # bitsandbytes places a quantized model itself: on the measured GPU (index), or on the CPU.
+    placement = (dev.index or 0) if dev.type == "cuda" else "cpu"
     factory = PEFTModelFactory(config, quantization=target.quantization, dtype=_training_dtype(dev),
                                gradient_checkpointing=gradient_checkpointing, trust_remote_code=target.trust_remote_code,
-                               device_map={"": dev.index or 0 if dev.type == "cuda" else "cpu"} if target.quantization else None)
+                               device_map={"": placement} if target.quantization else None)
     model = factory.build(target.model)[0] if with_lora else factory.load_base(target.model)[0]
     return model if target.quantization else model.to(dev)
 
@@ -277,15 +276,15 @@ def _peaks(dev, loaded: int | None, covers: str) -> dict:
     if dev.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_reserved(dev), "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
                 "device_total_bytes": torch.cuda.get_device_properties(dev).total_memory, "peak_covers": covers}
-    return {"peak_bytes": _peak_resident_bytes(), "loaded_bytes": loaded, "peak_covers": covers}
+    return {"peak_bytes": peak_resident_bytes(), "loaded_bytes": loaded, "peak_covers": covers}
 
 
 def _resident_bytes() -> int:
     """Current resident set size (Linux ``VmRSS``; the peak elsewhere)."""
-    return _status_bytes("VmRSS") or _peak_resident_bytes()
+    return _status_bytes("VmRSS") or peak_resident_bytes()
 
 
-def _peak_resident_bytes() -> int:
+def peak_resident_bytes() -> int:
     """Peak resident set size of this process: ``VmHWM`` (resettable) on Linux, else ``ru_maxrss``."""
     found = _status_bytes("VmHWM")
     if found:
@@ -301,6 +300,6 @@ def _status_bytes(field: str) -> int | None:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
-    except OSError:
-        pass
+    except OSError:  # no /proc: not Linux
+        return None
     return None

@@ -40,8 +40,8 @@ def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spect
     uniform_ranks = uniform_allocation(modules, budget)
     uniform = []
     for a in energy:
-        r, spectrum = uniform_ranks[a.name], spectra[a.name]
-        kept = float(spectrum.cumulative_energy()[r - 1]) if spectrum.total_energy > 0 else 1.0
+        r = uniform_ranks[a.name]
+        kept = spectra[a.name].energy_kept(r)
         uniform.append(ModuleAllocation(**{**a.to_dict(), "shape": a.shape, "bounded_rank": r, "smoothed_rank": r,
                                            "final_rank": r, "energy_retained": kept}))
     out = {}

@@ -80,11 +80,11 @@ def config_from_ranks(modules: Sequence[ModuleRef], ranks: Mapping[str, int], ba
                       spectra: Mapping[str, Spectrum] | None = None, alpha_policy: AlphaPolicy = AlphaPolicy(),
                       min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict:
     """A rank config for given ranks (no rule applied: every stage of the allocation is ``ranks``); the energy each
-    rank keeps is read from ``spectra`` when given (else 0)."""
+    rank keeps is read from ``spectra`` when given (else recorded as 0)."""
     allocations = []
     for m in modules:
-        r, spectrum = ranks[m.name], (spectra or {}).get(m.name)
-        kept = float(spectrum.cumulative_energy()[r - 1]) if spectrum is not None and spectrum.total_energy > 0 else 0.0
+        r = ranks[m.name]
+        kept = spectra[m.name].energy_kept(r) if spectra is not None else 0.0
         allocations.append(ModuleAllocation(name=m.name, module_type=m.module_type, layer=m.layer, depth=m.depth,
                                             shape=m.shape, raw_rank=r, saturated=False, bounded_rank=r, smoothed_rank=r,
                                             final_rank=r, energy_retained=kept, weight_key=m.weight_key))
@@ -94,14 +94,14 @@ def config_from_ranks(modules: Sequence[ModuleRef], ranks: Mapping[str, int], ba
 
 
 def budget_matrix_configs(modules: Sequence[ModuleRef], spectra_by_kind: Mapping[str, Mapping[str, Spectrum]],
-                          budget_ranks_: Sequence[int], base_parameters: int, *, alpha_policy: AlphaPolicy = AlphaPolicy(),
+                          rank_budgets: Sequence[int], base_parameters: int, *, alpha_policy: AlphaPolicy = AlphaPolicy(),
                           min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict[str, dict]:
     """Rank configs of every allocation of ``allocations_at_budget`` at each budget ``r`` (the parameters of uniform
     rank r), labelled ``r<r>-<allocation>`` (e.g. ``r4-budget-fisher``); each records its allocation and budget."""
     per_rank = sum(m.shape[0] + m.shape[1] for m in modules)
     main = spectra_by_kind.get("weight") or next(iter(spectra_by_kind.values()))
     out = {}
-    for r in budget_ranks_:
+    for r in rank_budgets:
         for method, ranks in allocations_at_budget(modules, spectra_by_kind, r * per_rank, min_rank=min_rank,
                                                    max_rank=max_rank).items():
             out[f"r{r}-{method}"] = config_from_ranks(

@@ -151,6 +151,7 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
         if kind != "weight":
             spectra[kind] = load_spectra(files)
         settings = allocation_settings_of(config)
+        # min_rank 1, not the configured one: a budget of uniform rank 2 is below min_rank 4 everywhere.
         configs = budget_matrix_configs(modules, spectra, budget_ranks, config["base_parameters"],
                                         alpha_policy=AlphaPolicy(**config.get("alpha_policy", {})), min_rank=1,
                                         max_rank=settings.max_rank,

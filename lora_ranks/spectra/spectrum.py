@@ -88,6 +88,13 @@ class Spectrum:
             return np.zeros_like(self.singular_values)
         return np.cumsum(self.singular_values**2) / self.total_energy
 
+    def energy_kept(self, rank: int) -> float:
+        """Fraction of the total energy kept by the top ``rank`` values (ranks beyond the stored values keep what
+        all of them keep); 1.0 for a zero delta, which has nothing to lose."""
+        if self.total_energy <= 0.0:
+            return 1.0
+        return float(self.cumulative_energy()[min(rank, len(self.singular_values)) - 1])
+
 
 def default_device() -> torch.device:
     """The first CUDA device when one is visible, else the CPU."""
