@@ -1,7 +1,7 @@
 """Benchmark: how cheap can the Fisher spectrum get before its ranks get worse? (issue 18, "cheaper Fisher factors")
 
 On the cached pair of ``experiment_allocations.py`` (run it first: it builds ``<out>/analysis-pair`` and
-``<out>/fidelity.json``), side by side in one process:
+``<out>/compare/allocation_fidelity.json``), side by side in one process:
 
 * the analysis fine-tune, timed again here (what ``svd-analysis`` costs without curvature), and the weight-spectrum
   analysis;
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import emit  # noqa: E402
-from benchmarks.experiment_allocations import _json, _setup, step_analysis_pair, step_data  # noqa: E402
+from benchmarks.experiment_allocations import _json, step_analysis_pair, step_data  # noqa: E402
 
 #: (label draws per record, calibration records); (4, 320) is today's default on this experiment.
 VARIANTS = ((4, 320), (2, 320), (1, 320), (4, 80), (1, 160), (1, 80))
@@ -56,15 +56,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    _setup(args.threads)
-    out = Path(args.out)
-    fidelity = _json(out / "fidelity.json")
-    if fidelity is None or not (out / "analysis-pair" / "training_metrics.json").is_file():
-        sys.exit(f"{out} has no cached experiment: run benchmarks/experiment_allocations.py --skip-training first")
     import torch
 
-    from lora_ranks.analysis import curvature_roots, load_spectra, spectra_files
-    from lora_ranks.analysis.layout import layer_file
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    fidelity = _json(out / "compare" / "allocation_fidelity.json")  # the ceiling and uniform ranks' KL excess
+    if fidelity is None or not (out / "analysis-pair" / "training_metrics.json").is_file():
+        sys.exit(f"{out} has no cached experiment: run benchmarks/experiment_allocations.py first")
+
+    from lora_ranks.analysis import config_curvature_roots, load_spectra, spectra_files
     from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.config import modules_from_config
     from lora_ranks.evidence import DeltaBasis, eval_examples, fidelity_to, reference_outputs
@@ -99,12 +99,7 @@ def main() -> None:
         config = _json(folder / "configs" / "lora_rank_config.json")
         svd = folder / "analysis_outputs" / "svd"
         spectra = load_spectra(spectra_files(svd))
-        damping = config["analysis_metadata"]["curvature"]["settings"]["curvature_damping"]
-        roots = {}
-        for layer in dict.fromkeys(m.layer for m in modules):
-            roots.update(curvature_roots([m for m in modules if m.layer == layer], layer_file(svd, layer, "curvature"),
-                                         damping)[0])
-        basis = DeltaBasis(CheckpointPair(*pair), modules, roots)
+        basis = DeltaBasis(CheckpointPair(*pair), modules, config_curvature_roots(config, modules))
         ratios = []
         for r in args.budgets:
             ranks = budget_ranks(modules, spectra, r * per_module, min_rank=1, max_rank=64)

@@ -5,20 +5,19 @@
 1. Data: a distribution-shifted task mix from offline text (license prose, naming stdlib test functions from
    their docstrings, templated sort/count/reverse; ``lora_ranks.pretrain.shifted_task_mix``): 1,600 training and
    200 held-out records.
-2. The analysis pair: a brief full fine-tune of the base on a stratified subset of the training records.
-3. Spectra of its deltas: weight, input-weighted and Fisher-weighted (``analyze_checkpoints``), and each module's
-   noise floor.
-4. Allocations at three budgets (the parameters of uniform ranks 2, 4 and 8): uniform, energy-tau (tau tuned to the
-   budget), water-filling on the weight / input / Fisher spectra; and the signal-rank rule at its own budget.
-5. Fidelity: KL(fine-tuned || base + extracted adapter) on the held-out records, with the plain truncated SVD and
-   with the matching loss-aware truncation; the ceiling is the KL left by full-rank deltas on the projections.
-6. Comparability: truncate one module at a time to rank 2; predicted vs measured KL, Spearman per spectrum.
-7. Training: a LoRA for every allocation, cold (PEFT's init) and warm (extracted from the analysis pair), on every
-   seed, trained on all training records; held-out loss; a full fine-tune trained as long, per seed. Paired
-   differences per seed against warm uniform ranks, mean +- std, t and p.
+2. The analysis pair: a brief full fine-tune of the base on a stratified subset of the training records (cached).
+3. Everything else is the command a user runs, ``lora-ranks compare`` (flow ``compare-allocations``), on that
+   pair: the Fisher spectrum (and, from the same factors, the input-weighted one) and every module's noise floor;
+   at three budgets (the parameters of uniform ranks 2, 4 and 8) uniform ranks, energy-tau tuned to the budget and
+   water-filling on the weight / input / Fisher spectra, and the signal ranks at their own budget; the fidelity of
+   each config's extracted adapter (KL to the fine-tuned model, plain and loss-aware truncation; the ceiling of
+   full-rank deltas); the comparability check (one module truncated at a time); a LoRA per config, seed and init
+   (warm: extracted from the pair; cold: PEFT's), and a full fine-tune trained as long, per seed; paired
+   differences against warm uniform ranks and the share of the gap to the full fine-tune each row closes.
+4. This script prints the tables and checks the targets of issue 18.
 
-Every result is cached under ``<out>`` (one JSON per trained run): an interrupted run resumes where it stopped.
-The library functions are those the ``lora-ranks finetune / analyze / extract / train`` commands run.
+Steps 0-2 are cached under ``<out>``, step 3 in ``<out>/compare`` (its results.json is reused unless ``--rerun``).
+Trainings run two at a time in worker processes of one thread each (``LORA_RANKS_TASK_RUNNER=processes``).
 
     .venv/bin/python benchmarks/experiment_allocations.py [--record] [--out outputs/experiment]
 """
@@ -39,14 +38,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import emit  # noqa: E402
 
-METHODS = ("uniform", "energy", "budget-weight", "budget-input", "budget-fisher")
-MATCHING_TRUNCATION = {"budget-input": "input", "budget-fisher": "fisher"}  # others: the plain truncated SVD
+METHODS = ("uniform", "energy", "budget-weight", "budget-input", "budget-fisher", "signal")
 
 
-def _setup(threads: int) -> None:
+def _setup() -> None:
     import torch
 
-    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -98,233 +95,37 @@ def step_analysis_pair(out: Path, base: Path, train: Path, args) -> tuple[str, s
     return metrics["pretrained_dir"], metrics["finetuned_dir"]
 
 
-def step_spectra(out: Path, pair: tuple[str, str], train: Path, args) -> dict:
-    from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
-    from lora_ranks.settings import AllocationSettings, CurvatureSettings, FinetuneSettings
-
-    subset = FinetuneSettings(subset_ratio=args.subset, max_length=96, seed=0)
-    configs, timings = {}, {}
-    for kind in ("weight", "input", "fisher"):
-        folder = out / "analysis" / kind
-        config_path = folder / "configs" / "lora_rank_config.json"
-        if not config_path.is_file():
-            start = time.perf_counter()
-            analyze_checkpoints(*pair, folder, settings=AllocationSettings(min_rank=1, max_rank=64, smoothing="none"),
-                                curvature=CurvatureSettings(spectrum=kind), calibration_data=train, subset=subset)
-            _save(folder / "seconds.json", {"seconds": time.perf_counter() - start})
-        configs[kind] = _json(config_path)
-        timings[kind] = _json(folder / "seconds.json")["seconds"]
-    spectra = {kind: load_spectra(spectra_files(out / "analysis" / kind / "analysis_outputs" / "svd")) for kind in configs}
-    return {"configs": configs, "spectra": spectra, "seconds": timings}
+def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Path, args) -> list[str]:
+    """The ``lora-ranks compare`` command line of the experiment (what a user would type)."""
+    return [str(Path(sys.executable).with_name("lora-ranks")), "compare", "--model", pair[0], "--finetuned", pair[1],
+            "--data", str(train), "--eval-data", str(eval_path), "--out", str(out / "compare"),
+            "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64", "--smoothing", "none",
+            "--finetune-subset-ratio", str(args.subset), "--finetune-max-length", "96",
+            "--finetune-learning-rate", str(args.full_lr), "--no-finetune-gradient-checkpointing",
+            "--lora-max-steps", str(args.lora_steps), "--lora-epochs", "1000000", "--lora-batch-size", "8",
+            "--lora-learning-rate", str(args.lora_lr), "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
+            "--lora-lora-dropout", "0", "--seeds", *map(str, args.seeds), "--budget-ranks", *map(str, args.budgets),
+            "--cold-baseline", "--full-finetune", "--comparability"]
 
 
-def rank_config(modules, ranks: dict, base_parameters: int, curvature: dict, label: str) -> dict:
-    """A rank config for ``ranks`` (constant alpha = 2r), recording the curvature its truncation may use."""
-    from lora_ranks.evidence.experiment import config_from_ranks
+def step_compare(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
+    """Run ``lora-ranks compare`` (log in ``<out>/compare.log``) unless its results are there; its wall time."""
+    import subprocess
 
-    return config_from_ranks(modules, ranks, base_parameters, extra_metadata={"allocation": label, "curvature": curvature})
-
-
-def step_allocations(out: Path, analysis: dict, budgets: list[int]) -> dict:
-    from lora_ranks.config import modules_from_config, save_rank_config
-    from lora_ranks.evidence.experiment import allocations_at_budget, parameters_of
-
-    weight_config = analysis["configs"]["weight"]
-    modules = modules_from_config(weight_config)
-    base_parameters = weight_config["base_parameters"]
-    per_module = sum(m.shape[0] + m.shape[1] for m in modules)
-    rows = {}
-    for r in budgets:
-        budget = r * per_module
-        allocations = allocations_at_budget(modules, analysis["spectra"], budget, min_rank=1, max_rank=64)
-        for method, ranks in allocations.items():
-            rows[(method, r)] = ranks
-    signal = {name: max(1, min(64, m["signal_rank"])) for name, m in weight_config["analysis_metadata"]["modules"].items()}
-    rows[("signal", 0)] = signal
-    paths = {}
-    for (method, r), ranks in rows.items():
-        for truncation in ("weight", "input", "fisher"):
-            curvature = analysis["configs"][truncation]["analysis_metadata"]["curvature"]
-            label = f"{method}-r{r}-{truncation}"
-            path = out / "configs" / f"{label}.json"
-            if not path.is_file():
-                save_rank_config(path, rank_config(modules, ranks, base_parameters, curvature, label))
-            paths[(method, r, truncation)] = str(path)
-    return {"ranks": rows, "paths": paths, "modules": modules, "base_parameters": base_parameters,
-            "parameters": {key: parameters_of(modules, ranks) for key, ranks in rows.items()}}
-
-
-def _roots(out: Path, kind: str, modules, analysis: dict):
-    """Damped curvature roots of every module for a weighted basis (None for the weight spectrum)."""
-    if kind == "weight":
-        return None
-    from lora_ranks.analysis import curvature_roots
-    from lora_ranks.analysis.layout import layer_file
-
-    folder = out / "analysis" / kind / "analysis_outputs" / "svd"
-    damping = analysis["configs"][kind]["analysis_metadata"]["curvature"]["settings"]["curvature_damping"]
-    roots = {}
-    for layer in dict.fromkeys(m.layer for m in modules):
-        roots.update(curvature_roots([m for m in modules if m.layer == layer], layer_file(folder, layer, "curvature"),
-                                     damping)[0])
-    return roots
-
-
-def step_fidelity(out: Path, pair, eval_path: Path, analysis: dict, allocations: dict) -> dict:
-    """KL of base + merged extracted adapter to the analysis fine-tune, per allocation and truncation."""
-    cached = _json(out / "fidelity.json")
-    if cached is not None:
-        return cached
-    import torch
-
-    from lora_ranks.checkpoints import CheckpointPair
-    from lora_ranks.evidence import DeltaBasis, eval_examples, fidelity_to, reference_outputs
-    from lora_ranks.loading import load_model
-
-    base, tokenizer = load_model(pair[0], dtype=torch.float32)
-    finetuned, _ = load_model(pair[1], dtype=torch.float32)
-    reference = reference_outputs(finetuned, eval_examples(eval_path, tokenizer, 200), tokenizer.pad_token_id)
-    modules = allocations["modules"]
-    bases = {kind: DeltaBasis(CheckpointPair(*pair), modules, _roots(out, kind, modules, analysis))
-             for kind in ("weight", "input", "fisher")}
-    full = {m.name: min(m.shape) for m in modules}
-    ceiling = fidelity_to(reference, bases["weight"].apply(base, full))[0]
-    rows = []
-    for (method, r), ranks in allocations["ranks"].items():
-        truncations = {"weight"} | ({MATCHING_TRUNCATION[method]} if method in MATCHING_TRUNCATION else set())
-        if method == "uniform":
-            truncations |= {"input", "fisher"}
-        for truncation in sorted(truncations):
-            kl = fidelity_to(reference, bases[truncation].apply(base, ranks))[0]
-            rows.append({"method": method, "budget_rank": r, "truncation": truncation, "kl": kl,
-                         "excess": kl - ceiling, "parameters": allocations["parameters"][(method, r)]})
-    result = {"ceiling_kl": ceiling, "rows": rows}
-    _save(out / "fidelity.json", result)
-    return result
-
-
-def step_sensitivity(out: Path, pair, eval_path: Path, analysis: dict, allocations: dict) -> dict:
-    """Truncate each module alone to rank 2: predicted (discarded energy) vs measured KL, per spectrum."""
-    cached = _json(out / "sensitivity.json")
-    if cached is not None:
-        return cached
-    import torch
-
-    from lora_ranks.checkpoints import CheckpointPair
-    from lora_ranks.evidence import DeltaBasis, eval_examples, module_sensitivities, spearman
-    from lora_ranks.loading import load_model
-
-    finetuned, tokenizer = load_model(pair[1], dtype=torch.float32)
-    examples = eval_examples(eval_path, tokenizer, 64)  # 126 one-module truncations: 64 records keep it to minutes
-    modules = allocations["modules"]
-    result = {}
-    for kind in ("weight", "input", "fisher"):
-        record = analysis["configs"][kind]["analysis_metadata"]["curvature"]
-        scale = 0.5 * record["tokens"] / record["response_tokens"] if kind == "fisher" else 1.0
-        rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair), modules, _roots(out, kind, modules, analysis)),
-                                    examples, tokenizer.pad_token_id, rank=2, scale=scale)
-        result[kind] = {"spearman": spearman([r.predicted for r in rows], [r.measured_kl for r in rows]),
-                        "rows": [r.__dict__ for r in rows]}
-    _save(out / "sensitivity.json", result)
-    return result
-
-
-class Trainer:
-    """Trains and evaluates LoRAs in-process with the library's own pieces (``create_peft_model_from_config``,
-    PEFT's adapter loading for warm starts, ``train_loop``, ``held_out_loss``: what ``lora-ranks train`` runs), with
-    the base model loaded and the records tokenized once, since the runs differ only in ranks, init and seed."""
-
-    def __init__(self, base: str, train: Path, eval_path: Path):
-        import torch
-
-        from lora_ranks.evidence import eval_examples
-        from lora_ranks.finetune import prepare_examples
-        from lora_ranks.loading import load_model
-
-        self.base, self.tokenizer = load_model(base, dtype=torch.float32)
-        self.train_examples = prepare_examples(train, self.tokenizer, max_length=96)[0]
-        self.eval_examples = eval_examples(eval_path, self.tokenizer, 200)
-
-    def lora(self, config_path: str, seed: int, init_from: Path | None, args) -> tuple[float, int]:
-        """(held-out loss, trainable parameters) of one LoRA run."""
-        import copy
-
-        import torch
-        from peft import PeftModel
-
-        from lora_ranks.evidence import held_out_loss
-        from lora_ranks.finetune import train_loop
-        from lora_ranks.model import DynamicLoRAConfig, create_peft_model_from_config, validate_peft_model
-        from lora_ranks.settings import LoRATrainingSettings
-
-        config = DynamicLoRAConfig.from_file(config_path, lora_dropout=0.0)
-        torch.manual_seed(seed)
-        model = copy.deepcopy(self.base)
-        if init_from is None:
-            model = create_peft_model_from_config(model, config)
-        else:
-            model = PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
-            validate_peft_model(model, config)
-        settings = LoRATrainingSettings(max_steps=args.lora_steps, epochs=10**6, batch_size=8, learning_rate=args.lora_lr,
-                                        max_length=96, gradient_checkpointing=False, seed=seed, lora_dropout=0.0)
-        model.train()
-        train_loop(model, self.train_examples, self.tokenizer.pad_token_id, settings, torch.device("cpu"), progress=False)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return held_out_loss(model, self.eval_examples, self.tokenizer.pad_token_id), trainable
-
-    def full(self, seed: int, args) -> float:
-        """Held-out loss of a full fine-tune trained as long as the LoRAs, on the same records."""
-        import copy
-
-        import torch
-
-        from lora_ranks.evidence import held_out_loss
-        from lora_ranks.finetune import train_loop
-        from lora_ranks.settings import TrainingSettings
-
-        torch.manual_seed(seed)
-        model = copy.deepcopy(self.base)
-        model.train()
-        settings = TrainingSettings(max_steps=args.lora_steps, epochs=10**6, batch_size=8, learning_rate=args.full_lr,
-                                    max_length=96, gradient_checkpointing=False, seed=seed)
-        train_loop(model, self.train_examples, self.tokenizer.pad_token_id, settings, torch.device("cpu"), progress=False)
-        return held_out_loss(model, self.eval_examples, self.tokenizer.pad_token_id)
-
-
-def train_one(out: Path, trainer: Trainer, config_path: str, seed: int, warm: bool, truncation: str, analysis_pair,
-              args) -> dict:
-    """One LoRA run, cached as JSON: held-out loss and seconds."""
-    key = f"{Path(config_path).stem}-{'warm' if warm else 'cold'}-seed{seed}"
-    result_path = out / "runs" / f"{key}.json"
-    cached = _json(result_path)
-    if cached is not None:
-        return cached
-    from lora_ranks.extract import extract_lora
-    from lora_ranks.settings import ExtractionSettings
-
+    results = out / "compare" / "results.json"
+    timing = out / "compare" / "seconds.json"
+    if results.is_file() and timing.is_file() and not args.rerun:
+        return _json(timing)
+    command = compare_command(out, pair, train, eval_path, args)
+    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(args.workers)}
     start = time.perf_counter()
-    init_from = None
-    if warm:  # the SVD warm start: the adapter extracted from the analysis pair, with this config's truncation
-        init_from = out / "warm" / Path(config_path).stem
-        if not (init_from / "adapter_config.json").is_file():
-            extract_lora(analysis_pair[0], analysis_pair[1], config_path, init_from,
-                         settings=ExtractionSettings(truncation="weight" if truncation == "weight" else "curvature"))
-    loss, trainable = trainer.lora(config_path, seed, init_from, args)
-    result = {"key": key, "config": config_path, "seed": seed, "warm": warm, "truncation": truncation,
-              "held_out_loss": loss, "trainable_parameters": trainable, "seconds": time.perf_counter() - start}
-    _save(result_path, result)
-    return result
-
-
-def full_finetune_one(out: Path, trainer: Trainer, seed: int, args) -> dict:
-    result_path = out / "runs" / f"full-finetune-seed{seed}.json"
-    cached = _json(result_path)
-    if cached is not None:
-        return cached
-    start = time.perf_counter()
-    result = {"seed": seed, "held_out_loss": trainer.full(seed, args), "seconds": time.perf_counter() - start}
-    _save(result_path, result)
-    return result
+    with open(out / "compare.log", "w") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"lora-ranks compare failed (exit {done.returncode}); see {out / 'compare.log'}")
+    record = {"seconds": time.perf_counter() - start, "command": command}
+    _save(timing, record)
+    return record
 
 
 def main() -> None:
@@ -338,113 +139,111 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=30)
     parser.add_argument("--lora-lr", type=float, default=1e-2, help="best of 1e-3..3e-2 for cold and warm LoRAs (seed 0, r=2)")
     parser.add_argument("--full-lr", type=float, default=1e-3, help="best of 2e-4..3e-3 for the full fine-tune (seed 0)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-training", action="store_true", help="analysis, fidelity and comparability only")
+    parser.add_argument("--workers", type=int, default=2, help="trainings at a time, one process and thread each")
+    parser.add_argument("--rerun", action="store_true", help="run lora-ranks compare again even if its results exist")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    _setup(args.threads)
+    _setup()
     started = time.perf_counter()
-    clock = {}
-
-    def lap(name: str) -> None:
-        clock[name] = time.perf_counter() - started - sum(clock.values())
-
     base = step_base(out)
-    lap("base")
+    base_seconds = time.perf_counter() - started
     train, eval_path = step_data(out)
     pair = step_analysis_pair(out, base, train, args)
-    lap("analysis pair")
-    analysis = step_spectra(out, pair, train, args)
-    lap("spectra")
-    allocations = step_allocations(out, analysis, args.budgets)
-    fidelity = step_fidelity(out, pair, eval_path, analysis, allocations)
-    lap("fidelity")
-    sensitivity = step_sensitivity(out, pair, eval_path, analysis, allocations)
-    lap("sensitivity")
-    runs = []
-    if not args.skip_training:
-        plan = []
-        for (method, r) in allocations["ranks"]:
-            truncation = MATCHING_TRUNCATION.get(method, "weight")
-            plan.append((method, r, truncation, False))
-            plan.append((method, r, truncation, True))
-            if method == "uniform":
-                plan.append((method, r, "fisher", True))  # uniform ranks, loss-aware warm start
-        trainer = Trainer(str(base), train, eval_path)
-        for method, r, truncation, warm in plan:
-            for seed in args.seeds:
-                result = train_one(out, trainer, allocations["paths"][(method, r, truncation)], seed, warm, truncation,
-                                   pair, args)
-                runs.append({**result, "method": method, "budget_rank": r})
-        full = [full_finetune_one(out, trainer, seed, args) for seed in args.seeds]
-        lap("training")
-    else:
-        full = []
-    report = summarize(out, args, analysis, allocations, fidelity, sensitivity, runs, full, clock)
-    emit(report, args.record)
+    compare = step_compare(out, pair, train, eval_path, args)
+    emit(summarize(out, args, compare, base_seconds), args.record)
 
 
-def summarize(out: Path, args, analysis, allocations, fidelity, sensitivity, runs, full, clock) -> str:
-    from lora_ranks.evidence.experiment import paired_comparison
-    from lora_ranks.evidence.fidelity import mean_and_std
-    from lora_ranks.report import write_sensitivity_plot
+def summarize(out: Path, args, compare: dict, base_seconds: float) -> str:
+    """The experiment's tables from the files ``lora-ranks compare`` wrote, and the targets of issue 18."""
+    from lora_ranks.config import load_rank_config
 
+    root = out / "compare"
+    results = _json(root / "results.json")
+    fidelity = _json(root / "allocation_fidelity.json")
+    sensitivity = _json(root / "sensitivity.json")
     pretraining = _json(out / "base" / "pretraining.json")
+    analysis = load_rank_config(results["config"])
+    curvature = analysis["analysis_metadata"]["curvature"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     ceiling = fidelity["ceiling_kl"]
-    lines = [f"### Allocations at equal parameters, harder experiment ({date.today().isoformat()}, CPU: {machine})", "",
+    lines = [f"### Allocations at equal parameters, through `lora-ranks compare` ({date.today().isoformat()}, CPU: "
+             f"{machine})", "",
              f"Base: Qwen3 6 layers, hidden 256, {pretraining['parameters']:,} parameters, pretrained here on the Python "
              f"standard library ({pretraining['tokens_seen']:,} tokens, held-out loss {pretraining['held_out_loss']:.3f}). "
              "Fine-tuning mix: license prose / naming stdlib tests from docstrings / sort-count-reverse; "
-             f"{args.subset:.0%} subset for the analysis pair ({args.ft_steps} steps). Command: "
-             "`.venv/bin/python benchmarks/experiment_allocations.py`", "",
-             f"Analysis wall time: weight {analysis['seconds']['weight']:.1f} s, input {analysis['seconds']['input']:.1f} s, "
-             f"fisher {analysis['seconds']['fisher']:.1f} s.", "",
-             f"**Fidelity** (mean KL(fine-tuned || base + extracted adapter), nats/token, 200 held-out records; ceiling "
-             f"= full-rank deltas on the projections: {ceiling:.4f}; excess = KL − ceiling):", "",
-             "| budget (uniform r) | parameters | method | truncation | KL | excess / uniform's |", "|---|---|---|---|---|---|"]
-    uniform_excess = {row["budget_rank"]: row["excess"] for row in fidelity["rows"]
-                      if row["method"] == "uniform" and row["truncation"] == "weight"}
-    for row in sorted(fidelity["rows"], key=lambda x: (x["budget_rank"], x["method"], x["truncation"])):
-        ratio = (f"{row['excess'] / uniform_excess[row['budget_rank']]:.2f}" if row["budget_rank"] in uniform_excess
-                 else "—")  # the signal rule has a budget of its own
-        lines.append(f"| {row['budget_rank'] or 'signal'} | {row['parameters']:,} | {row['method']} | {row['truncation']} | "
-                     f"{row['kl']:.4f} | {ratio} |")
-    plot = write_sensitivity_plot(out, sensitivity)
-    lines += ["", "**Comparability** (each module truncated alone to rank 2, KL on 64 held-out records; Spearman of "
-              "predicted vs measured KL over "
-              f"{len(sensitivity['fisher']['rows'])} modules; plot `{plot}`): "
-              + ", ".join(f"{kind} {v['spearman']:.2f}" for kind, v in sensitivity.items()), ""]
-    if runs:
-        lines += [f"**Training** (LoRA, {args.lora_steps} steps, lr {args.lora_lr:g}, batch 8, on all training records; "
-                  f"held-out loss, seeds {args.seeds}; paired difference vs warm uniform ranks, mean ± std, t, p):", "",
-                  "| budget | method | init | truncation | parameters | held-out loss | vs warm uniform | t | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        by_key = {}
-        for run in runs:
-            by_key.setdefault((run["budget_rank"], run["method"], run["warm"], run["truncation"]), []).append(run)
-        for (r, method, warm, truncation), group in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-            losses = [g["held_out_loss"] for g in sorted(group, key=lambda g: g["seed"])]
-            mean, std = mean_and_std(losses)
-            closest = min(args.budgets, key=lambda b: abs(allocations["parameters"][("uniform", b)]
-                                                          - allocations["parameters"][("signal", 0)]))
-            reference_key = (r if r else closest, "uniform", True, "weight")
-            reference = [g["held_out_loss"] for g in sorted(by_key[reference_key], key=lambda g: g["seed"])]
-            paired = (r, method, warm, truncation) != reference_key and len(losses) >= 2  # a test needs 2+ seeds
-            comparison = paired_comparison(losses, reference) if paired else None
-            lines.append(f"| {r or 'signal'} | {method} | {'warm' if warm else 'cold'} | {truncation} | "
-                         f"{group[0]['trainable_parameters']:,} | {mean:.4f} ± {std:.4f} | "
-                         + (f"{comparison['mean']:+.4f} ± {comparison['std']:.4f} | {comparison['t']:.2f} | "
-                            f"{comparison['p']:.3f} |" if comparison else "— | — | — |"))
-        full_losses = [f["held_out_loss"] for f in full]
-        mean, std = mean_and_std(full_losses)
-        lines += ["", f"Full fine-tune trained as long (all parameters, lr {args.full_lr:g}): held-out loss "
-                  f"{mean:.4f} ± {std:.4f}."]
-    lines += ["", "Wall time by step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()), ""]
-    _save(out / "results.json", {"fidelity": fidelity, "sensitivity": {k: v["spearman"] for k, v in sensitivity.items()},
-                                 "runs": runs, "full_finetune": full, "clock": clock, "args": vars(args)})
+             f"{args.subset:.0%} subset for the analysis pair ({args.ft_steps} steps, lr {args.ft_lr:g}); Fisher "
+             f"factors from {curvature['tokens']:,} calibration tokens. Command: "
+             "`.venv/bin/python benchmarks/experiment_allocations.py`, which runs:", "",
+             "```", " ".join(Path(a).name if i == 0 else a.replace(f"{REPO}/", "") for i, a in enumerate(compare["command"])),
+             "```", "",
+             f"Wall time of `lora-ranks compare`: {compare['seconds'] / 60:.1f} min "
+             f"({len(results['rows']) - 1} rows x {len(args.seeds)} seeds + full fine-tunes; the base "
+             + ("was cached)." if base_seconds < 60 else f"took {base_seconds / 60:.0f} min more)."), "",
+             f"**Fidelity** (mean KL(fine-tuned || base + extracted adapter), nats/token, {fidelity['eval_samples']} "
+             f"held-out records; ceiling = full-rank deltas on the projections: {ceiling:.4f}; excess = KL − ceiling, "
+             "relative to uniform ranks' with the plain truncation):", "",
+             "| budget (uniform r) | parameters | allocation | truncation | KL | excess / uniform's |",
+             "|---|---|---|---|---|---|"]
+    for row in sorted(fidelity["rows"], key=lambda x: (x["budget_rank"] or 10**6, x["method"], x["truncation"])):
+        ratio = f"{row['excess_ratio']:.2f}" if row["excess_ratio"] is not None else "—"
+        lines.append(f"| {row['budget_rank'] or 'own'} | {row['trainable_parameters']:,} | {row['method']} | "
+                     f"{row['truncation']} | {row['kl']:.4f} | {ratio} |")
+    spectra = sensitivity["spectra"]
+    lines += ["", f"**Comparability** (each module truncated alone to rank {sensitivity['rank']}, KL on "
+              f"{sensitivity['eval_samples']} held-out records; Spearman of predicted vs measured KL over "
+              f"{len(next(iter(spectra.values()))['rows'])} modules; plot `compare/sensitivity.png`): "
+              + ", ".join(f"{kind} {v['spearman']:.2f}" for kind, v in spectra.items()), "",
+              f"**Training** (LoRA, {args.lora_steps} steps, lr {args.lora_lr:g}, batch 8, on all training records; "
+              f"held-out loss, seeds {args.seeds}; warm: from the adapter extracted from the analysis pair at the "
+              "config's ranks with the analysis' loss-aware truncation, whatever the allocation; cold: PEFT's init; "
+              "paired difference vs warm uniform ranks at the same budget "
+              "(signal: the closest budget), mean ± std, t, p; gap closed: share of the gap between cold uniform "
+              "ranks and the full fine-tune):", "",
+              "| budget | allocation | init | parameters | held-out loss | vs warm uniform | t | p | gap closed |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rows = [r for r in results["rows"] if r["init"] != "full"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for row in sorted(rows, key=lambda r: (r["budget_rank"] or 10**6, order.get(r["method"], 99), r["init"] != "warm")):
+        v = row["vs_uniform"]
+        paired = (f"{v['mean']:+.4f} ± {v['std']:.4f} | {v['t']:.2f} | {v['p']:.3f}" if v and v["t"] is not None
+                  else "— | — | —")
+        gap = f"{100 * row['gap_closed']:.0f}%" if row["gap_closed"] is not None else "—"
+        lines.append(f"| {row['budget_rank'] or 'own'} | {row['method']} | {row['init']} | "
+                     f"{row['trainable_parameters']:,} | {row['loss_mean']:.4f} ± {row['loss_std']:.4f} | {paired} | {gap} |")
+    full = next(r for r in results["rows"] if r["init"] == "full")
+    lines += ["", f"Full fine-tune trained as long (all parameters, lr {args.full_lr:g}): held-out loss "
+              f"{full['loss_mean']:.4f} ± {full['loss_std']:.4f}.", ""]
+    lines += targets(rows, fidelity, args.budgets)
     return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict], fidelity: dict, budgets: list[int]) -> list[str]:
+    """Issue 18's targets, checked on this run's numbers."""
+    def row(method: str, init: str, r: int) -> dict | None:
+        return next((x for x in rows if (x["method"], x["init"], x["budget_rank"]) == (method, init, r)), None)
+
+    warm_gain = {r: row("uniform", "cold", r)["loss_mean"] - row("uniform", "warm", r)["loss_mean"]
+                 for r in budgets if row("uniform", "cold", r)}
+    fisher = {r: row("budget-fisher", "warm", r)["vs_uniform"] for r in budgets}
+    wins = [r for r, v in fisher.items() if v and v["se"] and v["mean"] < -2 * v["se"]]
+    best = {r: max((x for x in rows if x["budget_rank"] == r and x["gap_closed"] is not None),
+                   key=lambda x: x["gap_closed"]) for r in budgets}
+    ratios = {r["budget_rank"]: r["excess_ratio"] for r in fidelity["rows"]
+              if r["method"] == "budget-fisher" and r["truncation"] == "fisher"}
+    good = [r for r, x in ratios.items() if x is not None and x <= 0.6]
+    return ["**Targets:**", "",
+            "- warm start vs cold, uniform ranks: " + ", ".join(f"r = {r}: -{g:.3f}" for r, g in warm_gain.items()),
+            f"- Fisher allocation (warm, its truncation) beats warm uniform by > 2 SE at >= 2 of {len(budgets)} budgets: "
+            f"{'met' if len(wins) >= 2 else 'missed'} ({len(wins)}: "
+            + ", ".join(f"r = {r}: {v['mean']:+.4f} (se {v['se']:.4f}, p {v['p']:.3f})" for r, v in fisher.items() if v)
+            + ")",
+            "- best configuration closes >= 50% of the gap: " + ("met" if any(b["gap_closed"] >= 0.5 for b in best.values())
+                                                                  else "missed")
+            + " (" + ", ".join(f"r = {r}: {100 * b['gap_closed']:.0f}% by {b['method']} {b['init']}"
+                               for r, b in best.items()) + ")",
+            f"- Fisher fidelity <= 0.6 x uniform's excess at >= 2 budgets: {'met' if len(good) >= 2 else 'missed'} ("
+            + ", ".join(f"r = {r}: {x:.2f}" for r, x in sorted(ratios.items())) + ")", ""]
 
 
 if __name__ == "__main__":

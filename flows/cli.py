@@ -73,9 +73,11 @@ class Command:
 
 _ALLOCATION = (SettingsGroup(AllocationSettings, "allocation"), SettingsGroup(AlphaPolicy, "alpha", prefix="alpha"),
                SettingsGroup(AnalysisSettings, "analysis"), SettingsGroup(CurvatureSettings, "curvature"))
-# The fine-tune's subset is also the calibration set of the curvature spectra.
+# The fine-tune's subset is also the calibration set of the curvature spectra; with --noise-estimate split-half its
+# halves are fine-tuned with these settings too (give those the pair was fine-tuned with).
 _SUBSET = SettingsGroup(FinetuneSettings, "finetune", fields=("subset_ratio", "max_samples", "task_key", "seed",
-                                                               "max_length"))
+                                                               "max_length", "max_steps", "epochs", "batch_size",
+                                                               "learning_rate"))
 _PICKLE = SettingsGroup(SafetySettings, "safety", fields=("allow_pickle",))
 _REMOTE_CODE = SettingsGroup(SafetySettings, "safety", fields=("trust_remote_code",))
 
@@ -210,6 +212,13 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         model = inputs.get("model") or inputs["base_model"]
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
+    allocation = settings.get("allocation")
+    if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
+            and inputs.get("data_path") is None):
+        from lora_ranks.errors import LoraRanksError
+
+        raise LoraRanksError("--noise-estimate split-half needs --data (two more fine-tunes, on halves of its "
+                               "fine-tuning subset)")
     if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
         from lora_ranks.checkpoints import CheckpointPair
 

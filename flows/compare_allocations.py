@@ -5,7 +5,9 @@ Steps:
     2. ranks: the ``svd-analysis`` flow on the train records (as a subflow; it fine-tunes first unless
        ``finetuned_model`` is given), optionally with its fidelity report on the held-out records;
     3. rank configs at (about) equal trainable parameters: uniform, energy threshold, budget water-filling (with
-       ``comparison.budget_ranks``: at each budget, water-filling on every spectrum the analysis has);
+       ``comparison.budget_ranks``: at each budget, water-filling on every spectrum the analysis has, the signal
+       ranks, and the fidelity of every config's extracted adapter); with ``comparison.comparability``, whether the
+       spectra predict what truncating one module costs;
     4. train a LoRA for every config and seed (identical data, steps and seeds), warm-started from the adapter
        extracted at its ranks unless ``training.init`` is "cold"; with ``comparison.cold_baseline`` also cold;
        with ``comparison.full_finetune`` a full fine-tune per seed, trained as long (the reference);
@@ -44,6 +46,8 @@ from lora_ranks.settings import (  # noqa: E402
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
 from tasks.evidence import (  # noqa: E402
     allocation_configs_task,
+    allocation_fidelity_task,
+    comparability_check_task,
     comparison_report_task,
     evaluate_adapter_task,
     full_finetune_task,
@@ -87,17 +91,22 @@ def compare_allocations(
     else:
         train_path = data_path
 
-    # Step 2: ranks (and the optional fidelity report), from the train records only.
+    # Step 2: ranks, from the train records only; without budget ranks also the analysis' fidelity sweep (with
+    # them, step 3 measures the fidelity of every compared config instead).
     config_path = svd_analysis(base_model=base_model, finetuned_model=finetuned_model, data_path=train_path,
                                output_dir=str(layout.analysis.root), allocation=allocation, alpha=alpha,
                                analysis=analysis, curvature=curvature, finetune=finetune, safety=safety,
                                fidelity=fidelity,
-                               eval_data_path=eval_data_path)
+                               eval_data_path=None if comparison.budget_ranks else eval_data_path)
     pretrained = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["pretrained"]["path"]
 
-    # Step 3: equal-budget configs.
+    # Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check.
     configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir),
                                       comparison.budget_ranks)
+    if comparison.budget_ranks:
+        allocation_fidelity_task(config_path, configs, eval_data_path, str(layout.root), fidelity.eval_samples)
+    if comparison.comparability:
+        comparability_check_task(config_path, eval_data_path, str(layout.root))
 
     # Step 4: train every config x init x seed (warm: from the adapter extracted at the config's ranks).
     finetuned = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["finetuned"]["path"]

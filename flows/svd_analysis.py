@@ -10,7 +10,8 @@ Steps:
     5. (input or fisher spectrum) ``collect-curvature``: K-FAC factors from the fine-tuned model, one file a layer;
     6. one ``analyze-layer`` task per layer (cached by layer content, curvature and numerics: reruns compute only
        what is missing), with a progress artifact updated as layers finish;
-    7. assemble the rank config;
+    7. with ``allocation.noise_estimate`` "split-half", two more fine-tunes on disjoint halves of the subset and
+       the directions each module's two deltas share; assemble the rank config;
     8. plots, raw data and UI artifacts; with ``fidelity.fidelity_report``, a tau sweep of extracted adapters'
        closeness to the fine-tuned model (``analysis_outputs/fidelity``).
 
@@ -34,6 +35,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed  # noqa: E402
 
 from lora_ranks.analysis import OutputLayout  # noqa: E402
+from lora_ranks.curvature import CalibrationError  # noqa: E402
 from lora_ranks.settings import (  # noqa: E402
     INPUT_HELP,
     AllocationSettings,
@@ -54,9 +56,10 @@ from tasks.analysis import (  # noqa: E402
     discover_layers,
     fingerprint_layer,
     layer_result_is_current,
+    split_half_ranks_task,
 )
 from tasks.evidence import fidelity_report_task  # noqa: E402
-from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task  # noqa: E402
+from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task, split_half_finetunes_task  # noqa: E402
 from tasks.report import write_report_task  # noqa: E402
 
 
@@ -91,10 +94,14 @@ def svd_analysis(
         if finetuned_model is None:  # the tiny demo set is small: train on a fifth of it, at a higher rate
             finetune = demo_finetune_settings(finetune)
 
-    # Step 2: the calibration records a curvature spectrum needs, checked before any fine-tuning.
+    # Step 2: the calibration records a curvature spectrum needs, checked before any fine-tuning; the split-half
+    # noise estimate needs the fine-tuning data too.
     curvature = curvature.resolved(data_path is not None)
     if curvature.spectrum != "weight":
         check_calibration_task(base_model, data_path, curvature, finetune, safety.trust_remote_code)
+    if allocation.noise_estimate == "split-half" and data_path is None:
+        raise CalibrationError("noise_estimate split-half needs data_path (two more fine-tunes, on halves of its "
+                               "fine-tuning subset)")
 
     # Step 3: preliminary fine-tune.
     if finetuned_model is None:
@@ -148,10 +155,17 @@ def svd_analysis(
         for i, result in zip(stale, redo.result()):
             results[i] = result
 
-    # Step 7: the rank config.
+    # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share;
+    # the rank config.
+    split_half = None
+    if allocation.noise_estimate == "split-half":
+        halves = split_half_finetunes_task(base_model, data_path, str(layout.split_half_dir), finetune, analysis.device,
+                                           safety.trust_remote_code)
+        split_half = split_half_ranks_task(base_model, *halves, [m for group in groups for m in group],
+                                           allocation.max_rank, safety.allow_pickle)
     config_path = assemble_rank_config_task(base_model, finetuned_model, layers, results, allocation,
                                             str(layout.config_path), alpha, analysis, started, safety.allow_pickle,
-                                            curvature, factors, data_path if factors else None)
+                                            curvature, factors, data_path if factors else None, split_half)
 
     # Step 8: plots, raw data, UI artifacts (and the optional fidelity report).
     write_report_task(config_path, str(layout.svd_dir), results)

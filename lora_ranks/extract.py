@@ -56,24 +56,18 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, Mo
 
 def _curvature_roots_of(rank_config: dict, modules: list[ModuleRef], settings: ExtractionSettings):
     """Module name -> damped (G, A) roots for a curvature truncation, or None for the plain truncated SVD."""
+    from .analysis.curvature import config_curvature_roots
+
     record = rank_config.get("analysis_metadata", {}).get("curvature", {})
     spectrum = record.get("settings", {}).get("spectrum", "weight")
     folder = record.get("folder")
     if settings.truncation == "weight" or (settings.truncation == "auto" and spectrum == "weight"):
         return None
-    if spectrum == "weight" or not folder or not Path(folder).is_dir():
+    roots = config_curvature_roots(rank_config, modules)
+    if roots is None:
         raise RankConfigError(f"truncation={settings.truncation!r} needs the curvature factors of the analysis, but the "
                               f"rank config was made from the {spectrum} spectrum"
                               + (f" and its factor folder {folder} is gone" if folder else ""))
-    from .analysis.curvature import curvature_roots
-    from .analysis.layout import layer_file
-
-    damping = record["settings"]["curvature_damping"]
-    roots = {}
-    for layer in dict.fromkeys(m.layer for m in modules):
-        path = layer_file(Path(folder).parent, layer, Path(folder).name)
-        if path.is_file():
-            roots.update(curvature_roots([m for m in modules if m.layer == layer], path, damping)[0])
     return roots
 
 

@@ -16,6 +16,7 @@ optional gradient checkpointing, bf16 autocast on CUDA) so one screen shows ever
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_folder, atomic_write_json
+from ._io import atomic_folder, atomic_write_json, atomic_write_text
 from .data import collate, load_records, stratified_subset, tokenize_record
 from .loading import load_image_processor, load_model
 from .settings import FinetuneSettings, TrainingSettings
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "train_loop", "prepare_examples",
-           "enable_gradient_checkpointing"]
+           "enable_gradient_checkpointing", "split_half_records", "run_split_half_finetunes"]
 
 
 @dataclass
@@ -252,3 +253,39 @@ def run_preliminary_finetune(
     }
     metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
     return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds)
+
+
+def split_half_records(data_path: str | Path, settings: FinetuneSettings) -> tuple[list[dict], list[dict]]:
+    """The preliminary fine-tune's stratified subset (the same records, by the same settings and seed), dealt into
+    two disjoint halves: within each task alternately, so both halves keep the task mix. Image paths of vision
+    records are made absolute, so the halves can be written anywhere."""
+    records = load_records(data_path)
+    subset, _ = stratified_subset(records, settings.subset_ratio, settings.max_samples, seed=settings.seed,
+                                  task_key=settings.task_key)
+    root = Path(data_path).resolve().parent
+    halves: tuple[list[dict], list[dict]] = ([], [])
+    seen: dict[str, int] = {}
+    for record in subset:
+        if "images" in record:
+            record = {**record, "images": [str(root / name) for name in record["images"]]}
+        task = str(record.get(settings.task_key, "default"))
+        halves[seen.get(task, 0) % 2].append(record)
+        seen[task] = seen.get(task, 0) + 1
+    if not halves[1]:
+        raise ValueError(f"the fine-tuning subset of {data_path} has {len(subset)} record(s): too few to split in two")
+    return halves
+
+
+def run_split_half_finetunes(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
+                             settings: FinetuneSettings = FinetuneSettings(), **kwargs) -> tuple[FinetuneResult, FinetuneResult]:
+    """Two brief fine-tunes of ``model_path``, one on each half of the fine-tuning subset (``split_half_records``),
+    with the main fine-tune's steps, learning rate and seed: ``<out_dir>/half-a`` and ``half-b`` (each a
+    ``run_preliminary_finetune`` folder; the halves' records in ``half-a.jsonl`` / ``half-b.jsonl``). ``kwargs`` go
+    to ``run_preliminary_finetune`` (device, progress, ...). For the split-half noise estimate (``noise``)."""
+    out = Path(out_dir)
+    results = []
+    for name, half in zip(("half-a", "half-b"), split_half_records(data_path, settings)):
+        path = atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in half))
+        every_record = FinetuneSettings(**{**settings.to_dict(), "subset_ratio": 1.0, "max_samples": len(half)})
+        results.append(run_preliminary_finetune(model_path, path, out / name, every_record, **kwargs))
+    return results[0], results[1]

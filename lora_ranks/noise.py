@@ -14,6 +14,14 @@ variance is estimated from the exact total energy less that of the directions ab
 ν = (‖ΔW‖² − Σ_{s_i > τ} s_i²) / (m n − r (m + n − r)) (the degrees of freedom a rank-r signal takes), iterated from
 the energy the top k leave until the signal rank stops changing. Only the plain weight spectrum fits this noise
 model (a curvature-weighted one reshapes the noise), so the floor is always read from it.
+
+Where the fine-tuning data is at hand, a second estimate needs no noise model: fine-tune twice, on disjoint
+halves of the subset, and count the directions the two deltas share (``subspace_agreement``). A direction the
+data asks for appears in both; optimizer noise does not repeat. The agreement at rank r is the cosine of the
+largest principal angle between the two top-r left singular subspaces times that of the right ones (Björck &
+Golub 1973: the smallest singular value of U_aᵀ U_b); ``split_half_rank`` is the largest r whose agreement
+reaches ``MIN_AGREEMENT``. Each half sees half the data, so its deltas are noisier than the full fine-tune's: the
+estimate is conservative.
 """
 
 from __future__ import annotations
@@ -22,10 +30,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .spectra import Spectrum
 
-__all__ = ["NoiseFloor", "noise_floor", "optimal_threshold_coefficient", "median_threshold_coefficient"]
+__all__ = ["NoiseFloor", "noise_floor", "optimal_threshold_coefficient", "median_threshold_coefficient",
+           "subspace_agreement", "split_half_rank", "MIN_AGREEMENT"]
+
+#: Agreement a rank must reach to count as shared by both halves: e.g. cosines of 0.71 on both sides. Two random
+#: r-dimensional subspaces of a d-dimensional space have a largest-angle cosine near 0 for r much smaller than d.
+MIN_AGREEMENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,3 +95,38 @@ def noise_floor(spectrum: Spectrum) -> NoiseFloor:
             variance = noise_energy / max(1, m * n - rank * (m + n - rank))
         method = "tail"
     return NoiseFloor(threshold, int(np.count_nonzero(s > threshold)), method)
+
+
+def subspace_agreement(delta_a: torch.Tensor, delta_b: torch.Tensor, k: int) -> np.ndarray:
+    """How far the top singular subspaces of two deltas agree, rank by rank (see the module docstring).
+
+    Args:
+        delta_a, delta_b: Tensor (d_out, d_in), the deltas of two fine-tunes on disjoint halves of the data
+            (any float dtype; computed in float64).
+        k: ranks examined, 1 <= k <= min(d_out, d_in) // 2 (beyond half the dimension, any two subspaces are forced
+            to overlap).
+
+    Returns:
+        (k,) float64: entry r - 1 is cos θ_max(U_a[:, :r], U_b[:, :r]) · cos θ_max(V_a[:, :r], V_b[:, :r]), in [0, 1].
+        Cost: two full SVDs, O(d_out d_in min(d_out, d_in)), and k small ones.
+    """
+    if delta_a.shape != delta_b.shape:
+        raise ValueError(f"deltas differ in shape: {tuple(delta_a.shape)} vs {tuple(delta_b.shape)}")
+    if not 1 <= k <= min(delta_a.shape) // 2:
+        raise ValueError(f"k must be in [1, {min(delta_a.shape) // 2}] for shape {tuple(delta_a.shape)}, got {k}")
+    u_a, _, vh_a = torch.linalg.svd(delta_a.to(torch.float64), full_matrices=False)  # (m, p), (p, n)
+    u_b, _, vh_b = torch.linalg.svd(delta_b.to(torch.float64), full_matrices=False)
+    left = u_a[:, :k].T @ u_b[:, :k]  # (k, k) cosines between the two bases
+    right = vh_a[:k] @ vh_b[:k].T
+    out = np.empty(k)
+    for r in range(1, k + 1):
+        out[r - 1] = float(torch.linalg.svdvals(left[:r, :r])[-1] * torch.linalg.svdvals(right[:r, :r])[-1])
+    return np.clip(out, 0.0, 1.0)
+
+
+def split_half_rank(agreement: np.ndarray, min_agreement: float = MIN_AGREEMENT) -> int:
+    """The largest rank r whose ``agreement[r - 1]`` reaches ``min_agreement`` (0 when none does). The largest,
+    not the first drop: two directions of nearly equal strength may come in swapped order from the two halves,
+    which lowers the agreement at the first of them and restores it at the second."""
+    hits = np.nonzero(np.asarray(agreement) >= min_agreement)[0]
+    return int(hits[-1]) + 1 if hits.size else 0

@@ -67,6 +67,7 @@ class ModuleAllocation:
     weight_key: str = ""  # tensor name on disk, so later stages can read the weight without transformers
     signal_rank: int | None = None  # singular values of the weight spectrum above its noise floor
     noise_threshold: float | None = None  # that floor (Gavish-Donoho), in units of the weight spectrum
+    split_half_rank: int | None = None  # directions two fine-tunes on disjoint halves share (noise_estimate split-half)
     spectrum: str = "weight"  # the spectrum the rank was read from: weight, input or fisher
     fallback: str = ""  # why this module used another spectrum than asked, if it did
 
@@ -187,6 +188,7 @@ def allocate_ranks(
     weight_spectra: Mapping[str, Spectrum] | None = None,
     kinds: Mapping[str, str] | None = None,
     fallbacks: Mapping[str, str] | None = None,
+    split_half: Mapping[str, int] | None = None,
 ) -> list[ModuleAllocation]:
     """Decide the rank of every module.
 
@@ -200,6 +202,8 @@ def allocate_ranks(
             (default: ``spectra``).
         kinds: module name -> which spectrum ``spectra`` holds ("weight", "input", "fisher"), recorded.
         fallbacks: module name -> why it fell back to another spectrum than asked, recorded.
+        split_half: module name -> split-half rank (``analysis.split_half``), recorded; the signal rule's rank
+            when ``settings.noise_estimate`` is "split-half" (then required by that rule).
 
     Returns:
         One ModuleAllocation per module, in the order of ``modules``.
@@ -217,8 +221,12 @@ def allocate_ranks(
 
     weight_spectra = weight_spectra or spectra
     floors = {m.name: noise_floor(weight_spectra[m.name]) for m in modules}
+    if settings.rank_rule == "signal" and settings.noise_estimate == "split-half" and split_half is None:
+        raise ValueError("rank_rule signal with noise_estimate split-half needs the split-half ranks (two fine-tunes "
+                         "on halves of the data)")
     if settings.rank_rule == "signal":
-        raw = {m.name: floors[m.name].signal_rank for m in modules}
+        raw = {m.name: split_half[m.name] if settings.noise_estimate == "split-half" else floors[m.name].signal_rank
+               for m in modules}
     else:
         raw = {m.name: energy_rank(spectra[m.name], settings.energy_threshold) for m in modules}
     zero = {m.name: spectra[m.name].total_energy <= 0.0 for m in modules}  # unchanged modules: min_rank
@@ -258,6 +266,7 @@ def allocate_ranks(
                                     bounded_rank=bounded[m.name], smoothed_rank=smoothed[m.name], final_rank=r,
                                     energy_retained=kept, zero_delta=zero[m.name], weight_key=m.weight_key,
                                     signal_rank=floors[m.name].signal_rank, noise_threshold=floors[m.name].threshold,
+                                    split_half_rank=(split_half or {}).get(m.name),
                                     spectrum=(kinds or {}).get(m.name, "weight"),
                                     fallback=(fallbacks or {}).get(m.name, "")))
     return out

@@ -112,6 +112,9 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
                 signal = meta.get("signal_rank")
                 if signal and signal <= len(y):  # the noise floor: directions above it are signal
                     ax.plot([signal], [y[signal - 1]], "x", color=color, ms=5)
+                shared = meta.get("split_half_rank")
+                if shared and shared <= len(y):  # the directions two fine-tunes on halves of the data share
+                    ax.plot([shared], [y[shared - 1]], "+", color=color, ms=6)
                 if (kind == "singular_values" and meta.get("spectrum", "weight") == "weight"
                         and meta.get("noise_threshold") and s.singular_values[0] > 0):
                     ax.axhline(meta["noise_threshold"] / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
@@ -128,7 +131,9 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
             ax.axis("off")
         spectrum = next(iter(modules.values())).get("spectrum", "weight")
         of = "W_ft - W_pre" if spectrum == "weight" else f"the {spectrum}-weighted delta G^1/2 dW A^1/2"
+        split = any(m.get("split_half_rank") is not None for m in modules.values())
         title = (f"Singular values of {of} (dots: chosen rank; x: noise-floor signal rank"
+                 + ("; +: split-half rank" if split else "")
                  + ("; dotted: noise floor" if spectrum == "weight" else "") + "; colour: depth)"
                  if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
         fig.suptitle(title, fontsize=10)
@@ -238,6 +243,20 @@ def comparison_markdown(rows: Sequence[dict], plot: str | Path) -> str:
                       *[f"| {r['allocation']} | {r.get('init', 'warm')} | {r['trainable_parameters']:,} | "
                         f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {paired(r)} | {gap(r)} |" for r in rows],
                       "", markdown_image(plot, "comparison")])
+
+
+def allocation_fidelity_markdown(rows: Sequence[dict], ceiling_kl: float) -> str:
+    """The compared configs' fidelity: KL of each extracted adapter to the fine-tuned model, per truncation, and its
+    excess over the ceiling relative to uniform ranks' (plain truncation) at the same budget."""
+    def ratio(r: dict) -> str:
+        return f"{r['excess_ratio']:.2f}" if r.get("excess_ratio") is not None else ""
+
+    return "\n".join(["# Fidelity of the compared configs", "",
+                      f"KL(fine-tuned || base + extracted adapter), nats per token; ceiling (full-rank deltas on the "
+                      f"adapted modules) {ceiling_kl:.4f}; excess / uniform's: < 1 is closer to the fine-tune.", "",
+                      "| allocation | truncation | parameters | KL | excess / uniform's |", "|---|---|---|---|---|",
+                      *[f"| {r['allocation']} | {r['truncation']} | {r['trainable_parameters']:,} | {r['kl']:.4f} | "
+                        f"{ratio(r)} |" for r in rows]])
 
 
 def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict]) -> str:

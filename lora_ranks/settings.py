@@ -89,8 +89,13 @@ class AllocationSettings(Settings):
 
     rank_rule: Literal["energy", "signal", "budget"] = "energy"
     """How raw ranks are chosen: energy keeps energy_threshold of each module's spectrum; signal keeps the directions
-    above the noise floor of its weight spectrum (Gavish-Donoho threshold); budget spreads the budget over all
+    above the noise (see noise_estimate); budget spreads the budget over all
     modules by spectrum energy per parameter (giving a budget alone implies it)."""
+    noise_estimate: Literal["spectrum", "split-half"] = "spectrum"
+    """Where each module's signal rank (the directions above the noise, what rank_rule signal keeps) comes from:
+    spectrum reads it off the weight spectrum alone (Gavish-Donoho threshold; works on any pair); split-half
+    fine-tunes twice more, on disjoint halves of the fine-tuning subset, and counts the directions both deltas
+    share (needs the fine-tuning data; three fine-tunes instead of one). Both are recorded in the config."""
     energy_threshold: float = Field(0.9, gt=0, le=1)
     """tau: the fraction of the delta's energy ||dW||_F^2 each rank keeps; 0.9 is the original design's default."""
     min_rank: int = Field(4, ge=1)
@@ -376,14 +381,20 @@ class ComparisonSettings(Settings):
     """Share of the records held out for evaluation when no separate eval data is given."""
     budget_ranks: tuple[int, ...] = ()
     """Budgets to compare at, each the parameters of uniform rank r (2 = rank 2 everywhere), with uniform,
-    energy-tau (tau tuned to the budget) and water-filling on every spectrum the analysis has; empty: one budget,
-    that of the analysis' own energy ranks (uniform / energy / budget)."""
+    energy-tau (tau tuned to the budget) and water-filling on every spectrum the analysis has (a Fisher analysis
+    gives the input-weighted spectrum too), the signal ranks at their own budget, and each config's fidelity (KL of
+    its extracted adapter to the fine-tuned model) in place of the analysis' tau sweep; empty: one budget, that of
+    the analysis' own energy ranks (uniform / energy / budget)."""
     cold_baseline: bool = False
     """Also train every allocation cold (PEFT's init, B = 0) beside training.init, paired by seed: what the warm
     start is worth."""
     full_finetune: bool = False
     """Also fine-tune every parameter as long on the same data, per seed (the fine-tune's learning rate, the LoRA
     training's steps and batch): the reference of the gap closed (writes a full model per seed)."""
+    comparability: bool = False
+    """Also check whether the spectra are comparable across modules: truncate each module alone to rank 2 and
+    compare the predicted with the measured KL on 64 held-out records (Spearman per spectrum, a scatter plot);
+    one forward pass over those records per module and spectrum."""
 
     @field_validator("budget_ranks")
     @classmethod

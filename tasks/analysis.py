@@ -30,6 +30,7 @@ from lora_ranks.analysis import (
     layer_file_fingerprint,
     layer_file_name,
     numerics_identity,
+    split_half_ranks,
     zero_delta_message,
 )
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef
@@ -57,6 +58,15 @@ def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned
         return pair.fingerprints(modules)
     finally:
         pair.close()
+
+
+@task(name="split-half-ranks", task_run_name="split-half-ranks")
+def split_half_ranks_task(pretrained: str, half_a: str, half_b: str, modules: list[ModuleRef], max_rank: int,
+                          allow_pickle: bool = False) -> dict[str, dict]:
+    """Per module, the directions the two half fine-tunes share (``analysis.split_half_ranks``)."""
+    ranks = split_half_ranks(pretrained, half_a, half_b, modules, max_rank, allow_pickle=allow_pickle)
+    get_run_logger().info("Split-half ranks: %s", {n: r["split_half_rank"] for n, r in ranks.items()})
+    return ranks
 
 
 @task(name="check-calibration")
@@ -166,7 +176,8 @@ def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str
                               results: list[LayerResult], settings: AllocationSettings, config_path: str,
                               alpha_policy: AlphaPolicy, analysis: AnalysisSettings, started: float,
                               allow_pickle: bool = False, curvature: CurvatureSettings = CurvatureSettings(),
-                              curvature_result: CurvatureResult | None = None, calibration_data: str | None = None) -> str:
+                              curvature_result: CurvatureResult | None = None, calibration_data: str | None = None,
+                              split_half: dict[str, dict] | None = None) -> str:
     """Allocate ranks from every layer's spectra and write the validated config atomically."""
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     modules = [m for mods in layers.values() for m in mods]
@@ -174,7 +185,7 @@ def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str
              "timings": {"analysis_seconds": time.time() - started,
                          "layer_task_seconds": {r.layer: r.seconds for r in results}}}
     config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,
-                                     extra_metadata=extra)
+                                     extra_metadata=extra, split_half=split_half)
     meta = config["analysis_metadata"]
     logger = get_run_logger()
     if meta["zero_delta_modules"]:

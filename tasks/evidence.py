@@ -1,5 +1,6 @@
-"""Tasks of the evidence stage: fidelity report, train/eval split, equal-budget configs, held-out evaluation,
-the comparison report. Each is one library call (``lora_ranks.evidence.reports``) plus its UI artifacts."""
+"""Tasks of the evidence stage: fidelity report, train/eval split, equal-budget configs, their fidelity, the
+comparability check, held-out evaluation, the comparison report. Each is one library call
+(``lora_ranks.evidence.reports``) plus its UI artifacts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_ranks.evidence import (
+    ComparabilityReport,
     ComparisonLayout,
     ComparisonReport,
+    FidelityTable,
+    allocation_fidelity,
+    comparability_check,
     comparison_report,
     evaluate_adapter,
     full_finetune_loss,
@@ -16,7 +21,7 @@ from lora_ranks.evidence import (
     split_records,
     write_allocation_configs,
 )
-from lora_ranks.report import comparison_markdown, markdown_image
+from lora_ranks.report import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import FidelitySettings, FinetuneSettings
 
 
@@ -44,6 +49,29 @@ def allocation_configs_task(config_path: str, svd_dir: str, out_dir: str, budget
     """The compared rank configs: uniform / energy / budget at the analysis config's parameter count, or every
     allocation at each of ``budget_ranks``."""
     return write_allocation_configs(config_path, svd_dir, out_dir, budget_ranks)
+
+
+@task(name="allocation-fidelity")
+def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str], eval_data_path: str, out_dir: str,
+                             eval_samples: int) -> FidelityTable:
+    """KL of every compared config's extracted adapter to the fine-tuned model (plain and loss-aware truncation)."""
+    table = allocation_fidelity(analysis_config_path, configs, eval_data_path, out_dir, eval_samples)
+    create_markdown_artifact(key="allocation-fidelity", markdown=allocation_fidelity_markdown(table.rows, table.ceiling_kl),
+                             description="KL to the fine-tuned model of each compared config's extracted adapter")
+    get_run_logger().info("Allocation fidelity: %s", table.json_path)
+    return table
+
+
+@task(name="comparability-check")
+def comparability_check_task(config_path: str, eval_data_path: str, out_dir: str) -> ComparabilityReport:
+    """Predicted vs measured KL of truncating one module at a time; Spearman per spectrum and a scatter plot."""
+    report = comparability_check(config_path, eval_data_path, out_dir)
+    create_markdown_artifact(key="comparability", markdown="# Comparable across modules?\n\nSpearman of predicted vs "
+                             "measured KL: " + ", ".join(f"{k} {v:.2f}" for k, v in report.spearman.items()) + "\n\n"
+                             + markdown_image(report.plot_path, "comparability") + "\n",
+                             description="One module truncated to rank 2 at a time: predicted vs measured KL")
+    get_run_logger().info("Comparability (Spearman): %s", {k: round(v, 3) for k, v in report.spearman.items()})
+    return report
 
 
 @task(name="evaluate-adapter", task_run_name="evaluate-{label}-seed{seed}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune
+from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune, run_split_half_finetunes
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
 from tasks._common import retry_if_transient, step_logger
@@ -29,3 +29,16 @@ def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, set
     logger.info("Fine-tuned %d steps in %.1f s: loss %.4f -> %.4f; pair at %s and %s", result.steps, result.seconds,
                 result.losses[0], result.losses[-1], result.pretrained_dir, result.finetuned_dir)
     return result
+
+
+@task(name="split-half-finetunes", task_run_name="split-half-finetunes", retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_if_transient)
+def split_half_finetunes_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
+                              device: str | None = None, trust_remote_code: bool = False) -> tuple[str, str]:
+    """Two brief fine-tunes on disjoint halves of the fine-tuning subset (the split-half noise estimate); returns
+    the two fine-tuned folders."""
+    halves = run_split_half_finetunes(model_path, data_path, out_dir, settings, device=device, progress=False,
+                                      trust_remote_code=trust_remote_code)
+    get_run_logger().info("Split-half fine-tunes: %s and %s (%d steps each)", halves[0].finetuned_dir,
+                          halves[1].finetuned_dir, halves[0].steps)
+    return halves[0].finetuned_dir, halves[1].finetuned_dir

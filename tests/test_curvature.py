@@ -1,6 +1,9 @@
 """Loss-aware curvature: K-FAC factors against float64 references, weighted spectra and the weighted truncation
 against exact and brute-force references."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -474,3 +477,143 @@ def test_weighted_truncation_factors_are_balanced():
     gram_b, gram_a = lora_b.T @ lora_b, lora_a @ lora_a.T
     assert torch.allclose(gram_b, gram_a, rtol=1e-5, atol=1e-7 * float(gram_b.abs().max()))
     assert torch.allclose(gram_b, torch.diag(torch.diagonal(gram_b)), atol=1e-5 * float(gram_b.abs().max()))
+
+
+# -- the comparison's matrix: input-weighted spectra from Fisher factors, signal ranks, fidelity, comparability -----
+@pytest.fixture(scope="module")
+def fisher_analysis(finetuned_pair, tmp_path_factory):
+    """A Fisher analysis and an input-only analysis of the same pair on the same calibration records."""
+    from lora_ranks.analysis import OutputLayout, analyze_checkpoints
+    from lora_ranks.settings import AllocationSettings, CurvatureSettings, FinetuneSettings
+
+    base, finetuned, data = finetuned_pair
+    root = tmp_path_factory.mktemp("matrix")
+    layouts = {}
+    for spectrum in ("fisher", "input"):
+        layouts[spectrum] = OutputLayout(root / spectrum)
+        analyze_checkpoints(base, finetuned, layouts[spectrum].root,
+                            settings=AllocationSettings(min_rank=1, max_rank=32, smoothing="none"),
+                            curvature=CurvatureSettings(spectrum=spectrum, min_calibration_tokens=100),
+                            calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
+    return layouts
+
+
+def test_input_weighted_spectra_from_fisher_factors_equal_an_input_analysis(fisher_analysis):
+    """The A factors a Fisher pass collects are those an input-only pass collects (same records, same forward), so
+    sigma(dW A^1/2) from the Fisher analysis' files is the input analysis' spectrum."""
+    from lora_ranks.analysis import input_weighted_spectra, load_spectra, spectra_files
+    from lora_ranks.config import load_rank_config, modules_from_config
+
+    fisher, inputs = fisher_analysis["fisher"], fisher_analysis["input"]
+    config = load_rank_config(fisher.config_path)
+    modules = modules_from_config(config)
+    ours = input_weighted_spectra(config, modules, load_spectra(spectra_files(fisher.svd_dir), weight=True))
+    reference = load_spectra(spectra_files(inputs.svd_dir))
+    for m in modules:
+        top = reference[m.name].singular_values[0]
+        np.testing.assert_allclose(ours[m.name].singular_values, reference[m.name].singular_values, rtol=1e-6,
+                                   atol=1e-9 * top)
+        assert ours[m.name].total_energy == pytest.approx(reference[m.name].total_energy, rel=1e-9)
+
+
+def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pair, tmp_path):
+    """At a budget: every allocation (water-filling on the weight, input and Fisher spectra) fits it, the signal
+    ranks are the analysis' bounded signal ranks, full ranks reach the ceiling KL with either truncation, uniform
+    ranks define excess ratio 1, and the comparability check covers every module for the three spectra."""
+    from lora_ranks.config import load_rank_config, modules_from_config, save_rank_config
+    from lora_ranks.evidence import allocation_fidelity, comparability_check
+    from lora_ranks.evidence.experiment import config_from_ranks, parameters_of
+    from lora_ranks.evidence.reports import write_allocation_configs
+
+    base, finetuned, data = finetuned_pair
+    fisher = fisher_analysis["fisher"]
+    analysis = load_rank_config(fisher.config_path)
+    modules = modules_from_config(analysis)
+    configs = write_allocation_configs(fisher.config_path, fisher.svd_dir, tmp_path / "configs", budget_ranks=(2,))
+    assert set(configs) == {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-input", "r2-budget-fisher", "signal"}
+    budget = 2 * sum(sum(m.shape) for m in modules)
+    for label, path in configs.items():
+        config = load_rank_config(path)
+        if label != "signal":
+            assert config["trainable_parameters"] <= budget and config["analysis_metadata"]["budget_rank"] == 2
+    signal = load_rank_config(configs["signal"])["analysis_metadata"]["modules"]
+    assert {n: m["final_rank"] for n, m in signal.items()} == {
+        n: max(1, min(32, m["signal_rank"])) for n, m in analysis["analysis_metadata"]["modules"].items()}
+
+    full_ranks = {m.name: min(m.shape) for m in modules}
+    full = config_from_ranks(modules, full_ranks, analysis["base_parameters"], max_rank=max(full_ranks.values()),
+                             extra_metadata={"allocation": "full", "curvature": analysis["analysis_metadata"]["curvature"]})
+    configs["full"] = str(save_rank_config(tmp_path / "configs" / "full.json", full))
+    assert parameters_of(modules, full_ranks) == full["trainable_parameters"]
+    table = allocation_fidelity(fisher.config_path, configs, data, tmp_path, eval_samples=6)
+    rows = {(r["allocation"], r["truncation"]): r for r in table.rows}
+    assert set(rows) == {(label, t) for label in configs for t in ("weight", "fisher")}
+    assert rows[("full", "weight")]["kl"] == table.ceiling_kl
+    assert rows[("full", "fisher")]["kl"] == pytest.approx(table.ceiling_kl, abs=1e-9)
+    assert rows[("r2-uniform", "weight")]["excess_ratio"] == 1.0
+    assert all(r["kl"] > table.ceiling_kl for (label, _), r in rows.items() if label.startswith("r2-"))
+    assert (tmp_path / "allocation_fidelity.json").is_file()
+
+    report = comparability_check(fisher.config_path, data, tmp_path, eval_samples=4)
+    assert set(report.spearman) == {"weight", "input", "fisher"}
+    assert all(-1 <= v <= 1 for v in report.spearman.values())
+    saved = json.loads((tmp_path / "sensitivity.json").read_text())["spectra"]
+    assert all(len(saved[kind]["rows"]) == len(modules) for kind in saved)
+    assert Path(report.plot_path).stat().st_size > 5_000
+
+
+# -- the split-half noise estimate --------------------------------------------------------------------------------
+def test_split_half_records_partition_the_subset_keeping_the_task_mix(finetuned_pair):
+    from collections import Counter
+
+    from lora_ranks.data import load_records, stratified_subset
+    from lora_ranks.finetune import split_half_records
+    from lora_ranks.settings import FinetuneSettings
+
+    _, _, data = finetuned_pair
+    settings = FinetuneSettings(subset_ratio=0.5)
+    a, b = split_half_records(data, settings)
+    subset, _ = stratified_subset(load_records(data), 0.5, settings.max_samples, seed=settings.seed)
+    as_json = lambda records: Counter(json.dumps(r, sort_keys=True) for r in records)  # noqa: E731
+    assert as_json(a) + as_json(b) == as_json(subset) and not (as_json(a) & as_json(b))
+    tasks_a, tasks_b = Counter(r["task"] for r in a), Counter(r["task"] for r in b)
+    assert set(tasks_a) == set(tasks_b) and all(abs(tasks_a[t] - tasks_b[t]) <= 1 for t in tasks_a)
+
+
+def test_split_half_noise_estimate_ranks_by_the_shared_directions(finetuned_pair, tmp_path):
+    """With noise_estimate split-half, two fine-tunes on the halves run, every module records the directions
+    their deltas share (recomputed here from the two checkpoints), and the signal rule keeps that many."""
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.config import modules_from_config
+    from lora_ranks.noise import split_half_rank, subspace_agreement
+    from lora_ranks.settings import AllocationSettings, FinetuneSettings
+
+    base, finetuned, data = finetuned_pair
+    settings = AllocationSettings(rank_rule="signal", noise_estimate="split-half", min_rank=1, max_rank=16,
+                                  smoothing="none")
+    subset = FinetuneSettings(subset_ratio=0.5, max_steps=8, learning_rate=3e-3)
+    config = analyze_checkpoints(base, finetuned, tmp_path, settings=settings, calibration_data=data, subset=subset)
+    halves = [tmp_path / "saved_models" / "split_half" / h / "finetuned" for h in ("half-a", "half-b")]
+    assert all((h / "model.safetensors").is_file() for h in halves)
+    meta = config["analysis_metadata"]
+    name = "model.layers.1.mlp.down_proj"
+    module = next(m for m in modules_from_config(config) if m.name == name)
+    deltas = [CheckpointPair(base, h).delta(module, torch.float64) for h in halves]
+    agreement = subspace_agreement(*deltas, min(16, min(module.shape) // 2))
+    assert meta["split_half"][name]["agreement"] == pytest.approx(agreement.tolist(), abs=1e-6)
+    for n, m in meta["modules"].items():
+        assert m["split_half_rank"] == split_half_rank(meta["split_half"][n]["agreement"])
+        assert m["raw_rank"] == m["split_half_rank"] and isinstance(m["signal_rank"], int)
+    # the two estimates differ here (the noise-floor ranks are larger), so the rule's choice is seen
+    assert any(m["split_half_rank"] != m["signal_rank"] for m in meta["modules"].values())
+
+
+def test_split_half_without_data_is_refused_before_any_work(finetuned_pair, tmp_path):
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.settings import AllocationSettings
+
+    base, finetuned, _ = finetuned_pair
+    with pytest.raises(CalibrationError, match="split-half' needs the fine-tuning data"):
+        analyze_checkpoints(base, finetuned, tmp_path / "out", settings=AllocationSettings(noise_estimate="split-half"))
+    assert not (tmp_path / "out").exists()

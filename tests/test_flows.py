@@ -156,12 +156,24 @@ def test_compare_allocations_matrix_pairs_every_row_with_uniform_ranks(prefect_h
     results = json.loads(Path(compare_allocations(
         base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
         curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=100),
-        comparison=ComparisonSettings(seeds=(0, 1), budget_ranks=(2,), cold_baseline=True, full_finetune=True),
+        comparison=ComparisonSettings(seeds=(0, 1), budget_ranks=(2,), cold_baseline=True, full_finetune=True,
+                                      comparability=True),
         training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
         finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.5))).read_text())
     rows = {(r["allocation"], r["init"]): r for r in results["rows"]}
-    labels = {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-fisher"}
-    assert set(rows) == {(label, init) for label in labels for init in ("warm", "cold")} | {("full-finetune", "full")}
+    labels = {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-input", "r2-budget-fisher"}
+    assert set(rows) == ({(label, init) for label in labels | {"signal"} for init in ("warm", "cold")}
+                         | {("full-finetune", "full")})
+    signal = rows.pop(("signal", "warm")), rows.pop(("signal", "cold"))
+    for row in signal:  # a budget of its own, paired with the uniform ranks (the only ones here)
+        assert row["budget_rank"] is None and row["vs_uniform"] == paired_comparison(row["losses"], rows[
+            ("r2-uniform", "warm")]["losses"])
+    fidelity = json.loads((tmp_path / "cmp" / "allocation_fidelity.json").read_text())
+    assert {(r["allocation"], r["truncation"]) for r in fidelity["rows"]} == {
+        (label, t) for label in labels | {"signal"} for t in ("weight", "fisher")}
+    assert not (tmp_path / "cmp" / "analysis" / "analysis_outputs" / "fidelity").exists()  # no tau sweep besides
+    comparability = json.loads((tmp_path / "cmp" / "sensitivity.json").read_text())["spectra"]
+    assert set(comparability) == {"weight", "input", "fisher"}
     uniform = rows[("r2-uniform", "warm")]
     per_rank = uniform["trainable_parameters"] // 2
     full = rows[("full-finetune", "full")]["loss_mean"]
@@ -205,3 +217,23 @@ def test_fisher_spectrum_through_the_flow_is_cached_by_content(prefect_harness, 
                                      curvature=curvature, calibration_data=data, subset=subset)
     assert flow_config["rank_pattern"] == lib_config["rank_pattern"]
     assert {m["spectrum"] for m in flow_config["analysis_metadata"]["modules"].values()} == {"fisher"}
+
+
+def test_split_half_noise_estimate_through_the_flow(prefect_harness, tmp_path, task_states):
+    """svd-analysis with noise_estimate split-half: its two fine-tunes and the agreement run as tasks, and the
+    signal rule keeps the split-half ranks the config records."""
+    from flows.svd_analysis import svd_analysis
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 20, fmt="mixed")
+    state = svd_analysis(base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "flow"),
+                         allocation=AllocationSettings(rank_rule="signal", noise_estimate="split-half", min_rank=1,
+                                                       max_rank=16, smoothing="none"),
+                         finetune=FinetuneSettings(subset_ratio=0.5, max_steps=6, learning_rate=3e-3), return_state=True)
+    states = task_states(state)
+    assert [s for s, _ in states["split-half-finetunes"]] == ["Completed"]
+    assert [s for s, _ in states["split-half-ranks"]] == ["Completed"]
+    modules = load_rank_config(state.result())["analysis_metadata"]["modules"]
+    assert all(m["raw_rank"] == m["split_half_rank"] for m in modules.values())
+    assert (tmp_path / "flow" / "saved_models" / "split_half" / "half-b" / "finetuned").is_dir()

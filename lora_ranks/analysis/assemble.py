@@ -16,12 +16,14 @@ from pathlib import Path
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import build_rank_config, save_rank_config
 from ..curvature import CalibrationError
+from ..finetune import run_split_half_finetunes
 from ..ranks import allocate_ranks
 from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum
 from .curvature import CurvatureResult, collect_layer_curvature
 from .layer import LayerResult, analyze_layer
 from .layout import OutputLayout, load_module_records, load_spectra
+from .split_half import split_half_ranks
 
 __all__ = ["assemble_rank_config", "analyze_checkpoints", "curvature_record", "zero_delta_message"]
 
@@ -39,8 +41,12 @@ def assemble_rank_config(
     *,
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     extra_metadata: dict | None = None,
+    split_half: dict[str, dict] | None = None,
 ) -> tuple[dict, dict[str, Spectrum]]:
     """Read every layer's spectra, allocate ranks, write the validated config atomically.
+
+    ``split_half``: ``analysis.split_half_ranks``' result, when the split-half noise estimate ran (its ranks go to
+    the module metadata, its per-rank agreement to ``analysis_metadata.split_half``).
 
     Modules that did not change (zero deltas) get ``min_rank`` and are listed in the metadata's
     ``zero_delta_modules``; callers decide how to tell the user.
@@ -54,7 +60,8 @@ def assemble_rank_config(
     allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters,
                                  weight_spectra=load_spectra(paths, weight=True),
                                  kinds={n: r["spectrum"] for n, r in records.items()},
-                                 fallbacks={n: r["fallback"] for n, r in records.items() if r.get("fallback")})
+                                 fallbacks={n: r["fallback"] for n, r in records.items() if r.get("fallback")},
+                                 split_half={n: r["split_half_rank"] for n, r in split_half.items()} if split_half else None)
     spectra_info = {
         name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),
                "device": s.device, "total_energy": s.total_energy}
@@ -72,6 +79,9 @@ def assemble_rank_config(
             "top_k": settings.required_top_k,
         },
     }
+    if split_half:
+        metadata["split_half"] = {n: {"agreement": r["agreement"], "min_agreement": r["min_agreement"]}
+                                  for n, r in split_half.items()}
     if extra_metadata:
         metadata.update(extra_metadata)
     config = build_rank_config(allocations, settings, base_parameters=pair.base_parameters,
@@ -105,10 +115,12 @@ def analyze_checkpoints(
     Raises:
         CheckpointError: listing every problem the headers show (before any tensor is read), or naming a
             tensor with NaN or Inf.
-        CalibrationError: a curvature spectrum without usable calibration data.
+        CalibrationError: a curvature spectrum, or the split-half noise estimate, without usable calibration data.
     """
     start = time.perf_counter()
     layout = OutputLayout(out_dir)
+    if settings.noise_estimate == "split-half" and calibration_data is None:
+        raise CalibrationError("noise_estimate='split-half' needs the fine-tuning data (two fine-tunes on its halves)")
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
     modules = [m for mods in layers.values() for m in mods]
@@ -130,8 +142,14 @@ def analyze_checkpoints(
                "analysis_seconds": spectra_done - start}
     extra = {"timings": timings, "analysis": analysis.to_dict(),
              "curvature": curvature_record(curvature, factors, calibration_data)}
+    split_half = None
+    if settings.noise_estimate == "split-half":
+        halves = run_split_half_finetunes(base, calibration_data, layout.split_half_dir, subset, progress=False,
+                                          device=analysis.device)
+        split_half = split_half_ranks(pair.base.root, halves[0].finetuned_dir, halves[1].finetuned_dir, modules,
+                                      settings.max_rank, allow_pickle=allow_pickle)
     config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path, alpha_policy=alpha_policy,
-                                     extra_metadata=extra)
+                                     extra_metadata=extra, split_half=split_half)
     unchanged = config["analysis_metadata"]["zero_delta_modules"]
     if unchanged:
         warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)

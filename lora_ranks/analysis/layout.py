@@ -4,6 +4,7 @@ Layout under one root (the original design's folder names)::
 
     <root>/demo_inputs/                                  # the offline demo's model and data, when used
     <root>/saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}
+    <root>/saved_models/split_half/{half-a,half-b}/...  # the split-half noise estimate's two fine-tunes, when used
     <root>/configs/lora_rank_config.json
     <root>/analysis_outputs/svd/plots/                   # png
     <root>/analysis_outputs/svd/raw_data/layers/<layer>.safetensors
@@ -46,6 +47,10 @@ class OutputLayout:
     @property
     def finetune_dir(self) -> Path:
         return self.root / "saved_models" / "preliminary_finetune"
+
+    @property
+    def split_half_dir(self) -> Path:
+        return self.root / "saved_models" / "split_half"
 
     @property
     def config_path(self) -> Path:

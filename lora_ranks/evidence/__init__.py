@@ -19,9 +19,13 @@ from .fidelity import (
                        reference_outputs,
 )
 from .reports import (
+                       ComparabilityReport,
                        ComparisonLayout,
                        ComparisonReport,
                        FidelityReport,
+                       FidelityTable,
+                       allocation_fidelity,
+                       comparability_check,
                        comparison_report,
                        eval_examples,
                        evaluate_adapter,
@@ -33,7 +37,8 @@ from .reports import (
 from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 
 __all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",
-           "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std",
-           "uniform_allocation", "allocation_configs", "ComparisonLayout", "ComparisonReport", "FidelityReport",
-           "comparison_report", "eval_examples", "evaluate_adapter", "full_finetune_loss", "run_fidelity_report", "split_records",
-           "write_allocation_configs", "ModuleSensitivity", "module_sensitivities", "spearman"]
+           "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std", "uniform_allocation", "allocation_configs",
+           "ComparisonLayout", "ComparisonReport", "FidelityReport", "FidelityTable", "ComparabilityReport",
+           "allocation_fidelity", "comparability_check", "comparison_report", "eval_examples",
+           "evaluate_adapter", "full_finetune_loss", "run_fidelity_report", "split_records", "write_allocation_configs",
+           "ModuleSensitivity", "module_sensitivities", "spearman"]

@@ -26,14 +26,16 @@ def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, i
 
 def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
                        settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy(),
-                       extra_metadata: Mapping | None = None) -> dict[str, dict]:
+                       extra_metadata: Mapping | None = None,
+                       split_half: Mapping[str, int] | None = None) -> dict[str, dict]:
     """Rank configs for the comparison at (about) equal trainable parameters (``extra_metadata`` is recorded in
     each, e.g. the analysis' curvature record, so that extraction can use the matching truncation).
 
-    "energy" uses ``settings`` (the method of the original design); "budget" water-fills exactly its
+    "energy" uses ``settings`` (the method of the original design; ``split_half``: the analysis' split-half
+    ranks, which its signal rule may need); "budget" water-fills exactly its
     parameter count; "uniform" takes the largest single rank that does not exceed it.
     """
-    energy = allocate_ranks(modules, spectra, settings)
+    energy = allocate_ranks(modules, spectra, settings, split_half=split_half)
     budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
     budget_settings = AllocationSettings(**{**settings.to_dict(), "rank_rule": "budget", "budget": float(budget)})
     water = allocate_ranks(modules, spectra, budget_settings)

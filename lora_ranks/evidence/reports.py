@@ -11,6 +11,8 @@ Comparison layout under one root::
     <root>/runs/<allocation>-seed<seed>/     # adapter/ and training_metrics.json of every trained LoRA
     <root>/runs/<allocation>-cold-seed<seed>/  # the cold baseline's (comparison.cold_baseline)
     <root>/runs/full-finetune-seed<seed>/    # the full fine-tune reference's (comparison.full_finetune)
+    <root>/allocation_fidelity.json          # with budget ranks: each config's KL to the fine-tuned model
+    <root>/sensitivity.json, sensitivity.png  # with comparability: predicted vs measured KL per module
     <root>/results.json, <root>/comparison.png
 """
 
@@ -23,20 +25,24 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .._io import atomic_write_json, atomic_write_text
-from ..analysis import OutputLayout, load_spectra, spectra_files
+from ..analysis import OutputLayout, config_curvature_roots, input_weighted_spectra, load_spectra, spectra_files
 from ..checkpoints import CheckpointPair
-from ..config import allocation_settings_of, load_rank_config, modules_from_config, save_rank_config
+from ..config import allocation_settings_of, anchored_key, load_rank_config, modules_from_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
-from ..report import write_comparison_plot, write_fidelity_plot
+from ..report import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
 from ..settings import AlphaPolicy, FidelitySettings, FinetuneSettings
 from .allocations import allocation_configs
-from .experiment import budget_matrix_configs, paired_comparison
-from .fidelity import DeltaBasis, fidelity_sweep, held_out_loss, mean_and_std
+from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison
+from .fidelity import DeltaBasis, fidelity_sweep, fidelity_to, held_out_loss, mean_and_std, reference_outputs
+from .sensitivity import module_sensitivities, spearman
 
-__all__ = ["ComparisonLayout", "FidelityReport", "ComparisonReport", "eval_examples", "split_records",
-           "run_fidelity_report", "write_allocation_configs", "evaluate_adapter", "comparison_report"]
+__all__ = ["ComparisonLayout", "FidelityReport", "FidelityTable", "ComparabilityReport", "ComparisonReport",
+           "eval_examples", "split_records", "run_fidelity_report", "write_allocation_configs", "allocation_fidelity",
+           "comparability_check", "evaluate_adapter", "comparison_report"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,25 @@ class FidelityReport:
     json_path: str
     plot_path: str
     rows: list[dict]
+
+
+@dataclass
+class FidelityTable:
+    """The compared configs' fidelity (``allocation_fidelity``): where it is, the ceiling KL, a row per config and
+    truncation."""
+
+    json_path: str
+    ceiling_kl: float
+    rows: list[dict]
+
+
+@dataclass
+class ComparabilityReport:
+    """The comparability check (``comparability_check``): where it is, its plot, Spearman per spectrum."""
+
+    json_path: str
+    plot_path: str
+    spearman: dict[str, float]
 
 
 @dataclass
@@ -135,28 +160,129 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
 
     Without ``budget_ranks``: uniform / energy / budget at (about) the analysis config's parameter count. With them:
     at each budget r (the parameters of uniform rank r), uniform, energy-tau tuned to it, and water-filling on the
-    analysis' spectrum and, when that is curvature-weighted, on the plain weight spectrum too
-    (``budget_matrix_configs``). Every config records the analysis' curvature, so warm starts use its truncation.
+    weight spectrum and on every curvature-weighted spectrum the analysis' factors give (``budget_matrix_configs``):
+    a Fisher analysis gives both the Fisher spectrum and the input-weighted one σ(ΔW A^1/2), from the same A
+    factors. With them also ``signal``: each module's signal rank (of the analysis' noise estimate: the singular
+    values of its weight spectrum above the noise floor, or the split-half rank), bounded to [1, max_rank]: a budget
+    of its own. Every config records the analysis' curvature,
+    so warm starts use its truncation.
     """
     config = load_rank_config(config_path)
     modules = modules_from_config(config)
     curvature = config["analysis_metadata"].get("curvature", {})
     files = spectra_files(svd_dir)
     if not budget_ranks:
+        split_half = {name: record["split_half_rank"] for name, record in config["analysis_metadata"]["modules"].items()
+                      if record.get("split_half_rank") is not None} or None
         configs = allocation_configs(modules, load_spectra(files), config["base_parameters"],
-                                     allocation_settings_of(config), extra_metadata={"curvature": curvature})
+                                     allocation_settings_of(config), extra_metadata={"curvature": curvature},
+                                     split_half=split_half)
     else:
         kind = (curvature.get("settings") or {}).get("spectrum", "weight")
         spectra = {"weight": load_spectra(files, weight=True)}
+        if kind == "fisher":
+            spectra["input"] = input_weighted_spectra(config, modules, spectra["weight"])
         if kind != "weight":
             spectra[kind] = load_spectra(files)
         settings = allocation_settings_of(config)
+        alpha_policy = AlphaPolicy(**config.get("alpha_policy", {}))
         # min_rank 1, not the configured one: a budget of uniform rank 2 is below min_rank 4 everywhere.
         configs = budget_matrix_configs(modules, spectra, budget_ranks, config["base_parameters"],
-                                        alpha_policy=AlphaPolicy(**config.get("alpha_policy", {})), min_rank=1,
-                                        max_rank=settings.max_rank,
+                                        alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                         extra_metadata={"curvature": curvature})
+        estimate = "split_half_rank" if settings.noise_estimate == "split-half" else "signal_rank"
+        signal = {name: max(1, min(settings.max_rank, record[estimate]))
+                  for name, record in config["analysis_metadata"]["modules"].items()
+                  if record.get(estimate) is not None}
+        if len(signal) == len(modules):
+            configs["signal"] = config_from_ranks(modules, signal, config["base_parameters"], spectra=spectra["weight"],
+                                                  alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
+                                                  extra_metadata={"curvature": curvature, "allocation": "signal"})
     return {label: str(save_rank_config(Path(out_dir) / f"{label}.json", cfg)) for label, cfg in configs.items()}
+
+
+def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str], eval_data_path: str | Path,
+                        out_dir: str | Path, eval_samples: int = 200) -> FidelityTable:
+    """KL(fine-tuned || base + merged extracted adapter) of every compared config (label -> path, made by
+    ``write_allocation_configs`` from the analysis config at ``analysis_config_path``), on held-out records.
+
+    Each config is measured with the plain truncated SVD ("weight") and, when its analysis recorded curvature
+    factors, with the matching loss-aware truncation (the one warm starts use). ``ceiling`` is the KL of full-rank
+    deltas on the analyzed modules: what the adapted modules can carry at all. ``excess_ratio`` of a row is its
+    KL above the ceiling over that of uniform ranks at the same budget with the plain truncation (< 1: closer to the
+    fine-tune than uniform ranks). Writes ``<out_dir>/allocation_fidelity.json``. Holds every module's full SVD
+    in memory (``DeltaBasis``): for the small models of experiments.
+    """
+    analysis = load_rank_config(analysis_config_path)
+    loaded = {label: load_rank_config(path) for label, path in configs.items()}
+    identity = analysis["analysis_metadata"]["checkpoints"]
+    pair_dirs = identity["pretrained"]["path"], identity["finetuned"]["path"]
+    modules = modules_from_config(analysis)
+    base, tokenizer = load_model(pair_dirs[0], dtype=torch.float32)
+    finetuned, _ = load_model(pair_dirs[1], dtype=torch.float32)
+    reference = reference_outputs(finetuned, eval_examples(eval_data_path, tokenizer, eval_samples),
+                                  tokenizer.pad_token_id)
+    del finetuned
+    kind = (analysis["analysis_metadata"].get("curvature", {}).get("settings") or {}).get("spectrum", "weight")
+    roots = config_curvature_roots(analysis, modules)
+    bases = {"weight": DeltaBasis(CheckpointPair(*pair_dirs), modules)}
+    if roots is not None:
+        bases[kind] = DeltaBasis(CheckpointPair(*pair_dirs), modules, roots)
+    ceiling = fidelity_to(reference, bases["weight"].apply(base, {m.name: min(m.shape) for m in modules}))[0]
+    rows = []
+    for label, config in loaded.items():
+        ranks = {name: config["rank_pattern"][anchored_key(name)] for name in config["target_modules"]}
+        meta = config["analysis_metadata"]
+        for truncation, basis in bases.items():
+            kl = fidelity_to(reference, basis.apply(base, ranks))[0]
+            rows.append({"allocation": label, "method": meta.get("allocation", label),
+                         "budget_rank": meta.get("budget_rank"), "truncation": truncation,
+                         "trainable_parameters": config["trainable_parameters"], "kl": kl, "excess": kl - ceiling})
+    uniform_excess = {row["budget_rank"]: row["excess"] for row in rows
+                      if row["method"] == "uniform" and row["truncation"] == "weight"}
+    for row in rows:
+        denominator = uniform_excess.get(row["budget_rank"])
+        row["excess_ratio"] = row["excess"] / denominator if denominator else None
+    path = atomic_write_json(Path(out_dir) / "allocation_fidelity.json",
+                             {"ceiling_kl": ceiling, "rows": rows, "eval_data": str(eval_data_path),
+                              "eval_samples": eval_samples})
+    return FidelityTable(str(path), ceiling, rows)
+
+
+def comparability_check(config_path: str | Path, eval_data_path: str | Path, out_dir: str | Path, *,
+                        eval_samples: int = 64, rank: int = 2) -> ComparabilityReport:
+    """Are the spectra comparable across modules? Truncate each module alone to ``rank`` in the fine-tuned model
+    and measure the KL it adds on held-out records; Spearman of predicted vs measured, per spectrum: the weight
+    spectrum's discarded energy, and with a Fisher analysis also the input-weighted and the Fisher prediction
+    (½ T / T_resp times the discarded weighted energy, ``evidence.sensitivity``). Writes ``sensitivity.json`` and
+    the scatter plot ``sensitivity.png`` under ``out_dir``. Costs one forward pass over the records per module and
+    spectrum."""
+    config = load_rank_config(config_path)
+    identity = config["analysis_metadata"]["checkpoints"]
+    pair_dirs = identity["pretrained"]["path"], identity["finetuned"]["path"]
+    modules = modules_from_config(config)
+    finetuned, tokenizer = load_model(pair_dirs[1], dtype=torch.float32)
+    examples = eval_examples(eval_data_path, tokenizer, eval_samples)
+    curvature = config["analysis_metadata"].get("curvature", {})
+    kind = (curvature.get("settings") or {}).get("spectrum", "weight")
+    bases = {"weight": (None, 1.0)}
+    if config_curvature_roots(config, modules) is not None:
+        if kind == "fisher":
+            bases["input"] = (config_curvature_roots(config, modules, input_only=True), 1.0)
+            bases["fisher"] = (config_curvature_roots(config, modules),
+                               0.5 * curvature["tokens"] / curvature["response_tokens"])
+        else:
+            bases[kind] = (config_curvature_roots(config, modules), 1.0)
+    result = {}
+    for name, (roots, scale) in bases.items():
+        rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair_dirs), modules, roots), examples,
+                                    tokenizer.pad_token_id, rank=rank, scale=scale)
+        result[name] = {"spearman": spearman([r.predicted for r in rows], [r.measured_kl for r in rows]),
+                        "rows": [asdict(r) for r in rows]}
+    path = atomic_write_json(Path(out_dir) / "sensitivity.json", {"rank": rank, "eval_samples": eval_samples,
+                                                                   "spectra": result})
+    return ComparabilityReport(str(path), write_sensitivity_plot(out_dir, result),
+                               {name: v["spearman"] for name, v in result.items()})
 
 
 def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
@@ -190,7 +316,8 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
     Args:
         runs: (allocation label, init "warm"/"cold", seed) of every trained LoRA, parallel to ``losses``.
         details: recorded in results.json beside the rows (data paths, steps, ...).
-        reference_init: the init of the uniform ranks every row is paired against (training.init).
+        reference_init: the init of the uniform ranks every row is paired against (training.init); a config with
+            a budget of its own (``signal``) is paired with the uniform ranks closest to it in parameters.
         full_finetune: seed -> held-out loss of a full fine-tune trained as long (the reference of the gap).
 
     Each row has ``vs_uniform`` (``paired_comparison`` of its per-seed losses minus those of the uniform ranks at
@@ -205,7 +332,14 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
 
     def uniform_of(label: str) -> str:
         r = metadata[label]["analysis_metadata"].get("budget_rank")
-        return f"r{r}-uniform" if r is not None else "uniform"
+        if r is not None:
+            return f"r{r}-uniform"
+        if "uniform" in metadata or label == "uniform":
+            return "uniform"
+        # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
+        uniforms = [u for u in metadata if metadata[u]["analysis_metadata"].get("allocation") == "uniform"]
+        own = metadata[label]["trainable_parameters"]
+        return min(uniforms, key=lambda u: abs(metadata[u]["trainable_parameters"] - own), default="uniform")
 
     def per_seed(label: str, init: str) -> dict[int, float]:
         return {seed: loss for (run_label, run_init, seed), loss in by_run.items() if (run_label, run_init) == (label, init)}

@@ -1,0 +1,36 @@
+"""The split-half noise estimate: how many directions of each module's delta two fine-tunes on disjoint halves of
+the data share (``noise.subspace_agreement``), module by module from the checkpoints.
+
+``run_split_half_finetunes`` (``finetune.py``) makes the two halves' checkpoints; ``split_half_ranks`` reads one
+module's two deltas at a time (memory: two (d_out, d_in) float64 deltas and their SVDs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import CheckpointPair, ModuleRef
+from ..noise import MIN_AGREEMENT, split_half_rank, subspace_agreement
+
+__all__ = ["split_half_ranks"]
+
+
+def split_half_ranks(pretrained: str | Path, half_a: str | Path, half_b: str | Path, modules: Sequence[ModuleRef],
+                     max_rank: int, *, allow_pickle: bool = False) -> dict[str, dict]:
+    """Module name -> {"split_half_rank": int, "agreement": [float, ...]} for the deltas half_a − pretrained and
+    half_b − pretrained, examined up to rank min(max_rank, min(d_out, d_in) // 2)."""
+    pair_a = CheckpointPair(pretrained, half_a, allow_pickle=allow_pickle)
+    pair_b = CheckpointPair(pretrained, half_b, allow_pickle=allow_pickle)
+    out = {}
+    for m in modules:
+        k = min(max_rank, min(m.shape) // 2)
+        agreement = (subspace_agreement(pair_a.delta(m, torch.float64), pair_b.delta(m, torch.float64), k)
+                     if k >= 1 else [])
+        out[m.name] = {"split_half_rank": split_half_rank(agreement) if k >= 1 else 0,
+                       "agreement": [round(float(x), 6) for x in agreement], "min_agreement": MIN_AGREEMENT}
+        pair_a.close()
+        pair_b.close()
+    return out
