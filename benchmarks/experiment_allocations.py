@@ -16,7 +16,8 @@
    differences against warm uniform ranks and the share of the gap to the full fine-tune each row closes.
 4. This script prints the tables and checks the targets of issue 18.
 
-Steps 0-2 are cached under ``<out>``, step 3 in ``<out>/compare`` (its results.json is reused unless ``--rerun``).
+Steps 0-2 are cached under ``<out>``, step 3 in ``<out>/compare`` (reused when the same command ran to the end,
+unless ``--rerun``).
 Trainings run two at a time in worker processes of one thread each (``LORA_RANKS_TASK_RUNNER=processes``).
 
     .venv/bin/python benchmarks/experiment_allocations.py [--record] [--out outputs/experiment]
@@ -109,14 +110,15 @@ def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Pa
 
 
 def step_compare(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
-    """Run ``lora-ranks compare`` (log in ``<out>/compare.log``) unless its results are there; its wall time."""
+    """Run ``lora-ranks compare`` (log in ``<out>/compare.log``) unless the same command's results are there; its
+    wall time and command."""
     import subprocess
 
     results = out / "compare" / "results.json"
     timing = out / "compare" / "seconds.json"
-    if results.is_file() and timing.is_file() and not args.rerun:
-        return _json(timing)
     command = compare_command(out, pair, train, eval_path, args)
+    if results.is_file() and timing.is_file() and _json(timing)["command"] == command and not args.rerun:
+        return _json(timing)  # the same command ran to the end before
     env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(args.workers)}
     start = time.perf_counter()
     with open(out / "compare.log", "w") as log:
