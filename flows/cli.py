@@ -212,6 +212,10 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         model = inputs.get("model") or inputs["base_model"]
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
+    if inputs.get("eval_data_path"):  # held-out records are read only after the analysis: check them now
+        from lora_ranks.data import load_records
+
+        load_records(inputs["eval_data_path"])
     allocation = settings.get("allocation")
     if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
             and inputs.get("data_path") is None):

@@ -175,6 +175,20 @@ def test_bad_records_are_named_before_training(pair, tmp_path):
     _assert_one_line_error(done, f"{data}:2")
 
 
+def test_bad_held_out_records_are_named_before_any_analysis(pair, tmp_path):
+    """compare reads --eval-data only after the analysis: a missing or broken file must end the command first."""
+    from lora_ranks.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 8)
+    broken = tmp_path / "eval.jsonl"
+    broken.write_text('{"text": "fine", "task": "a"}\n{"oops": 1}\n')
+    for eval_data, fragment in ((tmp_path / "missing.jsonl", "missing.jsonl does not exist"), (broken, f"{broken}:2")):
+        done = _cli("compare", "--model", pair[0], "--finetuned", pair[1], "--data", data, "--eval-data", eval_data,
+                    "--out", tmp_path / "cmp")
+        _assert_one_line_error(done, fragment)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_preflight_lists_every_problem_at_once(pair, tmp_path):
     finetuned = _hostile("two-problems", pair, tmp_path)
     with pytest.raises(CheckpointError) as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoints import CheckpointPair, ModuleRef
@@ -26,10 +27,10 @@ def split_half_ranks(pretrained: str | Path, half_a: str | Path, half_b: str | P
     pair_b = CheckpointPair(pretrained, half_b, allow_pickle=allow_pickle)
     out = {}
     for m in modules:
-        k = min(max_rank, min(m.shape) // 2)
+        k = min(max_rank, min(m.shape) // 2)  # 0 for a module too thin to compare: no agreement, rank 0
         agreement = (subspace_agreement(pair_a.delta(m, torch.float64), pair_b.delta(m, torch.float64), k)
-                     if k >= 1 else [])
-        out[m.name] = {"split_half_rank": split_half_rank(agreement) if k >= 1 else 0,
+                     if k >= 1 else np.zeros(0))
+        out[m.name] = {"split_half_rank": split_half_rank(agreement),
                        "agreement": [round(float(x), 6) for x in agreement], "min_agreement": MIN_AGREEMENT}
         pair_a.close()
         pair_b.close()

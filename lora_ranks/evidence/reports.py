@@ -35,6 +35,7 @@ from ..data import load_records, tokenize_record
 from ..loading import load_model
 from ..report import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
 from ..settings import AlphaPolicy, FidelitySettings, FinetuneSettings
+from ..spectra.weighted import symmetric_root
 from .allocations import allocation_configs
 from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison
 from .fidelity import DeltaBasis, fidelity_sweep, fidelity_to, held_out_loss, mean_and_std, reference_outputs
@@ -164,8 +165,7 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
     a Fisher analysis gives both the Fisher spectrum and the input-weighted one σ(ΔW A^1/2), from the same A
     factors. With them also ``signal``: each module's signal rank (of the analysis' noise estimate: the singular
     values of its weight spectrum above the noise floor, or the split-half rank), bounded to [1, max_rank]: a budget
-    of its own. Every config records the analysis' curvature,
-    so warm starts use its truncation.
+    of its own. Every config records the analysis' curvature, so warm starts use its truncation.
     """
     config = load_rank_config(config_path)
     modules = modules_from_config(config)
@@ -266,13 +266,14 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, out
     curvature = config["analysis_metadata"].get("curvature", {})
     kind = (curvature.get("settings") or {}).get("spectrum", "weight")
     bases = {"weight": (None, 1.0)}
-    if config_curvature_roots(config, modules) is not None:
-        if kind == "fisher":
-            bases["input"] = (config_curvature_roots(config, modules, input_only=True), 1.0)
-            bases["fisher"] = (config_curvature_roots(config, modules),
-                               0.5 * curvature["tokens"] / curvature["response_tokens"])
-        else:
-            bases[kind] = (config_curvature_roots(config, modules), 1.0)
+    roots = config_curvature_roots(config, modules)  # the factors' eigendecompositions, once
+    if roots is not None and kind == "fisher":
+        shapes = {m.name: m.shape for m in modules}
+        bases["input"] = ({name: (symmetric_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},
+                          1.0)
+        bases["fisher"] = (roots, 0.5 * curvature["tokens"] / curvature["response_tokens"])
+    elif roots is not None:
+        bases[kind] = (roots, 1.0)
     result = {}
     for name, (roots, scale) in bases.items():
         rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair_dirs), modules, roots), examples,
