@@ -25,6 +25,7 @@ from tasks.check import (  # noqa: E402
     measure_training_step_task,
     write_check_report_task,
 )
+from tasks.outputs import claim_output_task  # noqa: E402
 
 
 @flow(name="check-config")
@@ -36,8 +37,10 @@ def check_config_flow(
     check: Annotated[CheckSettings, described(CheckSettings)] = CheckSettings(),
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
+    overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> dict:
     """Measure a rank config on this machine; returns the report, or fails naming every budget that does not hold."""
+    output_dir = claim_output_task(output_dir, "check-config", {"model": model, "rank_config": rank_config}, overwrite)
     target = check_inputs_task(model, rank_config, check, training, safety.trust_remote_code)
     inference = measure_inference_task(target, check)
     # One process per setting, one after the other, so that neither measurement disturbs the other.

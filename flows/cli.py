@@ -48,6 +48,7 @@ from lora_ranks.settings import (
 )
 
 DEMO_OUT = "outputs/demo"
+_STOP_SERVER = False  # main() as the process's command: stop Prefect's temporary server before the last line
 DEMO_VL_OUT = "outputs/demo-vl"
 
 
@@ -79,6 +80,9 @@ _SUBSET = SettingsGroup(FinetuneSettings, "finetune", fields=("subset_ratio", "m
                                                                "max_length", "max_steps", "epochs", "batch_size",
                                                                "learning_rate"))
 _PICKLE = SettingsGroup(SafetySettings, "safety", fields=("allow_pickle",))
+_OVERWRITE = Input("--overwrite", "overwrite", "overwrite", required=False)
+#: The parameter naming each command's output folder (checked before anything runs: ``outputs.check_output_dir``).
+_OUTPUT_PARAMS = ("output_dir", "out_dir")
 _REMOTE_CODE = SettingsGroup(SafetySettings, "safety", fields=("trust_remote_code",))
 
 COMMANDS: dict[str, Command] = {
@@ -86,31 +90,31 @@ COMMANDS: dict[str, Command] = {
         "run svd-analysis end to end on a tiny offline Qwen3 and synthetic data",
         inputs=(Input("--out", "output_dir", "output_dir", required=False, default=DEMO_OUT),),
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune"), SettingsGroup(FidelitySettings, "fidelity")),
-        flags=(Input("--vl", "vl", "vl", required=False),)),
+        flags=(Input("--vl", "vl", "vl", required=False), _OVERWRITE)),
     "analyze": Command(
         "ranks from an existing pretrained/fine-tuned pair (no fine-tuning)",
         inputs=(Input("--base", "base_model", "base_model"), Input("--finetuned", "finetuned_model", "finetuned_model"),
                 Input("--out", "output_dir", "output_dir"), Input("--data", "data_path", "data_path", required=False),
                 Input("--eval-data", "eval_data_path", "eval_data_path", required=False)),
         groups=(*_ALLOCATION, _SUBSET, SettingsGroup(FidelitySettings, "fidelity"), _PICKLE),
-        flags=(Input("--refresh", "refresh", "refresh", required=False),)),
+        flags=(Input("--refresh", "refresh", "refresh", required=False), _OVERWRITE)),
     "finetune": Command(
         "brief full fine-tune on a stratified subset (preliminary-finetune)",
         inputs=(Input("--model", "model", "base_model"), Input("--data", "data_path", "data_path"),
                 Input("--out", "output_dir", "output_dir")),
-        groups=(SettingsGroup(FinetuneSettings, "finetune"), _REMOTE_CODE)),
+        groups=(SettingsGroup(FinetuneSettings, "finetune"), _REMOTE_CODE), flags=(_OVERWRITE,)),
     "train": Command(
         "train a LoRA with the per-module ranks of a rank config (train-dynamic-lora)",
         inputs=(Input("--model", "model", "base_model"), Input("--lora-config", "rank_config", "rank_config"),
                 Input("--data", "data_path", "data_path"), Input("--out", "output_dir", "output_dir"),
                 Input("--warm-start-from", "warm_start_from", "warm_start_from", required=False)),
         groups=(SettingsGroup(LoRATrainingSettings, "training"), SettingsGroup(ExtractionSettings, "extraction"),
-                SettingsGroup(SafetySettings, "safety"))),
+                SettingsGroup(SafetySettings, "safety")), flags=(_OVERWRITE,)),
     "extract": Command(
         "write the truncated-SVD LoRA of a full fine-tune at the configured ranks",
         inputs=(Input("--base", "base", "base_model"), Input("--finetuned", "finetuned", "finetuned_model"),
                 Input("--config", "rank_config_path", "rank_config"), Input("--out", "out_dir", "adapter_dir")),
-        groups=(SettingsGroup(ExtractionSettings, "extraction"), _PICKLE)),
+        groups=(SettingsGroup(ExtractionSettings, "extraction"), _PICKLE), flags=(_OVERWRITE,)),
     "compare": Command(
         "uniform vs energy vs budget ranks at equal parameters, LoRAs trained over seeds (compare-allocations)",
         inputs=(Input("--model", "base_model", "base_model"), Input("--data", "data_path", "data_path"),
@@ -120,12 +124,13 @@ COMMANDS: dict[str, Command] = {
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune", prefix="finetune"),
                 SettingsGroup(LoRATrainingSettings, "training", prefix="lora"),
                 SettingsGroup(ComparisonSettings, "comparison"), SettingsGroup(FidelitySettings, "fidelity"),
-                SettingsGroup(ExtractionSettings, "extraction"), SettingsGroup(SafetySettings, "safety"))),
+                SettingsGroup(ExtractionSettings, "extraction"), SettingsGroup(SafetySettings, "safety")),
+        flags=(_OVERWRITE,)),
     "export": Command(
         "write an adapter every server reads right: one uniform rank, or merged into the base",
         inputs=(Input("ADAPTER_DIR", "adapter_dir", "source_adapter", positional=True),
                 Input("--out", "out_dir", "export_dir"), Input("--base", "base", "export_base", required=False)),
-        groups=(SettingsGroup(ExportSettings, "export"), _REMOTE_CODE)),
+        groups=(SettingsGroup(ExportSettings, "export"), _REMOTE_CODE), flags=(_OVERWRITE,)),
     "check": Command(
         "measure a rank config on this machine before deploying it: memory of a training step, inference latency, "
         "budgets as assertions (check-config)",
@@ -135,7 +140,7 @@ COMMANDS: dict[str, Command] = {
                 # How training builds and steps the model: what the check measures.
                 SettingsGroup(LoRATrainingSettings, "training",
                               fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout")),
-                _REMOTE_CODE)),
+                _REMOTE_CODE), flags=(_OVERWRITE,)),
 }
 
 
@@ -167,10 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; bad input ends with one ``lora-ranks: error: ...`` line and exit status 2."""
+    """Run a subcommand; bad input ends with one ``lora-ranks: error: ...`` line and exit status 2.
+
+    Called as the command (``argv`` None: the process's own arguments), it stops Prefect's temporary server before
+    it prints its last line; called with ``argv`` (tests, scripts running several commands in one process) it
+    leaves the server running for the next one, to be stopped when the interpreter exits."""
+    global _STOP_SERVER
+    _STOP_SERVER = argv is None
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["LORA_RANKS_DEBUG"] = "1"
+    else:  # the temporary API server's own logs (its shutdown can cancel a flush mid-way) stay off the terminal
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        # bitsandbytes (imported with PEFT) warns on every import on CPUs with AVX-512 BF16 that an optional
+        # kernel package is missing; it changes nothing here.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         command = COMMANDS[args.command]
         inputs = {i.param: getattr(args, i.param) for i in (*command.inputs, *command.flags)}
@@ -202,7 +218,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
-    """Everything that can be checked before Prefect starts (it raises the project's error types)."""
+    """Everything that can be checked before Prefect starts (it raises the project's error types): the output folder
+    first (nothing of the user's is overwritten), then the device, the inputs and the numbers that depend on them."""
+    _check_output(command, inputs)
+    allocation = settings.get("allocation")
+    if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
+            and inputs.get("data_path") is None):
+        from lora_ranks.errors import LoraRanksError
+
+        raise LoraRanksError("--noise-estimate split-half needs --data (two more fine-tunes, on halves of its "
+                               "fine-tuning subset)")
+    if "analysis" in settings:
+        from lora_ranks.devices import resolve_device
+
+        resolve_device(settings["analysis"].device)
     if command in ("finetune", "train", "compare"):
         from lora_ranks.data import check_vision_records, load_records
         from lora_ranks.loading import load_image_processor
@@ -212,25 +241,28 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         model = inputs.get("model") or inputs["base_model"]
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
-    if inputs.get("eval_data_path"):  # held-out records are read only after the analysis: check them now
-        from lora_ranks.data import load_records
+    for key in ("data_path", "eval_data_path"):  # read now, not after a fine-tune or an analysis
+        if inputs.get(key) and (key == "eval_data_path" or command == "analyze"):
+            from lora_ranks.data import load_records
 
-        load_records(inputs["eval_data_path"])
-    allocation = settings.get("allocation")
-    if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
-            and inputs.get("data_path") is None):
-        from lora_ranks.errors import LoraRanksError
-
-        raise LoraRanksError("--noise-estimate split-half needs --data (two more fine-tunes, on halves of its "
-                               "fine-tuning subset)")
+            load_records(inputs[key])
     if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
-        from lora_ranks.checkpoints import CheckpointPair
+        from lora_ranks.analysis.checks import check_pair
 
-        pair = CheckpointPair(inputs["base_model"], inputs["finetuned_model"],
-                              allow_pickle=settings["safety"].allow_pickle)
-        pair.preflight(settings["analysis"].targets)
+        check_pair(inputs["base_model"], inputs["finetuned_model"], settings["analysis"], allocation,
+                   allow_pickle=settings["safety"].allow_pickle, read_weights=True)
         if settings["curvature"].resolved(inputs.get("data_path") is not None).spectrum != "weight":
-            _check_calibration(pair.finetuned.root, inputs.get("data_path"), settings)
+            from lora_ranks.checkpoints import resolve_model_path
+
+            _check_calibration(resolve_model_path(inputs["finetuned_model"]), inputs.get("data_path"), settings)
+    elif command in ("compare", "demo") and allocation is not None and allocation.budget_mode:
+        from lora_ranks.analysis.checks import check_before_finetune
+        from lora_ranks.synthetic import DEMO_BASE
+
+        base = inputs.get("base_model") or (DEMO_BASE if not inputs.get("vl") else None)
+        if base is not None:
+            safety = settings.get("safety", SafetySettings())
+            check_before_finetune(base, settings["analysis"], allocation, allow_pickle=safety.allow_pickle)
     if command in ("finetune", "compare"):
         from lora_ranks.checkpoints import resolve_model_path
 
@@ -238,7 +270,13 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
     if command == "export":
         from lora_ranks.export import check_export
 
-        check_export(inputs["adapter_dir"], settings["export"], inputs["base"])
+        check_export(inputs["adapter_dir"], settings["export"], inputs["base"], inputs["out_dir"], inputs["overwrite"])
+    if command == "extract":
+        from lora_ranks.checkpoints import CheckpointPair
+        from lora_ranks.config import load_rank_config
+
+        load_rank_config(inputs["rank_config_path"])
+        CheckpointPair(inputs["base"], inputs["finetuned"], allow_pickle=settings["safety"].allow_pickle)
     if command == "check":
         from lora_ranks.check import check_inputs
 
@@ -254,6 +292,20 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         source = warm_start_source(rank_config, inputs["warm_start_from"], settings["training"].init)
         if source is not None:
             resolve_model_path(source)
+
+
+def _check_output(command: str, inputs: dict) -> None:
+    """The command's output folder takes nothing of the user's: not a file, no input inside or around it, and not a
+    non-empty folder this tool did not write unless --overwrite (``outputs.check_output_dir``)."""
+    from lora_ranks.outputs import check_output_dir
+
+    spec = COMMANDS[command]
+    out_param = next(i.param for i in spec.inputs if i.param in _OUTPUT_PARAMS)
+    out = inputs[out_param]
+    if command == "demo" and inputs.get("vl") and out == DEMO_OUT:
+        out = DEMO_VL_OUT
+    given = [(i.flag, inputs[i.param]) for i in spec.inputs if i.param not in _OUTPUT_PARAMS]
+    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"])
 
 
 def _check_calibration(model_dir, data_path, settings: dict) -> None:
@@ -275,7 +327,8 @@ def _check_calibration(model_dir, data_path, settings: dict) -> None:
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     """Run the subcommand's flow (or library call); returns the lines that say where the results are."""
     if command == "demo" and inputs.pop("vl"):
-        return _vl_demo(inputs["output_dir"] if inputs["output_dir"] != DEMO_OUT else DEMO_VL_OUT, settings)
+        return _vl_demo(inputs["output_dir"] if inputs["output_dir"] != DEMO_OUT else DEMO_VL_OUT, settings,
+                        inputs["overwrite"])
     if command in ("demo", "analyze"):
         from flows.svd_analysis import svd_analysis
 
@@ -298,7 +351,7 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         from lora_ranks.export import export_adapter
 
         report = export_adapter(inputs["adapter_dir"], inputs["out_dir"], settings["export"], inputs["base"],
-                                settings["safety"].trust_remote_code)
+                                settings["safety"].trust_remote_code, overwrite=inputs["overwrite"])
         shape = f"rank {report['rank']}, global scale 1" if report["format"] == "uniform" else f"merged, {report['dtype']}"
         lines = [f"Exported: {Path(inputs['out_dir']).resolve()}  ({shape}; {report['bytes_before']:,} bytes of adapter "
                  f"-> {report['bytes_after']:,} bytes)"]
@@ -328,7 +381,7 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
             f"Metrics:    {result.metrics_path}"]
 
 
-def _vl_demo(output_dir: str, settings: dict) -> list[str]:
+def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[str]:
     """The vision-language demo: svd-analysis on a tiny Qwen2.5-VL with synthetic image tasks (fine-tune, spectra,
     rank config), then a short dynamic-LoRA training run on the same image records."""
     from flows.svd_analysis import svd_analysis
@@ -337,7 +390,7 @@ def _vl_demo(output_dir: str, settings: dict) -> list[str]:
     from lora_ranks.config import load_rank_config
     from lora_ranks.synthetic import DEMO_VL_MODEL, demo_data_path
 
-    config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, **settings)
+    config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, overwrite=overwrite, **settings)
     config = load_rank_config(config_path)
     out = Path(output_dir).resolve()
     data = demo_data_path(OutputLayout(out).demo_inputs_dir, DEMO_VL_MODEL)
@@ -359,9 +412,26 @@ def _serving_lines(problems: dict[str, str], adapter_dir) -> list[str]:
 
 
 def _quiet_prefect_exit() -> None:
-    """Prefect's ephemeral API server says goodbye at interpreter exit (an INFO line on the ``prefect`` logger);
-    silence it, so that the command's last line is the error, or where the results are."""
+    """Stop Prefect's temporary API server now, quietly, so that nothing it prints lands after the command's last
+    line (the error, or where the results are). It would otherwise be stopped at interpreter exit, after that line,
+    with an INFO goodbye on the ``prefect`` logger; ``stop`` waits (5 s at most) for the process to end."""
     logging.getLogger("prefect").setLevel(logging.WARNING)
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None or not _STOP_SERVER:  # no server started, or another command of this process may need it
+        return
+    # Send the run's last logs and events first (as prefect.testing's harness does before it stops its server).
+    for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
+        service = getattr(sys.modules.get(module), worker, None)
+        if service is not None:
+            try:
+                service.drain_all(timeout=5)
+            except Exception:  # never started, or already drained
+                pass
+    for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+        try:
+            instance.stop()
+        except Exception:  # already stopped, or gone: nothing left to print
+            pass
 
 
 if __name__ == "__main__":

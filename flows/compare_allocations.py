@@ -54,6 +54,7 @@ from tasks.evidence import (  # noqa: E402
     split_data_task,
 )
 from tasks.finetune import build_demo_inputs_task  # noqa: E402
+from tasks.outputs import claim_output_task  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
 
@@ -77,9 +78,12 @@ def compare_allocations(
     extraction: Annotated[ExtractionSettings, described(ExtractionSettings)] = ExtractionSettings(),
     fidelity: Annotated[FidelitySettings, described(FidelitySettings)] = FidelitySettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
+    overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> str:
     """Train LoRAs of different allocations at equal budgets over several seeds; returns results.json's path."""
-    layout = ComparisonLayout(Path(output_dir).resolve())
+    layout = ComparisonLayout(Path(claim_output_task(output_dir, "compare-allocations", {
+        "base_model": base_model, "finetuned_model": finetuned_model, "data_path": data_path,
+        "eval_data_path": eval_data_path}, overwrite)))
 
     # Step 1: train / held-out split (the demo model brings its own synthetic data).
     if base_model == DEMO_MODEL:

@@ -127,7 +127,7 @@ def describe_validation_error(exc: ValidationError, group: SettingsGroup, given:
             name = error["loc"][0]
             value = given.get(name, group.cls.model_fields[name].default)
             parts.append(f"{flag_for(name, group.prefix)} {_default_text(value)}: {message[0].lower()}{message[1:]}")
-        else:  # a rule across fields: name them as flags (one pass, longest names first)
+        else:  # a rule across fields: name them as flags (one pass, longest names first; quoted words are values)
             names = "|".join(sorted(group.cls.model_fields, key=len, reverse=True))
-            parts.append(re.sub(rf"\b({names})\b", lambda m: flag_for(m.group(1), group.prefix), message))
+            parts.append(re.sub(rf"(?<![\w'])({names})(?![\w'])", lambda m: flag_for(m.group(1), group.prefix), message))
     return "; ".join(parts)

@@ -21,6 +21,7 @@ from lora_ranks.finetune import FinetuneResult  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, FinetuneSettings, SafetySettings  # noqa: E402
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
 from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task  # noqa: E402
+from tasks.outputs import claim_output_task  # noqa: E402
 
 
 @flow(name="preliminary-finetune")
@@ -31,9 +32,11 @@ def preliminary_finetune(
     output_dir: Annotated[str, described(INPUT_HELP["output_dir"])] = "outputs/preliminary-finetune",
     finetune: Annotated[FinetuneSettings, described(FinetuneSettings)] = FinetuneSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
+    overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> FinetuneResult:
     """Brief full fine-tune; returns where the pretrained/fine-tuned pair and metrics are."""
-    layout = OutputLayout(Path(output_dir).resolve())
+    layout = OutputLayout(Path(claim_output_task(output_dir, "preliminary-finetune",
+                                                 {"model": model, "data_path": data_path}, overwrite)))
     # Step 1: demo inputs.
     if model == DEMO_MODEL:
         model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path)

@@ -50,6 +50,7 @@ from lora_ranks.synthetic import DEMO_MODEL, DEMO_VL_MODEL, demo_finetune_settin
 from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
+    check_before_finetune_task,
     check_calibration_task,
     collect_curvature_task,
     curvature_result_is_current,
@@ -60,6 +61,7 @@ from tasks.analysis import (  # noqa: E402
 )
 from tasks.evidence import fidelity_report_task  # noqa: E402
 from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task, split_half_finetunes_task  # noqa: E402
+from tasks.outputs import claim_output_task  # noqa: E402
 from tasks.report import write_report_task  # noqa: E402
 
 
@@ -79,6 +81,7 @@ def svd_analysis(
     fidelity: Annotated[FidelitySettings, described(FidelitySettings)] = FidelitySettings(),
     eval_data_path: Annotated[Optional[str], described(INPUT_HELP["eval_data_path"])] = None,
     refresh: Annotated[bool, described(INPUT_HELP["refresh"])] = False,
+    overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> str:
     """Decide per-module LoRA ranks from the spectra of a brief full fine-tune's weight deltas.
 
@@ -86,7 +89,9 @@ def svd_analysis(
     """
     logger = get_run_logger()
     started = time.time()
-    layout = OutputLayout(Path(output_dir).resolve())
+    layout = OutputLayout(Path(claim_output_task(output_dir, "svd-analysis", {
+        "base_model": base_model, "finetuned_model": finetuned_model, "data_path": data_path,
+        "eval_data_path": eval_data_path}, overwrite)))
 
     # Step 1: demo inputs.
     if base_model in (DEMO_MODEL, DEMO_VL_MODEL):
@@ -103,16 +108,17 @@ def svd_analysis(
         raise CalibrationError("noise_estimate split-half needs data_path (two more fine-tunes, on halves of its "
                                "fine-tuning subset)")
 
-    # Step 3: preliminary fine-tune.
+    # Step 3: preliminary fine-tune (the device and the budget checked against the base first).
     if finetuned_model is None:
         if data_path is None:
             raise ValueError("data_path is required to fine-tune (or pass finetuned_model to skip fine-tuning)")
+        check_before_finetune_task(base_model, analysis, allocation, safety.allow_pickle)
         ft = preliminary_finetune_task(base_model, data_path, str(layout.finetune_dir), finetune,
                                        safety.trust_remote_code)
         base_model, finetuned_model = ft.pretrained_dir, ft.finetuned_dir
 
     # Step 4: preflight and layers.
-    layers = discover_layers(base_model, finetuned_model, analysis, safety.allow_pickle)
+    layers = discover_layers(base_model, finetuned_model, analysis, safety.allow_pickle, allocation)
     names, groups = list(layers.keys()), list(layers.values())
     digests = fingerprint_layer.map(names, groups, unmapped(base_model), unmapped(finetuned_model),
                                     unmapped(safety.allow_pickle))

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
 from lora_ranks.train import TrainResult, warm_start_source  # noqa: E402
+from tasks.outputs import claim_output_task  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
 
@@ -34,9 +35,12 @@ def train_dynamic_lora_flow(
     warm_start_from: Annotated[Optional[str], described(INPUT_HELP["warm_start_from"])] = None,
     extraction: Annotated[ExtractionSettings, described(ExtractionSettings)] = ExtractionSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
+    overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> TrainResult:
     """Train a heterogeneous-rank LoRA; returns where the adapter and metrics are."""
-    out = Path(output_dir).resolve()
+    out = Path(claim_output_task(output_dir, "train-dynamic-lora", {
+        "model": model, "rank_config": rank_config, "data_path": data_path, "warm_start_from": warm_start_from},
+        overwrite))
     # Step 1: the SVD warm start (training.init "warm"): extracted from the fine-tuned model the ranks came from.
     init_from = None
     source = warm_start_source(load_rank_config(rank_config), warm_start_from, training.init)

@@ -103,21 +103,33 @@ def recover_folder(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Write a folder that replaces ``path`` only once complete.
 
     Yields a fresh staging folder beside ``path`` to write into. When the block ends without an exception, the old
     folder (if any) is renamed aside, the staging folder renamed to ``path``, and the old one deleted; at every
     instant the complete old or the complete new folder exists (see ``recover_folder``). If the block raises,
     the staging folder is deleted and ``path`` is untouched.
+
+    Only what this tool wrote is replaced (``outputs.check_replaceable``, checked before the block runs): a file at
+    ``path``, or a non-empty folder without the tool's marker, is refused unless ``overwrite``. The new folder
+    carries the marker (``outputs.MARKER``), so a later run may replace it.
+
+    Raises:
+        OutputFolderError: ``path`` is a file, or a folder of the user's (without ``overwrite``).
     """
+    from .outputs import MARKER, check_replaceable
+
     target = Path(path)
+    check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(target)
     staging, aside = _staging(target), _aside(target)
     staging.mkdir()
     try:
         yield staging
+        if not (staging / MARKER).exists():
+            atomic_write_text(staging / MARKER, '{"made_by": "lora-ranks"}\n')
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

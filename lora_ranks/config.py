@@ -32,7 +32,7 @@ import numpy as np
 
 from ._io import atomic_write_json
 from ._version import __version__
-from .errors import LoraRanksError, list_problems
+from .errors import LoraRanksError, list_problems, summarize_problems
 from .ranks import ModuleAllocation, lora_parameters
 from .settings import AllocationSettings, AlphaPolicy
 
@@ -143,12 +143,17 @@ def load_rank_config(path: str | Path) -> dict:
         RankConfigError: naming the file and the first problem found.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = next((p for p in (path / "lora_rank_config.json", path / "configs" / "lora_rank_config.json")
+                       if p.is_file()), None)
+        raise RankConfigError(f"rank config {path} is a folder; give the rank config file"
+                              + (f": {inside}" if inside else " (lora_rank_config.json)"))
     if not path.is_file():
         raise RankConfigError(f"rank config {path} does not exist")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RankConfigError(f"rank config {path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RankConfigError(f"rank config {path} is not valid JSON: {exc}") from None
     validate_rank_config(config, source=str(path))
     return config
 
@@ -221,23 +226,36 @@ def check_config_matches_model(config: Mapping[str, Any], model: Any) -> None:
         model = build_meta_model(model)
     modules = dict(model.named_modules())
     recorded = config.get("analysis_metadata", {}).get("modules", {})
-    problems = []
+    problems: list[tuple[str, str]] = []
     for name in config["target_modules"]:
         module = modules.get(name)
         if module is None:
-            problems.append(f"{name}: no such module in the model")
+            problems.append(("missing", f"{name}: no such module in the model"))
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(module, torch.nn.Linear) and not (weight is not None and weight.ndim == 2):
-            problems.append(f"{name}: is a {type(module).__name__}, not a linear layer")
+            problems.append(("not linear", f"{name}: is a {type(module).__name__}, not a linear layer"))
             continue
         shape = recorded.get(name, {}).get("shape")
         # Quantized layers store packed weights: their logical shape is (out_features, in_features).
         actual = (module.out_features, module.in_features) if hasattr(module, "out_features") else tuple(weight.shape)
         if shape is not None and list(actual) != list(shape):
-            problems.append(f"{name}: weight shape {tuple(actual)} but the config was made for {tuple(shape)}")
+            problems.append(("of another shape",
+                             f"{name}: weight shape {tuple(actual)} but the config was made for {tuple(shape)}"))
     if problems:
-        raise RankConfigError(list_problems("rank config does not fit the model", problems))
+        raise RankConfigError(mismatch_message(config, "model", problems))
+
+
+def mismatch_message(config: Mapping[str, Any], against: str, problems: list[tuple[str, str]]) -> str:
+    """The one line for a rank config that does not fit a model or checkpoints: every problem when a few modules do
+    not fit; a summary by kind, and the likely cause, when none does (a config made for another model)."""
+    total = len(config["target_modules"])
+    if len(problems) < total:
+        return list_problems(f"rank config does not fit the {against} ({len(problems)} of its {total} modules)",
+                             [text for _, text in problems])
+    made_from = config.get("analysis_metadata", {}).get("checkpoints", {}).get("pretrained", {}).get("path")
+    return summarize_problems(f"rank config does not fit the {against}: none of its {total} modules does", problems) \
+        + "; was it made for another model" + (f" (it was analyzed from {made_from})?" if made_from else "?")
 
 
 def modules_from_config(config: Mapping[str, Any]):

@@ -73,9 +73,14 @@ def record_kind(record: dict, where: str = "record") -> str:
 def load_records(path: str | Path) -> list[dict]:
     """Load and check every record of a ``.json`` (list of objects) or ``.jsonl`` file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"dataset file {path} is a folder; give a .json or .jsonl file of records")
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"dataset file {path} is not UTF-8 text (byte {exc.start}): is it a JSON/JSONL file?") from None
     if not text.strip():
         raise DataError(f"dataset file {path} is empty")
     records: list[tuple[str, dict]] = []

@@ -11,18 +11,29 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-__all__ = ["LoraRanksError", "is_user_error", "is_transient", "list_problems"]
+__all__ = ["LoraRanksError", "is_user_error", "is_transient", "list_problems", "summarize_problems"]
 
 
 class LoraRanksError(ValueError):
     """A problem with the user's input; the message names what is wrong and where."""
 
 
-def list_problems(what: str, problems: Sequence[str], limit: int = 50) -> str:
-    """One line listing every problem found (the first ``limit``, then a count): ``what: N problem(s): a; b``."""
+def list_problems(what: str, problems: Sequence[str], limit: int = 20) -> str:
+    """One line listing the problems found (the first ``limit``, then a count, so that the line stays readable):
+    ``what: N problem(s): a; b; and 3 more``."""
     shown = "; ".join(problems[:limit])
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{what}: {len(problems)} problem(s): {shown}{more}"
+
+
+def summarize_problems(what: str, problems: Sequence[tuple[str, str]]) -> str:
+    """One short line for many problems of a few kinds (``(kind, text)`` pairs): each kind's count and its first
+    example, ``what: 7 missing (e.g. a); 7 of another shape (e.g. b)``; for a rank config made for another model,
+    where every module fails, a full list would run to kilobytes."""
+    kinds: dict[str, list[str]] = {}
+    for kind, text in problems:
+        kinds.setdefault(kind, []).append(text)
+    return f"{what}: " + "; ".join(f"{len(texts)} {kind} (e.g. {texts[0]})" for kind, texts in kinds.items())
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json
 from .errors import LoraRanksError, list_problems
+from .outputs import check_output_dir
 from .settings import SERVING_RANKS, ExportSettings
 
 __all__ = ["AdapterError", "LoRAModule", "Adapter", "read_adapter", "serving_problems", "serving_readme",
@@ -104,11 +105,12 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
         AdapterError: no such folder, no ``adapter_config.json`` or weights, not a LoRA, DoRA or extra trained
             tensors (not exportable), or weights that do not match the config's ranks (every problem listed).
     """
-    from peft.utils.other import get_pattern_key
-    from safetensors import safe_open
-
     root = Path(folder)
     config_path, weights_path = root / "adapter_config.json", root / ADAPTER_WEIGHTS
+    if root.is_file():
+        hint = f" (the adapter is the folder {root.parent})" if root.name in ("adapter_config.json", ADAPTER_WEIGHTS) else ""
+        raise AdapterError(f"{root} is a file; an adapter is a folder holding adapter_config.json and {ADAPTER_WEIGHTS}"
+                           + hint)
     if not root.is_dir():
         raise AdapterError(f"{root}: no such adapter folder")
     if not config_path.is_file():
@@ -120,6 +122,9 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    from peft.utils.other import get_pattern_key
+    from safetensors import safe_open
+
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")
     if config.get("use_dora"):
@@ -246,15 +251,18 @@ def _serving_rank(adapter: Adapter, rank: int | None) -> int:
     return rank
 
 
-def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | None = None) -> dict[str, Any]:
+def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | None = None, *,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Write ``adapter_dir`` as a uniform-rank adapter in ``out_dir`` (see the module docstring); returns the report.
 
     Args:
         rank: the exported rank R (one of ``SERVING_RANKS``, at least the largest module rank); None: the smallest
             serving rank that fits.
+        overwrite: replace ``out_dir`` even when it is a folder this tool did not write (never the adapter itself).
     """
     from safetensors.torch import save_file
 
+    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir)], overwrite=overwrite)
     adapter = read_adapter(adapter_dir)
     R = _serving_rank(adapter, rank)
     tensors = {}
@@ -270,7 +278,7 @@ def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | Non
     report = {"format": "uniform", "source": str(adapter.folder), "rank": R, "global_scale": 1.0,
               "source_ranks": adapter.ranks, "source_scales": {n: m.scale for n, m in adapter.modules.items()},
               "bytes_before": adapter.bytes}
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         report["bytes_after"] = (tmp / ADAPTER_WEIGHTS).stat().st_size
@@ -294,9 +302,12 @@ def _check_base_shapes(adapter: Adapter, model: torch.nn.Module) -> None:
     if len(problems) == len(adapter.modules) and all(p.endswith("not a linear module of the base model") for p in problems):
         raise AdapterError(f"{adapter.folder} does not fit the base model: none of its {len(problems)} modules (e.g. "
                            f"{next(iter(adapter.modules))}) is a linear module of the base; an adapter for another base?")
+    if len(problems) == len(adapter.modules):
+        raise AdapterError(f"{adapter.folder} does not fit the base model: none of its {len(problems)} modules does (e.g. "
+                           f"{problems[0]}); an adapter for another base?")
     if problems:
         raise AdapterError(list_problems(f"{adapter.folder} does not fit the base model (an adapter for another base?)",
-                                         problems))
+                                         problems, limit=5))
 
 
 def _shard_bytes(base_dir: Path) -> int:
@@ -305,7 +316,7 @@ def _shard_bytes(base_dir: Path) -> int:
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
+                  trust_remote_code: bool = False, *, overwrite: bool = False) -> dict[str, Any]:
     """Merge the adapter into its base (W + s_i B A per module) and write the full model to ``out_dir``.
 
     The base loads unquantized in its stored dtype (an adapter trained on a 4/8-bit base is merged into the
@@ -317,8 +328,10 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     from .loading import load_model
 
     start = time.perf_counter()
+    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite)
     adapter = read_adapter(adapter_dir, weights=False)  # PeftModel.from_pretrained reads the weights below
     base_dir, meta = _meta_base(adapter, base)
+    check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite)
     _check_base_shapes(adapter, meta)
     model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
@@ -328,7 +341,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
               "note": (f"trained on a {quantized}-quantized base; merged into the full-precision weights it was "
                        "quantized from (outputs differ from the quantized training model by the quantization error)"
                        if quantized else None)}
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=_shard_bytes(base_dir))
         for f in base_dir.iterdir():
             if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") \
@@ -341,16 +354,22 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
 
 
 def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSettings(),
-                 base: str | Path | None = None) -> Adapter:
+                 base: str | Path | None = None, out_dir: str | Path | None = None, overwrite: bool = False) -> Adapter:
     """Everything ``export_adapter`` would refuse, checked without writing (the CLI runs it first): the adapter
-    folder, the rank (uniform) or the base and its shapes from its config alone (merged). Returns the adapter."""
+    folder, the rank (uniform) or the base and its shapes from its config alone (merged), and the output folder
+    (when given). Returns the adapter."""
+    if out_dir is not None:
+        check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite)
     adapter = read_adapter(adapter_dir, weights=False)
     if settings.format == "uniform":
         _serving_rank(adapter, settings.rank)
     else:
         if settings.rank is not None:
             raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
-        _check_base_shapes(adapter, _meta_base(adapter, base)[1])
+        base_dir, meta = _meta_base(adapter, base)
+        if out_dir is not None:
+            check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite)
+        _check_base_shapes(adapter, meta)
     return adapter
 
 
@@ -366,11 +385,12 @@ def _meta_base(adapter: Adapter, base: str | Path | None):
 
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings(),
-                   base: str | Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """``export_uniform`` or ``export_merged`` as ``settings.format`` says (each checks its input first); returns the
-    report."""
+                   base: str | Path | None = None, trust_remote_code: bool = False, *,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """``export_uniform`` or ``export_merged`` as ``settings.format`` says (each checks its input and ``out_dir``
+    first); returns the report."""
     if settings.format == "merged":
         if settings.rank is not None:
             raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
-        return export_merged(adapter_dir, out_dir, base, trust_remote_code)
-    return export_uniform(adapter_dir, out_dir, settings.rank)
+        return export_merged(adapter_dir, out_dir, base, trust_remote_code, overwrite=overwrite)
+    return export_uniform(adapter_dir, out_dir, settings.rank, overwrite=overwrite)

@@ -20,14 +20,26 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
-from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, modules_from_config
-from .errors import list_problems
+from .config import (
+    RankConfigError,
+    anchored_key,
+    check_config_matches_model,
+    load_rank_config,
+    mismatch_message,
+    modules_from_config,
+)
 from .export import note_serving
+from .outputs import check_output_dir
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
 from .spectra.weighted import weighted_truncation_factors
 
-__all__ = ["extract_lora"]
+__all__ = ["extract_lora", "extract_inputs"]
+
+
+def extract_inputs(base, finetuned, rank_config_path) -> list[tuple[str, Any]]:
+    """The inputs of an extraction, as ``outputs.check_output_dir`` takes them (none may hold the output)."""
+    return [("--base", base), ("--finetuned", finetuned), ("--config", rank_config_path)]
 
 
 def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, ModuleRef]:
@@ -41,16 +53,19 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, Mo
         check_config_matches_model(rank_config, pair.base.root)
         targets = TargetSpec(target_regex="|".join(map(re.escape, rank_config["target_modules"])), include_vision=True)
         return {m.name: m for m in pair.modules(targets)}
-    problems = []
+    problems: dict[str, tuple[str, str]] = {}  # one problem per module (the base's, else the fine-tuned one's)
     for ref in refs:
         for ckpt in (pair.base, pair.finetuned):
+            if ref.name in problems:
+                break
             if ref.weight_key not in ckpt:
-                problems.append(f"{ref.name}: tensor {ref.weight_key!r} is missing from {ckpt.root}")
+                problems[ref.name] = ("missing", f"{ref.name}: tensor {ref.weight_key!r} is missing from {ckpt.root}")
             elif tuple(ckpt.shape(ref.weight_key)) != ref.shape:
-                problems.append(f"{ref.name}: tensor {ref.weight_key!r} has shape {tuple(ckpt.shape(ref.weight_key))} "
-                                f"in {ckpt.root}, the config was made for {ref.shape}")
+                problems[ref.name] = ("of another shape", f"{ref.name}: tensor {ref.weight_key!r} has shape "
+                                      f"{tuple(ckpt.shape(ref.weight_key))} in {ckpt.root}, the config was made for "
+                                      f"{ref.shape}")
     if problems:
-        raise RankConfigError(list_problems("rank config does not fit the checkpoints", problems))
+        raise RankConfigError(mismatch_message(rank_config, "checkpoints", list(problems.values())))
     return {ref.name: ref for ref in refs}
 
 
@@ -72,7 +87,8 @@ def _curvature_roots_of(rank_config: dict, modules: list[ModuleRef], settings: E
 
 
 def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str | Path, out_dir: str | Path,
-                 *, allow_pickle: bool = False, settings: ExtractionSettings = ExtractionSettings()) -> dict[str, Any]:
+                 *, allow_pickle: bool = False, settings: ExtractionSettings = ExtractionSettings(),
+                 overwrite: bool = False) -> dict[str, Any]:
     """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) whose every module is
     the best rank-r approximation of its delta at the configured rank; returns the extraction report.
 
@@ -81,15 +97,20 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     with the analysis' factors and damping); modules without factors fall back to the plain truncated SVD and the
     report says so. ``relative_error`` is then the weighted one.
 
+    ``out_dir`` is refused when it is, contains or lies inside an input, or is a folder of the user's (a non-empty
+    folder this tool did not write) unless ``overwrite`` (``outputs.check_output_dir``).
+
     Raises:
         RankConfigError: listing every configured module whose tensor is missing from, or shaped differently
             in, either checkpoint; or "curvature" asked of a config that has no curvature factors.
+        OutputFolderError: ``out_dir`` would take something of the user's.
     """
     from safetensors.torch import save_file
 
     from .model import DynamicLoRAConfig
 
     start = time.perf_counter()
+    check_output_dir(out_dir, inputs=extract_inputs(base, finetuned, rank_config_path), overwrite=overwrite)
     config = DynamicLoRAConfig(load_rank_config(rank_config_path), lora_dropout=0.0, source=str(rank_config_path))
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     wanted = config.ranks
@@ -117,7 +138,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     errors = [m["relative_error"] for m in report["modules"].values()]
     report.update({"base": str(pair.base.root), "finetuned": str(pair.finetuned.root), "seconds": time.perf_counter() - start,
                    "mean_relative_error": sum(errors) / len(errors), "max_relative_error": max(errors)})
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / "adapter_config.json", config.adapter_config(str(pair.base.root)))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)

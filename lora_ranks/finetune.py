@@ -28,11 +28,16 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
 from .data import collate, load_records, stratified_subset, tokenize_record
+from .errors import LoraRanksError
 from .loading import load_image_processor, load_model
 from .settings import FinetuneSettings, TrainingSettings
 
-__all__ = ["FinetuneSettings", "FinetuneResult", "run_preliminary_finetune", "train_loop", "prepare_examples",
-           "enable_gradient_checkpointing", "split_half_records", "run_split_half_finetunes"]
+__all__ = ["FinetuneSettings", "FinetuneResult", "TrainingDivergedError", "run_preliminary_finetune", "train_loop",
+           "prepare_examples", "enable_gradient_checkpointing", "split_half_records", "run_split_half_finetunes"]
+
+
+class TrainingDivergedError(LoraRanksError):
+    """Training stopped because its loss or gradients became NaN or infinite (no model is written)."""
 
 
 @dataclass
@@ -82,6 +87,10 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                desc: str = "training") -> tuple[list[float], bool]:
     """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0,
     bf16 autocast on CUDA. Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
+
+    Raises:
+        TrainingDivergedError: a step's loss or gradient norm is NaN or infinite; raised before that step updates
+            any weight, so callers that save only after training write nothing.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -114,7 +123,16 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                 loss = model(**batch).loss / settings.grad_accumulation
             loss.backward()
             step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # stop before the weights turn NaN
+            if bar is not None:
+                bar.close()
+            if run is not None:
+                run.finish()
+            what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
+            raise TrainingDivergedError(f"{desc} diverged: {what} at step {step + 1} of {total} (learning rate "
+                                        f"{lr:.3g}); nothing was written: lower the learning rate (now "
+                                        f"{settings.learning_rate:g}) or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)

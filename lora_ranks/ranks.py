@@ -32,12 +32,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .checkpoints import ModuleRef
+from .errors import LoraRanksError
 from .noise import noise_floor
 from .settings import AllocationSettings, Smoothing
 from .spectra import Spectrum
 
 __all__ = [
     "AllocationSettings",
+    "BudgetError",
+    "budget_bounds",
+    "check_budget",
     "ModuleAllocation",
     "allocate_ranks",
     "energy_rank",
@@ -122,6 +126,54 @@ def round_rank(rank: int, multiple: int, max_rank: int) -> int:
     return min(rounded, cap)
 
 
+class BudgetError(LoraRanksError):
+    """A parameter budget that cannot be spent as asked (too small for the lower bounds, or more than the upper
+    bounds can take); the message gives the numbers."""
+
+
+def _budget_grid(shape: tuple[int, int], min_rank: int, max_rank: int, step: int,
+                 computed: int | None = None) -> tuple[int, int]:
+    """(starting rank, largest rank) of a module on water-filling's grid of multiples of ``step`` (see
+    ``water_fill``); ``computed`` is the number of singular values at hand (None: enough)."""
+    first = -(-min_rank // step) * step  # smallest multiple of step >= min_rank
+    cap = min(max_rank, *shape, *(() if computed is None else (computed,)))
+    top = (cap // step) * step or cap
+    return min(first, top), top
+
+
+def budget_bounds(shapes: Mapping[str, tuple[int, int]], min_rank: int, max_rank: int, step: int = 1) -> tuple[int, int]:
+    """(fewest, most) LoRA parameters a budget allocation over ``shapes`` can spend: every module at its starting
+    rank, and every module at its largest rank (``water_fill``'s grid)."""
+    least = most = 0
+    for shape in shapes.values():
+        start, top = _budget_grid(shape, min_rank, max_rank, step)
+        least += lora_parameters(shape, start)
+        most += lora_parameters(shape, top)
+    return least, most
+
+
+def check_budget(settings: AllocationSettings, shapes: Mapping[str, tuple[int, int]],
+                 base_parameters: int | None = None) -> None:
+    """Refuse, before any work, a budget (``settings.budget``) that water-filling cannot spend as asked.
+
+    Raises:
+        BudgetError: the budget is below what ``min_rank`` in every module costs, or above what ``max_rank`` in
+            every module costs (every rank would be pinned at its upper bound), with both numbers.
+    """
+    if not settings.budget_mode:
+        return
+    budget = settings.budget_parameters(base_parameters)
+    least, most = budget_bounds(shapes, settings.min_rank, settings.max_rank, settings.round_to)
+    given = f"--budget {settings.budget:g}" + (f" ({budget:,} parameters)" if settings.budget <= 1 else "")
+    if budget < least:
+        raise BudgetError(f"{given} is below the {least:,} LoRA parameters that rank {settings.min_rank} (--min-rank) in "
+                          f"each of the {len(shapes)} modules costs: raise the budget or lower --min-rank")
+    if budget > most:
+        raise BudgetError(f"{given} is more than the {most:,} LoRA parameters that the largest ranks (--max-rank "
+                          f"{settings.max_rank}, or the module's own size) in all {len(shapes)} modules cost: every "
+                          "rank would be pinned at its upper bound; lower the budget or raise --max-rank")
+
+
 def water_fill(
     shapes: Mapping[str, tuple[int, int]],
     spectra: Mapping[str, Spectrum],
@@ -142,17 +194,16 @@ def water_fill(
     maximizing retained energy at a parameter budget.
 
     Raises:
-        ValueError: if the budget cannot pay for the starting ranks (names the minimum needed).
+        BudgetError: if the budget cannot pay for the starting ranks (names the minimum needed).
     """
     first = -(-min_rank // step) * step  # smallest multiple of step >= min_rank
-    top = {}
-    for name, shape in shapes.items():
-        cap = min(max_rank, *shape, len(spectra[name].singular_values))
-        top[name] = (cap // step) * step or cap
-    ranks = {name: min(first, top[name]) for name in shapes}
+    grid = {n: _budget_grid(shape, min_rank, max_rank, step, len(spectra[n].singular_values))
+            for n, shape in shapes.items()}
+    top = {n: g[1] for n, g in grid.items()}
+    ranks = {n: g[0] for n, g in grid.items()}
     spent = sum(lora_parameters(shapes[n], r) for n, r in ranks.items())
     if spent > budget:
-        raise ValueError(
+        raise BudgetError(
             f"parameter budget {budget:,} is below the {spent:,} needed to give every module rank {first} "
             f"(min_rank={min_rank} rounded up to a multiple of round_to={step}); raise the budget or lower min_rank"
         )

@@ -62,6 +62,7 @@ INPUT_HELP: dict[str, str] = {
     "export_base": "Base model to merge into (default: the adapter's base_model_name_or_path)",
     "check_dir": "Folder of the check's report (check_report.json)",
     "refresh": "Recompute every layer even when a cached result exists",
+    "overwrite": "Write into (or replace) an output folder this tool did not write; never an input of the same command",
     "vl": "The vision-language demo: a tiny Qwen2.5-VL and synthetic image tasks, through a short dynamic-LoRA "
           "training run (output: outputs/demo-vl)",
 }
@@ -75,9 +76,10 @@ def _device_name(value: Optional[str]) -> Optional[str]:
 
 
 class Settings(BaseModel):
-    """Base of every settings class: frozen, unknown fields refused, help text = field docstring."""
+    """Base of every settings class: frozen, unknown fields refused, no NaN or infinity in any number, help text =
+    field docstring."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (recorded in configs and metrics)."""
@@ -122,9 +124,9 @@ class AllocationSettings(Settings):
     @model_validator(mode="after")
     def _consistent(self) -> AllocationSettings:
         if self.rank_rule == "budget" and self.budget is None:
-            raise ValueError("rank_rule budget needs a budget (a parameter count, or a fraction of the base model's)")
+            raise ValueError("rank_rule 'budget' needs budget (a parameter count, or a fraction of the base model's)")
         if self.rank_rule != "budget" and self.budget is not None:
-            raise ValueError(f"budget is only used by rank_rule budget, not by rank_rule {self.rank_rule}")
+            raise ValueError(f"budget is only used by rank_rule 'budget', not by rank_rule '{self.rank_rule}'")
         if self.max_rank < self.min_rank:
             raise ValueError(f"max_rank ({self.max_rank}) must be at least min_rank ({self.min_rank})")
         if self.smoothing_window % 2 == 0:
@@ -295,8 +297,9 @@ class TrainingSettings(Settings):
     """Micro-batch size, in sequences."""
     grad_accumulation: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    learning_rate: float = Field(1e-4, gt=0)
-    """Peak AdamW learning rate; full fine-tunes of 7B models use 1e-5 to 1e-4."""
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    """Peak AdamW learning rate (at most 1: AdamW steps each weight by about the learning rate, so more diverges);
+    full fine-tunes of 7B models use 1e-5 to 1e-4."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay; 0 keeps the weight delta purely data-driven."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -339,8 +342,8 @@ class LoRATrainingSettings(TrainingSettings):
     """Optimizer steps (a step = grad_accumulation micro-batches); training stops at the first of steps and epochs."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training records; one pass is the usual LoRA recipe."""
-    learning_rate: float = Field(2e-4, gt=0)
-    """Peak AdamW learning rate; LoRA recipes use 1e-4 to 3e-4, higher than full fine-tuning."""
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    """Peak AdamW learning rate (at most 1); LoRA recipes use 1e-4 to 3e-4, higher than full fine-tuning."""
     init: Literal["warm", "cold"] = "warm"
     """warm: start from the best adapter of the analysis' fine-tuned model at these ranks (the SVD warm start, with
     the truncation the ranks were chosen by), found through the rank config or warm_start_from; cold: PEFT's init

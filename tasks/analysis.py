@@ -25,6 +25,8 @@ from lora_ranks.analysis import (
     analyze_layer,
     assemble_rank_config,
     calibration_examples,
+    check_before_finetune,
+    check_pair,
     collect_layer_curvature,
     curvature_record,
     layer_file_fingerprint,
@@ -40,12 +42,20 @@ from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
 
 @task(name="discover-layers", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient)
-def discover_layers(base: str, finetuned: str, analysis: AnalysisSettings,
-                    allow_pickle: bool = False) -> OrderedDict[str, list[ModuleRef]]:
-    """Preflight the pair (every problem its headers show, in one error) and list the target modules by layer."""
-    layers = CheckpointPair(base, finetuned, allow_pickle=allow_pickle).preflight(analysis.targets)
+def discover_layers(base: str, finetuned: str, analysis: AnalysisSettings, allow_pickle: bool = False,
+                    allocation: AllocationSettings = AllocationSettings()) -> OrderedDict[str, list[ModuleRef]]:
+    """Preflight the pair (the device, every problem its headers show in one error, the budget) and list the target
+    modules by layer."""
+    layers = check_pair(base, finetuned, analysis, allocation, allow_pickle=allow_pickle, read_weights=False)
     get_run_logger().info("Found %d target modules in %d layers", sum(len(v) for v in layers.values()), len(layers))
     return layers
+
+
+@task(name="check-before-finetune")
+def check_before_finetune_task(base: str, analysis: AnalysisSettings, allocation: AllocationSettings,
+                               allow_pickle: bool = False) -> None:
+    """The device and the budget, checked against the base before the fine-tune runs."""
+    check_before_finetune(base, analysis, allocation, allow_pickle=allow_pickle)
 
 
 @task(name="fingerprint-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,

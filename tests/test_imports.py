@@ -59,7 +59,7 @@ def test_cli_analyze_then_extract(planted_pair, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    done = subprocess.run(_cli() + ["extract", "--base", str(tmp_path / "missing"), "--finetuned", str(tmp_path),
+    done = subprocess.run(_cli() + ["extract", "--base", str(tmp_path / "missing"), "--finetuned", str(tmp_path / "ft"),
                                     "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2

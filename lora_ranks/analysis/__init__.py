@@ -5,9 +5,11 @@
     curvature.py  curvature factors from the fine-tuned model on calibration records, one file per layer
     split_half.py the split-half noise estimate: directions two fine-tunes on disjoint halves of the data share
     assemble.py   every layer's spectra -> ranks -> ``lora_rank_config.json``; ``analyze_checkpoints`` serially
+    checks.py     what is checked before any work: device, headers, budget, NaN or identical weights
 """
 
 from .assemble import analyze_checkpoints, assemble_rank_config, curvature_record, zero_delta_message
+from .checks import check_before_finetune, check_pair
 from .curvature import (
                         CurvatureResult,
                         calibration_examples,
@@ -32,4 +34,4 @@ __all__ = ["OutputLayout", "LayerResult", "analyze_layer", "numerics_identity", 
            "spectra_files", "layer_file_name", "layer_file_fingerprint", "assemble_rank_config", "analyze_checkpoints",
            "zero_delta_message", "curvature_record", "CurvatureResult", "collect_layer_curvature",
            "load_curvature_file", "calibration_examples", "curvature_roots", "config_curvature_roots",
-           "input_weighted_spectra", "split_half_ranks"]
+           "input_weighted_spectra", "split_half_ranks", "check_pair", "check_before_finetune"]

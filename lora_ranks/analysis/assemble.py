@@ -16,8 +16,9 @@ from pathlib import Path
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import build_rank_config, save_rank_config
 from ..curvature import CalibrationError
+from ..devices import resolve_device
 from ..finetune import run_split_half_finetunes
-from ..ranks import allocate_ranks
+from ..ranks import allocate_ranks, check_budget
 from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum
 from .curvature import CurvatureResult, collect_layer_curvature
@@ -116,14 +117,17 @@ def analyze_checkpoints(
         CheckpointError: listing every problem the headers show (before any tensor is read), or naming a
             tensor with NaN or Inf.
         CalibrationError: a curvature spectrum, or the split-half noise estimate, without usable calibration data.
+        DeviceError, BudgetError: a device that is not there, a budget that cannot be spent (before any work).
     """
     start = time.perf_counter()
     layout = OutputLayout(out_dir)
     if settings.noise_estimate == "split-half" and calibration_data is None:
         raise CalibrationError("noise_estimate='split-half' needs the fine-tuning data (two fine-tunes on its halves)")
+    resolve_device(analysis.device)
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
     modules = [m for mods in layers.values() for m in mods]
+    check_budget(settings, {m.name: m.shape for m in modules}, pair.base_parameters if settings.budget_mode else None)
     curvature = curvature.resolved(calibration_data is not None)
     factors = None
     if curvature.spectrum != "weight":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import LoraRanksError
 from ..settings import CheckSettings, LoRATrainingSettings
 from .measure import Target
@@ -21,22 +22,6 @@ ADAPTER_BYTES_PER_PARAMETER = 4
 
 class CheckInputError(LoraRanksError):
     """An input of ``lora-ranks check`` that cannot be measured (named in the message)."""
-
-
-def resolve_device(device: str | None) -> str:
-    """``device``, or CUDA when available else the CPU; raises CheckInputError for a CUDA device that is not there.
-    (Counting devices creates no CUDA context.)"""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.partition(":")[2] or 0)
-        if index >= count:
-            raise CheckInputError(f"device {device} is not available here: torch {torch.__version__} sees {count} CUDA "
-                                  "device(s)")
-    return device
 
 
 def check_inputs(model: str, rank_config: str, settings: CheckSettings,

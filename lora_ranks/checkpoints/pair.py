@@ -168,6 +168,34 @@ class CheckpointPair:
             raise problems_error(f"checkpoints {self.base.root} and {self.finetuned.root}", problems)
         return self.layers(targets)
 
+    def check_contents(self, modules: Sequence[ModuleRef]) -> None:
+        """Read every module's weight in both checkpoints once, before any analysis: refuse NaN or Inf (every such
+        tensor listed) and a pair whose analyzed weights are all identical (nothing was fine-tuned). Memory: one
+        module's two weights at a time.
+
+        Raises:
+            CheckpointError: naming the non-finite tensors, or saying the two checkpoints are identical.
+        """
+        if self.base.root == self.finetuned.root:
+            raise CheckpointError(f"the base and the fine-tuned checkpoint are the same folder ({self.base.root}): give "
+                                  "the fine-tuned model's folder as --finetuned")
+        problems, changed = [], False
+        try:
+            for module in modules:
+                base, tuned = self.base.get(module.weight_key), self.finetuned.get(module.weight_key)
+                for ckpt, weight in ((self.base, base), (self.finetuned, tuned)):
+                    if not bool(torch.isfinite(weight).all()):
+                        problems.append(f"tensor {module.weight_key!r} in {ckpt.root} contains NaN or Inf")
+                changed = changed or base.dtype != tuned.dtype or not torch.equal(base, tuned)
+        finally:
+            self.close()
+        if problems:
+            raise problems_error("non-finite weights", problems)
+        if not changed:
+            raise CheckpointError(f"the checkpoints {self.base.root} and {self.finetuned.root} are identical in all "
+                                  f"{len(modules)} analyzed modules: nothing was fine-tuned (was the fine-tuned model "
+                                  "saved elsewhere?)")
+
     # -- deltas ---------------------------------------------------------------------------------
     def delta(self, module: ModuleRef, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_finetuned - W_pretrained`` for one module: Tensor of shape ``(d_out, d_in)`` in ``dtype``.

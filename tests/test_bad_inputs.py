@@ -1,0 +1,210 @@
+"""Bad input as a new user types it, every subcommand: one line, exit 2, nothing written, nothing of the user's
+touched (the whole workspace is hashed before and after each command). These all end in the preflight, before
+Prefect starts, so they run in-process (``flows.cli.main``) in well under a second each."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flows.cli import main
+from lora_ranks import _io
+from lora_ranks.analysis import analyze_checkpoints
+from lora_ranks.extract import extract_lora
+from lora_ranks.outputs import MARKER, OutputFolderError, check_output_dir
+from lora_ranks.settings import AllocationSettings
+from lora_ranks.synthetic import write_planted_pair, write_synthetic_dataset
+
+SETTINGS = AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=16, smoothing="none")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A user's workspace: a planted pair and its rank config and adapter, a pair of another model with its config,
+    a fine-tune with a NaN, an identical copy of the base, data, a folder of the user's, a plain file."""
+    root = tmp_path_factory.mktemp("workspace")
+    base, ft = write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8), noise=1e-3)
+    analyze_checkpoints(base, ft, root / "run", settings=SETTINGS)
+    other_base, other_ft = write_planted_pair(root / "other-base", root / "other-ft", hidden_size=32,
+                                              intermediate_size=96, planted_rank=2)
+    analyze_checkpoints(other_base, other_ft, root / "other-run", settings=SETTINGS)
+    config = root / "run" / "configs" / "lora_rank_config.json"
+    extract_lora(base, ft, config, root / "adapter")
+    nan = Path(shutil.copytree(ft, root / "ft-nan"))
+    tensors = load_file(nan / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(base, root / "base-copy")
+    write_synthetic_dataset(root / "data.jsonl", 4)
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("my notes\n")
+    (root / "file.txt").write_text("a file\n")
+    return root
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ones too) with the sha256 of its bytes (folders: "dir")."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def _args(ws: Path, template: str) -> list[str]:
+    return [a.replace("{ws}", str(ws)) for a in template.split()]
+
+
+_PAIR = "--base {ws}/base --finetuned {ws}/ft"
+_CONFIG = "{ws}/run/configs/lora_rank_config.json"
+CASES = [
+    # extract: never into or around an input, never over a file or a folder of the user's
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/ft", "--out {ws}/ft is --finetuned"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/ft/adapter", "lies inside --finetuned"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}", "contains --base"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/ft --overwrite", "is --finetuned"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/mine", "did not write, holding 1 entry (notes.txt)"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/file.txt", "is a file, not a folder"),
+    ("extract", f"{_PAIR} --config {_CONFIG} --out {{ws}}/file.txt/adapter", "which is a file, not a folder"),
+    ("extract", f"{_PAIR} --config {{ws}}/run/configs --out {{ws}}/new", "is a folder; give the rank config file"),
+    ("extract", f"{_PAIR} --config {{ws}}/other-run/configs/lora_rank_config.json --out {{ws}}/new",
+     "made for another model"),
+    ("extract", f"{_PAIR} --config {{ws}}/data.jsonl --out {{ws}}/new", "not valid JSON"),
+    # export: never over the adapter it reads
+    ("export", "{ws}/adapter --out {ws}/adapter", "is ADAPTER_DIR"),
+    ("export", "{ws}/adapter --out {ws}/adapter/uniform", "lies inside ADAPTER_DIR"),
+    ("export", "{ws}/adapter --out {ws}/mine", "did not write"),
+    ("export", "{ws}/adapter --out {ws}/file.txt", "is a file, not a folder"),
+    ("export", "{ws}/adapter/adapter_config.json --out {ws}/new", "is a file; an adapter is a folder"),
+    ("export", "{ws}/ft --out {ws}/new", "has no adapter_config.json"),
+    ("export", "{ws}/adapter --out {ws}/new --format merged --base {ws}/other-base", "does not fit the base model"),
+    # analyze: numbers, devices, paths and weights before any layer is analyzed
+    ("analyze", f"{_PAIR} --out {{ws}}/new --budget 10", "--budget 10 is below the"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --budget 1e30", "is more than the"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --budget inf", "--budget inf: input should be a finite number"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --budget nan", "--budget nan: input should be a finite number"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --energy nan", "--energy-threshold nan: input should be a finite number"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --rank-rule budget", "--rank-rule 'budget' needs --budget"),
+    ("analyze", f"{_PAIR} --out {{ws}}/file.txt", "is a file, not a folder"),
+    ("analyze", f"{_PAIR} --out {{ws}}/mine", "did not write"),
+    ("analyze", f"{_PAIR} --out {{ws}}/ft", "is --finetuned"),
+    ("analyze", "--base {ws}/base --finetuned {ws}/ft-nan --out {ws}/new", "ft-nan contains NaN or Inf"),
+    ("analyze", "--base {ws}/base --finetuned {ws}/base-copy --out {ws}/new", "are identical in all"),
+    ("analyze", "--base {ws}/base --finetuned {ws}/base --out {ws}/new", "are the same folder"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --data {{ws}}/missing.jsonl", "missing.jsonl does not exist"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --data {{ws}}/mine", "is a folder; give a .json or .jsonl file"),
+    ("analyze", f"{_PAIR} --out {{ws}}/new --eval-data {{ws}}/missing.jsonl", "missing.jsonl does not exist"),
+    ("analyze", "--base {ws}/base --finetuned {ws}/other-ft --out {ws}/new", "describe different architectures"),
+    # finetune: no training run that cannot work
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rate inf", "finite number"),
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rate 1e10",
+     "--learning-rate 1e10: input should be less than or equal to 1"),
+    ("finetune", "--model {ws}/base --data {ws}/mine --out {ws}/new", "is a folder"),
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/mine", "did not write"),
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/base/run", "lies inside --model"),
+    # train
+    ("train", "--model {ws}/base --lora-config {ws}/run/configs --data {ws}/data.jsonl --out {ws}/new",
+     "is a folder; give the rank config file"),
+    ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/base", "is --model"),
+    ("train", f"--model {{ws}}/other-base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new",
+     "made for another model"),
+    ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --lr nan",
+     "finite number"),
+    # check
+    ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/new --max-infer-overhead nan",
+     "--max-infer-overhead nan: input should be a finite number"),
+    ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/file.txt", "is a file"),
+    ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/new --device cuda:7", "is not available here"),
+    # compare and demo: the budget before any fine-tune
+    ("compare", "--model {ws}/base --finetuned {ws}/ft --data {ws}/data.jsonl --out {ws}/new --budget 10",
+     "is below the"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --budget 10", "is below the"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/mine", "did not write"),
+    ("demo", "--budget 10 --out {ws}/new", "is below the"),
+    ("demo", "--out {ws}/mine", "did not write"),
+]
+if not torch.cuda.is_available():
+    CASES.append(("analyze", f"{_PAIR} --out {{ws}}/new --device cuda", "device cuda is not available here"))
+
+
+@pytest.mark.parametrize("command,args,fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(ws, capsys, monkeypatch, command, args, fragment):
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")  # main sets it; keep it to this test
+    before = _digest(ws)
+    rc = main([command, *_args(ws, args)])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-ranks: error: "), err
+    assert fragment.replace("{ws}", str(ws)) in lines[0], lines[0]
+    assert len(lines[0]) < 600, lines[0]  # summarized, not every problem of a foreign config
+    assert _digest(ws) == before  # nothing written, nothing moved, nothing deleted
+
+
+def test_overwrite_replaces_a_users_folder_but_never_an_input(ws, tmp_path, capsys):
+    target = Path(shutil.copytree(ws / "mine", tmp_path / "mine"))
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    args = ["extract", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--config", str(config)]
+    assert main([*args, "--out", str(target)]) == 2
+    assert (target / "notes.txt").read_text() == "my notes\n"
+    assert main([*args, "--out", str(target), "--overwrite"]) == 0
+    assert not (target / "notes.txt").exists() and (target / "adapter_config.json").is_file()
+    assert (target / MARKER).is_file()
+    # The folder is this tool's now: writing it again needs no --overwrite; an export of it lands beside it.
+    assert main([*args, "--out", str(target)]) == 0
+    assert main(["export", str(target), "--out", str(tmp_path / "uniform")]) == 0
+    assert main(["export", str(target), "--out", str(tmp_path / "uniform")]) == 0
+    capsys.readouterr()
+
+
+def test_outputs_of_the_previous_release_are_recognized(ws, tmp_path):
+    """Folders written before the marker existed (no .lora-ranks) are still this tool's by their layout."""
+    run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
+    adapter = Path(shutil.copytree(ws / "adapter", tmp_path / "adapter"))
+    for folder in (run, adapter):
+        for marker in folder.rglob(MARKER):
+            marker.unlink()
+        assert check_output_dir(folder) == folder.resolve()
+
+
+def test_atomic_folder_never_renames_or_replaces_what_is_not_its_own(tmp_path):
+    """The library guard itself (what the flows' inner writes go through): a file is refused, not moved aside; a
+    folder of the user's is refused unless asked; what it wrote carries the marker."""
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(OutputFolderError, match="is a file"):
+        with _io.atomic_folder(tmp_path / "file") as staging:
+            (staging / "x").write_text("new")
+    assert (tmp_path / "file").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "a").write_text("mine")
+    with pytest.raises(OutputFolderError, match="did not write"):
+        with _io.atomic_folder(tmp_path / "user"):
+            pass
+    assert (tmp_path / "user" / "a").read_text() == "mine"
+    with _io.atomic_folder(tmp_path / "user", overwrite=True) as staging:
+        (staging / "b").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == [MARKER, "b"]
+    with _io.atomic_folder(tmp_path / "user") as staging:  # its own now
+        (staging / "c").write_text("newer")
+    assert (tmp_path / "user" / "c").read_text() == "newer"
+
+
+def test_a_fine_tune_whose_loss_turns_nan_stops_at_once_and_writes_no_model(ws, tmp_path):
+    from lora_ranks.finetune import TrainingDivergedError, run_preliminary_finetune
+    from lora_ranks.settings import FinetuneSettings
+    from lora_ranks.synthetic import DEMO_BASE
+
+    base = Path(shutil.copytree(DEMO_BASE, tmp_path / "base"))
+    tensors = load_file(base / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[key][0, 0] = float("inf")  # what a learning rate of 1e10 does to the weights after one step
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    steps = []
+    with pytest.raises(TrainingDivergedError, match=r"diverged: loss nan at step 1 of 3 .*nothing was written"):
+        run_preliminary_finetune(base, ws / "data.jsonl", tmp_path / "out",
+                                 FinetuneSettings(max_steps=3, subset_ratio=1.0, batch_size=2), progress=False,
+                                 on_step=lambda *a: steps.append(a))
+    assert steps == []  # stopped before the first optimizer step
+    assert not (tmp_path / "out" / "finetuned").exists()
+    assert not any(p.suffix == ".safetensors" for p in (tmp_path / "out").rglob("*"))
