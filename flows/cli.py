@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -187,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes (imported with PEFT) warns on every import on CPUs with AVX-512 BF16 that an optional
         # kernel package is missing; it changes nothing here.
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    new_output = None
     try:
         command = COMMANDS[args.command]
         inputs = {i.param: getattr(args, i.param) for i in (*command.inputs, *command.flags)}
         settings = {g.param: settings_from_args(args, g) for g in command.groups}
         _preflight(args.command, inputs, settings)
+        new_output = _new_output_dir(args.command, inputs)
         lines = _run(args.command, inputs, settings)
     except CheckFailed as exc:  # the check ran, and a budget does not hold: its table, then the failing lines
         _quiet_prefect_exit()
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-ranks: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        _remove_if_empty(new_output)
         if not is_user_error(exc) or args.debug:
             _quiet_prefect_exit()
             traceback.print_exc()
@@ -215,6 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_exit()
     print("\n" + "\n".join(lines))
     return 0
+
+
+def _new_output_dir(command: str, inputs: dict) -> Path | None:
+    """The command's output folder when this run is about to create it (None when it exists already)."""
+    out = Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)]).expanduser()
+    if command == "demo" and inputs.get("vl") and str(inputs["output_dir"]) == DEMO_OUT:
+        out = Path(DEMO_VL_OUT)
+    return None if out.exists() or out.is_symlink() else out.resolve()
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    """A run that failed leaves no output folder it created and filled with nothing but its marker."""
+    from lora_ranks.outputs import MARKER
+
+    if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {MARKER}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
@@ -255,7 +275,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
             from lora_ranks.checkpoints import resolve_model_path
 
             _check_calibration(resolve_model_path(inputs["finetuned_model"]), inputs.get("data_path"), settings)
-    elif command in ("compare", "demo") and allocation is not None and allocation.budget_mode:
+    elif command in ("compare", "demo") and allocation is not None:
         from lora_ranks.analysis.checks import check_before_finetune
         from lora_ranks.synthetic import DEMO_BASE
 
@@ -305,7 +325,7 @@ def _check_output(command: str, inputs: dict) -> None:
     if command == "demo" and inputs.get("vl") and out == DEMO_OUT:
         out = DEMO_VL_OUT
     given = [(i.flag, inputs[i.param]) for i in spec.inputs if i.param not in _OUTPUT_PARAMS]
-    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"])
+    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], folder_output=command in ("extract", "export"))
 
 
 def _check_calibration(model_dir, data_path, settings: dict) -> None:

@@ -111,14 +111,15 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     instant the complete old or the complete new folder exists (see ``recover_folder``). If the block raises,
     the staging folder is deleted and ``path`` is untouched.
 
-    Only what this tool wrote is replaced (``outputs.check_replaceable``, checked before the block runs): a file at
-    ``path``, or a non-empty folder without the tool's marker, is refused unless ``overwrite``. The new folder
-    carries the marker (``outputs.MARKER``), so a later run may replace it.
+    Only what this tool wrote is replaced (``outputs.check_replaceable``, checked before the block runs): a file or a
+    link at ``path`` is refused, and so is a non-empty folder without the tool's marker, or holding files the
+    marker does not list, unless ``overwrite``. The new folder carries the marker (``outputs.MARKER``, listing its
+    files), so a later run may replace it.
 
     Raises:
         OutputFolderError: ``path`` is a file, or a folder of the user's (without ``overwrite``).
     """
-    from .outputs import MARKER, check_replaceable
+    from .outputs import MARKER, check_replaceable, folder_marker
 
     target = Path(path)
     check_replaceable(target, overwrite)
@@ -128,8 +129,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     staging.mkdir()
     try:
         yield staging
-        if not (staging / MARKER).exists():
-            atomic_write_text(staging / MARKER, '{"made_by": "lora-ranks"}\n')
+        atomic_write_text(staging / MARKER, folder_marker(staging))  # what it holds: a later swap checks for additions
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -136,6 +136,11 @@ def save_rank_config(path: str | Path, config: Mapping[str, Any]) -> Path:
     return atomic_write_json(path, config)
 
 
+def _no_constant(name: str):
+    """``json.loads``' hook for NaN and Infinity, which Python accepts and JSON does not."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_rank_config(path: str | Path) -> dict:
     """Read and validate a rank config file.
 
@@ -151,8 +156,8 @@ def load_rank_config(path: str | Path) -> dict:
     if not path.is_file():
         raise RankConfigError(f"rank config {path} does not exist")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise RankConfigError(f"rank config {path} is not valid JSON: {exc}") from None
     validate_rank_config(config, source=str(path))
     return config
@@ -251,8 +256,7 @@ def mismatch_message(config: Mapping[str, Any], against: str, problems: list[tup
     not fit; a summary by kind, and the likely cause, when none does (a config made for another model)."""
     total = len(config["target_modules"])
     if len(problems) < total:
-        return list_problems(f"rank config does not fit the {against} ({len(problems)} of its {total} modules)",
-                             [text for _, text in problems])
+        return list_problems(f"rank config does not fit the {against}", [text for _, text in problems])
     made_from = config.get("analysis_metadata", {}).get("checkpoints", {}).get("pretrained", {}).get("path")
     return summarize_problems(f"rank config does not fit the {against}: none of its {total} modules does", problems) \
         + "; was it made for another model" + (f" (it was analyzed from {made_from})?" if made_from else "?")

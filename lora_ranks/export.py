@@ -92,6 +92,10 @@ class Adapter:
         return {n: m.rank for n, m in self.modules.items()}
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
     """Read and check a PEFT LoRA adapter folder (safetensors only).
 
@@ -119,9 +123,15 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
         found = "adapter_model.bin (pickle, not read for safety)" if (root / "adapter_model.bin").is_file() else "none"
         raise AdapterError(f"{root} has no {ADAPTER_WEIGHTS} (weights found: {found})")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_path.read_text(), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
     from peft.utils.other import get_pattern_key
     from safetensors import safe_open
 
@@ -248,6 +258,11 @@ def _serving_rank(adapter: Adapter, rank: int | None) -> int:
     if rank < largest:
         name = max(adapter.ranks, key=adapter.ranks.get)
         raise AdapterError(f"--rank {rank} is below the largest module rank {largest} ({name})")
+    full = max(min(m.shape) for m in adapter.modules.values())
+    if rank > full:
+        fits = next(r for r in SERVING_RANKS if r >= largest)
+        raise AdapterError(f"--rank {rank} is above the full rank of every module (at most {full}): the padding would "
+                           f"be zeros only; the smallest serving rank that fits is {fits} (leave --rank unset)")
     return rank
 
 
@@ -262,7 +277,7 @@ def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | Non
     """
     from safetensors.torch import save_file
 
-    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir)], overwrite=overwrite)
+    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir)], overwrite=overwrite, folder_output=True)
     adapter = read_adapter(adapter_dir)
     R = _serving_rank(adapter, rank)
     tensors = {}
@@ -328,10 +343,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     from .loading import load_model
 
     start = time.perf_counter()
-    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite)
+    check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite,
+                     folder_output=True)
     adapter = read_adapter(adapter_dir, weights=False)  # PeftModel.from_pretrained reads the weights below
     base_dir, meta = _meta_base(adapter, base)
-    check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite)
+    check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True)
     _check_base_shapes(adapter, meta)
     model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
@@ -359,7 +375,8 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
     folder, the rank (uniform) or the base and its shapes from its config alone (merged), and the output folder
     (when given). Returns the adapter."""
     if out_dir is not None:
-        check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite)
+        check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite,
+                         folder_output=True)
     adapter = read_adapter(adapter_dir, weights=False)
     if settings.format == "uniform":
         _serving_rank(adapter, settings.rank)
@@ -368,7 +385,7 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
             raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
         base_dir, meta = _meta_base(adapter, base)
         if out_dir is not None:
-            check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite)
+            check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True)
         _check_base_shapes(adapter, meta)
     return adapter
 

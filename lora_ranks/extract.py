@@ -110,7 +110,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     from .model import DynamicLoRAConfig
 
     start = time.perf_counter()
-    check_output_dir(out_dir, inputs=extract_inputs(base, finetuned, rank_config_path), overwrite=overwrite)
+    check_output_dir(out_dir, inputs=extract_inputs(base, finetuned, rank_config_path), overwrite=overwrite,
+                     folder_output=True)
     config = DynamicLoRAConfig(load_rank_config(rank_config_path), lora_dropout=0.0, source=str(rank_config_path))
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     wanted = config.ranks

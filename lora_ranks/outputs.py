@@ -1,16 +1,21 @@
 """Output folders that never take anything of the user's.
 
-Every command writes under one output folder (``--out``). Before anything is written, ``check_output_dir``
-refuses, in one line, an output that:
+Two kinds of output, each refused in one line before anything is written:
 
-* is a file, or lies under a file, or under a folder that cannot be written;
-* is, contains, or lies inside one of the command's inputs (a model, a rank config, a dataset, an adapter);
-* is a non-empty folder that this tool did not write, unless ``overwrite`` is given.
+* a **run folder** (``--out`` of demo, analyze, finetune, train, compare, check) is written *into*. It must be
+  absent, empty, or a run folder of this tool; a non-empty folder of the user's is written into only with
+  ``overwrite`` (and is not marked as the tool's: the next run asks again).
+* a **folder output** (an adapter, an export, a model folder: ``_io.atomic_folder``) *replaces* its target whole.
+  The target must be absent, empty, or a folder output of this tool holding nothing but what the tool wrote (its
+  marker lists the files), unless ``overwrite``.
 
-A folder "this tool wrote" carries the marker file ``.lora-ranks`` (``claim_output_dir`` leaves it; so does every
-folder ``_io.atomic_folder`` writes), or lies inside a folder that does, or has a layout that releases before the
-marker wrote (``_SIGNATURES``). With ``overwrite`` a foreign folder is written into (a run folder) or replaced
-whole (an adapter or model folder), but an input of the same command is never touched.
+Never, even with ``overwrite``: an output that is a file, a symbolic link (for folder outputs; a dangling one for
+run folders), lies under a file, cannot be written, or is, contains or lies inside an input of the command (each
+path compared as given and as resolved, so a link cannot hide one inside the other).
+
+The marker is the file ``.lora-ranks`` (JSON: ``kind`` "run" or "folder", ``made_by``, and for folders the
+``files`` written). Outputs of releases before the marker (<= 0.2.0) are recognized by their layout
+(``_RUN_SIGNATURES``, ``_FOLDER_SIGNATURES``).
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["OutputFolderError", "MARKER", "check_output_dir", "claim_output_dir", "is_tool_output", "check_replaceable",
-           "local_path"]
+__all__ = ["OutputFolderError", "MARKER", "check_output_dir", "claim_output_dir", "check_replaceable",
+           "folder_marker", "read_marker", "local_path"]
 
-#: The marker file every output folder of this tool carries (JSON: which command wrote it).
+#: The marker file every output folder of this tool carries.
 MARKER = ".lora-ranks"
-#: Paths, relative to a folder, by which outputs of releases before the marker (<= 0.2.0) are recognized.
-_SIGNATURES = ("configs/lora_rank_config.json", "saved_models/preliminary_finetune", "analysis_outputs/svd",
-               "analysis/configs/lora_rank_config.json", "lora_ranks_adapter.json", "adapter/lora_ranks_adapter.json",
-               "extraction_report.json", "export_report.json", "check_report.json")
+#: Paths by which run folders of releases before the marker are recognized.
+_RUN_SIGNATURES = ("configs/lora_rank_config.json", "saved_models/preliminary_finetune", "analysis_outputs/svd",
+                   "analysis/configs/lora_rank_config.json", "adapter/lora_ranks_adapter.json", "check_report.json")
+#: Files by which adapter and export folders of releases before the marker are recognized.
+_FOLDER_SIGNATURES = ("lora_ranks_adapter.json", "extraction_report.json", "export_report.json")
+
+Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
 
 
 class OutputFolderError(LoraRanksError):
@@ -43,30 +51,52 @@ def local_path(value: str | os.PathLike | None) -> Path | None:
     if value is None or str(value) == "" or str(value).startswith("demo:"):
         return None
     path = Path(value).expanduser()
-    return path.resolve() if path.exists() else None
+    return Path(os.path.abspath(path)) if path.exists() or path.is_symlink() else None
 
 
-def is_tool_output(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder this tool wrote: it or a folder above it carries the marker, or it has the
-    layout of an earlier release's output."""
-    folder = Path(path).resolve()
-    if any((p / MARKER).is_file() for p in (folder, *folder.parents)):
-        return True
-    return any((folder / s).exists() for s in _SIGNATURES)
+def _spellings(path: Path) -> set[Path]:
+    """A path as given (absolute, not resolved) and resolved: links make them differ."""
+    return {Path(os.path.abspath(path)), path.resolve()}
 
 
-def _overlap(out: Path, inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> str | None:
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of ``folder`` (``kind``, ``made_by``, ``files``), or None when it has none (or it is unreadable)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def folder_marker(folder: Path, made_by: str = "lora-ranks") -> str:
+    """The marker text of a folder output: every file in it, so that a later replacement can tell whether
+    something was added by hand."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    return json.dumps({"kind": "folder", "made_by": made_by, "files": files}) + "\n"
+
+
+def _is_run_folder(folder: Path) -> bool:
+    marker = read_marker(folder)
+    if marker is not None:
+        return marker.get("kind", "run") == "run"
+    return any((folder / s).exists() for s in _RUN_SIGNATURES)
+
+
+def _overlap(out: Path, inputs: Inputs) -> str | None:
     """How ``out`` collides with an input, as a sentence; None when it does not."""
+    outs = _spellings(out)
     for name, value in inputs:
         given = local_path(value)
         if given is None:
             continue
-        if out == given:
-            return f"is {name} ({given}), an input of this command"
-        if given.is_relative_to(out):
-            return f"contains {name} ({given}), an input of this command"
-        if out.is_relative_to(given):
-            return f"lies inside {name} ({given}), an input of this command"
+        for o in outs:
+            for i in _spellings(given):
+                if o == i:
+                    return f"is {name} ({given}), an input of this command"
+                if i.is_relative_to(o):
+                    return f"contains {name} ({given}), an input of this command"
+                if o.is_relative_to(i):
+                    return f"lies inside {name} ({given}), an input of this command"
     return None
 
 
@@ -77,62 +107,115 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor)
 
 
-def check_output_dir(path: str | os.PathLike, *, inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
-                     overwrite: bool = False, flag: str = "--out") -> Path:
-    """Refuse an output folder that would take anything of the user's (module docstring); returns it resolved.
+def _shown(entries: list[str]) -> str:
+    return ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+
+
+def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | None:
+    """What makes ``out`` unusable whatever ``overwrite`` says, as a sentence; None when nothing does."""
+    collision = _overlap(out, inputs)
+    if collision:
+        return f"{collision}: choose another output folder"
+    if out.is_symlink():
+        target = os.readlink(out)
+        if not out.exists():
+            return f"is a symbolic link to {target}, which does not exist"
+        if folder_output:
+            return f"is a symbolic link (to {target}): give the folder itself, not a link to it"
+    if out.exists() and not out.is_dir():
+        return "is a file, not a folder: choose a folder (new or empty) for the outputs"
+    existing = _nearest_existing(out)
+    if not existing.is_dir():
+        return f"lies under {existing}, which is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: no write permission on {existing}"
+    return None
+
+
+def _replace_problem(target: Path) -> str | None:
+    """Why replacing the folder ``target`` whole would take something of the user's; None when it would not."""
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return None
+    marker = read_marker(target)
+    if marker is None:
+        if any((target / s).is_file() for s in _FOLDER_SIGNATURES):
+            return None  # an adapter or export of an earlier release
+        if any((target / s).exists() for s in _RUN_SIGNATURES):
+            return "holds a run of this tool, which this command would replace whole"
+        if any(read_marker(p) for p in target.parents) and (target / "config.json").is_file():
+            return None  # a model folder inside a run of this tool, written before markers
+        return (f"is a folder this tool did not write, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+                f"({_shown(entries)})")
+    if marker.get("kind", "run") == "run":
+        return f"holds a {marker.get('made_by', 'lora-ranks')} run of this tool, which this command would replace whole"
+    written = set(marker.get("files", []))
+    added = sorted(str(p.relative_to(target)) for p in target.rglob("*")
+                   if p.is_file() and p.name != MARKER and str(p.relative_to(target)) not in written)
+    if added:
+        return f"holds {len(added)} file(s) this tool did not write ({_shown(added)})"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite: bool = False,
+                     folder_output: bool = False, flag: str = "--out") -> Path:
+    """Refuse an output that would take anything of the user's (module docstring); returns it resolved.
 
     Args:
         path: the output folder.
         inputs: ``(flag, path)`` of each input of the command (hub ids and unset ones are skipped).
-        overwrite: write into (or replace) a non-empty folder this tool did not write.
+        overwrite: write into (run folder) or replace (folder output) a folder this tool did not write.
+        folder_output: the output replaces its target whole (an adapter, an export) instead of being written into.
         flag: how the output is named in messages.
 
     Raises:
         OutputFolderError: naming the output, what is wrong, and the way to proceed.
     """
-    out = Path(path).expanduser().resolve()
-    collision = _overlap(out, inputs)
-    if collision:
-        raise OutputFolderError(f"{flag} {out} {collision}: choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"{flag} {out} is a file, not a folder: choose a folder (new or empty) for the outputs")
-    existing = _nearest_existing(out)
-    if not existing.is_dir():
-        raise OutputFolderError(f"{flag} {out} lies under {existing}, which is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"{flag} {out} cannot be written: no write permission on {existing}")
-    if out.is_dir() and not overwrite and not is_tool_output(out):
-        entries = sorted(p.name for p in out.iterdir())
-        if entries:
-            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-            raise OutputFolderError(f"{flag} {out} is a folder this tool did not write, holding {len(entries)} "
-                                    f"entr{'y' if len(entries) == 1 else 'ies'} ({shown}): choose a new or empty "
-                                    "folder, or pass --overwrite to write there anyway")
+    given = Path(path).expanduser()
+    problem = _path_problem(given, list(inputs), folder_output=folder_output)
+    out = given.resolve()
+    if problem:
+        raise OutputFolderError(f"{flag} {Path(os.path.abspath(given))} {problem}")
+    if out.is_dir() and not overwrite:
+        if folder_output:
+            problem = _replace_problem(out)
+        elif any(out.iterdir()) and not _is_run_folder(out):
+            entries = sorted(p.name for p in out.iterdir())
+            kind = "an adapter or model folder of this tool" if read_marker(out) else "a folder this tool did not write"
+            problem = f"is {kind}, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({_shown(entries)})"
+        if problem:
+            raise OutputFolderError(f"{flag} {out} {problem}: choose a new or empty folder, or pass --overwrite to "
+                                    + ("replace it" if folder_output else "write there anyway"))
     return out
 
 
-def claim_output_dir(path: str | os.PathLike, made_by: str, *,
-                     inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), overwrite: bool = False) -> Path:
-    """``check_output_dir``, then create the folder and leave the marker that makes it this tool's (later runs,
-    resumes and reruns into it need no ``overwrite``). Returns the folder."""
+def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = (), overwrite: bool = False) -> Path:
+    """``check_output_dir`` for a run folder, then create it. A folder that was absent or empty gets the run marker
+    (later runs, resumes and reruns into it need no ``overwrite``); a non-empty folder of the user's written into
+    with ``overwrite`` does not. Returns the folder."""
     from ._io import atomic_write_text
 
     out = check_output_dir(path, inputs=inputs, overwrite=overwrite)
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        atomic_write_text(out / MARKER, json.dumps({"made_by": made_by}) + "\n")
+    if fresh or (read_marker(out) is None and _is_run_folder(out)):  # new, or a run of an earlier release
+        atomic_write_text(out / MARKER, json.dumps({"kind": "run", "made_by": made_by}) + "\n")
     return out
 
 
 def check_replaceable(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse to replace ``path`` whole unless it is absent, an empty folder, or a folder this tool wrote (or
-    ``overwrite``); a file is never replaced by a folder. What ``_io.atomic_folder`` checks before it swaps."""
+    """Refuse to replace ``path`` whole unless it is absent, an empty folder, or a folder output of this tool that
+    holds only what it wrote (or ``overwrite``); a file or a link is never replaced. What ``_io.atomic_folder``
+    checks before it swaps.
+
+    Raises:
+        OutputFolderError: naming the target and what it holds.
+    """
     target = Path(path)
-    if not target.exists() and not target.is_symlink():
-        return
-    if not target.is_dir():
-        raise OutputFolderError(f"{target.resolve()} is a file, not a folder: it is not replaced by an output folder")
-    if overwrite or is_tool_output(target) or not any(target.iterdir()):
-        return
-    raise OutputFolderError(f"{target.resolve()} is a folder this tool did not write: choose a new or empty folder, "
-                            "or pass --overwrite to replace it")
+    problem = _path_problem(target, (), folder_output=True)
+    if problem is None and target.is_dir() and not overwrite:
+        problem = _replace_problem(target)
+        if problem:
+            problem += ": choose a new or empty folder, or pass --overwrite to replace it"
+    if problem:
+        raise OutputFolderError(f"{Path(os.path.abspath(target))} {problem}")

@@ -42,6 +42,7 @@ __all__ = [
     "BudgetError",
     "budget_bounds",
     "check_budget",
+    "check_rank_bounds",
     "ModuleAllocation",
     "allocate_ranks",
     "energy_rank",
@@ -150,6 +151,20 @@ def budget_bounds(shapes: Mapping[str, tuple[int, int]], min_rank: int, max_rank
         least += lora_parameters(shape, start)
         most += lora_parameters(shape, top)
     return least, most
+
+
+def check_rank_bounds(settings: AllocationSettings, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse a ``min_rank`` at or above the full rank min(d_out, d_in) of every module: each would be adapted at full
+    rank, a full fine-tune with extra steps, whatever the spectra say.
+
+    Raises:
+        BudgetError: naming the largest full rank among the modules.
+    """
+    full = max(min(shape) for shape in shapes.values())
+    if settings.min_rank >= full and full > 1:
+        raise BudgetError(f"--min-rank {settings.min_rank} is at least the full rank of every module (at most {full}, "
+                          f"min(d_out, d_in) of {len(shapes)} modules): every module would be adapted at full rank; "
+                          f"lower --min-rank below {full}")
 
 
 def check_budget(settings: AllocationSettings, shapes: Mapping[str, tuple[int, int]],

@@ -310,7 +310,7 @@ class TrainingSettings(Settings):
     """Tokens per sequence; longer records are truncated."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory for about 30% more compute."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds sampling, shuffling and torch, so the same command gives the same result."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about 75% less optimizer memory)."""
@@ -405,6 +405,13 @@ class ComparisonSettings(Settings):
         if any(r < 1 for r in ranks):
             raise ValueError(f"every budget rank must be at least 1, got {min(ranks)}")
         return tuple(sorted(set(ranks)))
+
+    @field_validator("seeds")
+    @classmethod
+    def _non_negative_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
+        return seeds
 
 
 class CheckSettings(Settings):

@@ -46,9 +46,14 @@ def ws(tmp_path_factory):
 
 
 def _digest(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (hidden ones too) with the sha256 of its bytes (folders: "dir")."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
+    """Every path under ``root`` (hidden ones too) with the sha256 of its bytes (folders: "dir"; links: their
+    target)."""
+    def fingerprint(p: Path) -> str:
+        if p.is_symlink():
+            return "link to " + str(p.readlink())
+        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+
+    return {str(p.relative_to(root)): fingerprint(p) for p in sorted(root.rglob("*"))}
 
 
 def _args(ws: Path, template: str) -> list[str]:
@@ -165,7 +170,10 @@ def test_outputs_of_the_previous_release_are_recognized(ws, tmp_path):
     for folder in (run, adapter):
         for marker in folder.rglob(MARKER):
             marker.unlink()
-        assert check_output_dir(folder) == folder.resolve()
+    assert check_output_dir(run) == run.resolve()  # a run folder, written into
+    assert check_output_dir(adapter, folder_output=True) == adapter.resolve()  # an adapter, replaced whole
+    with pytest.raises(OutputFolderError, match="would replace whole"):
+        check_output_dir(run, folder_output=True)
 
 
 def test_atomic_folder_never_renames_or_replaces_what_is_not_its_own(tmp_path):
@@ -208,3 +216,66 @@ def test_a_fine_tune_whose_loss_turns_nan_stops_at_once_and_writes_no_model(ws, 
     assert steps == []  # stopped before the first optimizer step
     assert not (tmp_path / "out" / "finetuned").exists()
     assert not any(p.suffix == ".safetensors" for p in (tmp_path / "out").rglob("*"))
+
+
+def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
+    """Cases a second new-user sweep found: a folder written into with --overwrite is not the tool's afterwards; a file
+    added to an export is not deleted by the next export; a run folder is not replaced by an export; a dangling link;
+    an input reached through a link inside --out; NaN in a hand-edited config; a --base that is no model; an export
+    rank above every module's full rank; negative seeds; a --min-rank that makes every module full rank."""
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    import json
+
+    mine = Path(shutil.copytree(ws / "mine", tmp_path / "mine"))
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    extract = ["extract", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--config", str(config)]
+
+    def refused(argv, fragment):
+        before = _digest(tmp_path)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert _digest(tmp_path) == before
+
+    # --overwrite lets a run write into a folder of the user's, but does not make it the tool's.
+    from lora_ranks.outputs import claim_output_dir
+
+    claim_output_dir(mine, "svd-analysis", overwrite=True)
+    assert not (mine / MARKER).exists()
+    refused([*extract, "--out", str(mine)], "did not write")
+    # A file added by hand to an export survives the next export (refused, naming it); --overwrite replaces.
+    assert main(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")]) == 0
+    (tmp_path / "exp" / "my_notes.txt").write_text("mine\n")
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")], "1 file(s) this tool did not write (my_notes.txt)")
+    # A run folder of the tool is written into, never replaced whole by an adapter.
+    run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
+    refused(["export", str(ws / "adapter"), "--out", str(run)], "run of this tool, which this command would replace")
+    refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(tmp_path / "exp")],
+            "is an adapter or model folder of this tool")
+    # Links: a dangling --out, an --out that links to a folder, an input linked from inside --out.
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "dangling")], "which does not exist")
+    (tmp_path / "link").symlink_to(mine)
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "link"), "--overwrite"], "is a symbolic link")
+    (mine / "ftlink").symlink_to(ws / "ft")
+    refused(["extract", "--base", str(ws / "base"), "--finetuned", str(mine / "ftlink"), "--config", str(config),
+             "--out", str(mine), "--overwrite"], "contains --finetuned")
+    # Hand-edited inputs.
+    nan_config = tmp_path / "nan.json"
+    nan_config.write_text(config.read_text().replace('"lora_alpha": ', '"lora_alpha": NaN, "x": ', 1))
+    refused([*extract[:-1], str(nan_config), "--out", str(tmp_path / "new")], "NaN is not a JSON number")
+    bad_adapter = Path(shutil.copytree(ws / "adapter", tmp_path / "bad-adapter"))
+    raw = json.loads((bad_adapter / "adapter_config.json").read_text())
+    (bad_adapter / "adapter_config.json").write_text(json.dumps({**raw, "r": -8}))
+    refused(["export", str(bad_adapter), "--out", str(tmp_path / "new")], "r must be a positive number, got -8")
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "new"), "--format", "merged", "--base", str(mine)],
+            "has no config.json")
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "new"), "--rank", "512"],
+            "above the full rank of every module (at most 64)")
+    # Numbers.
+    refused(["compare", "--model", str(ws / "base"), "--data", str(ws / "data.jsonl"), "--out", str(tmp_path / "new"),
+             "--seeds", "-1"], "seeds must be non-negative")
+    refused(["finetune", "--model", str(ws / "base"), "--data", str(ws / "data.jsonl"), "--out", str(tmp_path / "new"),
+             "--seed", "-1"], "--seed -1: input should be greater than or equal to 0")
+    refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(tmp_path / "new"),
+             "--min-rank", "100", "--max-rank", "128"], "--min-rank 100 is at least the full rank of every module")

@@ -58,7 +58,8 @@ class Target:
 
 def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
     """``fn(*args)`` in a fresh spawned process; its result dict, or ``{"impossible": why}`` when the process died
-    (e.g. killed by the kernel for memory). Exceptions raised in the child are re-raised here."""
+    (e.g. killed by the kernel for memory) or a library failed in it. The project's own errors raised in the child
+    are re-raised here."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
@@ -76,7 +77,16 @@ def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
         receive.close()
     process.join(30)
     if kind == "error":
-        raise value
+        import os
+
+        from ..errors import is_user_error
+
+        if is_user_error(value) or os.environ.get("LORA_RANKS_DEBUG") == "1":
+            raise value
+        # A library failing on this machine or these shapes (e.g. a bitsandbytes kernel on the CPU): the measurement
+        # is impossible here, and the report says why (--debug raises it with its traceback instead).
+        first = (str(value).strip().splitlines() or [""])[0]
+        return {"impossible": f"the measurement failed: {type(value).__name__}: {first}"}
     return value
 
 
@@ -87,6 +97,9 @@ def _child(send, fn, args) -> None:
     # A measurement's output is its result: no download bars, deprecation notes or loading progress.
     os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
     warnings.simplefilter("ignore")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a missing optional CPU kernel, on every import
     try:
         result = ("ok", fn(*args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent

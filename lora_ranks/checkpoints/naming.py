@@ -111,7 +111,15 @@ def build_meta_model(model_dir: str | Path):
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    from .hub import CheckpointError
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:  # an unknown model_type, a broken config.json
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{model_dir}/config.json does not describe a model transformers knows: {first}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"), warnings.catch_warnings():
