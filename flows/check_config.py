@@ -1,6 +1,8 @@
 """Flow ``check-config``: will a rank config fit this hardware, and what will it cost at inference?
 
 Steps:
+    0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
+       as this tool's (``lora_ranks.outputs``);
     1. check the inputs (config against the model, device, sequence length) before anything is built;
     2. in a fresh process: parameter counts and bytes, forward latency of base, unmerged and merged adapter;
     3. in two more processes: peak memory of a training step with and without gradient checkpointing;

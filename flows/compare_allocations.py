@@ -1,6 +1,8 @@
 """Flow ``compare-allocations``: do data-driven ranks beat uniform ranks at equal parameter budget?
 
 Steps:
+    0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
+       as this tool's (``lora_ranks.outputs``);
     1. split the data into train and held-out records (or use ``eval_data_path``); the demo model brings its data;
     2. ranks: the ``svd-analysis`` flow on the train records (as a subflow; it fine-tunes first unless
        ``finetuned_model`` is given), optionally with its fidelity report on the held-out records;

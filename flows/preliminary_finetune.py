@@ -1,6 +1,8 @@
 """Flow ``preliminary-finetune``: a brief full fine-tune on a stratified subset, saving the checkpoint pair.
 
 Steps:
+    0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
+       as this tool's (``lora_ranks.outputs``);
     1. (optional) build the offline demo inputs, when ``model`` is ``"demo:tiny-qwen3"``;
     2. fine-tune and write saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}.
 """

@@ -1,6 +1,8 @@
 """Flow ``svd-analysis``: checkpoint pair -> per-layer spectra -> lora_rank_config.json + plots.
 
 Steps:
+    0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
+       as this tool's (``lora_ranks.outputs``);
     1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"`` (or
        ``"demo:tiny-qwen25-vl"``, the vision-language demo);
     2. with an input or fisher spectrum, check the calibration records (the fine-tuning data) before fine-tuning;

@@ -1,6 +1,8 @@
 """Flow ``train-dynamic-lora``: train a LoRA whose per-module ranks come from a rank config.
 
 Steps:
+    0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
+       as this tool's (``lora_ranks.outputs``);
     1. (init "warm", the default) extract the best adapter of the fine-tuned model the ranks came from, at these
        ranks, as the starting point;
     2. train the dynamic-rank LoRA (optionally on a 4-bit or 8-bit base) and save the adapter.

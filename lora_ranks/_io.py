@@ -26,7 +26,7 @@ _UMASK = os.umask(0)  # read once (setting it is process-wide): new files get th
 os.umask(_UMASK)
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_folder",
-           "recover_folder"]
+           "recover_folder", "strict_json_loads"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -74,6 +74,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     NaN and infinity are refused (``allow_nan=False``): they are not JSON and other tools choke on them.
     """
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (Python's json accepts them; JSON, and other tools, do not).
+
+    Raises:
+        ValueError (``json.JSONDecodeError`` for malformed text): naming the problem.
+    """
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def _staging(target: Path) -> Path:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_json
+from ._io import atomic_write_json, strict_json_loads
 from ._version import __version__
 from .errors import LoraRanksError, list_problems, summarize_problems
 from .ranks import ModuleAllocation, lora_parameters
@@ -136,11 +136,6 @@ def save_rank_config(path: str | Path, config: Mapping[str, Any]) -> Path:
     return atomic_write_json(path, config)
 
 
-def _no_constant(name: str):
-    """``json.loads``' hook for NaN and Infinity, which Python accepts and JSON does not."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def load_rank_config(path: str | Path) -> dict:
     """Read and validate a rank config file.
 
@@ -156,7 +151,7 @@ def load_rank_config(path: str | Path) -> dict:
     if not path.is_file():
         raise RankConfigError(f"rank config {path} does not exist")
     try:
-        config = json.loads(path.read_text(), parse_constant=_no_constant)
+        config = strict_json_loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise RankConfigError(f"rank config {path} is not valid JSON: {exc}") from None
     validate_rank_config(config, source=str(path))

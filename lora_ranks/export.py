@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_folder, atomic_write_json
+from ._io import atomic_folder, atomic_write_json, strict_json_loads
 from .errors import LoraRanksError, list_problems
 from .outputs import check_output_dir
 from .settings import SERVING_RANKS, ExportSettings
@@ -92,10 +92,6 @@ class Adapter:
         return {n: m.rank for n, m in self.modules.items()}
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
     """Read and check a PEFT LoRA adapter folder (safetensors only).
 
@@ -123,7 +119,7 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
         found = "adapter_model.bin (pickle, not read for safety)" if (root / "adapter_model.bin").is_file() else "none"
         raise AdapterError(f"{root} has no {ADAPTER_WEIGHTS} (weights found: {found})")
     try:
-        config = json.loads(config_path.read_text(), parse_constant=_no_constant)
+        config = strict_json_loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
