@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _new_output_dir(command: str, inputs: dict) -> Path | None:
     """The command's output folder when this run is about to create it (None when it exists already)."""
-    out = Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)]).expanduser()
+    out = Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)])
     if command == "demo" and inputs.get("vl") and str(inputs["output_dir"]) == DEMO_OUT:
         out = Path(DEMO_VL_OUT)
     return None if out.exists() or out.is_symlink() else out.resolve()
@@ -240,7 +240,7 @@ def _remove_if_empty(folder: Path | None) -> None:
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
     """Everything that can be checked before Prefect starts (it raises the project's error types): the output folder
     first (nothing of the user's is overwritten), then the device, the inputs and the numbers that depend on them."""
-    _check_output(command, inputs)
+    _check_output(command, inputs, settings)
     allocation = settings.get("allocation")
     if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
             and inputs.get("data_path") is None):
@@ -311,10 +311,19 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         check_config_matches_model(rank_config, resolve_model_path(inputs["model"]))
         source = warm_start_source(rank_config, inputs["warm_start_from"], settings["training"].init)
         if source is not None:
-            resolve_model_path(source)
+            from lora_ranks.checkpoints import Checkpoint, CheckpointError
+
+            flag = "--warm-start-from" if inputs["warm_start_from"] else "the rank config's fine-tuned model"
+            try:
+                Checkpoint(source)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{flag}: {exc}") from None
+            if resolve_model_path(source) == resolve_model_path(inputs["model"]):
+                raise CheckpointError(f"{flag} {source} is the base model itself: its delta is zero, so the warm start "
+                                      "would be an all-zero adapter; give the fine-tuned model, or --init cold")
 
 
-def _check_output(command: str, inputs: dict) -> None:
+def _check_output(command: str, inputs: dict, settings: dict) -> None:
     """The command's output folder takes nothing of the user's: not a file, no input inside or around it, and not a
     non-empty folder this tool did not write unless --overwrite (``outputs.check_output_dir``)."""
     from lora_ranks.outputs import check_output_dir
@@ -325,7 +334,9 @@ def _check_output(command: str, inputs: dict) -> None:
     if command == "demo" and inputs.get("vl") and out == DEMO_OUT:
         out = DEMO_VL_OUT
     given = [(i.flag, inputs[i.param]) for i in spec.inputs if i.param not in _OUTPUT_PARAMS]
-    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], folder_output=command in ("extract", "export"))
+    merged = command == "export" and settings["export"].format == "merged"
+    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], folder_output=command in ("extract", "export"),
+                     folder_content="model" if merged else "adapter")
 
 
 def _check_calibration(model_dir, data_path, settings: dict) -> None:

@@ -116,7 +116,7 @@ def recover_folder(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: str = "folder") -> Iterator[Path]:
     """Write a folder that replaces ``path`` only once complete.
 
     Yields a fresh staging folder beside ``path`` to write into. When the block ends without an exception, the old
@@ -127,22 +127,22 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     Only what this tool wrote is replaced (``outputs.check_replaceable``, checked before the block runs): a file or a
     link at ``path`` is refused, and so is a non-empty folder without the tool's marker, or holding files the
     marker does not list, unless ``overwrite``. The new folder carries the marker (``outputs.MARKER``, listing its
-    files), so a later run may replace it.
+    files and ``content``, what it holds: "adapter", "model"), so a later write of the same content may replace it.
 
     Raises:
         OutputFolderError: ``path`` is a file, or a folder of the user's (without ``overwrite``).
     """
     from .outputs import MARKER, check_replaceable, folder_marker
 
-    target = Path(path)
-    check_replaceable(target, overwrite)
+    target = Path(os.path.abspath(path))
+    check_replaceable(target, overwrite, content)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(target)
     staging, aside = _staging(target), _aside(target)
     staging.mkdir()
     try:
         yield staging
-        atomic_write_text(staging / MARKER, folder_marker(staging))  # what it holds: a later swap checks for additions
+        atomic_write_text(staging / MARKER, folder_marker(staging, content))  # what it holds: a later swap checks for additions
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

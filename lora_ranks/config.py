@@ -167,6 +167,9 @@ def validate_rank_config(config: Any, source: str = "rank config") -> None:
     if not isinstance(config, dict):
         fail(f"top level must be a JSON object, got {type(config).__name__}")
     version = config.get("schema_version")
+    if version is None and ("peft_type" in config or "made_by" in config):
+        fail("is a PEFT adapter's file, not a rank config: give the lora_rank_config.json an analysis wrote (an "
+             "adapter folder holds a copy of it)")
     if version != SCHEMA_VERSION:
         fail(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
     for key, kind in (("layer_ranks", dict), ("target_modules", list), ("rank_pattern", dict),

@@ -289,7 +289,7 @@ def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | Non
     report = {"format": "uniform", "source": str(adapter.folder), "rank": R, "global_scale": 1.0,
               "source_ranks": adapter.ranks, "source_scales": {n: m.scale for n, m in adapter.modules.items()},
               "bytes_before": adapter.bytes}
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, content="adapter") as tmp:
         atomic_write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         report["bytes_after"] = (tmp / ADAPTER_WEIGHTS).stat().st_size
@@ -340,10 +340,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
 
     start = time.perf_counter()
     check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite,
-                     folder_output=True)
+                     folder_output=True, folder_content="model")
     adapter = read_adapter(adapter_dir, weights=False)  # PeftModel.from_pretrained reads the weights below
     base_dir, meta = _meta_base(adapter, base)
-    check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True)
+    check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True,
+                     folder_content="model")
     _check_base_shapes(adapter, meta)
     model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
@@ -353,7 +354,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
               "note": (f"trained on a {quantized}-quantized base; merged into the full-precision weights it was "
                        "quantized from (outputs differ from the quantized training model by the quantization error)"
                        if quantized else None)}
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, content="model") as tmp:
         model.save_pretrained(str(tmp), max_shard_size=_shard_bytes(base_dir))
         for f in base_dir.iterdir():
             if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") \
@@ -370,9 +371,10 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
     """Everything ``export_adapter`` would refuse, checked without writing (the CLI runs it first): the adapter
     folder, the rank (uniform) or the base and its shapes from its config alone (merged), and the output folder
     (when given). Returns the adapter."""
+    content = "adapter" if settings.format == "uniform" else "model"
     if out_dir is not None:
         check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite,
-                         folder_output=True)
+                         folder_output=True, folder_content=content)
     adapter = read_adapter(adapter_dir, weights=False)
     if settings.format == "uniform":
         _serving_rank(adapter, settings.rank)
@@ -381,7 +383,8 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
             raise AdapterError(f"--rank {settings.rank} applies to --format uniform only")
         base_dir, meta = _meta_base(adapter, base)
         if out_dir is not None:
-            check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True)
+            check_output_dir(out_dir, inputs=[("the base", base_dir)], overwrite=overwrite, folder_output=True,
+                             folder_content=content)
         _check_base_shapes(adapter, meta)
     return adapter
 

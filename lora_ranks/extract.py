@@ -139,7 +139,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     errors = [m["relative_error"] for m in report["modules"].values()]
     report.update({"base": str(pair.base.root), "finetuned": str(pair.finetuned.root), "seconds": time.perf_counter() - start,
                    "mean_relative_error": sum(errors) / len(errors), "max_relative_error": max(errors)})
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, content="adapter") as tmp:
         atomic_write_json(tmp / "adapter_config.json", config.adapter_config(str(pair.base.root)))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)

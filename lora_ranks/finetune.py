@@ -130,6 +130,10 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
             if run is not None:
                 run.finish()
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
+            if step == 0:  # no weight has moved yet: the learning rate is not the cause
+                raise TrainingDivergedError(f"{desc}: {what} at the first step, before any update; nothing was "
+                                            "written: the model's weights hold NaN or Inf, or a batch has no "
+                                            "response token to learn from (check the records and --max-length)")
             raise TrainingDivergedError(f"{desc} diverged: {what} at step {step + 1} of {total} (learning rate "
                                         f"{lr:.3g}); nothing was written: lower the learning rate (now "
                                         f"{settings.learning_rate:g}) or check the data")
@@ -175,7 +179,7 @@ def _wandb_run(settings: TrainingSettings, name: str):
 
 def _save_dir(model, tokenizer, target: Path, image_processor=None) -> None:
     """Save model, tokenizer (and image processor) as a folder that replaces ``target`` only once complete."""
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, content="model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if image_processor is not None:

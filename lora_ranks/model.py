@@ -255,7 +255,7 @@ def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = 
     from .export import note_serving
 
     out = Path(out_dir)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, content="adapter") as tmp:
         model.save_pretrained(str(tmp))
         if config is not None:
             atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,26 +61,51 @@ def _spellings(path: Path) -> set[Path]:
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
-    """The marker of ``folder`` (``kind``, ``made_by``, ``files``), or None when it has none (or it is unreadable)."""
-    try:
-        marker = json.loads((Path(folder) / MARKER).read_text())
-    except (OSError, ValueError):
+    """The marker of ``folder``: ``kind`` ("run"; "folder" with ``content`` and ``files``; "foreign", a folder of
+    the user's written into with ``overwrite``) and ``made_by``. None when it has none; a marker that is not one
+    the tool writes reads as ``{"kind": "invalid"}`` (the folder is then not the tool's)."""
+    path = Path(folder) / MARKER
+    if not path.is_file() and not path.is_symlink():
         return None
-    return marker if isinstance(marker, dict) else None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"kind": "invalid"}
+    valid = (isinstance(marker, dict) and marker.get("kind") in ("run", "folder", "foreign")
+             and isinstance(marker.get("made_by", ""), str)
+             and (marker.get("kind") != "folder" or (isinstance(marker.get("files"), list)
+                                                     and all(isinstance(f, str) for f in marker["files"]))))
+    return marker if valid else {"kind": "invalid"}
 
 
-def folder_marker(folder: Path, made_by: str = "lora-ranks") -> str:
-    """The marker text of a folder output: every file in it, so that a later replacement can tell whether
-    something was added by hand."""
+def folder_marker(folder: Path, content: str = "folder", made_by: str = "lora-ranks") -> str:
+    """The marker text of a folder output: what it holds (``content``: "adapter", "model", ...) and every file in
+    it, so that a later replacement can tell whether something was added by hand or is of another kind."""
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
-    return json.dumps({"kind": "folder", "made_by": made_by, "files": files}) + "\n"
+    return json.dumps({"kind": "folder", "content": content, "made_by": made_by, "files": files}) + "\n"
 
 
 def _is_run_folder(folder: Path) -> bool:
     marker = read_marker(folder)
     if marker is not None:
-        return marker.get("kind", "run") == "run"
+        return marker["kind"] == "run"
     return any((folder / s).exists() for s in _RUN_SIGNATURES)
+
+
+#: Names of the files this tool writes into adapter, export and model folders (how an unmarked folder of an earlier
+#: release is told from a folder of the user's that merely holds one such file).
+_TOOL_FILE = re.compile(r"(adapter_config\.json|adapter_model\.safetensors|README\.md|lora_rank_config\.json|"
+                        r"lora_ranks_adapter\.json|extraction_report\.json|export_report\.json|config\.json|"
+                        r"generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                        r"tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.(jinja|json)|vocab\.json|"
+                        r"merges\.txt|added_tokens\.json|preprocessor_config\.json|video_preprocessor_config\.json|"
+                        r"processor_config\.json)")
+#: The model and adapter folders a run of an earlier release wrote inside its folder.
+_LAYOUT_FOLDERS = ("pretrained", "finetuned", "half-a", "half-b", "adapter", "warm_start_adapter")
+
+
+def _only_tool_files(folder: Path) -> bool:
+    return all(p.is_file() and not p.is_symlink() and _TOOL_FILE.fullmatch(p.name) for p in folder.iterdir())
 
 
 def _overlap(out: Path, inputs: Inputs) -> str | None:
@@ -113,6 +139,11 @@ def _shown(entries: list[str]) -> str:
 
 def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | None:
     """What makes ``out`` unusable whatever ``overwrite`` says, as a sentence; None when nothing does."""
+    if str(out) in ("", "."):
+        if folder_output:
+            return "is the current folder: name a folder for the output"
+    elif folder_output and Path.cwd().is_relative_to(Path(os.path.abspath(out))):
+        return "is, or holds, the current folder: name another folder for the output"
     collision = _overlap(out, inputs)
     if collision:
         return f"{collision}: choose another output folder"
@@ -127,38 +158,77 @@ def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | No
     existing = _nearest_existing(out)
     if not existing.is_dir():
         return f"lies under {existing}, which is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot be written: no write permission on {existing}"
+    if not os.access(existing, os.W_OK | os.X_OK) or not _probe_writable(existing):
+        return f"cannot be written: no folder can be created in {existing}"
     return None
 
 
-def _replace_problem(target: Path) -> str | None:
-    """Why replacing the folder ``target`` whole would take something of the user's; None when it would not."""
+def _replace_problem(target: Path, content: str) -> str | None:
+    """Why replacing the folder ``target`` whole by a folder of ``content`` would take something of the user's;
+    None when it would not."""
     entries = sorted(p.name for p in target.iterdir())
     if not entries:
         return None
+    foreign = (f"is a folder this tool did not write, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+               f"({_shown(entries)})")
     marker = read_marker(target)
-    if marker is None:
-        if any((target / s).is_file() for s in _FOLDER_SIGNATURES):
-            return None  # an adapter or export of an earlier release
+    if marker is None:  # written before markers, or not by this tool
         if any((target / s).exists() for s in _RUN_SIGNATURES):
             return "holds a run of this tool, which this command would replace whole"
-        if any(read_marker(p) for p in target.parents) and (target / "config.json").is_file():
-            return None  # a model folder inside a run of this tool, written before markers
-        return (f"is a folder this tool did not write, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
-                f"({_shown(entries)})")
-    if marker.get("kind", "run") == "run":
+        old_output = any((target / s).is_file() for s in _FOLDER_SIGNATURES)
+        old_layout = target.name in _LAYOUT_FOLDERS and any((read_marker(p) or {}).get("kind") == "run"
+                                                            for p in target.parents)
+        return None if (old_output or old_layout) and _only_tool_files(target) else foreign
+    if marker["kind"] == "run":
         return f"holds a {marker.get('made_by', 'lora-ranks')} run of this tool, which this command would replace whole"
-    written = set(marker.get("files", []))
+    if marker["kind"] != "folder":
+        return foreign
+    if marker.get("content", "folder") != content:
+        return (f"holds a {marker.get('content', 'folder')} folder of this tool, which this command would replace with "
+                f"a {content}")
+    written = set(marker["files"])
     added = sorted(str(p.relative_to(target)) for p in target.rglob("*")
-                   if p.is_file() and p.name != MARKER and str(p.relative_to(target)) not in written)
+                   if (p.is_file() or p.is_symlink()) and p.name != MARKER and str(p.relative_to(target)) not in written)
     if added:
         return f"holds {len(added)} file(s) this tool did not write ({_shown(added)})"
     return None
 
 
+def _links_inside(folder: Path) -> list[str]:
+    """Symbolic links anywhere under ``folder`` (not followed): writes into a run folder would follow them out."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [str(Path(root, n).relative_to(folder)) for n in dirs + files if Path(root, n).is_symlink()]
+    return sorted(found)
+
+
+def _inner_problems(folder: Path) -> str | None:
+    """A folder output inside a run folder that a rerun would replace but holds a file the tool did not write."""
+    for marker_path in sorted(folder.rglob(MARKER)):
+        inner = marker_path.parent
+        marker = read_marker(inner)
+        if inner == folder or marker is None or marker["kind"] != "folder":
+            continue
+        problem = _replace_problem(inner, marker.get("content", "folder"))
+        if problem:
+            return f"holds {inner}, which {problem.removeprefix('holds ')}: move it out of the run folder first"
+    return None
+
+
+def _probe_writable(folder: Path) -> bool:
+    """Whether a folder can be created in ``folder`` (root passes ``os.access`` on /proc and /sys too): one temporary
+    folder made and removed."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lora-ranks-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
 def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite: bool = False,
-                     folder_output: bool = False, flag: str = "--out") -> Path:
+                     folder_output: bool = False, folder_content: str = "adapter", flag: str = "--out") -> Path:
     """Refuse an output that would take anything of the user's (module docstring); returns it resolved.
 
     Args:
@@ -166,22 +236,34 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite:
         inputs: ``(flag, path)`` of each input of the command (hub ids and unset ones are skipped).
         overwrite: write into (run folder) or replace (folder output) a folder this tool did not write.
         folder_output: the output replaces its target whole (an adapter, an export) instead of being written into.
+        folder_content: what a folder output holds ("adapter", "model"): a folder of this tool holding another kind
+            is not replaced.
         flag: how the output is named in messages.
 
     Raises:
         OutputFolderError: naming the output, what is wrong, and the way to proceed.
     """
-    given = Path(path).expanduser()
-    problem = _path_problem(given, list(inputs), folder_output=folder_output)
-    out = given.resolve()
+    given = Path(path)  # as the writers take it: a quoted ~ is a folder named ~
+    shown = Path(os.path.abspath(given))
+    try:
+        problem = _path_problem(given, list(inputs), folder_output=folder_output)
+        out = given.resolve()
+        if problem is None and out.is_dir() and not folder_output:
+            links = _links_inside(out)
+            problem = (f"holds symbolic links ({_shown(links)}) that writes would follow out of it: remove them" if links
+                       else _inner_problems(out))
+    except OSError as exc:  # a name too long for the file system, a path that cannot be listed
+        raise OutputFolderError(f"{flag} {shown} cannot be used: {exc.strerror or exc}") from None
     if problem:
-        raise OutputFolderError(f"{flag} {Path(os.path.abspath(given))} {problem}")
+        raise OutputFolderError(f"{flag} {shown} {problem}")
     if out.is_dir() and not overwrite:
         if folder_output:
-            problem = _replace_problem(out)
+            problem = _replace_problem(out, folder_content)
         elif any(out.iterdir()) and not _is_run_folder(out):
             entries = sorted(p.name for p in out.iterdir())
-            kind = "an adapter or model folder of this tool" if read_marker(out) else "a folder this tool did not write"
+            marker = read_marker(out)
+            kind = ("an adapter or model folder of this tool" if marker and marker["kind"] == "folder"
+                    else "a folder this tool did not write")
             problem = f"is {kind}, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({_shown(entries)})"
         if problem:
             raise OutputFolderError(f"{flag} {out} {problem}: choose a new or empty folder, or pass --overwrite to "
@@ -197,13 +279,16 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
 
     out = check_output_dir(path, inputs=inputs, overwrite=overwrite)
     fresh = not out.exists() or not any(out.iterdir())
+    ours = not fresh and _is_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fresh or (read_marker(out) is None and _is_run_folder(out)):  # new, or a run of an earlier release
+    if fresh or (ours and read_marker(out) is None):  # new, or a run of an earlier release
         atomic_write_text(out / MARKER, json.dumps({"kind": "run", "made_by": made_by}) + "\n")
+    elif not ours and read_marker(out) is None:  # a folder of the user's written into with overwrite: still theirs
+        atomic_write_text(out / MARKER, json.dumps({"kind": "foreign", "made_by": made_by}) + "\n")
     return out
 
 
-def check_replaceable(path: str | os.PathLike, overwrite: bool = False) -> None:
+def check_replaceable(path: str | os.PathLike, overwrite: bool = False, content: str = "folder") -> None:
     """Refuse to replace ``path`` whole unless it is absent, an empty folder, or a folder output of this tool that
     holds only what it wrote (or ``overwrite``); a file or a link is never replaced. What ``_io.atomic_folder``
     checks before it swaps.
@@ -214,7 +299,7 @@ def check_replaceable(path: str | os.PathLike, overwrite: bool = False) -> None:
     target = Path(path)
     problem = _path_problem(target, (), folder_output=True)
     if problem is None and target.is_dir() and not overwrite:
-        problem = _replace_problem(target)
+        problem = _replace_problem(target, content)
         if problem:
             problem += ": choose a new or empty folder, or pass --overwrite to replace it"
     if problem:

@@ -133,7 +133,7 @@ def pretrain_base(out_dir: str | Path, preset: BasePreset, *, seed: int = 0, pro
                "tokens_seen": preset.steps * preset.batch_size * preset.seq_len, "losses": losses,
                "held_out_loss": evaluation_loss, "seconds": time.perf_counter() - start,
                "parameters": sum(p.numel() for p in model.parameters())}
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, content="model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "pretraining.json", metrics)

@@ -209,7 +209,8 @@ def test_a_fine_tune_whose_loss_turns_nan_stops_at_once_and_writes_no_model(ws, 
     tensors[key][0, 0] = float("inf")  # what a learning rate of 1e10 does to the weights after one step
     save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
     steps = []
-    with pytest.raises(TrainingDivergedError, match=r"diverged: loss nan at step 1 of 3 .*nothing was written"):
+    with pytest.raises(TrainingDivergedError, match=r"loss nan at the first step, before any update; nothing was "
+                                                    r"written: the model's weights hold NaN or Inf"):
         run_preliminary_finetune(base, ws / "data.jsonl", tmp_path / "out",
                                  FinetuneSettings(max_steps=3, subset_ratio=1.0, batch_size=2), progress=False,
                                  on_step=lambda *a: steps.append(a))
@@ -238,11 +239,12 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
         assert _digest(tmp_path) == before
 
     # --overwrite lets a run write into a folder of the user's, but does not make it the tool's.
-    from lora_ranks.outputs import claim_output_dir
+    from lora_ranks.outputs import claim_output_dir, read_marker
 
     claim_output_dir(mine, "svd-analysis", overwrite=True)
-    assert not (mine / MARKER).exists()
+    assert read_marker(mine)["kind"] == "foreign"
     refused([*extract, "--out", str(mine)], "did not write")
+    refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(mine)], "did not write")
     # A file added by hand to an export survives the next export (refused, naming it); --overwrite replaces.
     assert main(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")]) == 0
     (tmp_path / "exp" / "my_notes.txt").write_text("mine\n")
@@ -279,3 +281,64 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
              "--seed", "-1"], "--seed -1: input should be greater than or equal to 0")
     refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(tmp_path / "new"),
              "--min-rank", "100", "--max-rank", "128"], "--min-rank 100 is at least the full rank of every module")
+
+
+def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
+    """Cases a third sweep found: a copied model folder (its marker too), a folder holding one file of a tool's name,
+    a model copy inside a run, a link planted inside a run folder, '' and '.', a name too long, a folder that cannot
+    be created although os.access says yes (/proc as root), a garbage marker, a warm start from the base itself or
+    from no model, a PEFT file given as the rank config."""
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    adapter = str(ws / "adapter")
+
+    def refused(argv, fragment):
+        before = _digest(tmp_path)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert _digest(tmp_path) == before
+
+    run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
+    from lora_ranks.synthetic import DEMO_BASE
+
+    assert main(["finetune", "--model", str(DEMO_BASE), "--data", str(ws / "data.jsonl"), "--out", str(run),
+                 "--max-steps", "1", "--subset-ratio", "1"]) == 0
+    capsys.readouterr()
+    model = run / "saved_models" / "preliminary_finetune" / "finetuned"
+    copy = Path(shutil.copytree(model, tmp_path / "model-copy"))  # the user's copy, marker and all
+    refused(["export", adapter, "--out", str(copy)], "holds a model folder of this tool, which this command would")
+    refused(["extract", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--config", str(config),
+             "--out", str(copy)], "holds a model folder of this tool")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "export_report.json").write_text("{}")
+    (reports / "notes.txt").write_text("precious")
+    refused(["export", adapter, "--out", str(reports)], "is a folder this tool did not write")
+    mine = Path(shutil.copytree(ws / "base", run / "my_model"))
+    refused(["export", adapter, "--out", str(mine)], "is a folder this tool did not write")
+    (model / "MY_NOTES.txt").write_text("mine")
+    refused(["finetune", "--model", str(DEMO_BASE), "--data", str(ws / "data.jsonl"), "--out", str(run)],
+            "MY_NOTES.txt")  # found before the fine-tune, not when its result is saved
+    (model / "MY_NOTES.txt").unlink()
+    (run / "analysis_outputs" / "svd" / "plots").symlink_to(tmp_path / "reports")  # analyze_checkpoints makes none
+    refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(run)],
+            "holds symbolic links (analysis_outputs/svd/plots)")
+    monkeypatch.chdir(tmp_path / "reports")
+    refused(["export", adapter, "--out", ""], "is the current folder")
+    refused(["export", adapter, "--out", "."], "is the current folder")
+    refused(["export", adapter, "--out", str(tmp_path)], "holds, the current folder")
+    refused(["export", adapter, "--out", str(tmp_path / ("x" * 300))], "cannot be used: File name too long")
+    if Path("/proc/self").is_dir():
+        refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", "/proc/lora-ranks-x"],
+                "cannot be written")
+    garbage = Path(shutil.copytree(ws / "adapter", tmp_path / "garbage"))
+    (garbage / MARKER).write_text('{"kind": "folder", "files": null}')
+    (garbage / "mine.txt").write_text("mine")
+    refused(["export", adapter, "--out", str(garbage)], "is a folder this tool did not write")
+    train = ["train", "--model", str(ws / "base"), "--lora-config", str(config), "--data", str(ws / "data.jsonl"),
+             "--out", str(tmp_path / "train")]
+    refused([*train, "--warm-start-from", str(ws / "base")], "is the base model itself")
+    refused([*train, "--warm-start-from", str(ws / "adapter")], "--warm-start-from: ")
+    refused(["train", "--model", str(ws / "base"), "--lora-config", str(ws / "adapter" / "adapter_config.json"),
+             "--data", str(ws / "data.jsonl"), "--out", str(tmp_path / "train")], "not a rank config")
