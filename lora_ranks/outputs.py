@@ -52,11 +52,14 @@ def local_path(value: str | os.PathLike | None) -> Path | None:
     if value is None or str(value) == "" or str(value).startswith("demo:"):
         return None
     path = Path(value).expanduser()
-    return Path(os.path.abspath(path)) if path.exists() or path.is_symlink() else None
+    if not path.is_absolute():
+        path = Path.cwd() / path  # not normalized: "link/.." means what the file system says, not what the text says
+    return path if path.exists() or path.is_symlink() else None
 
 
 def _spellings(path: Path) -> set[Path]:
-    """A path as given (absolute, not resolved) and resolved: links make them differ."""
+    """A path as given (absolute, ``..`` folded as text) and resolved (links followed, ``..`` after them): a link
+    makes them differ, and either may be the one that meets another path."""
     return {Path(os.path.abspath(path)), path.resolve()}
 
 
@@ -65,8 +68,10 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     the user's written into with ``overwrite``) and ``made_by``. None when it has none; a marker that is not one
     the tool writes reads as ``{"kind": "invalid"}`` (the folder is then not the tool's)."""
     path = Path(folder) / MARKER
-    if not path.is_file() and not path.is_symlink():
+    if not path.exists() and not path.is_symlink():
         return None
+    if path.is_symlink() or not path.is_file():  # the tool writes a plain file, never a folder or a link
+        return {"kind": "invalid"}
     try:
         marker = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -117,12 +122,13 @@ def _overlap(out: Path, inputs: Inputs) -> str | None:
             continue
         for o in outs:
             for i in _spellings(given):
+                real = given.resolve()
                 if o == i:
-                    return f"is {name} ({given}), an input of this command"
+                    return f"is {name} ({real}), an input of this command"
                 if i.is_relative_to(o):
-                    return f"contains {name} ({given}), an input of this command"
+                    return f"contains {name} ({real}), an input of this command"
                 if o.is_relative_to(i):
-                    return f"lies inside {name} ({given}), an input of this command"
+                    return f"lies inside {name} ({real}), an input of this command"
     return None
 
 
@@ -184,14 +190,19 @@ def _replace_problem(target: Path, content: str) -> str | None:
     if marker["kind"] != "folder":
         return foreign
     if marker.get("content", "folder") != content:
-        return (f"holds a {marker.get('content', 'folder')} folder of this tool, which this command would replace with "
-                f"a {content}")
+        held = marker.get("content", "folder")
+        return (f"holds {_a(held)} {held} folder of this tool, which this command would replace with {_a(content)} "
+                f"{content}")
     written = set(marker["files"])
     added = sorted(str(p.relative_to(target)) for p in target.rglob("*")
                    if (p.is_file() or p.is_symlink()) and p.name != MARKER and str(p.relative_to(target)) not in written)
     if added:
         return f"holds {len(added)} file(s) this tool did not write ({_shown(added)})"
     return None
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _links_inside(folder: Path) -> list[str]:
@@ -246,6 +257,7 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite:
     given = Path(path)  # as the writers take it: a quoted ~ is a folder named ~
     shown = Path(os.path.abspath(given))
     try:
+        shown = given.resolve() if given.exists() else shown
         problem = _path_problem(given, list(inputs), folder_output=folder_output)
         out = given.resolve()
         if problem is None and out.is_dir() and not folder_output:

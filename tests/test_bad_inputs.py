@@ -342,3 +342,36 @@ def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     refused([*train, "--warm-start-from", str(ws / "adapter")], "--warm-start-from: ")
     refused(["train", "--model", str(ws / "base"), "--lora-config", str(ws / "adapter" / "adapter_config.json"),
              "--data", str(ws / "data.jsonl"), "--out", str(tmp_path / "train")], "not a rank config")
+
+
+def test_the_fourth_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
+    """An input reached through a link and '..' ('link/../adapter' is where the link points, not what the text
+    folds to), and a marker that is a folder or a link."""
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    adapter = Path(shutil.copytree(ws / "adapter", tmp_path / "adapter"))
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "adlink").symlink_to(ws / "ft")  # user/adlink/.. is ws, not user
+    (tmp_path / "user" / "tmplink").symlink_to(adapter)  # user/tmplink/.. is tmp_path
+    monkeypatch.chdir(tmp_path / "user")
+    before = _digest(tmp_path)
+
+    def refused(argv, fragment):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert _digest(tmp_path) == before
+
+    refused(["export", "tmplink/../adapter", "--out", str(adapter)], f"is ADAPTER_DIR ({adapter})")
+    refused(["export", "tmplink/../adapter", "--out", str(adapter), "--overwrite"], "is ADAPTER_DIR")
+    refused(["extract", "--base", str(ws / "base"), "--finetuned", "adlink/../ft", "--config",
+             str(ws / "run" / "configs" / "lora_rank_config.json"), "--out", str(ws / "ft"), "--overwrite"],
+            "is --finetuned")
+    run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
+    (run / MARKER).mkdir()
+    before = _digest(tmp_path)
+    refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(run)],
+            "did not write")
+    (run / MARKER).rmdir()
+    (run / MARKER).symlink_to(tmp_path / "user")
+    before = _digest(tmp_path)
+    refused(["export", str(ws / "adapter"), "--out", str(run)], "did not write")
