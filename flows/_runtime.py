@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora_ranks.errors import LoraRanksError  # light: no torch (the package imports its stages on first use)
+
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
 DEFAULTS = {
@@ -24,6 +26,10 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 RUNNERS = ("threads", "processes", "dask")
+
+
+class EnvironmentSettingError(LoraRanksError):
+    """A LORA_RANKS_* environment variable with a value it cannot take (named in the message)."""
 
 
 def apply_defaults() -> None:
@@ -42,7 +48,7 @@ def _positive_int(name: str, default: int) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise EnvironmentSettingError(f"{name} must be a positive integer, got {value!r}")
     return n
 
 
@@ -82,7 +88,7 @@ def task_runner():
     """The task runner named by LORA_RANKS_TASK_RUNNER (see module docstring)."""
     kind = os.environ.get("LORA_RANKS_TASK_RUNNER", "threads")
     if kind not in RUNNERS:
-        raise ValueError(f"LORA_RANKS_TASK_RUNNER must be one of {', '.join(RUNNERS)}, got {kind!r}")
+        raise EnvironmentSettingError(f"LORA_RANKS_TASK_RUNNER must be one of {', '.join(RUNNERS)}, got {kind!r}")
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -97,7 +103,7 @@ def task_runner():
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:
-        raise ImportError("LORA_RANKS_TASK_RUNNER=dask needs the dask extra: pip install '.[dask]'") from exc
+        raise EnvironmentSettingError("LORA_RANKS_TASK_RUNNER=dask needs the dask extra: pip install '.[dask]'") from exc
     address = os.environ.get("LORA_RANKS_DASK_ADDRESS")
     if address:
         return DaskTaskRunner(address=address)
