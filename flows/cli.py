@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             if not is_user_error(exc):
                 return 1
         _quiet_prefect_exit()
-        print(f"lora-ranks: error: {exc}", file=sys.stderr)
+        print("lora-ranks: error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the message
         return 2
     except KeyboardInterrupt:
         print("lora-ranks: interrupted", file=sys.stderr)
@@ -292,11 +292,14 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
 
         check_export(inputs["adapter_dir"], settings["export"], inputs["base"], inputs["out_dir"], inputs["overwrite"])
     if command == "extract":
-        from lora_ranks.checkpoints import CheckpointPair
+        from lora_ranks.checkpoints import CheckpointError, CheckpointPair
         from lora_ranks.config import load_rank_config
 
         load_rank_config(inputs["rank_config_path"])
-        CheckpointPair(inputs["base"], inputs["finetuned"], allow_pickle=settings["safety"].allow_pickle)
+        pair = CheckpointPair(inputs["base"], inputs["finetuned"], allow_pickle=settings["safety"].allow_pickle)
+        if pair.base.root == pair.finetuned.root:
+            raise CheckpointError(f"--base and --finetuned are the same folder ({pair.base.root}): the delta is zero, "
+                                  "so the adapter would be all zeros; give the fine-tuned model as --finetuned")
     if command == "check":
         from lora_ranks.check import check_inputs
 

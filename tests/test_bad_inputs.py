@@ -75,6 +75,11 @@ CASES = [
     ("extract", f"{_PAIR} --config {{ws}}/other-run/configs/lora_rank_config.json --out {{ws}}/new",
      "made for another model"),
     ("extract", f"{_PAIR} --config {{ws}}/data.jsonl --out {{ws}}/new", "not valid JSON"),
+    ("extract", f"--base {{ws}}/base --finetuned {{ws}}/base --config {_CONFIG} --out {{ws}}/new", "are the same folder"),
+    ("extract", f"--base {{ws}}/base --finetuned {{ws}}/nothere/ft --config {_CONFIG} --out {{ws}}/new",
+     "does not exist"),
+    ("extract", f"--base {{ws}}/base --finetuned owner-x/not-here --config {_CONFIG} --out {{ws}}/new",
+     "is no local folder"),
     # export: never over the adapter it reads
     ("export", "{ws}/adapter --out {ws}/adapter", "is ADAPTER_DIR"),
     ("export", "{ws}/adapter --out {ws}/adapter/uniform", "lies inside ADAPTER_DIR"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
         return path.resolve()
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a model folder with config.json")
+    if path.is_symlink():
+        raise CheckpointError(f"model folder {str(name_or_path)!r} is a symbolic link to {os.readlink(path)}, which "
+                              "does not exist")
     if not _HUB_ID.fullmatch(str(name_or_path)):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist (and is not a hub id like 'Qwen/Qwen3-8B')")
     from huggingface_hub import snapshot_download
@@ -49,4 +53,6 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_ALLOW_PATTERNS))
     except Exception as exc:  # no hub here, or no such repo
-        raise CheckpointError(f"could not resolve hub id {str(name_or_path)!r} to a local snapshot: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{str(name_or_path)!r} is no local folder (from {Path.cwd()}), and as a hub id it could "
+                              f"not be resolved to a snapshot: {first}") from None
