@@ -233,8 +233,8 @@ def _remove_if_empty(folder: Path | None) -> None:
     """A run that failed leaves no output folder it created and filled with nothing but its marker."""
     from lora_ranks.outputs import MARKER
 
-    if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {MARKER}:
-        shutil.rmtree(folder, ignore_errors=True)
+    if folder is not None and folder.is_dir() and not any(p.is_file() and p.name != MARKER for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)  # only the marker and empty folders: nothing of the run's to keep
 
 
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
@@ -261,6 +261,22 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         model = inputs.get("model") or inputs["base_model"]
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
+        for group in ("finetune", "training"):
+            if group in settings and settings[group].wandb_project:
+                import importlib.util
+
+                from lora_ranks.errors import LoraRanksError
+
+                if importlib.util.find_spec("wandb") is None:
+                    raise LoraRanksError("--wandb-project is set but wandb is not installed: pip install wandb (or "
+                                         "leave --wandb-project unset)")
+    if command == "compare" and settings["comparison"].budget_ranks:
+        from lora_ranks.errors import LoraRanksError
+
+        too_big = [r for r in settings["comparison"].budget_ranks if r > settings["allocation"].max_rank]
+        if too_big:
+            raise LoraRanksError(f"--budget-ranks {too_big[0]} is above --max-rank {settings['allocation'].max_rank}: "
+                                 "no allocation could spend it; give budget ranks up to --max-rank")
     for key in ("data_path", "eval_data_path"):  # read now, not after a fine-tune or an analysis
         if inputs.get(key) and (key == "eval_data_path" or command == "analyze"):
             from lora_ranks.data import load_records
@@ -324,6 +340,8 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
             if resolve_model_path(source) == resolve_model_path(inputs["model"]):
                 raise CheckpointError(f"{flag} {source} is the base model itself: its delta is zero, so the warm start "
                                       "would be an all-zero adapter; give the fine-tuned model, or --init cold")
+    if command in ("finetune", "train", "compare") and (inputs.get("model") or inputs["base_model"]) != "demo:tiny-qwen3":
+        _check_tokenizer(inputs.get("model") or inputs["base_model"])  # last: the other checks name a cause first
 
 
 def _check_output(command: str, inputs: dict, settings: dict) -> None:
@@ -340,6 +358,30 @@ def _check_output(command: str, inputs: dict, settings: dict) -> None:
     merged = command == "export" and settings["export"].format == "merged"
     check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], folder_output=command in ("extract", "export"),
                      folder_content="model" if merged else "adapter")
+
+
+def _check_tokenizer(model: str) -> None:
+    """A model that is trained needs a tokenizer that loads and fits its vocabulary (ids past the embedding would
+    end the run in an IndexError)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lora_ranks.checkpoints import CheckpointError, resolve_model_path
+
+    root = resolve_model_path(model)
+    if not any((root / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{root} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): copy the "
+                              "base model's tokenizer files into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        config = AutoConfig.from_pretrained(str(root))
+    except Exception as exc:  # a broken tokenizer file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{root}: the tokenizer does not load: {first}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise CheckpointError(f"{root}: the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only "
+                              f"{vocab:,} (vocab_size): ids past it cannot be embedded; is it another model's tokenizer?")
 
 
 def _check_calibration(model_dir, data_path, settings: dict) -> None:

@@ -42,6 +42,9 @@ def ws(tmp_path_factory):
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("my notes\n")
     (root / "file.txt").write_text("a file\n")
+    (root / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base / name, root / "no-tokenizer" / name)
     return root
 
 
@@ -112,6 +115,9 @@ CASES = [
     ("finetune", "--model {ws}/base --data {ws}/mine --out {ws}/new", "is a folder"),
     ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/mine", "did not write"),
     ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/base/run", "lies inside --model"),
+    ("finetune", "--model {ws}/no-tokenizer --data {ws}/data.jsonl --out {ws}/new", "has no tokenizer"),
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --wandb-project x", "wandb is not installed"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --budget-ranks 100000", "is above --max-rank"),
     # train
     ("train", "--model {ws}/base --lora-config {ws}/run/configs --data {ws}/data.jsonl --out {ws}/new",
      "is a folder; give the rank config file"),
