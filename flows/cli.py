@@ -21,6 +21,7 @@ that server and show up in its UI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -499,15 +500,11 @@ def _quiet_prefect_exit() -> None:
     for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
         service = getattr(sys.modules.get(module), worker, None)
         if service is not None:
-            try:
+            with contextlib.suppress(Exception):  # never started, or already drained
                 service.drain_all(timeout=5)
-            except Exception:  # never started, or already drained
-                pass
     for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
-        try:
+        with contextlib.suppress(Exception):  # already stopped, or gone: nothing left to print
             instance.stop()
-        except Exception:  # already stopped, or gone: nothing left to print
-            pass
 
 
 if __name__ == "__main__":

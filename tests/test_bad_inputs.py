@@ -198,8 +198,8 @@ def test_atomic_folder_never_renames_or_replaces_what_is_not_its_own(tmp_path):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "a").write_text("mine")
     with pytest.raises(OutputFolderError, match="did not write"):
-        with _io.atomic_folder(tmp_path / "user"):
-            pass
+        with _io.atomic_folder(tmp_path / "user") as staging:
+            (staging / "b").write_text("never reached: refused before the block")
     assert (tmp_path / "user" / "a").read_text() == "mine"
     with _io.atomic_folder(tmp_path / "user", overwrite=True) as staging:
         (staging / "b").write_text("new")
