@@ -105,7 +105,7 @@ def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Pa
             "--finetune-learning-rate", str(args.full_lr), "--no-finetune-gradient-checkpointing",
             "--lora-max-steps", str(args.lora_steps), "--lora-epochs", "1000000", "--lora-batch-size", "8",
             "--lora-learning-rate", str(args.lora_lr), "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
-            "--lora-lora-dropout", "0", "--seeds", *map(str, args.seeds), "--budget-ranks", *map(str, args.budgets),
+            "--lora-dropout", "0", "--seeds", *map(str, args.seeds), "--budget-ranks", *map(str, args.budgets),
             "--cold-baseline", "--full-finetune", "--comparability"]
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.options import SettingsGroup, add_settings_options, settings_from_args
-from lora_ranks.check.report import CheckFailed, format_table
+from lora_ranks.check.verdict import CheckFailed, format_table
 from lora_ranks.errors import is_user_error
 from lora_ranks.settings import (
     INPUT_HELP,
@@ -390,7 +390,7 @@ def _check_calibration(model_dir, data_path, settings: dict) -> None:
     from transformers import AutoTokenizer
 
     from lora_ranks.analysis import calibration_examples
-    from lora_ranks.curvature import CalibrationError
+    from lora_ranks.kfac import CalibrationError
     from lora_ranks.loading import load_image_processor
 
     curvature = settings["curvature"]

@@ -54,8 +54,10 @@ class SettingsGroup:
 
 
 def flag_for(name: str, prefix: str = "") -> str:
-    """``--max-rank`` for ``max_rank`` (``--lora-max-rank`` with prefix ``lora``)."""
-    return "--" + (prefix + "-" if prefix else "") + name.replace("_", "-")
+    """``--max-rank`` for ``max_rank`` (``--lora-max-rank`` with prefix ``lora``; a field that already starts with the
+    prefix keeps one: ``lora_dropout`` is ``--lora-dropout``)."""
+    stem = name if not prefix or name.startswith(prefix + "_") else f"{prefix}_{name}"
+    return "--" + stem.replace("_", "-")
 
 
 def _unwrap_optional(annotation: Any) -> Any:

@@ -37,7 +37,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed  # noqa: E402
 
 from lora_ranks.analysis import OutputLayout  # noqa: E402
-from lora_ranks.curvature import CalibrationError  # noqa: E402
+from lora_ranks.kfac import CalibrationError  # noqa: E402
 from lora_ranks.settings import (  # noqa: E402
     INPUT_HELP,
     AllocationSettings,
@@ -64,7 +64,7 @@ from tasks.analysis import (  # noqa: E402
 from tasks.evidence import fidelity_report_task  # noqa: E402
 from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task, split_half_finetunes_task  # noqa: E402
 from tasks.outputs import claim_output_task  # noqa: E402
-from tasks.report import write_report_task  # noqa: E402
+from tasks.plots import write_report_task  # noqa: E402
 
 
 @flow(name="svd-analysis", task_runner=task_runner(), log_prints=True)

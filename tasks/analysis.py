@@ -87,7 +87,7 @@ def check_calibration_task(model: str, data_path: str | None, curvature: Curvatu
     from transformers import AutoTokenizer
 
     from lora_ranks.checkpoints import resolve_model_path
-    from lora_ranks.curvature import CalibrationError
+    from lora_ranks.kfac import CalibrationError
     from lora_ranks.loading import load_image_processor
 
     if data_path is None:

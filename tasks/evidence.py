@@ -1,6 +1,6 @@
 """Tasks of the evidence stage: fidelity report, train/eval split, equal-budget configs, their fidelity, the
 comparability check, held-out evaluation, the comparison report. Each is one library call
-(``lora_ranks.evidence.reports``) plus its UI artifacts."""
+(``lora_ranks.evidence.comparison``) plus its UI artifacts."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lora_ranks.evidence import (
     split_records,
     write_allocation_configs,
 )
-from lora_ranks.report import allocation_fidelity_markdown, comparison_markdown, markdown_image
+from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import FidelitySettings, FinetuneSettings
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lora_ranks.checkpoints import ModuleRef
-from lora_ranks.curvature import CalibrationError, collect_curvature, plan_passes, sample_labels
 from lora_ranks.data import tokenize_record
+from lora_ranks.kfac import CalibrationError, collect_curvature, plan_passes, sample_labels
 from lora_ranks.spectra.weighted import symmetric_root, weighted_spectrum, weighted_truncation_factors
 from lora_ranks.synthetic import synthetic_records, train_tokenizer
 
@@ -522,8 +522,8 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     ranks define excess ratio 1, and the comparability check covers every module for the three spectra."""
     from lora_ranks.config import load_rank_config, modules_from_config, save_rank_config
     from lora_ranks.evidence import allocation_fidelity, comparability_check
+    from lora_ranks.evidence.comparison import write_allocation_configs
     from lora_ranks.evidence.experiment import config_from_ranks, parameters_of
-    from lora_ranks.evidence.reports import write_allocation_configs
 
     base, finetuned, data = finetuned_pair
     fisher = fisher_analysis["fisher"]

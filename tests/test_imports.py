@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_import_lora_ranks_does_not_import_prefect():
-    code = "import sys, lora_ranks, lora_ranks.analysis, lora_ranks.report, lora_ranks.finetune, lora_ranks.data," \
+    code = "import sys, lora_ranks, lora_ranks.analysis, lora_ranks.plots, lora_ranks.finetune, lora_ranks.data," \
            "lora_ranks.model, lora_ranks.extract, lora_ranks.train;" \
            "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'));" \
            "print(bad); sys.exit(1 if bad else 0)"

@@ -13,7 +13,7 @@ from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointError, CheckpointPair
 from lora_ranks.config import RankConfigError, check_config_matches_model
 from lora_ranks.loading import load_model
-from lora_ranks.report import write_plots, write_raw_data
+from lora_ranks.plots import write_plots, write_raw_data
 from lora_ranks.synthetic import write_planted_pair
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import build_rank_config, save_rank_config
-from ..curvature import CalibrationError
 from ..devices import resolve_device
 from ..finetune import run_split_half_finetunes
+from ..kfac import CalibrationError
 from ..ranks import allocate_ranks, check_budget
 from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum

@@ -1,7 +1,7 @@
 """Curvature factors for the analysis: collected once from the fine-tuned model, stored one file per layer.
 
 ``collect_layer_curvature`` loads the fine-tuned model and the calibration records (the fine-tuning subset:
-the same stratified sample the fine-tune trained on, by the same settings), runs ``lora_ranks.curvature`` and
+the same stratified sample the fine-tune trained on, by the same settings), runs ``lora_ranks.kfac`` and
 writes ``<svd_dir>/curvature/<layer>.safetensors``: float64 ``input:<key>`` tensors (A, once per distinct input)
 and ``output:<module>`` tensors (G), with per-module facts in the metadata. ``analyze_layer`` reads its layer's
 file back with ``load_curvature_file``.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import ModuleRef
-from ..curvature import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
+from ..kfac import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum
 from ..spectra.weighted import SymmetricRoot, symmetric_root, weighted_spectrum
@@ -86,7 +86,7 @@ def collect_layer_curvature(
 ) -> CurvatureResult:
     """Collect the factors of every module (``settings.spectrum`` "input" or "fisher") and write one file per layer.
 
-    Memory is bounded by ``settings.factor_memory_gb`` (see ``lora_ranks.curvature``); each layer's file is written as
+    Memory is bounded by ``settings.factor_memory_gb`` (see ``lora_ranks.kfac``); each layer's file is written as
     soon as its pass ends.
     """
     from ..loading import load_image_processor, load_model

@@ -39,7 +39,7 @@ __all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
 
 # The modules whose code decides what a layer file contains: deltas, spectra, factors and the file format.
 _NUMERICS_MODULES = ("lora_ranks.checkpoints.pair", "lora_ranks.spectra.spectrum", "lora_ranks.spectra.factors",
-                     "lora_ranks.spectra.weighted", "lora_ranks.curvature", "lora_ranks.analysis.curvature",
+                     "lora_ranks.spectra.weighted", "lora_ranks.kfac", "lora_ranks.analysis.curvature",
                      "lora_ranks.analysis.layer", "lora_ranks.analysis.layout")
 
 

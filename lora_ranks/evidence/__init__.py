@@ -3,22 +3,11 @@
     fidelity.py      KL of base + truncated delta to the fine-tuned model; held-out loss
     allocations.py   uniform / energy / budget allocations at equal trainable parameters
     sensitivity.py   do loss-aware spectra predict what truncating one module costs? (comparability check)
-    reports.py       the fidelity report and the comparison's steps as files (what the tasks call)
+    comparison.py    the fidelity report and the comparison's steps as files (what the tasks call)
 """
 
 from .allocations import allocation_configs, uniform_allocation
-from .fidelity import (
-                       DeltaBasis,
-                       FidelityPoint,
-                       ReferenceOutputs,
-                       fidelity_sweep,
-                       fidelity_to,
-                       held_out_loss,
-                       mean_and_std,
-                       next_token_fidelity,
-                       reference_outputs,
-)
-from .reports import (
+from .comparison import (
                        ComparabilityReport,
                        ComparisonLayout,
                        ComparisonReport,
@@ -33,6 +22,17 @@ from .reports import (
                        run_fidelity_report,
                        split_records,
                        write_allocation_configs,
+)
+from .fidelity import (
+                       DeltaBasis,
+                       FidelityPoint,
+                       ReferenceOutputs,
+                       fidelity_sweep,
+                       fidelity_to,
+                       held_out_loss,
+                       mean_and_std,
+                       next_token_fidelity,
+                       reference_outputs,
 )
 from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 

@@ -1,7 +1,7 @@
 """Loss-weighted spectra and truncations of a weight delta, from Kronecker curvature factors.
 
 With the K-FAC factors of a linear module, A = E[x xᵀ] (d_in, d_in) of its inputs and G = E[g gᵀ] (d_out, d_out)
-of the loss gradients at its outputs (``lora_ranks.curvature``), the second-order loss increase of perturbing the
+of the loss gradients at its outputs (``lora_ranks.kfac``), the second-order loss increase of perturbing the
 weight by E is ½ tr(G E A Eᵀ) = ½ ‖G^½ E A^½‖_F². So the singular values of the weighted delta
 
     M = G^½ ΔW A^½        (d_out, d_in)

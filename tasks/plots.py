@@ -9,7 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from lora_ranks.analysis import LayerResult, load_spectra
 from lora_ranks.config import load_rank_config
-from lora_ranks.report import analysis_summary_markdown, rank_table_rows, write_plots, write_raw_data
+from lora_ranks.plots import analysis_summary_markdown, rank_table_rows, write_plots, write_raw_data
 
 
 @task(name="write-report")

@@ -33,7 +33,7 @@ from ..checkpoints import CheckpointPair
 from ..config import allocation_settings_of, anchored_key, load_rank_config, modules_from_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
-from ..report import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
+from ..plots import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
 from ..settings import AlphaPolicy, FidelitySettings, FinetuneSettings
 from ..spectra.weighted import symmetric_root
 from .allocations import allocation_configs
