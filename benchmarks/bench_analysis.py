@@ -76,12 +76,12 @@ def run_engine(base: str, ft: str, tau: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         settings = AllocationSettings(energy_threshold=tau, min_rank=1, max_rank=128, smoothing="none")
         config = analyze_checkpoints(base, ft, out, settings=settings, analysis=AnalysisSettings(device="cpu"))
-    modules = config["analysis_metadata"]["modules"]
-    timings = config["analysis_metadata"]["timings"]
-    return {"seconds": time.perf_counter() - start, "svd_seconds": timings["spectra_wall_seconds"],
-            "discovery_seconds": timings["discovery_seconds"],
-            "peak_mb": _peak_mb(), "methods": config["analysis_metadata"]["svd"]["methods"],
-            "ranks": {n: m["raw_rank"] for n, m in modules.items()}}
+    modules = config.modules
+    timings = config.analysis_metadata.timings
+    return {"seconds": time.perf_counter() - start, "svd_seconds": timings.spectra_wall_seconds,
+            "discovery_seconds": timings.discovery_seconds,
+            "peak_mb": _peak_mb(), "methods": config.analysis_metadata.svd.methods,
+            "ranks": {n: m.raw_rank for n, m in modules.items()}}
 
 
 def run_svdvals(base: str, ft: str, tau: float) -> dict:

@@ -66,7 +66,7 @@ def main() -> None:
 
     from lora_ranks.analysis import config_curvature_roots, load_spectra, spectra_files
     from lora_ranks.checkpoints import CheckpointPair
-    from lora_ranks.config import modules_from_config
+    from lora_ranks.config import load_rank_config
     from lora_ranks.evidence import DeltaBasis, eval_examples, fidelity_to, reference_outputs
     from lora_ranks.evidence.experiment import budget_ranks
     from lora_ranks.finetune import run_preliminary_finetune
@@ -90,13 +90,13 @@ def main() -> None:
     ceiling = fidelity["ceiling_kl"]
     uniform_excess = {row["budget_rank"]: row["excess"] for row in fidelity["rows"]
                       if row["method"] == "uniform" and row["truncation"] == "weight"}
-    modules = modules_from_config(_json(work / "weight" / "configs" / "lora_rank_config.json"))
+    modules = load_rank_config(work / "weight" / "configs" / "lora_rank_config.json").module_refs()
     per_module = sum(m.shape[0] + m.shape[1] for m in modules)
     rows = []
     for samples, records in VARIANTS:
         folder = work / f"fisher-{samples}x{records}"
         seconds = analyze(pair, train, folder, "fisher", samples, records)
-        config = _json(folder / "configs" / "lora_rank_config.json")
+        config = load_rank_config(folder / "configs" / "lora_rank_config.json")
         svd = folder / "analysis_outputs" / "svd"
         spectra = load_spectra(spectra_files(svd))
         basis = DeltaBasis(CheckpointPair(*pair), modules, config_curvature_roots(config, modules))
@@ -105,7 +105,7 @@ def main() -> None:
             ranks = budget_ranks(modules, spectra, r * per_module, min_rank=1, max_rank=64)
             kl = fidelity_to(reference, basis.apply(base, ranks))[0]
             ratios.append((kl - ceiling) / uniform_excess[r])
-        rows.append((samples, f"{records} ({config['analysis_metadata']['curvature']['tokens']:,})", seconds, ratios))
+        rows.append((samples, f"{records} ({config.analysis_metadata.curvature.tokens:,})", seconds, ratios))
         print(samples, records, f"{seconds:.1f} s", [f"{x:.2f}" for x in ratios], flush=True)
 
     machine = f"CPU: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

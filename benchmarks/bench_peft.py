@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
 
 
-def design_example_config(model_dir: Path) -> dict:
+def design_example_config(model_dir: Path):
     """A rank config with the original design's example ranks: attention 32, MLP 64."""
     from lora_ranks.checkpoints import CheckpointPair
     from lora_ranks.config import build_rank_config
@@ -147,9 +147,9 @@ def main() -> None:
         f"Qwen3 hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab 4096; ranks attention 32 / "
         "MLP 64 (the original design's example). Command: `.venv/bin/python benchmarks/bench_peft.py`", "",
         "| quantity | value |", "|---|---|",
-        f"| adapter parameters (predicted from config / measured) | {rank_config['trainable_parameters']:,} / {trainable:,} |",
+        f"| adapter parameters (predicted from config / measured) | {rank_config.trainable_parameters:,} / {trainable:,} |",
         f"| adapter bytes (float32) | {lora_bytes / 2**20:.1f} MiB |",
-        f"| trainable share (config compression_ratio) | {100 * rank_config['compression_ratio']:.2f}% |",
+        f"| trainable share (config compression_ratio) | {100 * rank_config.compression_ratio:.2f}% |",
         f"| forward 1x256, base (median of {args.repeats}, round-robin) | {base_ms:.1f} ms |",
         *[f"| forward 1x256, PEFT {name} | {ms:.1f} ms ({100 * (ms / base_ms - 1):+.1f}%) |"
           for name, ms in latency.items() if name != "base"],

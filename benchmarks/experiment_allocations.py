@@ -166,7 +166,7 @@ def summarize(out: Path, args, compare: dict, base_seconds: float) -> str:
     sensitivity = _json(root / "sensitivity.json")
     pretraining = _json(out / "base" / "pretraining.json")
     analysis = load_rank_config(results["config"])
-    curvature = analysis["analysis_metadata"]["curvature"]
+    curvature = analysis.analysis_metadata.curvature.model_dump(mode="json")
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     ceiling = fidelity["ceiling_kl"]
     lines = [f"### Allocations at equal parameters, through `lora-ranks compare` ({date.today().isoformat()}, CPU: "

@@ -471,7 +471,7 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
     config = load_rank_config(config_path)
     out = Path(output_dir).resolve()
     data = demo_data_path(OutputLayout(out).demo_inputs_dir, DEMO_VL_MODEL)
-    result = train_dynamic_lora_flow(model=config["analysis_metadata"]["checkpoints"]["pretrained"]["path"],
+    result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path,
                                      rank_config=config_path, data_path=str(data), output_dir=str(out / "train"),
                                      training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))
     return [f"Rank config:        {config_path}", f"Plots:              {out / 'analysis_outputs' / 'svd' / 'plots'}",

@@ -104,7 +104,8 @@ def compare_allocations(
                                analysis=analysis, curvature=curvature, finetune=finetune, safety=safety,
                                fidelity=fidelity,
                                eval_data_path=None if comparison.budget_ranks else eval_data_path)
-    pretrained = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["pretrained"]["path"]
+    pair = load_rank_config(config_path).checkpoints
+    pretrained = pair.pretrained.path
 
     # Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check.
     configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir),
@@ -112,10 +113,10 @@ def compare_allocations(
     if comparison.budget_ranks:
         allocation_fidelity_task(config_path, configs, eval_data_path, str(layout.root), fidelity.eval_samples)
     if comparison.comparability:
-        comparability_check_task(config_path, eval_data_path, str(layout.root))
+        comparability_check_task(config_path, eval_data_path, str(layout.root), comparison)
 
     # Step 4: train every config x init x seed (warm: from the adapter extracted at the config's ranks).
-    finetuned = load_rank_config(config_path)["analysis_metadata"]["checkpoints"]["finetuned"]["path"]
+    finetuned = pair.finetuned.path
     inits = [training.init] + (["cold"] if comparison.cold_baseline and training.init == "warm" else [])
     warm = {}
     if "warm" in inits:
@@ -127,13 +128,13 @@ def compare_allocations(
     trained = train_dynamic_lora_task.map(
         [pretrained] * len(runs), [configs[label] for label, _, _ in runs], [train_path] * len(runs),
         [str(layout.run_dir(label if init == training.init else f"{label}-{init}", seed)) for label, init, seed in runs],
-        [LoRATrainingSettings(**{**training.to_dict(), "seed": seed, "init": init}) for _, init, seed in runs],
+        [training.replace(seed=seed, init=init) for _, init, seed in runs],
         [warm.get(label) if init == "warm" else None for label, init, _ in runs])
     full = None
     if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs
         steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
                                                                       "grad_accumulation", "max_length")}
-        reference = FinetuneSettings(**{**finetune.to_dict(), **steps})
+        reference = finetune.replace(**steps)
         full = dict(zip(comparison.seeds, full_finetune_task.map(
             unmapped(pretrained), unmapped(train_path), unmapped(eval_data_path),
             [str(layout.run_dir("full-finetune", seed)) for seed in comparison.seeds], unmapped(reference),

@@ -10,7 +10,7 @@ The library is pure (no Prefect). Stages, each a module or package of this folde
     ranks         stage 3: spectra -> one rank per module (threshold, bounds, smoothing, budget)
     config        stage 4: lora_rank_config.json, the contract between analysis and model building
     model, train, extract         stage 5: PEFT models with those ranks; training; adapters from a full fine-tune
-    report, evidence              plots and raw data; do the ranks help?
+    plots, evidence               plots and raw data; do the ranks help?
     export        adapters every server reads right (uniform rank, or merged)
     check         stage 6: memory and latency of a rank config on this machine, budgets as assertions
 
@@ -26,7 +26,7 @@ _EXPORTS = {
     "analyze_checkpoints": "analysis",
     "Checkpoint": "checkpoints", "CheckpointError": "checkpoints", "CheckpointPair": "checkpoints",
     "ModuleRef": "checkpoints", "TargetSpec": "checkpoints",
-    "RankConfigError": "config", "load_rank_config": "config", "save_rank_config": "config",
+    "RankConfig": "config", "RankConfigError": "config", "load_rank_config": "config", "save_rank_config": "config",
     "LoraRanksError": "errors",
     "extract_lora": "extract",
     "DynamicLoRAConfig": "model", "DynamicLoRAError": "model", "PEFTModelFactory": "model",

@@ -20,14 +20,7 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
-from .config import (
-    RankConfigError,
-    anchored_key,
-    check_config_matches_model,
-    load_rank_config,
-    mismatch_message,
-    modules_from_config,
-)
+from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, mismatch_message
 from .export import note_serving
 from .outputs import check_output_dir
 from .settings import ExtractionSettings
@@ -42,16 +35,16 @@ def extract_inputs(base, finetuned, rank_config_path) -> list[tuple[str, Any]]:
     return [("--base", base), ("--finetuned", finetuned), ("--config", rank_config_path)]
 
 
-def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, ModuleRef]:
+def _modules_to_extract(pair: CheckpointPair, rank_config: RankConfig) -> dict[str, ModuleRef]:
     """The config's modules with their on-disk tensor names, checked against both checkpoints' headers.
 
     Configs record each module's ``weight_key``, so no model needs to be built (no transformers import);
     older configs without it fall back to the name mapping of ``CheckpointPair.modules``.
     """
-    refs = modules_from_config(rank_config)
+    refs = rank_config.module_refs()
     if refs is None:
         check_config_matches_model(rank_config, pair.base.root)
-        targets = TargetSpec(target_regex="|".join(map(re.escape, rank_config["target_modules"])), include_vision=True)
+        targets = TargetSpec(target_regex="|".join(map(re.escape, rank_config.target_modules)), include_vision=True)
         return {m.name: m for m in pair.modules(targets)}
     problems: dict[str, tuple[str, str]] = {}  # one problem per module (the base's, else the fine-tuned one's)
     for ref in refs:
@@ -69,14 +62,14 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: dict) -> dict[str, Mo
     return {ref.name: ref for ref in refs}
 
 
-def _curvature_roots_of(rank_config: dict, modules: list[ModuleRef], settings: ExtractionSettings):
+def _curvature_roots_of(rank_config: RankConfig, modules: list[ModuleRef], settings: ExtractionSettings):
     """Module name -> damped (G, A) roots for a curvature truncation, or None for the plain truncated SVD."""
     from .analysis.curvature import config_curvature_roots
 
-    record = rank_config.get("analysis_metadata", {}).get("curvature", {})
-    spectrum = record.get("settings", {}).get("spectrum", "weight")
-    folder = record.get("folder")
-    if settings.truncation == "weight" or (settings.truncation == "auto" and spectrum == "weight"):
+    spectrum = rank_config.spectrum_kind
+    curvature = rank_config.analysis_metadata.curvature
+    folder = curvature.folder if curvature is not None else None
+    if settings.truncation == "weight" or (settings.truncation == "auto" and not spectrum.weighted):
         return None
     roots = config_curvature_roots(rank_config, modules)
     if roots is None:
@@ -116,12 +109,12 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     wanted = config.ranks
     modules = _modules_to_extract(pair, config.rank_config)
-    use_rslora = bool(config.rank_config.get("use_rslora", False))
+    use_rslora = config.rank_config.use_rslora
     roots = _curvature_roots_of(config.rank_config, list(modules.values()), settings)
     tensors: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {"modules": {}, "truncation": "curvature" if roots is not None else "weight"}
     for name, rank in wanted.items():
-        alpha = config.rank_config["alpha_pattern"].get(anchored_key(name), config.rank_config.get("lora_alpha", 2 * rank))
+        alpha = config.rank_config.alpha_of(name)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         delta = pair.delta(modules[name], dtype=torch.float64 if roots is not None else torch.float32)
         if roots is not None and name in roots:
@@ -142,7 +135,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     with atomic_folder(out_dir, overwrite=overwrite, content="adapter") as tmp:
         atomic_write_json(tmp / "adapter_config.json", config.adapter_config(str(pair.base.root)))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
+        atomic_write_json(tmp / "lora_rank_config.json", config.rank_config.to_dict())
         report["serving_problems"] = note_serving(tmp, {"made_by": "extract", "base": str(pair.base.root),
                                                         "finetuned": str(pair.finetuned.root)}, out_dir)
         atomic_write_json(tmp / "extraction_report.json", report)

@@ -308,6 +308,6 @@ def run_split_half_finetunes(model_path: str | Path, data_path: str | Path, out_
     results = []
     for name, half in zip(("half-a", "half-b"), split_half_records(data_path, settings)):
         path = atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in half))
-        every_record = FinetuneSettings(**{**settings.to_dict(), "subset_ratio": 1.0, "max_samples": len(half)})
+        every_record = settings.replace(subset_ratio=1.0, max_samples=len(half))
         results.append(run_preliminary_finetune(model_path, path, out / name, every_record, **kwargs))
     return results[0], results[1]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json
-from .config import RankConfigError, anchored_key, check_config_matches_model, load_rank_config, validate_rank_config
+from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, parse_rank_config
 from .errors import LoraRanksError, list_problems
 from .loading import Quantization, detect_model_type, load_model
 from .settings import LoRATrainingSettings
@@ -47,18 +47,18 @@ class DynamicLoRAConfig:
     """A validated rank config, turned into a ``peft.LoraConfig``.
 
     Attributes:
-        rank_config: the ``lora_rank_config.json`` content (validated on construction).
+        rank_config: the rank config (a ``RankConfig``; a mapping is parsed, migrated and validated on construction).
         lora_dropout: dropout on the LoRA input (default: ``LoRATrainingSettings.lora_dropout``).
         init_lora_weights: PEFT's initialisation (True: A Kaiming, B zero, so training starts at the base).
     """
 
-    rank_config: dict
+    rank_config: RankConfig
     lora_dropout: float = LoRATrainingSettings.model_fields["lora_dropout"].default
     init_lora_weights: bool | str = True
     source: str = "<dict>"
 
     def __post_init__(self) -> None:
-        validate_rank_config(self.rank_config, source=self.source)
+        self.rank_config = parse_rank_config(self.rank_config, source=self.source)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout}")
         for name in self.target_modules:
@@ -72,12 +72,12 @@ class DynamicLoRAConfig:
 
     @property
     def target_modules(self) -> list[str]:
-        return list(self.rank_config["target_modules"])
+        return list(self.rank_config.target_modules)
 
     @property
     def ranks(self) -> dict[str, int]:
         """Module name -> rank, for every targeted module."""
-        return {name: self.rank_config["rank_pattern"][anchored_key(name)] for name in self.target_modules}
+        return self.rank_config.ranks
 
     def predicted_parameters(self, shapes: Mapping[str, tuple[int, int]]) -> int:
         """LoRA parameters the built model will have: sum of r * (d_in + d_out) over targeted modules."""
@@ -89,16 +89,17 @@ class DynamicLoRAConfig:
         ``r``/``lora_alpha`` (the fallbacks) are set to the most common rank and its alpha; every targeted
         module has its own anchored pattern entry anyway.
         """
-        ranks = list(self.rank_config["rank_pattern"].values())
+        config = self.rank_config
+        ranks = list(config.rank_pattern.values())
         common = max(set(ranks), key=ranks.count)
-        common_key = next(k for k, r in self.rank_config["rank_pattern"].items() if r == common)
+        common_module = next(name for name, r in config.ranks.items() if r == common)
         return dict(
             r=common,
-            lora_alpha=self.rank_config["alpha_pattern"].get(common_key, self.rank_config.get("lora_alpha", 2 * common)),
+            lora_alpha=config.alpha_of(common_module),
             target_modules=self.target_modules,
-            rank_pattern=dict(self.rank_config["rank_pattern"]),
-            alpha_pattern=dict(self.rank_config["alpha_pattern"]),  # never None: PEFT crashes on alpha_pattern=None
-            use_rslora=bool(self.rank_config.get("use_rslora", False)),
+            rank_pattern=dict(config.rank_pattern),
+            alpha_pattern=dict(config.alpha_pattern),  # never None: PEFT crashes on alpha_pattern=None
+            use_rslora=config.use_rslora,
             lora_dropout=self.lora_dropout,
             init_lora_weights=self.init_lora_weights,
             bias="none",
@@ -139,7 +140,7 @@ def validate_peft_model(model: torch.nn.Module, config: DynamicLoRAConfig, adapt
         raise DynamicLoRAError(list_problems(f"PEFT model does not match {config.source}", problems))
 
 
-def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | Mapping | str | Path,
+def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | RankConfig | Mapping | str | Path,
                                   adapter_name: str = "default", **lora_overrides: Any):
     """Wrap ``model`` in a PEFT model with the config's ranks, after checking the config fits the model.
 
@@ -156,12 +157,12 @@ def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRACon
     return peft_model
 
 
-def _as_config(config: DynamicLoRAConfig | Mapping | str | Path) -> DynamicLoRAConfig:
+def _as_config(config: DynamicLoRAConfig | RankConfig | Mapping | str | Path) -> DynamicLoRAConfig:
     if isinstance(config, DynamicLoRAConfig):
         return config
     if isinstance(config, (str, Path)):
         return DynamicLoRAConfig.from_file(config)
-    return DynamicLoRAConfig(dict(config))
+    return DynamicLoRAConfig(config)
 
 
 @dataclass
@@ -258,6 +259,6 @@ def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = 
     with atomic_folder(out, content="adapter") as tmp:
         model.save_pretrained(str(tmp))
         if config is not None:
-            atomic_write_json(tmp / "lora_rank_config.json", config.rank_config)
+            atomic_write_json(tmp / "lora_rank_config.json", config.rank_config.to_dict())
         note_serving(tmp, {"made_by": "lora-ranks", **(provenance or {})}, out)
     return out

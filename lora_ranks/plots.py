@@ -21,11 +21,15 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._io import atomic_write, atomic_write_bytes, atomic_write_json
-from .spectra import Spectrum
+from .spectra import Spectrum, SpectrumKind
+
+if TYPE_CHECKING:
+    from .config import RankConfig
 
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
            "analysis_summary_markdown", "comparison_markdown", "rank_table_rows", "write_sensitivity_plot"]
@@ -48,16 +52,16 @@ def _save_png(fig, target: Path) -> str:
     return str(target)
 
 
-def _module_rows(config: dict) -> list[dict]:
-    rows = []
-    for name, meta in config["analysis_metadata"]["modules"].items():
-        rows.append({"module": name, **{k: meta.get(k) for k in (
-            "module_type", "layer", "depth", "shape", "raw_rank", "saturated", "bounded_rank", "smoothed_rank",
-            "final_rank", "energy_retained", "zero_delta", "svd_method", "rel_error_bound", "total_energy")}})
-    return rows
+_SUMMARY_COLUMNS = ("module_type", "layer", "depth", "shape", "raw_rank", "saturated", "bounded_rank", "smoothed_rank",
+                    "final_rank", "energy_retained", "zero_delta", "svd_method", "rel_error_bound", "total_energy")
 
 
-def write_raw_data(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+def _module_rows(config: RankConfig) -> list[dict]:
+    return [{"module": name, **record.model_dump(mode="json", include=set(_SUMMARY_COLUMNS))}
+            for name, record in config.modules.items()]
+
+
+def write_raw_data(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
     """Write the singular values (npz) and per-module summary (CSV and JSON); return their paths."""
     raw = Path(out_dir) / "raw_data"
     arrays = {name: s.singular_values for name, s in spectra.items()}
@@ -77,15 +81,15 @@ def write_raw_data(out_dir: str | Path, config: dict, spectra: Mapping[str, Spec
     return paths
 
 
-def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+def write_plots(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
     """Write the three analysis plots (PNG, 110 dpi); return their paths."""
     plt = _pyplot()
 
     plots = Path(out_dir) / "plots"
-    modules = config["analysis_metadata"]["modules"]
-    tau = config["analysis_metadata"]["settings"]["energy_threshold"]
-    types = list(dict.fromkeys(m["module_type"] for m in modules.values()))
-    depths = sorted({m["depth"] for m in modules.values()})
+    modules = config.modules
+    tau = config.allocation_settings.energy_threshold
+    types = list(dict.fromkeys(m.module_type for m in modules.values()))
+    depths = sorted({m.depth for m in modules.values()})
     cmap = plt.get_cmap("viridis")
     ncols = min(4, len(types))
     nrows = -(-len(types) // ncols)
@@ -98,26 +102,26 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
         fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
         for ax, mtype in zip(axes.flat, types):
             for name, meta in modules.items():
-                if meta["module_type"] != mtype or name not in spectra:
+                if meta.module_type != mtype or name not in spectra:
                     continue
                 s = spectra[name]
-                color = cmap(depths.index(meta["depth"]) / max(1, len(depths) - 1))
+                color = cmap(depths.index(meta.depth) / max(1, len(depths) - 1))
                 x = np.arange(1, len(s.singular_values) + 1)
                 y = s.singular_values / s.singular_values[0] if kind == "singular_values" and s.singular_values[0] > 0 \
                     else s.cumulative_energy() if kind == "cumulative_energy" else s.singular_values
                 ax.plot(x, y, color=color, lw=1)
-                r = meta["final_rank"]
+                r = meta.final_rank
                 if r <= len(y):
                     ax.plot([r], [y[r - 1]], "o", color=color, ms=4)
-                signal = meta.get("signal_rank")
+                signal = meta.signal_rank
                 if signal and signal <= len(y):  # the noise floor: directions above it are signal
                     ax.plot([signal], [y[signal - 1]], "x", color=color, ms=5)
-                shared = meta.get("split_half_rank")
+                shared = meta.split_half_rank
                 if shared and shared <= len(y):  # the directions two fine-tunes on halves of the data share
                     ax.plot([shared], [y[shared - 1]], "+", color=color, ms=6)
-                if (kind == "singular_values" and meta.get("spectrum", "weight") == "weight"
-                        and meta.get("noise_threshold") and s.singular_values[0] > 0):
-                    ax.axhline(meta["noise_threshold"] / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
+                if (kind == "singular_values" and not meta.spectrum.weighted
+                        and meta.noise_threshold and s.singular_values[0] > 0):
+                    ax.axhline(meta.noise_threshold / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
             ax.set_title(mtype, fontsize=9)
             ax.set_xlabel("index i", fontsize=8)
             if kind == "singular_values":
@@ -129,12 +133,12 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
                 ax.set_ylabel("energy kept (exact total)", fontsize=8)
         for ax in list(axes.flat)[len(types):]:
             ax.axis("off")
-        spectrum = next(iter(modules.values())).get("spectrum", "weight")
-        of = "W_ft - W_pre" if spectrum == "weight" else f"the {spectrum}-weighted delta G^1/2 dW A^1/2"
-        split = any(m.get("split_half_rank") is not None for m in modules.values())
+        spectrum = next(iter(modules.values())).spectrum
+        of = spectrum.matrix
+        split = any(m.split_half_rank is not None for m in modules.values())
         title = (f"Singular values of {of} (dots: chosen rank; x: noise-floor signal rank"
                  + ("; +: split-half rank" if split else "")
-                 + ("; dotted: noise floor" if spectrum == "weight" else "") + "; colour: depth)"
+                 + ("; dotted: noise floor" if not spectrum.weighted else "") + "; colour: depth)"
                  if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
@@ -142,7 +146,7 @@ def write_plots(out_dir: str | Path, config: dict, spectra: Mapping[str, Spectru
 
     grid = np.full((len(depths), len(types)), np.nan)
     for meta in modules.values():
-        grid[depths.index(meta["depth"]), types.index(meta["module_type"])] = meta["final_rank"]
+        grid[depths.index(meta.depth), types.index(meta.module_type)] = meta.final_rank
     fig, ax = plt.subplots(figsize=(1.2 * len(types) + 2, 0.35 * len(depths) + 2))
     image = ax.imshow(grid, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
@@ -201,26 +205,26 @@ def markdown_image(path: str | Path, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
 
 
-def rank_table_rows(config: dict) -> list[dict]:
+def rank_table_rows(config: RankConfig) -> list[dict]:
     """One row per module: type, raw and final rank, energy kept, saturation (the UI's rank table)."""
-    return [{"module": name, "type": m["module_type"], "raw": m["raw_rank"], "final": m["final_rank"],
-             "energy kept": round(m["energy_retained"], 4), "saturated": m["saturated"]}
-            for name, m in config["analysis_metadata"]["modules"].items()]
+    return [{"module": name, "type": m.module_type, "raw": m.raw_rank, "final": m.final_rank,
+             "energy kept": round(m.energy_retained, 4), "saturated": m.saturated}
+            for name, m in config.modules.items()]
 
 
-def analysis_summary_markdown(config: dict, config_path: str | Path, plots: Mapping[str, str]) -> str:
+def analysis_summary_markdown(config: RankConfig, config_path: str | Path, plots: Mapping[str, str]) -> str:
     """The analysis summary: counts, per-type ranks, SVD accuracy and timing, and every plot embedded."""
-    meta = config["analysis_metadata"]
+    meta, svd = config.analysis_metadata, config.analysis_metadata.svd
     pngs = {k: p for k, p in plots.items() if str(p).endswith(".png")}
     lines = [
         "# LoRA rank analysis", "",
         f"Config: `{Path(config_path).resolve()}`", "",
-        f"Modules: {meta['n_modules']}, saturated: {meta['n_saturated']}, "
-        f"compression ratio: {config['compression_ratio']:.4%}, trainable: {config['trainable_parameters']:,}", "",
+        f"Modules: {meta.n_modules}, saturated: {meta.n_saturated}, "
+        f"compression ratio: {config.compression_ratio:.4%}, trainable: {config.trainable_parameters:,}", "",
         "| module type | median rank |", "|---|---|",
-        *[f"| {t} | {r} |" for t, r in config["layer_ranks"].items()], "",
-        f"SVD: {', '.join(meta['svd']['methods'])}, max relative error bound {meta['svd']['max_rel_error_bound']:.1e}, "
-        f"{meta['svd']['total_seconds']:.2f} s of compute summed over matrices", "",
+        *[f"| {t} | {r} |" for t, r in config.layer_ranks.items()], "",
+        f"SVD: {', '.join(svd.methods)}, max relative error bound {svd.max_rel_error_bound:.1e}, "
+        f"{svd.total_seconds:.2f} s of compute summed over matrices", "",
         "Plots: " + ", ".join(f"`{p}`" for p in pngs.values()), "",
         *[markdown_image(p, k) + "\n" for k, p in pngs.items()],
     ]
@@ -278,7 +282,7 @@ def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a narrow log range overlap
-        ax.set_xlabel("predicted (discarded energy)" if kind != "fisher" else "predicted KL (Fisher)", fontsize=8)
+        ax.set_xlabel("predicted KL (Fisher)" if kind == SpectrumKind.FISHER else "predicted (discarded energy)", fontsize=8)
         ax.set_ylabel("measured KL, nats/token", fontsize=8)
         ax.set_title(f"{kind}: Spearman {sensitivity[kind]['spearman']:.2f}", fontsize=9)
     fig.suptitle("One module truncated to rank 2: predicted vs measured loss increase (colour: depth)", fontsize=10)

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .checkpoints import ModuleRef
 from .errors import LoraRanksError
-from .noise import noise_floor
+from .noise import NoiseFloor, noise_floor
 from .settings import AllocationSettings, Smoothing
 from .spectra import Spectrum
 
@@ -44,6 +44,8 @@ __all__ = [
     "check_budget",
     "check_rank_bounds",
     "ModuleAllocation",
+    "RANK_RULES",
+    "RankRule",
     "allocate_ranks",
     "energy_rank",
     "smooth_across_depth",
@@ -245,6 +247,77 @@ def water_fill(
     return ranks
 
 
+@dataclass(frozen=True)
+class _RuleContext:
+    """What a rank rule reads: the modules, their spectra, the settings, every module's noise floor (of its weight
+    spectrum), the split-half ranks when they were estimated, and each module's largest useful rank."""
+
+    modules: Sequence[ModuleRef]
+    spectra: Mapping[str, Spectrum]
+    settings: AllocationSettings
+    base_parameters: int | None
+    floors: Mapping[str, NoiseFloor]
+    split_half: Mapping[str, int] | None
+    cap: Mapping[str, int]
+
+
+def _energy_ranks(c: _RuleContext) -> dict[str, int | None]:
+    """Raw ranks: the smallest r keeping ``energy_threshold`` of each module's exact energy."""
+    return {m.name: energy_rank(c.spectra[m.name], c.settings.energy_threshold) for m in c.modules}
+
+
+def _signal_ranks(c: _RuleContext) -> dict[str, int | None]:
+    """Raw ranks: the directions above the noise, from the weight spectrum's noise floor or the split-half ranks."""
+    if c.settings.noise_estimate == "split-half":
+        if c.split_half is None:
+            raise ValueError("rank_rule signal with noise_estimate split-half needs the split-half ranks (two "
+                             "fine-tunes on halves of the data)")
+        return {m.name: c.split_half[m.name] for m in c.modules}
+    return {m.name: c.floors[m.name].signal_rank for m in c.modules}
+
+
+def _smoothed_and_rounded(c: _RuleContext, bounded: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(smoothed, final): bounded ranks smoothed across depth per module type, clipped back into the bounds, then
+    rounded up to multiples of ``round_to``."""
+    smoothed = dict(bounded)
+    by_type: dict[str, list[ModuleRef]] = {}
+    for m in c.modules:
+        by_type.setdefault(m.module_type, []).append(m)
+    for group in by_type.values():
+        group = sorted(group, key=lambda m: m.depth)
+        values = smooth_across_depth([bounded[m.name] for m in group], c.settings.smoothing, c.settings.smoothing_window)
+        for m, v in zip(group, values):
+            smoothed[m.name] = min(max(v, c.settings.min_rank), c.cap[m.name])
+    final = {n: round_rank(r, c.settings.round_to, c.cap[n]) for n, r in smoothed.items()}
+    return smoothed, final
+
+
+def _water_filled(c: _RuleContext, bounded: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(smoothed, final): the budget water-filled across modules (``water_fill``); no smoothing, which would break the
+    budget (smoothed = bounded)."""
+    budget = c.settings.budget_parameters(c.base_parameters)
+    shapes = {m.name: m.shape for m in c.modules}
+    final = water_fill(shapes, c.spectra, budget, c.settings.min_rank, c.settings.max_rank, c.settings.round_to)
+    return dict(bounded), final
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """A rank rule: how raw ranks are read off the spectra, and how final ranks follow from the bounded ones."""
+
+    raw_ranks: Callable[[_RuleContext], dict[str, int | None]]
+    final_ranks: Callable[[_RuleContext, Mapping[str, int]], tuple[dict[str, int], dict[str, int]]]
+    design_name: str  # what the original design calls the mode (recorded as the config's ``mode``)
+
+
+#: The rank rules by ``AllocationSettings.rank_rule``; a new rule is an entry here (and a value of that field).
+RANK_RULES: dict[str, RankRule] = {
+    "energy": RankRule(_energy_ranks, _smoothed_and_rounded, "energy_threshold"),
+    "signal": RankRule(_signal_ranks, _smoothed_and_rounded, "signal"),
+    "budget": RankRule(_energy_ranks, _water_filled, "budget"),
+}
+
+
 def allocate_ranks(
     modules: Sequence[ModuleRef],
     spectra: Mapping[str, Spectrum],
@@ -286,41 +359,21 @@ def allocate_ranks(
             )
 
     weight_spectra = weight_spectra or spectra
-    floors = {m.name: noise_floor(weight_spectra[m.name]) for m in modules}
-    if settings.rank_rule == "signal" and settings.noise_estimate == "split-half" and split_half is None:
-        raise ValueError("rank_rule signal with noise_estimate split-half needs the split-half ranks (two fine-tunes "
-                         "on halves of the data)")
-    if settings.rank_rule == "signal":
-        raw = {m.name: split_half[m.name] if settings.noise_estimate == "split-half" else floors[m.name].signal_rank
-               for m in modules}
-    else:
-        raw = {m.name: energy_rank(spectra[m.name], settings.energy_threshold) for m in modules}
+    context = _RuleContext(modules, spectra, settings, base_parameters,
+                           floors={m.name: noise_floor(weight_spectra[m.name]) for m in modules},
+                           split_half=split_half,
+                           # A rank above min(d_out, d_in) adds parameters but no expressiveness: cap there too.
+                           cap={m.name: min(settings.max_rank, min(m.shape)) for m in modules})
+    rule = RANK_RULES[settings.rank_rule]
+    raw = rule.raw_ranks(context)
     zero = {m.name: spectra[m.name].total_energy <= 0.0 for m in modules}  # unchanged modules: min_rank
-    # A rank above min(d_out, d_in) adds parameters but no expressiveness: cap there too.
-    cap = {m.name: min(settings.max_rank, min(m.shape)) for m in modules}
     bounded = {}
     for m in modules:
         r = raw[m.name]
-        bounded[m.name] = cap[m.name] if r is None else min(max(r, settings.min_rank), cap[m.name])
+        bounded[m.name] = context.cap[m.name] if r is None else min(max(r, settings.min_rank), context.cap[m.name])
     saturated = {m.name: raw[m.name] is None or raw[m.name] > settings.max_rank for m in modules}
-
-    if settings.budget_mode:
-        budget = settings.budget_parameters(base_parameters)
-        shapes = {m.name: m.shape for m in modules}
-        filled = water_fill(shapes, spectra, budget, settings.min_rank, settings.max_rank, settings.round_to)
-        smoothed = dict(bounded)  # smoothing does not apply in budget mode (it would break the budget)
-        final = filled
-    else:
-        smoothed = dict(bounded)
-        by_type: dict[str, list[ModuleRef]] = {}
-        for m in modules:
-            by_type.setdefault(m.module_type, []).append(m)
-        for group in by_type.values():
-            group = sorted(group, key=lambda m: m.depth)
-            values = smooth_across_depth([bounded[m.name] for m in group], settings.smoothing, settings.smoothing_window)
-            for m, v in zip(group, values):
-                smoothed[m.name] = min(max(v, settings.min_rank), cap[m.name])
-        final = {n: round_rank(r, settings.round_to, cap[n]) for n, r in smoothed.items()}
+    smoothed, final = rule.final_ranks(context, bounded)
+    floors = context.floors
 
     out = []
     for m in modules:

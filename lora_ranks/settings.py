@@ -7,7 +7,7 @@ and ``prefect.yaml`` sets only what differs from these defaults. A field's help 
 
 Settings are frozen pydantic models: constructing one validates it, and a bad value raises
 ``pydantic.ValidationError`` (a ``ValueError``) naming the field, the value and the allowed range.
-``model_copy(update=...)`` makes a changed copy (without validating it again: prefer constructing anew).
+``replace(field=value, ...)`` makes a changed copy, validated like a new one (``model_copy`` would not validate).
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ class Settings(BaseModel):
     def to_dict(self) -> dict:
         """Plain JSON-ready values (recorded in configs and metrics)."""
         return self.model_dump(mode="json")
+
+    def replace(self, **updates):
+        """A copy with ``updates``, validated (a bad value raises ``ValidationError`` naming the field)."""
+        return type(self).model_validate({**self.model_dump(), **updates})
 
 
 class AllocationSettings(Settings):
@@ -243,7 +247,7 @@ class CurvatureSettings(Settings):
         """These settings with ``spectrum`` "auto" made concrete: fisher with calibration records, else weight."""
         if self.spectrum != "auto":
             return self
-        return CurvatureSettings(**{**self.to_dict(), "spectrum": "fisher" if has_calibration else "weight"})
+        return self.replace(spectrum="fisher" if has_calibration else "weight")
 
 
 class ExtractionSettings(Settings):
@@ -395,9 +399,13 @@ class ComparisonSettings(Settings):
     """Also fine-tune every parameter as long on the same data, per seed (the fine-tune's learning rate, the LoRA
     training's steps and batch): the reference of the gap closed (writes a full model per seed)."""
     comparability: bool = False
-    """Also check whether the spectra are comparable across modules: truncate each module alone to rank 2 and
-    compare the predicted with the measured KL on 64 held-out records (Spearman per spectrum, a scatter plot);
-    one forward pass over those records per module and spectrum."""
+    """Also check whether the spectra are comparable across modules: truncate each module alone to
+    comparability_rank and compare the predicted with the measured KL on comparability_records held-out records
+    (Spearman per spectrum, a scatter plot); one forward pass over those records per module and spectrum."""
+    comparability_records: int = Field(64, ge=1)
+    """Held-out records the comparability check measures the KL on (one forward pass each per module and spectrum)."""
+    comparability_rank: int = Field(2, ge=1)
+    """Rank each module is truncated to, alone, in the comparability check: low, so that the loss moves."""
 
     @field_validator("budget_ranks")
     @classmethod

@@ -332,8 +332,7 @@ def demo_data_path(out_dir: str | Path, model: str = DEMO_MODEL) -> Path:
 def demo_finetune_settings(settings):
     """``settings`` (FinetuneSettings) adapted to the demo's small synthetic set: at least a fifth of the records,
     a learning rate of at least 1e-3 and at most 40 steps, so that the fine-tune moves the weights in seconds."""
-    from .settings import FinetuneSettings
 
-    return FinetuneSettings(**{**settings.to_dict(), "subset_ratio": max(settings.subset_ratio, 0.2),
+    return settings.replace(**{"subset_ratio": max(settings.subset_ratio, 0.2),
                                "learning_rate": max(settings.learning_rate, 1e-3),
                                "max_steps": min(settings.max_steps, 40)})

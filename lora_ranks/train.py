@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_json
+from .config import RankConfig
 from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
 from .loading import load_image_processor
@@ -44,7 +45,7 @@ class TrainResult:
         return self.trainable_parameters / self.total_parameters
 
 
-def warm_start_source(rank_config: dict, warm_start_from: str | Path | None, init: str) -> Path | None:
+def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | None, init: str) -> Path | None:
     """The fine-tuned model to extract a warm start from: ``warm_start_from`` when given, else the fine-tuned
     checkpoint the rank config was analyzed from when it still exists; None for a cold start.
 
@@ -59,7 +60,7 @@ def warm_start_source(rank_config: dict, warm_start_from: str | Path | None, ini
         return None
     if warm_start_from is not None:
         return Path(warm_start_from)
-    recorded = rank_config.get("analysis_metadata", {}).get("checkpoints", {}).get("finetuned", {}).get("path")
+    recorded = rank_config.checkpoints.finetuned.path if rank_config.checkpoints else None
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 

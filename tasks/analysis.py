@@ -167,9 +167,9 @@ def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str,
     result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=analysis.svd_method, device=analysis.device,
                            digests=tuple(digests), save_deltas=analysis.save_deltas, save_vectors=analysis.save_vectors,
                            curvature_path=curvature_path, damping=damping)
-    fallbacks = [name for name, dev in result.devices.items() if "out of memory" in dev]
-    if fallbacks:
-        logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer, ", ".join(fallbacks))
+    if result.cuda_oom_fallbacks:
+        logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer,
+                       ", ".join(result.cuda_oom_fallbacks))
     logger.info("%s: %d modules in %.2f s (%s)", layer, len(modules), result.seconds,
                 ", ".join(sorted(set(result.methods.values()))))
     return result
@@ -196,13 +196,13 @@ def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str
                          "layer_task_seconds": {r.layer: r.seconds for r in results}}}
     config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,
                                      extra_metadata=extra, split_half=split_half)
-    meta = config["analysis_metadata"]
+    meta = config.analysis_metadata
     logger = get_run_logger()
-    if meta["zero_delta_modules"]:
-        logger.warning(zero_delta_message(meta["zero_delta_modules"], settings.min_rank))
-    if meta["n_saturated"]:
+    if meta.zero_delta_modules:
+        logger.warning(zero_delta_message(meta.zero_delta_modules, settings.min_rank))
+    if meta.n_saturated:
         logger.warning("%d module(s) need more than max_rank=%d to keep %.0f%% of their delta energy (saturated)",
-                       meta["n_saturated"], settings.max_rank, 100 * settings.energy_threshold)
+                       meta.n_saturated, settings.max_rank, 100 * settings.energy_threshold)
     logger.info("Wrote %s: %d modules, layer ranks %s, compression ratio %.4f, %d saturated", config_path,
-                meta["n_modules"], config["layer_ranks"], config["compression_ratio"], meta["n_saturated"])
+                meta.n_modules, config.layer_ranks, config.compression_ratio, meta.n_saturated)
     return config_path

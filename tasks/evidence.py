@@ -22,7 +22,7 @@ from lora_ranks.evidence import (
     write_allocation_configs,
 )
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
-from lora_ranks.settings import FidelitySettings, FinetuneSettings
+from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings
 
 
 @task(name="split-data")
@@ -63,13 +63,15 @@ def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str],
 
 
 @task(name="comparability-check")
-def comparability_check_task(config_path: str, eval_data_path: str, out_dir: str) -> ComparabilityReport:
+def comparability_check_task(config_path: str, eval_data_path: str, out_dir: str,
+                             settings: ComparisonSettings) -> ComparabilityReport:
     """Predicted vs measured KL of truncating one module at a time; Spearman per spectrum and a scatter plot."""
-    report = comparability_check(config_path, eval_data_path, out_dir)
+    report = comparability_check(config_path, eval_data_path, out_dir, settings)
     create_markdown_artifact(key="comparability", markdown="# Comparable across modules?\n\nSpearman of predicted vs "
                              "measured KL: " + ", ".join(f"{k} {v:.2f}" for k, v in report.spearman.items()) + "\n\n"
                              + markdown_image(report.plot_path, "comparability") + "\n",
-                             description="One module truncated to rank 2 at a time: predicted vs measured KL")
+                             description=f"One module truncated to rank {settings.comparability_rank} at a time: "
+                                         "predicted vs measured KL")
     get_run_logger().info("Comparability (Spearman): %s", {k: round(v, 3) for k, v in report.spearman.items()})
     return report
 
@@ -85,8 +87,7 @@ def evaluate_adapter_task(base_model: str, adapter_dir: str, eval_data_path: str
 def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, out_dir: str, settings: FinetuneSettings,
                        seed: int, eval_samples: int) -> float:
     """Held-out loss of every parameter fine-tuned as long as the LoRAs train (the comparison's reference)."""
-    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir,
-                              FinetuneSettings(**{**settings.to_dict(), "seed": seed}), eval_samples)
+    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir, settings.replace(seed=seed), eval_samples)
 
 
 @task(name="comparison-report")

@@ -51,6 +51,9 @@ def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_
         assert step["loaded_bytes"] < step["peak_bytes"] < 64 * GIB and step["tokens_per_s"] > 0
     for key in ("base_ms", "unmerged_ms", "merged_ms"):  # timings are reported, not asserted (a loaded machine)
         assert measured[key] > 0
+    for phase in ("unmerged", "merged"):  # the raw rounds are kept; the ms reported are the median ratio's round
+        assert [len(t) for t in measured["rounds"][phase].values()] == [5, 5]
+        assert measured[f"{phase}_ms"] / measured[f"{phase}_base_ms"] - 1 == measured[f"{phase}_overhead"]
     verdicts = {r["quantity"]: r["verdict"] for r in report["rows"]}
     assert verdicts["training peak, checkpointing on *"] == verdicts["forward, unmerged adapter"] == "ok"
 
@@ -75,8 +78,8 @@ def _measured(unmerged_overhead: float) -> tuple[dict, dict]:
     """An inference measurement and training steps as the measuring processes return them (for ``assess``)."""
     inference = {"adapter_parameters": 10, "parameters": 110, "adapter_bytes": 40, "adapter_dtype": "float32",
                  "base_bytes": 400, "dtype": "float32", "device_name": "cpu (test)", "base_ms": 10.0,
-                 "unmerged_ms": 10.0 * (1 + unmerged_overhead), "unmerged_overhead": unmerged_overhead,
-                 "merged_ms": 10.0, "merged_overhead": 0.0}
+                 "unmerged_ms": 10.0 * (1 + unmerged_overhead), "unmerged_base_ms": 10.0,
+                 "unmerged_overhead": unmerged_overhead, "merged_ms": 10.0, "merged_base_ms": 10.0, "merged_overhead": 0.0}
     step = {"peak_bytes": 3 * GIB, "loaded_bytes": GIB, "peak_covers": "the training steps", "step_seconds": 1.0,
             "tokens_per_s": 100.0}
     return inference, {True: step, False: {**step, "peak_bytes": 5 * GIB}}
@@ -101,6 +104,32 @@ def test_each_budget_is_an_assertion_on_its_line(tiny, budgets, failures):
     assert verdicts["training peak, checkpointing on *"] == ("FAIL" if "training" in str(failures) else "ok")
     assert verdicts["training peak, checkpointing off"] == ""  # not the mode training uses: shown, not asserted
     assert verdicts["forward, unmerged adapter"] == ("FAIL" if "forward" in str(failures) else "ok")
+
+
+def test_the_ms_beside_each_overhead_are_the_round_it_was_computed_from(tiny):
+    """Given rounds whose separate medians disagree with the median ratio (unmerged: medians 12.55 vs 10.5 ms,
+    +19.5%; median ratio +30%): each row's adapter / base ms give its printed percentage, in the table and in
+    markdown, and the JSON report keeps the raw rounds."""
+    import re
+
+    from lora_ranks.check import assess, markdown_table, predict_sizes
+    from lora_ranks.check.measure import latency_figures
+
+    rounds = {"unmerged": {"base_ms": [10.0, 12.0, 11.0, 9.0], "adapter_ms": [13.0, 18.0, 12.1, 9.9]},  # x1.3, 1.5, 1.1, 1.1
+              "merged": {"base_ms": [10.0, 12.0, 11.0, 9.0], "adapter_ms": [9.5, 12.0, 11.55, 8.1]}}  # x.95, 1, 1.05, .9
+    inference = {**_measured(0.0)[0], **latency_figures(rounds)}
+    target = Target(*tiny, "cpu")
+    report = assess(target, CheckSettings(seq_len=128, max_infer_overhead=0.5), LoRATrainingSettings(),
+                    predict_sizes(target), inference, _measured(0.0)[1])
+    assert report["inference"]["rounds"] == rounds  # check_report.json holds the raw per-round times
+    assert report["inference"]["base_ms"] == 10.5  # the base row: the median of all 8 base rounds
+    row = re.compile(r"forward, (unmerged|merged) adapter\s*\|?\s*([+-]\d+\.\d)% \((\d+\.\d\d) vs (\d+\.\d\d) ms\)")
+    for text in (format_table(report), markdown_table(report)):
+        found = {m[1]: (float(m[2]), float(m[3]), float(m[4])) for m in row.finditer(text)}
+        assert found == {"unmerged": (30.0, 13.0, 10.0), "merged": (0.0, 12.0, 12.0)}, text
+        for percent, adapter_ms, base_ms in found.values():
+            assert round(100 * (adapter_ms / base_ms - 1), 1) == percent
+    assert re.search(r"forward, base\s+10\.50 ms \(median of all rounds\)", format_table(report))
 
 
 def test_running_out_of_memory_in_the_mode_training_uses_fails_without_a_budget(tiny):
@@ -134,6 +163,23 @@ def test_a_measurement_runs_in_its_own_process_and_its_death_is_reported():
     assert died == {"impossible": "the measuring process died: killed by signal 9 (out of memory?)"}
     with pytest.raises(LoraRanksError, match="raised in the child"):
         run_isolated(_raise)
+
+
+def test_out_of_memory_is_told_by_the_exception_type():
+    """CUDA's ``torch.OutOfMemoryError`` and ``MemoryError`` count whatever they say; a RuntimeError that merely
+    mentions memory does not. Torch's CPU allocator refuses with a plain RuntimeError (no subclass): the real one
+    counts, and also when torch gives it a type one day."""
+    import torch
+
+    from lora_ranks.check.measure import _first_line, _is_out_of_memory
+
+    assert _is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB")) and _is_out_of_memory(MemoryError())
+    assert not _is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (out of memory?)"))
+    assert not _is_out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: more than any address space
+    assert _is_out_of_memory(refused.value)
+    assert _first_line(MemoryError()) == "MemoryError"  # a bare MemoryError still makes a one-line result
 
 
 def _pid() -> dict:

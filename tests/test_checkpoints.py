@@ -42,7 +42,7 @@ def test_raw_ranks_equal_float64_reference(planted_pair, tmp_path, tau):
     base, ft = planted_pair
     settings = AllocationSettings(energy_threshold=tau, min_rank=1, max_rank=64, smoothing="none")
     config = analyze_checkpoints(base, ft, tmp_path, settings=settings)
-    got = {n: m["raw_rank"] for n, m in config["analysis_metadata"]["modules"].items()}
+    got = {n: m.raw_rank for n, m in config.modules.items()}
     assert got == _reference_raw_ranks(base, ft, tau)
     assert len(got) == 14
 
@@ -54,9 +54,9 @@ def test_sharded_and_single_file_give_identical_configs(tmp_path):
     assert len(list(sharded[0].glob("*.safetensors"))) > 1
     a = analyze_checkpoints(*single, tmp_path / "a")
     b = analyze_checkpoints(*sharded, tmp_path / "b")
-    assert a["rank_pattern"] == b["rank_pattern"]
+    assert a.rank_pattern == b.rank_pattern
     def strip(c):
-        return {n: {k: v for k, v in m.items() if k != "svd_seconds"} for n, m in c["analysis_metadata"]["modules"].items()}
+        return {n: m.model_dump(exclude={"svd_seconds"}) for n, m in c.modules.items()}
     assert strip(a) == strip(b)
 
 
@@ -71,7 +71,7 @@ def test_side_by_side_spectra_equal_one_at_a_time(planted_pair, tmp_path, monkey
     reference = analyze_checkpoints(*planted_pair, tmp_path / "ref")
     monkeypatch.setattr(layer, "parallel_plan", lambda jobs, device: plan)
     config = analyze_checkpoints(*planted_pair, tmp_path / "run")
-    assert config["rank_pattern"] == reference["rank_pattern"]
+    assert config.rank_pattern == reference.rank_pattern
     ours, ref = (load_spectra(spectra_files(tmp_path / d / "analysis_outputs" / "svd")) for d in ("run", "ref"))
     assert list(ours) == list(ref)
     for name in ref:
@@ -100,7 +100,7 @@ def test_bf16_pair_matches_reference_of_stored_tensors(tmp_path):
     assert _stored(base)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     settings = AllocationSettings(energy_threshold=0.9, min_rank=1, max_rank=64, smoothing="none")
     config = analyze_checkpoints(base, ft, tmp_path / "out", settings=settings)
-    got = {n: m["raw_rank"] for n, m in config["analysis_metadata"]["modules"].items()}
+    got = {n: m.raw_rank for n, m in config.modules.items()}
     assert got == _reference_raw_ranks(base, ft, 0.9)
 
 

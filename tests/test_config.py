@@ -1,12 +1,22 @@
-"""The rank config: round trip, schema validation, atomic writes, and PEFT honouring every rank."""
+"""The rank config: round trip, schema validation and migration, atomic writes, and PEFT honouring every rank."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from lora_ranks.analysis import analyze_checkpoints
-from lora_ranks.config import AlphaPolicy, RankConfigError, anchored_key, load_rank_config, save_rank_config
+from lora_ranks.config import (
+    SCHEMA_VERSION,
+    AlphaPolicy,
+    RankConfig,
+    RankConfigError,
+    anchored_key,
+    load_rank_config,
+    parse_rank_config,
+    save_rank_config,
+)
 from lora_ranks.ranks import AllocationSettings
 
 
@@ -20,33 +30,51 @@ def config_and_path(planted_pair, tmp_path_factory):
 
 def test_round_trip_and_content(config_and_path):
     config, path = config_and_path
-    assert load_rank_config(path) == config
-    assert config["schema_version"] == 1
-    assert set(config["layer_ranks"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    for name, meta in config["analysis_metadata"]["modules"].items():
-        assert config["rank_pattern"][anchored_key(name)] == meta["final_rank"]
-        assert 2 <= meta["final_rank"] <= 16
-        assert config["alpha_pattern"][anchored_key(name)] == 2 * meta["final_rank"]
-        assert 0.0 < meta["energy_retained"] <= 1.0 + 1e-12
-    trainable = sum(m["final_rank"] * sum(m["shape"]) for m in config["analysis_metadata"]["modules"].values())
-    assert config["trainable_parameters"] == trainable
-    assert config["compression_ratio"] == pytest.approx(trainable / config["base_parameters"])
-    ident = config["analysis_metadata"]["checkpoints"]
-    assert len(ident["pretrained"]["content_fingerprint"]) == 64
-    assert ident["pretrained"]["content_fingerprint"] != ident["finetuned"]["content_fingerprint"]
+    assert isinstance(config, RankConfig) and load_rank_config(path) == config
+    assert json.loads(path.read_text()) == config.to_dict()
+    assert config.schema_version == SCHEMA_VERSION == 2
+    assert set(config.layer_ranks) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for name, meta in config.modules.items():
+        assert config.rank_pattern[anchored_key(name)] == meta.final_rank == config.ranks[name]
+        assert 2 <= meta.final_rank <= 16
+        assert config.alpha_pattern[anchored_key(name)] == 2 * meta.final_rank == config.alpha_of(name)
+        assert 0.0 < meta.energy_retained <= 1.0 + 1e-12
+    trainable = sum(m.final_rank * sum(m.shape) for m in config.modules.values())
+    assert config.trainable_parameters == trainable
+    assert config.compression_ratio == pytest.approx(trainable / config.base_parameters)
+    ident = config.checkpoints
+    assert len(ident.pretrained.content_fingerprint) == 64
+    assert ident.pretrained.content_fingerprint != ident.finetuned.content_fingerprint
+    meta = config.analysis_metadata
+    assert meta.n_modules == len(config.target_modules) and meta.mode == "energy_threshold"
+    assert [m.name for m in config.module_refs()] == config.target_modules
+
+
+def _first_module(c: dict) -> dict:
+    return next(iter(c["analysis_metadata"]["modules"].values()))
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda c: c.update(schema_version=2), "schema_version"),
-    (lambda c: c.pop("rank_pattern"), "rank_pattern"),
-    (lambda c: c["rank_pattern"].update({next(iter(c["rank_pattern"])): 0}), "positive"),
+    (lambda c: c.update(schema_version=3), "schema_version 3 is newer than this release"),
+    (lambda c: c.update(schema_version="2"), "schema_version must be 1 or 2, got '2'"),
+    (lambda c: c.pop("rank_pattern"), "missing required key 'rank_pattern'"),
+    (lambda c: c["rank_pattern"].update({next(iter(c["rank_pattern"])): 0}), "must be a positive number, got 0"),
     (lambda c: c["rank_pattern"].update({"^model\\.nope": 4}), "not an anchored target"),
     (lambda c: c["rank_pattern"].pop(next(iter(c["rank_pattern"]))), "no rank for target"),
-    (lambda c: c.update(target_modules=[]), "non-empty"),
-    (lambda c: c.update(compression_ratio=-1), "compression_ratio"),
+    (lambda c: c.update(target_modules=[]), "target_modules: List should have at least 1 item"),
+    (lambda c: c.update(compression_ratio=-1), "compression_ratio: Input should be greater than 0, got -1"),
+    (lambda c: _first_module(c).update(shape=[4]), r"analysis_metadata.modules\['model.layers.0.self_attn.q_proj'\]"
+                                                    r".shape: too few items"),
+    (lambda c: _first_module(c).update(spectrum="hessian"), "spectrum: Input should be 'weight', 'input' or 'fisher'"),
+    (lambda c: _first_module(c).update(final_rank=99), "final_rank 99 disagrees with rank_pattern"),
+    (lambda c: c["analysis_metadata"].update(surprise=1), "analysis_metadata.surprise: Extra inputs are not permitted"),
+    (lambda c: c["analysis_metadata"]["settings"].update(energy_threshold=2), "energy_threshold: Input should be less"),
+    (lambda c: c["analysis_metadata"]["modules"].pop(next(iter(c["analysis_metadata"]["modules"]))),
+     "has no record in analysis_metadata.modules"),
+    (lambda c: c.update(peft_type="LORA", schema_version=None), "is a PEFT adapter's file"),
 ])
 def test_schema_violations_are_named(config_and_path, tmp_path, edit, match):
-    config = json.loads(json.dumps(config_and_path[0]))
+    config = config_and_path[0].to_dict()
     edit(config)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(config))
@@ -67,14 +95,12 @@ def test_failed_write_keeps_the_previous_file(config_and_path, tmp_path):
     path = tmp_path / "lora_rank_config.json"
     save_rank_config(path, config)
     before = path.read_bytes()
-    broken = json.loads(json.dumps(config))
+    broken = config.to_dict()
     broken["compression_ratio"] = float("nan")  # refused by validation before anything is written
-    with pytest.raises(RankConfigError):
-        save_rank_config(path, broken)
-    unserializable = json.loads(json.dumps(config))
-    unserializable["analysis_metadata"]["x"] = object()  # fails while serializing
-    with pytest.raises(TypeError):
-        save_rank_config(path, unserializable)
+    with pytest.raises(RankConfigError, match="compression_ratio"):
+        save_rank_config(path, parse_rank_config(broken))
+    with pytest.raises(TypeError, match="takes a RankConfig"):
+        save_rank_config(path, config.to_dict())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["lora_rank_config.json"]  # no temp files left
 
@@ -92,16 +118,79 @@ def test_peft_builds_exactly_the_configured_ranks(config_and_path, planted_pair)
     from transformers import AutoModelForCausalLM
 
     config, _ = config_and_path
-    assert len(set(config["rank_pattern"].values())) > 1  # heterogeneous, or the test proves little
+    assert len(set(config.rank_pattern.values())) > 1  # heterogeneous, or the test proves little
     model = AutoModelForCausalLM.from_pretrained(planted_pair[0])
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=config["target_modules"], rank_pattern=config["rank_pattern"],
-                      alpha_pattern=config["alpha_pattern"])
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=config.target_modules, rank_pattern=config.rank_pattern,
+                      alpha_pattern=config.alpha_pattern)
     peft_model = get_peft_model(model, lora)
     seen = {}
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             seen[name.removeprefix("base_model.model.")] = module.lora_A["default"].weight.shape[0]
-    expected = {n: m["final_rank"] for n, m in config["analysis_metadata"]["modules"].items()}
+    expected = config.ranks
     assert seen == expected
     with torch.no_grad():
         peft_model(torch.tensor([[1, 2, 3]]))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["rank_config_schema1_demo.json", "rank_config_schema1_budget.json"])
+def test_schema1_files_of_the_previous_release_migrate_on_load(name, tmp_path):
+    """A schema-1 file written by release 0.2.0 loads as schema 2 with every value kept: written back, it differs
+    from the original only in its version and in fields schema 1 did not have (written empty)."""
+    old = json.loads((FIXTURES / name).read_text())
+    config = load_rank_config(FIXTURES / name)
+    assert old["schema_version"] == 1 and config.schema_version == 2
+    new = config.to_dict()
+
+    def kept(a, b, where=""):
+        """Every value of schema-1 ``b`` is in ``a``; keys only ``a`` has are empty."""
+        if isinstance(b, dict):
+            for key in set(a) | set(b):
+                if key not in b:
+                    assert a[key] in (None, {}, []), f"{where}.{key} is new but not empty: {a[key]!r}"
+                else:
+                    kept(a[key], b[key], f"{where}.{key}")
+        else:
+            assert a == b, f"{where}: {a!r} != {b!r}"
+
+    kept({**new, "schema_version": 1}, old)
+    assert config.allocation_settings == config.analysis_metadata.settings
+    again = tmp_path / "again.json"
+    save_rank_config(again, config)
+    assert load_rank_config(again) == config  # a migrated config round-trips as schema 2
+
+
+def test_oldest_schema1_keys_migrate():
+    """Schema-1 files from before 0.2 kept the budget as budget_parameters / budget_fraction, and may carry metadata
+    keys this release does not read: the first become ``budget``, the second are kept under ``legacy``."""
+    old = json.loads((FIXTURES / "rank_config_schema1_budget.json").read_text())
+    settings = old["analysis_metadata"]["settings"]
+    settings["budget_parameters"] = settings.pop("budget")
+    old["analysis_metadata"]["old_note"] = {"kept": True}
+    config = parse_rank_config(old)
+    assert config.allocation_settings.budget == 12000.0 and config.allocation_settings.rank_rule == "budget"
+    assert config.analysis_metadata.legacy == {"old_note": {"kept": True}}
+
+
+def test_replace_validates():
+    config = load_rank_config(FIXTURES / "rank_config_schema1_budget.json")
+    changed = config.replace(analysis_metadata={"allocation": "uniform", "budget_rank": 2})
+    assert changed.analysis_metadata.allocation == "uniform" and changed.ranks == config.ranks
+    assert config.analysis_metadata.allocation is None  # frozen: the original is unchanged
+    with pytest.raises(RankConfigError, match="compression_ratio"):
+        config.replace(compression_ratio=0)
+
+
+def test_schema_files_are_generated_from_the_model():
+    """docs/lora_rank_config.schema.json and the field tables of docs/rank-config.md are what
+    ``python -m lora_ranks.config_schema --write`` writes today (rerun it after changing the model)."""
+    from lora_ranks.config_schema import BEGIN, DOC_FILE, END, SCHEMA_FILE, json_schema, markdown_tables
+
+    assert SCHEMA_FILE.read_text() == json_schema()
+    page = DOC_FILE.read_text()
+    assert page.split(BEGIN, 1)[1].split(END, 1)[0].strip() == markdown_tables().strip()
+    schema = json.loads(json_schema())
+    assert set(schema["required"]) >= {"target_modules", "rank_pattern", "alpha_pattern", "analysis_metadata"}

@@ -261,11 +261,11 @@ def test_analysis_with_a_curvature_spectrum(finetuned_pair, tmp_path, spectrum):
     curvature = CurvatureSettings(spectrum=spectrum, fisher_samples=2, curvature_damping=0.01, min_calibration_tokens=100)
     config = analyze_checkpoints(base, finetuned, tmp_path / spectrum, settings=settings, curvature=curvature,
                                  calibration_data=data, subset=FinetuneSettings(subset_ratio=0.5))
-    modules = config["analysis_metadata"]["modules"]
-    assert {m["spectrum"] for m in modules.values()} == {spectrum}
-    assert all(isinstance(m["signal_rank"], int) and m["noise_threshold"] >= 0 for m in modules.values())
-    record = config["analysis_metadata"]["curvature"]
-    assert record["settings"]["spectrum"] == spectrum and record["tokens"] >= 100 and record["silent_modules"] == []
+    modules = config.modules
+    assert {m.spectrum for m in modules.values()} == {spectrum}
+    assert all(isinstance(m.signal_rank, int) and m.noise_threshold >= 0 for m in modules.values())
+    record = config.analysis_metadata.curvature
+    assert record.settings.spectrum == spectrum and record.tokens >= 100 and record.silent_modules == []
     # the stored main spectrum of a module is that of G^1/2 dW A^1/2 with the stored factors
     svd_dir = tmp_path / spectrum / "analysis_outputs" / "svd"
     name = "model.layers.1.mlp.down_proj"
@@ -332,9 +332,9 @@ def test_signal_rule_reads_the_noise_floor(finetuned_pair, tmp_path):
     base, finetuned, _ = finetuned_pair
     config = analyze_checkpoints(base, finetuned, tmp_path, settings=AllocationSettings(
         rank_rule="signal", min_rank=1, max_rank=64, smoothing="none"))
-    for meta in config["analysis_metadata"]["modules"].values():
-        assert meta["raw_rank"] == meta["signal_rank"]
-        assert meta["final_rank"] == min(max(meta["signal_rank"], 1), 64, min(meta["shape"]))
+    for meta in config.modules.values():
+        assert meta.raw_rank == meta.signal_rank
+        assert meta.final_rank == min(max(meta.signal_rank, 1), 64, min(meta.shape))
 
 
 def test_extraction_with_the_curvature_truncation(finetuned_pair, tmp_path):
@@ -451,13 +451,13 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
         results = [analyze_layer(pair, [m for m in pair.modules() if m.layer == layer], svd, top_k=17,
                                  curvature_path=svd / "curvature" / f"{layer}.safetensors", damping=0.01)
                    for layer in ("model.layers.0", "model.layers.1")]
-    assert config["analysis_metadata"]["fallback_modules"] == {}
+    assert config.analysis_metadata.fallback_modules == {}
     again, _ = assemble_rank_config(pair, pair.modules(), results, AllocationSettings(min_rank=1, max_rank=16),
                                     tmp_path / "again.json")
-    modules_meta = again["analysis_metadata"]["modules"]
-    assert modules_meta[name]["spectrum"] == "weight" and "never ran" in modules_meta[name]["fallback"]
-    assert modules_meta["model.layers.1.mlp.up_proj"]["spectrum"] == "fisher"
-    assert list(again["analysis_metadata"]["fallback_modules"]) == [name]
+    modules_meta = again.modules
+    assert modules_meta[name].spectrum == "weight" and "never ran" in modules_meta[name].fallback
+    assert modules_meta["model.layers.1.mlp.up_proj"].spectrum == "fisher"
+    assert list(again.analysis_metadata.fallback_modules) == [name]
 
 
 def test_weighted_truncation_factors_are_balanced():
@@ -502,11 +502,11 @@ def test_input_weighted_spectra_from_fisher_factors_equal_an_input_analysis(fish
     """The A factors a Fisher pass collects are those an input-only pass collects (same records, same forward), so
     sigma(dW A^1/2) from the Fisher analysis' files is the input analysis' spectrum."""
     from lora_ranks.analysis import input_weighted_spectra, load_spectra, spectra_files
-    from lora_ranks.config import load_rank_config, modules_from_config
+    from lora_ranks.config import load_rank_config
 
     fisher, inputs = fisher_analysis["fisher"], fisher_analysis["input"]
     config = load_rank_config(fisher.config_path)
-    modules = modules_from_config(config)
+    modules = config.module_refs()
     ours = input_weighted_spectra(config, modules, load_spectra(spectra_files(fisher.svd_dir), weight=True))
     reference = load_spectra(spectra_files(inputs.svd_dir))
     for m in modules:
@@ -520,31 +520,32 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     """At a budget: every allocation (water-filling on the weight, input and Fisher spectra) fits it, the signal
     ranks are the analysis' bounded signal ranks, full ranks reach the ceiling KL with either truncation, uniform
     ranks define excess ratio 1, and the comparability check covers every module for the three spectra."""
-    from lora_ranks.config import load_rank_config, modules_from_config, save_rank_config
+    from lora_ranks.config import load_rank_config, save_rank_config
     from lora_ranks.evidence import allocation_fidelity, comparability_check
     from lora_ranks.evidence.comparison import write_allocation_configs
     from lora_ranks.evidence.experiment import config_from_ranks, parameters_of
+    from lora_ranks.settings import ComparisonSettings
 
     base, finetuned, data = finetuned_pair
     fisher = fisher_analysis["fisher"]
     analysis = load_rank_config(fisher.config_path)
-    modules = modules_from_config(analysis)
+    modules = analysis.module_refs()
     configs = write_allocation_configs(fisher.config_path, fisher.svd_dir, tmp_path / "configs", budget_ranks=(2,))
     assert set(configs) == {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-input", "r2-budget-fisher", "signal"}
     budget = 2 * sum(sum(m.shape) for m in modules)
     for label, path in configs.items():
         config = load_rank_config(path)
         if label != "signal":
-            assert config["trainable_parameters"] <= budget and config["analysis_metadata"]["budget_rank"] == 2
-    signal = load_rank_config(configs["signal"])["analysis_metadata"]["modules"]
-    assert {n: m["final_rank"] for n, m in signal.items()} == {
-        n: max(1, min(32, m["signal_rank"])) for n, m in analysis["analysis_metadata"]["modules"].items()}
+            assert config.trainable_parameters <= budget and config.analysis_metadata.budget_rank == 2
+    signal = load_rank_config(configs["signal"]).modules
+    assert {n: m.final_rank for n, m in signal.items()} == {
+        n: max(1, min(32, m.signal_rank)) for n, m in analysis.modules.items()}
 
     full_ranks = {m.name: min(m.shape) for m in modules}
-    full = config_from_ranks(modules, full_ranks, analysis["base_parameters"], max_rank=max(full_ranks.values()),
-                             extra_metadata={"allocation": "full", "curvature": analysis["analysis_metadata"]["curvature"]})
+    full = config_from_ranks(modules, full_ranks, analysis.base_parameters, max_rank=max(full_ranks.values()),
+                             extra_metadata={"allocation": "full", "curvature": analysis.analysis_metadata.curvature})
     configs["full"] = str(save_rank_config(tmp_path / "configs" / "full.json", full))
-    assert parameters_of(modules, full_ranks) == full["trainable_parameters"]
+    assert parameters_of(modules, full_ranks) == full.trainable_parameters
     table = allocation_fidelity(fisher.config_path, configs, data, tmp_path, eval_samples=6)
     rows = {(r["allocation"], r["truncation"]): r for r in table.rows}
     assert set(rows) == {(label, t) for label in configs for t in ("weight", "fisher")}
@@ -554,7 +555,7 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     assert all(r["kl"] > table.ceiling_kl for (label, _), r in rows.items() if label.startswith("r2-"))
     assert (tmp_path / "allocation_fidelity.json").is_file()
 
-    report = comparability_check(fisher.config_path, data, tmp_path, eval_samples=4)
+    report = comparability_check(fisher.config_path, data, tmp_path, ComparisonSettings(comparability_records=4))
     assert set(report.spearman) == {"weight", "input", "fisher"}
     assert all(-1 <= v <= 1 for v in report.spearman.values())
     saved = json.loads((tmp_path / "sensitivity.json").read_text())["spectra"]
@@ -585,7 +586,6 @@ def test_split_half_noise_estimate_ranks_by_the_shared_directions(finetuned_pair
     their deltas share (recomputed here from the two checkpoints), and the signal rule keeps that many."""
     from lora_ranks.analysis import analyze_checkpoints
     from lora_ranks.checkpoints import CheckpointPair
-    from lora_ranks.config import modules_from_config
     from lora_ranks.noise import split_half_rank, subspace_agreement
     from lora_ranks.settings import AllocationSettings, FinetuneSettings
 
@@ -596,17 +596,17 @@ def test_split_half_noise_estimate_ranks_by_the_shared_directions(finetuned_pair
     config = analyze_checkpoints(base, finetuned, tmp_path, settings=settings, calibration_data=data, subset=subset)
     halves = [tmp_path / "saved_models" / "split_half" / h / "finetuned" for h in ("half-a", "half-b")]
     assert all((h / "model.safetensors").is_file() for h in halves)
-    meta = config["analysis_metadata"]
+    meta = config.analysis_metadata
     name = "model.layers.1.mlp.down_proj"
-    module = next(m for m in modules_from_config(config) if m.name == name)
+    module = next(m for m in config.module_refs() if m.name == name)
     deltas = [CheckpointPair(base, h).delta(module, torch.float64) for h in halves]
     agreement = subspace_agreement(*deltas, min(16, min(module.shape) // 2))
-    assert meta["split_half"][name]["agreement"] == pytest.approx(agreement.tolist(), abs=1e-6)
-    for n, m in meta["modules"].items():
-        assert m["split_half_rank"] == split_half_rank(meta["split_half"][n]["agreement"])
-        assert m["raw_rank"] == m["split_half_rank"] and isinstance(m["signal_rank"], int)
+    assert meta.split_half[name].agreement == pytest.approx(agreement.tolist(), abs=1e-6)
+    for n, m in meta.modules.items():
+        assert m.split_half_rank == split_half_rank(meta.split_half[n].agreement)
+        assert m.raw_rank == m.split_half_rank and isinstance(m.signal_rank, int)
     # the two estimates differ here (the noise-floor ranks are larger), so the rule's choice is seen
-    assert any(m["split_half_rank"] != m["signal_rank"] for m in meta["modules"].values())
+    assert any(m.split_half_rank != m.signal_rank for m in meta.modules.values())
 
 
 def test_split_half_without_data_is_refused_before_any_work(finetuned_pair, tmp_path):

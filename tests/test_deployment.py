@@ -58,8 +58,8 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_readme_starts_the_server_on_loopback():
-    readme = (REPO / "README.md").read_text()
-    starts = [line for line in readme.splitlines() if "prefect server start" in line]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    starts = [line for page in pages for line in page.read_text().splitlines() if "prefect server start" in line]
     assert starts and all("--host 127.0.0.1" in line for line in starts)
 
 
@@ -113,8 +113,8 @@ def test_deployment_run_through_server_and_worker(tmp_path):
         assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 3 * * *", False)]
 
         config = load_rank_config(out_dir / "configs" / "lora_rank_config.json")
-        assert all(4 <= r <= 128 for r in config["rank_pattern"].values())
-        assert config["analysis_metadata"]["n_modules"] == 28
+        assert all(4 <= r <= 128 for r in config.rank_pattern.values())
+        assert config.analysis_metadata.n_modules == 28
     finally:
         for proc, name in reversed(started):
             _stop(proc, name)

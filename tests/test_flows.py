@@ -19,13 +19,13 @@ def test_svd_analysis_demo_end_to_end(prefect_harness, tmp_path):
     config_path = state.result()
     config = load_rank_config(config_path)
     assert Path(config_path) == tmp_path / "configs" / "lora_rank_config.json"
-    meta = config["analysis_metadata"]
-    assert meta["n_modules"] == 4 * 7  # the demo model has 4 layers x 7 projections
-    ranks = [m["final_rank"] for m in meta["modules"].values()]
+    meta = config.analysis_metadata
+    assert meta.n_modules == 4 * 7  # the demo model has 4 layers x 7 projections
+    ranks = [m.final_rank for m in config.modules.values()]
     assert all(4 <= r <= 128 for r in ranks)
-    assert set(config["layer_ranks"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert meta["settings"]["energy_threshold"] == 0.9
-    assert len(meta["layer_fingerprints"]) == 4
+    assert set(config.layer_ranks) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert meta.settings.energy_threshold == 0.9
+    assert len(meta.layer_fingerprints) == 4
     svd = tmp_path / "analysis_outputs" / "svd"
     for name in ("singular_values.png", "cumulative_energy.png", "rank_heatmap.png"):
         assert (svd / "plots" / name).stat().st_size > 10_000
@@ -58,8 +58,8 @@ def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):
     lib_config = analyze_checkpoints(base, ft, tmp_path / "lib",
                                      settings=AllocationSettings(energy_threshold=0.95, min_rank=2, max_rank=32,
                                                                  smoothing="none"))
-    assert flow_config["rank_pattern"] == lib_config["rank_pattern"]
-    assert flow_config["analysis_metadata"]["checkpoints"] == lib_config["analysis_metadata"]["checkpoints"]
+    assert flow_config.rank_pattern == lib_config.rank_pattern
+    assert flow_config.checkpoints == lib_config.checkpoints
 
 
 def test_bad_parameters_fail_before_any_work(prefect_harness, tmp_path):
@@ -93,7 +93,7 @@ def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
     assert (tmp_path / "train" / "warm_start_adapter" / "extraction_report.json").is_file()
     assert sum(metrics["losses"][-3:]) < sum(metrics["losses"][:3])
     config = DynamicLoRAConfig.from_file(rank_config)
-    assert metrics["trainable_parameters"] == config.rank_config["trainable_parameters"]
+    assert metrics["trainable_parameters"] == config.rank_config.trainable_parameters
     model, _ = load_peft_checkpoint(base, result.adapter_dir)
     assert lora_ranks_of(model) == config.ranks
 
@@ -215,8 +215,8 @@ def test_fisher_spectrum_through_the_flow_is_cached_by_content(prefect_harness, 
     flow_config = load_rank_config(first.result())
     lib_config = analyze_checkpoints(ft.pretrained_dir, ft.finetuned_dir, tmp_path / "lib", settings=allocation,
                                      curvature=curvature, calibration_data=data, subset=subset)
-    assert flow_config["rank_pattern"] == lib_config["rank_pattern"]
-    assert {m["spectrum"] for m in flow_config["analysis_metadata"]["modules"].values()} == {"fisher"}
+    assert flow_config.rank_pattern == lib_config.rank_pattern
+    assert {m.spectrum for m in flow_config.modules.values()} == {"fisher"}
 
 
 def test_split_half_noise_estimate_through_the_flow(prefect_harness, tmp_path, task_states):
@@ -234,6 +234,6 @@ def test_split_half_noise_estimate_through_the_flow(prefect_harness, tmp_path, t
     states = task_states(state)
     assert [s for s, _ in states["split-half-finetunes"]] == ["Completed"]
     assert [s for s, _ in states["split-half-ranks"]] == ["Completed"]
-    modules = load_rank_config(state.result())["analysis_metadata"]["modules"]
-    assert all(m["raw_rank"] == m["split_half_rank"] for m in modules.values())
+    modules = load_rank_config(state.result()).modules
+    assert all(m.raw_rank == m.split_half_rank for m in modules.values())
     assert (tmp_path / "flow" / "saved_models" / "split_half" / "half-b" / "finetuned").is_dir()

@@ -1,12 +1,13 @@
 """PEFT integration: exact heterogeneous ranks, validation, save/load, quantization, extraction, hot swap."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from lora_ranks.analysis import analyze_checkpoints
-from lora_ranks.config import RankConfigError, anchored_key
+from lora_ranks.config import RankConfigError, anchored_key, load_rank_config
 from lora_ranks.extract import extract_lora
 from lora_ranks.model import (
     DynamicLoRAConfig,
@@ -44,10 +45,10 @@ def test_every_module_gets_exactly_its_rank(planted_pair, rank_config_path):
     config = DynamicLoRAConfig.from_file(rank_config_path)
     assert lora_ranks_of(model) == config.ranks  # every lora_A shape, nothing extra
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    shapes = {n: tuple(m["shape"]) for n, m in config.rank_config["analysis_metadata"]["modules"].items()}
-    assert trainable == config.predicted_parameters(shapes) == config.rank_config["trainable_parameters"]
+    shapes = {n: m.shape for n, m in config.rank_config.modules.items()}
+    assert trainable == config.predicted_parameters(shapes) == config.rank_config.trainable_parameters
     base_total = sum(p.numel() for p in model.parameters()) - trainable
-    assert trainable / base_total == pytest.approx(config.rank_config["compression_ratio"])
+    assert trainable / base_total == pytest.approx(config.rank_config.compression_ratio)
     lora_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     assert lora_bytes == 4 * trainable  # float32 adapters on CPU: bytes are predictable from the config
 
@@ -68,20 +69,25 @@ def test_validation_lists_wrong_and_extra_adapters(planted_pair, rank_config_pat
     assert "model.layers.0.mlp.up_proj: no LoRA adapter" in text
 
 
+def _with_module(raw: dict, name: str, rank: int = 4) -> dict:
+    """Config content with one more target (a copy of the first module's record, at ``rank``)."""
+    raw["target_modules"].append(name)
+    raw["rank_pattern"][anchored_key(name)] = rank
+    record = dict(next(iter(raw["analysis_metadata"]["modules"].values())))
+    raw["analysis_metadata"]["modules"][name] = {**record, "final_rank": rank}
+    return raw
+
+
 def test_config_key_matching_nothing_raises(planted_pair, rank_config_path):
     from transformers import AutoModelForCausalLM
 
-    raw = json.loads(rank_config_path.read_text())
-    raw["target_modules"].append("model.layers.7.self_attn.q_proj")
-    raw["rank_pattern"][anchored_key("model.layers.7.self_attn.q_proj")] = 4
+    raw = _with_module(json.loads(rank_config_path.read_text()), "model.layers.7.self_attn.q_proj")
     with pytest.raises(RankConfigError, match=r"model\.layers\.7\.self_attn\.q_proj: no such module"):
         create_peft_model_from_config(AutoModelForCausalLM.from_pretrained(planted_pair[0]), DynamicLoRAConfig(raw))
 
 
 def test_lm_head_is_never_targeted(rank_config_path):
-    raw = json.loads(rank_config_path.read_text())
-    raw["target_modules"].append("lm_head")
-    raw["rank_pattern"]["^lm_head"] = 4
+    raw = _with_module(json.loads(rank_config_path.read_text()), "lm_head")
     with pytest.raises(RankConfigError, match="lm_head"):
         DynamicLoRAConfig(raw)
 
@@ -251,7 +257,10 @@ def test_warm_start_source_follows_the_rank_config(tmp_path):
 
     finetuned = tmp_path / "ft"
     finetuned.mkdir()
-    config = {"analysis_metadata": {"checkpoints": {"finetuned": {"path": str(finetuned)}}}}
+    config = load_rank_config(Path(__file__).parent / "fixtures" / "rank_config_schema1_budget.json")
+    recorded = config.checkpoints.model_dump()
+    config = config.replace(analysis_metadata={"checkpoints": {**recorded, "finetuned": {
+        **recorded["finetuned"], "path": str(finetuned)}}})
     assert warm_start_source(config, None, "warm") == finetuned
     assert warm_start_source(config, tmp_path / "other", "warm") == tmp_path / "other"
     assert warm_start_source(config, None, "cold") is None

@@ -30,10 +30,10 @@ def six_layer_pair(tmp_path_factory):
 
 def _comparable(config: dict) -> dict:
     """Everything in a config except wall times and the runner-dependent timing section."""
-    modules = {n: {k: v for k, v in m.items() if k != "svd_seconds"} for n, m in config["analysis_metadata"]["modules"].items()}
-    return {"rank_pattern": config["rank_pattern"], "alpha_pattern": config["alpha_pattern"],
-            "layer_ranks": config["layer_ranks"], "compression_ratio": config["compression_ratio"], "modules": modules,
-            "fingerprints": config["analysis_metadata"]["layer_fingerprints"]}
+    modules = {n: m.model_dump(exclude={"svd_seconds"}) for n, m in config.modules.items()}
+    return {"rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+            "layer_ranks": config.layer_ranks, "compression_ratio": config.compression_ratio, "modules": modules,
+            "fingerprints": config.analysis_metadata.layer_fingerprints}
 
 
 DRIVER = textwrap.dedent("""
@@ -155,7 +155,7 @@ def test_a_layer_that_fails_once_is_retried(planted_pair, tmp_path, monkeypatch,
     assert calls["n"] == 1
     assert task_states(state)["analyze-model.layers.1"] == [("Completed", 2)]  # failed once, retried, succeeded
     assert task_states(state)["analyze-model.layers.0"] == [("Completed", 1)]
-    assert load_rank_config(state.result())["analysis_metadata"]["n_modules"] == 14
+    assert load_rank_config(state.result()).analysis_metadata.n_modules == 14
 
 
 def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):

@@ -159,3 +159,12 @@ def test_energy_kept_is_the_cumulative_share_capped_at_the_stored_values():
     assert spectrum.energy_kept(1) == pytest.approx(9 / 16)
     assert spectrum.energy_kept(3) == spectrum.energy_kept(10) == pytest.approx(14 / 16)
     assert _spectrum([0.0, 0.0], total=0.0).energy_kept(1) == 1.0  # a zero delta has nothing to lose
+
+
+def test_every_rank_rule_setting_has_a_registry_entry():
+    """``AllocationSettings.rank_rule`` choices and ``RANK_RULES`` are the same set: a rule is added in both."""
+    import typing
+
+    from lora_ranks.ranks import RANK_RULES
+
+    assert set(typing.get_args(AllocationSettings.model_fields["rank_rule"].annotation)) == set(RANK_RULES)

@@ -162,3 +162,64 @@ def test_blas_limit_holds_until_the_last_concurrent_layer_leaves():
     assert blas() == {1}  # the second layer is still computing
     second.__exit__(None, None, None)
     assert blas() == original
+
+
+def _cuda_runs_out_of_memory(monkeypatch, fails=lambda delta: True):
+    """Make "cuda" computations run on the CPU (this machine may have no GPU), raising ``torch.OutOfMemoryError``
+    for the deltas ``fails`` picks; returns the list of deltas (shapes) that failed."""
+    from dataclasses import replace
+
+    from lora_ranks.spectra import spectrum as module
+
+    real, failed = module._compute_spectrum, []
+
+    def fake(delta, top_k, method, dev, *args):
+        if dev.type != "cuda":
+            return real(delta, top_k, method, dev, *args)
+        if fails(delta):
+            failed.append(tuple(delta.shape))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return replace(real(delta, top_k, method, torch.device("cpu"), *args), device="cuda:0")
+
+    monkeypatch.setattr(module, "_compute_spectrum", fake)
+    return failed
+
+
+def test_cuda_out_of_memory_falls_back_to_the_cpu_and_sets_the_flag(monkeypatch):
+    """The fallback is a typed flag (``cuda_oom_fallback``), the values are the CPU's exactly, and the device text
+    people read is unchanged; an out-of-memory error on the CPU itself is not hidden."""
+    a = _matrix(120, 80, 0.9 ** np.arange(80))
+    cpu = compute_spectrum(a, 17, method="gram", device="cpu")
+    assert not cpu.cuda_oom_fallback
+    failed = _cuda_runs_out_of_memory(monkeypatch)
+    fallback = compute_spectrum(a, 17, method="gram", device="cuda")
+    assert failed == [(120, 80)]
+    assert fallback.cuda_oom_fallback and fallback.device == "cpu (CUDA out of memory)"
+    np.testing.assert_array_equal(fallback.singular_values, cpu.singular_values)
+    assert (fallback.total_energy, fallback.method, fallback.shape) == (cpu.total_energy, cpu.method, cpu.shape)
+
+    from lora_ranks.spectra import spectrum as module
+
+    def cpu_oom(*args):
+        raise torch.OutOfMemoryError("out of memory on the CPU")
+
+    monkeypatch.setattr(module, "_compute_spectrum", cpu_oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        compute_spectrum(a, 17, device="cpu")
+
+
+def test_a_layer_result_lists_the_modules_that_fell_back_to_the_cpu(planted_pair, tmp_path, monkeypatch):
+    """``LayerResult.cuda_oom_fallbacks`` names exactly the modules whose spectrum CUDA ran out of memory on (what
+    the analyze-layer task warns about); the recorded device text stays what it was."""
+    from lora_ranks.analysis.layer import analyze_layer
+    from lora_ranks.checkpoints import CheckpointPair
+
+    pair = CheckpointPair(*planted_pair)
+    modules = [m for m in pair.modules() if m.layer == "model.layers.0"]
+    big = max(m.shape[0] * m.shape[1] for m in modules)
+    failed = _cuda_runs_out_of_memory(monkeypatch, fails=lambda delta: delta.numel() == big)
+    result = analyze_layer(pair, modules, tmp_path / "svd", top_k=9, device="cuda")
+    expected = tuple(m.name for m in modules if m.shape[0] * m.shape[1] == big)
+    assert expected and len(failed) == len(expected) < len(modules)
+    assert result.cuda_oom_fallbacks == expected
+    assert {n: d for n, d in result.devices.items() if d != "cuda:0"} == dict.fromkeys(expected, "cpu (CUDA out of memory)")

@@ -77,7 +77,7 @@ def test_vl_finetune_learns_keeps_vision_frozen_and_analyzes(vl, tmp_path):
     assert (tmp_path / "ft" / "finetuned" / "preprocessor_config.json").is_file()
     config = analyze_checkpoints(result.pretrained_dir, result.finetuned_dir, tmp_path / "an",
                                  settings=AllocationSettings(min_rank=2, max_rank=16))
-    assert all(n.startswith("model.language_model.layers.") for n in config["target_modules"])
+    assert all(n.startswith("model.language_model.layers.") for n in config.target_modules)
 
 
 def test_dynamic_lora_trains_on_image_records_and_plain_peft_loads_it(vl, tmp_path):

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..checkpoints import CheckpointPair, ModuleRef
-from ..config import build_rank_config, save_rank_config
+from ..config import RankConfig, build_rank_config, save_rank_config
 from ..devices import resolve_device
 from ..finetune import run_split_half_finetunes
 from ..kfac import CalibrationError
@@ -43,7 +43,7 @@ def assemble_rank_config(
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     extra_metadata: dict | None = None,
     split_half: dict[str, dict] | None = None,
-) -> tuple[dict, dict[str, Spectrum]]:
+) -> tuple[RankConfig, dict[str, Spectrum]]:
     """Read every layer's spectra, allocate ranks, write the validated config atomically.
 
     ``split_half``: ``analysis.split_half_ranks``' result, when the split-half noise estimate ran (its ranks go to
@@ -53,7 +53,7 @@ def assemble_rank_config(
     ``zero_delta_modules``; callers decide how to tell the user.
 
     Returns:
-        (config dict, spectra by module name) -- the spectra feed the plots and raw-data export.
+        (the config, spectra by module name) -- the spectra feed the plots and raw-data export.
     """
     paths = [r.path for r in layer_results]
     spectra = load_spectra(paths)
@@ -103,10 +103,10 @@ def analyze_checkpoints(
     curvature: CurvatureSettings = CurvatureSettings(),
     calibration_data: str | Path | None = None,
     subset: FinetuneSettings = FinetuneSettings(),
-) -> dict:
+) -> RankConfig:
     """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
 
-    Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config dict. Warns
+    Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config. Warns
     (``UserWarning``) when some modules did not change at all.
 
     Args:
@@ -154,7 +154,7 @@ def analyze_checkpoints(
                                       settings.max_rank, allow_pickle=allow_pickle)
     config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path, alpha_policy=alpha_policy,
                                      extra_metadata=extra, split_half=split_half)
-    unchanged = config["analysis_metadata"]["zero_delta_modules"]
+    unchanged = config.analysis_metadata.zero_delta_modules
     if unchanged:
         warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)
     return config

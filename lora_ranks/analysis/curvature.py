@@ -14,15 +14,19 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checkpoints import ModuleRef
 from ..kfac import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
-from ..spectra import Spectrum
+from ..spectra import Spectrum, SpectrumKind
 from ..spectra.weighted import SymmetricRoot, symmetric_root, weighted_spectrum
 from .layout import layer_file, write_layer_file
+
+if TYPE_CHECKING:
+    from ..config import RankConfig
 
 __all__ = ["CurvatureResult", "collect_layer_curvature", "load_curvature_file", "calibration_examples",
            "curvature_roots", "config_curvature_roots", "input_weighted_spectra", "CURVATURE_FOLDER"]
@@ -146,17 +150,18 @@ def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
 
 
 def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | None, damping: float, *,
-                    input_only: bool = False) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], str]:
+                    input_only: bool = False) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], SpectrumKind]:
     """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
 
     One eigendecomposition per distinct input factor (q/k/v share one). Memory: the roots of one layer, d x d
     float64 each. ``input_only``: the G side is the identity whatever the file holds (the input-weighted spectrum
-    σ(ΔW A^1/2) from a Fisher analysis' factors); the kind is then "input".
+    σ(ΔW A^1/2) from a Fisher analysis' factors); the kind is then input.
     """
     if curvature_path is None:
-        return {}, "weight"
+        return {}, SpectrumKind.WEIGHT
     factors = load_curvature_file(curvature_path)
-    kind = "fisher" if not input_only and any(f.output_factor is not None for f in factors.values()) else "input"
+    has_output = any(f.output_factor is not None for f in factors.values())
+    kind = SpectrumKind.FISHER if has_output and not input_only else SpectrumKind.INPUT
     input_roots: dict[str, SymmetricRoot] = {}
     roots = {}
     for m in modules:
@@ -171,19 +176,17 @@ def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | N
     return roots, kind
 
 
-def config_curvature_roots(rank_config: dict, modules: Sequence[ModuleRef], *, input_only: bool = False
+def config_curvature_roots(rank_config: RankConfig, modules: Sequence[ModuleRef], *, input_only: bool = False
                            ) -> dict[str, tuple[SymmetricRoot, SymmetricRoot]] | None:
     """Module name -> damped (G, A) roots from the curvature factors a rank config's analysis recorded (its
     ``analysis_metadata.curvature``: folder and damping), or None when the config was made from the weight
     spectrum or its factor folder is gone. Modules whose layer has no factor file are left out (they fall back to
     the weight spectrum). Memory: the roots of every module at once (for small models and extraction, which
     holds one module's delta at a time beside them)."""
-    record = rank_config.get("analysis_metadata", {}).get("curvature", {})
-    spectrum = record.get("settings", {}).get("spectrum", "weight")
-    folder = record.get("folder")
-    if spectrum == "weight" or not folder or not Path(folder).is_dir():
+    record = rank_config.analysis_metadata.curvature
+    if record is None or not record.has_factors or not Path(record.folder).is_dir():
         return None
-    damping = record["settings"]["curvature_damping"]
+    folder, damping = record.folder, record.settings.curvature_damping
     roots = {}
     for layer in dict.fromkeys(m.layer for m in modules):
         path = layer_file(Path(folder).parent, layer, Path(folder).name)
@@ -193,17 +196,15 @@ def config_curvature_roots(rank_config: dict, modules: Sequence[ModuleRef], *, i
     return roots
 
 
-def input_weighted_spectra(config: dict, modules: Sequence[ModuleRef], fallback: dict[str, Spectrum]
+def input_weighted_spectra(config: RankConfig, modules: Sequence[ModuleRef], fallback: dict[str, Spectrum]
                            ) -> dict[str, Spectrum]:
     """σ(ΔW A^1/2) of every module, from the input factors A a Fisher analysis recorded (its G factors unused);
     modules without factors keep their ``fallback`` spectrum. One module's delta in memory at a time."""
     from ..checkpoints import CheckpointPair
-    from ..config import allocation_settings_of
 
-    identity = config["analysis_metadata"]["checkpoints"]
-    top_k = allocation_settings_of(config).required_top_k
+    top_k = config.allocation_settings.required_top_k
     roots = config_curvature_roots(config, modules, input_only=True) or {}
-    pair = CheckpointPair(identity["pretrained"]["path"], identity["finetuned"]["path"])
+    pair = CheckpointPair(config.checkpoints.pretrained.path, config.checkpoints.finetuned.path)
     out = {}
     for m in modules:
         if m.name not in roots:

@@ -71,6 +71,9 @@ class LayerResult:
     seconds: float
     methods: dict[str, str] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    # Modules (names as in ``modules``) with a spectrum (weight or weighted) that CUDA ran out of memory on and the
+    # CPU computed instead (``Spectrum.cuda_oom_fallback``).
+    cuda_oom_fallbacks: tuple[str, ...] = ()
 
 
 def analyze_layer(
@@ -170,7 +173,7 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
             vectors[f"{module.name}.A"], vectors[f"{module.name}.B"] = factors
         main = weighted if weighted is not None else spectrum
         tensors[module.name] = torch.from_numpy(main.singular_values.copy())  # (k,) float64
-        info[module.name] = {**_facts(main), "spectrum": kind if weighted is not None else "weight"}
+        info[module.name] = {**_facts(main), "spectrum": str(kind) if weighted is not None else "weight"}
         if kind != "weight":
             tensors[WEIGHT_PREFIX + module.name] = torch.from_numpy(spectrum.singular_values.copy())
             info[WEIGHT_PREFIX + module.name] = {**_facts(spectrum), "spectrum": "weight"}
@@ -178,14 +181,16 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
                 info[module.name]["fallback"] = "never ran on the calibration records: weight spectrum"
     path = layer_file(svd_dir, layer)
     write_layer_file(path, tensors, {"layer": layer, "fingerprint": fingerprint, "base_digest": base_digest,
-                                     "finetuned_digest": finetuned_digest, "spectrum": kind,
+                                     "finetuned_digest": finetuned_digest, "spectrum": str(kind),
                                      "modules": json.dumps(info)})
     for folder, payload in (("delta_weights", deltas), ("singular_vectors", vectors)):
         if payload:
             write_layer_file(layer_file(svd_dir, layer, folder), payload, {"layer": layer, "fingerprint": fingerprint})
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
-                       {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()})
+                       {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()},
+                       tuple(m.name for m, spectrum, weighted, *_ in results
+                             if spectrum.cuda_oom_fallback or (weighted is not None and weighted.cuda_oom_fallback)))
 
 
 def _facts(spectrum: Spectrum) -> dict:

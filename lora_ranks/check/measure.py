@@ -7,7 +7,8 @@ Every measurement runs in its own spawned (not forked) process, so that
   loading does not count; ``ru_maxrss`` elsewhere, which does include loading);
 * gradient checkpointing on and off are measured in separate processes: one cannot inherit the other's cached
   allocator blocks or heap;
-* a process killed for memory, or a CUDA out-of-memory error, is a result ("does not fit"), not a crash.
+* a process killed for memory (signal 9), or an out-of-memory error (``torch.OutOfMemoryError``, ``MemoryError``,
+  torch's CPU allocator refusing an allocation: ``_is_out_of_memory``), is a result ("does not fit"), not a crash.
 
 The model is built exactly as ``train_dynamic_lora`` builds it (``PEFTModelFactory``: the same dtype, quantization,
 gradient checkpointing and LoRA dropout), and the training step is ``finetune.train_loop`` itself (the same
@@ -25,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference", "peak_resident_bytes"]
+__all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference", "latency_figures", "median_round",
+           "peak_resident_bytes"]
 
 GIB = 2**30
 
@@ -128,10 +130,10 @@ def measure_training_step(target: Target, batch: int, seq_len: int, gradient_che
     dev = torch.device(target.device)
     try:
         model = _build(target, dev, gradient_checkpointing, with_lora=True)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
-        return {"out_of_memory": f"loading the model: {str(exc).splitlines()[0]}", **_peaks(dev, None, "loading")}
+        return {"out_of_memory": f"loading the model: {_first_line(exc)}", **_peaks(dev, None, "loading")}
     model.train()
     loaded = _resident_bytes()
     vocab = model.get_input_embeddings().num_embeddings
@@ -145,10 +147,10 @@ def measure_training_step(target: Target, batch: int, seq_len: int, gradient_che
     try:
         train_loop(model, examples, 0, settings, dev, on_step=lambda *_: stamps.append(_synced_clock(dev)),
                    progress=False, desc="check")
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
-        return {"out_of_memory": str(exc).splitlines()[0], **_peaks(dev, loaded, covers)}
+        return {"out_of_memory": _first_line(exc), **_peaks(dev, loaded, covers)}
     seconds = stamps[-1] - stamps[-2]
     return {**_peaks(dev, loaded, covers), "step_seconds": seconds, "tokens_per_s": batch * seq_len / seconds}
 
@@ -160,7 +162,14 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
     Run it through ``run_isolated``. Two copies of the model are held: the plain base, and the base with the
     adapter (lora_B drawn with std 0.01, as a trained adapter is not zero). Phase 1 times base and unmerged, phase 2
     (after ``merge_and_unload``) base and merged; each phase runs one warm-up round, then ``repeats`` rounds that
-    run both models in alternating order. Overheads are medians of the per-round ratios to the base, minus 1.
+    run both models in alternating order.
+
+    Timings (ms, float): ``base_ms`` is the median of all base rounds of both phases. ``<phase>_overhead`` (phase
+    "unmerged" or "merged") is the median of that phase's per-round ratios adapter / base, minus 1 (the upper median
+    for an even ``repeats``, so that it is one round's ratio); ``<phase>_ms`` and ``<phase>_base_ms`` are that
+    median round's adapter and base times, so ``<phase>_ms / <phase>_base_ms - 1 == <phase>_overhead``.
+    ``rounds[<phase>]`` holds the raw per-round times: ``{"base_ms": [...], "adapter_ms": [...]}``, ``repeats``
+    each, in round order.
     """
     import torch
 
@@ -168,10 +177,10 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
     try:
         base = _build(target, dev, False, with_lora=False).eval()
         adapted = _build(target, dev, False, with_lora=True).eval()
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
-        return {"impossible": f"two copies of the model do not fit on {dev} ({str(exc).splitlines()[0]})"}
+        return {"impossible": f"two copies of the model do not fit on {dev} ({_first_line(exc)})"}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapted.named_parameters():
@@ -189,15 +198,42 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
     try:
         unmerged = _interleaved(base, adapted, tokens, repeats)
         merged = _interleaved(base, adapted.merge_and_unload(), tokens, repeats)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
         return {**counts, "impossible": f"out of memory in a forward pass of {batch} x {seq_len} tokens on {dev} "
-                                        f"({str(exc).splitlines()[0]})"}
-    base_ms = statistics.median(unmerged["base_ms"] + merged["base_ms"])
-    return {**counts, "base_ms": base_ms,
-            "unmerged_ms": statistics.median(unmerged["other_ms"]), "unmerged_overhead": unmerged["overhead"],
-            "merged_ms": statistics.median(merged["other_ms"]), "merged_overhead": merged["overhead"]}
+                                        f"({_first_line(exc)})"}
+    return {**counts, **latency_figures({"unmerged": unmerged, "merged": merged})}
+
+
+def latency_figures(rounds: dict[str, dict[str, list[float]]]) -> dict:
+    """The timing fields of ``measure_inference`` (see there) from the raw rounds.
+
+    Args:
+        rounds: "unmerged" and "merged" -> ``{"base_ms": [...], "adapter_ms": [...]}``, per-round forward times
+            (ms), the same number of rounds (>= 1) in each list.
+    """
+    figures: dict = {"base_ms": statistics.median(rounds["unmerged"]["base_ms"] + rounds["merged"]["base_ms"])}
+    for phase in ("unmerged", "merged"):
+        base_ms, adapter_ms = rounds[phase]["base_ms"], rounds[phase]["adapter_ms"]
+        median = median_round(base_ms, adapter_ms)
+        figures |= {f"{phase}_overhead": adapter_ms[median] / base_ms[median] - 1,
+                    f"{phase}_ms": adapter_ms[median], f"{phase}_base_ms": base_ms[median]}
+    return {**figures, "rounds": rounds}
+
+
+def median_round(base_ms: list[float], adapter_ms: list[float]) -> int:
+    """The index of the round whose ratio ``adapter_ms[i] / base_ms[i]`` is the median of the per-round ratios (the
+    upper median for an even count: a ratio one round measured, so the times beside it are the ones it came from).
+
+    Args:
+        base_ms, adapter_ms: per-round forward times (ms) of the base and the adapter model, the same length >= 1.
+    """
+    if not base_ms or len(base_ms) != len(adapter_ms):
+        raise ValueError(f"median_round needs as many base as adapter rounds, at least one: got {len(base_ms)} base "
+                         f"and {len(adapter_ms)} adapter times")
+    by_ratio = sorted(range(len(base_ms)), key=lambda i: adapter_ms[i] / base_ms[i])
+    return by_ratio[len(by_ratio) // 2]
 
 
 def _build(target: Target, dev, gradient_checkpointing: bool, with_lora: bool):
@@ -236,7 +272,8 @@ def _device_name(dev) -> str:
 
 def _interleaved(base, other, tokens, repeats: int) -> dict:
     """Forward times (ms) of ``base`` and ``other`` over ``repeats`` rounds after a warm-up round; each round runs
-    both, in alternating order, so that drifting load or caches favour neither."""
+    both, in alternating order, so that drifting load or caches favour neither. Returns ``{"base_ms": [...],
+    "adapter_ms": [...]}``, ``repeats`` floats each, in round order (``other`` is the adapter model)."""
     import torch
 
     dev = tokens.device
@@ -249,15 +286,28 @@ def _interleaved(base, other, tokens, repeats: int) -> dict:
                 model(input_ids=tokens)
                 if round_ > 0:  # round 0 is the warm-up
                     times[name].append(1000 * (_synced_clock(dev) - start))
-    ratios = [o / b for o, b in zip(times["other"], times["base"])]
-    return {"base_ms": times["base"], "other_ms": times["other"], "overhead": statistics.median(ratios) - 1}
+    return {"base_ms": times["base"], "adapter_ms": times["other"]}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's out-of-memory error, or the CPU allocator's ("DefaultCPUAllocator: can't allocate memory")."""
+    """Out of memory, by exception type: ``torch.OutOfMemoryError`` (CUDA's caching allocator) or ``MemoryError``
+    (Python's and NumPy's allocations).
+
+    The one failure torch gives no type: its CPU allocator refusing an allocation raises a plain ``RuntimeError``
+    (no subclass, torch 2.13: "[enforce fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory");
+    only an exception of exactly that type carrying the allocator's own identifier counts, so that no other
+    error is taken for a result.
+    """
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none (a bare ``MemoryError()``)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _synced_clock(dev) -> float:

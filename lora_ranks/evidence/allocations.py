@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from ..checkpoints import ModuleRef
-from ..config import build_rank_config
-from ..ranks import ModuleAllocation, allocate_ranks, lora_parameters
+from ..config import RankConfig, build_rank_config
+from ..ranks import allocate_ranks, lora_parameters
 from ..settings import AllocationSettings, AlphaPolicy
 from ..spectra import Spectrum
 
@@ -27,7 +28,7 @@ def uniform_allocation(modules: Sequence[ModuleRef], budget: int) -> dict[str, i
 def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spectrum], base_parameters: int,
                        settings: AllocationSettings, alpha_policy: AlphaPolicy = AlphaPolicy(),
                        extra_metadata: Mapping | None = None,
-                       split_half: Mapping[str, int] | None = None) -> dict[str, dict]:
+                       split_half: Mapping[str, int] | None = None) -> dict[str, RankConfig]:
     """Rank configs for the comparison at (about) equal trainable parameters (``extra_metadata`` is recorded in
     each, e.g. the analysis' curvature record, so that extraction can use the matching truncation).
 
@@ -37,15 +38,14 @@ def allocation_configs(modules: Sequence[ModuleRef], spectra: Mapping[str, Spect
     """
     energy = allocate_ranks(modules, spectra, settings, split_half=split_half)
     budget = sum(lora_parameters(a.shape, a.final_rank) for a in energy)
-    budget_settings = AllocationSettings(**{**settings.to_dict(), "rank_rule": "budget", "budget": float(budget)})
+    budget_settings = settings.replace(rank_rule="budget", budget=float(budget))
     water = allocate_ranks(modules, spectra, budget_settings)
     uniform_ranks = uniform_allocation(modules, budget)
     uniform = []
     for a in energy:
         r = uniform_ranks[a.name]
         kept = spectra[a.name].energy_kept(r)
-        uniform.append(ModuleAllocation(**{**a.to_dict(), "shape": a.shape, "bounded_rank": r, "smoothed_rank": r,
-                                           "final_rank": r, "energy_retained": kept}))
+        uniform.append(dataclasses.replace(a, bounded_rank=r, smoothed_rank=r, final_rank=r, energy_retained=kept))
     out = {}
     for label, allocs, used in (("uniform", uniform, settings), ("energy", energy, settings), ("budget", water, budget_settings)):
         out[label] = build_rank_config(allocs, used, base_parameters=base_parameters, alpha_policy=alpha_policy,

@@ -30,11 +30,12 @@ import torch
 from .._io import atomic_write_json, atomic_write_text
 from ..analysis import OutputLayout, config_curvature_roots, input_weighted_spectra, load_spectra, spectra_files
 from ..checkpoints import CheckpointPair
-from ..config import allocation_settings_of, anchored_key, load_rank_config, modules_from_config, save_rank_config
+from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
 from ..plots import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
-from ..settings import AlphaPolicy, FidelitySettings, FinetuneSettings
+from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
+from ..spectra import SpectrumKind
 from ..spectra.weighted import symmetric_root
 from .allocations import allocation_configs
 from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison
@@ -138,12 +139,11 @@ def run_fidelity_report(config_path: str | Path, svd_dir: str | Path, eval_data_
     """Fidelity sweep (tau, budget, uniform) of extracted adapters on held-out records: ``fidelity.json`` and
     ``fidelity.png`` under ``out_dir``. Loads the config's base and fine-tuned models (both in memory)."""
     config = load_rank_config(config_path)
-    identity = config["analysis_metadata"]["checkpoints"]
-    base_dir, ft_dir = identity["pretrained"]["path"], identity["finetuned"]["path"]
+    base_dir, ft_dir = config.checkpoints.pretrained.path, config.checkpoints.finetuned.path
     base, tokenizer = load_model(base_dir)
     finetuned, _ = load_model(ft_dir)
-    basis = DeltaBasis(CheckpointPair(base_dir, ft_dir), modules_from_config(config))
-    allocation = allocation_settings_of(config)
+    basis = DeltaBasis(CheckpointPair(base_dir, ft_dir), config.module_refs())
+    allocation = config.allocation_settings
     points = fidelity_sweep(base, finetuned, basis, load_spectra(spectra_files(svd_dir)),
                             eval_examples(eval_data_path, tokenizer, settings.eval_samples), tokenizer.pad_token_id,
                             taus=settings.taus, min_rank=allocation.min_rank, max_rank=allocation.max_rank)
@@ -168,41 +168,41 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
     of its own. Every config records the analysis' curvature, so warm starts use its truncation.
     """
     config = load_rank_config(config_path)
-    modules = modules_from_config(config)
-    curvature = config["analysis_metadata"].get("curvature", {})
+    modules = config.module_refs()
+    curvature = config.analysis_metadata.curvature
     files = spectra_files(svd_dir)
     if not budget_ranks:
-        split_half = {name: record["split_half_rank"] for name, record in config["analysis_metadata"]["modules"].items()
-                      if record.get("split_half_rank") is not None} or None
-        configs = allocation_configs(modules, load_spectra(files), config["base_parameters"],
-                                     allocation_settings_of(config), extra_metadata={"curvature": curvature},
+        split_half = {name: record.split_half_rank for name, record in config.modules.items()
+                      if record.split_half_rank is not None} or None
+        configs = allocation_configs(modules, load_spectra(files), config.base_parameters,
+                                     config.allocation_settings, extra_metadata={"curvature": curvature},
                                      split_half=split_half)
     else:
-        kind = (curvature.get("settings") or {}).get("spectrum", "weight")
-        spectra = {"weight": load_spectra(files, weight=True)}
-        if kind == "fisher":
-            spectra["input"] = input_weighted_spectra(config, modules, spectra["weight"])
-        if kind != "weight":
+        kind = config.spectrum_kind
+        spectra = {SpectrumKind.WEIGHT: load_spectra(files, weight=True)}
+        if kind.needs_output_factor:  # the same A factors give the input-weighted spectrum too
+            spectra[SpectrumKind.INPUT] = input_weighted_spectra(config, modules, spectra[SpectrumKind.WEIGHT])
+        if kind.weighted:
             spectra[kind] = load_spectra(files)
-        settings = allocation_settings_of(config)
-        alpha_policy = AlphaPolicy(**config.get("alpha_policy", {}))
+        settings = config.allocation_settings
+        alpha_policy = config.alpha_policy
         # min_rank 1, not the configured one: a budget of uniform rank 2 is below min_rank 4 everywhere.
-        configs = budget_matrix_configs(modules, spectra, budget_ranks, config["base_parameters"],
+        configs = budget_matrix_configs(modules, spectra, budget_ranks, config.base_parameters,
                                         alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                         extra_metadata={"curvature": curvature})
         estimate = "split_half_rank" if settings.noise_estimate == "split-half" else "signal_rank"
-        signal = {name: max(1, min(settings.max_rank, record[estimate]))
-                  for name, record in config["analysis_metadata"]["modules"].items()
-                  if record.get(estimate) is not None}
+        signal = {name: max(1, min(settings.max_rank, getattr(record, estimate)))
+                  for name, record in config.modules.items() if getattr(record, estimate) is not None}
         if len(signal) == len(modules):
-            configs["signal"] = config_from_ranks(modules, signal, config["base_parameters"], spectra=spectra["weight"],
+            configs["signal"] = config_from_ranks(modules, signal, config.base_parameters,
+                                                  spectra=spectra[SpectrumKind.WEIGHT],
                                                   alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                                   extra_metadata={"curvature": curvature, "allocation": "signal"})
     return {label: str(save_rank_config(Path(out_dir) / f"{label}.json", cfg)) for label, cfg in configs.items()}
 
 
 def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str], eval_data_path: str | Path,
-                        out_dir: str | Path, eval_samples: int = 200) -> FidelityTable:
+                        out_dir: str | Path, eval_samples: int) -> FidelityTable:
     """KL(fine-tuned || base + merged extracted adapter) of every compared config (label -> path, made by
     ``write_allocation_configs`` from the analysis config at ``analysis_config_path``), on held-out records.
 
@@ -215,29 +215,26 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     """
     analysis = load_rank_config(analysis_config_path)
     loaded = {label: load_rank_config(path) for label, path in configs.items()}
-    identity = analysis["analysis_metadata"]["checkpoints"]
-    pair_dirs = identity["pretrained"]["path"], identity["finetuned"]["path"]
-    modules = modules_from_config(analysis)
+    pair_dirs = analysis.checkpoints.pretrained.path, analysis.checkpoints.finetuned.path
+    modules = analysis.module_refs()
     base, tokenizer = load_model(pair_dirs[0], dtype=torch.float32)
     finetuned, _ = load_model(pair_dirs[1], dtype=torch.float32)
     reference = reference_outputs(finetuned, eval_examples(eval_data_path, tokenizer, eval_samples),
                                   tokenizer.pad_token_id)
     del finetuned
-    kind = (analysis["analysis_metadata"].get("curvature", {}).get("settings") or {}).get("spectrum", "weight")
     roots = config_curvature_roots(analysis, modules)
-    bases = {"weight": DeltaBasis(CheckpointPair(*pair_dirs), modules)}
+    bases = {SpectrumKind.WEIGHT: DeltaBasis(CheckpointPair(*pair_dirs), modules)}
     if roots is not None:
-        bases[kind] = DeltaBasis(CheckpointPair(*pair_dirs), modules, roots)
-    ceiling = fidelity_to(reference, bases["weight"].apply(base, {m.name: min(m.shape) for m in modules}))[0]
+        bases[analysis.spectrum_kind] = DeltaBasis(CheckpointPair(*pair_dirs), modules, roots)
+    ceiling = fidelity_to(reference, bases[SpectrumKind.WEIGHT].apply(base, {m.name: min(m.shape) for m in modules}))[0]
     rows = []
     for label, config in loaded.items():
-        ranks = {name: config["rank_pattern"][anchored_key(name)] for name in config["target_modules"]}
-        meta = config["analysis_metadata"]
+        meta = config.analysis_metadata
         for truncation, basis in bases.items():
-            kl = fidelity_to(reference, basis.apply(base, ranks))[0]
-            rows.append({"allocation": label, "method": meta.get("allocation", label),
-                         "budget_rank": meta.get("budget_rank"), "truncation": truncation,
-                         "trainable_parameters": config["trainable_parameters"], "kl": kl, "excess": kl - ceiling})
+            kl = fidelity_to(reference, basis.apply(base, config.ranks))[0]
+            rows.append({"allocation": label, "method": meta.allocation or label,
+                         "budget_rank": meta.budget_rank, "truncation": str(truncation),
+                         "trainable_parameters": config.trainable_parameters, "kl": kl, "excess": kl - ceiling})
     uniform_excess = {row["budget_rank"]: row["excess"] for row in rows
                       if row["method"] == "uniform" and row["truncation"] == "weight"}
     for row in rows:
@@ -249,31 +246,31 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     return FidelityTable(str(path), ceiling, rows)
 
 
-def comparability_check(config_path: str | Path, eval_data_path: str | Path, out_dir: str | Path, *,
-                        eval_samples: int = 64, rank: int = 2) -> ComparabilityReport:
-    """Are the spectra comparable across modules? Truncate each module alone to ``rank`` in the fine-tuned model
-    and measure the KL it adds on held-out records; Spearman of predicted vs measured, per spectrum: the weight
-    spectrum's discarded energy, and with a Fisher analysis also the input-weighted and the Fisher prediction
-    (½ T / T_resp times the discarded weighted energy, ``evidence.sensitivity``). Writes ``sensitivity.json`` and
-    the scatter plot ``sensitivity.png`` under ``out_dir``. Costs one forward pass over the records per module and
-    spectrum."""
+def comparability_check(config_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
+                        settings: ComparisonSettings) -> ComparabilityReport:
+    """Are the spectra comparable across modules? Truncate each module alone to ``settings.comparability_rank`` in
+    the fine-tuned model and measure the KL it adds on ``settings.comparability_records`` held-out records;
+    Spearman of predicted vs measured, per spectrum: the weight spectrum's discarded energy, and with a Fisher
+    analysis also the input-weighted and the Fisher prediction (½ T / T_resp times the discarded weighted energy,
+    ``evidence.sensitivity``). Writes ``sensitivity.json`` and the scatter plot ``sensitivity.png`` under
+    ``out_dir``. Costs one forward pass over the records per module and spectrum."""
+    eval_samples, rank = settings.comparability_records, settings.comparability_rank
     config = load_rank_config(config_path)
-    identity = config["analysis_metadata"]["checkpoints"]
-    pair_dirs = identity["pretrained"]["path"], identity["finetuned"]["path"]
-    modules = modules_from_config(config)
+    pair_dirs = config.checkpoints.pretrained.path, config.checkpoints.finetuned.path
+    modules = config.module_refs()
     finetuned, tokenizer = load_model(pair_dirs[1], dtype=torch.float32)
     examples = eval_examples(eval_data_path, tokenizer, eval_samples)
-    curvature = config["analysis_metadata"].get("curvature", {})
-    kind = (curvature.get("settings") or {}).get("spectrum", "weight")
+    curvature = config.analysis_metadata.curvature
+    kind = config.spectrum_kind
     bases = {"weight": (None, 1.0)}
     roots = config_curvature_roots(config, modules)  # the factors' eigendecompositions, once
-    if roots is not None and kind == "fisher":
+    if roots is not None and kind.needs_output_factor:
         shapes = {m.name: m.shape for m in modules}
         bases["input"] = ({name: (symmetric_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},
                           1.0)
-        bases["fisher"] = (roots, 0.5 * curvature["tokens"] / curvature["response_tokens"])
+        bases["fisher"] = (roots, 0.5 * curvature.tokens / curvature.response_tokens)
     elif roots is not None:
-        bases[kind] = (roots, 1.0)
+        bases[str(kind)] = (roots, 1.0)
     result = {}
     for name, (roots, scale) in bases.items():
         rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair_dirs), modules, roots), examples,
@@ -287,20 +284,20 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, out
 
 
 def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                       settings: FinetuneSettings, eval_samples: int = 200) -> float:
+                       settings: FinetuneSettings, eval_samples: int) -> float:
     """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
     return the held-out loss of the result (the reference of the comparison's gap closed)."""
     from ..finetune import run_preliminary_finetune
 
     n_records = len(load_records(train_path))
-    every_record = FinetuneSettings(**{**settings.to_dict(), "subset_ratio": 1.0, "max_samples": n_records})
+    every_record = settings.replace(subset_ratio=1.0, max_samples=n_records)
     result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
     model, tokenizer = load_model(result.finetuned_dir)
     return held_out_loss(model, eval_examples(eval_data_path, tokenizer, eval_samples), tokenizer.pad_token_id)
 
 
 def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
-                     eval_samples: int = 200) -> float:
+                     eval_samples: int) -> float:
     """Held-out loss (nats per response token) of base + adapter on a seeded sample of ``eval_data_path``."""
     from ..model import load_peft_checkpoint
 
@@ -332,15 +329,15 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
     metadata = {label: load_rank_config(path) for label, path in configs.items()}
 
     def uniform_of(label: str) -> str:
-        r = metadata[label]["analysis_metadata"].get("budget_rank")
+        r = metadata[label].analysis_metadata.budget_rank
         if r is not None:
             return f"r{r}-uniform"
         if "uniform" in metadata or label == "uniform":
             return "uniform"
         # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
-        uniforms = [u for u in metadata if metadata[u]["analysis_metadata"].get("allocation") == "uniform"]
-        own = metadata[label]["trainable_parameters"]
-        return min(uniforms, key=lambda u: abs(metadata[u]["trainable_parameters"] - own), default="uniform")
+        uniforms = [u for u in metadata if metadata[u].analysis_metadata.allocation == "uniform"]
+        own = metadata[label].trainable_parameters
+        return min(uniforms, key=lambda u: abs(metadata[u].trainable_parameters - own), default="uniform")
 
     def per_seed(label: str, init: str) -> dict[int, float]:
         return {seed: loss for (run_label, run_init, seed), loss in by_run.items() if (run_label, run_init) == (label, init)}
@@ -361,9 +358,9 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
             if full_mean is not None and cold_uniform:
                 baseline = mean_and_std(list(cold_uniform.values()))[0]
                 gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
-            meta = metadata[label]["analysis_metadata"]
-            rows.append({"allocation": label, "method": meta.get("allocation", label), "budget_rank": meta.get("budget_rank"),
-                         "init": init, "trainable_parameters": metadata[label]["trainable_parameters"],
+            meta = metadata[label].analysis_metadata
+            rows.append({"allocation": label, "method": meta.allocation or label, "budget_rank": meta.budget_rank,
+                         "init": init, "trainable_parameters": metadata[label].trainable_parameters,
                          "loss_mean": mean, "loss_std": std, "losses": [losses_by_seed[s] for s in seeds], "seeds": seeds,
                          "vs_uniform": _finite(paired_comparison([losses_by_seed[s] for s in paired],
                                                                  [reference[s] for s in paired]))
@@ -372,7 +369,7 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
     if full_finetune:
         seeds = sorted(full_finetune)
         mean, std = mean_and_std([full_finetune[s] for s in seeds])
-        base_parameters = next(iter(metadata.values()))["base_parameters"]
+        base_parameters = next(iter(metadata.values())).base_parameters
         rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
                      "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
                      "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})

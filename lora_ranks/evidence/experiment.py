@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ..checkpoints import ModuleRef
-from ..config import build_rank_config
+from ..config import RankConfig, build_rank_config
 from ..ranks import ModuleAllocation, allocate_ranks, lora_parameters
 from ..settings import AllocationSettings, AlphaPolicy
 from ..spectra import Spectrum
@@ -78,7 +78,7 @@ def allocations_at_budget(modules: Sequence[ModuleRef], spectra_by_kind: Mapping
 
 def config_from_ranks(modules: Sequence[ModuleRef], ranks: Mapping[str, int], base_parameters: int, *,
                       spectra: Mapping[str, Spectrum] | None = None, alpha_policy: AlphaPolicy = AlphaPolicy(),
-                      min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict:
+                      min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> RankConfig:
     """A rank config for given ranks (no rule applied: every stage of the allocation is ``ranks``); the energy each
     rank keeps is read from ``spectra`` when given (else recorded as 0)."""
     allocations = []
@@ -95,7 +95,8 @@ def config_from_ranks(modules: Sequence[ModuleRef], ranks: Mapping[str, int], ba
 
 def budget_matrix_configs(modules: Sequence[ModuleRef], spectra_by_kind: Mapping[str, Mapping[str, Spectrum]],
                           rank_budgets: Sequence[int], base_parameters: int, *, alpha_policy: AlphaPolicy = AlphaPolicy(),
-                          min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None) -> dict[str, dict]:
+                          min_rank: int = 1, max_rank: int = 64, extra_metadata: Mapping | None = None
+                          ) -> dict[str, RankConfig]:
     """Rank configs of every allocation of ``allocations_at_budget`` at each budget ``r`` (the parameters of uniform
     rank r), labelled ``r<r>-<allocation>`` (e.g. ``r4-budget-fisher``); each records its allocation and budget."""
     per_rank = sum(m.shape[0] + m.shape[1] for m in modules)

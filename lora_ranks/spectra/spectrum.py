@@ -34,7 +34,8 @@ Methods (``method=``):
     failed after 16 iterations and fell back to the Gram.
 
 The GPU is used when one is visible (``device=None``); a CUDA out-of-memory error on one matrix falls
-back to the CPU for that matrix and says so in ``Spectrum.device``.
+back to the CPU for that matrix and says so in ``Spectrum.cuda_oom_fallback`` (and, for people, in
+``Spectrum.device``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Spectrum:
         seconds: wall time of the computation.
         device: where it ran ("cpu", "cuda:0", "cpu (CUDA out of memory)").
         power_iters: subspace iterations used by the randomized method (0 otherwise).
+        cuda_oom_fallback: True when CUDA raised ``torch.OutOfMemoryError`` and the values were computed on the
+            CPU instead (what code tests; ``device`` says the same for people).
     """
 
     singular_values: np.ndarray
@@ -81,6 +84,7 @@ class Spectrum:
     seconds: float
     device: str = "cpu"
     power_iters: int = 0
+    cuda_oom_fallback: bool = False
 
     def cumulative_energy(self) -> np.ndarray:
         """Fraction of the total energy kept by the top r values, r = 1..k: ndarray (k,), float64."""
@@ -154,7 +158,7 @@ def compute_spectrum(
         torch.cuda.empty_cache()
         result = _compute_spectrum(delta, top_k, method, torch.device("cpu"), tol, oversample, power_iters,
                                    max_power_iters, seed)
-        return Spectrum(**{**result.__dict__, "device": "cpu (CUDA out of memory)"})
+        return Spectrum(**{**result.__dict__, "device": "cpu (CUDA out of memory)", "cuda_oom_fallback": True})
 
 
 def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, max_power_iters, seed) -> Spectrum:
