@@ -71,7 +71,7 @@ def main() -> None:
     from lora_ranks.evidence.experiment import budget_ranks
     from lora_ranks.finetune import run_preliminary_finetune
     from lora_ranks.loading import load_model
-    from lora_ranks.settings import FinetuneSettings
+    from lora_ranks.settings import FidelitySettings, FinetuneSettings
 
     train, eval_path = step_data(out)
     pair = step_analysis_pair(out, out / "base", train, argparse.Namespace(subset=0.2, ft_steps=60, ft_lr=3e-4))
@@ -86,7 +86,9 @@ def main() -> None:
 
     base, tokenizer = load_model(pair[0], dtype=torch.float32)
     finetuned, _ = load_model(pair[1], dtype=torch.float32)
-    reference = reference_outputs(finetuned, eval_examples(eval_path, tokenizer, 200), tokenizer.pad_token_id)
+    held_out = FidelitySettings()
+    reference = reference_outputs(finetuned, eval_examples(eval_path, tokenizer, held_out.eval_samples,
+                                                           held_out.eval_max_length), tokenizer.pad_token_id)
     ceiling = fidelity["ceiling_kl"]
     uniform_excess = {row["budget_rank"]: row["excess"] for row in fidelity["rows"]
                       if row["method"] == "uniform" and row["truncation"] == "weight"}

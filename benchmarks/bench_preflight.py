@@ -1,6 +1,6 @@
 """Benchmark: what the command line's preflight now costs before an analysis, side by side with the analysis.
 
-The preflight (``analysis.checks.check_pair``) reads every analyzed weight of both checkpoints once, to refuse NaN or
+The preflight (``AnalysisPlan.check_pair``) reads every analyzed weight of both checkpoints once, to refuse NaN or
 Inf and an identical pair before any layer file is written. This measures that read against the headers-only
 preflight and against the weight-spectrum analysis it guards (``analyze_checkpoints``), interleaved over rounds in
 one process, on a synthetic bf16 Qwen3-shaped pair (bench_analysis.py's shapes). Raw per-round seconds go to
@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
 
-    from lora_ranks.analysis import analyze_checkpoints, check_pair
-    from lora_ranks.settings import AllocationSettings, AnalysisSettings
+    from lora_ranks.analysis import AnalysisPlan, analyze_checkpoints
+    from lora_ranks.settings import AllocationSettings
     from lora_ranks.synthetic import write_planted_pair
 
     rounds = []
@@ -53,7 +53,7 @@ def main() -> None:
                 if what == "analysis":
                     analyze_checkpoints(base, ft, Path(tmp) / f"out{i}", settings=AllocationSettings())
                 else:
-                    check_pair(base, ft, AnalysisSettings(), AllocationSettings(), read_weights=what == "weights")
+                    AnalysisPlan(str(base), str(ft)).check_pair(read_weights=what == "weights")
                 times[what] = time.perf_counter() - start
             rounds.append(times)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}

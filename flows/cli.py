@@ -242,14 +242,10 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
     """Everything that can be checked before Prefect starts (it raises the project's error types): the output folder
     first (nothing of the user's is overwritten), then the device, the inputs and the numbers that depend on them."""
     _check_output(command, inputs, settings)
-    allocation = settings.get("allocation")
-    if (command != "demo" and allocation is not None and allocation.noise_estimate == "split-half"
-            and inputs.get("data_path") is None):
-        from lora_ranks.errors import LoraRanksError
-
-        raise LoraRanksError("--noise-estimate split-half needs --data (two more fine-tunes, on halves of its "
-                               "fine-tuning subset)")
-    if "analysis" in settings:
+    plan = _analysis_plan(command, inputs, settings)
+    if plan is not None and command != "demo":  # the demo builds its data in the flow
+        plan.check_inputs()  # the data the steps need (before any heavy import), then the device
+    elif "analysis" in settings:
         from lora_ranks.devices import resolve_device
 
         resolve_device(settings["analysis"].device)
@@ -283,23 +279,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
             from lora_ranks.data import load_records
 
             load_records(inputs[key])
-    if command == "analyze" or (command == "compare" and inputs.get("finetuned_model")):
-        from lora_ranks.analysis.checks import check_pair
-
-        check_pair(inputs["base_model"], inputs["finetuned_model"], settings["analysis"], allocation,
-                   allow_pickle=settings["safety"].allow_pickle, read_weights=True)
-        if settings["curvature"].resolved(inputs.get("data_path") is not None).spectrum != "weight":
-            from lora_ranks.checkpoints import resolve_model_path
-
-            _check_calibration(resolve_model_path(inputs["finetuned_model"]), inputs.get("data_path"), settings)
-    elif command in ("compare", "demo") and allocation is not None:
-        from lora_ranks.analysis.checks import check_before_finetune
-        from lora_ranks.synthetic import DEMO_BASE
-
-        base = inputs.get("base_model") or (DEMO_BASE if not inputs.get("vl") else None)
-        if base is not None:
-            safety = settings.get("safety", SafetySettings())
-            check_before_finetune(base, settings["analysis"], allocation, allow_pickle=safety.allow_pickle)
+    if plan is not None and plan.finetuned is not None:  # analyze, or compare on a given pair
+        plan.check_pair(read_weights=True)
+        plan.check_calibration()
+    elif plan is not None:  # compare or demo: the pair is still to be fine-tuned
+        plan.check_before_finetune()
     if command in ("finetune", "compare"):
         from lora_ranks.checkpoints import resolve_model_path
 
@@ -385,20 +369,25 @@ def _check_tokenizer(model: str) -> None:
                               f"{vocab:,} (vocab_size): ids past it cannot be embedded; is it another model's tokenizer?")
 
 
-def _check_calibration(model_dir, data_path, settings: dict) -> None:
-    """The calibration records of an input/fisher spectrum: given, readable, with enough tokens."""
-    from transformers import AutoTokenizer
+def _analysis_plan(command: str, inputs: dict, settings: dict):
+    """The ``AnalysisPlan`` the command's flow will run (None for commands without an analysis, and for the
+    vision-language demo, whose base the flow builds)."""
+    if "allocation" not in settings:
+        return None
+    base = inputs.get("base_model")
+    if command == "demo":
+        if inputs.get("vl"):
+            return None
+        from lora_ranks.synthetic import DEMO_BASE
 
-    from lora_ranks.analysis import calibration_examples
-    from lora_ranks.kfac import CalibrationError
-    from lora_ranks.loading import load_image_processor
+        base = DEMO_BASE
+    from lora_ranks.analysis.plan import AnalysisPlan
 
-    curvature = settings["curvature"]
-    if data_path is None:
-        raise CalibrationError(f"--spectrum {curvature.spectrum} needs calibration records: give --data (the "
-                               "fine-tuning data)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    calibration_examples(data_path, tokenizer, settings["finetune"], curvature, load_image_processor(model_dir))
+    safety = settings.get("safety", SafetySettings())
+    return AnalysisPlan(base, inputs.get("finetuned_model"), inputs.get("data_path"), allocation=settings["allocation"],
+                        alpha=settings["alpha"], analysis=settings["analysis"], curvature=settings["curvature"],
+                        finetune=settings.get("finetune", FinetuneSettings()), allow_pickle=safety.allow_pickle,
+                        trust_remote_code=safety.trust_remote_code)
 
 
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:
@@ -408,14 +397,15 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
                         inputs["overwrite"])
     if command in ("demo", "analyze"):
         from flows.svd_analysis import svd_analysis
+        from lora_ranks.analysis.layout import OutputLayout
 
         config_path = svd_analysis(**inputs, **settings)
-        out = Path(inputs["output_dir"]).resolve()
+        layout = OutputLayout(Path(inputs["output_dir"]).resolve())
         lines = [f"Rank config:        {config_path}",
-                 f"Plots:              {out / 'analysis_outputs' / 'svd' / 'plots'}",
-                 f"Raw data:           {out / 'analysis_outputs' / 'svd' / 'raw_data'}"]
+                 f"Plots:              {layout.plots_dir}",
+                 f"Raw data:           {layout.raw_data_dir}"]
         if command == "demo":
-            lines.append(f"Checkpoint pair:    {out / 'saved_models' / 'preliminary_finetune'}")
+            lines.append(f"Checkpoint pair:    {layout.finetune_dir}")
         return lines
     if command == "extract":
         from lora_ranks.extract import extract_lora
@@ -469,12 +459,12 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
 
     config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, overwrite=overwrite, **settings)
     config = load_rank_config(config_path)
-    out = Path(output_dir).resolve()
-    data = demo_data_path(OutputLayout(out).demo_inputs_dir, DEMO_VL_MODEL)
+    layout = OutputLayout(Path(output_dir).resolve())
+    data = demo_data_path(layout.demo_inputs_dir, DEMO_VL_MODEL)
     result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path,
-                                     rank_config=config_path, data_path=str(data), output_dir=str(out / "train"),
+                                     rank_config=config_path, data_path=str(data), output_dir=str(layout.train_dir),
                                      training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))
-    return [f"Rank config:        {config_path}", f"Plots:              {out / 'analysis_outputs' / 'svd' / 'plots'}",
+    return [f"Rank config:        {config_path}", f"Plots:              {layout.plots_dir}",
             f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
             f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]
 

@@ -89,11 +89,11 @@ def compare_allocations(
 
     # Step 1: train / held-out split (the demo model brings its own synthetic data).
     if base_model == DEMO_MODEL:
-        base_model, data_path = build_demo_inputs_task(str(layout.root / "demo_inputs"), data_path)
+        base_model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path)
     if data_path is None:
         raise ValueError("data_path is required (records to fine-tune, train and evaluate on)")
     if eval_data_path is None:
-        train_path, eval_data_path = split_data_task(data_path, str(layout.data_dir), comparison.eval_fraction)
+        train_path, eval_data_path = split_data_task(data_path, str(layout.root), comparison.eval_fraction)
     else:
         train_path = data_path
 
@@ -108,12 +108,11 @@ def compare_allocations(
     pretrained = pair.pretrained.path
 
     # Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check.
-    configs = allocation_configs_task(config_path, str(layout.analysis.svd_dir), str(layout.configs_dir),
-                                      comparison.budget_ranks)
+    configs = allocation_configs_task(config_path, str(layout.root), comparison.budget_ranks)
     if comparison.budget_ranks:
-        allocation_fidelity_task(config_path, configs, eval_data_path, str(layout.root), fidelity.eval_samples)
+        allocation_fidelity_task(config_path, configs, eval_data_path, str(layout.root), fidelity)
     if comparison.comparability:
-        comparability_check_task(config_path, eval_data_path, str(layout.root), comparison)
+        comparability_check_task(config_path, eval_data_path, str(layout.root), comparison, fidelity)
 
     # Step 4: train every config x init x seed (warm: from the adapter extracted at the config's ranks).
     finetuned = pair.finetuned.path
@@ -121,7 +120,7 @@ def compare_allocations(
     warm = {}
     if "warm" in inits:
         extracted = extract_lora_task.map(unmapped(pretrained), unmapped(finetuned), list(configs.values()),
-                                          [str(layout.root / "warm" / label) for label in configs],
+                                          [str(layout.warm_adapter_dir(label)) for label in configs],
                                           unmapped(safety.allow_pickle), unmapped(extraction))
         warm = dict(zip(configs, extracted.result()))
     runs = [(label, init, seed) for label in configs for init in inits for seed in comparison.seeds]
@@ -138,12 +137,12 @@ def compare_allocations(
         full = dict(zip(comparison.seeds, full_finetune_task.map(
             unmapped(pretrained), unmapped(train_path), unmapped(eval_data_path),
             [str(layout.run_dir("full-finetune", seed)) for seed in comparison.seeds], unmapped(reference),
-            list(comparison.seeds), unmapped(fidelity.eval_samples)).result()))
+            list(comparison.seeds), unmapped(fidelity)).result()))
 
     # Step 5: held-out loss.
     losses = evaluate_adapter_task.map([pretrained] * len(runs), [t.result().adapter_dir for t in trained],
                                        [eval_data_path] * len(runs), [f"{label}-{init}" for label, init, _ in runs],
-                                       [seed for _, _, seed in runs], unmapped(fidelity.eval_samples)).result()
+                                       [seed for _, _, seed in runs], unmapped(fidelity)).result()
 
     # Step 6: report.
     report = comparison_report_task(str(layout.root), configs, runs, losses,

@@ -5,7 +5,8 @@ Steps:
        as this tool's (``lora_ranks.outputs``);
     1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"`` (or
        ``"demo:tiny-qwen25-vl"``, the vision-language demo);
-    2. with an input or fisher spectrum, check the calibration records (the fine-tuning data) before fine-tuning;
+    2. the analysis plan (``lora_ranks.analysis.AnalysisPlan``): the device, the data the steps need and, with an
+       input or fisher spectrum, the calibration records (the fine-tuning data), checked before fine-tuning;
     3. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
     4. preflight the pair (every problem its headers show, in one error), discover target modules by layer and
        fingerprint each layer's weights (``fingerprint-layer``, fanned out with ``.map``);
@@ -24,7 +25,6 @@ identical whichever runner is used.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,8 +36,7 @@ from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
 
-from lora_ranks.analysis import OutputLayout  # noqa: E402
-from lora_ranks.kfac import CalibrationError  # noqa: E402
+from lora_ranks.analysis import AnalysisPlan, OutputLayout, StepClock  # noqa: E402
 from lora_ranks.settings import (  # noqa: E402
     INPUT_HELP,
     AllocationSettings,
@@ -53,7 +52,7 @@ from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
     check_before_finetune_task,
-    check_calibration_task,
+    check_inputs_task,
     collect_curvature_task,
     curvature_result_is_current,
     discover_layers,
@@ -90,7 +89,7 @@ def svd_analysis(
     Returns the path of ``configs/lora_rank_config.json`` under ``output_dir``.
     """
     logger = get_run_logger()
-    started = time.time()
+    clock = StepClock()
     layout = OutputLayout(Path(claim_output_task(output_dir, "svd-analysis", {
         "base_model": base_model, "finetuned_model": finetuned_model, "data_path": data_path,
         "eval_data_path": eval_data_path}, overwrite)))
@@ -101,33 +100,29 @@ def svd_analysis(
         if finetuned_model is None:  # the tiny demo set is small: train on a fifth of it, at a higher rate
             finetune = demo_finetune_settings(finetune)
 
-    # Step 2: the calibration records a curvature spectrum needs, checked before any fine-tuning; the split-half
-    # noise estimate needs the fine-tuning data too.
-    curvature = curvature.resolved(data_path is not None)
-    if curvature.spectrum != "weight":
-        check_calibration_task(base_model, data_path, curvature, finetune, safety.trust_remote_code)
-    if allocation.noise_estimate == "split-half" and data_path is None:
-        raise CalibrationError("noise_estimate split-half needs data_path (two more fine-tunes, on halves of its "
-                               "fine-tuning subset)")
+    # Step 2: the plan, and what it needs checked before any fine-tuning (data, calibration records).
+    plan = AnalysisPlan(base_model, finetuned_model, data_path, allocation=allocation, alpha=alpha, analysis=analysis,
+                        curvature=curvature, finetune=finetune, allow_pickle=safety.allow_pickle,
+                        trust_remote_code=safety.trust_remote_code)
+    check_inputs_task(plan)
 
     # Step 3: preliminary fine-tune (the device and the budget checked against the base first).
     if finetuned_model is None:
-        if data_path is None:
-            raise ValueError("data_path is required to fine-tune (or pass finetuned_model to skip fine-tuning)")
-        check_before_finetune_task(base_model, analysis, allocation, safety.allow_pickle)
+        check_before_finetune_task(plan)
         ft = preliminary_finetune_task(base_model, data_path, str(layout.finetune_dir), finetune,
                                        safety.trust_remote_code)
-        base_model, finetuned_model = ft.pretrained_dir, ft.finetuned_dir
+        plan = plan.with_pair(ft.pretrained_dir, ft.finetuned_dir)
+    base_model, finetuned_model, curvature = plan.base, plan.finetuned, plan.curvature
 
     # Step 4: preflight and layers.
-    layers = discover_layers(base_model, finetuned_model, analysis, safety.allow_pickle, allocation)
+    layers = discover_layers(plan)
     names, groups = list(layers.keys()), list(layers.values())
     digests = fingerprint_layer.map(names, groups, unmapped(base_model), unmapped(finetuned_model),
                                     unmapped(safety.allow_pickle))
 
     # Step 5: curvature factors from the fine-tuned model (input and fisher spectra), cached like the layers.
     factors = None
-    if curvature.spectrum != "weight":
+    if plan.spectrum.weighted:
         modules = [m for group in groups for m in group]
         collect = collect_curvature_task.with_options(refresh_cache=True) if refresh else collect_curvature_task
         kwargs = dict(finetuned=finetuned_model, data_path=data_path, modules=modules, svd_dir=str(layout.svd_dir),
@@ -137,6 +132,7 @@ def svd_analysis(
         if not curvature_result_is_current(factors):
             logger.warning("Recollecting curvature factors whose cached files are missing or changed")
             factors = collect_curvature_task.with_options(refresh_cache=True)(**kwargs)
+    clock.mark_discovered()
 
     # Step 6: one SVD task per layer, cached by the layer's content and the numerics.
     analyze = analyze_layer_task.with_options(refresh_cache=True) if refresh else analyze_layer_task
@@ -162,6 +158,7 @@ def svd_analysis(
                "curvature_digest": [shared["curvature_digest"][i] for i in stale]})
         for i, result in zip(stale, redo.result()):
             results[i] = result
+    clock.mark_spectra_done()
 
     # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share;
     # the rank config.
@@ -171,17 +168,16 @@ def svd_analysis(
                                            safety.trust_remote_code)
         split_half = split_half_ranks_task(base_model, *halves, [m for group in groups for m in group],
                                            allocation.max_rank, safety.allow_pickle)
-    config_path = assemble_rank_config_task(base_model, finetuned_model, layers, results, allocation,
-                                            str(layout.config_path), alpha, analysis, started, safety.allow_pickle,
-                                            curvature, factors, data_path if factors else None, split_half)
+    config_path = assemble_rank_config_task(plan, layers, results, str(layout.config_path), clock.timings(results),
+                                            factors, split_half)
 
     # Step 8: plots, raw data, UI artifacts (and the optional fidelity report).
-    write_report_task(config_path, str(layout.svd_dir), results)
+    write_report_task(config_path, str(layout.root), results)
     if fidelity.fidelity_report:
         eval_data = eval_data_path or data_path
         if eval_data is None:
             raise ValueError("the fidelity report needs eval_data_path (or data_path) to evaluate on")
-        fidelity_report_task(config_path, str(layout.svd_dir), eval_data, str(layout.fidelity_dir), fidelity)
+        fidelity_report_task(config_path, str(layout.root), eval_data, fidelity)
     logger.info("Rank config: %s", config_path)
     logger.info("Plots and raw data: %s", layout.svd_dir)
     return config_path

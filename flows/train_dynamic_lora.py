@@ -10,7 +10,6 @@ Steps:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 from flows._runtime import apply_defaults, described, documented
@@ -21,7 +20,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
-from lora_ranks.train import TrainResult, warm_start_source  # noqa: E402
+from lora_ranks.train import TrainLayout, TrainResult, warm_start_source  # noqa: E402
 from tasks.outputs import claim_output_task  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
@@ -40,20 +39,20 @@ def train_dynamic_lora_flow(
     overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> TrainResult:
     """Train a heterogeneous-rank LoRA; returns where the adapter and metrics are."""
-    out = Path(claim_output_task(output_dir, "train-dynamic-lora", {
+    layout = TrainLayout(claim_output_task(output_dir, "train-dynamic-lora", {
         "model": model, "rank_config": rank_config, "data_path": data_path, "warm_start_from": warm_start_from},
         overwrite))
     # Step 1: the SVD warm start (training.init "warm"): extracted from the fine-tuned model the ranks came from.
     init_from = None
     source = warm_start_source(load_rank_config(rank_config), warm_start_from, training.init)
     if source is not None:
-        init_from = extract_lora_task(model, str(source), rank_config, str(out / "warm_start_adapter"),
+        init_from = extract_lora_task(model, str(source), rank_config, str(layout.warm_start_dir),
                                       safety.allow_pickle, extraction)
     elif training.init == "warm":
         get_run_logger().warning("No fine-tuned model to warm-start from (the rank config records none that exists, "
                                  "and warm_start_from is not set): training from PEFT's init")
     # Step 2: train.
-    return train_dynamic_lora_task(model, rank_config, data_path, str(out), training, init_from,
+    return train_dynamic_lora_task(model, rank_config, data_path, str(layout.root), training, init_from,
                                    safety.trust_remote_code)
 
 

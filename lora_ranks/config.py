@@ -488,8 +488,9 @@ def load_rank_config(path: str | Path) -> RankConfig:
     """
     path = Path(path)
     if path.is_dir():
-        inside = next((p for p in (path / "lora_rank_config.json", path / "configs" / "lora_rank_config.json")
-                       if p.is_file()), None)
+        from .analysis.layout import OutputLayout
+
+        inside = next((p for p in (path / "lora_rank_config.json", OutputLayout(path).config_path) if p.is_file()), None)
         raise RankConfigError(f"rank config {path} is a folder; give the rank config file"
                               + (f": {inside}" if inside else " (lora_rank_config.json)"))
     if not path.is_file():

@@ -210,7 +210,7 @@ def _prompt_and_response(record: dict, tokenizer) -> list[tuple[str, bool]]:
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def tokenize_record(record: dict, tokenizer, max_length: int = 256, *, image_processor=None,
+def tokenize_record(record: dict, tokenizer, max_length: int, *, image_processor=None,
                     base_dir: str | Path | None = None) -> dict:
     """Token ids and labels for one record; labels are -100 on prompt tokens. An EOS ends the response.
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-__all__ = ["LoraRanksError", "is_user_error", "is_transient", "list_problems", "summarize_problems"]
+__all__ = ["LoraRanksError", "CalibrationError", "is_user_error", "is_transient", "list_problems", "summarize_problems"]
 
 
 class LoraRanksError(ValueError):
     """A problem with the user's input; the message names what is wrong and where."""
+
+
+class CalibrationError(LoraRanksError):
+    """The calibration records cannot give curvature factors (missing, empty, too few tokens)."""
 
 
 def list_problems(what: str, problems: Sequence[str], limit: int = 20) -> str:

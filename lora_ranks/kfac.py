@@ -37,16 +37,12 @@ import torch
 
 from .checkpoints import ModuleRef
 from .data import IGNORE_INDEX, collate
-from .errors import LoraRanksError
+from .errors import CalibrationError, LoraRanksError  # noqa: F401  (CalibrationError re-exported)
 
 __all__ = ["CurvatureFactors", "collect_curvature", "plan_passes", "factor_bytes", "sample_labels",
            "calibration_tokens", "CalibrationError"]
 
 CurvatureKind = Literal["input", "fisher"]
-
-
-class CalibrationError(LoraRanksError):
-    """The calibration records cannot give curvature factors (missing, empty, too few tokens)."""
 
 
 @dataclass
@@ -130,11 +126,11 @@ def collect_curvature(
     pad_token_id: int,
     modules: Sequence[ModuleRef],
     *,
-    kind: CurvatureKind = "fisher",
-    samples: int = 4,
-    seed: int = 0,
-    batch_size: int = 8,
-    memory_bytes: int = 4 << 30,
+    kind: CurvatureKind,
+    samples: int,
+    seed: int,
+    batch_size: int,
+    memory_bytes: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[str, dict[str, CurvatureFactors]]]:
     """Yield ``(layer, {module name: CurvatureFactors})`` for every layer of ``modules``, in depth order.

@@ -3,7 +3,7 @@
 Also the markdown of the UI summaries (plots embedded as data URIs, so that they render on a Prefect artifact
 page without a file server).
 
-Files written under ``<out>/``::
+Files written where ``analysis.OutputLayout`` puts them, under ``<root>/analysis_outputs/svd/``::
 
     plots/singular_values.png   # s_i / s_1 per module type, one line per layer, chosen ranks marked
     plots/cumulative_energy.png # kept energy vs rank per module type, with tau
@@ -29,6 +29,7 @@ from ._io import atomic_write, atomic_write_bytes, atomic_write_json
 from .spectra import Spectrum, SpectrumKind
 
 if TYPE_CHECKING:
+    from .analysis.layout import OutputLayout
     from .config import RankConfig
 
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
@@ -61,31 +62,30 @@ def _module_rows(config: RankConfig) -> list[dict]:
             for name, record in config.modules.items()]
 
 
-def write_raw_data(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
-    """Write the singular values (npz) and per-module summary (CSV and JSON); return their paths."""
-    raw = Path(out_dir) / "raw_data"
+def write_raw_data(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+    """Write the singular values (npz) and per-module summary (CSV and JSON) where ``layout`` puts them; return their
+    paths."""
     arrays = {name: s.singular_values for name, s in spectra.items()}
     arrays["__total_energy__"] = np.array([spectra[n].total_energy for n in spectra])
     arrays["__module_names__"] = np.array(list(spectra))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    paths = {"singular_values_npz": str(atomic_write_bytes(raw / "singular_values.npz", buffer.getvalue()))}
+    paths = {"singular_values_npz": str(atomic_write_bytes(layout.singular_values_path, buffer.getvalue()))}
     rows = _module_rows(config)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
-    paths["summary_csv"] = str(atomic_write_bytes(raw / "summary.csv", text.getvalue().encode()))
-    paths["summary_json"] = str(atomic_write_json(raw / "summary.json", rows))
+    paths["summary_csv"] = str(atomic_write_bytes(layout.summary_csv_path, text.getvalue().encode()))
+    paths["summary_json"] = str(atomic_write_json(layout.summary_json_path, rows))
     return paths
 
 
-def write_plots(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
-    """Write the three analysis plots (PNG, 110 dpi); return their paths."""
+def write_plots(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
+    """Write the three analysis plots (PNG, 110 dpi) where ``layout`` puts them; return their paths by name."""
     plt = _pyplot()
 
-    plots = Path(out_dir) / "plots"
     modules = config.modules
     tau = config.allocation_settings.energy_threshold
     types = list(dict.fromkeys(m.module_type for m in modules.values()))
@@ -96,7 +96,7 @@ def write_plots(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, S
     paths: dict[str, str] = {}
 
     def save(fig, name: str) -> None:
-        paths[name.removesuffix(".png")] = _save_png(fig, plots / name)
+        paths[name] = _save_png(fig, layout.plot_path(name))
 
     for kind in ("singular_values", "cumulative_energy"):
         fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
@@ -142,7 +142,7 @@ def write_plots(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, S
                  if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        save(fig, f"{kind}.png")
+        save(fig, kind)
 
     grid = np.full((len(depths), len(types)), np.nan)
     for meta in modules.values():
@@ -158,11 +158,11 @@ def write_plots(out_dir: str | Path, config: RankConfig, spectra: Mapping[str, S
     fig.colorbar(image, ax=ax, label="LoRA rank")
     ax.set_title("Final LoRA rank per layer and module", fontsize=10)
     fig.tight_layout()
-    save(fig, "rank_heatmap.png")
+    save(fig, "rank_heatmap")
     return paths
 
 
-def write_fidelity_plot(out_dir: str | Path, points) -> str:
+def write_fidelity_plot(path: str | Path, points) -> str:
     """Trainable parameters vs mean KL to the fine-tuned model, one line per allocation method (PNG path)."""
     fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
     for method, style in (("energy", "o-"), ("budget", "s--"), ("uniform", "^:")):
@@ -179,10 +179,10 @@ def write_fidelity_plot(out_dir: str | Path, points) -> str:
     ax.legend()
     ax.set_title("Fidelity of extracted adapters vs parameters", fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, Path(out_dir) / "fidelity.png")
+    return _save_png(fig, Path(path))
 
 
-def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
+def write_comparison_plot(path: str | Path, rows: list[dict]) -> str:
     """Held-out loss (mean +- std over seeds) per allocation and init, as horizontal bars (PNG path)."""
     fig, ax = _pyplot().subplots(figsize=(6.5, 1.2 + 0.42 * len(rows)))
     labels = [f"{r['allocation']}, {r.get('init', 'warm')} ({r['trainable_parameters']:,})" for r in rows]
@@ -197,7 +197,7 @@ def write_comparison_plot(out_dir: str | Path, rows: list[dict]) -> str:
     ax.set_xlabel("held-out loss (nats/token)")
     ax.set_title("LoRAs at equal parameter budgets (trainable parameters in brackets)", fontsize=9)
     fig.tight_layout()
-    return _save_png(fig, Path(out_dir) / "comparison.png")
+    return _save_png(fig, Path(path))
 
 
 def markdown_image(path: str | Path, alt: str) -> str:
@@ -263,7 +263,7 @@ def allocation_fidelity_markdown(rows: Sequence[dict], ceiling_kl: float) -> str
                         f"{ratio(r)} |" for r in rows]])
 
 
-def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict]) -> str:
+def write_sensitivity_plot(path: str | Path, sensitivity: Mapping[str, dict]) -> str:
     """Predicted vs measured KL of truncating one module at a time, one panel per spectrum (log-log; colour =
     depth), with Spearman's correlation in each title (PNG path).
 
@@ -287,4 +287,4 @@ def write_sensitivity_plot(out_dir: str | Path, sensitivity: Mapping[str, dict])
         ax.set_title(f"{kind}: Spearman {sensitivity[kind]['spearman']:.2f}", fontsize=9)
     fig.suptitle("One module truncated to rank 2: predicted vs measured loss increase (colour: depth)", fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, Path(out_dir) / "sensitivity.png")
+    return _save_png(fig, Path(path))

@@ -368,7 +368,9 @@ class FidelitySettings(Settings):
     taus: tuple[float, ...] = Field((0.5, 0.7, 0.8, 0.9, 0.95, 0.99), min_length=1)
     """Energy thresholds of the sweep."""
     eval_samples: int = Field(200, ge=1)
-    """Held-out records evaluated."""
+    """Held-out records evaluated (the fidelity report, the comparison's held-out loss and fidelity)."""
+    eval_max_length: int = Field(256, ge=1)
+    """Tokens per held-out record evaluated (longer records are truncated); 256 is training's default max_length."""
 
     @field_validator("taus")
     @classmethod

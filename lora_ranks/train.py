@@ -23,7 +23,7 @@ from .loading import load_image_processor
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
 from .settings import LoRATrainingSettings
 
-__all__ = ["TrainResult", "train_dynamic_lora", "warm_start_source"]
+__all__ = ["TrainLayout", "TrainResult", "train_dynamic_lora", "warm_start_source"]
 
 
 @dataclass
@@ -43,6 +43,33 @@ class TrainResult:
     @property
     def trainable_share(self) -> float:
         return self.trainable_parameters / self.total_parameters
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """The folders and files of one LoRA training run under ``root``::
+
+        <root>/adapter/                 # the trained adapter (with its rank config)
+        <root>/training_metrics.json    # losses, parameter counts, settings
+        <root>/warm_start_adapter/      # the SVD warm start extracted for it (init warm)
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "training_metrics.json"
+
+    @property
+    def warm_start_dir(self) -> Path:
+        return self.root / "warm_start_adapter"
 
 
 def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | None, init: str) -> Path | None:
@@ -85,7 +112,7 @@ def train_dynamic_lora(
             default init (SVD warm start); its ranks are validated against its own rank config.
     """
     start = time.perf_counter()
-    out = Path(out_dir)
+    layout = TrainLayout(out_dir)
     config = DynamicLoRAConfig.from_file(rank_config_path, lora_dropout=settings.lora_dropout)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(settings.seed)
@@ -107,7 +134,7 @@ def train_dynamic_lora(
                                   progress=progress, desc="dynamic LoRA")
     # PEFT's count: a packed 4-bit weight stores two parameters per element (numel() would count half of them).
     trainable, total = model.get_nb_trainable_parameters()
-    adapter_dir = save_adapter(model, out / "adapter", config,
+    adapter_dir = save_adapter(model, layout.adapter_dir, config,
                                {"made_by": "train", "base": str(model_name), "quantization": settings.quantization})
     metrics = {
         "model": str(model_name), "rank_config": str(rank_config_path), "data": str(data_path),
@@ -117,6 +144,6 @@ def train_dynamic_lora(
         "settings": settings.to_dict(), "device": str(dev), "bf16": use_bf16, "losses": losses,
         "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start,
     }
-    metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
+    metrics_path = atomic_write_json(layout.metrics_path, metrics)
     return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
                        serving_problems(read_adapter(adapter_dir, weights=False)))

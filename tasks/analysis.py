@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,11 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from lora_ranks.analysis import (
+    AnalysisPlan,
     CurvatureResult,
     LayerResult,
     analyze_layer,
-    assemble_rank_config,
-    calibration_examples,
-    check_before_finetune,
-    check_pair,
     collect_layer_curvature,
-    curvature_record,
     layer_file_fingerprint,
     layer_file_name,
     numerics_identity,
@@ -36,26 +31,25 @@ from lora_ranks.analysis import (
     zero_delta_message,
 )
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef
-from lora_ranks.settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
+from lora_ranks.config import Timings
+from lora_ranks.settings import AnalysisSettings, CurvatureSettings, FinetuneSettings
 from lora_ranks.spectra import default_device, resolve_method
 from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
 
 @task(name="discover-layers", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient)
-def discover_layers(base: str, finetuned: str, analysis: AnalysisSettings, allow_pickle: bool = False,
-                    allocation: AllocationSettings = AllocationSettings()) -> OrderedDict[str, list[ModuleRef]]:
+def discover_layers(plan: AnalysisPlan) -> OrderedDict[str, list[ModuleRef]]:
     """Preflight the pair (the device, every problem its headers show in one error, the budget) and list the target
     modules by layer."""
-    layers = check_pair(base, finetuned, analysis, allocation, allow_pickle=allow_pickle, read_weights=False)
+    layers = plan.check_pair(read_weights=False)
     get_run_logger().info("Found %d target modules in %d layers", sum(len(v) for v in layers.values()), len(layers))
     return layers
 
 
 @task(name="check-before-finetune")
-def check_before_finetune_task(base: str, analysis: AnalysisSettings, allocation: AllocationSettings,
-                               allow_pickle: bool = False) -> None:
+def check_before_finetune_task(plan: AnalysisPlan) -> None:
     """The device and the budget, checked against the base before the fine-tune runs."""
-    check_before_finetune(base, analysis, allocation, allow_pickle=allow_pickle)
+    plan.check_before_finetune()
 
 
 @task(name="fingerprint-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
@@ -79,21 +73,12 @@ def split_half_ranks_task(pretrained: str, half_a: str, half_b: str, modules: li
     return ranks
 
 
-@task(name="check-calibration")
-def check_calibration_task(model: str, data_path: str | None, curvature: CurvatureSettings, subset: FinetuneSettings,
-                           trust_remote_code: bool = False) -> int:
-    """Before any fine-tuning: the calibration records a curvature spectrum needs exist and have enough tokens
-    (the model's tokenizer counts them). Returns the number of calibration records."""
-    from transformers import AutoTokenizer
-
-    from lora_ranks.checkpoints import resolve_model_path
-    from lora_ranks.kfac import CalibrationError
-    from lora_ranks.loading import load_image_processor
-
-    if data_path is None:
-        raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records: give data_path")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)), trust_remote_code=trust_remote_code)
-    return len(calibration_examples(data_path, tokenizer, subset, curvature, load_image_processor(model)))
+@task(name="check-inputs")
+def check_inputs_task(plan: AnalysisPlan) -> int:
+    """Before any fine-tuning: the device, the data the steps need and, for a curvature spectrum, calibration records
+    with enough tokens. Returns the number of calibration records (0 for the weight spectrum)."""
+    plan.check_inputs()
+    return plan.check_calibration()
 
 
 def _device_type(device: str | None) -> str:
@@ -182,21 +167,13 @@ def layer_result_is_current(result: LayerResult) -> bool:
 
 
 @task(name="assemble-rank-config")
-def assemble_rank_config_task(base: str, finetuned: str, layers: OrderedDict[str, list[ModuleRef]],
-                              results: list[LayerResult], settings: AllocationSettings, config_path: str,
-                              alpha_policy: AlphaPolicy, analysis: AnalysisSettings, started: float,
-                              allow_pickle: bool = False, curvature: CurvatureSettings = CurvatureSettings(),
-                              curvature_result: CurvatureResult | None = None, calibration_data: str | None = None,
+def assemble_rank_config_task(plan: AnalysisPlan, layers: OrderedDict[str, list[ModuleRef]], results: list[LayerResult],
+                              config_path: str, timings: Timings, curvature_result: CurvatureResult | None = None,
                               split_half: dict[str, dict] | None = None) -> str:
     """Allocate ranks from every layer's spectra and write the validated config atomically."""
-    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
     modules = [m for mods in layers.values() for m in mods]
-    extra = {"analysis": analysis.to_dict(), "curvature": curvature_record(curvature, curvature_result, calibration_data),
-             "timings": {"analysis_seconds": time.time() - started,
-                         "layer_task_seconds": {r.layer: r.seconds for r in results}}}
-    config, _ = assemble_rank_config(pair, modules, results, settings, config_path, alpha_policy=alpha_policy,
-                                     extra_metadata=extra, split_half=split_half)
-    meta = config.analysis_metadata
+    config = plan.assemble(modules, results, config_path, curvature_result, split_half, timings)
+    meta, settings = config.analysis_metadata, plan.allocation
     logger = get_run_logger()
     if meta.zero_delta_modules:
         logger.warning(zero_delta_message(meta.zero_delta_modules, settings.min_rank))

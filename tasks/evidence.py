@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from lora_ranks.analysis import OutputLayout
 from lora_ranks.evidence import (
     ComparabilityReport,
     ComparisonLayout,
@@ -26,16 +27,15 @@ from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSe
 
 
 @task(name="split-data")
-def split_data_task(data_path: str, out_dir: str, eval_fraction: float, seed: int = 0) -> tuple[str, str]:
+def split_data_task(data_path: str, comparison_root: str, eval_fraction: float, seed: int = 0) -> tuple[str, str]:
     """Shuffle records (seeded) into train.jsonl / eval.jsonl; the eval records are never trained on."""
-    return split_records(data_path, out_dir, eval_fraction, seed)
+    return split_records(data_path, ComparisonLayout(comparison_root), eval_fraction, seed)
 
 
 @task(name="fidelity-report")
-def fidelity_report_task(config_path: str, svd_dir: str, eval_data_path: str, out_dir: str,
-                         settings: FidelitySettings) -> str:
+def fidelity_report_task(config_path: str, analysis_root: str, eval_data_path: str, settings: FidelitySettings) -> str:
     """Fidelity sweep (tau, budget, uniform) of extracted adapters on held-out records; JSON + plot + artifacts."""
-    report = run_fidelity_report(config_path, svd_dir, eval_data_path, out_dir, settings)
+    report = run_fidelity_report(config_path, OutputLayout(analysis_root), eval_data_path, settings)
     create_table_artifact(key="fidelity-table", table=report.rows, description="Fidelity of extracted adapters")
     create_markdown_artifact(key="fidelity-curve", markdown="# Fidelity vs parameters\n\n"
                              + markdown_image(report.plot_path, "fidelity") + "\n",
@@ -45,17 +45,18 @@ def fidelity_report_task(config_path: str, svd_dir: str, eval_data_path: str, ou
 
 
 @task(name="allocation-configs")
-def allocation_configs_task(config_path: str, svd_dir: str, out_dir: str, budget_ranks: tuple[int, ...] = ()) -> dict[str, str]:
+def allocation_configs_task(config_path: str, comparison_root: str, budget_ranks: tuple[int, ...]) -> dict[str, str]:
     """The compared rank configs: uniform / energy / budget at the analysis config's parameter count, or every
     allocation at each of ``budget_ranks``."""
-    return write_allocation_configs(config_path, svd_dir, out_dir, budget_ranks)
+    return write_allocation_configs(config_path, ComparisonLayout(comparison_root), budget_ranks)
 
 
 @task(name="allocation-fidelity")
-def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str], eval_data_path: str, out_dir: str,
-                             eval_samples: int) -> FidelityTable:
+def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str], eval_data_path: str,
+                             comparison_root: str, settings: FidelitySettings) -> FidelityTable:
     """KL of every compared config's extracted adapter to the fine-tuned model (plain and loss-aware truncation)."""
-    table = allocation_fidelity(analysis_config_path, configs, eval_data_path, out_dir, eval_samples)
+    table = allocation_fidelity(analysis_config_path, configs, eval_data_path, ComparisonLayout(comparison_root),
+                                settings)
     create_markdown_artifact(key="allocation-fidelity", markdown=allocation_fidelity_markdown(table.rows, table.ceiling_kl),
                              description="KL to the fine-tuned model of each compared config's extracted adapter")
     get_run_logger().info("Allocation fidelity: %s", table.json_path)
@@ -63,10 +64,10 @@ def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str],
 
 
 @task(name="comparability-check")
-def comparability_check_task(config_path: str, eval_data_path: str, out_dir: str,
-                             settings: ComparisonSettings) -> ComparabilityReport:
+def comparability_check_task(config_path: str, eval_data_path: str, comparison_root: str,
+                             settings: ComparisonSettings, fidelity: FidelitySettings) -> ComparabilityReport:
     """Predicted vs measured KL of truncating one module at a time; Spearman per spectrum and a scatter plot."""
-    report = comparability_check(config_path, eval_data_path, out_dir, settings)
+    report = comparability_check(config_path, eval_data_path, ComparisonLayout(comparison_root), settings, fidelity)
     create_markdown_artifact(key="comparability", markdown="# Comparable across modules?\n\nSpearman of predicted vs "
                              "measured KL: " + ", ".join(f"{k} {v:.2f}" for k, v in report.spearman.items()) + "\n\n"
                              + markdown_image(report.plot_path, "comparability") + "\n",
@@ -78,24 +79,24 @@ def comparability_check_task(config_path: str, eval_data_path: str, out_dir: str
 
 @task(name="evaluate-adapter", task_run_name="evaluate-{label}-seed{seed}")
 def evaluate_adapter_task(base_model: str, adapter_dir: str, eval_data_path: str, label: str, seed: int,
-                          eval_samples: int) -> float:
+                          settings: FidelitySettings) -> float:
     """Held-out loss (nats per response token) of base + adapter."""
-    return evaluate_adapter(base_model, adapter_dir, eval_data_path, eval_samples)
+    return evaluate_adapter(base_model, adapter_dir, eval_data_path, settings)
 
 
 @task(name="full-finetune-reference", task_run_name="full-finetune-seed{seed}")
 def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, out_dir: str, settings: FinetuneSettings,
-                       seed: int, eval_samples: int) -> float:
+                       seed: int, fidelity: FidelitySettings) -> float:
     """Held-out loss of every parameter fine-tuned as long as the LoRAs train (the comparison's reference)."""
-    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir, settings.replace(seed=seed), eval_samples)
+    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir, settings.replace(seed=seed), fidelity)
 
 
 @task(name="comparison-report")
-def comparison_report_task(out_dir: str, configs: dict[str, str], runs: list[tuple[str, str, int]], losses: list[float],
+def comparison_report_task(comparison_root: str, configs: dict[str, str], runs: list[tuple[str, str, int]], losses: list[float],
                            details: dict, reference_init: str = "warm",
                            full_finetune: dict[int, float] | None = None) -> ComparisonReport:
     """results.json, comparison.png and the UI artifacts of the comparison."""
-    report = comparison_report(ComparisonLayout(out_dir), configs, runs, losses, details, reference_init, full_finetune)
+    report = comparison_report(ComparisonLayout(comparison_root), configs, runs, losses, details, reference_init, full_finetune)
     create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k != "losses"}
                                                               for r in report.rows],
                           description="Held-out loss at equal trainable parameters")

@@ -2,6 +2,7 @@
 against exact and brute-force references."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from lora_ranks.data import tokenize_record
 from lora_ranks.kfac import CalibrationError, collect_curvature, plan_passes, sample_labels
 from lora_ranks.spectra.weighted import symmetric_root, weighted_spectrum, weighted_truncation_factors
 from lora_ranks.synthetic import synthetic_records, train_tokenizer
+
+#: ``collect_curvature``'s options for these tests (4 label draws, 8 records a batch, 4 GiB of factors at once).
+KFAC = {"kind": "fisher", "samples": 4, "seed": 0, "batch_size": 8, "memory_bytes": 4 << 30}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def tiny():
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config).double().eval()
-    examples = [tokenize_record(r, tokenizer) for r in records]
+    examples = [tokenize_record(r, tokenizer, 256) for r in records]
     modules = []
     for name, module in model.named_modules():
         if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -85,8 +89,8 @@ def _reference_factors(model, tokenizer, examples, module_name, samples, seed, b
 def test_fisher_factors_match_a_float64_reference(tiny, module_name):
     """Relative Frobenius error <= 1e-10 (float64 throughout; the same label draws by construction)."""
     model, tokenizer, examples, modules = tiny
-    layers = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind="fisher", samples=2,
-                                    seed=3, batch_size=2))
+    layers = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules,
+                                    **{**KFAC, "samples": 2, "seed": 3, "batch_size": 2}))
     ours = next(f for layer in layers.values() for n, f in layer.items() if n == module_name)
     a_ref, g_ref = _reference_factors(model, tokenizer, examples, module_name, samples=2, seed=3, batch_size=2)
     assert torch.linalg.norm(ours.input_factor - a_ref) <= 1e-10 * torch.linalg.norm(a_ref)
@@ -97,10 +101,11 @@ def test_fisher_factors_match_a_float64_reference(tiny, module_name):
 
 def test_memory_budget_splits_passes_without_changing_the_factors(tiny):
     model, tokenizer, examples, modules = tiny
-    one_pass = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, samples=1, seed=1))
+    one_pass = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules,
+                                      **{**KFAC, "samples": 1, "seed": 1}))
     assert plan_passes(modules, "fisher", 1) == [["model.layers.0"], ["model.layers.1"]]
-    per_layer = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, samples=1, seed=1,
-                                       memory_bytes=1))
+    per_layer = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules,
+                                       **{**KFAC, "samples": 1, "seed": 1, "memory_bytes": 1}))
     for layer, factors in one_pass.items():
         for name, f in factors.items():
             assert torch.equal(f.input_factor, per_layer[layer][name].input_factor)
@@ -109,7 +114,8 @@ def test_memory_budget_splits_passes_without_changing_the_factors(tiny):
 
 def test_modules_reading_one_input_share_one_factor(tiny):
     model, tokenizer, examples, modules = tiny
-    factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind="input"))["model.layers.0"]
+    factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, modules,
+                                     **{**KFAC, "kind": "input"}))["model.layers.0"]
     q, k, v, o, gate, up, down = (factors[f"model.layers.0.{p}"] for p in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
         "mlp.down_proj"))
@@ -121,7 +127,7 @@ def test_modules_reading_one_input_share_one_factor(tiny):
 def test_no_records_is_a_clear_error(tiny):
     model, tokenizer, _, modules = tiny
     with pytest.raises(CalibrationError, match="no calibration records"):
-        list(collect_curvature(model, [], tokenizer.pad_token_id, modules))
+        list(collect_curvature(model, [], tokenizer.pad_token_id, modules, **KFAC))
 
 
 # -- weighted spectra and truncation -------------------------------------------------------------------------
@@ -404,7 +410,7 @@ def test_module_sensitivities_measure_what_one_truncation_adds(finetuned_pair):
     pair = CheckpointPair(base, finetuned)
     modules = pair.modules()[:3]
     basis = DeltaBasis(pair, modules)
-    examples = [tokenize_record(r, tokenizer) for r in synthetic_records(2, fmt="instruction", seed=9)]
+    examples = [tokenize_record(r, tokenizer, 256) for r in synthetic_records(2, fmt="instruction", seed=9)]
     full = module_sensitivities(model, basis, examples, tokenizer.pad_token_id, rank=64)
     assert all(abs(s.measured_kl) < 1e-12 and s.predicted == pytest.approx(0.0, abs=1e-20) for s in full)
     one = module_sensitivities(model, basis, examples, tokenizer.pad_token_id, rank=1, scale=1.0)
@@ -427,7 +433,8 @@ def test_a_module_the_calibration_never_runs_falls_back_to_its_weight_spectrum(t
     model.model.unused = torch.nn.Linear(32, 32).double()  # registered, never called in forward
     silent = ModuleRef("model.unused", "model.unused.weight", (32, 32), "model.layers.0", 0, "unused")
     try:
-        factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, [*modules, silent], samples=1))
+        factors = dict(collect_curvature(model, examples, tokenizer.pad_token_id, [*modules, silent],
+                                         **{**KFAC, "samples": 1}))
     finally:
         del model.model.unused
     assert not factors["model.layers.0"]["model.unused"].fired
@@ -522,15 +529,17 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     ranks define excess ratio 1, and the comparability check covers every module for the three spectra."""
     from lora_ranks.config import load_rank_config, save_rank_config
     from lora_ranks.evidence import allocation_fidelity, comparability_check
-    from lora_ranks.evidence.comparison import write_allocation_configs
+    from lora_ranks.evidence.comparison import ComparisonLayout, write_allocation_configs
     from lora_ranks.evidence.experiment import config_from_ranks, parameters_of
-    from lora_ranks.settings import ComparisonSettings
+    from lora_ranks.settings import ComparisonSettings, FidelitySettings
 
     base, finetuned, data = finetuned_pair
     fisher = fisher_analysis["fisher"]
     analysis = load_rank_config(fisher.config_path)
     modules = analysis.module_refs()
-    configs = write_allocation_configs(fisher.config_path, fisher.svd_dir, tmp_path / "configs", budget_ranks=(2,))
+    layout = ComparisonLayout(tmp_path)
+    shutil.copytree(Path(fisher.config_path).parents[1], layout.analysis.root)  # the analysis run, where a compare puts it
+    configs = write_allocation_configs(fisher.config_path, layout, budget_ranks=(2,))
     assert set(configs) == {"r2-uniform", "r2-energy", "r2-budget-weight", "r2-budget-input", "r2-budget-fisher", "signal"}
     budget = 2 * sum(sum(m.shape) for m in modules)
     for label, path in configs.items():
@@ -544,9 +553,9 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     full_ranks = {m.name: min(m.shape) for m in modules}
     full = config_from_ranks(modules, full_ranks, analysis.base_parameters, max_rank=max(full_ranks.values()),
                              extra_metadata={"allocation": "full", "curvature": analysis.analysis_metadata.curvature})
-    configs["full"] = str(save_rank_config(tmp_path / "configs" / "full.json", full))
+    configs["full"] = str(save_rank_config(layout.config_path("full"), full))
     assert parameters_of(modules, full_ranks) == full.trainable_parameters
-    table = allocation_fidelity(fisher.config_path, configs, data, tmp_path, eval_samples=6)
+    table = allocation_fidelity(fisher.config_path, configs, data, layout, FidelitySettings(eval_samples=6))
     rows = {(r["allocation"], r["truncation"]): r for r in table.rows}
     assert set(rows) == {(label, t) for label in configs for t in ("weight", "fisher")}
     assert rows[("full", "weight")]["kl"] == table.ceiling_kl
@@ -555,7 +564,8 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     assert all(r["kl"] > table.ceiling_kl for (label, _), r in rows.items() if label.startswith("r2-"))
     assert (tmp_path / "allocation_fidelity.json").is_file()
 
-    report = comparability_check(fisher.config_path, data, tmp_path, ComparisonSettings(comparability_records=4))
+    report = comparability_check(fisher.config_path, data, layout, ComparisonSettings(comparability_records=4),
+                                 FidelitySettings())
     assert set(report.spearman) == {"weight", "input", "fisher"}
     assert all(-1 <= v <= 1 for v in report.spearman.values())
     saved = json.loads((tmp_path / "sensitivity.json").read_text())["spectra"]

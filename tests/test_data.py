@@ -51,7 +51,7 @@ def test_records_without_task_share_one_stratum():
 
 def test_instruction_masking_token_by_token(tokenizer):
     record = {"instruction": "Reverse the word.", "input": "abc", "output": "cba", "task": "reverse"}
-    out = tokenize_record(record, tokenizer)
+    out = tokenize_record(record, tokenizer, 256)
     prompt = tokenizer("Reverse the word.\nabc\n", add_special_tokens=False)["input_ids"]
     answer = tokenizer("cba", add_special_tokens=False)["input_ids"]
     assert out["input_ids"] == prompt + answer + [tokenizer.eos_token_id]
@@ -60,7 +60,7 @@ def test_instruction_masking_token_by_token(tokenizer):
 
 def test_chat_masking_trains_only_assistant_turns(tokenizer):
     messages = [{"role": "user", "content": "Count the letters.\nabcd"}, {"role": "assistant", "content": "4"}]
-    out = tokenize_record({"messages": messages}, tokenizer)
+    out = tokenize_record({"messages": messages}, tokenizer, 256)
     trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "4<|im_end|>\n<|endoftext|>"
     masked = [t for t, label in zip(out["input_ids"], out["labels"]) if label == IGNORE_INDEX]
@@ -70,13 +70,13 @@ def test_chat_masking_trains_only_assistant_turns(tokenizer):
 def test_chat_fallback_without_template(tokenizer):
     plain = train_tokenizer(["user: hi\nassistant: yo\n"] * 5)
     plain.chat_template = None
-    out = tokenize_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, plain)
+    out = tokenize_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, plain, 256)
     trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert plain.decode(trained) == "yo\n<|endoftext|>"
 
 
 def test_text_records_train_on_every_token(tokenizer):
-    out = tokenize_record({"text": "hello world"}, tokenizer)
+    out = tokenize_record({"text": "hello world"}, tokenizer, 256)
     assert out["labels"] == out["input_ids"]
 
 

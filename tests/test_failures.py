@@ -108,7 +108,7 @@ def test_header_problems_end_the_cli_before_prefect_starts(pair, tmp_path, kind,
     (["--smoothing-window", "2"], ["--smoothing-window must be odd"]),
     (["--max-rank", "lots"], ["--max-rank lots: input should be a valid integer"]),
     (["--device", "tpu"], ["--device tpu: device must be cpu, cuda or cuda:N"]),
-    (["--noise-estimate", "split-half"], ["--noise-estimate split-half needs --data"]),
+    (["--noise-estimate", "split-half"], ["noise_estimate 'split-half' needs the fine-tuning data (--data, data_path)"]),
 ])
 def test_bad_options_are_one_line_without_loading_torch_or_prefect(tmp_path, args, fragments):
     """Options are validated first: one line, exit 2, and neither torch nor Prefect was even imported."""

@@ -60,6 +60,37 @@ def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):
                                                                  smoothing="none"))
     assert flow_config.rank_pattern == lib_config.rank_pattern
     assert flow_config.checkpoints == lib_config.checkpoints
+    # One AnalysisPlan behind both: the same timings recorded, every one of them measured.
+    for config in (flow_config, lib_config):
+        timings = config.analysis_metadata.timings
+        assert None not in timings.model_dump().values() and set(timings.layer_task_seconds) == {
+            "model.layers.0", "model.layers.1"}
+    assert flow_config.analysis_metadata.analysis == lib_config.analysis_metadata.analysis
+
+
+def test_a_missing_input_is_one_message_on_every_path(prefect_harness, planted_pair, tmp_path):
+    """The split-half estimate without data fails with the same exception type and message from the library, the
+    flow and the command line (each runs the AnalysisPlan's checks), before anything is written."""
+    import subprocess
+    import sys
+
+    from flows.svd_analysis import svd_analysis
+    from lora_ranks.errors import CalibrationError
+
+    base, ft = planted_pair
+    allocation = AllocationSettings(noise_estimate="split-half")
+    with pytest.raises(CalibrationError) as library:
+        analyze_checkpoints(base, ft, tmp_path / "lib", settings=allocation)
+    with pytest.raises(CalibrationError) as flow:
+        svd_analysis(base_model=str(base), finetuned_model=str(ft), output_dir=str(tmp_path / "flow"),
+                     allocation=allocation)
+    cli = subprocess.run([str(Path(sys.executable).with_name("lora-ranks")), "analyze", "--base", str(base),
+                          "--finetuned", str(ft), "--out", str(tmp_path / "cli"), "--noise-estimate", "split-half"],
+                         capture_output=True, text=True, timeout=300)
+    assert str(library.value) == str(flow.value) and "split-half" in str(library.value)
+    assert cli.returncode == 2 and cli.stderr.strip() == f"lora-ranks: error: {library.value}"
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()
+    assert not any((tmp_path / "flow").rglob("*.json"))
 
 
 def test_bad_parameters_fail_before_any_work(prefect_harness, tmp_path):

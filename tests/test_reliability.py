@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from lora_ranks.analysis import analyze_checkpoints, load_spectra, spectra_files
+from lora_ranks.analysis import OutputLayout, analyze_checkpoints, load_spectra, spectra_files
 from lora_ranks.checkpoints import CheckpointError, CheckpointPair
 from lora_ranks.config import RankConfigError, check_config_matches_model
 from lora_ranks.loading import load_model
@@ -28,7 +28,8 @@ def test_identical_checkpoints_fall_to_min_rank_with_a_warning(planted_pair, tmp
     spectra = load_spectra(spectra_files(tmp_path / "analysis_outputs" / "svd"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # log-scale axes of all-zero data warn; the files must still be written
-        paths = {**write_plots(tmp_path, config, spectra), **write_raw_data(tmp_path, config, spectra)}
+        layout = OutputLayout(tmp_path)
+        paths = {**write_plots(layout, config, spectra), **write_raw_data(layout, config, spectra)}
     assert all(Path(p).stat().st_size > 0 for p in paths.values())
 
 
@@ -130,7 +131,8 @@ def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path,
 def test_plot_and_raw_data_paths_do_not_collide(planted_pair, tmp_path):
     config = analyze_checkpoints(*planted_pair, tmp_path)
     spectra = load_spectra(spectra_files(tmp_path / "analysis_outputs" / "svd"))
-    plots, raw = write_plots(tmp_path, config, spectra), write_raw_data(tmp_path, config, spectra)
+    layout = OutputLayout(tmp_path)
+    plots, raw = write_plots(layout, config, spectra), write_raw_data(layout, config, spectra)
     assert not set(plots) & set(raw)  # the report task merges them into one dict
     assert sorted(Path(p).name for p in plots.values()) == ["cumulative_energy.png", "rank_heatmap.png", "singular_values.png"]
 

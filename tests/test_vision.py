@@ -28,7 +28,7 @@ def test_image_placeholders_expand_and_only_the_answer_is_trained(vl):
     _, tokenizer = load_model(base)
     processor = load_image_processor(base)
     record = load_records(data)[0]
-    out = tokenize_record(record, tokenizer, image_processor=processor, base_dir=data.parent)
+    out = tokenize_record(record, tokenizer, 256, image_processor=processor, base_dir=data.parent)
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert tuple(out["image_grid_thw"].tolist()[0]) == (1, 4, 4)
     assert out["input_ids"].count(pad) == 16 // 2**2  # t*h*w / merge_size^2 placeholders for one 56x56 image
@@ -44,9 +44,9 @@ def test_vision_records_need_images_and_a_processor(vl, tmp_path):
     _, tokenizer = load_model(base)
     record = load_records(data)[0]
     with pytest.raises(DataError, match="no image processor"):
-        tokenize_record(record, tokenizer)
+        tokenize_record(record, tokenizer, 256)
     with pytest.raises(DataError, match="does not exist"):
-        tokenize_record(record, tokenizer, image_processor=load_image_processor(base), base_dir=tmp_path)
+        tokenize_record(record, tokenizer, 256, image_processor=load_image_processor(base), base_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"images": [], "messages": record["messages"]}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: 'images' must be a non-empty list"):
@@ -178,7 +178,7 @@ def _adapter_changes_image_logits(base, data, adapter_dir) -> bool:
     from peft import PeftModel
 
     model, tokenizer = load_model(base, dtype=torch.float32)
-    example = tokenize_record(load_records(data)[0], tokenizer, image_processor=load_image_processor(base),
+    example = tokenize_record(load_records(data)[0], tokenizer, 256, image_processor=load_image_processor(base),
                               base_dir=data.parent)
     batch = collate([example], tokenizer.pad_token_id)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}

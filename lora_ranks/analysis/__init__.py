@@ -5,33 +5,27 @@
     curvature.py  curvature factors from the fine-tuned model on calibration records, one file per layer
     split_half.py the split-half noise estimate: directions two fine-tunes on disjoint halves of the data share
     assemble.py   every layer's spectra -> ranks -> ``lora_rank_config.json``; ``analyze_checkpoints`` serially
-    checks.py     what is checked before any work: device, headers, budget, NaN or identical weights
+    plan.py       one analysis as data (``AnalysisPlan``): its checks before any work, its steps, its metadata
 """
 
-from .assemble import analyze_checkpoints, assemble_rank_config, curvature_record, zero_delta_message
-from .checks import check_before_finetune, check_pair
-from .curvature import (
-                        CurvatureResult,
-                        calibration_examples,
-                        collect_layer_curvature,
-                        config_curvature_roots,
-                        curvature_roots,
-                        input_weighted_spectra,
-                        load_curvature_file,
-)
-from .layer import LayerResult, analyze_layer, numerics_identity
-from .layout import (
-                        OutputLayout,
-                        layer_file_fingerprint,
-                        layer_file_name,
-                        load_layer_spectra,
-                        load_spectra,
-                        spectra_files,
-)
-from .split_half import split_half_ranks
+from importlib import import_module
 
-__all__ = ["OutputLayout", "LayerResult", "analyze_layer", "numerics_identity", "load_layer_spectra", "load_spectra",
-           "spectra_files", "layer_file_name", "layer_file_fingerprint", "assemble_rank_config", "analyze_checkpoints",
-           "zero_delta_message", "curvature_record", "CurvatureResult", "collect_layer_curvature",
-           "load_curvature_file", "calibration_examples", "curvature_roots", "config_curvature_roots",
-           "input_weighted_spectra", "split_half_ranks", "check_pair", "check_before_finetune"]
+_EXPORTS = {
+    "analyze_checkpoints": "assemble", "assemble_rank_config": "assemble", "zero_delta_message": "assemble",
+    "CurvatureResult": "curvature", "calibration_examples": "curvature", "collect_layer_curvature": "curvature",
+    "config_curvature_roots": "curvature", "curvature_roots": "curvature", "input_weighted_spectra": "curvature",
+    "load_curvature_file": "curvature",
+    "LayerResult": "layer", "analyze_layer": "layer", "numerics_identity": "layer",
+    "OutputLayout": "layout", "layer_file_fingerprint": "layout", "layer_file_name": "layout",
+    "load_layer_spectra": "layout", "load_spectra": "layout", "spectra_files": "layout",
+    "AnalysisPlan": "plan", "StepClock": "plan",
+    "split_half_ranks": "split_half",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Imported on first use: the command line checks an AnalysisPlan's inputs before torch is imported.
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,32 +1,26 @@
 """From every layer's spectra to one rank config, and the whole analysis in one process.
 
 ``assemble_rank_config`` reads the layer files back, allocates ranks and writes the validated config;
-``analyze_checkpoints`` runs discovery, every layer and the assembly serially, for users who do not need
-Prefect (the ``svd-analysis`` flow fans the same steps out, one task per layer).
+``analyze_checkpoints`` runs an ``AnalysisPlan``'s steps serially, for users who do not need Prefect (the
+``svd-analysis`` flow runs the same plan's steps as tasks, one per layer).
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import RankConfig, build_rank_config, save_rank_config
-from ..devices import resolve_device
-from ..finetune import run_split_half_finetunes
-from ..kfac import CalibrationError
-from ..ranks import allocate_ranks, check_budget
+from ..ranks import allocate_ranks
 from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum
-from .curvature import CurvatureResult, collect_layer_curvature
-from .layer import LayerResult, analyze_layer
+from .layer import LayerResult
 from .layout import OutputLayout, load_module_records, load_spectra
-from .split_half import split_half_ranks
 
-__all__ = ["assemble_rank_config", "analyze_checkpoints", "curvature_record", "zero_delta_message"]
+__all__ = ["assemble_rank_config", "analyze_checkpoints", "zero_delta_message"]
 
 
 def _combine(digests: Iterable[str]) -> str:
@@ -104,10 +98,11 @@ def analyze_checkpoints(
     calibration_data: str | Path | None = None,
     subset: FinetuneSettings = FinetuneSettings(),
 ) -> RankConfig:
-    """Whole analysis in one process, layer after layer (what the ``svd-analysis`` flow fans out).
+    """Whole analysis in one process, layer after layer: the ``AnalysisPlan`` the ``svd-analysis`` flow fans out.
 
     Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config. Warns
-    (``UserWarning``) when some modules did not change at all.
+    (``UserWarning``) when some modules did not change at all. Unlike the flow and the command line, it accepts a
+    ``min_rank`` at or above every module's full rank (exact-extraction references).
 
     Args:
         curvature: which spectrum ranks the directions; "input" and "fisher" first collect curvature factors from
@@ -119,55 +114,26 @@ def analyze_checkpoints(
         CalibrationError: a curvature spectrum, or the split-half noise estimate, without usable calibration data.
         DeviceError, BudgetError: a device that is not there, a budget that cannot be spent (before any work).
     """
-    start = time.perf_counter()
+    from .plan import AnalysisPlan, StepClock
+
+    clock = StepClock()
     layout = OutputLayout(out_dir)
-    if settings.noise_estimate == "split-half" and calibration_data is None:
-        raise CalibrationError("noise_estimate='split-half' needs the fine-tuning data (two fine-tunes on its halves)")
-    resolve_device(analysis.device)
-    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
-    layers = pair.preflight(analysis.targets)  # headers only; builds the model on the meta device for names
-    modules = [m for mods in layers.values() for m in mods]
-    check_budget(settings, {m.name: m.shape for m in modules}, pair.base_parameters if settings.budget_mode else None)
-    curvature = curvature.resolved(calibration_data is not None)
-    factors = None
-    if curvature.spectrum != "weight":
-        if calibration_data is None:
-            raise CalibrationError(f"spectrum={curvature.spectrum!r} needs calibration records (the fine-tuning data)")
-        factors = collect_layer_curvature(pair.finetuned.root, calibration_data, modules, layout.svd_dir, curvature,
-                                          subset, device=analysis.device)
-    discovered = time.perf_counter()
-    results = [analyze_layer(pair, mods, layout.svd_dir, top_k=settings.required_top_k, method=analysis.svd_method,
-                             device=analysis.device, save_deltas=analysis.save_deltas,
-                             save_vectors=analysis.save_vectors,
-                             curvature_path=factors.paths.get(layer) if factors else None, damping=curvature.curvature_damping)
-               for layer, mods in layers.items()]
-    spectra_done = time.perf_counter()
-    timings = {"discovery_seconds": discovered - start, "spectra_wall_seconds": spectra_done - discovered,
-               "analysis_seconds": spectra_done - start}
-    extra = {"timings": timings, "analysis": analysis.to_dict(),
-             "curvature": curvature_record(curvature, factors, calibration_data)}
-    split_half = None
-    if settings.noise_estimate == "split-half":
-        halves = run_split_half_finetunes(base, calibration_data, layout.split_half_dir, subset, progress=False,
-                                          device=analysis.device)
-        split_half = split_half_ranks(pair.base.root, halves[0].finetuned_dir, halves[1].finetuned_dir, modules,
-                                      settings.max_rank, allow_pickle=allow_pickle)
-    config, _ = assemble_rank_config(pair, modules, results, settings, layout.config_path, alpha_policy=alpha_policy,
-                                     extra_metadata=extra, split_half=split_half)
+    plan = AnalysisPlan(str(base), str(finetuned), None if calibration_data is None else str(calibration_data),
+                        allocation=settings, alpha=alpha_policy, analysis=analysis, curvature=curvature, finetune=subset,
+                        allow_pickle=allow_pickle, allow_full_rank=True)
+    plan.check_inputs()
+    layers = plan.check_pair()  # headers only; builds the model on the meta device for names
+    modules = [m for group in layers.values() for m in group]
+    factors = plan.collect_curvature(modules, layout.svd_dir)
+    clock.mark_discovered()
+    results = [plan.analyze_layer(group, layout.svd_dir, factors) for group in layers.values()]
+    clock.mark_spectra_done()
+    split_half = plan.split_half(layout.split_half_dir, modules)
+    config = plan.assemble(modules, results, layout.config_path, factors, split_half, clock.timings(results))
     unchanged = config.analysis_metadata.zero_delta_modules
     if unchanged:
         warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)
     return config
-
-
-def curvature_record(settings: CurvatureSettings, result: CurvatureResult | None, data: str | Path | None) -> dict:
-    """What the config records about the curvature behind its spectra."""
-    record = {"settings": settings.to_dict()}
-    if result is not None:
-        record.update({"calibration_data": str(data), "records": result.records, "tokens": result.tokens,
-                       "response_tokens": result.response_tokens, "folder": str(Path(next(iter(result.paths.values()))).parent),
-                       "silent_modules": result.silent_modules})
-    return record
 
 
 def zero_delta_message(names: Sequence[str], min_rank: int) -> str:

@@ -6,9 +6,13 @@ Layout under one root (the original design's folder names)::
     <root>/saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}
     <root>/saved_models/split_half/{half-a,half-b}/...  # the split-half noise estimate's two fine-tunes, when used
     <root>/configs/lora_rank_config.json
-    <root>/analysis_outputs/svd/plots/                   # png
+    <root>/analysis_outputs/svd/plots/{singular_values,cumulative_energy,rank_heatmap}.png
+    <root>/analysis_outputs/svd/raw_data/{singular_values.npz,summary.csv,summary.json}
     <root>/analysis_outputs/svd/raw_data/layers/<layer>.safetensors
-    <root>/analysis_outputs/fidelity/                    # the optional fidelity report
+    <root>/analysis_outputs/fidelity/{fidelity.json,fidelity.png}    # the optional fidelity report
+    <root>/train/                                        # the vision-language demo's LoRA training run
+
+Every path of a run comes from ``OutputLayout`` (and, for a comparison, ``evidence.ComparisonLayout``).
 
 A layer file holds one float64 vector of singular values per module (keyed by module name); the file's
 metadata holds the layer name, its content fingerprint and per-module facts (energy, shape, method, accuracy,
@@ -68,9 +72,43 @@ class OutputLayout:
     def raw_data_dir(self) -> Path:
         return self.svd_dir / "raw_data"
 
+    #: The analysis plots, by name (``plot_path``).
+    PLOTS = ("singular_values", "cumulative_energy", "rank_heatmap")
+
+    def plot_path(self, name: str) -> Path:
+        """``plots/<name>.png``, one of ``PLOTS``."""
+        if name not in self.PLOTS:
+            raise ValueError(f"no plot named {name!r}; the plots are {', '.join(self.PLOTS)}")
+        return self.plots_dir / f"{name}.png"
+
+    @property
+    def singular_values_path(self) -> Path:
+        return self.raw_data_dir / "singular_values.npz"
+
+    @property
+    def summary_csv_path(self) -> Path:
+        return self.raw_data_dir / "summary.csv"
+
+    @property
+    def summary_json_path(self) -> Path:
+        return self.raw_data_dir / "summary.json"
+
     @property
     def fidelity_dir(self) -> Path:
         return self.root / "analysis_outputs" / "fidelity"
+
+    @property
+    def fidelity_json_path(self) -> Path:
+        return self.fidelity_dir / "fidelity.json"
+
+    @property
+    def fidelity_plot_path(self) -> Path:
+        return self.fidelity_dir / "fidelity.png"
+
+    @property
+    def train_dir(self) -> Path:
+        """The vision-language demo's LoRA training run."""
+        return self.root / "train"
 
 
 def layer_file_name(layer: str) -> str:

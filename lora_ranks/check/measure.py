@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..settings import LoRATrainingSettings
+
 __all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference", "latency_figures", "median_round",
            "peak_resident_bytes"]
 
@@ -50,8 +52,8 @@ class Target:
     rank_config: str
     device: str
     quantization: str | None = None
-    optimizer: str = "adamw"
-    lora_dropout: float = 0.05
+    optimizer: str = LoRATrainingSettings.model_fields["optimizer"].default
+    lora_dropout: float = LoRATrainingSettings.model_fields["lora_dropout"].default
     trust_remote_code: bool = False
 
     def to_dict(self) -> dict:

@@ -6,7 +6,9 @@ write files under the layouts below and return small picklable values.
 Comparison layout under one root::
 
     <root>/data/{train,eval}.jsonl           # the held-out split (when no eval data is given)
+    <root>/demo_inputs/                      # the offline demo's model and data, when used
     <root>/analysis/...                      # an OutputLayout: the svd-analysis run on the train records
+    <root>/warm/<allocation>/                # the adapter extracted at each config's ranks (the warm start)
     <root>/configs/<allocation>.json         # uniform, energy, budget; or r<r>-uniform, r<r>-budget-fisher, ...
     <root>/runs/<allocation>-seed<seed>/     # adapter/ and training_metrics.json of every trained LoRA
     <root>/runs/<allocation>-cold-seed<seed>/  # the cold baseline's (comparison.cold_baseline)
@@ -75,6 +77,43 @@ class ComparisonLayout:
     def results_path(self) -> Path:
         return self.root / "results.json"
 
+    @property
+    def comparison_plot_path(self) -> Path:
+        return self.root / "comparison.png"
+
+    @property
+    def demo_inputs_dir(self) -> Path:
+        return self.root / "demo_inputs"
+
+    @property
+    def train_data_path(self) -> Path:
+        """The records LoRAs train on (the analysis pair too), when no eval data is given."""
+        return self.data_dir / "train.jsonl"
+
+    @property
+    def eval_data_path(self) -> Path:
+        """The held-out records, when no eval data is given."""
+        return self.data_dir / "eval.jsonl"
+
+    def config_path(self, label: str) -> Path:
+        return self.configs_dir / f"{label}.json"
+
+    def warm_adapter_dir(self, label: str) -> Path:
+        """The adapter extracted from the analysis pair at config ``label``'s ranks: the warm start of its runs."""
+        return self.root / "warm" / label
+
+    @property
+    def allocation_fidelity_path(self) -> Path:
+        return self.root / "allocation_fidelity.json"
+
+    @property
+    def sensitivity_path(self) -> Path:
+        return self.root / "sensitivity.json"
+
+    @property
+    def sensitivity_plot_path(self) -> Path:
+        return self.root / "sensitivity.png"
+
 
 @dataclass
 class FidelityReport:
@@ -113,51 +152,57 @@ class ComparisonReport:
     rows: list[dict]
 
 
-def eval_examples(data_path: str | Path, tokenizer, limit: int, seed: int = 0) -> list[dict]:
-    """A seeded sample of ``limit`` records of ``data_path``, tokenized with response-only labels."""
+def eval_examples(data_path: str | Path, tokenizer, limit: int, max_length: int, seed: int = 0) -> list[dict]:
+    """A seeded sample of ``limit`` records of ``data_path``, tokenized to at most ``max_length`` tokens with
+    response-only labels."""
     records = load_records(data_path)
     random.Random(seed).shuffle(records)
-    return [tokenize_record(r, tokenizer) for r in records[:limit]]
+    return [tokenize_record(r, tokenizer, max_length) for r in records[:limit]]
 
 
-def split_records(data_path: str | Path, out_dir: str | Path, eval_fraction: float, seed: int = 0) -> tuple[str, str]:
-    """Shuffle records (seeded) into ``train.jsonl`` / ``eval.jsonl`` under ``out_dir``: a partition, so held-out
-    records are never trained on. Returns (train path, eval path)."""
+def _held_out(data_path: str | Path, tokenizer, settings: FidelitySettings, limit: int | None = None) -> list[dict]:
+    """The held-out records the evidence evaluates on (``settings.eval_samples`` of them unless ``limit``)."""
+    return eval_examples(data_path, tokenizer, limit or settings.eval_samples, settings.eval_max_length)
+
+
+def split_records(data_path: str | Path, layout: ComparisonLayout, eval_fraction: float, seed: int = 0) -> tuple[str, str]:
+    """Shuffle records (seeded) into the train and eval files of ``layout``: a partition, so held-out records are never
+    trained on. Returns (train path, eval path)."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got eval_fraction={eval_fraction}")
     records = load_records(data_path)
     random.Random(seed).shuffle(records)
     n_eval = max(1, int(len(records) * eval_fraction))
-    out = Path(out_dir)
-    atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in records[:n_eval]))
-    atomic_write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in records[n_eval:]))
-    return str(out / "train.jsonl"), str(out / "eval.jsonl")
+    atomic_write_text(layout.eval_data_path, "".join(json.dumps(r) + "\n" for r in records[:n_eval]))
+    atomic_write_text(layout.train_data_path, "".join(json.dumps(r) + "\n" for r in records[n_eval:]))
+    return str(layout.train_data_path), str(layout.eval_data_path)
 
 
-def run_fidelity_report(config_path: str | Path, svd_dir: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                        settings: FidelitySettings = FidelitySettings()) -> FidelityReport:
-    """Fidelity sweep (tau, budget, uniform) of extracted adapters on held-out records: ``fidelity.json`` and
-    ``fidelity.png`` under ``out_dir``. Loads the config's base and fine-tuned models (both in memory)."""
+def run_fidelity_report(config_path: str | Path, layout: OutputLayout, eval_data_path: str | Path,
+                        settings: FidelitySettings) -> FidelityReport:
+    """Fidelity sweep (tau, budget, uniform) of extracted adapters on held-out records, from the analysis run at
+    ``layout``: ``fidelity.json`` and ``fidelity.png`` where it puts them. Loads the config's base and fine-tuned
+    models (both in memory)."""
     config = load_rank_config(config_path)
     base_dir, ft_dir = config.checkpoints.pretrained.path, config.checkpoints.finetuned.path
     base, tokenizer = load_model(base_dir)
     finetuned, _ = load_model(ft_dir)
     basis = DeltaBasis(CheckpointPair(base_dir, ft_dir), config.module_refs())
     allocation = config.allocation_settings
-    points = fidelity_sweep(base, finetuned, basis, load_spectra(spectra_files(svd_dir)),
-                            eval_examples(eval_data_path, tokenizer, settings.eval_samples), tokenizer.pad_token_id,
+    points = fidelity_sweep(base, finetuned, basis, load_spectra(spectra_files(layout.svd_dir)),
+                            _held_out(eval_data_path, tokenizer, settings), tokenizer.pad_token_id,
                             taus=settings.taus, min_rank=allocation.min_rank, max_rank=allocation.max_rank)
     rows = [{**{k: v for k, v in asdict(p).items() if k != "ranks"}, "loss_difference": p.loss_difference}
             for p in points]
-    out = Path(out_dir)
-    json_path = atomic_write_json(out / "fidelity.json", {"points": rows, "eval_data": str(eval_data_path),
-                                                          "eval_samples": settings.eval_samples})
-    return FidelityReport(str(json_path), write_fidelity_plot(out, points), rows)
+    json_path = atomic_write_json(layout.fidelity_json_path, {"points": rows, "eval_data": str(eval_data_path),
+                                                              "eval_samples": settings.eval_samples})
+    return FidelityReport(str(json_path), write_fidelity_plot(layout.fidelity_plot_path, points), rows)
 
 
-def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_dir: str | Path,
-                             budget_ranks: Sequence[int] = ()) -> dict[str, str]:
-    """The compared rank configs, written as ``<out_dir>/<label>.json``; returns their paths by label.
+def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, budget_ranks: Sequence[int]
+                             ) -> dict[str, str]:
+    """The compared rank configs of the analysis at ``config_path`` (its spectra in ``layout.analysis``), written as
+    ``layout.config_path(label)``; returns their paths by label.
 
     Without ``budget_ranks``: uniform / energy / budget at (about) the analysis config's parameter count. With them:
     at each budget r (the parameters of uniform rank r), uniform, energy-tau tuned to it, and water-filling on the
@@ -170,7 +215,7 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
     config = load_rank_config(config_path)
     modules = config.module_refs()
     curvature = config.analysis_metadata.curvature
-    files = spectra_files(svd_dir)
+    files = spectra_files(layout.analysis.svd_dir)
     if not budget_ranks:
         split_half = {name: record.split_half_rank for name, record in config.modules.items()
                       if record.split_half_rank is not None} or None
@@ -198,11 +243,11 @@ def write_allocation_configs(config_path: str | Path, svd_dir: str | Path, out_d
                                                   spectra=spectra[SpectrumKind.WEIGHT],
                                                   alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                                   extra_metadata={"curvature": curvature, "allocation": "signal"})
-    return {label: str(save_rank_config(Path(out_dir) / f"{label}.json", cfg)) for label, cfg in configs.items()}
+    return {label: str(save_rank_config(layout.config_path(label), cfg)) for label, cfg in configs.items()}
 
 
 def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str], eval_data_path: str | Path,
-                        out_dir: str | Path, eval_samples: int) -> FidelityTable:
+                        layout: ComparisonLayout, settings: FidelitySettings) -> FidelityTable:
     """KL(fine-tuned || base + merged extracted adapter) of every compared config (label -> path, made by
     ``write_allocation_configs`` from the analysis config at ``analysis_config_path``), on held-out records.
 
@@ -210,7 +255,7 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     factors, with the matching loss-aware truncation (the one warm starts use). ``ceiling`` is the KL of full-rank
     deltas on the analyzed modules: what the adapted modules can carry at all. ``excess_ratio`` of a row is its
     KL above the ceiling over that of uniform ranks at the same budget with the plain truncation (< 1: closer to the
-    fine-tune than uniform ranks). Writes ``<out_dir>/allocation_fidelity.json``. Holds every module's full SVD
+    fine-tune than uniform ranks). Writes ``layout.allocation_fidelity_path``. Holds every module's full SVD
     in memory (``DeltaBasis``): for the small models of experiments.
     """
     analysis = load_rank_config(analysis_config_path)
@@ -219,7 +264,7 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     modules = analysis.module_refs()
     base, tokenizer = load_model(pair_dirs[0], dtype=torch.float32)
     finetuned, _ = load_model(pair_dirs[1], dtype=torch.float32)
-    reference = reference_outputs(finetuned, eval_examples(eval_data_path, tokenizer, eval_samples),
+    reference = reference_outputs(finetuned, _held_out(eval_data_path, tokenizer, settings),
                                   tokenizer.pad_token_id)
     del finetuned
     roots = config_curvature_roots(analysis, modules)
@@ -240,26 +285,26 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     for row in rows:
         denominator = uniform_excess.get(row["budget_rank"])
         row["excess_ratio"] = row["excess"] / denominator if denominator else None
-    path = atomic_write_json(Path(out_dir) / "allocation_fidelity.json",
+    path = atomic_write_json(layout.allocation_fidelity_path,
                              {"ceiling_kl": ceiling, "rows": rows, "eval_data": str(eval_data_path),
-                              "eval_samples": eval_samples})
+                              "eval_samples": settings.eval_samples})
     return FidelityTable(str(path), ceiling, rows)
 
 
-def comparability_check(config_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                        settings: ComparisonSettings) -> ComparabilityReport:
+def comparability_check(config_path: str | Path, eval_data_path: str | Path, layout: ComparisonLayout,
+                        settings: ComparisonSettings, fidelity: FidelitySettings) -> ComparabilityReport:
     """Are the spectra comparable across modules? Truncate each module alone to ``settings.comparability_rank`` in
     the fine-tuned model and measure the KL it adds on ``settings.comparability_records`` held-out records;
     Spearman of predicted vs measured, per spectrum: the weight spectrum's discarded energy, and with a Fisher
     analysis also the input-weighted and the Fisher prediction (½ T / T_resp times the discarded weighted energy,
-    ``evidence.sensitivity``). Writes ``sensitivity.json`` and the scatter plot ``sensitivity.png`` under
-    ``out_dir``. Costs one forward pass over the records per module and spectrum."""
+    ``evidence.sensitivity``). Writes ``sensitivity.json`` and the scatter plot ``sensitivity.png`` where ``layout``
+    puts them. Costs one forward pass over the records per module and spectrum."""
     eval_samples, rank = settings.comparability_records, settings.comparability_rank
     config = load_rank_config(config_path)
     pair_dirs = config.checkpoints.pretrained.path, config.checkpoints.finetuned.path
     modules = config.module_refs()
     finetuned, tokenizer = load_model(pair_dirs[1], dtype=torch.float32)
-    examples = eval_examples(eval_data_path, tokenizer, eval_samples)
+    examples = _held_out(eval_data_path, tokenizer, fidelity, limit=eval_samples)
     curvature = config.analysis_metadata.curvature
     kind = config.spectrum_kind
     bases = {"weight": (None, 1.0)}
@@ -277,14 +322,14 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, out
                                     tokenizer.pad_token_id, rank=rank, scale=scale)
         result[name] = {"spearman": spearman([r.predicted for r in rows], [r.measured_kl for r in rows]),
                         "rows": [asdict(r) for r in rows]}
-    path = atomic_write_json(Path(out_dir) / "sensitivity.json", {"rank": rank, "eval_samples": eval_samples,
+    path = atomic_write_json(layout.sensitivity_path, {"rank": rank, "eval_samples": eval_samples,
                                                                    "spectra": result})
-    return ComparabilityReport(str(path), write_sensitivity_plot(out_dir, result),
+    return ComparabilityReport(str(path), write_sensitivity_plot(layout.sensitivity_plot_path, result),
                                {name: v["spearman"] for name, v in result.items()})
 
 
 def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                       settings: FinetuneSettings, eval_samples: int) -> float:
+                       settings: FinetuneSettings, fidelity: FidelitySettings) -> float:
     """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
     return the held-out loss of the result (the reference of the comparison's gap closed)."""
     from ..finetune import run_preliminary_finetune
@@ -293,16 +338,16 @@ def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data
     every_record = settings.replace(subset_ratio=1.0, max_samples=n_records)
     result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
     model, tokenizer = load_model(result.finetuned_dir)
-    return held_out_loss(model, eval_examples(eval_data_path, tokenizer, eval_samples), tokenizer.pad_token_id)
+    return held_out_loss(model, _held_out(eval_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
 
 
 def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
-                     eval_samples: int) -> float:
+                     settings: FidelitySettings) -> float:
     """Held-out loss (nats per response token) of base + adapter on a seeded sample of ``eval_data_path``."""
     from ..model import load_peft_checkpoint
 
     model, tokenizer = load_peft_checkpoint(base_model, adapter_dir)
-    return held_out_loss(model, eval_examples(eval_data_path, tokenizer, eval_samples), tokenizer.pad_token_id)
+    return held_out_loss(model, _held_out(eval_data_path, tokenizer, settings), tokenizer.pad_token_id)
 
 
 def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: Sequence[tuple[str, str, int]],
@@ -374,7 +419,7 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
                      "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
                      "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
     results = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init, **details})
-    return ComparisonReport(str(results), write_comparison_plot(layout.root, rows), rows)
+    return ComparisonReport(str(results), write_comparison_plot(layout.comparison_plot_path, rows), rows)
 
 
 def _finite(stats: dict) -> dict:

@@ -6,10 +6,18 @@
     kind.py       which spectrum ranks the directions (``SpectrumKind``: weight, input, fisher)
 """
 
-from .factors import truncated_svd_factors
-from .kind import SpectrumKind
-from .spectrum import Spectrum, SpectrumMethod, compute_spectrum, default_device, resolve_method
-from .threads import blas_threads, parallel_plan, spectra_pool
+from importlib import import_module
 
-__all__ = ["Spectrum", "SpectrumKind", "SpectrumMethod", "compute_spectrum", "default_device", "resolve_method",
-           "truncated_svd_factors", "blas_threads", "parallel_plan", "spectra_pool"]
+_EXPORTS = {
+    "truncated_svd_factors": "factors", "SpectrumKind": "kind",
+    "Spectrum": "spectrum", "SpectrumMethod": "spectrum", "compute_spectrum": "spectrum", "default_device": "spectrum",
+    "resolve_method": "spectrum", "blas_threads": "threads", "parallel_plan": "threads", "spectra_pool": "threads",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Imported on first use: ``SpectrumKind`` (and settings-only code) without torch.
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
