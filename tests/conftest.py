@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 from flows._runtime import apply_defaults
 
+# Under pytest-xdist (``make test`` runs two workers), each worker's ephemeral Prefect API keeps its own SQLite
+# database: two servers writing one database file would wait on each other's locks.
+if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = str(Path(__file__).resolve().parents[1] / ".prefect" / os.environ["PYTEST_XDIST_WORKER"])
 apply_defaults()  # Prefect's defaults, from their one place, before Prefect is first imported
 
 import numpy as np  # noqa: E402

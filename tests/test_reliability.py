@@ -77,30 +77,37 @@ def test_remote_code_never_runs_by_default(tmp_path):
     assert not marker.exists()
 
 
-def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, monkeypatch, prefect_harness):
-    sentinel = "sk-test-SENTINEL-4f9c1d"
-    for var in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(var, sentinel)
+def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, prefect_harness):
+    """API keys in the environment reach no output file, artifact or log. The command runs in its own process,
+    reporting to the test's Prefect API, so that its logs are sent there (an APILogWorker this test process made
+    earlier may still point at a server another test stopped)."""
+    import os
+    import subprocess
+    import sys
+
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
 
-    from flows.svd_analysis import svd_analysis
-
-    state = svd_analysis(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]),
-                         output_dir=str(tmp_path), return_state=True)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    sentinel = "sk-test-SENTINEL-4f9c1d"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           **{var: sentinel for var in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")}}
+    done = subprocess.run([str(Path(sys.executable).with_name("lora-ranks")), "analyze", "--base", str(planted_pair[0]),
+                           "--finetuned", str(planted_pair[1]), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sentinel not in done.stdout + done.stderr
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:
         assert sentinel.encode() not in path.read_bytes(), path
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()  # the log worker sends in batches: without this the logs may not be there yet
     with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.parameters.get("output_dir") == str(tmp_path / "out")]
         artifacts = client.read_artifacts()
         logs = client.read_logs()
-    assert artifacts and logs
+    assert len(runs) == 1 and runs[0].state.is_completed()
+    assert any(a.flow_run_id == runs[0].id for a in artifacts) and any(log.flow_run_id == runs[0].id for log in logs)
     assert all(sentinel not in str(a.data) for a in artifacts)
     assert all(sentinel not in log.message for log in logs)
-    assert state.is_completed()
 
 
 def test_atomic_writes_leave_no_temporary_files(planted_pair, tmp_path):
