@@ -166,7 +166,7 @@ def summarize(out: Path, args, compare: dict, base_seconds: float) -> str:
     sensitivity = _json(root / "sensitivity.json")
     pretraining = _json(out / "base" / "pretraining.json")
     analysis = load_rank_config(results["config"])
-    curvature = analysis.analysis_metadata.curvature.model_dump(mode="json")
+    curvature = analysis.analysis_metadata.curvature
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     ceiling = fidelity["ceiling_kl"]
     lines = [f"### Allocations at equal parameters, through `lora-ranks compare` ({date.today().isoformat()}, CPU: "
@@ -175,7 +175,7 @@ def summarize(out: Path, args, compare: dict, base_seconds: float) -> str:
              f"standard library ({pretraining['tokens_seen']:,} tokens, held-out loss {pretraining['held_out_loss']:.3f}). "
              "Fine-tuning mix: license prose / naming stdlib tests from docstrings / sort-count-reverse; "
              f"{args.subset:.0%} subset for the analysis pair ({args.ft_steps} steps, lr {args.ft_lr:g}); Fisher "
-             f"factors from {curvature['tokens']:,} calibration tokens. Command: "
+             f"factors from {curvature.tokens:,} calibration tokens. Command: "
              "`.venv/bin/python benchmarks/experiment_allocations.py`, which runs:", "",
              "```", " ".join(Path(a).name if i == 0 else a.replace(f"{REPO}/", "") for i, a in enumerate(compare["command"])),
              "```", "",

@@ -1,0 +1,124 @@
+"""Check: does this checkout give bit-identical results to an earlier revision? (For restructurings, issue 28.)
+
+Runs the same small ``lora-ranks compare`` command from a git revision (default: the last commit before issue 28's
+restructuring) and from this checkout, on the same inputs, and compares what it wrote: every held-out loss of every
+row and seed, the fidelity table, the comparability check and each compared config's ranks. The inputs are the
+demo's pair and data (``lora-ranks demo``), and the command exercises every row kind: budget ranks (uniform,
+energy, water-filling on the weight / input / Fisher spectra, signal ranks), warm and cold inits, the full
+fine-tune reference, the comparability check and the configs' fidelity. Two seeds, three LoRA steps: about two
+minutes a revision on 2 cores.
+
+    .venv/bin/python benchmarks/same_results.py [--rev 993b52b] [--record]
+
+Exit status 1 when anything differs. Raw results: ``benchmarks/results/same_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import emit  # noqa: E402
+
+BEFORE_RESTRUCTURING = "993b52b"
+
+
+def compare_args(tree: Path, inputs: Path, out: Path) -> list[str]:
+    """The command, with the LoRA dropout flag as that revision spells it (``--lora-lora-dropout`` before 0.3)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    help_text = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--help"], capture_output=True, text=True,
+                               env=env, cwd=tree).stdout
+    dropout = "--lora-dropout" if "--lora-dropout " in help_text or "--lora-dropout\n" in help_text else "--lora-lora-dropout"
+    demo = inputs / "demo"
+    return ["compare", "--model", str(REPO / "lora_ranks" / "assets" / "demo-base"),
+            "--finetuned", str(demo / "saved_models" / "preliminary_finetune" / "finetuned"),
+            "--data", str(inputs / "data.jsonl"), "--out", str(out), "--spectrum", "fisher", "--min-rank", "1",
+            "--max-rank", "16", "--smoothing", "none", "--finetune-subset-ratio", "0.3", "--finetune-max-length", "64",
+            "--no-finetune-gradient-checkpointing", "--lora-max-steps", "3", "--lora-epochs", "1000",
+            "--lora-batch-size", "4", "--lora-learning-rate", "0.01", "--lora-max-length", "64",
+            "--no-lora-gradient-checkpointing", dropout, "0", "--seeds", "0", "1", "--budget-ranks", "2",
+            "--cold-baseline", "--full-finetune", "--comparability", "--eval-samples", "20"]
+
+
+def run(tree: Path, inputs: Path, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PREFECT_HOME": str(out.parent / f"prefect-{out.name}"),
+           "LORA_RANKS_TASK_RUNNER": "processes"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *compare_args(tree, inputs, out)], capture_output=True,
+                          text=True, env=env, cwd=tree)
+    if done.returncode != 0:
+        sys.exit(f"lora-ranks compare failed from {tree}:\n{done.stderr[-3000:]}")
+
+
+def outcome(out: Path) -> dict:
+    """What a compare run wrote, reduced to the numbers that must not change (no timings, no paths)."""
+    results = json.loads((out / "results.json").read_text())
+    fidelity = json.loads((out / "allocation_fidelity.json").read_text())
+    sensitivity = json.loads((out / "sensitivity.json").read_text())
+    configs = {}
+    for path in sorted((out / "configs").glob("*.json")):
+        config = json.loads(path.read_text())
+        configs[path.stem] = {"rank_pattern": config["rank_pattern"], "alpha_pattern": config["alpha_pattern"],
+                              "trainable_parameters": config["trainable_parameters"]}
+    return {"losses": {f"{r['allocation']}/{r['init']}": r["losses"] for r in results["rows"]},
+            "fidelity": {"ceiling_kl": fidelity["ceiling_kl"],
+                         "rows": [{k: r[k] for k in ("allocation", "truncation", "kl")} for r in fidelity["rows"]]},
+            "sensitivity": sensitivity["spectra"], "configs": configs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default=BEFORE_RESTRUCTURING, help="the earlier revision to compare with")
+    parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        old = tmp / "old"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old), args.rev], cwd=REPO, check=True)
+        try:
+            inputs = tmp / "inputs"
+            subprocess.run([str(Path(sys.executable).with_name("lora-ranks")), "demo", "--out", str(inputs / "demo")],
+                           check=True, capture_output=True, env={**os.environ, "PREFECT_HOME": str(tmp / "prefect-demo")})
+            records = (inputs / "demo" / "demo_inputs" / "synthetic.jsonl").read_text().splitlines(keepends=True)
+            (inputs / "data.jsonl").write_text("".join(records[:300]))
+            run(old, inputs, tmp / "before")
+            run(REPO, inputs, tmp / "after")
+            before, after = outcome(tmp / "before"), outcome(tmp / "after")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    rows = [(part, before[part] == after[part]) for part in before]
+    n_losses = sum(len(v) for v in before["losses"].values())
+    (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
+    (REPO / "benchmarks" / "results" / "same_results.json").write_text(json.dumps(
+        {"date": date.today().isoformat(), "before": args.rev, "after": rev, "identical": dict(rows),
+         "before_outcome": before, "after_outcome": after}, indent=1) + "\n")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    lines = [f"### Same results before and after a restructuring ({date.today().isoformat()}, CPU: {machine})", "",
+             f"`benchmarks/same_results.py`: one small `lora-ranks compare` (budget rank 2: uniform, energy, "
+             f"water-filling on three spectra, signal ranks; warm and cold; full fine-tune; comparability; fidelity; "
+             f"2 seeds) run from revision {args.rev} and from {rev} on the same demo pair and data. Raw: "
+             "`benchmarks/results/same_results.json`.", "",
+             "| what | compared | bit-identical |", "|---|---|---|",
+             f"| held-out losses | {n_losses} (row x init x seed) | {'yes' if dict(rows)['losses'] else '**no**'} |",
+             f"| fidelity (KL per config and truncation) | {len(before['fidelity']['rows'])} + ceiling | "
+             f"{'yes' if dict(rows)['fidelity'] else '**no**'} |",
+             f"| comparability (predicted and measured KL per module) | {len(before['sensitivity'])} spectra | "
+             f"{'yes' if dict(rows)['sensitivity'] else '**no**'} |",
+             f"| compared configs (rank and alpha patterns, parameters) | {len(before['configs'])} | "
+             f"{'yes' if dict(rows)['configs'] else '**no**'} |", ""]
+    emit("\n".join(lines), args.record)
+    return 0 if all(same for _, same in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
