@@ -8,11 +8,12 @@ from pathlib import Path
 
 from flows._runtime import apply_defaults
 
-# Under pytest-xdist (``make test`` runs two workers), each worker's ephemeral Prefect API keeps its own SQLite
-# database: two servers writing one database file would wait on each other's locks.
-if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
-    os.environ["PREFECT_HOME"] = str(Path(__file__).resolve().parents[1] / ".prefect" / os.environ["PYTEST_XDIST_WORKER"])
 apply_defaults()  # Prefect's defaults, from their one place, before Prefect is first imported
+# Under pytest-xdist (``make test`` runs two workers), each worker's ephemeral Prefect API keeps its own SQLite
+# database (a folder of PREFECT_HOME per worker): two servers writing one database file would wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("LORA_RANKS_TEST_HOME_SPLIT"):
+    os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
+    os.environ["LORA_RANKS_TEST_HOME_SPLIT"] = "1"  # once per process (conftest may be imported again)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -122,3 +122,22 @@ def test_flow_parameters_validate_with_the_same_rules(tmp_path):
     assert ok["allocation"] == AllocationSettings(energy_threshold=0.5)
     with pytest.raises(ValidationError):
         AllocationSettings(energy_threshold=1.5)
+
+
+def test_replace_validates_like_construction():
+    """``replace`` is a validated copy (``model_copy`` is not): a bad value is refused naming the field, and the
+    original is unchanged."""
+    settings = FinetuneSettings()
+    changed = settings.replace(subset_ratio=1.0, max_samples=7)
+    assert (changed.subset_ratio, changed.max_samples, changed.learning_rate) == (1.0, 7, settings.learning_rate)
+    assert settings.subset_ratio == FinetuneSettings.model_fields["subset_ratio"].default
+    with pytest.raises(ValidationError, match="max_rank"):
+        AllocationSettings().replace(min_rank=16, max_rank=8)
+    assert AllocationSettings().replace(rank_rule="budget", budget=5e4).budget_mode
+
+
+def test_a_prefixed_field_that_starts_with_its_prefix_has_one_prefix():
+    assert flag_for("lora_dropout", "lora") == "--lora-dropout"
+    assert flag_for("max_steps", "lora") == "--lora-max-steps"
+    options = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["compare"]._actions}
+    assert not any("lora_lora" in o for o in options)

@@ -223,3 +223,16 @@ def test_a_layer_result_lists_the_modules_that_fell_back_to_the_cpu(planted_pair
     assert expected and len(failed) == len(expected) < len(modules)
     assert result.cuda_oom_fallbacks == expected
     assert {n: d for n, d in result.devices.items() if d != "cuda:0"} == dict.fromkeys(expected, "cpu (CUDA out of memory)")
+
+
+def test_spectrum_kind_is_its_value_as_a_key_a_string_and_in_json():
+    """The enum owns what each kind needs, and a member is interchangeable with its value where strings were used
+    (dict keys, f-strings, JSON, comparisons)."""
+    import json
+
+    from lora_ranks.spectra import SpectrumKind
+
+    assert {"weight": 1}[SpectrumKind.WEIGHT] == 1 and f"budget-{SpectrumKind.FISHER}" == "budget-fisher"
+    assert json.dumps({"s": SpectrumKind.INPUT}) == '{"s": "input"}' and SpectrumKind("fisher") == "fisher"
+    assert [k.weighted for k in SpectrumKind] == [False, True, True]
+    assert [k.needs_output_factor for k in SpectrumKind] == [False, False, True]
