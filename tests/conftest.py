@@ -12,7 +12,9 @@ apply_defaults()  # Prefect's defaults, from their one place, before Prefect is 
 # Under pytest-xdist (``make test`` runs two workers), each worker's ephemeral Prefect API keeps its own SQLite
 # database (a folder of PREFECT_HOME per worker): two servers writing one database file would wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("LORA_RANKS_TEST_HOME_SPLIT"):
-    os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
+    home = Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"]
+    home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home without parents: a fresh clone has no .prefect/
+    os.environ["PREFECT_HOME"] = str(home)
     os.environ["LORA_RANKS_TEST_HOME_SPLIT"] = "1"  # once per process (conftest may be imported again)
 
 import numpy as np  # noqa: E402
