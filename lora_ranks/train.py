@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_json
+from .analysis.layout import Layout
 from .config import RankConfig
 from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
@@ -46,18 +47,13 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class TrainLayout:
+class TrainLayout(Layout):
     """The folders and files of one LoRA training run under ``root``::
 
         <root>/adapter/                 # the trained adapter (with its rank config)
         <root>/training_metrics.json    # losses, parameter counts, settings
         <root>/warm_start_adapter/      # the SVD warm start extracted for it (init warm)
     """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def adapter_dir(self) -> Path:

@@ -16,7 +16,7 @@ _EXPORTS = {
     "config_curvature_roots": "curvature", "curvature_roots": "curvature", "input_weighted_spectra": "curvature",
     "load_curvature_file": "curvature",
     "LayerResult": "layer", "analyze_layer": "layer", "numerics_identity": "layer",
-    "OutputLayout": "layout", "layer_file_fingerprint": "layout", "layer_file_name": "layout",
+    "Layout": "layout", "OutputLayout": "layout", "layer_file_fingerprint": "layout", "layer_file_name": "layout",
     "load_layer_spectra": "layout", "load_spectra": "layout", "spectra_files": "layout",
     "AnalysisPlan": "plan", "StepClock": "plan",
     "split_half_ranks": "split_half",

@@ -31,18 +31,23 @@ import torch
 from .._io import atomic_write
 from ..spectra import Spectrum
 
-__all__ = ["OutputLayout", "layer_file_name", "write_layer_file", "load_layer_spectra", "load_spectra",
+__all__ = ["Layout", "OutputLayout", "layer_file_name", "write_layer_file", "load_layer_spectra", "load_spectra",
            "spectra_files", "layer_file_fingerprint", "load_module_records", "WEIGHT_PREFIX"]
 
 
 @dataclass(frozen=True)
-class OutputLayout:
-    """The folders and files of one run under ``root`` (see the module docstring)."""
+class Layout:
+    """Base of the layouts: the folders and files of one run under ``root``, each named by a property."""
 
     root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class OutputLayout(Layout):
+    """The folders and files of one analysis run under ``root`` (see the module docstring)."""
 
     @property
     def demo_inputs_dir(self) -> Path:

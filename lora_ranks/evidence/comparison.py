@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_json, atomic_write_text
-from ..analysis import OutputLayout, config_curvature_roots, input_weighted_spectra, load_spectra, spectra_files
+from ..analysis import Layout, OutputLayout, config_curvature_roots, input_weighted_spectra, load_spectra, spectra_files
 from ..checkpoints import CheckpointPair
 from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
@@ -50,13 +50,8 @@ __all__ = ["ComparisonLayout", "FidelityReport", "FidelityTable", "Comparability
 
 
 @dataclass(frozen=True)
-class ComparisonLayout:
+class ComparisonLayout(Layout):
     """The folders and files of one ``compare-allocations`` run (see the module docstring)."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def data_dir(self) -> Path:
