@@ -16,7 +16,7 @@ from flows._runtime import apply_defaults, described, documented
 
 apply_defaults()
 
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
@@ -48,9 +48,6 @@ def train_dynamic_lora_flow(
     if source is not None:
         init_from = extract_lora_task(model, str(source), rank_config, str(layout.warm_start_dir),
                                       safety.allow_pickle, extraction)
-    elif training.init == "warm":
-        get_run_logger().warning("No fine-tuned model to warm-start from (the rank config records none that exists, "
-                                 "and warm_start_from is not set): training from PEFT's init")
     # Step 2: train.
     return train_dynamic_lora_task(model, rank_config, data_path, str(layout.root), training, init_from,
                                    safety.trust_remote_code)

@@ -351,8 +351,9 @@ class LoRATrainingSettings(TrainingSettings):
     init: Literal["warm", "cold"] = "warm"
     """warm: start from the best adapter of the analysis' fine-tuned model at these ranks (the SVD warm start, with
     the truncation the ranks were chosen by), found through the rank config or warm_start_from; cold: PEFT's init
-    (B = 0). warm measured better at every budget of BENCHMARKS.md's experiment; without a fine-tuned model to start
-    from it trains cold and says so."""
+    (B = 0). warm measured better at every budget of BENCHMARKS.md's experiment, at equal LoRA steps (at equal
+    compute a longer cold LoRA did better in a pilot: docs/evidence.md); warm without a fine-tuned model to start
+    from is refused, never silently cold."""
     quantization: Optional[Literal["4bit", "8bit"]] = None
     """Quantize the frozen base with bitsandbytes (QLoRA): 4bit = nf4 with double quantization, 8bit = LLM.int8."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)

@@ -70,10 +70,12 @@ class TrainLayout(Layout):
 
 def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | None, init: str) -> Path | None:
     """The fine-tuned model to extract a warm start from: ``warm_start_from`` when given, else the fine-tuned
-    checkpoint the rank config was analyzed from when it still exists; None for a cold start.
+    checkpoint the rank config was analyzed from; None for a cold start (``init="cold"``).
 
     Raises:
-        LoraRanksError: ``warm_start_from`` given with ``init="cold"``.
+        LoraRanksError: ``warm_start_from`` given with ``init="cold"``; or ``init="warm"`` without a fine-tuned model
+            to start from (none given, and the config records none, or one that no longer exists): a warm start
+            asked for is never silently a cold one.
     """
     from .errors import LoraRanksError
 
@@ -84,7 +86,12 @@ def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | Non
     if warm_start_from is not None:
         return Path(warm_start_from)
     recorded = rank_config.checkpoints.finetuned.path if rank_config.checkpoints else None
-    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    why = (f"the fine-tuned model the rank config was analyzed from, {recorded}, no longer exists" if recorded
+           else "the rank config records no fine-tuned model (it was not made by an analysis of a pair)")
+    raise LoraRanksError(f"init 'warm' needs a fine-tuned model to extract the warm start from, but {why}: give it "
+                         "with --warm-start-from (warm_start_from), or train from PEFT's init with --init cold")
 
 
 def train_dynamic_lora(

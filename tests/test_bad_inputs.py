@@ -386,3 +386,24 @@ def test_the_fourth_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     (run / MARKER).symlink_to(tmp_path / "user")
     before = _digest(tmp_path)
     refused(["export", str(ws / "adapter"), "--out", str(run)], "did not write")
+
+
+def test_a_warm_start_that_cannot_be_had_is_refused_not_trained_cold(ws, tmp_path, capsys):
+    """init warm (the default) with a rank config whose fine-tuned model is gone, or that records none: one line
+    naming both ways on (--warm-start-from, --init cold), exit 2, before Prefect starts and with nothing written
+    (it used to warn in the log and train from PEFT's init)."""
+    from lora_ranks.config import load_rank_config, save_rank_config
+
+    config = load_rank_config(ws / "run" / "configs" / "lora_rank_config.json")
+    recorded = config.checkpoints.model_dump()
+    gone = save_rank_config(tmp_path / "gone.json", config.replace(analysis_metadata={"checkpoints": {
+        **recorded, "finetuned": {**recorded["finetuned"], "path": str(tmp_path / "deleted-ft")}}}))
+    none = save_rank_config(tmp_path / "none.json", config.replace(analysis_metadata={"checkpoints": None}))
+    before = _digest(tmp_path)
+    for path, fragment in ((gone, f"{tmp_path / 'deleted-ft'}, no longer exists"), (none, "records no fine-tuned model")):
+        argv = ["train", "--model", str(ws / "base"), "--lora-config", str(path), "--data", str(ws / "data.jsonl"),
+                "--out", str(tmp_path / "train")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0] and "--warm-start-from" in err[0] and "--init cold" in err[0], err
+        assert _digest(tmp_path) == before

@@ -250,8 +250,8 @@ def test_extraction_of_a_config_without_weight_keys_maps_names(planted_pair, ran
 
 
 def test_warm_start_source_follows_the_rank_config(tmp_path):
-    """init warm: an explicit folder wins, else the config's recorded fine-tuned model while it exists; cold: none,
-    and an explicit folder with init cold is refused."""
+    """init warm: an explicit folder wins, else the config's recorded fine-tuned model; without one that exists, warm
+    is refused (issue 29: never silently cold); cold: none, and an explicit folder with init cold is refused."""
     from lora_ranks.errors import LoraRanksError
     from lora_ranks.train import warm_start_source
 
@@ -265,7 +265,12 @@ def test_warm_start_source_follows_the_rank_config(tmp_path):
     assert warm_start_source(config, tmp_path / "other", "warm") == tmp_path / "other"
     assert warm_start_source(config, None, "cold") is None
     finetuned.rmdir()
-    assert warm_start_source(config, None, "warm") is None  # the recorded model is gone: cold, with a warning
+    with pytest.raises(LoraRanksError, match="no longer exists: give it with --warm-start-from"):
+        warm_start_source(config, None, "warm")  # the recorded model is gone: refused, never silently cold
+    assert warm_start_source(config, None, "cold") is None
+    without_pair = config.replace(analysis_metadata={"checkpoints": None})
+    with pytest.raises(LoraRanksError, match="records no fine-tuned model"):
+        warm_start_source(without_pair, None, "warm")
     with pytest.raises(LoraRanksError, match="init is 'cold'"):
         warm_start_source(config, tmp_path / "other", "cold")
 
