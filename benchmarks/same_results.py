@@ -75,6 +75,17 @@ def outcome(out: Path) -> dict:
             "sensitivity": sensitivity["spectra"], "configs": configs}
 
 
+def max_difference(a, b) -> float:
+    """The largest absolute difference between the numbers of two outcomes of the same shape (0.0: identical)."""
+    if isinstance(a, dict):
+        return max((max_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        return max((max_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b))
+    return 0.0 if a == b else float("inf")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default=BEFORE_RESTRUCTURING, help="the earlier revision to compare with")
@@ -97,10 +108,16 @@ def main() -> int:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     rows = [(part, before[part] == after[part]) for part in before]
+    largest = {part: max_difference(before[part], after[part]) for part in before}
+
+    def verdict(part: str) -> str:
+        return "yes" if dict(rows)[part] else f"**no** (largest difference {largest[part]:.1e})"
+
     n_losses = sum(len(v) for v in before["losses"].values())
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
     (REPO / "benchmarks" / "results" / "same_results.json").write_text(json.dumps(
         {"date": date.today().isoformat(), "before": args.rev, "after": rev, "identical": dict(rows),
+         "largest_difference": largest,
          "before_outcome": before, "after_outcome": after}, indent=1) + "\n")
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     lines = [f"### Same results before and after a restructuring ({date.today().isoformat()}, CPU: {machine})", "",
@@ -109,13 +126,13 @@ def main() -> int:
              f"2 seeds) run from revision {args.rev} and from {rev} on the same demo pair and data. Raw: "
              "`benchmarks/results/same_results.json`.", "",
              "| what | compared | bit-identical |", "|---|---|---|",
-             f"| held-out losses | {n_losses} (row x init x seed) | {'yes' if dict(rows)['losses'] else '**no**'} |",
+             f"| held-out losses | {n_losses} (row x init x seed) | {verdict('losses')} |",
              f"| fidelity (KL per config and truncation) | {len(before['fidelity']['rows'])} + ceiling | "
-             f"{'yes' if dict(rows)['fidelity'] else '**no**'} |",
+             f"{verdict('fidelity')} |",
              f"| comparability (predicted and measured KL per module) | {len(before['sensitivity'])} spectra | "
-             f"{'yes' if dict(rows)['sensitivity'] else '**no**'} |",
+             f"{verdict('sensitivity')} |",
              f"| compared configs (rank and alpha patterns, parameters) | {len(before['configs'])} | "
-             f"{'yes' if dict(rows)['configs'] else '**no**'} |", ""]
+             f"{verdict('configs')} |", ""]
     emit("\n".join(lines), args.record)
     return 0 if all(same for _, same in rows) else 1
 

@@ -627,3 +627,61 @@ def test_split_half_without_data_is_refused_before_any_work(finetuned_pair, tmp_
     with pytest.raises(CalibrationError, match="split-half' needs the fine-tuning data"):
         analyze_checkpoints(base, finetuned, tmp_path / "out", settings=AllocationSettings(noise_estimate="split-half"))
     assert not (tmp_path / "out").exists()
+
+
+def _ill_conditioned(d: int, condition: float, seed: int) -> torch.Tensor:
+    """An SPD matrix (d, d), float64, with eigenvalues spread log-uniformly over ``condition`` orders of ten."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return (q * torch.logspace(0, -condition, d, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("case", ["random", "ill-conditioned", "rank-deficient"])
+def test_cholesky_roots_equal_the_eigendecomposition_path(case):
+    """For G = L_G L_G^T and A = L_A L_A^T (damped), sigma(L_G^T dW L_A) = sigma(G^1/2 dW A^1/2) and the loss-aware
+    truncation recovered with triangular solves is the same matrix: the spectrum, the energy and the balanced
+    factors agree with the eigendecomposition path to float64 round-off (1e-10 relative; the issue asks 1e-8)."""
+    from lora_ranks.spectra.weighted import factor_root
+
+    gen = torch.Generator().manual_seed(11)
+    delta = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    if case == "random":
+        g, a, damping = _psd(24, 24, 1), _psd(16, 16, 2), 0.01
+    elif case == "ill-conditioned":  # eigenvalues over 10 orders of ten; the damping bounds the condition
+        g, a, damping = _ill_conditioned(24, 10, 3), _ill_conditioned(16, 10, 4), 1e-6
+    else:  # fewer calibration tokens than dimensions: singular factors, made definite by the damping
+        g, a, damping = _psd(24, 5, 5), _psd(16, 3, 6), 0.01
+    fast = factor_root(g, 24, damping), factor_root(a, 16, damping)
+    reference = symmetric_root(g, 24, damping), symmetric_root(a, 16, damping)
+    assert [r.kind for r in fast] == ["cholesky", "cholesky"] and [r.kind for r in reference] == ["eigh", "eigh"]
+    spectra = [weighted_spectrum(delta, 17, output_root=o, input_root=i, method="svdvals") for o, i in (fast, reference)]
+    np.testing.assert_allclose(spectra[0].singular_values, spectra[1].singular_values, rtol=1e-10,
+                               atol=1e-12 * spectra[1].singular_values[0])
+    assert spectra[0].total_energy == pytest.approx(spectra[1].total_energy, rel=1e-12)
+    for rank in (1, 4, 9):
+        ours = weighted_truncation_factors(delta, rank, 2.0, output_root=fast[0], input_root=fast[1])
+        theirs = weighted_truncation_factors(delta, rank, 2.0, output_root=reference[0], input_root=reference[1])
+        product = [b.double() @ a.double() for a, b, _ in (ours, theirs)]
+        torch.testing.assert_close(product[0], product[1], rtol=0, atol=1e-6 * float(product[1].abs().max()))  # float32
+        assert ours[2] == pytest.approx(theirs[2], rel=1e-10)  # the weighted relative error, float64
+        # balanced as before: B^T B = A A^T, diagonal
+        a_t, b_t = ours[0].double(), ours[1].double()
+        torch.testing.assert_close(b_t.T @ b_t, a_t @ a_t.T, rtol=1e-4, atol=1e-6 * float((a_t @ a_t.T).abs().max()))
+
+
+def test_a_factor_that_is_not_positive_definite_falls_back_to_the_eigendecomposition():
+    """Undamped and singular (or all zero), a factor has no Cholesky factor: the exact eigh root is used, with its
+    pseudo-inverse, and the weighted spectrum is the reference's."""
+    from lora_ranks.spectra.weighted import factor_root
+
+    singular = _psd(10, 3, 7)
+    root = factor_root(singular, 10, 0.0)
+    assert root.kind == "eigh"
+    gen = torch.Generator().manual_seed(12)
+    delta = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    ours = weighted_spectrum(delta, 7, output_root=root, input_root=factor_root(None, 6, 0.0), method="svdvals")
+    values, vectors = torch.linalg.eigh(singular)
+    root_of_singular = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    torch.testing.assert_close(torch.from_numpy(ours.singular_values[:6]), torch.linalg.svdvals(root_of_singular @ delta),
+                               rtol=1e-8, atol=1e-10)
+    assert factor_root(torch.zeros(4, 4, dtype=torch.float64), 4, 0.01).kind == "eigh"  # zero mean eigenvalue: no damping

@@ -22,7 +22,7 @@ from ..checkpoints import ModuleRef
 from ..kfac import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
-from ..spectra.weighted import SymmetricRoot, symmetric_root, weighted_spectrum
+from ..spectra.weighted import FactorRoot, factor_root, weighted_spectrum
 from .layout import layer_file, write_layer_file
 
 if TYPE_CHECKING:
@@ -150,19 +150,19 @@ def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
 
 
 def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | None, damping: float, *,
-                    input_only: bool = False) -> tuple[dict[str, tuple[SymmetricRoot, SymmetricRoot]], SpectrumKind]:
+                    input_only: bool = False) -> tuple[dict[str, tuple[FactorRoot, FactorRoot]], SpectrumKind]:
     """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
 
-    One eigendecomposition per distinct input factor (q/k/v share one). Memory: the roots of one layer, d x d
-    float64 each. ``input_only``: the G side is the identity whatever the file holds (the input-weighted spectrum
-    σ(ΔW A^1/2) from a Fisher analysis' factors); the kind is then input.
+    One Cholesky factorization per distinct input factor (q/k/v share one; ``spectra.weighted.factor_root``).
+    Memory: the roots of one layer, d x d float64 each. ``input_only``: the G side is the identity whatever the file
+    holds (the input-weighted spectrum σ(ΔW A^1/2) from a Fisher analysis' factors); the kind is then input.
     """
     if curvature_path is None:
         return {}, SpectrumKind.WEIGHT
     factors = load_curvature_file(curvature_path)
     has_output = any(f.output_factor is not None for f in factors.values())
     kind = SpectrumKind.FISHER if has_output and not input_only else SpectrumKind.INPUT
-    input_roots: dict[str, SymmetricRoot] = {}
+    input_roots: dict[str, FactorRoot] = {}
     roots = {}
     for m in modules:
         f = factors.get(m.name)
@@ -170,14 +170,14 @@ def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | N
             continue
         d_out, d_in = m.shape
         if f.input_key not in input_roots:
-            input_roots[f.input_key] = symmetric_root(f.input_factor, d_in, damping)
+            input_roots[f.input_key] = factor_root(f.input_factor, d_in, damping)
         output_factor = None if input_only else f.output_factor
-        roots[m.name] = (symmetric_root(output_factor, d_out, damping), input_roots[f.input_key])
+        roots[m.name] = (factor_root(output_factor, d_out, damping), input_roots[f.input_key])
     return roots, kind
 
 
 def config_curvature_roots(rank_config: RankConfig, modules: Sequence[ModuleRef], *, input_only: bool = False
-                           ) -> dict[str, tuple[SymmetricRoot, SymmetricRoot]] | None:
+                           ) -> dict[str, tuple[FactorRoot, FactorRoot]] | None:
     """Module name -> damped (G, A) roots from the curvature factors a rank config's analysis recorded (its
     ``analysis_metadata.curvature``: folder and damping), or None when the config was made from the weight
     spectrum or its factor folder is gone. Modules whose layer has no factor file are left out (they fall back to

@@ -38,7 +38,7 @@ from ..loading import load_model
 from ..plots import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
 from ..spectra import SpectrumKind
-from ..spectra.weighted import symmetric_root
+from ..spectra.weighted import factor_root
 from .allocations import allocation_configs
 from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison
 from .fidelity import DeltaBasis, fidelity_sweep, fidelity_to, held_out_loss, mean_and_std, reference_outputs
@@ -306,7 +306,7 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, lay
     roots = config_curvature_roots(config, modules)  # the factors' eigendecompositions, once
     if roots is not None and kind.needs_output_factor:
         shapes = {m.name: m.shape for m in modules}
-        bases["input"] = ({name: (symmetric_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},
+        bases["input"] = ({name: (factor_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},
                           1.0)
         bases["fisher"] = (roots, 0.5 * curvature.tokens / curvature.response_tokens)
     elif roots is not None:

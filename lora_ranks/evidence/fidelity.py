@@ -111,21 +111,22 @@ def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, exam
 class DeltaBasis:
     """Full SVD of every analyzed delta, kept in memory, so any rank's truncation is a slice.
 
-    With ``roots`` (module name -> damped (G, A) roots, ``spectra.weighted``) the SVD is that of the weighted delta
-    M = G^1/2 dW A^1/2 and a truncation is the loss-aware one, G^-1/2 M_r A^-1/2; without, the plain truncated SVD.
+    With ``roots`` (module name -> damped (G, A) roots, ``spectra.weighted.FactorRoot``) the SVD is that of the
+    weighted delta M = R_G^T dW R_A and a truncation is the loss-aware one, R_G^-T M_r R_A^-1; without, the plain
+    truncated SVD.
     Meant for the models of fidelity experiments (small enough to hold U, S, V of every module).
     """
 
     def __init__(self, pair: CheckpointPair, modules: Sequence[ModuleRef], roots: Mapping | None = None):
         self.modules = list(modules)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.inverse_roots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.roots: dict[str, tuple] = {}
         for m in self.modules:
             delta = pair.delta(m, torch.float64)  # (d_out, d_in)
             if roots is not None and m.name in roots:
                 out_root, in_root = roots[m.name]
-                delta = out_root.root() @ delta @ in_root.root()
-                self.inverse_roots[m.name] = (out_root.inverse_root(), in_root.inverse_root())
+                delta = in_root.right(out_root.left(delta))
+                self.roots[m.name] = (out_root, in_root)
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (m,k), (k,), (k,n)
             self.svd[m.name] = (u, s, vh)
         pair.close()
@@ -135,9 +136,9 @@ class DeltaBasis:
         roots): (d_out, d_in), float64."""
         u, s, vh = self.svd[name]
         low_rank = (u[:, :rank] * s[:rank]) @ vh[:rank]
-        if name in self.inverse_roots:
-            out_inverse, in_inverse = self.inverse_roots[name]
-            low_rank = out_inverse @ low_rank @ in_inverse
+        if name in self.roots:
+            out_root, in_root = self.roots[name]
+            low_rank = in_root.right_inverse(out_root.left_inverse(low_rank))
         return low_rank
 
     def discarded_energy(self, name: str, rank: int) -> float:
