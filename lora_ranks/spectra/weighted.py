@@ -63,10 +63,6 @@ class FactorRoot:
     inverse: torch.Tensor | None
     damping: float
 
-    @property
-    def dim(self) -> int:
-        return self.root.shape[0]
-
     def left(self, x: torch.Tensor) -> torch.Tensor:
         """Rᵀ X for X (d, n): the output side of M = R_Gᵀ ΔW R_A."""
         return x if self.kind == "identity" else self.root.T @ x
