@@ -274,6 +274,20 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         if too_big:
             raise LoraRanksError(f"--budget-ranks {too_big[0]} is above --max-rank {settings['allocation'].max_rank}: "
                                  "no allocation could spend it; give budget ranks up to --max-rank")
+    if command == "compare" and settings["comparison"].peers:
+        from lora_ranks.checkpoints import build_meta_model, resolve_model_path
+        from lora_ranks.checkpoints.naming import is_vision_stack
+        from lora_ranks.evidence.peers import check_peers
+        from lora_ranks.synthetic import DEMO_MODEL
+
+        model = inputs.get("model") or inputs["base_model"]
+        types = None
+        if model != DEMO_MODEL:  # the demo's model is a Qwen3: linear layers
+            targets = settings["analysis"].targets
+            types = {name: type(module).__name__ for name, module in
+                     build_meta_model(resolve_model_path(model)).named_modules()
+                     if targets.selects(name, is_vision_stack(name)) and hasattr(module, "weight")}
+        check_peers(settings["comparison"].peers, quantization=settings["training"].quantization, module_types=types)
     for key in ("data_path", "eval_data_path"):  # read now, not after a fine-tune or an analysis
         if inputs.get(key) and (key == "eval_data_path" or command == "analyze"):
             from lora_ranks.data import load_records

@@ -10,12 +10,16 @@ Steps:
        ``comparison.budget_ranks``: at each budget, water-filling on every spectrum the analysis has, the signal
        ranks, and the fidelity of every config's extracted adapter); with ``comparison.comparability``, whether the
        spectra predict what truncating one module costs;
-    4. train a LoRA for every config and seed (identical data, steps and seeds), warm-started from the adapter
-       extracted at its ranks unless ``training.init`` is "cold"; with ``comparison.cold_baseline`` also cold;
-       with ``comparison.full_finetune`` a full fine-tune per seed, trained as long (the reference);
-    5. held-out loss of every adapter;
-    6. a table (mean +- std over seeds, paired differences to uniform ranks, the gap closed to the full fine-tune)
-       and a plot, as files and UI artifacts.
+    4. the rows: a LoRA for every config and seed (identical data, steps and seeds), warm-started from the adapter
+       extracted at its ranks unless ``training.init`` is "cold"; with ``comparison.cold_baseline`` also cold; with
+       ``comparison.peers`` PEFT's variants and data-driven inits at each budget's uniform ranks
+       (``lora_ranks.evidence.peers``); each run is evaluated in its own task: held-out loss after training (and
+       at ``comparison.curve_points`` steps during it, against FLOPs), exact-match accuracy;
+    5. with ``comparison.learning_rates``, each row's rate is chosen first: every rate on the first seed, on the
+       training records less a validation split, the lowest validation loss kept; with ``comparison.full_finetune``
+       a full fine-tune per seed, trained as long (the reference);
+    6. a table (mean +- std over seeds, paired differences to uniform ranks and PEFT's default LoRA, accuracy,
+       compute, the gap closed to the full fine-tune) and plots, as files and UI artifacts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from prefect import flow, unmapped  # noqa: E402
 from flows.svd_analysis import svd_analysis  # noqa: E402
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.evidence import ComparisonLayout  # noqa: E402
+from lora_ranks.evidence.runs import RowEvaluation, RowSpec, choose_learning_rates, comparison_rows, select_configs  # noqa: E402
 from lora_ranks.settings import (  # noqa: E402
     INPUT_HELP,
     AllocationSettings,
@@ -51,13 +56,14 @@ from tasks.evidence import (  # noqa: E402
     allocation_fidelity_task,
     comparability_check_task,
     comparison_report_task,
-    evaluate_adapter_task,
     full_finetune_task,
     split_data_task,
+    split_validation_task,
+    train_row_task,
 )
 from tasks.finetune import build_demo_inputs_task  # noqa: E402
 from tasks.outputs import claim_output_task  # noqa: E402
-from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
+from tasks.train import extract_lora_task  # noqa: E402
 
 
 # A bounded runner (LORA_RANKS_MAX_WORKERS, default 2): Prefect's default thread pool has no bound, and a matrix of
@@ -108,13 +114,15 @@ def compare_allocations(
     pretrained = pair.pretrained.path
 
     # Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check.
-    configs = allocation_configs_task(config_path, str(layout.root), comparison.budget_ranks)
+    configs = select_configs(allocation_configs_task(config_path, str(layout.root), comparison.budget_ranks),
+                             comparison.allocations)
     if comparison.budget_ranks:
         allocation_fidelity_task(config_path, configs, eval_data_path, str(layout.root), fidelity)
     if comparison.comparability:
         comparability_check_task(config_path, eval_data_path, str(layout.root), comparison, fidelity)
 
-    # Step 4: train every config x init x seed (warm: from the adapter extracted at the config's ranks).
+    # Step 4: the rows: every config x init, and every peer at each budget's uniform ranks (warm: from the adapter
+    # extracted at the config's ranks; PEFT's default LoRA is the cold uniform row).
     finetuned = pair.finetuned.path
     inits = [training.init] + (["cold"] if comparison.cold_baseline and training.init == "warm" else [])
     warm = {}
@@ -123,12 +131,35 @@ def compare_allocations(
                                           [str(layout.warm_adapter_dir(label)) for label in configs],
                                           unmapped(safety.allow_pickle), unmapped(extraction))
         warm = dict(zip(configs, extracted.result()))
-    runs = [(label, init, seed) for label in configs for init in inits for seed in comparison.seeds]
-    trained = train_dynamic_lora_task.map(
-        [pretrained] * len(runs), [configs[label] for label, _, _ in runs], [train_path] * len(runs),
-        [str(layout.run_dir(label if init == training.init else f"{label}-{init}", seed)) for label, init, seed in runs],
-        [training.replace(seed=seed, init=init) for _, init, seed in runs],
-        [warm.get(label) if init == "warm" else None for label, init, _ in runs])
+    rows = comparison_rows(list(configs), inits, comparison.peers)
+    evaluation = RowEvaluation(eval_data_path, fidelity.eval_samples, fidelity.eval_max_length,
+                               comparison.curve_points, comparison.curve_samples, comparison.accuracy_samples,
+                               comparison.max_new_tokens, comparison.peer_records)
+
+    def specs(seeds) -> list[RowSpec]:
+        return [RowSpec(label, init, seed, configs[label], warm.get(label) if init == "warm" else None)
+                for label, init in rows for seed in seeds]
+
+    def train(batch: list[tuple[RowSpec, float]], fit_path: str, row_evaluation: RowEvaluation) -> list:
+        tag = (lambda lr: f"-lr{lr:g}") if comparison.learning_rates else (lambda lr: "")
+        return train_row_task.map(unmapped(pretrained), [spec for spec, _ in batch], unmapped(fit_path),
+                                  [str(layout.run_dir(spec.name + tag(lr), spec.seed)) for spec, lr in batch],
+                                  [training.replace(learning_rate=lr) for _, lr in batch],
+                                  unmapped(row_evaluation)).result()
+
+    # Step 5: with learning rates to choose from, each row trains at each on the first seed (on the training records
+    # less a validation split) and keeps the rate of lowest validation loss; then every seed trains at it.
+    choices = None
+    if comparison.learning_rates:
+        fit_path, validation_path = split_validation_task(train_path, str(layout.root), comparison.validation_fraction)
+        first, rest = comparison.seeds[0], comparison.seeds[1:]
+        trial_specs = [(spec, lr) for spec in specs([first]) for lr in comparison.learning_rates]
+        trials = train(trial_specs, fit_path, evaluation.replace_validation(validation_path))
+        best, choices = choose_learning_rates(trials)
+        results = list(best.values()) + (train([(spec, best[spec.label, spec.init].learning_rate)
+                                                for spec in specs(rest)], fit_path, evaluation) if rest else [])
+    else:
+        results = train([(spec, training.learning_rate) for spec in specs(comparison.seeds)], train_path, evaluation)
     full = None
     if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs
         steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
@@ -139,16 +170,12 @@ def compare_allocations(
             [str(layout.run_dir("full-finetune", seed)) for seed in comparison.seeds], unmapped(reference),
             list(comparison.seeds), unmapped(fidelity)).result()))
 
-    # Step 5: held-out loss.
-    losses = evaluate_adapter_task.map([pretrained] * len(runs), [t.result().adapter_dir for t in trained],
-                                       [eval_data_path] * len(runs), [f"{label}-{init}" for label, init, _ in runs],
-                                       [seed for _, _, seed in runs], unmapped(fidelity)).result()
-
     # Step 6: report.
-    report = comparison_report_task(str(layout.root), configs, runs, losses,
+    report = comparison_report_task(str(layout.root), configs, results,
                                     {"config": config_path, "train_data": train_path, "eval_data": eval_data_path,
-                                     "training": training.to_dict(), "comparison": comparison.to_dict()},
-                                    training.init, full)
+                                     "training": training.to_dict(), "comparison": comparison.to_dict(),
+                                     "learning_rate_choices": choices},
+                                    training.init, full, config_path)
     return report.results_path
 
 

@@ -82,11 +82,25 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def planned_steps(n_examples: int, settings: TrainingSettings) -> int:
+    """Optimizer steps ``train_loop`` runs on ``n_examples``: min(max_steps, epochs over them), at least 1."""
+    micro_per_epoch = math.ceil(n_examples / settings.batch_size)
+    return min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
+
+
 def train_loop(model, examples: list[dict], pad_token_id: int, settings: TrainingSettings, device: torch.device, *,
                on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
-               desc: str = "training") -> tuple[list[float], bool]:
+               desc: str = "training", after_update: Callable[[int], None] | None = None,
+               tokens_per_step: list[int] | None = None) -> tuple[list[float], bool]:
     """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0,
     bf16 autocast on CUDA. Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
+
+    Args:
+        on_step: called as ``on_step(step, total, loss, lr)`` after each optimizer step (gradients cleared).
+        after_update: called as ``after_update(step)`` right after ``optimizer.step()``, while the gradients are
+            still there (AdaLoRA's rank allocation reads them).
+        tokens_per_step: when given, the non-padding tokens each step processed are appended to it (compute
+            accounting).
 
     Raises:
         TrainingDivergedError: a step's loss or gradient norm is NaN or infinite; raised before that step updates
@@ -96,8 +110,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     optimizer = _optimizer(params, settings)
     run = _wandb_run(settings, desc)
-    micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    total = min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
+    total = planned_steps(len(examples), settings)
     warmup = int(settings.warmup_ratio * total)
     rng = random.Random(settings.seed)
     order: list[int] = []
@@ -111,7 +124,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for _ in range(settings.grad_accumulation):
             if len(order) < settings.batch_size:  # reshuffle at each epoch boundary
                 fresh = list(range(len(examples)))
@@ -123,6 +136,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                 loss = model(**batch).loss / settings.grad_accumulation
             loss.backward()
             step_loss += float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # stop before the weights turn NaN
             if bar is not None:
@@ -138,8 +152,12 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                                         f"{lr:.3g}); nothing was written: lower the learning rate (now "
                                         f"{settings.learning_rate:g}) or check the data")
         optimizer.step()
+        if after_update is not None:
+            after_update(step + 1)
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        if tokens_per_step is not None:
+            tokens_per_step.append(step_tokens)
         if on_step is not None:
             on_step(step + 1, total, step_loss, lr)
         if run is not None:
@@ -244,8 +262,9 @@ def run_preliminary_finetune(
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         model.config.use_cache = False
+    step_tokens: list[int] = []
     losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
-                                  progress=progress, desc="preliminary fine-tune")
+                                  progress=progress, desc="preliminary fine-tune", tokens_per_step=step_tokens)
     total = len(losses)
 
     # Step 4: the fine-tuned side, then the metrics.
@@ -268,6 +287,7 @@ def run_preliminary_finetune(
         "device": str(dev),
         "bf16": use_bf16,
         "steps": total,
+        "tokens": sum(step_tokens),  # non-padding tokens trained on (compute: ~6 x parameters FLOPs each)
         "losses": losses,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .config import RankConfig
 
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
-           "analysis_summary_markdown", "comparison_markdown", "rank_table_rows", "write_sensitivity_plot"]
+           "analysis_summary_markdown", "comparison_markdown", "rank_table_rows", "write_sensitivity_plot",
+           "write_curves_plot"]
 
 
 def _pyplot():
@@ -200,6 +201,28 @@ def write_comparison_plot(path: str | Path, rows: list[dict]) -> str:
     return _save_png(fig, Path(path))
 
 
+def write_curves_plot(path: str | Path, rows: list[dict]) -> str:
+    """Held-out loss against total FLOPs (preparation + training; log scale), one line per row with a curve (mean
+    over seeds), one panel per budget (PNG path). A row's line starts at its preparation cost: a plain LoRA at 0."""
+    with_curves = [r for r in rows if r.get("curve")]
+    budgets = sorted({r["budget_rank"] for r in with_curves}, key=lambda b: (b is None, b or 0))
+    fig, axes = _pyplot().subplots(1, len(budgets), figsize=(6.0 * len(budgets), 4.4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for row in (r for r in with_curves if r["budget_rank"] == budget):
+            points = row["curve"]
+            style = "--" if row["init"] == "cold" else ":" if row["init"] not in ("warm", "cold") else "-"
+            ax.plot([p["total_flops"] for p in points], [p["loss"] for p in points], style, marker=".",
+                    label=f"{row['method']} ({row['init']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs (preparation + training)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"budget: uniform rank {budget}" if budget is not None else "the analysis' budget", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, Path(path))
+
+
 def markdown_image(path: str | Path, alt: str) -> str:
     """A markdown image whose source is the PNG itself, as a base64 data URI."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
@@ -231,22 +254,38 @@ def analysis_summary_markdown(config: RankConfig, config_path: str | Path, plots
     return "\n".join(lines)
 
 
-def comparison_markdown(rows: Sequence[dict], plot: str | Path) -> str:
-    """The comparison summary: held-out loss per allocation and init (mean +- std over seeds), the paired difference
-    to uniform ranks at the same budget, the gap closed to a full fine-tune, and the bar chart."""
-    def paired(r: dict) -> str:
-        v = r.get("vs_uniform")
-        return f"{v['mean']:+.4f} ± {v['std']:.4f} (p {v['p']:.3f})" if v else ""
+def comparison_markdown(rows: Sequence[dict], plot: str | Path, curves: str | Path | None = None) -> str:
+    """The comparison summary: held-out loss per allocation and init or peer (mean +- std over seeds), the paired
+    difference to uniform ranks at the same budget and to PEFT's default LoRA, accuracy, compute, the gap closed to
+    a full fine-tune, the bar chart and the loss-against-compute curves."""
+    def paired(v: dict | None) -> str:
+        return f"{v['mean']:+.4f} ± {v['se']:.4f}" if v else ""
 
     def gap(r: dict) -> str:
         return f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else ""
 
-    return "\n".join(["# Allocations at equal budget", "",
-                      "| allocation | init | parameters | held-out loss | vs uniform (paired) | gap closed |",
-                      "|---|---|---|---|---|---|",
-                      *[f"| {r['allocation']} | {r.get('init', 'warm')} | {r['trainable_parameters']:,} | "
-                        f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {paired(r)} | {gap(r)} |" for r in rows],
-                      "", markdown_image(plot, "comparison")])
+    def accuracy(r: dict) -> str:
+        return f"{100 * r['accuracy_mean']:.1f}% ± {100 * r['accuracy_se']:.1f}" if r.get("accuracy_mean") is not None else ""
+
+    def flops(r: dict) -> str:
+        if r.get("train_flops") is None:
+            return ""
+        prep = r.get("preparation_flops")
+        return f"{r['train_flops']:.2e}" + (f" + {prep:.2e}" if prep else "")
+
+    lines = ["# Allocations and peers at equal budget", "",
+             "Paired differences are mean ± SE over seeds (negative: lower loss than the reference). FLOPs: "
+             "training + preparation (``lora_ranks.evidence.compute``).", "",
+             "| allocation | init / peer | parameters | lr | held-out loss | vs uniform | vs PEFT default | accuracy | "
+             "FLOPs | gap closed |", "|---|---|---|---|---|---|---|---|---|---|",
+             *[f"| {r['allocation']} | {r.get('init', 'warm')} | {r['trainable_parameters']:,} | "
+               f"{r.get('learning_rate') or ''} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | "
+               f"{paired(r.get('vs_uniform'))} | {paired(r.get('vs_default'))} | {accuracy(r)} | {flops(r)} | "
+               f"{gap(r)} |" for r in rows],
+             "", markdown_image(plot, "comparison")]
+    if curves is not None and Path(curves).is_file():
+        lines += ["", "## Held-out loss against compute", "", markdown_image(curves, "curves")]
+    return "\n".join(lines)
 
 
 def allocation_fidelity_markdown(rows: Sequence[dict], ceiling_kl: float) -> str:

@@ -382,6 +382,12 @@ class FidelitySettings(Settings):
         return taus
 
 
+ALLOCATION_NAMES = ("uniform", "energy", "budget", "budget-weight", "budget-input", "budget-fisher", "signal")
+"""The allocations ``compare`` can train (``ComparisonSettings.allocations``)."""
+PEER_NAMES = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adalora")
+"""The peer methods ``ComparisonSettings.peers`` accepts (``evidence.peers.PEERS``)."""
+
+
 class ComparisonSettings(Settings):
     """The allocation comparison: LoRAs of equal parameter count trained on identical data and seeds."""
 
@@ -409,6 +415,30 @@ class ComparisonSettings(Settings):
     """Held-out records the comparability check measures the KL on (one forward pass each per module and spectrum)."""
     comparability_rank: int = Field(2, ge=1)
     """Rank each module is truncated to, alone, in the comparability check: low, so that the loss moves."""
+    allocations: tuple[str, ...] = ()
+    """The compared configs to train, by allocation (uniform, energy, budget, budget-weight, budget-input,
+    budget-fisher, signal); empty: every config the analysis gives. uniform is always kept (the reference)."""
+    peers: tuple[str, ...] = ()
+    """Peer methods trained beside lora-ranks' rows at each budget, through PEFT's API and at the budget's uniform
+    ranks (``evidence.peers``): default, rslora, pissa, olora, eva, corda, lora-ga, adalora."""
+    peer_records: int = Field(64, ge=1)
+    """Training records (a seeded sample) the data-driven peers (eva, corda, lora-ga) initialize from."""
+    learning_rates: tuple[float, ...] = ()
+    """Learning rates to choose from per row: each row trains at each on the first seed, on the training records
+    less a validation split, and keeps the one of lowest validation loss for every seed (recorded in results.json);
+    empty: training.learning_rate for every row, on all training records."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the training records carved out as the validation split when learning_rates are given."""
+    curve_points: int = Field(0, ge=0)
+    """Held-out evaluations during each training (evenly spaced steps, the last one included): loss against
+    training FLOPs and wall time per row; 0: the final evaluation only."""
+    curve_samples: int = Field(64, ge=1)
+    """Held-out records each evaluation during training measures (the final one measures fidelity.eval_samples)."""
+    accuracy_samples: int = Field(0, ge=0)
+    """Held-out records with a checkable answer (instruction outputs, last assistant turns) whose greedy-decoded
+    response is scored by exact match after training; 0: no accuracy."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Tokens generated per record for the exact-match accuracy."""
 
     @field_validator("budget_ranks")
     @classmethod
@@ -416,6 +446,30 @@ class ComparisonSettings(Settings):
         if any(r < 1 for r in ranks):
             raise ValueError(f"every budget rank must be at least 1, got {min(ranks)}")
         return tuple(sorted(set(ranks)))
+
+    @field_validator("allocations")
+    @classmethod
+    def _known_allocations(cls, allocations: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [a for a in allocations if a not in ALLOCATION_NAMES]
+        if unknown:
+            raise ValueError(f"unknown allocation {unknown[0]!r}: choose from {', '.join(ALLOCATION_NAMES)}")
+        return tuple(dict.fromkeys(("uniform", *allocations)))
+
+    @field_validator("peers")
+    @classmethod
+    def _known_peers(cls, peers: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in peers if p not in PEER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEER_NAMES)}")
+        return tuple(dict.fromkeys(peers))
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _positive_rates(cls, rates: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [r for r in rates if not (0 < r <= 1) or r != r]
+        if bad:
+            raise ValueError(f"every learning rate must be in (0, 1], got {bad[0]}")
+        return tuple(dict.fromkeys(rates))
 
     @field_validator("seeds")
     @classmethod

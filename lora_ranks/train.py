@@ -24,7 +24,8 @@ from .loading import load_image_processor
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
 from .settings import LoRATrainingSettings
 
-__all__ = ["TrainLayout", "TrainResult", "train_dynamic_lora", "warm_start_source"]
+__all__ = ["TrainLayout", "TrainResult", "LoraRun", "prepare_lora_run", "save_lora_run", "train_dynamic_lora",
+           "warm_start_source"]
 
 
 @dataclass
@@ -94,6 +95,65 @@ def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | Non
                          "with --warm-start-from (warm_start_from), or train from PEFT's init with --init cold")
 
 
+@dataclass
+class LoraRun:
+    """A LoRA built and its data tokenized, ready for ``train_loop`` (``prepare_lora_run``)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    config: DynamicLoRAConfig
+    examples: list[dict]
+    report: object  # data.SubsetReport of the records trained on
+    n_records: int
+    device: torch.device
+
+
+def prepare_lora_run(model_name: str | Path, rank_config_path: str | Path, data_path: str | Path,
+                     settings: LoRATrainingSettings, *, init_from: str | Path | None = None, device: str | None = None,
+                     trust_remote_code: bool = False) -> LoraRun:
+    """Seed, build the LoRA (PEFT's init, or the adapter at ``init_from``), move it to the device and tokenize every
+    record of ``data_path``: everything before the first step of ``train_dynamic_lora``."""
+    config = DynamicLoRAConfig.from_file(rank_config_path, lora_dropout=settings.lora_dropout)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(settings.seed)
+    factory = PEFTModelFactory(config, quantization=settings.quantization,
+                               gradient_checkpointing=settings.gradient_checkpointing,
+                               trust_remote_code=trust_remote_code)
+    if init_from is not None:
+        model, tokenizer = load_peft_checkpoint(model_name, init_from, quantization=settings.quantization,
+                                                is_trainable=True, trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer = factory.build(model_name)
+    if settings.quantization is None:
+        model.to(dev)
+    model.train()
+    # Image records go through the image processor saved with a vision-language model, as in the fine-tune stage.
+    examples, report, n_records = prepare_examples(data_path, tokenizer, max_length=settings.max_length,
+                                                   seed=settings.seed, image_processor=load_image_processor(model_name))
+    return LoraRun(model, tokenizer, config, examples, report, n_records, dev)
+
+
+def save_lora_run(run: LoraRun, layout: TrainLayout, model_name: str | Path, rank_config_path: str | Path,
+                  data_path: str | Path, settings: LoRATrainingSettings, losses: list[float], use_bf16: bool,
+                  init_from: str | Path | None, start: float, extra: dict | None = None) -> TrainResult:
+    """Save the trained adapter and ``training_metrics.json`` (plus ``extra`` keys) of a run; its TrainResult."""
+    # PEFT's count: a packed 4-bit weight stores two parameters per element (numel() would count half of them).
+    trainable, total = run.model.get_nb_trainable_parameters()
+    adapter_dir = save_adapter(run.model, layout.adapter_dir, run.config,
+                               {"made_by": "train", "base": str(model_name), "quantization": settings.quantization})
+    metrics = {
+        "model": str(model_name), "rank_config": str(rank_config_path), "data": str(data_path),
+        "quantization": settings.quantization, "init_from": str(init_from) if init_from else None,
+        "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
+        "n_records": run.n_records, "n_train": len(run.examples), "task_counts_after": run.report.counts_after,
+        "settings": settings.to_dict(), "device": str(run.device), "bf16": use_bf16, "losses": losses,
+        "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start, **(extra or {}),
+    }
+    metrics_path = atomic_write_json(layout.metrics_path, metrics)
+    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
+                       serving_problems(read_adapter(adapter_dir, weights=False)))
+
+
 def train_dynamic_lora(
     model_name: str | Path,
     rank_config_path: str | Path,
@@ -115,38 +175,9 @@ def train_dynamic_lora(
             default init (SVD warm start); its ranks are validated against its own rank config.
     """
     start = time.perf_counter()
-    layout = TrainLayout(out_dir)
-    config = DynamicLoRAConfig.from_file(rank_config_path, lora_dropout=settings.lora_dropout)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(settings.seed)
-    factory = PEFTModelFactory(config, quantization=settings.quantization,
-                               gradient_checkpointing=settings.gradient_checkpointing,
-                               trust_remote_code=trust_remote_code)
-    if init_from is not None:
-        model, tokenizer = load_peft_checkpoint(model_name, init_from, quantization=settings.quantization,
-                                                is_trainable=True, trust_remote_code=trust_remote_code)
-    else:
-        model, tokenizer = factory.build(model_name)
-    if settings.quantization is None:
-        model.to(dev)
-    model.train()
-    # Image records go through the image processor saved with a vision-language model, as in the fine-tune stage.
-    examples, report, n_records = prepare_examples(data_path, tokenizer, max_length=settings.max_length,
-                                                   seed=settings.seed, image_processor=load_image_processor(model_name))
-    losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
-                                  progress=progress, desc="dynamic LoRA")
-    # PEFT's count: a packed 4-bit weight stores two parameters per element (numel() would count half of them).
-    trainable, total = model.get_nb_trainable_parameters()
-    adapter_dir = save_adapter(model, layout.adapter_dir, config,
-                               {"made_by": "train", "base": str(model_name), "quantization": settings.quantization})
-    metrics = {
-        "model": str(model_name), "rank_config": str(rank_config_path), "data": str(data_path),
-        "quantization": settings.quantization, "init_from": str(init_from) if init_from else None,
-        "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
-        "n_records": n_records, "n_train": len(examples), "task_counts_after": report.counts_after,
-        "settings": settings.to_dict(), "device": str(dev), "bf16": use_bf16, "losses": losses,
-        "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start,
-    }
-    metrics_path = atomic_write_json(layout.metrics_path, metrics)
-    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
-                       serving_problems(read_adapter(adapter_dir, weights=False)))
+    run = prepare_lora_run(model_name, rank_config_path, data_path, settings, init_from=init_from, device=device,
+                           trust_remote_code=trust_remote_code)
+    losses, use_bf16 = train_loop(run.model, run.examples, run.tokenizer.pad_token_id, settings, run.device,
+                                  on_step=on_step, progress=progress, desc="dynamic LoRA")
+    return save_lora_run(run, TrainLayout(out_dir), model_name, rank_config_path, data_path, settings, losses,
+                         use_bf16, init_from, start)

@@ -1,5 +1,5 @@
 """Tasks of the evidence stage: fidelity report, train/eval split, equal-budget configs, their fidelity, the
-comparability check, held-out evaluation, the comparison report. Each is one library call
+comparability check, one row's training and evaluation, the comparison report. Each is one library call
 (``lora_ranks.evidence.comparison``) plus its UI artifacts."""
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from lora_ranks.evidence import (
     allocation_fidelity,
     comparability_check,
     comparison_report,
-    evaluate_adapter,
     full_finetune_loss,
+    preparation_of,
     run_fidelity_report,
     split_records,
+    split_validation,
     write_allocation_configs,
 )
+from lora_ranks.evidence.runs import RowEvaluation, RowResult, RowSpec, train_row
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
-from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings
+from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
 
 
 @task(name="split-data")
@@ -77,11 +79,18 @@ def comparability_check_task(config_path: str, eval_data_path: str, comparison_r
     return report
 
 
-@task(name="evaluate-adapter", task_run_name="evaluate-{label}-seed{seed}")
-def evaluate_adapter_task(base_model: str, adapter_dir: str, eval_data_path: str, label: str, seed: int,
-                          settings: FidelitySettings) -> float:
-    """Held-out loss (nats per response token) of base + adapter."""
-    return evaluate_adapter(base_model, adapter_dir, eval_data_path, settings)
+@task(name="train-row", task_run_name="train-{spec.label}-{spec.init}-seed{spec.seed}-lr{settings.learning_rate:g}")
+def train_row_task(base_model: str, spec: RowSpec, train_path: str, out_dir: str, settings: LoRATrainingSettings,
+                   evaluation: RowEvaluation) -> RowResult:
+    """Train one comparison row (a lora-ranks config or a peer) and evaluate it in the same process: held-out loss
+    (during and after training), accuracy, compute."""
+    return train_row(base_model, spec, train_path, out_dir, settings, evaluation)
+
+
+@task(name="split-validation")
+def split_validation_task(train_path: str, comparison_root: str, fraction: float, seed: int = 0) -> tuple[str, str]:
+    """Carve a validation split from the training records (learning-rate choice): (fit path, validation path)."""
+    return split_validation(train_path, ComparisonLayout(comparison_root), fraction, seed)
 
 
 @task(name="full-finetune-reference", task_run_name="full-finetune-seed{seed}")
@@ -92,15 +101,19 @@ def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, ou
 
 
 @task(name="comparison-report")
-def comparison_report_task(comparison_root: str, configs: dict[str, str], runs: list[tuple[str, str, int]], losses: list[float],
-                           details: dict, reference_init: str = "warm",
-                           full_finetune: dict[int, float] | None = None) -> ComparisonReport:
-    """results.json, comparison.png and the UI artifacts of the comparison."""
-    report = comparison_report(ComparisonLayout(comparison_root), configs, runs, losses, details, reference_init, full_finetune)
-    create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k != "losses"}
+def comparison_report_task(comparison_root: str, configs: dict[str, str], results: list[RowResult], details: dict,
+                           reference_init: str = "warm", full_finetune: dict[int, float] | None = None,
+                           analysis_config: str | None = None) -> ComparisonReport:
+    """results.json, comparison.png (and curves.png) and the UI artifacts of the comparison."""
+    layout = ComparisonLayout(comparison_root)
+    preparation = (preparation_of(analysis_config, layout, results[0].matmul_parameters)
+                   if analysis_config and results else None)
+    report = comparison_report(layout, configs, results, details, reference_init, full_finetune, preparation)
+    create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k not in ("losses", "curve")}
                                                               for r in report.rows],
                           description="Held-out loss at equal trainable parameters")
-    create_markdown_artifact(key="allocation-comparison-summary", markdown=comparison_markdown(report.rows, report.plot_path))
+    create_markdown_artifact(key="allocation-comparison-summary",
+                             markdown=comparison_markdown(report.rows, report.plot_path, layout.curves_plot_path))
     get_run_logger().info("Comparison: %s", [(r["allocation"], r["init"], round(r["loss_mean"], 4),
                                               round(r["loss_std"], 4)) for r in report.rows])
     return report

@@ -136,6 +136,13 @@ CASES = [
      "is below the"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --budget 10", "is below the"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/mine", "did not write"),
+    # compare's peers and learning rates: before Prefect starts
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --peers pissa lora-xs", "unknown peer 'lora-xs'"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 1e-3 -0.01",
+     "every learning rate must be in (0, 1], got -0.01"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 0", "got 0.0"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --peers eva --lora-quantization 4bit",
+     "peer 'eva' needs the base weights in full precision"),
     ("demo", "--budget 10 --out {ws}/new", "is below the"),
     ("demo", "--out {ws}/mine", "did not write"),
 ]

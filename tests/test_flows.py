@@ -171,6 +171,45 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
     assert Counter(held_out) + Counter(trained) == Counter(everything)  # a partition: nothing held out is trained on
 
 
+def test_compare_with_peers_learning_rates_curves_and_accuracy(prefect_harness, tmp_path):
+    """Peers beside lora-ranks' rows, a learning rate chosen per row on a validation split (the chosen trial is the
+    first seed's run), loss-against-compute curves with lora-ranks' preparation counted, and accuracy."""
+    from flows.compare_allocations import compare_allocations
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
+    data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
+    results = json.loads(Path(compare_allocations(
+        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
+        allocation=AllocationSettings(min_rank=2, max_rank=16),
+        comparison=ComparisonSettings(seeds=(0, 1), peers=("default", "pissa", "eva"), learning_rates=(1e-3, 3e-3),
+                                      curve_points=2, curve_samples=4, accuracy_samples=4, max_new_tokens=4),
+        training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
+        finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.3))).read_text())
+    rows = {(r["allocation"], r["init"]): r for r in results["rows"]}
+    assert set(rows) == {("uniform", "warm"), ("energy", "warm"), ("budget", "warm"), ("uniform", "cold"),
+                         ("uniform", "pissa"), ("uniform", "eva")}
+    choices = results["learning_rate_choices"]
+    for (label, init), row in rows.items():
+        choice = choices[f"{label}/{init}"]
+        assert set(choice["validation_losses"]) == {"0.001", "0.003"}
+        assert row["learning_rate"] == float(min(choice["validation_losses"], key=choice["validation_losses"].get))
+        assert len(row["losses"]) == 2 and 0.0 <= row["accuracy_mean"] <= 1.0
+        assert [p["step"] for p in row["curve"]] == [2, 3]
+        assert row["curve"][-1]["total_flops"] == pytest.approx(row["train_flops"] + row["preparation_flops"])
+    prep = results["preparation"]
+    assert prep["finetune"] > 0 and prep["total"] == prep["finetune"] + prep["curvature"]
+    assert rows["uniform", "warm"]["preparation_flops"] == prep["total"]  # the warm start needs the fine-tune
+    assert rows["uniform", "cold"]["preparation_flops"] == 0.0  # PEFT's default LoRA needs nothing
+    assert rows["uniform", "eva"]["preparation_flops"] > 0 and rows["uniform", "pissa"]["served_rank_factor"] == 2
+    assert rows["uniform", "pissa"]["vs_default"]["n"] == 2
+    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5_000
+    fit = (tmp_path / "cmp" / "data" / "fit.jsonl").read_text().splitlines()
+    validation = (tmp_path / "cmp" / "data" / "validation.jsonl").read_text().splitlines()
+    trained = (tmp_path / "cmp" / "data" / "train.jsonl").read_text().splitlines()
+    assert sorted(fit + validation) == sorted(trained) and validation
+
+
 @pytest.mark.slow
 def test_compare_allocations_matrix_pairs_every_row_with_uniform_ranks(prefect_harness, tmp_path):
     """Budgets as uniform-rank equivalents, water-filling on the Fisher and the weight spectra, warm and cold, and

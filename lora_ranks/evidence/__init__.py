@@ -4,6 +4,10 @@
     allocations.py   uniform / energy / budget allocations at equal trainable parameters
     sensitivity.py   do loss-aware spectra predict what truncating one module costs? (comparability check)
     comparison.py    the fidelity report and the comparison's steps as files (what the tasks call)
+    runs.py          one comparison row: train (lora-ranks or a peer), evaluate in the same process, count compute
+    peers.py         PEFT's LoRA variants and data-driven inits as rows (default, rslora, pissa, ..., adalora)
+    compute.py       the FLOP formula: training and preparation compute of every row
+    accuracy.py      exact-match accuracy of greedy-decoded responses
 """
 
 from .allocations import allocation_configs, uniform_allocation
@@ -19,8 +23,10 @@ from .comparison import (
                        eval_examples,
                        evaluate_adapter,
                        full_finetune_loss,
+                       preparation_of,
                        run_fidelity_report,
                        split_records,
+                       split_validation,
                        write_allocation_configs,
 )
 from .fidelity import (
@@ -41,4 +47,5 @@ __all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "referenc
            "ComparisonLayout", "ComparisonReport", "FidelityReport", "FidelityTable", "ComparabilityReport",
            "allocation_fidelity", "comparability_check", "comparison_report", "eval_examples",
            "evaluate_adapter", "full_finetune_loss", "run_fidelity_report", "split_records", "write_allocation_configs",
+           "preparation_of", "split_validation",
            "ModuleSensitivity", "module_sensitivities", "spearman"]

@@ -15,7 +15,8 @@ Comparison layout under one root::
     <root>/runs/full-finetune-seed<seed>/    # the full fine-tune reference's (comparison.full_finetune)
     <root>/allocation_fidelity.json          # with budget ranks: each config's KL to the fine-tuned model
     <root>/sensitivity.json, sensitivity.png  # with comparability: predicted vs measured KL per module
-    <root>/results.json, <root>/comparison.png
+    <root>/results.json, <root>/comparison.png, <root>/curves.png (with curve_points)
+    <root>/data/{fit,validation}.jsonl       # with learning_rates: the training records less a validation split
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..checkpoints import CheckpointPair
 from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
-from ..plots import write_comparison_plot, write_fidelity_plot, write_sensitivity_plot
+from ..plots import write_comparison_plot, write_curves_plot, write_fidelity_plot, write_sensitivity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
 from ..spectra import SpectrumKind
 from ..spectra.weighted import factor_root
@@ -46,7 +47,7 @@ from .sensitivity import module_sensitivities, spearman
 
 __all__ = ["ComparisonLayout", "FidelityReport", "FidelityTable", "ComparabilityReport", "ComparisonReport",
            "eval_examples", "split_records", "run_fidelity_report", "write_allocation_configs", "allocation_fidelity",
-           "comparability_check", "evaluate_adapter", "comparison_report"]
+           "comparability_check", "evaluate_adapter", "comparison_report", "preparation_of", "split_validation"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ class ComparisonLayout(Layout):
     @property
     def comparison_plot_path(self) -> Path:
         return self.root / "comparison.png"
+
+    @property
+    def curves_plot_path(self) -> Path:
+        """Held-out loss against total FLOPs (preparation + training), one panel per budget."""
+        return self.root / "curves.png"
+
+    @property
+    def validation_data_path(self) -> Path:
+        """The validation split carved from the training records (learning-rate choice)."""
+        return self.data_dir / "validation.jsonl"
+
+    @property
+    def fit_data_path(self) -> Path:
+        """The training records less the validation split: what LoRAs train on when learning rates are chosen."""
+        return self.data_dir / "fit.jsonl"
 
     @property
     def demo_inputs_dir(self) -> Path:
@@ -158,6 +174,18 @@ def eval_examples(data_path: str | Path, tokenizer, limit: int, max_length: int,
 def _held_out(data_path: str | Path, tokenizer, settings: FidelitySettings, limit: int | None = None) -> list[dict]:
     """The held-out records the evidence evaluates on (``settings.eval_samples`` of them unless ``limit``)."""
     return eval_examples(data_path, tokenizer, limit or settings.eval_samples, settings.eval_max_length)
+
+
+def split_validation(train_path: str | Path, layout: ComparisonLayout, fraction: float, seed: int = 0) -> tuple[str, str]:
+    """Carve a validation split from the training records (seeded): (fit path, validation path), a partition."""
+    records = load_records(train_path)
+    random.Random(seed).shuffle(records)
+    n_validation = max(1, int(len(records) * fraction))
+    if n_validation >= len(records):
+        raise ValueError(f"{train_path} has {len(records)} record(s): too few to carve a validation split from")
+    atomic_write_text(layout.validation_data_path, "".join(json.dumps(r) + "\n" for r in records[:n_validation]))
+    atomic_write_text(layout.fit_data_path, "".join(json.dumps(r) + "\n" for r in records[n_validation:]))
+    return str(layout.fit_data_path), str(layout.validation_data_path)
 
 
 def split_records(data_path: str | Path, layout: ComparisonLayout, eval_fraction: float, seed: int = 0) -> tuple[str, str]:
@@ -345,27 +373,47 @@ def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_
     return held_out_loss(model, _held_out(eval_data_path, tokenizer, settings), tokenizer.pad_token_id)
 
 
-def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: Sequence[tuple[str, str, int]],
-                      losses: Sequence[float], details: dict, reference_init: str = "warm",
-                      full_finetune: dict[int, float] | None = None) -> ComparisonReport:
-    """Rows (held-out loss per allocation and init: mean +- std over seeds, paired differences), ``results.json``
-    and ``comparison.png``.
+def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n: int) -> dict:
+    """What lora-ranks spent before its rows' first LoRA step (``compute.lora_ranks_preparation``): FLOPs of the
+    brief fine-tune (its ``training_metrics.json`` beside the fine-tuned folder), of the split-half fine-tunes when
+    the analysis ran them, and of the curvature passes; and the wall seconds of the fine-tunes and the analysis."""
+    from .compute import lora_ranks_preparation
+
+    config = load_rank_config(analysis_config_path)
+    metrics = [Path(config.checkpoints.finetuned.path).parent / "training_metrics.json"]
+    metrics += sorted(layout.analysis.split_half_dir.glob("half-*/training_metrics.json"))
+    flops = lora_ranks_preparation(config, n, metrics)
+    seconds = sum(json.loads(m.read_text()).get("seconds", 0.0) for m in metrics if m.is_file())
+    timings = config.analysis_metadata.timings
+    return {**flops, "seconds": seconds + (timings.analysis_seconds if timings else 0.0)}
+
+
+def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results: Sequence, details: dict,
+                      reference_init: str = "warm", full_finetune: dict[int, float] | None = None,
+                      preparation: dict | None = None) -> ComparisonReport:
+    """Rows (held-out loss per allocation and init or peer: mean +- std over seeds, paired differences, accuracy,
+    compute), ``results.json``, ``comparison.png`` and, when the runs recorded curves, ``curves.png``.
 
     Args:
-        runs: (allocation label, init "warm"/"cold", seed) of every trained LoRA, parallel to ``losses``.
+        results: the ``runs.RowResult`` of every trained LoRA (final runs: one learning rate per row).
         details: recorded in results.json beside the rows (data paths, steps, ...).
         reference_init: the init of the uniform ranks every row is paired against (training.init); a config with
             a budget of its own (``signal``) is paired with the uniform ranks closest to it in parameters.
         full_finetune: seed -> held-out loss of a full fine-tune trained as long (the reference of the gap).
+        preparation: lora-ranks' preparation (``preparation_of``): FLOPs and seconds counted for every lora-ranks
+            row that needs the analysis (all but cold uniform ranks, which are PEFT's default LoRA).
 
     Each row has ``vs_uniform`` (``paired_comparison`` of its per-seed losses minus those of the uniform ranks at
     the same budget and ``reference_init``; None for those uniform ranks themselves and with fewer than 2 seeds; a t
-    that is not finite, when every difference is the same, is None) and, when cold uniform ranks and the full
-    fine-tune were trained, ``gap_closed``: the share of the held-out-loss gap between cold uniform LoRA and the full
-    fine-tune that the row closes.
+    that is not finite, when every difference is the same, is None), ``vs_default`` (the same against cold uniform
+    ranks, PEFT's default LoRA, when trained) and, when cold uniform ranks and the full fine-tune were trained,
+    ``gap_closed``: the share of the held-out-loss gap between cold uniform LoRA and the full fine-tune that the row
+    closes. ``accuracy_mean`` / ``accuracy_se`` (over seeds; the binomial SE of one run with one seed),
+    ``train_flops``, ``preparation_flops``, ``seconds`` (means over seeds) and ``curve`` (per evaluation step, the
+    mean loss over seeds against total FLOPs = preparation + training) come from the runs.
     """
-    by_run = {(label, init, seed): loss for (label, init, seed), loss in zip(runs, losses)}
-    inits = list(dict.fromkeys(init for _, init, _ in runs))
+    by_run = {(r.label, r.init, r.seed): r for r in results}
+    inits = list(dict.fromkeys(r.init for r in results))
     metadata = {label: load_rank_config(path) for label, path in configs.items()}
 
     def uniform_of(label: str) -> str:
@@ -380,32 +428,52 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
         return min(uniforms, key=lambda u: abs(metadata[u].trainable_parameters - own), default="uniform")
 
     def per_seed(label: str, init: str) -> dict[int, float]:
-        return {seed: loss for (run_label, run_init, seed), loss in by_run.items() if (run_label, run_init) == (label, init)}
+        return {seed: r.loss for (run_label, run_init, seed), r in by_run.items() if (run_label, run_init) == (label, init)}
+
+    def paired_to(label: str, init: str, other: tuple[str, str]) -> dict | None:
+        mine, reference = per_seed(label, init), per_seed(*other)
+        paired = [s for s in sorted(mine) if s in reference]
+        if len(paired) < 2 or (label, init) == other:
+            return None
+        return _finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired]))
 
     full_mean = mean_and_std(list(full_finetune.values()))[0] if full_finetune else None
     rows = []
     for label in configs:
         for init in inits:
-            losses_by_seed = per_seed(label, init)
-            if not losses_by_seed:
+            runs = [by_run[key] for key in sorted(by_run) if key[:2] == (label, init)]
+            if not runs:
                 continue
-            seeds = sorted(losses_by_seed)
-            mean, std = mean_and_std([losses_by_seed[s] for s in seeds])
-            reference = per_seed(uniform_of(label), reference_init)
-            paired = [s for s in seeds if s in reference]
+            seeds = [r.seed for r in runs]
+            mean, std = mean_and_std([r.loss for r in runs])
             cold_uniform = per_seed(uniform_of(label), "cold")
             gap = None
             if full_mean is not None and cold_uniform:
                 baseline = mean_and_std(list(cold_uniform.values()))[0]
                 gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
             meta = metadata[label].analysis_metadata
-            rows.append({"allocation": label, "method": meta.allocation or label, "budget_rank": meta.budget_rank,
-                         "init": init, "trainable_parameters": metadata[label].trainable_parameters,
-                         "loss_mean": mean, "loss_std": std, "losses": [losses_by_seed[s] for s in seeds], "seeds": seeds,
-                         "vs_uniform": _finite(paired_comparison([losses_by_seed[s] for s in paired],
-                                                                 [reference[s] for s in paired]))
-                         if len(paired) >= 2 and (label, init) != (uniform_of(label), reference_init) else None,
-                         "gap_closed": gap})
+            peer = init not in ("warm", "cold")
+            plain_lora = init == "cold" and (meta.allocation or label) == "uniform"
+            prep = (preparation or {}).get("total") if not peer and not plain_lora else None
+            own_prep = _mean([r.preparation_flops for r in runs]) if peer else (prep or 0.0)
+            accuracies = [r.accuracy for r in runs if r.accuracy is not None]
+            accuracy_mean, accuracy_se = None, None
+            if accuracies:
+                accuracy_mean = _mean(accuracies)
+                accuracy_se = (mean_and_std(accuracies)[1] / math.sqrt(len(accuracies)) if len(accuracies) > 1 else
+                               math.sqrt(accuracy_mean * (1 - accuracy_mean) / max(1, runs[0].accuracy_n)))
+            rows.append({"allocation": label, "method": init if peer else (meta.allocation or label),
+                         "budget_rank": meta.budget_rank, "init": init,
+                         "trainable_parameters": round(_mean([r.trainable_parameters for r in runs])),
+                         "learning_rate": runs[0].learning_rate,
+                         "loss_mean": mean, "loss_std": std, "losses": [r.loss for r in runs], "seeds": seeds,
+                         "vs_uniform": paired_to(label, init, (uniform_of(label), reference_init)),
+                         "vs_default": paired_to(label, init, (uniform_of(label), "cold")),
+                         "gap_closed": gap, "accuracy_mean": accuracy_mean, "accuracy_se": accuracy_se,
+                         "train_flops": _mean([r.train_flops for r in runs]), "preparation_flops": own_prep,
+                         "seconds": _mean([r.seconds for r in runs]),
+                         "served_rank_factor": runs[0].served_rank_factor,
+                         "curve": _mean_curve(runs, own_prep)})
     if full_finetune:
         seeds = sorted(full_finetune)
         mean, std = mean_and_std([full_finetune[s] for s in seeds])
@@ -413,8 +481,25 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], runs: S
         rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
                      "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
                      "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
-    results = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init, **details})
-    return ComparisonReport(str(results), write_comparison_plot(layout.comparison_plot_path, rows), rows)
+    results_path = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init,
+                                                           "preparation": preparation, **details})
+    if any(row.get("curve") for row in rows):
+        write_curves_plot(layout.curves_plot_path, rows)
+    return ComparisonReport(str(results_path), write_comparison_plot(layout.comparison_plot_path, rows), rows)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _mean_curve(runs: Sequence, preparation_flops: float) -> list[dict]:
+    """The runs' curves averaged over seeds, point by point (the runs share steps), with total FLOPs."""
+    if not runs or not runs[0].curve or any(len(r.curve) != len(runs[0].curve) for r in runs):
+        return []
+    return [{"step": points[0]["step"], "train_flops": _mean([p["train_flops"] for p in points]),
+             "total_flops": preparation_flops + _mean([p["train_flops"] for p in points]),
+             "seconds": _mean([p["seconds"] for p in points]), "loss": _mean([p["loss"] for p in points])}
+            for points in zip(*(r.curve for r in runs))]
 
 
 def _finite(stats: dict) -> dict:

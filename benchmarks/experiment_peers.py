@@ -1,0 +1,165 @@
+"""Against what users pick instead (issue 29): lora-ranks' default against PEFT's LoRA variants and data-driven
+inits, a learning rate chosen per row, on the experiment's model, through `lora-ranks compare`.
+
+Inputs are those of ``experiment_allocations.py`` (cached under ``--out``): the 6.5M-parameter Qwen3 pretrained here
+on the Python standard library, the shifted task mix (1,600 training, 200 held-out records), and the analysis pair
+(a 60-step full fine-tune on a 20% stratified subset). Two regimes, each one `lora-ranks compare` run:
+
+* ``short``: 30 LoRA steps (0.17 epoch), 5 seeds: the equal-steps view of earlier results.
+* ``long``: ``--long-steps`` steps (several epochs, linear decay to 0), 3 seeds, with held-out loss at
+  ``--curve-points`` steps against FLOPs: the regime in which training has (nearly) converged.
+
+Rows at each budget (the parameters of uniform rank r): lora-ranks' default (Fisher water-filling, warm start from
+the pair, its loss-aware truncation), warm uniform ranks, PEFT's default LoRA (cold uniform), and the peers. Every
+row's learning rate is chosen from ``--learning-rates`` on a validation split of the training records (first seed);
+all rows train on the same records (training less the validation split). Accuracy: exact match of greedy-decoded
+answers on up to 100 held-out records with a checkable answer. Per-seed results go to
+``benchmarks/results/experiment_peers_<regime>.json``.
+
+    .venv/bin/python benchmarks/experiment_peers.py --regime short [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import emit  # noqa: E402
+from benchmarks.experiment_allocations import _json, _setup, step_analysis_pair, step_base, step_data  # noqa: E402
+
+PEERS = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adalora")
+
+
+def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Path, args) -> list[str]:
+    """The ``lora-ranks compare`` command line of one regime (what a user would type)."""
+    long = args.regime == "long"
+    return [str(Path(sys.executable).with_name("lora-ranks")), "compare", "--model", pair[0], "--finetuned", pair[1],
+            "--data", str(train), "--eval-data", str(eval_path), "--out", str(out / f"peers-{args.regime}"),
+            "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64", "--smoothing", "none",
+            "--finetune-subset-ratio", "0.2", "--finetune-max-length", "96", "--no-finetune-gradient-checkpointing",
+            "--lora-max-steps", str(args.long_steps if long else 30), "--lora-epochs", "1000000",
+            "--lora-batch-size", "8", "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
+            "--lora-dropout", "0", "--seeds", *map(str, args.seeds or ([0, 1, 2] if long else [0, 1, 2, 3, 4])),
+            "--budget-ranks", *map(str, args.budgets), "--allocations", "budget-fisher",
+            "--peers", *args.peers, "--learning-rates", *map(str, args.learning_rates),
+            "--curve-points", str(args.curve_points if long else 0), "--accuracy-samples", "100",
+            "--max-new-tokens", "16"]
+
+
+def run(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
+    """Run the regime's ``lora-ranks compare`` (log in ``<out>/peers-<regime>.log``); its rows resume from their
+    ``row.json`` when interrupted. Returns its wall time and command."""
+    import subprocess
+
+    command = compare_command(out, pair, train, eval_path, args)
+    timing = out / f"peers-{args.regime}" / "seconds.json"
+    if timing.is_file() and _json(timing)["command"] == command and not args.rerun:
+        return _json(timing)
+    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(args.workers)}
+    start = time.perf_counter()
+    with open(out / f"peers-{args.regime}.log", "a") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"lora-ranks compare failed (exit {done.returncode}); see {out / f'peers-{args.regime}.log'}")
+    record = {"seconds": time.perf_counter() - start, "command": command}
+    from lora_ranks._io import atomic_write_json
+
+    atomic_write_json(timing, record)
+    return record
+
+
+def summarize(out: Path, args, timing: dict) -> str:
+    from lora_ranks.evidence.experiment import paired_comparison
+
+    results = _json(out / f"peers-{args.regime}" / "results.json")
+    rows = results["rows"]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    steps = results["training"]["max_steps"]
+    seeds = rows[0]["seeds"]
+    prep = results["preparation"]
+    lines = [f"### Against PEFT's variants and inits, {args.regime} regime: {steps} LoRA steps "
+             f"({date.today().isoformat()}, CPU: {machine})", "",
+             f"`.venv/bin/python benchmarks/experiment_peers.py --regime {args.regime}`: `lora-ranks compare` in "
+             f"{timing['seconds'] / 60:.1f} min ({len(rows)} rows x {len(seeds)} seeds, learning rates "
+             f"{' / '.join(map(str, args.learning_rates))} tried per row on seed {seeds[0]}). Held-out loss on 200 "
+             "records (nats/token), mean ± sd over seeds; paired differences mean ± SE (negative: lower loss than the "
+             "reference; * beyond 2 SE); accuracy: exact match on 100 held-out records with checkable answers, mean ± "
+             f"SE over seeds. lora-ranks' preparation: {prep['total']:.3g} FLOPs (brief fine-tune "
+             f"{prep['finetune']:.3g}, Fisher passes {prep['curvature']:.3g}), {prep['seconds']:.0f} s.", "",
+             "| budget | row | parameters | lr | held-out loss | vs PEFT default | vs lora-ranks default | accuracy | "
+             "FLOPs (train + prep) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def name(row: dict) -> str:
+        if row["init"] == "cold":
+            return "PEFT default (cold uniform)"
+        if row["init"] == "warm":
+            return "**lora-ranks default** (Fisher budget, warm)" if row["method"] == "budget-fisher" else "uniform, warm"
+        return row["init"] + (" (served rank 2r)" if row.get("served_rank_factor") == 2 else "")
+
+    def paired(v: dict | None) -> str:
+        if not v:
+            return "—"
+        star = "*" if v["se"] and abs(v["mean"]) > 2 * v["se"] else ""
+        return f"{v['mean']:+.4f} ± {v['se']:.4f}{star}"
+
+    for budget in sorted({r["budget_rank"] for r in rows}):
+        group = [r for r in rows if r["budget_rank"] == budget]
+        default = next(r for r in group if r["method"] == "budget-fisher" and r["init"] == "warm")
+        for row in sorted(group, key=lambda r: r["loss_mean"]):
+            ours = None if row is default else paired_comparison(row["losses"], default["losses"])
+            accuracy = (f"{100 * row['accuracy_mean']:.1f}% ± {100 * row['accuracy_se']:.1f}"
+                        if row.get("accuracy_mean") is not None else "—")
+            lines.append(f"| {budget} | {name(row)} | {row['trainable_parameters']:,} | {row['learning_rate']:g} | "
+                         f"{row['loss_mean']:.4f} ± {row['loss_std']:.4f} | {paired(row.get('vs_default'))} | "
+                         f"{paired(ours)} | {accuracy} | {row['train_flops']:.2e} + {row['preparation_flops']:.2e} |")
+    if any(r.get("curve") for r in rows):
+        lines += ["", "Held-out loss (64 records) at evaluation points, against total FLOPs (preparation + training), "
+                  "mean over seeds:", "", "| budget | row | " + " | ".join(
+                      f"step {p['step']}" for p in next(r for r in rows if r.get("curve"))["curve"]) + " |",
+                  "|---|---|" + "---|" * len(next(r for r in rows if r.get("curve"))["curve"])]
+        for row in (r for r in rows if r.get("curve")):
+            lines.append(f"| {row['budget_rank']} | {name(row)} | " + " | ".join(
+                f"{p['loss']:.3f} @ {p['total_flops']:.2e}" for p in row["curve"]) + " |")
+    raw = REPO / "benchmarks" / "results" / f"experiment_peers_{args.regime}.json"
+    raw.write_text(json.dumps({"command": timing["command"], "seconds": timing["seconds"],
+                               "learning_rate_choices": results["learning_rate_choices"],
+                               "preparation": prep, "rows": rows}, indent=1) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/experiment")
+    parser.add_argument("--regime", choices=("short", "long"), default="short")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 short, 0-2 long")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8], help="uniform-rank equivalents")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS))
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    parser.add_argument("--long-steps", type=int, default=900, help="LoRA steps of the long regime")
+    parser.add_argument("--curve-points", type=int, default=6, help="held-out evaluations during a long run")
+    parser.add_argument("--subset", type=float, default=0.2, help="share of the training records the analysis pair sees")
+    parser.add_argument("--ft-steps", type=int, default=60)
+    parser.add_argument("--ft-lr", type=float, default=3e-4)
+    parser.add_argument("--workers", type=int, default=2, help="trainings at a time, one process and thread each")
+    parser.add_argument("--rerun", action="store_true", help="run lora-ranks compare again (finished rows resume)")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    _setup()
+    base = step_base(out)
+    train, eval_path = step_data(out)
+    pair = step_analysis_pair(out, base, train, args)
+    emit(summarize(out, args, run(out, pair, train, eval_path, args)), args.record)
+
+
+if __name__ == "__main__":
+    main()
