@@ -109,25 +109,29 @@ def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Pa
             "--cold-baseline", "--full-finetune", "--comparability"]
 
 
+def run_compare(command: list[str], log_path: Path, timing_path: Path, workers: int, rerun: bool) -> dict:
+    """Run a ``lora-ranks compare`` command (log appended to ``log_path``) unless ``timing_path`` records the same
+    command finished before; its wall time and command (written to ``timing_path``)."""
+    import subprocess
+
+    if timing_path.is_file() and _json(timing_path)["command"] == command and not rerun:
+        return _json(timing_path)  # the same command ran to the end before
+    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(workers)}
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"lora-ranks compare failed (exit {done.returncode}); see {log_path}")
+    record = {"seconds": time.perf_counter() - start, "command": command}
+    _save(timing_path, record)
+    return record
+
+
 def step_compare(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
     """Run ``lora-ranks compare`` (log in ``<out>/compare.log``) unless the same command's results are there; its
     wall time and command."""
-    import subprocess
-
-    results = out / "compare" / "results.json"
-    timing = out / "compare" / "seconds.json"
-    command = compare_command(out, pair, train, eval_path, args)
-    if results.is_file() and timing.is_file() and _json(timing)["command"] == command and not args.rerun:
-        return _json(timing)  # the same command ran to the end before
-    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(args.workers)}
-    start = time.perf_counter()
-    with open(out / "compare.log", "w") as log:
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if done.returncode != 0:
-        sys.exit(f"lora-ranks compare failed (exit {done.returncode}); see {out / 'compare.log'}")
-    record = {"seconds": time.perf_counter() - start, "command": command}
-    _save(timing, record)
-    return record
+    return run_compare(compare_command(out, pair, train, eval_path, args), out / "compare.log",
+                       out / "compare" / "seconds.json", args.workers, args.rerun)
 
 
 def main() -> None:

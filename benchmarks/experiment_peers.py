@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -34,7 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import emit  # noqa: E402
-from benchmarks.experiment_allocations import _json, _setup, step_analysis_pair, step_base, step_data  # noqa: E402
+from benchmarks.experiment_allocations import (  # noqa: E402
+    _json,
+    _setup,
+    run_compare,
+    step_analysis_pair,
+    step_base,
+    step_data,
+)
 
 PEERS = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adalora")
 
@@ -58,23 +64,8 @@ def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Pa
 def run(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
     """Run the regime's ``lora-ranks compare`` (log in ``<out>/peers-<regime>.log``); its rows resume from their
     ``row.json`` when interrupted. Returns its wall time and command."""
-    import subprocess
-
-    command = compare_command(out, pair, train, eval_path, args)
-    timing = out / f"peers-{args.regime}" / "seconds.json"
-    if timing.is_file() and _json(timing)["command"] == command and not args.rerun:
-        return _json(timing)
-    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "processes", "LORA_RANKS_MAX_WORKERS": str(args.workers)}
-    start = time.perf_counter()
-    with open(out / f"peers-{args.regime}.log", "a") as log:
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if done.returncode != 0:
-        sys.exit(f"lora-ranks compare failed (exit {done.returncode}); see {out / f'peers-{args.regime}.log'}")
-    record = {"seconds": time.perf_counter() - start, "command": command}
-    from lora_ranks._io import atomic_write_json
-
-    atomic_write_json(timing, record)
-    return record
+    return run_compare(compare_command(out, pair, train, eval_path, args), out / f"peers-{args.regime}.log",
+                       out / f"peers-{args.regime}" / "seconds.json", args.workers, args.rerun)
 
 
 def summarize(out: Path, args, timing: dict) -> str:

@@ -150,25 +150,41 @@ def compare_allocations(
     # Step 5: with learning rates to choose from, each row trains at each on the first seed (on the training records
     # less a validation split) and keeps the rate of lowest validation loss; then every seed trains at it.
     choices = None
-    if comparison.learning_rates:
+    fit_path = train_path
+    if comparison.learning_rates or comparison.full_learning_rates:  # every row trains on the same records
         fit_path, validation_path = split_validation_task(train_path, str(layout.root), comparison.validation_fraction)
-        first, rest = comparison.seeds[0], comparison.seeds[1:]
+    first, rest = comparison.seeds[0], comparison.seeds[1:]
+    if comparison.learning_rates:
         trial_specs = [(spec, lr) for spec in specs([first]) for lr in comparison.learning_rates]
         trials = train(trial_specs, fit_path, evaluation.replace_validation(validation_path))
         best, choices = choose_learning_rates(trials)
         results = list(best.values()) + (train([(spec, best[spec.label, spec.init].learning_rate)
                                                 for spec in specs(rest)], fit_path, evaluation) if rest else [])
     else:
-        results = train([(spec, training.learning_rate) for spec in specs(comparison.seeds)], train_path, evaluation)
+        results = train([(spec, training.learning_rate) for spec in specs(comparison.seeds)], fit_path, evaluation)
     full = None
     if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs
         steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
                                                                       "grad_accumulation", "max_length")}
         reference = finetune.replace(**steps)
-        full = dict(zip(comparison.seeds, full_finetune_task.map(
-            unmapped(pretrained), unmapped(train_path), unmapped(eval_data_path),
-            [str(layout.run_dir("full-finetune", seed)) for seed in comparison.seeds], unmapped(reference),
-            list(comparison.seeds), unmapped(fidelity)).result()))
+
+        def full_runs(seeds, rates, validation=None) -> list:
+            runs = [(seed, lr) for seed in seeds for lr in rates]
+            return full_finetune_task.map(
+                unmapped(pretrained), unmapped(fit_path), unmapped(eval_data_path),
+                [str(layout.run_dir(f"full-finetune-lr{lr:g}" if comparison.full_learning_rates else "full-finetune",
+                                    seed)) for seed, lr in runs],
+                [reference.replace(learning_rate=lr) for _, lr in runs], [seed for seed, _ in runs],
+                unmapped(fidelity), unmapped(validation)).result()
+
+        if comparison.full_learning_rates:
+            trials = full_runs([first], comparison.full_learning_rates, validation_path)
+            (loss, _), rate = min(zip(trials, comparison.full_learning_rates), key=lambda t: t[0][1])
+            choices = {**(choices or {}), "full-finetune": {"learning_rate": rate, "validation_losses": {
+                f"{lr:g}": validation for (_, validation), lr in zip(trials, comparison.full_learning_rates)}}}
+            full = {first: loss, **dict(zip(rest, full_runs(rest, [rate])))}
+        else:
+            full = dict(zip(comparison.seeds, full_runs(comparison.seeds, [reference.learning_rate])))
 
     # Step 6: report.
     report = comparison_report_task(str(layout.root), configs, results,

@@ -427,6 +427,10 @@ class ComparisonSettings(Settings):
     """Learning rates to choose from per row: each row trains at each on the first seed, on the training records
     less a validation split, and keeps the one of lowest validation loss for every seed (recorded in results.json);
     empty: training.learning_rate for every row, on all training records."""
+    full_learning_rates: tuple[float, ...] = ()
+    """Learning rates to choose from for the full fine-tune reference (full_finetune), the same way: each on the
+    first seed, on the training records less the validation split, the lowest validation loss kept; empty: the
+    fine-tune's learning_rate."""
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the training records carved out as the validation split when learning_rates are given."""
     curve_points: int = Field(0, ge=0)
@@ -447,6 +451,13 @@ class ComparisonSettings(Settings):
             raise ValueError(f"every budget rank must be at least 1, got {min(ranks)}")
         return tuple(sorted(set(ranks)))
 
+    @model_validator(mode="after")
+    def _full_rates_need_the_full_finetune(self) -> ComparisonSettings:
+        if self.full_learning_rates and not self.full_finetune:
+            raise ValueError("full_learning_rates choose the full fine-tune reference's rate, but full_finetune is off: "
+                             "turn it on (--full-finetune) or leave full_learning_rates empty")
+        return self
+
     @field_validator("allocations")
     @classmethod
     def _known_allocations(cls, allocations: tuple[str, ...]) -> tuple[str, ...]:
@@ -463,7 +474,7 @@ class ComparisonSettings(Settings):
             raise ValueError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEER_NAMES)}")
         return tuple(dict.fromkeys(peers))
 
-    @field_validator("learning_rates")
+    @field_validator("learning_rates", "full_learning_rates")
     @classmethod
     def _positive_rates(cls, rates: tuple[float, ...]) -> tuple[float, ...]:
         bad = [r for r in rates if not (0 < r <= 1) or r != r]

@@ -93,11 +93,14 @@ def split_validation_task(train_path: str, comparison_root: str, fraction: float
     return split_validation(train_path, ComparisonLayout(comparison_root), fraction, seed)
 
 
-@task(name="full-finetune-reference", task_run_name="full-finetune-seed{seed}")
+@task(name="full-finetune-reference", task_run_name="full-finetune-seed{seed}-lr{settings.learning_rate:g}")
 def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, out_dir: str, settings: FinetuneSettings,
-                       seed: int, fidelity: FidelitySettings) -> float:
-    """Held-out loss of every parameter fine-tuned as long as the LoRAs train (the comparison's reference)."""
-    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir, settings.replace(seed=seed), fidelity)
+                       seed: int, fidelity: FidelitySettings, validation_data_path: str | None = None
+                       ) -> float | tuple[float, float]:
+    """Held-out loss of every parameter fine-tuned as long as the LoRAs train (the comparison's reference); with a
+    validation split, (held-out loss, validation loss)."""
+    return full_finetune_loss(base_model, train_path, eval_data_path, out_dir, settings.replace(seed=seed), fidelity,
+                              validation_data_path)
 
 
 @task(name="comparison-report")

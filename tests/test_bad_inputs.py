@@ -141,6 +141,8 @@ CASES = [
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 1e-3 -0.01",
      "every learning rate must be in (0, 1], got -0.01"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 0", "got 0.0"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --full-learning-rates 1e-3",
+     "is off: turn it on (--full-finetune)"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --peers eva --lora-quantization 4bit",
      "peer 'eva' needs the base weights in full precision"),
     ("demo", "--budget 10 --out {ws}/new", "is below the"),

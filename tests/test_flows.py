@@ -183,13 +183,19 @@ def test_compare_with_peers_learning_rates_curves_and_accuracy(prefect_harness, 
         base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
         allocation=AllocationSettings(min_rank=2, max_rank=16),
         comparison=ComparisonSettings(seeds=(0, 1), peers=("default", "pissa", "eva"), learning_rates=(1e-3, 3e-3),
-                                      curve_points=2, curve_samples=4, accuracy_samples=4, max_new_tokens=4),
+                                      curve_points=2, curve_samples=4, accuracy_samples=4, max_new_tokens=4,
+                                      full_finetune=True, full_learning_rates=(1e-3, 3e-3)),
         training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
         finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.3))).read_text())
     rows = {(r["allocation"], r["init"]): r for r in results["rows"]}
+    full = rows.pop(("full-finetune", "full"))
     assert set(rows) == {("uniform", "warm"), ("energy", "warm"), ("budget", "warm"), ("uniform", "cold"),
                          ("uniform", "pissa"), ("uniform", "eva")}
     choices = results["learning_rate_choices"]
+    full_choice = choices.pop("full-finetune")
+    assert full_choice["learning_rate"] == float(min(full_choice["validation_losses"],
+                                                     key=full_choice["validation_losses"].get))
+    assert len(full["losses"]) == 2
     for (label, init), row in rows.items():
         choice = choices[f"{label}/{init}"]
         assert set(choice["validation_losses"]) == {"0.001", "0.003"}

@@ -218,3 +218,7 @@ def test_peers_that_cannot_run_are_refused_naming_why():
         ComparisonSettings(peers=("lora-xs",))
     with pytest.raises(ValueError, match="every learning rate must be in \\(0, 1\\], got -0.01"):
         ComparisonSettings(learning_rates=(1e-3, -0.01))
+    with pytest.raises(ValueError, match="but full_finetune is off"):
+        ComparisonSettings(full_learning_rates=(1e-3,))
+    with pytest.raises(ValueError, match="got 0.0"):
+        ComparisonSettings(full_finetune=True, full_learning_rates=(0.0,))

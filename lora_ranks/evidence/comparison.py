@@ -352,16 +352,21 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, lay
 
 
 def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                       settings: FinetuneSettings, fidelity: FidelitySettings) -> float:
+                       settings: FinetuneSettings, fidelity: FidelitySettings,
+                       validation_data_path: str | Path | None = None) -> float | tuple[float, float]:
     """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
-    return the held-out loss of the result (the reference of the comparison's gap closed)."""
+    return the held-out loss of the result (the reference of the comparison's gap closed); with
+    ``validation_data_path``, (held-out loss, validation loss) for the learning-rate choice."""
     from ..finetune import run_preliminary_finetune
 
     n_records = len(load_records(train_path))
     every_record = settings.replace(subset_ratio=1.0, max_samples=n_records)
     result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
     model, tokenizer = load_model(result.finetuned_dir)
-    return held_out_loss(model, _held_out(eval_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
+    loss = held_out_loss(model, _held_out(eval_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
+    if validation_data_path is None:
+        return loss
+    return loss, held_out_loss(model, _held_out(validation_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
 
 
 def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
