@@ -17,7 +17,8 @@ Steps:
        at ``comparison.curve_points`` steps during it, against FLOPs), exact-match accuracy;
     5. with ``comparison.learning_rates``, each row's rate is chosen first: every rate on the first seed, on the
        training records less a validation split, the lowest validation loss kept; with ``comparison.full_finetune``
-       a full fine-tune per seed, trained as long (the reference);
+       a full fine-tune per seed, trained as long (the reference), its rate chosen the same way from
+       ``comparison.full_learning_rates``;
     6. a table (mean +- std over seeds, paired differences to uniform ranks and PEFT's default LoRA, accuracy,
        compute, the gap closed to the full fine-tune) and plots, as files and UI artifacts.
 """

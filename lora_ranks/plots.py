@@ -209,7 +209,7 @@ def write_curves_plot(path: str | Path, rows: list[dict]) -> str:
     fig, axes = _pyplot().subplots(1, len(budgets), figsize=(6.0 * len(budgets), 4.4), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for row in (r for r in with_curves if r["budget_rank"] == budget):
-            points = row["curve"]
+            points = [p for p in row["curve"] if p["total_flops"] is not None]  # unknown preparation: not drawn
             style = "--" if row["init"] == "cold" else ":" if row["init"] not in ("warm", "cold") else "-"
             ax.plot([p["total_flops"] for p in points], [p["loss"] for p in points], style, marker=".",
                     label=f"{row['method']} ({row['init']})")
@@ -270,8 +270,8 @@ def comparison_markdown(rows: Sequence[dict], plot: str | Path, curves: str | Pa
     def flops(r: dict) -> str:
         if r.get("train_flops") is None:
             return ""
-        prep = r.get("preparation_flops")
-        return f"{r['train_flops']:.2e}" + (f" + {prep:.2e}" if prep else "")
+        prep = r.get("preparation_flops", 0.0)
+        return f"{r['train_flops']:.2e}" + (" + unknown" if prep is None else f" + {prep:.2e}" if prep else "")
 
     lines = ["# Allocations and peers at equal budget", "",
              "Paired differences are mean ± SE over seeds (negative: lower loss than the reference). FLOPs: "

@@ -222,3 +222,24 @@ def test_peers_that_cannot_run_are_refused_naming_why():
         ComparisonSettings(full_learning_rates=(1e-3,))
     with pytest.raises(ValueError, match="got 0.0"):
         ComparisonSettings(full_finetune=True, full_learning_rates=(0.0,))
+
+
+def test_unknown_preparation_is_reported_as_unknown_not_free(setting, tmp_path):
+    """A pair fine-tuned elsewhere records no token count: lora-ranks' rows show no preparation FLOPs (None), PEFT's
+    default LoRA still 0, and the curves plot leaves out what it cannot place."""
+    from lora_ranks.evidence.comparison import ComparisonLayout, comparison_report
+
+    _, _, config = setting
+
+    def run(init, seed, loss):
+        return RowResult("uniform", init, seed, 1e-3, "", loss, 10, 100, 50, 1e4,
+                         curve=[{"step": 1, "tokens": 50, "train_flops": 1e4, "seconds": 1.0, "loss": loss}])
+
+    report = comparison_report(ComparisonLayout(tmp_path), {"uniform": config},
+                               [run("warm", 0, 4.0), run("warm", 1, 4.1), run("cold", 0, 4.5), run("cold", 1, 4.4)],
+                               {}, preparation={"finetune": None, "curvature": 0.0, "total": None, "seconds": 1.0})
+    rows = {r["init"]: r for r in report.rows}
+    assert rows["warm"]["preparation_flops"] is None and rows["warm"]["curve"][0]["total_flops"] is None
+    assert rows["cold"]["preparation_flops"] == 0.0 and rows["cold"]["curve"][0]["total_flops"] == 1e4
+    assert rows["warm"]["vs_default"]["mean"] == pytest.approx(-0.4)
+    assert (tmp_path / "curves.png").is_file()

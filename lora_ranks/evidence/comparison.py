@@ -414,8 +414,8 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
     ranks, PEFT's default LoRA, when trained) and, when cold uniform ranks and the full fine-tune were trained,
     ``gap_closed``: the share of the held-out-loss gap between cold uniform LoRA and the full fine-tune that the row
     closes. ``accuracy_mean`` / ``accuracy_se`` (over seeds; the binomial SE of one run with one seed),
-    ``train_flops``, ``preparation_flops``, ``seconds`` (means over seeds) and ``curve`` (per evaluation step, the
-    mean loss over seeds against total FLOPs = preparation + training) come from the runs.
+    ``train_flops``, ``preparation_flops`` (None when unknown), ``seconds`` (means over seeds) and ``curve`` (per
+    evaluation step, the mean loss over seeds against total FLOPs = preparation + training) come from the runs.
     """
     by_run = {(r.label, r.init, r.seed): r for r in results}
     inits = list(dict.fromkeys(r.init for r in results))
@@ -459,8 +459,9 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
             meta = metadata[label].analysis_metadata
             peer = init not in ("warm", "cold")
             plain_lora = init == "cold" and (meta.allocation or label) == "uniform"
-            prep = (preparation or {}).get("total") if not peer and not plain_lora else None
-            own_prep = _mean([r.preparation_flops for r in runs]) if peer else (prep or 0.0)
+            # None when lora-ranks' preparation is unknown (a pair fine-tuned elsewhere): not counted as free
+            own_prep = (_mean([r.preparation_flops for r in runs]) if peer else 0.0 if plain_lora
+                        else (preparation or {}).get("total"))
             accuracies = [r.accuracy for r in runs if r.accuracy is not None]
             accuracy_mean, accuracy_se = None, None
             if accuracies:
@@ -497,12 +498,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _mean_curve(runs: Sequence, preparation_flops: float) -> list[dict]:
-    """The runs' curves averaged over seeds, point by point (the runs share steps), with total FLOPs."""
+def _mean_curve(runs: Sequence, preparation_flops: float | None) -> list[dict]:
+    """The runs' curves averaged over seeds, point by point (the runs share steps), with total FLOPs (None when the
+    preparation is unknown)."""
     if not runs or not runs[0].curve or any(len(r.curve) != len(runs[0].curve) for r in runs):
         return []
     return [{"step": points[0]["step"], "train_flops": _mean([p["train_flops"] for p in points]),
-             "total_flops": preparation_flops + _mean([p["train_flops"] for p in points]),
+             "total_flops": None if preparation_flops is None else preparation_flops + _mean([p["train_flops"]
+                                                                                              for p in points]),
              "seconds": _mean([p["seconds"] for p in points]), "loss": _mean([p["loss"] for p in points])}
             for points in zip(*(r.curve for r in runs))]
 
