@@ -1,0 +1,108 @@
+"""Llama-architecture models end to end (SmolLM2's family: grouped-query attention, tied embeddings), on a tiny
+LlamaConfig model built offline: a brief fine-tune, the Fisher analysis, training, extraction, both exports and the
+check."""
+
+import json
+
+import pytest
+import torch
+
+from lora_ranks.analysis import analyze_checkpoints
+from lora_ranks.config import load_rank_config
+from lora_ranks.settings import (
+    AllocationSettings,
+    CheckSettings,
+    CurvatureSettings,
+    FinetuneSettings,
+    LoRATrainingSettings,
+)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama (2 layers, hidden 48, 6 query / 2 key-value heads, tied embeddings), its brief fine-tune on the
+    synthetic records, and the Fisher analysis of the pair."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ranks.finetune import run_preliminary_finetune
+    from lora_ranks.synthetic import synthetic_records, train_tokenizer, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("llama")
+    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(50, fmt="mixed")])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    data = write_synthetic_dataset(root / "data.jsonl", 12, fmt="mixed")
+    subset = FinetuneSettings(max_steps=8, learning_rate=3e-3, subset_ratio=0.5, batch_size=4,
+                              gradient_checkpointing=False)
+    pair = run_preliminary_finetune(root / "base", data, root / "ft", subset, progress=False)
+    config = analyze_checkpoints(pair.pretrained_dir, pair.finetuned_dir, root / "analysis",
+                                 settings=AllocationSettings(min_rank=1, max_rank=8, smoothing="none"),
+                                 curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=32),
+                                 calibration_data=data, subset=subset)
+    return root, pair, data, config
+
+
+def test_the_analysis_names_llama_modules_and_gqa_shapes(llama):
+    _, _, _, config = llama
+    shapes = {name.split(".", 3)[-1]: record.shape for name, record in config.modules.items() if ".layers.0." in name}
+    assert shapes == {"self_attn.q_proj": (48, 48), "self_attn.k_proj": (16, 48), "self_attn.v_proj": (16, 48),
+                      "self_attn.o_proj": (48, 48), "mlp.gate_proj": (128, 48), "mlp.up_proj": (128, 48),
+                      "mlp.down_proj": (48, 128)}
+    assert config.spectrum_kind == "fisher" and config.analysis_metadata.curvature.has_factors
+    assert not any(name.endswith(("lm_head", "embed_tokens")) for name in config.modules)
+
+
+def test_train_extract_and_both_exports_keep_the_tied_head(llama, tmp_path):
+    """The merged export loads in plain transformers, keeps the head tied to the embedding, and matches base +
+    adapter within 1e-5 relative (float32); the uniform export is the same function."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ranks.export import export_merged, export_uniform
+    from lora_ranks.extract import extract_lora
+    from lora_ranks.train import train_dynamic_lora
+
+    root, pair, data, _ = llama
+    config_path = root / "analysis" / "configs" / "lora_rank_config.json"
+    extracted = extract_lora(pair.pretrained_dir, pair.finetuned_dir, config_path, tmp_path / "warm")
+    assert extracted["truncation"] == "curvature"  # the Fisher-weighted truncation the ranks were chosen by
+    trained = train_dynamic_lora(pair.pretrained_dir, config_path, data, tmp_path / "train",
+                                 LoRATrainingSettings(max_steps=3, batch_size=4, learning_rate=1e-2,
+                                                      gradient_checkpointing=False),
+                                 init_from=tmp_path / "warm", progress=False)
+    export_merged(trained.adapter_dir, tmp_path / "merged", base=pair.pretrained_dir)
+    export_uniform(trained.adapter_dir, tmp_path / "uniform")
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        assert merged.config.tie_word_embeddings
+        assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair.pretrained_dir,
+                                                                                   dtype=torch.float32),
+                                              trained.adapter_dir)(ids).logits
+        uniform = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair.pretrained_dir,
+                                                                                 dtype=torch.float32),
+                                            str(tmp_path / "uniform"))(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(pair.pretrained_dir, dtype=torch.float32)(ids).logits
+        got = merged(ids).logits
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert float((uniform - reference).norm() / reference.norm()) < 1e-5
+    assert float((reference - base).norm() / base.norm()) > 1e-3  # the adapter moves the model: not a vacuous match
+
+
+def test_check_measures_a_llama_config(llama):
+    from lora_ranks.check import check_rank_config
+
+    root, pair, _, _ = llama
+    report = check_rank_config(pair.pretrained_dir, str(root / "analysis" / "configs" / "lora_rank_config.json"),
+                               CheckSettings(batch=1, seq_len=16, latency_repeats=3, device="cpu"),
+                               LoRATrainingSettings(gradient_checkpointing=False))
+    config = load_rank_config(root / "analysis" / "configs" / "lora_rank_config.json")
+    assert report["predicted"]["adapter_parameters"] == config.trainable_parameters
+    assert report["ok"] and "impossible" not in report["inference"]
+    assert all("impossible" not in step for step in report["training_step"].values())
