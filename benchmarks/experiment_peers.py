@@ -46,17 +46,21 @@ PEERS = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adal
 
 
 def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Path, args) -> list[str]:
-    """The ``lora-ranks compare`` command line of one regime (what a user would type)."""
-    long = args.regime == "long"
+    """The ``lora-ranks compare`` command line of one regime (what a user would type). ``matched``: PEFT's default
+    LoRA alone (cold uniform ranks), trained ``--matched-steps`` steps: the compute of lora-ranks' long-regime run,
+    its preparation included."""
+    long = args.regime in ("long", "matched")
+    steps = {"short": 30, "long": args.long_steps, "matched": args.matched_steps}[args.regime]
+    rows = (["--lora-init", "cold", "--allocations", "uniform"] if args.regime == "matched"
+            else ["--allocations", "budget-fisher", "--peers", *args.peers])
     return [str(Path(sys.executable).with_name("lora-ranks")), "compare", "--model", pair[0], "--finetuned", pair[1],
             "--data", str(train), "--eval-data", str(eval_path), "--out", str(out / f"peers-{args.regime}"),
             "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64", "--smoothing", "none",
             "--finetune-subset-ratio", "0.2", "--finetune-max-length", "96", "--no-finetune-gradient-checkpointing",
-            "--lora-max-steps", str(args.long_steps if long else 30), "--lora-epochs", "1000000",
+            "--lora-max-steps", str(steps), "--lora-epochs", "1000000",
             "--lora-batch-size", "8", "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
             "--lora-dropout", "0", "--seeds", *map(str, args.seeds or ([0, 1, 2] if long else [0, 1, 2, 3, 4])),
-            "--budget-ranks", *map(str, args.budgets), "--allocations", "budget-fisher",
-            "--peers", *args.peers, "--learning-rates", *map(str, args.learning_rates),
+            "--budget-ranks", *map(str, args.budgets), *rows, "--learning-rates", *map(str, args.learning_rates),
             "--curve-points", str(args.curve_points if long else 0), "--accuracy-samples", "100",
             "--max-new-tokens", "16"]
 
@@ -66,6 +70,40 @@ def run(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
     ``row.json`` when interrupted. Returns its wall time and command."""
     return run_compare(compare_command(out, pair, train, eval_path, args), out / f"peers-{args.regime}.log",
                        out / f"peers-{args.regime}" / "seconds.json", args.workers, args.rerun)
+
+
+def summarize_matched(out: Path, args, timing: dict) -> str:
+    """The compute-matched plain LoRA against the long regime's lora-ranks default (same seeds: paired)."""
+    from lora_ranks.evidence.experiment import paired_comparison
+
+    matched = _json(out / "peers-matched" / "results.json")
+    long = _json(out / "peers-long" / "results.json")
+    lines = [f"### Compute-matched: PEFT's default LoRA given lora-ranks' compute ({date.today().isoformat()})", "",
+             f"`.venv/bin/python benchmarks/experiment_peers.py --regime matched --matched-steps {args.matched_steps}`"
+             f" ({timing['seconds'] / 60:.1f} min): cold uniform ranks trained {args.matched_steps} steps, the FLOPs of "
+             "lora-ranks' long-regime run with its preparation; learning rate chosen as in the long regime. Held-out "
+             "loss, mean ± sd; paired difference to lora-ranks' default of the long regime (mean ± SE; negative: the "
+             "plain LoRA is better).", "",
+             "| budget | row | steps | lr | total FLOPs | held-out loss | minus lora-ranks default | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in matched["rows"]:
+        ours = next(r for r in long["rows"] if r["budget_rank"] == row["budget_rank"]
+                    and r["method"] == "budget-fisher" and r["init"] == "warm")
+        v = paired_comparison(row["losses"], ours["losses"])
+        star = "*" if abs(v["mean"]) > 2 * v["se"] else ""
+        lines.append(f"| {row['budget_rank']} | PEFT default, {args.matched_steps} steps | {args.matched_steps} | "
+                     f"{row['learning_rate']:g} | {row['train_flops']:.2e} | {row['loss_mean']:.4f} ± "
+                     f"{row['loss_std']:.4f} | {v['mean']:+.4f} ± {v['se']:.4f}{star} | "
+                     f"{100 * row['accuracy_mean']:.1f}% ± {100 * row['accuracy_se']:.1f} |")
+        lines.append(f"| {ours['budget_rank']} | lora-ranks default, {long['training']['max_steps']} steps | "
+                     f"{long['training']['max_steps']} | {ours['learning_rate']:g} | "
+                     f"{ours['train_flops'] + ours['preparation_flops']:.2e} | {ours['loss_mean']:.4f} ± "
+                     f"{ours['loss_std']:.4f} | — | {100 * ours['accuracy_mean']:.1f}% ± "
+                     f"{100 * ours['accuracy_se']:.1f} |")
+    (REPO / "benchmarks" / "results" / "experiment_peers_matched.json").write_text(json.dumps(
+        {"command": timing["command"], "seconds": timing["seconds"], "rows": matched["rows"],
+         "learning_rate_choices": matched["learning_rate_choices"]}, indent=1) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(out: Path, args, timing: dict) -> str:
@@ -130,12 +168,13 @@ def summarize(out: Path, args, timing: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/experiment")
-    parser.add_argument("--regime", choices=("short", "long"), default="short")
+    parser.add_argument("--regime", choices=("short", "long", "matched"), default="short")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 short, 0-2 long")
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8], help="uniform-rank equivalents")
     parser.add_argument("--peers", nargs="+", default=list(PEERS))
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--long-steps", type=int, default=900, help="LoRA steps of the long regime")
+    parser.add_argument("--matched-steps", type=int, default=488, help="steps of the compute-matched plain LoRA")
     parser.add_argument("--curve-points", type=int, default=6, help="held-out evaluations during a long run")
     parser.add_argument("--subset", type=float, default=0.2, help="share of the training records the analysis pair sees")
     parser.add_argument("--ft-steps", type=int, default=60)
@@ -149,7 +188,8 @@ def main() -> None:
     base = step_base(out)
     train, eval_path = step_data(out)
     pair = step_analysis_pair(out, base, train, args)
-    emit(summarize(out, args, run(out, pair, train, eval_path, args)), args.record)
+    timing = run(out, pair, train, eval_path, args)
+    emit((summarize_matched if args.regime == "matched" else summarize)(out, args, timing), args.record)
 
 
 if __name__ == "__main__":
