@@ -326,6 +326,23 @@ def _shard_bytes(base_dir: Path) -> int:
     return max(p.stat().st_size for p in base_dir.glob("*.safetensors"))
 
 
+def _keep_tied_embeddings(model: torch.nn.Module, tied: bool, base_dir: Path) -> None:
+    """Keep a tied head tied through the merge. PEFT unties the config when it finds the head and the embedding in
+    different storage after merging (seen under some test orders); adapters never touch either, so when their values
+    are identical re-tying is exact. Different values would mean the head no longer is the embedding: refused."""
+    if not tied:
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight.data_ptr() == embedding.weight.data_ptr():
+        model.config.tie_word_embeddings = True
+        return
+    if not torch.equal(head.weight, embedding.weight):
+        raise AdapterError(f"the base {base_dir} ties its output head to its input embedding, but after merging they "
+                           "differ; nothing was written")
+    head.weight = embedding.weight
+    model.config.tie_word_embeddings = True
+
+
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
                   trust_remote_code: bool = False, *, overwrite: bool = False) -> dict[str, Any]:
     """Merge the adapter into its base (W + s_i B A per module) and write the full model to ``out_dir``.
@@ -347,7 +364,9 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
                      folder_content="model")
     _check_base_shapes(adapter, meta)
     model, _ = load_model(base_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
+    _keep_tied_embeddings(model, tied, base_dir)
     quantized = adapter.provenance.get("quantization")
     report = {"format": "merged", "source": str(adapter.folder), "base": str(base_dir),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "bytes_before": adapter.bytes,

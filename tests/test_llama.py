@@ -82,6 +82,8 @@ def test_train_extract_and_both_exports_keep_the_tied_head(llama, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
         assert merged.config.tie_word_embeddings
         assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+        base_embedding = AutoModelForCausalLM.from_pretrained(pair.pretrained_dir).model.embed_tokens.weight
+        assert torch.equal(merged.model.embed_tokens.weight, base_embedding)  # the head is the base's, not new
         reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair.pretrained_dir,
                                                                                    dtype=torch.float32),
                                               trained.adapter_dir)(ids).logits
@@ -106,3 +108,22 @@ def test_check_measures_a_llama_config(llama):
     assert report["predicted"]["adapter_parameters"] == config.trainable_parameters
     assert report["ok"] and "impossible" not in report["inference"]
     assert all("impossible" not in step for step in report["training_step"].values())
+
+
+def test_a_head_untied_by_storage_is_retied_exactly_and_a_changed_one_refused(tmp_path):
+    """PEFT unties the config when the head and the embedding sit in different storage after a merge; equal values
+    are re-tied (exact), different ones refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ranks.export import AdapterError, _keep_tied_embeddings
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # same values, own storage
+    model.config.tie_word_embeddings = False  # what PEFT's merge does then
+    _keep_tied_embeddings(model, True, tmp_path)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1.0)
+    with pytest.raises(AdapterError, match="ties its output head to its input embedding, but after merging"):
+        _keep_tied_embeddings(model, True, tmp_path)
