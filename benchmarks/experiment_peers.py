@@ -117,8 +117,8 @@ def summarize(out: Path, args, timing: dict) -> str:
     prep = results["preparation"]
     lines = [f"### Against PEFT's variants and inits, {args.regime} regime: {steps} LoRA steps "
              f"({date.today().isoformat()}, CPU: {machine})", "",
-             f"`.venv/bin/python benchmarks/experiment_peers.py --regime {args.regime}`: `lora-ranks compare` in "
-             f"{timing['seconds'] / 60:.1f} min ({len(rows)} rows x {len(seeds)} seeds, learning rates "
+             f"`.venv/bin/python benchmarks/experiment_peers.py {' '.join(sys.argv[1:])}`: `lora-ranks compare` in "
+             f"{timing['seconds'] / 60:.1f} min{' (this invocation; finished rows resumed)' if args.rerun else ''} ({len(rows)} rows x {len(seeds)} seeds, learning rates "
              f"{' / '.join(map(str, args.learning_rates))} tried per row on seed {seeds[0]}). Held-out loss on 200 "
              "records (nats/token), mean ± sd over seeds; paired differences mean ± SE (negative: lower loss than the "
              "reference; * beyond 2 SE); accuracy: exact match on 100 held-out records with checkable answers, mean ± "

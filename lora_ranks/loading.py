@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoints import resolve_model_path
+from .construction import MODEL_CONSTRUCTION
 
 __all__ = ["Quantization", "load_model", "load_image_processor", "detect_model_type"]
 
@@ -65,10 +66,10 @@ def load_model(
         kwargs["dtype"] = dtype
         if device_map is not None:
             kwargs["device_map"] = device_map
-    if detect_model_type(root) == "qwen2_5_vl":
-        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root), **kwargs)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(root), **kwargs)
+    cls = (transformers.Qwen2_5_VLForConditionalGeneration if detect_model_type(root) == "qwen2_5_vl"
+           else transformers.AutoModelForCausalLM)
+    with MODEL_CONSTRUCTION:  # from_pretrained unties weights process-wide while it runs (see construction.py)
+        model = cls.from_pretrained(str(root), **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -127,3 +127,39 @@ def test_a_head_untied_by_storage_is_retied_exactly_and_a_changed_one_refused(tm
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1.0)
     with pytest.raises(AdapterError, match="ties its output head to its input embedding, but after merging"):
         _keep_tied_embeddings(model, True, tmp_path)
+
+
+def test_models_loaded_from_many_threads_keep_their_tied_heads(tmp_path):
+    """Prefect's thread-pool runner loads models concurrently; transformers' from_pretrained unties weights
+    process-wide while it runs, so overlapping loads used to leave tying disabled for good (every later tied model
+    got a random head). Loads are serialized: every model comes back tied and the class method is intact."""
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    from lora_ranks.loading import load_model
+    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+
+    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(20, fmt="mixed")])
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    original, start, tied, errors = PreTrainedModel.tie_weights, threading.Barrier(6), [], []
+
+    def load_some():
+        try:
+            start.wait()
+            for _ in range(4):
+                model, _ = load_model(tmp_path)
+                tied.append(model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr())
+        except Exception as exc:  # surfaced below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load_some) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(tied) == 24 and all(tied)
+    assert PreTrainedModel.tie_weights is original

@@ -122,7 +122,9 @@ def build_meta_model(model_dir: str | Path):
         raise CheckpointError(f"{model_dir}/config.json does not describe a model transformers knows: {first}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"), warnings.catch_warnings():
+    from ..construction import MODEL_CONSTRUCTION
+
+    with MODEL_CONSTRUCTION, torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
 
