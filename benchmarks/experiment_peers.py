@@ -42,6 +42,7 @@ from benchmarks.experiment_allocations import (  # noqa: E402
     step_data,
 )
 
+RESUMED = " (this invocation; finished rows resumed)"
 PEERS = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adalora")
 
 
@@ -118,9 +119,9 @@ def summarize(out: Path, args, timing: dict) -> str:
     lines = [f"### Against PEFT's variants and inits, {args.regime} regime: {steps} LoRA steps "
              f"({date.today().isoformat()}, CPU: {machine})", "",
              f"`.venv/bin/python benchmarks/experiment_peers.py {' '.join(sys.argv[1:])}`: `lora-ranks compare` in "
-             f"{timing['seconds'] / 60:.1f} min{' (this invocation; finished rows resumed)' if args.rerun else ''} ({len(rows)} rows x {len(seeds)} seeds, learning rates "
-             f"{' / '.join(map(str, args.learning_rates))} tried per row on seed {seeds[0]}). Held-out loss on 200 "
-             "records (nats/token), mean ± sd over seeds; paired differences mean ± SE (negative: lower loss than the "
+             f"{timing['seconds'] / 60:.1f} min{RESUMED if args.rerun else ''} ({len(rows)} rows x {len(seeds)} seeds, "
+             f"learning rates {' / '.join(map(str, args.learning_rates))} tried per row on seed {seeds[0]}). Held-out loss on "
+             "200 records (nats/token), mean ± sd over seeds; paired differences mean ± SE (negative: lower loss than the "
              "reference; * beyond 2 SE); accuracy: exact match on 100 held-out records with checkable answers, mean ± "
              f"SE over seeds. lora-ranks' preparation: {prep['total']:.3g} FLOPs (brief fine-tune "
              f"{prep['finetune']:.3g}, Fisher passes {prep['curvature']:.3g}), {prep['seconds']:.0f} s.", "",
@@ -158,7 +159,7 @@ def summarize(out: Path, args, timing: dict) -> str:
         for row in (r for r in rows if r.get("curve")):
             lines.append(f"| {row['budget_rank']} | {name(row)} | " + " | ".join(
                 f"{p['loss']:.3f} @ {p['total_flops']:.2e}" for p in row["curve"]) + " |")
-    raw = REPO / "benchmarks" / "results" / f"experiment_peers_{args.regime}.json"
+    raw = REPO / "benchmarks" / "results" / f"experiment_peers_{args.regime}{'-' + args.tag if args.tag else ''}.json"
     raw.write_text(json.dumps({"command": timing["command"], "seconds": timing["seconds"],
                                "learning_rate_choices": results["learning_rate_choices"],
                                "preparation": prep, "rows": rows}, indent=1) + "\n")
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=3e-4)
     parser.add_argument("--workers", type=int, default=2, help="trainings at a time, one process and thread each")
     parser.add_argument("--rerun", action="store_true", help="run lora-ranks compare again (finished rows resume)")
+    parser.add_argument("--tag", default="", help="suffix of the raw results file (a second run of a regime with other "
+                        "budgets or peers; finished rows are shared)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     out = Path(args.out).resolve()

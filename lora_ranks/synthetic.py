@@ -16,6 +16,7 @@ from typing import Literal
 from ._io import atomic_write_text
 
 __all__ = ["DEMO_MODEL", "DEMO_VL_MODEL", "build_demo_inputs", "demo_data_path", "demo_finetune_settings",
+           "is_demo_model", "real_demo_base",
            "SYNTHETIC_TASKS", "synthetic_records",
            "write_synthetic_dataset", "train_tokenizer", "build_tiny_qwen3",
            "write_planted_pair", "write_synthetic_vl_dataset", "build_tiny_qwen25_vl",
@@ -301,12 +302,35 @@ def build_tiny_qwen25_vl(out_dir: str | Path, *, hidden_size: int = 64, num_laye
 DEMO_BASE = Path(__file__).resolve().parent / "assets" / "demo-base"
 
 
+def real_demo_base(model: str) -> str | None:
+    """The known real base (``bases.KNOWN_BASES``) a demo model name ``demo:<base>`` asks for, else None."""
+    from .bases import KNOWN_BASES
+
+    name = model.removeprefix("demo:") if model.startswith("demo:") else None
+    return name if name in KNOWN_BASES else None
+
+
+def is_demo_model(model: str) -> bool:
+    """A model name the demo builds (or fetches) itself: the tiny Qwen3, the tiny Qwen2.5-VL, ``demo:<real base>``."""
+    return model in (DEMO_MODEL, DEMO_VL_MODEL) or real_demo_base(model) is not None
+
+
 def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, model: str = DEMO_MODEL
                       ) -> tuple[Path, Path]:
     """The offline demo's inputs: the pretrained demo base (``DEMO_BASE``; a randomly initialised tiny Qwen3 under
     ``out_dir`` if the package was installed without it) and, unless ``data_path`` is given, a synthetic multi-task
     JSONL under ``out_dir``. With ``model`` = ``DEMO_VL_MODEL``: a tiny randomly initialised Qwen2.5-VL (with its
-    image processor) and synthetic image records. Returns (model folder, dataset path)."""
+    image processor) and synthetic image records; with ``demo:<base>`` (e.g. ``demo:smollm2-135m``): that real
+    base, made once and cached (``bases.make_base``), and the same synthetic records. Returns (model folder,
+    dataset path)."""
+    real = real_demo_base(model)
+    if real is not None:
+        from .bases import make_base
+
+        model_dir = make_base(real).path
+        if data_path is None:
+            data_path = write_synthetic_dataset(demo_data_path(out_dir, model), DEMO_RECORDS_PER_TASK, fmt="mixed")
+        return model_dir, Path(data_path)
     if model == DEMO_VL_MODEL:
         model_dir = build_tiny_qwen25_vl(Path(out_dir) / "tiny-qwen25-vl")
         if data_path is None:
@@ -329,10 +353,16 @@ def demo_data_path(out_dir: str | Path, model: str = DEMO_MODEL) -> Path:
     return Path(out_dir) / ("vl-data/vl.jsonl" if model == DEMO_VL_MODEL else "synthetic.jsonl")
 
 
-def demo_finetune_settings(settings):
+def demo_finetune_settings(settings, model: str = DEMO_MODEL):
     """``settings`` (FinetuneSettings) adapted to the demo's small synthetic set: at least a fifth of the records,
-    a learning rate of at least 1e-3 and at most 40 steps, so that the fine-tune moves the weights in seconds."""
-
+    a learning rate of at least 1e-3 and at most 40 steps, so that the fine-tune moves the weights in seconds. On a
+    real base (``demo:<base>``, ~135M parameters, ~5 s a step on 2 cores) the fine-tune is the brief one the tool
+    prescribes, cut to fit minutes: 100 records (5%), at most 12 steps of 4 records of at most 96 tokens, the
+    learning rate as given, no gradient checkpointing (the model fits)."""
+    if real_demo_base(model) is not None:
+        return settings.replace(subset_ratio=max(settings.subset_ratio, 0.05), max_steps=min(settings.max_steps, 12),
+                                batch_size=min(settings.batch_size, 4), max_length=min(settings.max_length, 96),
+                                gradient_checkpointing=False)
     return settings.replace(**{"subset_ratio": max(settings.subset_ratio, 0.2),
                                "learning_rate": max(settings.learning_rate, 1e-3),
                                "max_steps": min(settings.max_steps, 40)})
