@@ -16,7 +16,13 @@ all rows train on the same records (training less the validation split). Accurac
 answers on up to 100 held-out records with a checkable answer. Per-seed results go to
 ``benchmarks/results/experiment_peers_<regime>.json``.
 
+``--base smollm2-135m`` runs the same on SmolLM2-135M-Instruct (issue 24; ``lora-ranks base``, a real model
+dequantized from 4 bits), with the same data and its own analysis pair, under ``outputs/smollm2-135m``; results go
+to ``benchmarks/results/smollm2-135m_peers_<regime>.json``. ``--regime matched`` without ``--matched-steps``
+trains the cold LoRA for the FLOPs of lora-ranks' long-regime run, preparation included.
+
     .venv/bin/python benchmarks/experiment_peers.py --regime short [--record]
+    .venv/bin/python benchmarks/experiment_peers.py --base smollm2-135m --regime long --budgets 8 ... [--record]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from benchmarks.experiment_allocations import (  # noqa: E402
     step_base,
     step_data,
 )
+from lora_ranks.bases import KNOWN_BASES, make_base  # noqa: E402
 
 RESUMED = " (this invocation; finished rows resumed)"
 PEERS = ("default", "rslora", "pissa", "olora", "eva", "corda", "lora-ga", "adalora")
@@ -57,13 +64,33 @@ def compare_command(out: Path, pair: tuple[str, str], train: Path, eval_path: Pa
     return [str(Path(sys.executable).with_name("lora-ranks")), "compare", "--model", pair[0], "--finetuned", pair[1],
             "--data", str(train), "--eval-data", str(eval_path), "--out", str(out / f"peers-{args.regime}"),
             "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64", "--smoothing", "none",
-            "--finetune-subset-ratio", "0.2", "--finetune-max-length", "96", "--no-finetune-gradient-checkpointing",
+            "--finetune-subset-ratio", str(args.subset), "--finetune-max-length", "96", "--no-finetune-gradient-checkpointing",
             "--lora-max-steps", str(steps), "--lora-epochs", "1000000",
-            "--lora-batch-size", "8", "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
+            "--lora-batch-size", str(args.lora_batch_size), "--lora-max-length", "96", "--no-lora-gradient-checkpointing",
             "--lora-dropout", "0", "--seeds", *map(str, args.seeds or ([0, 1, 2] if long else [0, 1, 2, 3, 4])),
             "--budget-ranks", *map(str, args.budgets), *rows, "--learning-rates", *map(str, args.learning_rates),
             "--curve-points", str(args.curve_points if long else 0), "--accuracy-samples", "100",
-            "--max-new-tokens", "16"]
+            "--max-new-tokens", "16",
+            *(["--calibration-records", str(args.calibration_records)] if args.calibration_records else [])]
+
+
+def _prefix(args) -> str:
+    """The raw results' file prefix: experiment_peers (the 6.5M model) or <base>_peers (smollm2-135m_peers)."""
+    return "experiment_peers" if args.base == "experiment" else f"{args.base}_peers"
+
+
+def matched_steps(out: Path) -> int:
+    """Steps of a cold uniform LoRA whose FLOPs equal lora-ranks' default run of the long regime with its preparation
+    (the smallest budget's rows)."""
+    long = _json(out / "peers-long" / "results.json")
+    if long is None:
+        sys.exit("run --regime long first: the compute-matched steps come from its FLOPs")
+    budget = min(r["budget_rank"] for r in long["rows"])
+    ours = next(r for r in long["rows"] if r["budget_rank"] == budget and r["method"] == "budget-fisher"
+                and r["init"] == "warm")
+    cold = next(r for r in long["rows"] if r["budget_rank"] == budget and r["init"] == "cold")
+    per_step = cold["train_flops"] / long["training"]["max_steps"]
+    return round((ours["train_flops"] + ours["preparation_flops"]) / per_step)
 
 
 def run(out: Path, pair, train: Path, eval_path: Path, args) -> dict:
@@ -101,7 +128,7 @@ def summarize_matched(out: Path, args, timing: dict) -> str:
                      f"{ours['train_flops'] + ours['preparation_flops']:.2e} | {ours['loss_mean']:.4f} ± "
                      f"{ours['loss_std']:.4f} | — | {100 * ours['accuracy_mean']:.1f}% ± "
                      f"{100 * ours['accuracy_se']:.1f} |")
-    (REPO / "benchmarks" / "results" / "experiment_peers_matched.json").write_text(json.dumps(
+    (REPO / "benchmarks" / "results" / f"{_prefix(args)}_matched.json").write_text(json.dumps(
         {"command": timing["command"], "seconds": timing["seconds"], "rows": matched["rows"],
          "learning_rate_choices": matched["learning_rate_choices"]}, indent=1) + "\n")
     return "\n".join(lines) + "\n"
@@ -159,7 +186,7 @@ def summarize(out: Path, args, timing: dict) -> str:
         for row in (r for r in rows if r.get("curve")):
             lines.append(f"| {row['budget_rank']} | {name(row)} | " + " | ".join(
                 f"{p['loss']:.3f} @ {p['total_flops']:.2e}" for p in row["curve"]) + " |")
-    raw = REPO / "benchmarks" / "results" / f"experiment_peers_{args.regime}{'-' + args.tag if args.tag else ''}.json"
+    raw = REPO / "benchmarks" / "results" / f"{_prefix(args)}_{args.regime}{'-' + args.tag if args.tag else ''}.json"
     raw.write_text(json.dumps({"command": timing["command"], "seconds": timing["seconds"],
                                "learning_rate_choices": results["learning_rate_choices"],
                                "preparation": prep, "rows": rows}, indent=1) + "\n")
@@ -168,14 +195,21 @@ def summarize(out: Path, args, timing: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/experiment")
+    parser.add_argument("--base", choices=("experiment", *KNOWN_BASES), default="experiment",
+                        help="experiment: the 6.5M Qwen3 pretrained here; smollm2-135m: SmolLM2-135M-Instruct "
+                        "(lora-ranks base), a real model dequantized from 4 bits")
+    parser.add_argument("--out", default=None, help="default: outputs/experiment, or outputs/<base>")
+    parser.add_argument("--calibration-records", type=int, default=None, help="records of the Fisher factors "
+                        "(default: the whole fine-tuning subset)")
     parser.add_argument("--regime", choices=("short", "long", "matched"), default="short")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 short, 0-2 long")
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8], help="uniform-rank equivalents")
     parser.add_argument("--peers", nargs="+", default=list(PEERS))
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--long-steps", type=int, default=900, help="LoRA steps of the long regime")
-    parser.add_argument("--matched-steps", type=int, default=488, help="steps of the compute-matched plain LoRA")
+    parser.add_argument("--matched-steps", type=int, default=None, help="steps of the compute-matched plain LoRA "
+                        "(default: lora-ranks' long-regime FLOPs, preparation included, over a cold LoRA step's)")
+    parser.add_argument("--lora-batch-size", type=int, default=8)
     parser.add_argument("--curve-points", type=int, default=6, help="held-out evaluations during a long run")
     parser.add_argument("--subset", type=float, default=0.2, help="share of the training records the analysis pair sees")
     parser.add_argument("--ft-steps", type=int, default=60)
@@ -186,9 +220,11 @@ def main() -> None:
                         "budgets or peers; finished rows are shared)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
+    out = Path(args.out or ("outputs/experiment" if args.base == "experiment" else f"outputs/{args.base}")).resolve()
     _setup()
-    base = step_base(out)
+    base = step_base(out) if args.base == "experiment" else make_base(args.base).path
+    if args.regime == "matched" and args.matched_steps is None:
+        args.matched_steps = matched_steps(out)
     train, eval_path = step_data(out)
     pair = step_analysis_pair(out, base, train, args)
     timing = run(out, pair, train, eval_path, args)
