@@ -79,6 +79,11 @@ def _prefix(args) -> str:
     return "experiment_peers" if args.base == "experiment" else f"{args.base}_peers"
 
 
+def _on(args) -> str:
+    """`` on <base>`` in a table's heading, for a base other than the experiment's model."""
+    return "" if args.base == "experiment" else f" on {args.base} (dequantized from 4 bits)"
+
+
 def matched_steps(out: Path) -> int:
     """Steps of a cold uniform LoRA whose FLOPs equal lora-ranks' default run of the long regime with its preparation
     (the smallest budget's rows)."""
@@ -106,8 +111,8 @@ def summarize_matched(out: Path, args, timing: dict) -> str:
 
     matched = _json(out / "peers-matched" / "results.json")
     long = _json(out / "peers-long" / "results.json")
-    lines = [f"### Compute-matched: PEFT's default LoRA given lora-ranks' compute ({date.today().isoformat()})", "",
-             f"`.venv/bin/python benchmarks/experiment_peers.py --regime matched --matched-steps {args.matched_steps}`"
+    lines = [f"### Compute-matched{_on(args)}: PEFT's default LoRA given lora-ranks' compute ({date.today().isoformat()})",
+             "", f"`.venv/bin/python benchmarks/experiment_peers.py {' '.join(sys.argv[1:])}`"
              f" ({timing['seconds'] / 60:.1f} min): cold uniform ranks trained {args.matched_steps} steps, the FLOPs of "
              "lora-ranks' long-regime run with its preparation; learning rate chosen as in the long regime. Held-out "
              "loss, mean ± sd; paired difference to lora-ranks' default of the long regime (mean ± SE; negative: the "
@@ -143,7 +148,7 @@ def summarize(out: Path, args, timing: dict) -> str:
     steps = results["training"]["max_steps"]
     seeds = rows[0]["seeds"]
     prep = results["preparation"]
-    lines = [f"### Against PEFT's variants and inits, {args.regime} regime: {steps} LoRA steps "
+    lines = [f"### Against PEFT's variants and inits{_on(args)}, {args.regime} regime: {steps} LoRA steps "
              f"({date.today().isoformat()}, CPU: {machine})", "",
              f"`.venv/bin/python benchmarks/experiment_peers.py {' '.join(sys.argv[1:])}`: `lora-ranks compare` in "
              f"{timing['seconds'] / 60:.1f} min{RESUMED if args.rerun else ''} ({len(rows)} rows x {len(seeds)} seeds, "

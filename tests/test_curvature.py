@@ -563,6 +563,11 @@ def test_matrix_configs_fidelity_and_comparability(fisher_analysis, finetuned_pa
     assert rows[("r2-uniform", "weight")]["excess_ratio"] == 1.0
     assert all(r["kl"] > table.ceiling_kl for (label, _), r in rows.items() if label.startswith("r2-"))
     assert (tmp_path / "allocation_fidelity.json").is_file()
+    stamp = (tmp_path / "allocation_fidelity.json").stat().st_mtime_ns
+    again = allocation_fidelity(fisher.config_path, configs, data, layout, FidelitySettings(eval_samples=6))
+    assert again.rows == table.rows and (tmp_path / "allocation_fidelity.json").stat().st_mtime_ns == stamp  # reused
+    fewer = allocation_fidelity(fisher.config_path, configs, data, layout, FidelitySettings(eval_samples=4))
+    assert fewer.rows != table.rows  # other settings: measured again
 
     report = comparability_check(fisher.config_path, data, layout, ComparisonSettings(comparability_records=4),
                                  FidelitySettings())

@@ -278,9 +278,14 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
     factors, with the matching loss-aware truncation (the one warm starts use). ``ceiling`` is the KL of full-rank
     deltas on the analyzed modules: what the adapted modules can carry at all. ``excess_ratio`` of a row is its
     KL above the ceiling over that of uniform ranks at the same budget with the plain truncation (< 1: closer to the
-    fine-tune than uniform ranks). Writes ``layout.allocation_fidelity_path``. Holds every module's full SVD
+    fine-tune than uniform ranks). Writes ``layout.allocation_fidelity_path``, with a digest of its inputs: a
+    resumed comparison whose configs, records and settings are unchanged reuses it. Holds every module's full SVD
     in memory (``DeltaBasis``): for the small models of experiments.
     """
+    key = _fidelity_key(analysis_config_path, configs, eval_data_path, settings)
+    previous = _read_json(layout.allocation_fidelity_path)
+    if previous is not None and previous.get("key") == key:
+        return FidelityTable(str(layout.allocation_fidelity_path), previous["ceiling_kl"], previous["rows"])
     analysis = load_rank_config(analysis_config_path)
     loaded = {label: load_rank_config(path) for label, path in configs.items()}
     pair_dirs = analysis.checkpoints.pretrained.path, analysis.checkpoints.finetuned.path
@@ -310,8 +315,26 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
         row["excess_ratio"] = row["excess"] / denominator if denominator else None
     path = atomic_write_json(layout.allocation_fidelity_path,
                              {"ceiling_kl": ceiling, "rows": rows, "eval_data": str(eval_data_path),
-                              "eval_samples": settings.eval_samples})
+                              "eval_samples": settings.eval_samples, "key": key})
     return FidelityTable(str(path), ceiling, rows)
+
+
+def _fidelity_key(analysis_config_path, configs: dict[str, str], eval_data_path, settings: FidelitySettings) -> str:
+    """A digest of what ``allocation_fidelity`` measures: the analysis config (it names the pair and records its
+    spectra), every compared config's file, the held-out records and the settings."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([sorted(configs), settings.to_dict()], sort_keys=True, default=str).encode())
+    for path in (analysis_config_path, *(configs[label] for label in sorted(configs)), eval_data_path):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def comparability_check(config_path: str | Path, eval_data_path: str | Path, layout: ComparisonLayout,
