@@ -14,3 +14,23 @@ def tiny_qwen25_vl():
         image_token_id=150, video_token_id=151, vision_start_token_id=152,
     )
     return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def tiny_llama(records: int = 50, intermediate_size: int = 128, max_positions: int = 256, seed: int = 0):
+    """(a randomly initialised Llama, its tokenizer): SmolLM2's family in miniature. 2 layers, hidden 48, 6 query
+    and 2 key-value heads (grouped-query attention), tied embeddings; a byte-level BPE tokenizer trained offline on
+    ``records`` synthetic records per task."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+
+    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(records, fmt="mixed")])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer

@@ -70,18 +70,11 @@ def write_llama_gguf(model, tokenizer, path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+    from tests.helpers import tiny_llama
 
     root = tmp_path_factory.mktemp("gguf")
-    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(40, fmt="mixed")])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model, tokenizer = tiny_llama(records=40, intermediate_size=96, max_positions=128)
+    model.eval()
     path = root / "tiny-llama.F32.gguf"
     write_llama_gguf(model, tokenizer, path)
     return path, model, tokenizer

@@ -2,7 +2,6 @@
 LlamaConfig model built offline: a brief fine-tune, the Fisher analysis, training, extraction, both exports and the
 check."""
 
-import json
 
 import pytest
 import torch
@@ -22,19 +21,13 @@ from lora_ranks.settings import (
 def llama(tmp_path_factory):
     """A tiny Llama (2 layers, hidden 48, 6 query / 2 key-value heads, tied embeddings), its brief fine-tune on the
     synthetic records, and the Fisher analysis of the pair."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lora_ranks.finetune import run_preliminary_finetune
-    from lora_ranks.synthetic import synthetic_records, train_tokenizer, write_synthetic_dataset
+    from lora_ranks.synthetic import write_synthetic_dataset
+    from tests.helpers import tiny_llama
 
     root = tmp_path_factory.mktemp("llama")
-    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(50, fmt="mixed")])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     data = write_synthetic_dataset(root / "data.jsonl", 12, fmt="mixed")
     subset = FinetuneSettings(max_steps=8, learning_rate=3e-3, subset_ratio=0.5, batch_size=4,
@@ -135,15 +128,13 @@ def test_models_loaded_from_many_threads_keep_their_tied_heads(tmp_path):
     got a random head). Loads are serialized: every model comes back tied and the class method is intact."""
     import threading
 
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+    from transformers import PreTrainedModel
 
     from lora_ranks.loading import load_model
-    from lora_ranks.synthetic import synthetic_records, train_tokenizer
+    from tests.helpers import tiny_llama
 
-    tokenizer = train_tokenizer([json.dumps(r) for r in synthetic_records(20, fmt="mixed")])
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-                     ).save_pretrained(tmp_path)
+    model, tokenizer = tiny_llama(records=20, intermediate_size=32)
+    model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     original, start, tied, errors = PreTrainedModel.tie_weights, threading.Barrier(6), [], []
 
