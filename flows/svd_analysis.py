@@ -129,7 +129,8 @@ def svd_analysis(
         collect = collect_curvature_task.with_options(refresh_cache=True) if refresh else collect_curvature_task
         kwargs = dict(finetuned=finetuned_model, data_path=data_path, modules=modules, svd_dir=str(layout.svd_dir),
                       curvature=curvature, subset=finetune, finetuned_digests=[d.result()[1] for d in digests],
-                      device=analysis.device, trust_remote_code=safety.trust_remote_code)
+                      device=analysis.device, trust_remote_code=safety.trust_remote_code, base=base_model,
+                      base_digests=[d.result()[0] for d in digests], allow_pickle=safety.allow_pickle)
         factors = collect(**kwargs)
         if not curvature_result_is_current(factors):
             logger.warning("Recollecting curvature factors whose cached files are missing or changed")

@@ -25,7 +25,7 @@ from .export import note_serving
 from .outputs import check_output_dir
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
-from .spectra.weighted import weighted_truncation_factors
+from .spectra.weighted import module_truncation_factors
 
 __all__ = ["extract_lora", "extract_inputs"]
 
@@ -86,7 +86,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     the best rank-r approximation of its delta at the configured rank; returns the extraction report.
 
     With ``settings.truncation`` "curvature" (or "auto" on a config made from an input or fisher spectrum), "best"
-    is in the curvature-weighted norm the ranks were chosen by (``spectra.weighted.weighted_truncation_factors``,
+    is in the curvature-weighted norm the ranks were chosen by (``spectra.weighted.module_truncation_factors``,
     with the analysis' factors and damping); modules without factors fall back to the plain truncated SVD and the
     report says so. ``relative_error`` is then the weighted one.
 
@@ -118,9 +118,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         delta = pair.delta(modules[name], dtype=torch.float64 if roots is not None else torch.float32)
         if roots is not None and name in roots:
-            output_root, input_root = roots[name]
-            lora_a, lora_b, rel_error = weighted_truncation_factors(delta, rank, scale, output_root=output_root,
-                                                                    input_root=input_root)
+            lora_a, lora_b, rel_error = module_truncation_factors(delta, rank, scale, roots[name])
             how = "curvature"
         else:
             lora_a, lora_b, rel_error = truncated_svd_factors(delta, rank, scale)

@@ -21,8 +21,18 @@ Memory. Factors are accumulated in float64 for the modules of a group of layers 
 calibration set holds the factors of the layers whose float64 factors fit ``memory_bytes`` (at least one
 layer), so the memory held is at most max(``memory_bytes``, one layer's factors) plus the model and one batch,
 whatever the depth; the number of passes is about the total factor size over ``memory_bytes``. (A 7B layer's
-factors are 8 · (3 · 3584² + 18944² + ...) ≈ 9 GB; by default about one layer per pass.) Modules that read the
-same input tensor (q/k/v, gate/up) share one A, computed once.
+factors would be 8 · (3 · 3584² + 3 · 18944² + ...) ≈ 9 GB if formed; see the next paragraph.) Modules that read
+the same input tensor (q/k/v, gate/up) share one A, computed once.
+
+Wide factors. A factor wider than ``dense_limit`` (``CurvatureSettings.dense_factor_limit``) on a module whose
+other side is within it (Qwen2.5-7B: G of gate_proj and up_proj, A of down_proj, 18944 wide) is never formed. The
+pass keeps it seen through the module's weight delta ΔW (``delta_of``), on the short side: for a wide G, the sum of
+(ΔWᵀ g)(ΔWᵀ g)ᵀ (d_in, d_in) = ΔWᵀ G ΔW; for a wide A, of (ΔW x)(ΔW x)ᵀ (d_out, d_out) = ΔW A ΔWᵀ; with the
+wide factor's trace for its damping (``CurvatureFactors.projected``). Per token that costs one product with ΔW
+(d_out d_in) and a d_s² outer product instead of a d_long² one (a quarter of the flops at 7B), holds 2 · 8 d_s² +
+4 d_out d_in bytes (the float32 delta) instead of 8 (d_in² + d_out²), and spares the analysis every d_long³ step
+(``spectra.weighted.ProjectedCurvature``). An input-only spectrum never needs G, so only wide A are projected
+there.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from .checkpoints import ModuleRef
 from .data import IGNORE_INDEX, collate
 from .errors import CalibrationError, LoraRanksError  # noqa: F401  (CalibrationError re-exported)
 
-__all__ = ["CurvatureFactors", "collect_curvature", "plan_passes", "factor_bytes", "sample_labels",
+__all__ = ["CurvatureFactors", "collect_curvature", "plan_passes", "factor_bytes", "projection_side", "sample_labels",
            "calibration_tokens", "CalibrationError"]
 
 CurvatureKind = Literal["input", "fisher"]
@@ -50,19 +60,27 @@ class CurvatureFactors:
     """The factors of one module, float64 on the CPU.
 
     Attributes:
-        input_factor: A = E[x xᵀ], Tensor (d_in, d_in); shared (the same object) by modules reading one input.
-        output_factor: G = E[g gᵀ], Tensor (d_out, d_out), or None for input-only curvature.
+        input_factor: A = E[x xᵀ], Tensor (d_in, d_in); shared (the same object) by modules reading one input; None
+            when A is wide and projected (``projected_side`` "output").
+        output_factor: G = E[g gᵀ], Tensor (d_out, d_out), or None for input-only curvature or a wide, projected G.
         tokens: T, the token positions averaged over.
         response_tokens: T_resp, the positions whose next token was trained on (where labels are sampled).
         input_key: the name of the module whose input A was computed from (itself, or the first of its group).
+        projected_side: None (both factors formed), "input" (G is wide: ``projected`` = ΔWᵀ G ΔW, (d_in, d_in))
+            or "output" (A is wide: ``projected`` = ΔW A ΔWᵀ, (d_out, d_out)); see the module docstring.
+        projected: that matrix, float64, or None.
+        far_trace: the trace of the wide factor (its damping is relative to trace / width); 0 if none.
     """
 
-    input_factor: torch.Tensor
+    input_factor: torch.Tensor | None
     output_factor: torch.Tensor | None
     tokens: int
     response_tokens: int
     input_key: str = ""
     fired: bool = True
+    projected_side: str | None = None
+    projected: torch.Tensor | None = None
+    far_trace: float = 0.0
 
     @property
     def token_ratio(self) -> float:
@@ -70,17 +88,36 @@ class CurvatureFactors:
         return self.tokens / max(1, self.response_tokens)
 
 
-def factor_bytes(module: ModuleRef, kind: CurvatureKind) -> int:
-    """float64 bytes of one module's factors: 8 (d_in² + d_out²), or 8 d_in² for input-only."""
+def projection_side(module: ModuleRef, kind: CurvatureKind, dense_limit: int | None) -> str | None:
+    """Which side a module's curvature is kept on: None (both factors formed), "input" (G is wider than
+    ``dense_limit`` and d_in <= d_out: G is projected) or "output" (A is wider and d_out < d_in). A module wide on both
+    sides keeps dense factors (no short side to project onto); ``dense_limit`` None never projects."""
     d_out, d_in = module.shape
+    if dense_limit is None or max(d_out, d_in) <= dense_limit or min(d_out, d_in) > dense_limit:
+        return None
+    if d_in <= d_out:  # the wide factor is G, which an input-only spectrum never forms
+        return "input" if kind == "fisher" else None
+    return "output"
+
+
+def factor_bytes(module: ModuleRef, kind: CurvatureKind, dense_limit: int | None = None) -> int:
+    """Bytes one module holds during a pass: float64 factors, 8 (d_in² + d_out²) (8 d_in² for input-only); for a
+    projected module the near factor and the projected one, 2 · 8 d_s², and its float32 delta, 4 d_out d_in."""
+    d_out, d_in = module.shape
+    side = projection_side(module, kind, dense_limit)
+    if side is not None:
+        short = d_in if side == "input" else d_out
+        near = 8 * short * short if side == "input" or kind == "fisher" else 0
+        return near + 8 * short * short + 4 * d_out * d_in
     return 8 * (d_in * d_in + (d_out * d_out if kind == "fisher" else 0))
 
 
-def plan_passes(modules: Sequence[ModuleRef], kind: CurvatureKind, memory_bytes: int) -> list[list[str]]:
+def plan_passes(modules: Sequence[ModuleRef], kind: CurvatureKind, memory_bytes: int,
+                dense_limit: int | None = None) -> list[list[str]]:
     """Layers grouped into passes, in depth order, each group's factors within ``memory_bytes`` (or one layer)."""
     per_layer: OrderedDict[str, int] = OrderedDict()
     for m in modules:
-        per_layer[m.layer] = per_layer.get(m.layer, 0) + factor_bytes(m, kind)
+        per_layer[m.layer] = per_layer.get(m.layer, 0) + factor_bytes(m, kind, dense_limit)
     passes: list[list[str]] = []
     held = 0
     for layer, size in per_layer.items():
@@ -132,6 +169,8 @@ def collect_curvature(
     batch_size: int,
     memory_bytes: int,
     on_batch: Callable[[int, int], None] | None = None,
+    dense_limit: int | None = None,
+    delta_of: Callable[[ModuleRef], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, dict[str, CurvatureFactors]]]:
     """Yield ``(layer, {module name: CurvatureFactors})`` for every layer of ``modules``, in depth order.
 
@@ -146,6 +185,9 @@ def collect_curvature(
         batch_size: records per forward pass.
         memory_bytes: budget for the float64 factors held at once (see the module docstring).
         on_batch: called as ``on_batch(done, total)`` after each batch of each pass (progress).
+        dense_limit: factors wider than this are projected (see the module docstring); None: never.
+        delta_of: the weight delta ΔW (d_out, d_in) of a module, loaded when a pass needs it; required when a module
+            is projected.
 
     Raises:
         CalibrationError: when ``examples`` is empty or no position is trained on (no response tokens).
@@ -159,14 +201,24 @@ def collect_curvature(
     missing = [m.name for m in modules if m.name not in by_name]
     if missing:
         raise LoraRanksError(f"the model has no module {missing[0]!r} ({len(missing)} target module(s) missing)")
-    passes = plan_passes(modules, kind, memory_bytes)
+    sides = {m.name: side for m in modules if (side := projection_side(m, kind, dense_limit)) is not None}
+    if sides and delta_of is None:
+        raise ValueError(f"{next(iter(sides))} has a factor wider than {dense_limit}: collect_curvature needs delta_of")
+    passes = plan_passes(modules, kind, memory_bytes, dense_limit)
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     try:
         for group in passes:
             wanted = [m for m in modules if m.layer in group]
+            device = next(model.parameters()).device
+            # Multiplied in float32 like the other products (float64 for a float64 model), on the model's device.
+            projection = {m.name: (sides[m.name], delta_of(m).to(device, torch.float64 if dtype == torch.float64
+                                                                   else torch.float32))
+                          for m in wanted if m.name in sides}
             factors = _one_pass(model, by_name, examples, pad_token_id, wanted, kind, samples, seed, batch_size,
-                                on_batch, len(passes) * math.ceil(len(examples) / batch_size))
+                                on_batch, len(passes) * math.ceil(len(examples) / batch_size), projection)
+            del projection
             for layer in group:
                 yield layer, {m.name: factors[m.name] for m in wanted if m.layer == layer}
     finally:
@@ -180,34 +232,53 @@ def _rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return rows if rows.dtype == torch.float64 else rows.float()
 
 
-def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, seed, batch_size, on_batch, total):
-    """One pass over the calibration set with hooks on ``modules``: their factors (see ``collect_curvature``)."""
+def _add(sums: dict, key: str, rows: torch.Tensor) -> None:
+    """sums[key] += rowsᵀ rows (the batch's product in the rows' dtype, summed in float64 on the CPU)."""
+    product = (rows.T @ rows).to(torch.float64).cpu()
+    sums[key] = product if key not in sums else sums[key] + product
+
+
+def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, seed, batch_size, on_batch, total,
+              projection=None):
+    """One pass over the calibration set with hooks on ``modules``: their factors (see ``collect_curvature``).
+    ``projection``: module -> (side, ΔW on the model's device) for the modules whose wide factor is projected."""
+    projection = projection or {}
     device = next(model.parameters()).device
     inputs: dict[str, torch.Tensor] = {}  # input key -> Σ x xᵀ (float64, CPU)
     input_key: dict[str, str] = {}  # module -> key of the A it shares
     outputs: dict[str, torch.Tensor] = {}  # module -> Σ g gᵀ
+    projected: dict[str, torch.Tensor] = {}  # module -> Σ (ΔWᵀ g)(ΔWᵀ g)ᵀ or Σ (ΔW x)(ΔW x)ᵀ
+    far_trace: dict[str, float] = {}  # module -> Σ ‖g‖² or Σ ‖x‖² of its wide factor
     state: dict = {"mask": None, "seen": {}}
     handles = []
 
     def forward_hook(name: str, layer: str):
+        side, delta = projection.get(name, (None, None))
+
         def hook(module, args, output):
             x = args[0]
             mask = state["mask"]  # (B, T) bool: non-padding positions
             seen = state["seen"]  # (layer, address) -> (tensor, key); holding the tensor keeps its address unique
             shared = seen.get((layer, x.data_ptr()))
-            if shared is not None and shared[0] is x:  # q/k/v (gate/up) read the same tensor: share its A
+            if side == "output":  # A is wide: keep ΔW A ΔWᵀ from the projected inputs ΔW x, never A itself
+                rows = _rows(x, mask)  # (n, d_in)
+                _add(projected, name, rows @ delta.T)  # (n, d_out)
+                far_trace[name] = far_trace.get(name, 0.0) + float(torch.sum(rows.double() ** 2))
+                input_key[name] = ""
+            elif shared is not None and shared[0] is x:  # q/k/v (gate/up) read the same tensor: share its A
                 input_key[name] = shared[1]
             else:
                 seen[(layer, x.data_ptr())] = (x, name)
                 input_key[name] = name
-                rows = _rows(x, mask)  # (n, d_in)
-                product = (rows.T @ rows).to(torch.float64).cpu()
-                inputs[name] = product if name not in inputs else inputs[name] + product
+                _add(inputs, name, _rows(x, mask))  # (n, d_in)
             if kind == "fisher" and output.requires_grad:
                 def grad_hook(grad):
                     rows = _rows(grad, state["mask"])  # (n, d_out)
-                    product = (rows.T @ rows).to(torch.float64).cpu()
-                    outputs[name] = product if name not in outputs else outputs[name] + product
+                    if side == "input":  # G is wide: keep ΔWᵀ G ΔW from the projected gradients ΔWᵀ g
+                        _add(projected, name, rows @ delta)  # (n, d_in)
+                        far_trace[name] = far_trace.get(name, 0.0) + float(torch.sum(rows.double() ** 2))
+                    else:
+                        _add(outputs, name, rows)
                 output.register_hook(grad_hook)
         return hook
 
@@ -255,6 +326,17 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
         if key is None:  # the module never ran on these records (e.g. a vision tower with text-only data)
             out[m.name] = CurvatureFactors(torch.zeros(0), None, tokens, response, "", fired=False)
             continue
+        side = projection.get(m.name, (None,))[0]
         g = outputs[m.name] / (tokens * samples) if kind == "fisher" and m.name in outputs else None
-        out[m.name] = CurvatureFactors(normalized[key], g, tokens, response, key, fired=kind == "input" or g is not None)
+        if side is None:
+            out[m.name] = CurvatureFactors(normalized[key], g, tokens, response, key,
+                                           fired=kind == "input" or g is not None)
+            continue
+        count = tokens * samples if side == "input" else tokens  # G averages over label draws too
+        moment = projected.get(m.name)
+        fired = moment is not None and (kind == "input" or side == "input" or g is not None)
+        out[m.name] = CurvatureFactors(normalized.get(key) if side == "input" else None, g, tokens, response, key,
+                                       fired=fired, projected_side=side,
+                                       projected=moment / count if moment is not None else None,
+                                       far_trace=far_trace.get(m.name, 0.0) / count)
     return out

@@ -248,6 +248,11 @@ class CurvatureSettings(Settings):
     """float64 factors held at once while collecting (GiB); more layers per pass over the calibration data."""
     calibration_batch_size: int = Field(8, ge=1)
     """Records per forward pass while collecting the factors."""
+    dense_factor_limit: int = Field(8192, ge=1)
+    """Widest factor formed as a matrix. A wider one on a module whose other side is within the limit (the 18944-wide
+    MLP factors of Qwen2.5-7B) is kept projected onto the short side through the weight delta: exact spectra and
+    truncations without any step cubic in the wide side (see ``lora_ranks.kfac``). The allocation-fidelity and
+    comparability checks of ``compare`` need formed factors."""
 
     def resolved(self, has_calibration: bool) -> CurvatureSettings:
         """These settings with ``spectrum`` "auto" made concrete: fisher with calibration records, else weight."""

@@ -86,10 +86,12 @@ def _device_type(device: str | None) -> str:
 
 
 def curvature_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key of ``collect-curvature``: the fine-tuned weights (their layer digests), the calibration file's
-    bytes, the settings that shape the factors, the numerics identity and the device type."""
+    """Cache key of ``collect-curvature``: the fine-tuned weights (their layer digests) and the base's (projected
+    factors go through the delta), the calibration file's bytes, the settings that shape the factors, the numerics
+    identity and the device type."""
     data = hashlib.sha256(Path(parameters["data_path"]).read_bytes()).hexdigest()
     identity = [numerics_identity(), _device_type(parameters.get("device")), sorted(parameters["finetuned_digests"]),
+                sorted(parameters.get("base_digests") or []),
                 data, parameters["curvature"].to_dict(), parameters["subset"].to_dict(),
                 [m.name for m in parameters["modules"]], str(Path(parameters["svd_dir"]).resolve())]
     return "collect-curvature-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
@@ -99,17 +101,20 @@ def curvature_cache_key(context: Any, parameters: dict[str, Any]) -> str:
       cache_key_fn=curvature_cache_key, persist_result=True, task_run_name="collect-curvature")
 def collect_curvature_task(finetuned: str, data_path: str, modules: list[ModuleRef], svd_dir: str,
                            curvature: CurvatureSettings, subset: FinetuneSettings, finetuned_digests: list[str],
-                           device: str | None = None, trust_remote_code: bool = False) -> CurvatureResult:
+                           device: str | None = None, trust_remote_code: bool = False, base: str | None = None,
+                           base_digests: list[str] | None = None, allow_pickle: bool = False) -> CurvatureResult:
     """K-FAC factors of every target module from the fine-tuned model on the calibration records, one file per
-    layer (memory bounded by ``factor_memory_gb``); progress logged about 10 times per pass."""
+    layer (memory bounded by ``factor_memory_gb``; factors wider than ``dense_factor_limit`` projected through the
+    delta from ``base``); progress logged about 10 times per pass."""
     logger = get_run_logger()
 
     def on_batch(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
             logger.info("curvature: batch %d/%d", done, total)
 
-    result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, device=device,
-                                     trust_remote_code=trust_remote_code, on_batch=on_batch)
+    result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, base=base,
+                                     allow_pickle=allow_pickle, device=device, trust_remote_code=trust_remote_code,
+                                     on_batch=on_batch)
     logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on)", curvature.spectrum,
                 len(result.paths), result.records, result.tokens, result.response_tokens)
     if result.silent_modules:

@@ -13,7 +13,8 @@ from importlib import import_module
 _EXPORTS = {
     "analyze_checkpoints": "assemble", "assemble_rank_config": "assemble", "zero_delta_message": "assemble",
     "CurvatureResult": "curvature", "calibration_examples": "curvature", "collect_layer_curvature": "curvature",
-    "config_curvature_roots": "curvature", "curvature_roots": "curvature", "input_weighted_spectra": "curvature",
+    "config_curvature_roots": "curvature", "curvature_roots": "curvature", "dense_roots": "curvature",
+    "input_weighted_spectra": "curvature",
     "load_curvature_file": "curvature",
     "LayerResult": "layer", "analyze_layer": "layer", "numerics_identity": "layer",
     "Layout": "layout", "OutputLayout": "layout", "layer_file_fingerprint": "layout", "layer_file_name": "layout",

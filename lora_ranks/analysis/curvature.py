@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoints import ModuleRef
+from ..errors import LoraRanksError
 from ..kfac import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
-from ..spectra.weighted import FactorRoot, factor_root, weighted_spectrum
+from ..spectra.weighted import FactorRoot, ModuleCurvature, ProjectedCurvature, factor_root, module_weighted_spectrum
 from .layout import layer_file, write_layer_file
 
 if TYPE_CHECKING:
     from ..config import RankConfig
 
 __all__ = ["CurvatureResult", "collect_layer_curvature", "load_curvature_file", "calibration_examples",
-           "curvature_roots", "config_curvature_roots", "input_weighted_spectra", "CURVATURE_FOLDER"]
+           "curvature_roots", "config_curvature_roots", "dense_roots", "input_weighted_spectra", "CURVATURE_FOLDER"]
 
 CURVATURE_FOLDER = "curvature"
 
@@ -84,6 +85,8 @@ def collect_layer_curvature(
     settings: CurvatureSettings,
     subset: FinetuneSettings = FinetuneSettings(),
     *,
+    base: str | Path | None = None,
+    allow_pickle: bool = False,
     trust_remote_code: bool = False,
     device: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -91,8 +94,11 @@ def collect_layer_curvature(
     """Collect the factors of every module (``settings.spectrum`` "input" or "fisher") and write one file per layer.
 
     Memory is bounded by ``settings.factor_memory_gb`` (see ``lora_ranks.kfac``); each layer's file is written as
-    soon as its pass ends.
+    soon as its pass ends. Factors wider than ``settings.dense_factor_limit`` are kept projected through the weight
+    delta, which is read from ``base`` (the pretrained checkpoint) and ``finetuned``; without ``base`` every
+    factor is formed.
     """
+    from ..checkpoints import CheckpointPair
     from ..loading import load_image_processor, load_model
 
     if settings.spectrum == "weight":
@@ -103,15 +109,29 @@ def collect_layer_curvature(
     examples = calibration_examples(data_path, tokenizer, subset, settings, load_image_processor(finetuned))
     tokens, response = calibration_tokens(examples)
     result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
-    for layer, factors in collect_curvature(model, examples, tokenizer.pad_token_id, modules, kind=settings.spectrum,
-                                            samples=settings.fisher_samples, seed=subset.seed,
-                                            batch_size=settings.calibration_batch_size,
-                                            memory_bytes=int(settings.factor_memory_gb * 2**30), on_batch=on_batch):
-        path = layer_file(svd_dir, layer, CURVATURE_FOLDER)
-        _write(path, layer, factors, settings.spectrum)
-        result.paths[layer] = str(path)
-        result.digests[layer] = hashlib.sha256(path.read_bytes()).hexdigest()
-        result.silent_modules += [name for name, f in factors.items() if not f.fired]
+    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle) if base is not None else None
+
+    def delta_of(module: ModuleRef) -> torch.Tensor:
+        try:
+            return pair.delta(module, dtype=torch.float32)
+        finally:
+            pair.close()
+
+    try:
+        for layer, factors in collect_curvature(
+                model, examples, tokenizer.pad_token_id, modules, kind=settings.spectrum,
+                samples=settings.fisher_samples, seed=subset.seed, batch_size=settings.calibration_batch_size,
+                memory_bytes=int(settings.factor_memory_gb * 2**30), on_batch=on_batch,
+                dense_limit=settings.dense_factor_limit if pair is not None else None,
+                delta_of=delta_of if pair is not None else None):
+            path = layer_file(svd_dir, layer, CURVATURE_FOLDER)
+            _write(path, layer, factors, settings.spectrum)
+            result.paths[layer] = str(path)
+            result.digests[layer] = hashlib.sha256(path.read_bytes()).hexdigest()
+            result.silent_modules += [name for name, f in factors.items() if not f.fired]
+    finally:
+        if pair is not None:
+            pair.close()
     return result
 
 
@@ -120,10 +140,15 @@ def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: s
     info = {}
     for name, f in factors.items():
         if f.fired:
-            tensors.setdefault(f"input:{f.input_key}", f.input_factor.contiguous())
+            if f.input_factor is not None:
+                tensors.setdefault(f"input:{f.input_key}", f.input_factor.contiguous())
             if f.output_factor is not None:
                 tensors[f"output:{name}"] = f.output_factor.contiguous()
+            if f.projected is not None:
+                tensors[f"projected:{name}"] = f.projected.contiguous()
         info[name] = {"input": f.input_key, "tokens": f.tokens, "response_tokens": f.response_tokens, "fired": f.fired}
+        if f.projected_side is not None:
+            info[name].update(projected=f.projected_side, far_trace=f.far_trace)
     if not tensors:  # safetensors needs one tensor; a layer whose modules all stayed silent
         tensors["empty"] = torch.zeros(1)
     write_layer_file(path, tensors, {"layer": layer, "kind": kind, "modules": json.dumps(info)})
@@ -144,14 +169,17 @@ def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
                 out[name] = CurvatureFactors(torch.zeros(0), None, m["tokens"], m["response_tokens"], "", fired=False)
                 continue
             g = handle.get_tensor(f"output:{name}") if f"output:{name}" in keys else None
-            out[name] = CurvatureFactors(inputs[f"input:{m['input']}"], g, m["tokens"], m["response_tokens"],
-                                         m["input"])
+            projected = handle.get_tensor(f"projected:{name}") if f"projected:{name}" in keys else None
+            out[name] = CurvatureFactors(inputs.get(f"input:{m['input']}"), g, m["tokens"], m["response_tokens"],
+                                         m["input"], projected_side=m.get("projected"), projected=projected,
+                                         far_trace=m.get("far_trace", 0.0))
     return out
 
 
 def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | None, damping: float, *,
-                    input_only: bool = False) -> tuple[dict[str, tuple[FactorRoot, FactorRoot]], SpectrumKind]:
-    """Damped roots (G^1/2 side, A^1/2 side) per module from the layer's curvature file, and the spectrum kind.
+                    input_only: bool = False) -> tuple[dict[str, ModuleCurvature], SpectrumKind]:
+    """Each module's damped curvature from the layer's curvature file, and the spectrum kind: the roots (G^1/2 side,
+    A^1/2 side), or a ``ProjectedCurvature`` where a wide factor was kept projected.
 
     One Cholesky factorization per distinct input factor (q/k/v share one; ``spectra.weighted.factor_root``).
     Memory: the roots of one layer, d x d float64 each. ``input_only``: the G side is the identity whatever the file
@@ -160,25 +188,44 @@ def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | N
     if curvature_path is None:
         return {}, SpectrumKind.WEIGHT
     factors = load_curvature_file(curvature_path)
-    has_output = any(f.output_factor is not None for f in factors.values())
+    has_output = any(f.output_factor is not None or f.projected_side == "input" for f in factors.values())
     kind = SpectrumKind.FISHER if has_output and not input_only else SpectrumKind.INPUT
     input_roots: dict[str, FactorRoot] = {}
-    roots = {}
+    roots: dict[str, ModuleCurvature] = {}
     for m in modules:
         f = factors.get(m.name)
         if f is None or not f.fired:
             continue
         d_out, d_in = m.shape
+        if f.projected_side == "output":  # A is wide: near G (identity for the input-only spectrum), far ΔW A ΔWᵀ
+            near = factor_root(None if input_only else f.output_factor, d_out, damping)
+            roots[m.name] = ProjectedCurvature("output", near, f.projected, damping * f.far_trace / d_in)
+            continue
         if f.input_key not in input_roots:
             input_roots[f.input_key] = factor_root(f.input_factor, d_in, damping)
+        if f.projected_side == "input" and not input_only:  # G is wide: near A, far ΔWᵀ G ΔW
+            roots[m.name] = ProjectedCurvature("input", input_roots[f.input_key], f.projected,
+                                               damping * f.far_trace / d_out)
+            continue
         output_factor = None if input_only else f.output_factor
         roots[m.name] = (factor_root(output_factor, d_out, damping), input_roots[f.input_key])
     return roots, kind
 
 
+def dense_roots(roots: dict[str, ModuleCurvature], what: str) -> dict[str, tuple[FactorRoot, FactorRoot]]:
+    """``roots`` when every module has formed factors; else one clear error naming a projected module and ``what``
+    needed formed ones."""
+    projected = [name for name, c in roots.items() if isinstance(c, ProjectedCurvature)]
+    if projected:
+        raise LoraRanksError(f"{what} needs formed curvature factors, but {projected[0]} (and {len(projected) - 1} "
+                             "more) has a factor wider than dense_factor_limit, kept projected; raise "
+                             "dense_factor_limit above its width to form it")
+    return roots
+
+
 def config_curvature_roots(rank_config: RankConfig, modules: Sequence[ModuleRef], *, input_only: bool = False
-                           ) -> dict[str, tuple[FactorRoot, FactorRoot]] | None:
-    """Module name -> damped (G, A) roots from the curvature factors a rank config's analysis recorded (its
+                           ) -> dict[str, ModuleCurvature] | None:
+    """Module name -> damped curvature (``curvature_roots``) from the curvature factors a rank config's analysis recorded (its
     ``analysis_metadata.curvature``: folder and damping), or None when the config was made from the weight
     spectrum or its factor folder is gone. Modules whose layer has no factor file are left out (they fall back to
     the weight spectrum). Memory: the roots of every module at once (for small models and extraction, which
@@ -210,8 +257,6 @@ def input_weighted_spectra(config: RankConfig, modules: Sequence[ModuleRef], fal
         if m.name not in roots:
             out[m.name] = fallback[m.name]
             continue
-        output_root, input_root = roots[m.name]
-        out[m.name] = weighted_spectrum(pair.delta(m, torch.float64), top_k, output_root=output_root,
-                                        input_root=input_root)
+        out[m.name] = module_weighted_spectrum(pair.delta(m, torch.float64), top_k, roots[m.name])
         pair.close()
     return out

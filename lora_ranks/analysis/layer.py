@@ -31,7 +31,8 @@ from ..spectra import (
     spectra_pool,
     truncated_svd_factors,
 )
-from ..spectra.weighted import weighted_spectrum
+from ..spectra.spectrum import gram_spectrum, short_side_gram
+from ..spectra.weighted import ProjectedCurvature, module_weighted_spectrum, shares_gram
 from .curvature import curvature_roots
 from .layout import WEIGHT_PREFIX, layer_file, write_layer_file
 
@@ -141,12 +142,18 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
 
     def one_module(module: ModuleRef) -> tuple[ModuleRef, Spectrum, Spectrum | None, torch.Tensor | None, tuple | None]:
         delta = pair.delta(module, dtype=delta_dtype)  # (d_out, d_in)
-        spectrum = compute_spectrum(delta, top_k, method=method, device=device)
+        curvature = roots.get(module.name)
+        gram = None
+        if isinstance(curvature, ProjectedCurvature) and shares_gram(curvature, delta, top_k, method, device):
+            # The weight spectrum's Gram is the one the projected curvature needs: computed once for both.
+            gram = short_side_gram(delta)
+            spectrum = gram_spectrum(gram, delta, top_k)
+        else:
+            spectrum = compute_spectrum(delta, top_k, method=method, device=device)
         weighted = None
-        if module.name in roots:
-            output_root, input_root = roots[module.name]
-            weighted = weighted_spectrum(delta, top_k, output_root=output_root, input_root=input_root, method=method,
-                                         device=device)
+        if curvature is not None:
+            weighted = module_weighted_spectrum(delta, top_k, curvature, method=method, device=device, gram=gram)
+        del gram
         factors = truncated_svd_factors(delta, min(top_k, *delta.shape), 1.0)[:2] if save_vectors else None  # (A, B)
         return module, spectrum, weighted, (delta.float() if save_deltas else None), factors
 

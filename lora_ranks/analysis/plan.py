@@ -191,8 +191,8 @@ class AnalysisPlan:
         from .curvature import collect_layer_curvature
 
         return collect_layer_curvature(self.finetuned, self.data_path, modules, svd_dir, self.curvature, self.finetune,
-                                       device=self.analysis.device, trust_remote_code=self.trust_remote_code,
-                                       on_batch=on_batch)
+                                       base=self.base, allow_pickle=self.allow_pickle, device=self.analysis.device,
+                                       trust_remote_code=self.trust_remote_code, on_batch=on_batch)
 
     def analyze_layer(self, modules: Sequence[ModuleRef], svd_dir: str | Path, factors: CurvatureResult | None,
                       digests: tuple[str, str] | None = None) -> LayerResult:

@@ -31,7 +31,15 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_json, atomic_write_text
-from ..analysis import Layout, OutputLayout, config_curvature_roots, input_weighted_spectra, load_spectra, spectra_files
+from ..analysis import (
+    Layout,
+    OutputLayout,
+    config_curvature_roots,
+    dense_roots,
+    input_weighted_spectra,
+    load_spectra,
+    spectra_files,
+)
 from ..checkpoints import CheckpointPair
 from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
@@ -296,6 +304,7 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
                                   tokenizer.pad_token_id)
     del finetuned
     roots = config_curvature_roots(analysis, modules)
+    roots = None if roots is None else dense_roots(roots, "the allocation fidelity")
     bases = {SpectrumKind.WEIGHT: DeltaBasis(CheckpointPair(*pair_dirs), modules)}
     if roots is not None:
         bases[analysis.spectrum_kind] = DeltaBasis(CheckpointPair(*pair_dirs), modules, roots)
@@ -354,7 +363,8 @@ def comparability_check(config_path: str | Path, eval_data_path: str | Path, lay
     curvature = config.analysis_metadata.curvature
     kind = config.spectrum_kind
     bases = {"weight": (None, 1.0)}
-    roots = config_curvature_roots(config, modules)  # the factors' eigendecompositions, once
+    roots = config_curvature_roots(config, modules)  # the factors' roots, once
+    roots = None if roots is None else dense_roots(roots, "the comparability check")
     if roots is not None and kind.needs_output_factor:
         shapes = {m.name: m.shape for m in modules}
         bases["input"] = ({name: (factor_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},

@@ -48,7 +48,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device", "resolve_method"]
+__all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device", "gram_spectrum", "resolve_method",
+           "short_side_gram"]
 
 SpectrumMethod = Literal["auto", "gram", "svdvals", "randomized"]
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -270,6 +271,33 @@ def _gram_eigenvalues_numpy(a: torch.Tensor) -> np.ndarray:
     gram = x.T @ x if x.shape[0] > x.shape[1] else x @ x.T  # (short, short) float64, both via dsyrk
     del x
     return np.linalg.eigvalsh(gram)
+
+
+def short_side_gram(delta: torch.Tensor, side: str | None = None) -> torch.Tensor:
+    """The float64 Gram of one side of ``delta`` (d_out, d_in): ΔWᵀ ΔW (d_in, d_in) for ``side`` "input", ΔW ΔWᵀ
+    (d_out, d_out) for "output"; None: the short side ("input" when d_in <= d_out). On ``delta``'s device; through
+    NumPy's ``dsyrk`` on the CPU (see ``_gram_eigenvalues_numpy``)."""
+    side = side or ("input" if delta.shape[1] <= delta.shape[0] else "output")
+    d = delta.detach().to(torch.float64)
+    if d.device.type == "cpu":
+        x = d.contiguous().numpy()
+        return torch.from_numpy(x.T @ x if side == "input" else x @ x.T)
+    return d.T @ d if side == "input" else d @ d.T
+
+
+def gram_spectrum(gram: torch.Tensor, delta: torch.Tensor, top_k: int) -> Spectrum:
+    """The "gram" method's ``Spectrum`` of ``delta`` from its short-side Gram (``short_side_gram``), already computed
+    (a caller that needs the Gram for something else, e.g. ``spectra.weighted.projected_spectrum``). CPU."""
+    start = time.perf_counter()
+    m, n = delta.shape
+    total_energy = float(torch.linalg.vector_norm(delta.detach(), dtype=torch.float64) ** 2)
+    if total_energy == 0.0:
+        return Spectrum(np.zeros(min(m, n)), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, "cpu")
+    eig = torch.from_numpy(np.linalg.eigvalsh(gram.detach().to(torch.float64).cpu().numpy()))
+    s = _resolved(torch.sqrt(torch.clamp(torch.flip(eig, (0,)), min=0.0)), eig.shape[0], squared=True)
+    bound = _exact_bound(s[:min(top_k, m, n)], s.shape[0], squared=True)
+    return Spectrum(s.numpy().astype(np.float64), total_energy, (m, n), "gram", float(bound),
+                    time.perf_counter() - start, "cpu")
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
