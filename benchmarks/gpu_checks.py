@@ -1,4 +1,4 @@
-"""The GPU checks of issues 3, 4 and 17, as one prepared script (run where a CUDA device is lent).
+"""The GPU checks of issues 3, 4, 17 and 25, as one prepared script (run where a CUDA device is lent).
 
 spectra   Qwen2.5-7B-shaped deltas (28 layers x q/k/v/o 3584-wide, gate/up/down 18944x3584): total seconds of
           ``compute_spectrum`` (auto method) for the whole model, against full float32 ``torch.linalg.svd`` timed
@@ -13,8 +13,13 @@ check     ``lora-ranks check`` on CUDA (issue 17): a Qwen2.5-7B-wide model of --
           parameters with the embeddings), the original design's example ranks, batch 4 x 1024: the allocator's
           peaks with and without gradient checkpointing, latency of unmerged and merged adapter over the base.
 
-    python benchmarks/gpu_checks.py --out $OUT spectra finetune check
-    python benchmarks/gpu_checks.py --device cpu --small --out /tmp/gpu-check spectra finetune check   # smoke test
+fisher    the Fisher analysis' numerics on the device at Qwen2.5-7B shapes (issue 25): for one layer with factors
+          from 4000 random token rows, the seconds of forming the factors (formed vs projected for the three
+          18944-wide ones), of the curvature roots, and of the weighted spectra (dense for q/k/v/o, projected for
+          gate/up/down), with the largest relative error of the top-129 values against the CPU float64 path.
+
+    python benchmarks/gpu_checks.py --out $OUT spectra finetune check fisher
+    python benchmarks/gpu_checks.py --device cpu --small --out /tmp/gpu-check spectra finetune check fisher  # smoke
 
 Results go to <out>/gpu_checks.json and are printed as markdown tables for BENCHMARKS.md. PEFT latency and
 throughput on the GPU: benchmarks/bench_peft.py --device cuda --hidden 3584 --intermediate 18944 --layers 28 --compile.
@@ -178,9 +183,68 @@ def check_config(device, dims, layers: int, out: Path) -> dict:
             "inference": report["inference"]}
 
 
+def check_fisher(device, dims, tokens: int = 4000, limit: int = 8192) -> dict:
+    """One 7B-shaped layer's Fisher numerics on ``device`` against the CPU float64 path (see the docstring)."""
+    from lora_ranks.spectra.weighted import ProjectedCurvature, factor_root, module_weighted_spectrum
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    names = ("q", "k", "v", "o", "gate", "up", "down")
+    seconds = {"form_formed": 0.0, "form_projected": 0.0, "roots": 0.0, "spectra": 0.0}
+    errors, methods = {}, {}
+    for name, shape in zip(names, _shapes(dims)):
+        d_out, d_in = shape
+        delta = _delta(shape, "lowrank+noise", device, gen)  # (d_out, d_in) float32
+        x = torch.randn(tokens, d_in, device=device, generator=gen)  # token inputs
+        g = torch.randn(tokens, d_out, device=device, generator=gen) * 1e-2  # token gradients
+        _sync(device)
+        start = time.perf_counter()
+        a = (x.T @ x).double() / tokens if d_in <= limit else None
+        gg = (g.T @ g).double() / tokens if d_out <= limit else None
+        _sync(device)
+        seconds["form_formed" if max(shape) <= limit else "form_projected"] += time.perf_counter() - start
+        if max(shape) > limit:  # what the formed path would have spent on the wide factor
+            start = time.perf_counter()
+            wide = (g.T @ g).double() if d_out > limit else (x.T @ x).double()
+            _sync(device)
+            seconds["form_formed"] += time.perf_counter() - start
+            del wide
+            start = time.perf_counter()
+            side = "input" if d_in <= d_out else "output"
+            rows = (g @ delta) if side == "input" else (x @ delta.T)  # (tokens, d_s): ΔWᵀ g or ΔW x
+            projected = (rows.T @ rows).double() / tokens
+            trace = float((g.double() ** 2).sum() if side == "input" else (x.double() ** 2).sum()) / tokens
+            _sync(device)
+            seconds["form_projected"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if max(shape) > limit:
+            near = a if side == "input" else gg
+            curvature = ProjectedCurvature(side, factor_root(near, near.shape[0], 0.01, device),
+                                           projected, 0.01 * trace / max(shape))
+        else:
+            curvature = (factor_root(gg, d_out, 0.01, device), factor_root(a, d_in, 0.01, device))
+        _sync(device)
+        seconds["roots"] += time.perf_counter() - start
+        start = time.perf_counter()
+        spectrum = module_weighted_spectrum(delta, 129, curvature, device=str(device))
+        _sync(device)
+        seconds["spectra"] += time.perf_counter() - start
+        methods[name] = spectrum.method
+        if isinstance(curvature, ProjectedCurvature):
+            cpu = ProjectedCurvature(side, curvature.near_root.to("cpu"), projected.cpu(), curvature.far_shift)
+        else:
+            cpu = tuple(root.to("cpu") for root in curvature)
+        reference = module_weighted_spectrum(delta.double().cpu(), 129, cpu, method="gram", device="cpu")
+        k = 129
+        ref = reference.singular_values[:k]
+        ours = spectrum.singular_values[:k]
+        big = ref >= 1e-3 * ref[0]
+        errors[name] = float(max(abs(ours[big] - ref[big]) / ref[big]))
+    return {"seconds": seconds, "max_rel_error_top129": errors, "methods": methods, "tokens": tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checks", nargs="+", choices=["spectra", "finetune", "check"])
+    parser.add_argument("checks", nargs="+", choices=["spectra", "finetune", "check", "fisher"])
     parser.add_argument("--check-layers", type=int, default=8, help="layers of the model `check` measures")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test of the script itself)")
@@ -195,6 +259,8 @@ def main() -> None:
         results["spectra"] = check_spectra(device, dims, args.naive_layers)
     if "finetune" in args.checks:
         results["finetune"] = check_finetune(device, dims)
+    if "fisher" in args.checks:
+        results["fisher"] = check_fisher(device, dims, *((200, 512) if args.small else (4000, 8192)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if "check" in args.checks:

@@ -170,6 +170,12 @@ class CurvatureRecord(_Record):
     """The folder of the per-layer factor files."""
     silent_modules: list[str] = []
     """Modules whose output factor stayed zero (no gradient reached them); they fall back to the input spectrum."""
+    seconds: Optional[float] = None
+    """Wall time of the collection: model load, records, passes over them, files."""
+    passes: Optional[int] = None
+    """Passes over the calibration records (layers whose factors fit ``factor_memory_gb`` share one)."""
+    accumulation_seconds: Optional[float] = None
+    """Of ``seconds``, the time in the hooks forming and summing the factors (the rest: the model, loading)."""
 
     @property
     def kind(self) -> SpectrumKind:

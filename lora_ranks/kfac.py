@@ -38,6 +38,7 @@ there.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ def collect_curvature(
     on_batch: Callable[[int, int], None] | None = None,
     dense_limit: int | None = None,
     delta_of: Callable[[ModuleRef], torch.Tensor] | None = None,
+    stats: dict | None = None,
 ) -> Iterator[tuple[str, dict[str, CurvatureFactors]]]:
     """Yield ``(layer, {module name: CurvatureFactors})`` for every layer of ``modules``, in depth order.
 
@@ -188,6 +190,8 @@ def collect_curvature(
         dense_limit: factors wider than this are projected (see the module docstring); None: never.
         delta_of: the weight delta ΔW (d_out, d_in) of a module, loaded when a pass needs it; required when a module
             is projected.
+        stats: filled as the passes run: "passes" (planned), "accumulation_seconds" (in the hooks: the factors'
+            products and sums, the projections), "delta_seconds" (reading deltas).
 
     Raises:
         CalibrationError: when ``examples`` is empty or no position is trained on (no response tokens).
@@ -205,6 +209,8 @@ def collect_curvature(
     if sides and delta_of is None:
         raise ValueError(f"{next(iter(sides))} has a factor wider than {dense_limit}: collect_curvature needs delta_of")
     passes = plan_passes(modules, kind, memory_bytes, dense_limit)
+    stats = {} if stats is None else stats
+    stats.update(passes=len(passes), accumulation_seconds=0.0, delta_seconds=0.0)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -212,12 +218,14 @@ def collect_curvature(
         for group in passes:
             wanted = [m for m in modules if m.layer in group]
             device = next(model.parameters()).device
+            started = time.perf_counter()
             # Multiplied in float32 like the other products (float64 for a float64 model), on the model's device.
             projection = {m.name: (sides[m.name], delta_of(m).to(device, torch.float64 if dtype == torch.float64
                                                                    else torch.float32))
                           for m in wanted if m.name in sides}
+            stats["delta_seconds"] += time.perf_counter() - started
             factors = _one_pass(model, by_name, examples, pad_token_id, wanted, kind, samples, seed, batch_size,
-                                on_batch, len(passes) * math.ceil(len(examples) / batch_size), projection)
+                                on_batch, len(passes) * math.ceil(len(examples) / batch_size), projection, stats)
             del projection
             for layer in group:
                 yield layer, {m.name: factors[m.name] for m in wanted if m.layer == layer}
@@ -238,11 +246,24 @@ def _add(sums: dict, key: str, rows: torch.Tensor) -> None:
     sums[key] = product if key not in sums else sums[key] + product
 
 
+def _timed(stats: dict, hook: Callable) -> Callable:
+    """``hook`` with its wall time added to ``stats["accumulation_seconds"]`` (exact on the CPU; on CUDA the
+    transfer of each product to the CPU synchronizes)."""
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return hook(*args)
+        finally:
+            stats["accumulation_seconds"] += time.perf_counter() - start
+    return timed
+
+
 def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, seed, batch_size, on_batch, total,
-              projection=None):
+              projection=None, stats=None):
     """One pass over the calibration set with hooks on ``modules``: their factors (see ``collect_curvature``).
     ``projection``: module -> (side, ΔW on the model's device) for the modules whose wide factor is projected."""
     projection = projection or {}
+    stats = {"accumulation_seconds": 0.0} if stats is None else stats
     device = next(model.parameters()).device
     inputs: dict[str, torch.Tensor] = {}  # input key -> Σ x xᵀ (float64, CPU)
     input_key: dict[str, str] = {}  # module -> key of the A it shares
@@ -279,8 +300,8 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
                         far_trace[name] = far_trace.get(name, 0.0) + float(torch.sum(rows.double() ** 2))
                     else:
                         _add(outputs, name, rows)
-                output.register_hook(grad_hook)
-        return hook
+                output.register_hook(_timed(stats, grad_hook))
+        return _timed(stats, hook)
 
     def inputs_require_grad(module, args, output):  # gradients reach the target modules without any weight grads
         return output.requires_grad_(True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class CurvatureResult:
     response_tokens: int = 0
     records: int = 0
     silent_modules: list[str] = field(default_factory=list)  # modules the calibration never ran through
+    seconds: float = 0.0  # the whole collection: model load, records, passes, files
+    passes: int = 0  # passes over the calibration records
+    accumulation_seconds: float = 0.0  # in the hooks: the factors' products and sums (the rest is the model)
 
 
 def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, curvature: CurvatureSettings,
@@ -103,6 +107,7 @@ def collect_layer_curvature(
 
     if settings.spectrum == "weight":
         raise ValueError("the weight spectrum needs no curvature factors")
+    started = time.perf_counter()
     model, tokenizer = load_model(finetuned, dtype=torch.float32, trust_remote_code=trust_remote_code)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
@@ -110,6 +115,7 @@ def collect_layer_curvature(
     tokens, response = calibration_tokens(examples)
     result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle) if base is not None else None
+    stats: dict = {}
 
     def delta_of(module: ModuleRef) -> torch.Tensor:
         try:
@@ -123,7 +129,7 @@ def collect_layer_curvature(
                 samples=settings.fisher_samples, seed=subset.seed, batch_size=settings.calibration_batch_size,
                 memory_bytes=int(settings.factor_memory_gb * 2**30), on_batch=on_batch,
                 dense_limit=settings.dense_factor_limit if pair is not None else None,
-                delta_of=delta_of if pair is not None else None):
+                delta_of=delta_of if pair is not None else None, stats=stats):
             path = layer_file(svd_dir, layer, CURVATURE_FOLDER)
             _write(path, layer, factors, settings.spectrum)
             result.paths[layer] = str(path)
@@ -132,6 +138,8 @@ def collect_layer_curvature(
     finally:
         if pair is not None:
             pair.close()
+    result.passes, result.accumulation_seconds = stats["passes"], stats["accumulation_seconds"]
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -177,19 +185,22 @@ def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
 
 
 def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | None, damping: float, *,
-                    input_only: bool = False) -> tuple[dict[str, ModuleCurvature], SpectrumKind]:
+                    input_only: bool = False, device: str | None = None
+                    ) -> tuple[dict[str, ModuleCurvature], SpectrumKind]:
     """Each module's damped curvature from the layer's curvature file, and the spectrum kind: the roots (G^1/2 side,
     A^1/2 side), or a ``ProjectedCurvature`` where a wide factor was kept projected.
 
     One Cholesky factorization per distinct input factor (q/k/v share one; ``spectra.weighted.factor_root``).
     Memory: the roots of one layer, d x d float64 each. ``input_only``: the G side is the identity whatever the file
     holds (the input-weighted spectrum σ(ΔW A^1/2) from a Fisher analysis' factors); the kind is then input.
+    ``device``: a CUDA device factors them and keeps the roots there (``factor_root``); else the CPU.
     """
     if curvature_path is None:
         return {}, SpectrumKind.WEIGHT
     factors = load_curvature_file(curvature_path)
     has_output = any(f.output_factor is not None or f.projected_side == "input" for f in factors.values())
     kind = SpectrumKind.FISHER if has_output and not input_only else SpectrumKind.INPUT
+    on = device if device is not None and torch.device(device).type == "cuda" else None
     input_roots: dict[str, FactorRoot] = {}
     roots: dict[str, ModuleCurvature] = {}
     for m in modules:
@@ -198,17 +209,17 @@ def curvature_roots(modules: Sequence[ModuleRef], curvature_path: str | Path | N
             continue
         d_out, d_in = m.shape
         if f.projected_side == "output":  # A is wide: near G (identity for the input-only spectrum), far ΔW A ΔWᵀ
-            near = factor_root(None if input_only else f.output_factor, d_out, damping)
+            near = factor_root(None if input_only else f.output_factor, d_out, damping, on)
             roots[m.name] = ProjectedCurvature("output", near, f.projected, damping * f.far_trace / d_in)
             continue
         if f.input_key not in input_roots:
-            input_roots[f.input_key] = factor_root(f.input_factor, d_in, damping)
+            input_roots[f.input_key] = factor_root(f.input_factor, d_in, damping, on)
         if f.projected_side == "input" and not input_only:  # G is wide: near A, far ΔWᵀ G ΔW
             roots[m.name] = ProjectedCurvature("input", input_roots[f.input_key], f.projected,
                                                damping * f.far_trace / d_out)
             continue
         output_factor = None if input_only else f.output_factor
-        roots[m.name] = (factor_root(output_factor, d_out, damping), input_roots[f.input_key])
+        roots[m.name] = (factor_root(output_factor, d_out, damping, on), input_roots[f.input_key])
     return roots, kind
 
 

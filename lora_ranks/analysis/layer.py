@@ -127,7 +127,7 @@ def analyze_layer(
 def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_deltas, save_vectors,
                    curvature_path, damping, start) -> LayerResult:
     layer = modules[0].layer
-    roots, kind = curvature_roots(modules, curvature_path, damping)
+    roots, kind = curvature_roots(modules, curvature_path, damping, device=device)
     # On the CPU the spectra run in float64 (NumPy's Gram path uses the delta in place); a GPU gets float32,
     # half the bytes to move, and converts on the device.
     workers, threads = parallel_plan(len(modules), device)

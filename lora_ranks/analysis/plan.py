@@ -230,7 +230,8 @@ class AnalysisPlan:
             record.update({"calibration_data": self.data_path, "records": factors.records, "tokens": factors.tokens,
                            "response_tokens": factors.response_tokens,
                            "folder": str(Path(next(iter(factors.paths.values()))).parent),
-                           "silent_modules": factors.silent_modules})
+                           "silent_modules": factors.silent_modules, "seconds": factors.seconds,
+                           "passes": factors.passes, "accumulation_seconds": factors.accumulation_seconds})
         return {"analysis": self.analysis, "curvature": record, "timings": timings}
 
     def assemble(self, modules: Sequence[ModuleRef], results: Sequence[LayerResult], config_path: str | Path,

@@ -125,14 +125,15 @@ def _damped(factor: torch.Tensor, dim: int, damping: float) -> tuple[torch.Tenso
     c = factor.to(torch.float64)
     c = (c + c.T) / 2  # symmetric to round-off
     shift = damping * float(torch.diagonal(c).mean())  # mean eigenvalue = trace / d
-    return c + shift * torch.eye(dim, dtype=torch.float64), shift
+    return c + shift * torch.eye(dim, dtype=torch.float64, device=c.device), shift
 
 
 def _identity(dim: int) -> FactorRoot:
     return FactorRoot("identity", torch.eye(dim, dtype=torch.float64), None, 0.0)
 
 
-def factor_root(factor: torch.Tensor | None, dim: int, damping: float) -> FactorRoot:
+def factor_root(factor: torch.Tensor | None, dim: int, damping: float,
+                device: torch.device | str | None = None) -> FactorRoot:
     """The Cholesky root of ``factor`` + ``damping`` × mean eigenvalue × I (``factor=None`` stands for I); the
     symmetric (eigh) root where the damped factor is not positive definite.
 
@@ -140,11 +141,19 @@ def factor_root(factor: torch.Tensor | None, dim: int, damping: float) -> Factor
         factor: Tensor (d, d), symmetric PSD (any float dtype; computed in float64), or None.
         dim: d.
         damping: relative damping, >= 0.
+        device: where to factor it and keep the root (float64 there: the same root as on the CPU up to
+            round-off); None: where ``factor`` is. A CUDA out-of-memory error factors it on the CPU.
 
     Cost: O(d³/3) for the factorization; products and solves with the root are O(d² n).
     """
     if factor is None:
-        return _identity(dim)
+        return _identity(dim) if device is None else _identity(dim).to(device)
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            return factor_root(factor.to(device), dim, damping)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return factor_root(factor.cpu(), dim, damping)
     damped, shift = _damped(factor, dim, damping)
     lower, info = torch.linalg.cholesky_ex(damped)
     if int(info) != 0:  # not positive definite: the exact eigendecomposition, with its pseudo-inverse
@@ -177,13 +186,20 @@ def weighted_spectrum(delta: torch.Tensor, top_k: int, *, output_root: FactorRoo
         delta: Tensor (d_out, d_in), the weight delta.
         top_k: singular values wanted (max_rank + 1).
         output_root, input_root: the damped roots of G (d_out) and A (d_in) from ``factor_root``.
-        method, device: as for ``compute_spectrum`` (the float64 Gram by default on the CPU).
+        method, device: as for ``compute_spectrum`` (the float64 Gram by default on the CPU). On CUDA the weighted
+            matrix is formed there too, in float64, and ``compute_spectrum`` runs its method and accuracy check there.
 
     Returns:
         Spectrum of the weighted delta: ``total_energy`` = ‖R_Gᵀ ΔW R_A‖_F² = tr(G ΔW A ΔWᵀ) (damped factors).
     """
     start = time.perf_counter()
-    weighted = _weighted(delta, output_root, input_root)  # (d_out, d_in)
+    dev = torch.device(device) if device is not None else default_device()
+    where = dev if dev.type == "cuda" else output_root.root.device  # on CUDA the weighted matrix is formed there
+    try:
+        weighted = _weighted(delta.to(where), output_root.to(where), input_root.to(where))  # (d_out, d_in), float64
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        weighted = _weighted(delta.cpu(), output_root.to("cpu"), input_root.to("cpu"))
     spectrum = compute_spectrum(weighted, top_k, method=method, device=device)
     return Spectrum(**{**spectrum.__dict__, "seconds": time.perf_counter() - start})
 
