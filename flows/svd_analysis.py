@@ -62,7 +62,12 @@ from tasks.analysis import (  # noqa: E402
     split_half_ranks_task,
 )
 from tasks.evidence import fidelity_report_task  # noqa: E402
-from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task, split_half_finetunes_task  # noqa: E402
+from tasks.finetune import (  # noqa: E402
+    build_demo_inputs_task,
+    preliminary_finetune_task,
+    split_half_finetunes_task,
+    split_halves_are_current,
+)
 from tasks.outputs import claim_output_task  # noqa: E402
 from tasks.plots import write_report_task  # noqa: E402
 
@@ -167,8 +172,14 @@ def svd_analysis(
     # the rank config.
     split_half = None
     if allocation.noise_estimate == "split-half":
-        halves = split_half_finetunes_task(base_model, data_path, str(layout.split_half_dir), finetune, analysis.device,
-                                           safety.trust_remote_code)
+        # Cached by its inputs, like the layers: a rerun reuses the two fine-tunes unless their folders are gone.
+        split = split_half_finetunes_task.with_options(refresh_cache=True) if refresh else split_half_finetunes_task
+        halves = split(base_model, data_path, str(layout.split_half_dir), finetune, analysis.device,
+                       safety.trust_remote_code)
+        if not split_halves_are_current(halves):
+            logger.warning("Fine-tuning the split halves again: the cached fine-tunes' folders are missing or changed")
+            halves = split_half_finetunes_task.with_options(refresh_cache=True)(
+                base_model, data_path, str(layout.split_half_dir), finetune, analysis.device, safety.trust_remote_code)
         split_half = split_half_ranks_task(base_model, *halves, [m for group in groups for m in group],
                                            allocation.max_rank, safety.allow_pickle)
     config_path = assemble_rank_config_task(plan, layers, results, str(layout.config_path), clock.timings(results),

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
 from prefect import get_run_logger, task
 
+import lora_ranks.data as data_module
+import lora_ranks.finetune as finetune_module
+from lora_ranks._version import __version__
 from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune, run_split_half_finetunes
 from lora_ranks.settings import FinetuneSettings
+from lora_ranks.spectra import default_device
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
 from tasks._common import retry_if_transient, step_logger
 
@@ -31,8 +40,45 @@ def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, set
     return result
 
 
+def _files_digest(folder: str | Path) -> str:
+    """sha256 over the names and bytes of a folder's files (not recursive): a model folder's content identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of ``split-half-finetunes``: the base model folder's files and the data file's bytes, the settings,
+    the device type, the fine-tuning code (``lora_ranks.finetune`` and ``lora_ranks.data``, with the version) and the
+    output folder; never the run. A rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a
+    resumed ``compare`` reuses its analysis pair."""
+    code = hashlib.sha256(__version__.encode())
+    for module in (finetune_module, data_module):
+        code.update(Path(module.__file__).read_bytes())
+    device = (parameters.get("device") or default_device().type).split(":")[0]
+    identity = [_files_digest(parameters["model_path"]), hashlib.sha256(Path(parameters["data_path"]).read_bytes())
+                .hexdigest(), parameters["settings"].to_dict(), device, code.hexdigest(),
+                str(Path(parameters["out_dir"]).resolve())]
+    return "split-half-finetunes-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def split_halves_are_current(halves: tuple[str, str]) -> bool:
+    """True if both fine-tuned folders a (possibly cached) result names still hold a model and its metrics."""
+    for folder in halves:
+        path = Path(folder)
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            return False
+        if not (path.parent / "training_metrics.json").is_file():
+            return False
+    return True
+
+
 @task(name="split-half-finetunes", task_run_name="split-half-finetunes", retries=1, retry_delay_seconds=10,
-      retry_condition_fn=retry_if_transient)
+      retry_condition_fn=retry_if_transient, cache_key_fn=split_half_cache_key, persist_result=True)
 def split_half_finetunes_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
                               device: str | None = None, trust_remote_code: bool = False) -> tuple[str, str]:
     """Two brief fine-tunes on disjoint halves of the fine-tuning subset (the split-half noise estimate); returns

@@ -312,4 +312,22 @@ def test_split_half_noise_estimate_through_the_flow(prefect_harness, tmp_path, t
     assert [s for s, _ in states["split-half-ranks"]] == ["Completed"]
     modules = load_rank_config(state.result()).modules
     assert all(m.raw_rank == m.split_half_rank for m in modules.values())
-    assert (tmp_path / "flow" / "saved_models" / "split_half" / "half-b" / "finetuned").is_dir()
+    half_b = tmp_path / "flow" / "saved_models" / "split_half" / "half-b" / "finetuned"
+    assert half_b.is_dir()
+
+    # Rerun with the same inputs: the two fine-tunes are reused (cached by their inputs), the ranks are the same.
+    kwargs = dict(base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "flow"),
+                  allocation=AllocationSettings(rank_rule="signal", noise_estimate="split-half", min_rank=1,
+                                                max_rank=16, smoothing="none"),
+                  finetune=FinetuneSettings(subset_ratio=0.5, max_steps=6, learning_rate=3e-3), return_state=True)
+    again = svd_analysis(**kwargs)
+    assert [s for s, _ in task_states(again)["split-half-finetunes"]] == ["Cached"]
+    assert {n: m.split_half_rank for n, m in load_rank_config(again.result()).modules.items()} == {
+        n: m.split_half_rank for n, m in modules.items()}
+    # Their folders gone, they are fine-tuned again.
+    import shutil
+
+    shutil.rmtree(half_b)
+    third = svd_analysis(**kwargs)
+    assert sorted(s for s, _ in task_states(third)["split-half-finetunes"]) == ["Cached", "Completed"]
+    assert half_b.is_dir()

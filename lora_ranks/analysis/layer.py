@@ -146,8 +146,10 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
         gram = None
         if isinstance(curvature, ProjectedCurvature) and shares_gram(curvature, delta, top_k, method, device):
             # The weight spectrum's Gram is the one the projected curvature needs: computed once for both.
+            started = time.perf_counter()
             gram = short_side_gram(delta)
             spectrum = gram_spectrum(gram, delta, top_k)
+            spectrum = Spectrum(**{**spectrum.__dict__, "seconds": time.perf_counter() - started})  # the Gram's too
         else:
             spectrum = compute_spectrum(delta, top_k, method=method, device=device)
         weighted = None
