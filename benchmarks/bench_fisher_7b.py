@@ -109,6 +109,7 @@ def split(out_dir: Path) -> dict:
             "weighted_methods": sorted(methods),
             "curvature_seconds": curvature.seconds if curvature else None,
             "accumulation_seconds": curvature.accumulation_seconds if curvature else None,
+            "load_seconds": curvature.load_seconds if curvature else None,
             "passes": curvature.passes if curvature else None,
             "calibration_tokens": curvature.tokens if curvature else None,
             "ranks": config.ranks}
@@ -178,29 +179,38 @@ def main() -> None:
     w, f = runs["weight"], runs["fisher"]
     per_layer = {k: r["spectra_wall_seconds"] / args.layers for k, r in runs.items()}  # layers run side by side
     fixed = {k: r["wall_seconds"] - r["spectra_wall_seconds"] - (r["curvature_seconds"] or 0) for k, r in runs.items()}
-    # Whole-7B projection on this CPU: fixed costs once, layers 14x; the calibration passes run the whole model
-    # (28 layers, 14x the forward/backward of 2) once per pass; passes at the default 4 GiB, counted as the plan does.
+    # Whole-7B projection on this CPU: fixed costs and the model load once, the layers' spectra 14x; each pass over
+    # the calibration records runs the whole model (28 layers: 14x the forward and backward of 2; the real model's
+    # 152k-token head is left out), at the number of passes the default 4 GiB gives (``plan_passes``); the factors'
+    # forming scales with the layers.
     passes_7b = _passes_7b(args)
-    model_pass_seconds = (f["curvature_seconds"] - f["accumulation_seconds"]) / max(1, f["passes"])
+    model_pass_seconds = (f["curvature_seconds"] - f["accumulation_seconds"] - f["load_seconds"]) / max(1, f["passes"])
     project = {
         "weight": fixed["weight"] + LAYERS_7B * per_layer["weight"],
-        "fisher": fixed["fisher"] + LAYERS_7B * per_layer["fisher"]
+        "fisher": fixed["fisher"] + f["load_seconds"] + LAYERS_7B * per_layer["fisher"]
         + passes_7b * model_pass_seconds * LAYERS_7B / args.layers
         + f["accumulation_seconds"] * LAYERS_7B / args.layers,
     }
+    one_pass_gb = _one_pass_gb(args)
+    project["fisher_one_pass"] = project["fisher"] - (passes_7b - 1) * model_pass_seconds * LAYERS_7B / args.layers
     rows = [
         ("wall time (s)", f"{w['wall_seconds']:.1f}", f"{f['wall_seconds']:.1f}",
          f"{f['wall_seconds'] / w['wall_seconds']:.2f}x"),
         ("peak memory (GB)", f"{w['peak_gb']:.2f}", f"{f['peak_gb']:.2f}", f"{f['peak_gb'] / w['peak_gb']:.2f}x"),
         ("curvature collection (s)", "-", f"{f['curvature_seconds']:.1f}", ""),
+        ("  of it loading the model and records (s)", "-", f"{f['load_seconds']:.1f}", ""),
         ("  of it forming the factors (s)", "-", f"{f['accumulation_seconds']:.1f}", ""),
+        ("  of it the model's forward and backward (s)", "-",
+         f"{f['curvature_seconds'] - f['load_seconds'] - f['accumulation_seconds']:.1f}", ""),
         ("layer spectra, wall per layer (s)", f"{per_layer['weight']:.1f}", f"{per_layer['fisher']:.1f}",
          f"{per_layer['fisher'] / per_layer['weight']:.2f}x"),
         ("  weight matrices, summed (s)", f"{w['weight_matrix_seconds']:.1f}", f"{f['weight_matrix_seconds']:.1f}", ""),
         ("  weighted matrices, summed (s)", "-", f"{f['weighted_matrix_seconds']:.1f}", ""),
         ("start, preflight, assembly, report (s)", f"{fixed['weight']:.1f}", f"{fixed['fisher']:.1f}", ""),
-        (f"projected {LAYERS_7B}-layer 7B, this CPU (min)", f"{project['weight'] / 60:.0f}",
+        (f"projected {LAYERS_7B}-layer 7B, this CPU (min; {passes_7b} passes)", f"{project['weight'] / 60:.0f}",
          f"{project['fisher'] / 60:.0f}", f"{project['fisher'] / project['weight']:.2f}x"),
+        (f"  the same in one pass (`--factor-memory-gb {one_pass_gb:.0f}`) (min)", "",
+         f"{project['fisher_one_pass'] / 60:.0f}", f"{project['fisher_one_pass'] / project['weight']:.2f}x"),
     ]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     table = [f"### Fisher vs weight analysis at {args.layers} layers of hidden {args.hidden}, intermediate "
@@ -225,21 +235,35 @@ def main() -> None:
     RESULTS.write_text(json.dumps({**previous, key: payload}, indent=1, sort_keys=True) + "\n")
 
 
-def _passes_7b(args) -> int:
-    """Passes over the calibration records a 28-layer model of these shapes needs at the default settings."""
+def _modules_7b(args):
     from lora_ranks.checkpoints import ModuleRef
-    from lora_ranks.kfac import plan_passes
-    from lora_ranks.settings import CurvatureSettings
 
-    settings = CurvatureSettings()
     head = args.hidden // args.heads
     shapes = {"q_proj": (args.hidden, args.hidden), "k_proj": (args.kv_heads * head, args.hidden),
               "v_proj": (args.kv_heads * head, args.hidden), "o_proj": (args.hidden, args.hidden),
               "gate_proj": (args.intermediate, args.hidden), "up_proj": (args.intermediate, args.hidden),
               "down_proj": (args.hidden, args.intermediate)}
-    modules = [ModuleRef(f"model.layers.{i}.{n}", "", s, f"model.layers.{i}", i, n)
-               for i in range(LAYERS_7B) for n, s in shapes.items()]
-    return len(plan_passes(modules, "fisher", int(settings.factor_memory_gb * 2**30), settings.dense_factor_limit))
+    return [ModuleRef(f"model.layers.{i}.{n}", "", s, f"model.layers.{i}", i, n)
+            for i in range(LAYERS_7B) for n, s in shapes.items()]
+
+
+def _one_pass_gb(args) -> float:
+    """GiB of factors (and float32 deltas of the projected modules) of all 28 layers: the budget for one pass."""
+    from lora_ranks.kfac import factor_bytes
+    from lora_ranks.settings import CurvatureSettings
+
+    limit = CurvatureSettings().dense_factor_limit
+    return sum(factor_bytes(m, "fisher", limit) for m in _modules_7b(args)) / 2**30 + 1
+
+
+def _passes_7b(args) -> int:
+    """Passes over the calibration records a 28-layer model of these shapes needs at the default settings."""
+    from lora_ranks.kfac import plan_passes
+    from lora_ranks.settings import CurvatureSettings
+
+    settings = CurvatureSettings()
+    return len(plan_passes(_modules_7b(args), "fisher", int(settings.factor_memory_gb * 2**30),
+                           settings.dense_factor_limit))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class CurvatureRecord(_Record):
     """Passes over the calibration records (layers whose factors fit ``factor_memory_gb`` share one)."""
     accumulation_seconds: Optional[float] = None
     """Of ``seconds``, the time in the hooks forming and summing the factors (the rest: the model, loading)."""
+    load_seconds: Optional[float] = None
+    """Of ``seconds``, loading the fine-tuned model and tokenizing the calibration records."""
 
     @property
     def kind(self) -> SpectrumKind:

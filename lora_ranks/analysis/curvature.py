@@ -50,6 +50,7 @@ class CurvatureResult:
     seconds: float = 0.0  # the whole collection: model load, records, passes, files
     passes: int = 0  # passes over the calibration records
     accumulation_seconds: float = 0.0  # in the hooks: the factors' products and sums (the rest is the model)
+    load_seconds: float = 0.0  # loading the model and tokenizing the calibration records
 
 
 def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, curvature: CurvatureSettings,
@@ -112,6 +113,7 @@ def collect_layer_curvature(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     examples = calibration_examples(data_path, tokenizer, subset, settings, load_image_processor(finetuned))
+    loaded = time.perf_counter() - started
     tokens, response = calibration_tokens(examples)
     result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle) if base is not None else None
@@ -139,7 +141,7 @@ def collect_layer_curvature(
         if pair is not None:
             pair.close()
     result.passes, result.accumulation_seconds = stats["passes"], stats["accumulation_seconds"]
-    result.seconds = time.perf_counter() - started
+    result.seconds, result.load_seconds = time.perf_counter() - started, loaded
     return result
 
 

@@ -231,7 +231,8 @@ class AnalysisPlan:
                            "response_tokens": factors.response_tokens,
                            "folder": str(Path(next(iter(factors.paths.values()))).parent),
                            "silent_modules": factors.silent_modules, "seconds": factors.seconds,
-                           "passes": factors.passes, "accumulation_seconds": factors.accumulation_seconds})
+                           "passes": factors.passes, "accumulation_seconds": factors.accumulation_seconds,
+                           "load_seconds": factors.load_seconds})
         return {"analysis": self.analysis, "curvature": record, "timings": timings}
 
     def assemble(self, modules: Sequence[ModuleRef], results: Sequence[LayerResult], config_path: str | Path,
