@@ -109,8 +109,8 @@ def test_projection_sides_and_memory():
     assert factor_bytes(gate, "fisher", 8192) == 2 * 8 * 3584**2 + 4 * 18944 * 3584
     assert factor_bytes(gate, "fisher") == 8 * (3584**2 + 18944**2)
     assert factor_bytes(down, "input", 8192) == 8 * 3584**2 + 4 * 18944 * 3584  # no G: only ΔW A ΔWᵀ
-    # a 7B layer's three wide modules: 2.7 GB of formed factors, 1.4 GB projected with their deltas
-    assert sum(factor_bytes(m, "fisher", 8192) for m in (gate, gate, down)) < 0.55 * sum(
+    # a 7B layer's three wide modules: 8.9 GB of formed factors, 1.4 GB projected with their deltas
+    assert sum(factor_bytes(m, "fisher", 8192) for m in (gate, gate, down)) < 0.2 * sum(
         factor_bytes(m, "fisher") for m in (gate, gate, down))
 
 
