@@ -244,6 +244,12 @@ def _exact_bound(s: torch.Tensor, n: int, squared: bool) -> float:
 
 def _gram_values(a: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     eig = torch.from_numpy(_gram_eigenvalues_numpy(a)) if a.device.type == "cpu" else _gram_eigenvalues_torch(a)
+    return values_from_gram_eigenvalues(eig, k)
+
+
+def values_from_gram_eigenvalues(eig: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """(singular values, non-increasing, below the Gram's resolution set to 0; the error bound of the top ``k``) from
+    the ascending eigenvalues ``eig`` (n,) of a float64 Gram: the "gram" method's last step, shared by every Gram."""
     s = torch.sqrt(torch.clamp(torch.flip(eig, (0,)), min=0.0))  # (n,): the whole spectrum, kept for free
     s = _resolved(s, s.shape[0], squared=True)
     return s, _exact_bound(s[:k], s.shape[0], squared=True)
@@ -294,8 +300,7 @@ def gram_spectrum(gram: torch.Tensor, delta: torch.Tensor, top_k: int) -> Spectr
     if total_energy == 0.0:
         return Spectrum(np.zeros(min(m, n)), 0.0, (m, n), "zero", 0.0, time.perf_counter() - start, "cpu")
     eig = torch.from_numpy(np.linalg.eigvalsh(gram.detach().to(torch.float64).cpu().numpy()))
-    s = _resolved(torch.sqrt(torch.clamp(torch.flip(eig, (0,)), min=0.0)), eig.shape[0], squared=True)
-    bound = _exact_bound(s[:min(top_k, m, n)], s.shape[0], squared=True)
+    s, bound = values_from_gram_eigenvalues(eig, min(top_k, m, n))
     return Spectrum(s.numpy().astype(np.float64), total_energy, (m, n), "gram", float(bound),
                     time.perf_counter() - start, "cpu")
 

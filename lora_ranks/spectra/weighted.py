@@ -24,7 +24,7 @@ float64. The eigendecomposition path (``symmetric_root``) is the reference and t
 not positive definite.
 
 Wide factors (``ProjectedCurvature``). At Qwen2.5-7B's MLP a factor is 18944 x 18944: 2.9 GB in float64, a
-Cholesky factorization of ~40 s and products with ΔW of ~25 s on two CPU cores, three of them per layer. Such a
+Cholesky factorization of 25 s and a product with ΔW of 23 s on two CPU cores (BENCHMARKS.md), three per layer. Such a
 factor is never formed. Every projection has one short side d_s (3584 there) and σ(M)² are the eigenvalues of the
 d_s x d_s Gram of M on that side:
 
@@ -50,7 +50,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .spectrum import Spectrum, compute_spectrum, default_device, resolve_method, short_side_gram
+from .spectrum import (
+    Spectrum,
+    compute_spectrum,
+    default_device,
+    resolve_method,
+    short_side_gram,
+    values_from_gram_eigenvalues,
+)
 
 __all__ = ["FactorRoot", "ModuleCurvature", "ProjectedCurvature", "factor_root", "module_truncation_factors",
            "module_weighted_spectrum", "projected_spectrum", "projected_truncation_factors", "shares_gram",
@@ -198,6 +205,8 @@ def weighted_spectrum(delta: torch.Tensor, top_k: int, *, output_root: FactorRoo
     try:
         weighted = _weighted(delta.to(where), output_root.to(where), input_root.to(where))  # (d_out, d_in), float64
     except torch.OutOfMemoryError:
+        if torch.device(where).type != "cuda":
+            raise
         torch.cuda.empty_cache()
         weighted = _weighted(delta.cpu(), output_root.to("cpu"), input_root.to("cpu"))
     spectrum = compute_spectrum(weighted, top_k, method=method, device=device)
@@ -314,8 +323,6 @@ def projected_spectrum(delta: torch.Tensor, top_k: int, curvature: ProjectedCurv
         Spectrum with method "projected-gram": values below sqrt(2 d_s eps64) s_1 are 0, as for "gram"; the energy
         tr(T) = tr(G_λ ΔW A_λ ΔWᵀ) (damped factors), exact.
     """
-    from .spectrum import _exact_bound, _resolved
-
     start = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
     try:
@@ -327,22 +334,20 @@ def projected_spectrum(delta: torch.Tensor, top_k: int, curvature: ProjectedCurv
         torch.cuda.empty_cache()
         values, energy = _projected_values(delta, curvature, torch.device("cpu"), gram)
         where, oom = "cpu (CUDA out of memory)", True
-    s = _resolved(torch.sqrt(values.clamp(min=0.0)), values.shape[0], squared=True)
-    k = min(top_k, s.shape[0])
-    return Spectrum(s.numpy().astype(np.float64), energy, tuple(delta.shape), "projected-gram",
-                    _exact_bound(s[:k], s.shape[0], squared=True), time.perf_counter() - start, where,
-                    cuda_oom_fallback=oom)
+    s, bound = values_from_gram_eigenvalues(values, min(top_k, values.shape[0]))
+    return Spectrum(s.numpy().astype(np.float64), energy, tuple(delta.shape), "projected-gram", bound,
+                    time.perf_counter() - start, where, cuda_oom_fallback=oom)
 
 
 def _projected_values(delta, curvature, dev, gram) -> tuple[torch.Tensor, float]:
-    """(descending eigenvalues of T, float64 on the CPU; tr T)."""
+    """(ascending eigenvalues of T, float64 on the CPU; tr T)."""
     t = _projected_gram(delta, curvature, dev, gram)
     energy = float(torch.diagonal(t).sum())
     if dev.type == "cpu":
         values = torch.from_numpy(np.linalg.eigvalsh(t.numpy()))  # OpenBLAS dsyevd: faster than torch's here
     else:
         values = torch.linalg.eigvalsh(t).cpu()
-    return torch.flip(values, (0,)), max(energy, 0.0)
+    return values, max(energy, 0.0)
 
 
 def projected_truncation_factors(delta: torch.Tensor, rank: int, scale: float, curvature: ProjectedCurvature, *,
