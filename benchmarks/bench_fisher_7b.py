@@ -181,9 +181,9 @@ def main() -> None:
     fixed = {k: r["wall_seconds"] - r["spectra_wall_seconds"] - (r["curvature_seconds"] or 0) for k, r in runs.items()}
     # Whole-7B projection on this CPU: fixed costs and the model load once, the layers' spectra 14x; each pass over
     # the calibration records runs the whole model (28 layers: 14x the forward and backward of 2; the real model's
-    # 152k-token head is left out), at the number of passes the default 4 GiB gives (``plan_passes``); the factors'
-    # forming scales with the layers.
-    passes_7b = _passes_7b(args)
+    # 152k-token head is left out), at the number of passes the automatic factor memory gives on a 128 GB machine
+    # (``plan_passes``), and at the 4 GiB that was the default before; the factors' forming scales with the layers.
+    passes_7b, passes_4gb = _passes_7b(args), _passes_7b(args, 4.0)
     model_pass_seconds = (f["curvature_seconds"] - f["accumulation_seconds"] - f["load_seconds"]) / max(1, f["passes"])
     project = {
         "weight": fixed["weight"] + LAYERS_7B * per_layer["weight"],
@@ -193,6 +193,7 @@ def main() -> None:
     }
     one_pass_gb = _one_pass_gb(args)
     project["fisher_one_pass"] = project["fisher"] - (passes_7b - 1) * model_pass_seconds * LAYERS_7B / args.layers
+    project["fisher_4gb"] = project["fisher"] + (passes_4gb - passes_7b) * model_pass_seconds * LAYERS_7B / args.layers
     rows = [
         ("wall time (s)", f"{w['wall_seconds']:.1f}", f"{f['wall_seconds']:.1f}",
          f"{f['wall_seconds'] / w['wall_seconds']:.2f}x"),
@@ -207,10 +208,13 @@ def main() -> None:
         ("  weight matrices, summed (s)", f"{w['weight_matrix_seconds']:.1f}", f"{f['weight_matrix_seconds']:.1f}", ""),
         ("  weighted matrices, summed (s)", "-", f"{f['weighted_matrix_seconds']:.1f}", ""),
         ("start, preflight, assembly, report (s)", f"{fixed['weight']:.1f}", f"{fixed['fisher']:.1f}", ""),
-        (f"projected {LAYERS_7B}-layer 7B, this CPU (min; {passes_7b} passes)", f"{project['weight'] / 60:.0f}",
+        (f"projected {LAYERS_7B}-layer 7B, this CPU's speed, the automatic factor memory on a "
+         f"{PROJECTION_MACHINE_GB} GB machine (min; {passes_7b} pass(es))", f"{project['weight'] / 60:.0f}",
          f"{project['fisher'] / 60:.0f}", f"{project['fisher'] / project['weight']:.2f}x"),
         (f"  the same in one pass (`--factor-memory-gb {one_pass_gb:.0f}`) (min)", "",
          f"{project['fisher_one_pass'] / 60:.0f}", f"{project['fisher_one_pass'] / project['weight']:.2f}x"),
+        (f"  the same at `--factor-memory-gb 4`, the default before (min; {passes_4gb} passes)", "",
+         f"{project['fisher_4gb'] / 60:.0f}", f"{project['fisher_4gb'] / project['weight']:.2f}x"),
     ]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     table = [f"### Fisher vs weight analysis at {args.layers} layers of hidden {args.hidden}, intermediate "
@@ -229,7 +233,8 @@ def main() -> None:
     emit("\n".join(table), args.record)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {"date": str(date.today()), "machine": machine, "shapes": vars(args), "runs": runs,
-               "formed_steps": formed, "projection_seconds": project, "passes_7b": passes_7b}
+               "formed_steps": formed, "projection_seconds": project, "passes_7b": passes_7b,
+               "passes_7b_at_4gb": passes_4gb}
     key = f"{args.hidden}x{args.intermediate}"
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     RESULTS.write_text(json.dumps({**previous, key: payload}, indent=1, sort_keys=True) + "\n")
@@ -256,14 +261,22 @@ def _one_pass_gb(args) -> float:
     return sum(factor_bytes(m, "fisher", limit) for m in _modules_7b(args)) / 2**30 + 1
 
 
-def _passes_7b(args) -> int:
-    """Passes over the calibration records a 28-layer model of these shapes needs at the default settings."""
+#: The projection's machine for the automatic factor memory: 128 GB (the GPU machine's host), the 28-layer model loaded
+#: in float32 (Qwen2.5-7B: 7.6 B parameters, 30.5 GB) and ~4 GB of everything else.
+PROJECTION_MACHINE_GB, MODEL_7B_GB, OTHER_GB = 128, 30.5, 4
+
+
+def _passes_7b(args, memory_gb: float | None = None) -> int:
+    """Passes over the calibration records a 28-layer model of these shapes needs with ``memory_gb`` GiB of factors per
+    pass; None: the automatic default (half the memory available once the model is loaded) on the projection's
+    machine (``PROJECTION_MACHINE_GB``)."""
     from lora_ranks.kfac import plan_passes
     from lora_ranks.settings import CurvatureSettings
 
-    settings = CurvatureSettings()
-    return len(plan_passes(_modules_7b(args), "fisher", int(settings.factor_memory_gb * 2**30),
-                           settings.dense_factor_limit))
+    if memory_gb is None:
+        memory_gb = (PROJECTION_MACHINE_GB - MODEL_7B_GB - OTHER_GB) / 2
+    return len(plan_passes(_modules_7b(args), "fisher", int(memory_gb * 2**30),
+                           CurvatureSettings().dense_factor_limit))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,9 @@ class CurvatureRecord(_Record):
     """Wall time of the collection: model load, records, passes over them, files."""
     passes: Optional[int] = None
     """Passes over the calibration records (layers whose factors fit ``factor_memory_gb`` share one)."""
+    factor_memory_gb: Optional[float] = None
+    """The factor memory per pass the passes were planned for, GiB: the setting, or when it was left empty the
+    automatic value (half the memory available once the model was loaded)."""
     accumulation_seconds: Optional[float] = None
     """Of ``seconds``, the time in the hooks forming and summing the factors (the rest: the model, loading)."""
     load_seconds: Optional[float] = None

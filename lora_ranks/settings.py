@@ -244,10 +244,12 @@ class CurvatureSettings(Settings):
     excited keep a small weight instead of none (and the loss-aware truncation stays bounded)."""
     min_calibration_tokens: int = Field(256, ge=1)
     """Fewest calibration tokens accepted: fewer cannot estimate a d x d second moment."""
-    factor_memory_gb: float = Field(4.0, gt=0)
+    factor_memory_gb: Optional[float] = Field(None, gt=0)
     """float64 factors held at once while collecting (GiB), with the float32 deltas of modules whose wide factor is
-    projected; more layers per pass over the calibration data. A Qwen2.5-7B layer needs ~1.9 GB: 14 passes at the
-    default, one with 55 (each pass runs the whole model forward and backward over the records)."""
+    projected; more layers per pass over the calibration data (each pass runs the whole model forward and backward
+    over the records). Empty (the default): half the memory available once the model is loaded, at least one layer
+    per pass; the rank config records the value used. A Qwen2.5-7B layer needs ~1.9 GB: one pass with 55, 14 with
+    4."""
     calibration_batch_size: int = Field(8, ge=1)
     """Records per forward pass while collecting the factors."""
     dense_factor_limit: int = Field(8192, ge=1)

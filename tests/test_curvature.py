@@ -11,7 +11,7 @@ import torch
 
 from lora_ranks.checkpoints import ModuleRef
 from lora_ranks.data import tokenize_record
-from lora_ranks.kfac import CalibrationError, collect_curvature, plan_passes, sample_labels
+from lora_ranks.kfac import CalibrationError, collect_curvature, length_batches, plan_passes, sample_labels
 from lora_ranks.spectra.weighted import symmetric_root, weighted_spectrum, weighted_truncation_factors
 from lora_ranks.synthetic import synthetic_records, train_tokenizer
 
@@ -50,8 +50,8 @@ def _reference_factors(model, tokenizer, examples, module_name, samples, seed, b
     generator = torch.Generator().manual_seed(seed)
     a = g = None
     tokens = 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start: start + batch_size], tokenizer.pad_token_id)
+    for indices in length_batches(examples, batch_size):  # the batches the collection runs (draws follow them)
+        batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
         mask = batch["attention_mask"].bool()
         captured = {}
 
@@ -690,3 +690,63 @@ def test_a_factor_that_is_not_positive_definite_falls_back_to_the_eigendecomposi
     torch.testing.assert_close(torch.from_numpy(ours.singular_values[:6]), torch.linalg.svdvals(root_of_singular @ delta),
                                rtol=1e-8, atol=1e-10)
     assert factor_root(torch.zeros(4, 4, dtype=torch.float64), 4, 0.01).kind == "eigh"  # zero mean eigenvalue: no damping
+
+
+def test_length_batches_sort_records_by_length_and_cover_each_once():
+    """Every record in exactly one batch, batches in non-decreasing length, and less padding than data order."""
+    lengths = [9, 2, 7, 2, 30, 5, 3, 8, 1]
+    examples = [{"input_ids": [0] * n} for n in lengths]
+    batches = length_batches(examples, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [len(b) for b in batches] == [4, 4, 1]
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)
+    assert batches[0] == [8, 1, 3, 6]  # ties (the two 2s) in data order
+
+    def padded(groups):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+    data_order = [list(range(s, min(s + 4, len(lengths)))) for s in range(0, len(lengths), 4)]
+    assert padded(batches) < padded(data_order)
+
+
+def test_progress_counts_batches_over_all_passes(tiny):
+    """One pass per layer (a tiny memory budget): on_batch goes 1..total once, not 1..per-pass again each pass."""
+    model, tokenizer, examples, modules = tiny
+    seen = []
+    layers = list(collect_curvature(model, examples, tokenizer.pad_token_id, modules,
+                                    **{**KFAC, "memory_bytes": 1, "batch_size": 3},
+                                    on_batch=lambda done, total: seen.append((done, total))))
+    per_pass = -(-len(examples) // 3)
+    assert len(layers) == 2
+    assert seen == [(n, 2 * per_pass) for n in range(1, 2 * per_pass + 1)]
+
+
+def test_factor_memory_left_empty_plans_the_passes_from_the_available_memory(finetuned_pair, tmp_path, monkeypatch):
+    """The default factor_memory_gb (None) plans the passes from automatic_factor_memory, measured once the model is
+    loaded, and records the value used; an explicit setting is used as given. Half of psutil's available memory."""
+    import psutil
+
+    import lora_ranks.analysis.curvature as curvature_module
+    from lora_ranks.analysis.curvature import collect_layer_curvature
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.kfac import automatic_factor_memory
+    from lora_ranks.settings import CurvatureSettings, FinetuneSettings
+
+    class Memory:
+        available = 6 << 30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    assert automatic_factor_memory() == 3 << 30
+
+    base, finetuned, data = finetuned_pair
+    modules = CheckpointPair(base, finetuned).modules()
+    subset = FinetuneSettings(subset_ratio=0.5)
+    common = {"spectrum": "fisher", "min_calibration_tokens": 100}
+    assert CurvatureSettings().factor_memory_gb is None
+    monkeypatch.setattr(curvature_module, "automatic_factor_memory", lambda: 1)  # one byte: one layer per pass
+    result = collect_layer_curvature(finetuned, data, modules, tmp_path / "auto", CurvatureSettings(**common), subset)
+    assert result.passes == 2 and result.factor_memory_gb == 1 / 2**30
+    given = collect_layer_curvature(finetuned, data, modules, tmp_path / "given",
+                                    CurvatureSettings(**common, factor_memory_gb=1.0), subset)
+    assert given.passes == 1 and given.factor_memory_gb == 1.0

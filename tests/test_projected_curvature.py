@@ -217,3 +217,26 @@ def test_the_comparison_checks_refuse_projected_factors_by_name():
     with pytest.raises(LoraRanksError, match="the allocation fidelity needs formed curvature factors, but b .*"
                                              "raise dense_factor_limit"):
         dense_roots({"a": dense, "b": projected}, "the allocation fidelity")
+
+
+@pytest.mark.parametrize("d", [1, 5, 512, 513, 1100])
+def test_triangular_products_match_the_full_product(d):
+    """times_lower (recursive halving, a BLAS trmm) against X @ L and X @ Lᵀ of the explicit triangle, float64, to
+    1e-13 relative in the Frobenius norm (matrix-product round-off); the upper triangle it is given is garbage and
+    must never be read. The Cholesky FactorRoot's three products go through it."""
+    from lora_ranks.spectra.weighted import times_lower
+
+    gen = torch.Generator().manual_seed(d)
+    lower = torch.tril(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    junk = lower + torch.triu(torch.full((d, d), float("nan"), dtype=torch.float64), 1)  # NaN above the diagonal
+    x = torch.randn(37, d, generator=gen, dtype=torch.float64)
+    for ours, exact in ((times_lower(x, junk), x @ lower), (times_lower(x, junk, transposed=True), x @ lower.T)):
+        assert ours.shape == (37, d) and ours.dtype == torch.float64
+        assert float(torch.linalg.norm(ours - exact)) <= 1e-13 * float(torch.linalg.norm(exact))
+    samples = torch.randn(d + 8, d, generator=gen, dtype=torch.float64)
+    root = factor_root(samples.T @ samples / (d + 8), d, 0.01)  # positive definite
+    assert root.kind == "cholesky"
+    y = torch.randn(d, 9, generator=gen, dtype=torch.float64)
+    for ours, exact in ((root.product(y), root.root @ y), (root.left(y), root.root.T @ y),
+                        (root.right(y.T), y.T @ root.root)):
+        assert float(torch.linalg.norm(ours - exact)) <= 1e-13 * float(torch.linalg.norm(exact))

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoints import ModuleRef
 from ..errors import LoraRanksError
-from ..kfac import CalibrationError, CurvatureFactors, calibration_tokens, collect_curvature
+from ..kfac import CalibrationError, CurvatureFactors, automatic_factor_memory, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
 from ..spectra.weighted import FactorRoot, ModuleCurvature, ProjectedCurvature, factor_root, module_weighted_spectrum
@@ -51,6 +51,7 @@ class CurvatureResult:
     passes: int = 0  # passes over the calibration records
     accumulation_seconds: float = 0.0  # in the hooks: the factors' products and sums (the rest is the model)
     load_seconds: float = 0.0  # loading the model and tokenizing the calibration records
+    factor_memory_gb: float = 0.0  # the factor memory the passes were planned for (the setting or its automatic value)
 
 
 def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSettings, curvature: CurvatureSettings,
@@ -98,7 +99,8 @@ def collect_layer_curvature(
 ) -> CurvatureResult:
     """Collect the factors of every module (``settings.spectrum`` "input" or "fisher") and write one file per layer.
 
-    Memory is bounded by ``settings.factor_memory_gb`` (see ``lora_ranks.kfac``); each layer's file is written as
+    Memory is bounded by ``settings.factor_memory_gb``, or when it is empty by half the memory available once the
+    model is loaded (``kfac.automatic_factor_memory``; see ``lora_ranks.kfac``); each layer's file is written as
     soon as its pass ends. Factors wider than ``settings.dense_factor_limit`` are kept projected through the weight
     delta, which is read from ``base`` (the pretrained checkpoint) and ``finetuned``; without ``base`` every
     factor is formed.
@@ -118,6 +120,9 @@ def collect_layer_curvature(
     result = CurvatureResult(settings.spectrum, tokens=tokens, response_tokens=response, records=len(examples))
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle) if base is not None else None
     stats: dict = {}
+    memory_bytes = (int(settings.factor_memory_gb * 2**30) if settings.factor_memory_gb is not None
+                    else automatic_factor_memory())  # measured with the model loaded
+    result.factor_memory_gb = memory_bytes / 2**30
 
     def delta_of(module: ModuleRef) -> torch.Tensor:
         try:
@@ -129,7 +134,7 @@ def collect_layer_curvature(
         for layer, factors in collect_curvature(
                 model, examples, tokenizer.pad_token_id, modules, kind=settings.spectrum,
                 samples=settings.fisher_samples, seed=subset.seed, batch_size=settings.calibration_batch_size,
-                memory_bytes=int(settings.factor_memory_gb * 2**30), on_batch=on_batch,
+                memory_bytes=memory_bytes, on_batch=on_batch,
                 dense_limit=settings.dense_factor_limit if pair is not None else None,
                 delta_of=delta_of if pair is not None else None, stats=stats):
             path = layer_file(svd_dir, layer, CURVATURE_FOLDER)

@@ -232,7 +232,7 @@ class AnalysisPlan:
                            "folder": str(Path(next(iter(factors.paths.values()))).parent),
                            "silent_modules": factors.silent_modules, "seconds": factors.seconds,
                            "passes": factors.passes, "accumulation_seconds": factors.accumulation_seconds,
-                           "load_seconds": factors.load_seconds})
+                           "load_seconds": factors.load_seconds, "factor_memory_gb": factors.factor_memory_gb})
         return {"analysis": self.analysis, "curvature": record, "timings": timings}
 
     def assemble(self, modules: Sequence[ModuleRef], results: Sequence[LayerResult], config_path: str | Path,
