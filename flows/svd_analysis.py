@@ -136,8 +136,10 @@ def svd_analysis(
                       curvature=curvature, subset=finetune, finetuned_digests=[d.result()[1] for d in digests],
                       device=analysis.device, trust_remote_code=safety.trust_remote_code, base=base_model,
                       base_digests=[d.result()[0] for d in digests], allow_pickle=safety.allow_pickle)
-        factors = collect(**kwargs)
-        if not curvature_result_is_current(factors):
+        state = collect(**kwargs, return_state=True)
+        factors = state.result()
+        # Only a cached result can point at files changed since; a fresh one was hashed as it was written.
+        if state.name == "Cached" and not curvature_result_is_current(factors):
             logger.warning("Recollecting curvature factors whose cached files are missing or changed")
             factors = collect_curvature_task.with_options(refresh_cache=True)(**kwargs)
     clock.mark_discovered()

@@ -40,9 +40,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0o600; outputs are shared like any other file
     try:
         write(tmp)
+        # mkstemp creates 0o600, and a writer that replaces the file (safetensors' save_file) may keep that: outputs
+        # are shared like any other file.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as handle:  # flush the data before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, target)

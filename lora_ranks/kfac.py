@@ -21,8 +21,15 @@ Memory. Factors are accumulated in float64 for the modules of a group of layers 
 calibration set holds the factors of the layers whose float64 factors fit ``memory_bytes`` (at least one
 layer), so the memory held is at most max(``memory_bytes``, one layer's factors) plus the model and one batch,
 whatever the depth; the number of passes is about the total factor size over ``memory_bytes``. (A 7B layer's
-factors would be 8 · (3 · 3584² + 3 · 18944² + ...) ≈ 9 GB if formed; see the next paragraph.) Modules that read
-the same input tensor (q/k/v, gate/up) share one A, computed once.
+factors would be 8 · (3 · 3584² + 3 · 18944² + ...) ≈ 9 GB if formed; see the next paragraph.) Each pass runs the
+whole model, so the analysis leaves ``memory_bytes`` to ``automatic_factor_memory`` (half the memory available
+once the model is loaded) unless told otherwise. Modules that read the same input tensor (q/k/v, gate/up) share one
+A, computed once. Each batch's product goes to a buffer reused for every factor of its width, so a pass allocates
+nothing of a factor's size per batch.
+
+Batches. The records run sorted by length (``length_batches``): padded positions cost the model's passes like
+real ones, and the factors are sums over records, so the order changes only round-off and which label draw lands
+where.
 
 Wide factors. A factor wider than ``dense_limit`` (``CurvatureSettings.dense_factor_limit``) on a module whose
 other side is within it (Qwen2.5-7B: G of gate_proj and up_proj, A of down_proj, 18944 wide) is never formed. The

@@ -111,9 +111,18 @@ def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, 
 
 
 def test_atomic_writes_leave_no_temporary_files(planted_pair, tmp_path):
+    """No temporary file is left, and every output has the permissions of a normally created file (0o666 less the
+    umask), safetensors files included (their writer used to keep the temporary file's 0o600)."""
+    import os
+
     analyze_checkpoints(*planted_pair, tmp_path)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert leftovers == []
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
 
 
 def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path, monkeypatch):

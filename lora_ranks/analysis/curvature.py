@@ -9,7 +9,6 @@ file back with ``load_curvature_file``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from ..kfac import CalibrationError, CurvatureFactors, automatic_factor_memory, 
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
 from ..spectra.weighted import FactorRoot, ModuleCurvature, ProjectedCurvature, factor_root, module_weighted_spectrum
-from .layout import layer_file, write_layer_file
+from .layout import layer_file, write_digested_layer_file
 
 if TYPE_CHECKING:
     from ..config import RankConfig
@@ -138,9 +137,8 @@ def collect_layer_curvature(
                 dense_limit=settings.dense_factor_limit if pair is not None else None,
                 delta_of=delta_of if pair is not None else None, stats=stats):
             path = layer_file(svd_dir, layer, CURVATURE_FOLDER)
-            _write(path, layer, factors, settings.spectrum)
+            result.digests[layer] = _write(path, layer, factors, settings.spectrum)
             result.paths[layer] = str(path)
-            result.digests[layer] = hashlib.sha256(path.read_bytes()).hexdigest()
             result.silent_modules += [name for name, f in factors.items() if not f.fired]
     finally:
         if pair is not None:
@@ -150,7 +148,8 @@ def collect_layer_curvature(
     return result
 
 
-def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: str) -> None:
+def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: str) -> str:
+    """Write one layer's factor file; returns the sha256 of its bytes."""
     tensors: dict[str, torch.Tensor] = {}
     info = {}
     for name, f in factors.items():
@@ -166,7 +165,7 @@ def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: s
             info[name].update(projected=f.projected_side, far_trace=f.far_trace)
     if not tensors:  # safetensors needs one tensor; a layer whose modules all stayed silent
         tensors["empty"] = torch.zeros(1)
-    write_layer_file(path, tensors, {"layer": layer, "kind": kind, "modules": json.dumps(info)})
+    return write_digested_layer_file(path, tensors, {"layer": layer, "kind": kind, "modules": json.dumps(info)})
 
 
 def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:

@@ -21,6 +21,7 @@ timing, device) as JSON. Orchestrators pass these paths around, never tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, atomic_write_bytes
 from ..spectra import Spectrum
 
-__all__ = ["Layout", "OutputLayout", "layer_file_name", "write_layer_file", "load_layer_spectra", "load_spectra",
+__all__ = ["Layout", "OutputLayout", "layer_file_name", "write_layer_file", "write_digested_layer_file",
+           "load_layer_spectra", "load_spectra",
            "spectra_files", "layer_file_fingerprint", "load_module_records", "WEIGHT_PREFIX"]
 
 
@@ -131,6 +133,17 @@ def write_layer_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     from safetensors.torch import save_file
 
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_digested_layer_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` with ``metadata`` as safetensors, atomically, and return the sha256 of the file's bytes,
+    hashed as they are written (the file is never read back: ~1 GB per 7B layer of curvature factors). Holds the
+    serialized file in memory once while writing."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 WEIGHT_PREFIX = "weight:"  # key prefix of the plain weight spectra beside curvature-weighted ones
