@@ -19,9 +19,9 @@ reported; as damping grows both tend to the plain SVD of ΔW (up to a scale).
 No eigendecomposition is needed: for any roots with G = R_G R_Gᵀ and A = R_A R_Aᵀ (``FactorRoot``; by default the
 Cholesky factors), σ(R_Gᵀ ΔW R_A) = σ(G^½ ΔW A^½), and the truncation's minimizer is recovered with triangular
 solves. Cost: one Cholesky factorization of each factor (d³/3 flops, shared by the modules that see the same
-input), two products of ΔW with a triangular factor, O(d_out d_in (d_out + d_in)), and the spectrum; all in
-float64. The eigendecomposition path (``symmetric_root``) is the reference and the fallback for factors that are
-not positive definite.
+input), two products of ΔW with a triangular factor, about d_out d_in (d_out + d_in) flops as triangular products
+(``times_lower``; twice that as dense ones), and the spectrum; all in float64. The eigendecomposition path
+(``symmetric_root``) is the reference and the fallback for factors that are not positive definite.
 
 Wide factors (``ProjectedCurvature``). At Qwen2.5-7B's MLP a factor is 18944 x 18944: 2.9 GB in float64, a
 Cholesky factorization of 25 s and a product with ΔW of 23 s on two CPU cores (BENCHMARKS.md), three per layer. Such a
@@ -35,7 +35,7 @@ where the projected far factor ΔWᵀ G ΔW (or ΔW A ΔWᵀ) is accumulated dur
 ΔW x) per token (``lora_ranks.kfac``), and ΔWᵀ ΔW is the weight spectrum's own Gram. The spectrum is exact (the
 eigenvalues of a float64 Gram, the weight spectrum's "gram" method, same resolution), the energy is its trace, and
 the truncation comes from the top eigenvectors of the same Gram (``projected_truncation_factors``). Cost per
-module: the Gram of ΔW (d_s² d_long), two d_s³ products and one d_s x d_s eigendecomposition, against
+module: the Gram of ΔW (d_s² d_long), two triangular d_s³ products and one d_s x d_s eigendecomposition, against
 d_long³ / 3 + 2 d_long² d_s for the dense factors; no matrix of the wide side is ever held.
 
 Device. With ``device`` a CUDA device, the products and eigenvalues run there in float64 (exact, as on the CPU);
@@ -72,8 +72,9 @@ class FactorRoot:
     decomposition), so σ(R_Gᵀ ΔW R_A) = σ(G^½ ΔW A^½), and the loss-aware truncation R_G^-ᵀ M_r R_A^-1 of
     M = R_Gᵀ ΔW R_A is the same matrix for every choice of roots. Three kinds:
 
-    - ``cholesky``: R = L, the lower-triangular Cholesky factor; products with L and triangular solves. The
-      default: a Cholesky factorization costs d³/3 flops, an ``eigh`` about 9 d³ (measured 32x faster at d = 4096).
+    - ``cholesky``: R = L, the lower-triangular Cholesky factor; triangular products with L (``times_lower``: 56% of
+      a dense product's flops at d = 3584) and triangular solves. The default: a Cholesky factorization costs d³/3
+      flops, an ``eigh`` about 9 d³ (measured 32x faster at d = 4096).
     - ``eigh``: R = (C + λI)^½, the symmetric root, through an eigendecomposition (pseudo-inverse on exactly zero
       eigenvalues). The reference, and the fallback where the damped factor is not positive definite (an undamped
       singular or all-zero factor), where Cholesky fails.
