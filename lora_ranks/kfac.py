@@ -160,7 +160,7 @@ def length_batches(examples: Sequence[dict], batch_size: int) -> list[list[int]]
     """Indices of ``examples`` in batches of ``batch_size``, the records sorted by token count (ties in data order).
 
     Every batch is padded to its longest record, and padded positions cost the model's passes as much as real ones:
-    in data order the demo's 80 calibration records padded 1,922 tokens to 3,368 (batches of 8), sorted to ~2,000.
+    in data order 80 of the demo's records (1,922 tokens) padded to 3,368 in batches of 8, sorted to 2,128.
     The factors are sums over the records, so the order changes only the float32 round-off of each batch's product
     and which Monte-Carlo label draw lands on which position (the draws follow the batches, seeded once per pass)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))

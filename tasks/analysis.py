@@ -115,9 +115,10 @@ def collect_curvature_task(finetuned: str, data_path: str, modules: list[ModuleR
     result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, base=base,
                                      allow_pickle=allow_pickle, device=device, trust_remote_code=trust_remote_code,
                                      on_batch=on_batch)
-    logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on): %d pass(es), %.1f s, of which "
-                "%.1f s forming the factors", curvature.spectrum, len(result.paths), result.records, result.tokens,
-                result.response_tokens, result.passes, result.seconds, result.accumulation_seconds)
+    logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on): %d pass(es) holding up to %.1f GiB "
+                "of factors each, %.1f s, of which %.1f s forming the factors", curvature.spectrum, len(result.paths),
+                result.records, result.tokens, result.response_tokens, result.passes, result.factor_memory_gb,
+                result.seconds, result.accumulation_seconds)
     if result.silent_modules:
         logger.warning("%d module(s) never ran on the calibration records (e.g. %s): their ranks use the weight "
                        "spectrum", len(result.silent_modules), result.silent_modules[0])

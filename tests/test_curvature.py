@@ -725,6 +725,9 @@ def test_progress_counts_batches_over_all_passes(tiny):
 def test_factor_memory_left_empty_plans_the_passes_from_the_available_memory(finetuned_pair, tmp_path, monkeypatch):
     """The default factor_memory_gb (None) plans the passes from automatic_factor_memory, measured once the model is
     loaded, and records the value used; an explicit setting is used as given. Half of psutil's available memory."""
+    import hashlib
+    from pathlib import Path
+
     import psutil
 
     import lora_ranks.analysis.curvature as curvature_module
@@ -747,6 +750,8 @@ def test_factor_memory_left_empty_plans_the_passes_from_the_available_memory(fin
     monkeypatch.setattr(curvature_module, "automatic_factor_memory", lambda: 1)  # one byte: one layer per pass
     result = collect_layer_curvature(finetuned, data, modules, tmp_path / "auto", CurvatureSettings(**common), subset)
     assert result.passes == 2 and result.factor_memory_gb == 1 / 2**30
+    for layer, path in result.paths.items():  # hashed as written: the digest of the bytes on disk
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == result.digests[layer]
     given = collect_layer_curvature(finetuned, data, modules, tmp_path / "given",
                                     CurvatureSettings(**common, factor_memory_gb=1.0), subset)
     assert given.passes == 1 and given.factor_memory_gb == 1.0
