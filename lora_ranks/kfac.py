@@ -25,7 +25,7 @@ factors would be 8 · (3 · 3584² + 3 · 18944² + ...) ≈ 9 GB if formed; see
 whole model, so the analysis leaves ``memory_bytes`` to ``automatic_factor_memory`` (half the memory available
 once the model is loaded) unless told otherwise. Modules that read the same input tensor (q/k/v, gate/up) share one
 A, computed once. Each batch's product goes to a buffer reused for every factor of its width, so a pass allocates
-nothing of a factor's size per batch.
+nothing of a factor's size per batch on the CPU (on CUDA each product is copied to the host).
 
 Batches. The records run sorted by length (``length_batches``): padded positions cost the model's passes like
 real ones, and the factors are sums over records, so the order changes only round-off and which label draw lands
@@ -122,13 +122,38 @@ def factor_bytes(module: ModuleRef, kind: CurvatureKind, dense_limit: int | None
     return 8 * (d_in * d_in + (d_out * d_out if kind == "fisher" else 0))
 
 
-def automatic_factor_memory(fraction: float = 0.5) -> int:
-    """Bytes of factors to hold per pass when the setting is left empty: ``fraction`` of the memory available now
-    (``psutil``: free plus reclaimable page cache), measured once the model is loaded. The other half is left to the
-    batches' activations and to whatever else runs beside the collection."""
+def automatic_factor_memory(device: torch.device | str | None = None, fraction: float = 0.5,
+                            cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Bytes of factors to hold per pass when the setting is left empty: ``fraction`` of the memory available now,
+    measured once the model is loaded. The rest is left to the batches' activations and to whatever else runs beside
+    the collection.
+
+    Available: the host's (``psutil``: free plus reclaimable page cache), less where this process's cgroup allows
+    less (a container's limit, which psutil does not see). On a CUDA ``device`` also at most the device's free
+    memory: the float32 deltas of the projected modules, counted in the same budget, go to the model's device."""
     import psutil
 
-    return int(psutil.virtual_memory().available * fraction)
+    available = min(psutil.virtual_memory().available, _cgroup_available(cgroup_root))
+    if device is not None and torch.device(device).type == "cuda":
+        available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(available * fraction)
+
+
+def _cgroup_available(root: str) -> int:
+    """The cgroup's memory limit less its usage (v2: ``memory.max`` / ``memory.current``; v1: ``memory/
+    memory.limit_in_bytes`` / ``memory.usage_in_bytes``); unbounded when there is none or it cannot be read."""
+    from pathlib import Path
+
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            text = (Path(root) / limit).read_text().strip()
+            if text == "max":
+                return 2**63
+            return max(0, int(text) - int((Path(root) / usage).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return 2**63
 
 
 def plan_passes(modules: Sequence[ModuleRef], kind: CurvatureKind, memory_bytes: int,
@@ -279,7 +304,7 @@ def _rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _add(sums: dict, key: str, rows: torch.Tensor, scratch: dict) -> None:
     """sums[key] += rowsᵀ rows: the batch's product in the rows' dtype, summed in float64 on the CPU.
 
-    Nothing of the factor's size is allocated per batch (at 7B a layer sums nine 3584-wide products per batch, and
+    On the CPU nothing of the factor's size is allocated per batch (at 7B a layer sums nine 3584-wide products per batch, and
     fresh memory of that size costs as much to touch as the product takes): the product goes to a buffer reused
     for every factor of its width (``scratch``), and a float32 product is added to the float64 sum in place by
     NumPy, which widens it exactly in small chunks (torch's mixed-dtype ``add_`` makes a float64 copy first, 4x

@@ -247,8 +247,9 @@ class CurvatureSettings(Settings):
     factor_memory_gb: Optional[float] = Field(None, gt=0)
     """float64 factors held at once while collecting (GiB), with the float32 deltas of modules whose wide factor is
     projected; more layers per pass over the calibration data (each pass runs the whole model forward and backward
-    over the records). Empty (the default): half the memory available once the model is loaded, at least one layer
-    per pass; the rank config records the value used. A Qwen2.5-7B layer needs ~1.9 GB: one pass with 55, 14 with
+    over the records). Empty (the default): half the memory available once the model is loaded (within the
+    process's cgroup limit, and the GPU's free memory when the model is on one), at least one layer per pass; the
+    rank config records the value used. A Qwen2.5-7B layer needs ~1.9 GB: one pass with 55, 14 with
     4."""
     calibration_batch_size: int = Field(8, ge=1)
     """Records per forward pass while collecting the factors."""

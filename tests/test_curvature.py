@@ -740,14 +740,28 @@ def test_factor_memory_left_empty_plans_the_passes_from_the_available_memory(fin
         available = 6 << 30
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
-    assert automatic_factor_memory() == 3 << 30
+    no_cgroup = str(tmp_path / "no-cgroup")
+    assert automatic_factor_memory(cgroup_root=no_cgroup) == 3 << 30
+    assert automatic_factor_memory("cpu", cgroup_root=no_cgroup) == 3 << 30
+    # A container's limit, which psutil does not see: cgroup v2 (limit less usage), "max" (none), and v1.
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{5 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    assert automatic_factor_memory(cgroup_root=str(v2)) == 1 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert automatic_factor_memory(cgroup_root=str(v2)) == 3 << 30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{8 << 30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{6 << 30}\n")
+    assert automatic_factor_memory(cgroup_root=str(v1)) == 1 << 30
 
     base, finetuned, data = finetuned_pair
     modules = CheckpointPair(base, finetuned).modules()
     subset = FinetuneSettings(subset_ratio=0.5)
     common = {"spectrum": "fisher", "min_calibration_tokens": 100}
     assert CurvatureSettings().factor_memory_gb is None
-    monkeypatch.setattr(curvature_module, "automatic_factor_memory", lambda: 1)  # one byte: one layer per pass
+    monkeypatch.setattr(curvature_module, "automatic_factor_memory", lambda device: 1)  # one byte: a layer per pass
     result = collect_layer_curvature(finetuned, data, modules, tmp_path / "auto", CurvatureSettings(**common), subset)
     assert result.passes == 2 and result.factor_memory_gb == 1 / 2**30
     for layer, path in result.paths.items():  # hashed as written: the digest of the bytes on disk

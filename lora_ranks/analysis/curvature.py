@@ -120,7 +120,7 @@ def collect_layer_curvature(
     pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle) if base is not None else None
     stats: dict = {}
     memory_bytes = (int(settings.factor_memory_gb * 2**30) if settings.factor_memory_gb is not None
-                    else automatic_factor_memory())  # measured with the model loaded
+                    else automatic_factor_memory(dev))  # measured with the model loaded
     result.factor_memory_gb = memory_bytes / 2**30
 
     def delta_of(module: ModuleRef) -> torch.Tensor:
