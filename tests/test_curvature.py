@@ -769,3 +769,29 @@ def test_factor_memory_left_empty_plans_the_passes_from_the_available_memory(fin
     given = collect_layer_curvature(finetuned, data, modules, tmp_path / "given",
                                     CurvatureSettings(**common, factor_memory_gb=1.0), subset)
     assert given.passes == 1 and given.factor_memory_gb == 1.0
+
+
+def test_curvature_preparation_flops_use_the_recorded_passes(fisher_analysis, tmp_path):
+    """The comparison's preparation FLOPs count the passes the collection made (recorded in the config, whatever the
+    machine's memory); a config from before they were recorded plans them at its factor memory setting."""
+    import json
+
+    from lora_ranks.config import load_rank_config
+    from lora_ranks.evidence.compute import curvature_flops, lora_ranks_preparation
+
+    config = load_rank_config(fisher_analysis["fisher"].config_path)
+    record = config.analysis_metadata.curvature
+    assert record.passes == 1 and record.factor_memory_gb > 0
+    metrics = tmp_path / "ft.json"
+    metrics.write_text(json.dumps({"tokens": 1000}))
+    expected = curvature_flops(500, record.tokens, 1, "fisher", record.settings.fisher_samples)
+    assert lora_ranks_preparation(config, 500, [metrics])["curvature"] == expected
+    def with_record(**changes):  # the configs are frozen: a copy with its curvature record changed
+        meta = config.analysis_metadata
+        return config.model_copy(update={"analysis_metadata": meta.model_copy(
+            update={"curvature": meta.curvature.model_copy(update=changes)})})
+
+    assert lora_ranks_preparation(with_record(passes=3), 500, [metrics])["curvature"] == 3 * expected
+    # No passes recorded, the factor memory set to a byte: one pass per layer.
+    older = with_record(passes=None, settings=record.settings.model_copy(update={"factor_memory_gb": 1e-9}))
+    assert lora_ranks_preparation(older, 500, [metrics])["curvature"] == 2 * expected

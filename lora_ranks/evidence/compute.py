@@ -95,8 +95,9 @@ def lora_ranks_preparation(config, n: int, finetune_metrics: Sequence[str | Path
     if record is not None and record.has_factors and record.tokens:
         settings = record.settings
         kind = "fisher" if record.kind.needs_output_factor else "input"
-        memory_gb = record.factor_memory_gb or settings.factor_memory_gb or 4.0  # 4.0: the default before it was recorded
-        passes = record.passes or len(plan_passes(config.module_refs(), kind, int(memory_gb * 2**30)))
+        # The passes are recorded; a config from before they were planned them at its setting (4 GiB by default then).
+        passes = record.passes or len(plan_passes(config.module_refs(), kind,
+                                                  int((settings.factor_memory_gb or 4.0) * 2**30)))
         curvature = curvature_flops(n, record.tokens, passes, kind, settings.fisher_samples)
     return {"finetune": finetune, "curvature": curvature,
             "total": None if finetune is None else finetune + curvature}
