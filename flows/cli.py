@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 from flows.options import SettingsGroup, add_settings_options, settings_from_args
 from lora_ranks.check.verdict import CheckFailed, format_table
 from lora_ranks.errors import is_user_error
+from lora_ranks.locks import output_lock
 from lora_ranks.settings import (
     INPUT_HELP,
     AllocationSettings,
@@ -87,6 +89,9 @@ _OVERWRITE = Input("--overwrite", "overwrite", "overwrite", required=False)
 #: The parameter naming each command's output folder (checked before anything runs: ``outputs.check_output_dir``).
 _OUTPUT_PARAMS = ("output_dir", "out_dir", "base_dir")
 _REMOTE_CODE = SettingsGroup(SafetySettings, "safety", fields=("trust_remote_code",))
+#: The flow each command runs into its run folder (what it writes there: ``outputs.RUN_ENTRIES``).
+FLOW_OF = {"demo": "svd-analysis", "analyze": "svd-analysis", "finetune": "preliminary-finetune",
+           "train": "train-dynamic-lora", "compare": "compare-allocations", "check": "check-config"}
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
@@ -190,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     leaves the server running for the next one, to be stopped when the interpreter exits."""
     global _STOP_SERVER
     _STOP_SERVER = argv is None
+    try:  # relative paths, and torch's own libraries, need it: checked before either is touched
+        os.getcwd()
+    except FileNotFoundError:
+        print("lora-ranks: error: the current folder no longer exists (it was deleted while the shell was in it): cd "
+              "to an existing folder and run the command again", file=sys.stderr)
+        return 2
+    if argv is None:  # the process's command: ^C and SIGTERM end it in one line, its children stopped
+        from flows import interrupts
+
+        interrupts.install()
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["LORA_RANKS_DEBUG"] = "1"
@@ -207,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             _demo_inputs(inputs)
         _preflight(args.command, inputs, settings)
         new_output = _new_output_dir(args.command, inputs)
-        lines = _run(args.command, inputs, settings)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(output_lock(_output_of(args.command, inputs), args.command))
+            if _STOP_SERVER:
+                from flows import interrupts
+
+                interrupts.on_interrupt(lambda: _remove_if_empty(new_output))
+                if args.command in FLOW_OF:
+                    interrupts.isolate_prefect_server()
+            lines = _run(args.command, inputs, settings)
     except CheckFailed as exc:  # the check ran, and a budget does not hold: its table, then the failing lines
         _quiet_prefect_exit()
         from lora_ranks.check import REPORT_NAME
@@ -233,9 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _output_of(command: str, inputs: dict) -> Path:
+    """The command's output folder, as given."""
+    return Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)])
+
+
 def _new_output_dir(command: str, inputs: dict) -> Path | None:
     """The command's output folder when this run is about to create it (None when it exists already)."""
-    out = Path(inputs[next(i.param for i in COMMANDS[command].inputs if i.param in _OUTPUT_PARAMS)])
+    out = _output_of(command, inputs)
     return None if out.exists() or out.is_symlink() else out.resolve()
 
 
@@ -351,11 +379,84 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
                 Checkpoint(source)
             except CheckpointError as exc:
                 raise CheckpointError(f"{flag}: {exc}") from None
+            from lora_ranks.outputs import RUN_ENTRIES, check_output_dir
+
+            check_output_dir(inputs["output_dir"], inputs=[(flag, source)], overwrite=inputs["overwrite"],
+                             entries=RUN_ENTRIES["train-dynamic-lora"])
             if resolve_model_path(source) == resolve_model_path(inputs["model"]):
                 raise CheckpointError(f"{flag} {source} is the base model itself: its delta is zero, so the warm start "
                                       "would be an all-zero adapter; give the fine-tuned model, or --init cold")
     if command in ("finetune", "train", "compare") and (inputs.get("model") or inputs["base_model"]) != "demo:tiny-qwen3":
-        _check_tokenizer(inputs.get("model") or inputs["base_model"])  # last: the other checks name a cause first
+        _check_tokenizer(inputs.get("model") or inputs["base_model"])  # the other checks name a cause first
+    _check_space(command, inputs, settings)
+    if command in FLOW_OF:  # last: it imports Prefect (2 s), which a bad option never waits for
+        _check_prefect()
+
+
+def _check_prefect() -> None:
+    """Prefect can run: its home (PREFECT_HOME) is, or can be, a folder, and a server named by PREFECT_API_URL (the
+    environment's or the Prefect profile's) answers: a bad setting ends here, not minutes into a flow."""
+    from lora_ranks.errors import LoraRanksError
+
+    home = os.environ.get("PREFECT_HOME")
+    if home:  # read before Prefect is imported: importing it with a bad home waits and then fails
+        path = Path(home).expanduser()
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(path.anchor))
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"lies under a file ({existing})"
+            raise LoraRanksError(f"PREFECT_HOME {path} {where}, not a folder: point it at a folder (Prefect keeps its "
+                                 "database there), or unset it")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise LoraRanksError(f"PREFECT_HOME {path} cannot be written (no write permission on {existing}): point it "
+                                 "at a folder of yours, or unset it")
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        import httpx
+
+        try:
+            answer = httpx.get(url.rstrip("/") + "/health", timeout=5)
+            why = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if why is not None:
+            raise LoraRanksError(f"the Prefect server of PREFECT_API_URL {url} does not answer ({why}): start it "
+                                 "(prefect server start), or unset PREFECT_API_URL to run on a temporary one")
+
+
+def _check_space(command: str, inputs: dict, settings: dict) -> None:
+    """The output's file system has room for the models the command writes (a fine-tuned model in float32, a merged
+    model in its base's dtype); smaller outputs are not estimated. A disk that fills up anyway ends the command in one
+    line, with nothing half-written kept (``lora_ranks._io``)."""
+    from lora_ranks.checkpoints import Checkpoint
+    from lora_ranks.errors import DiskFullError
+    from lora_ranks.synthetic import DEMO_MODEL
+
+    if command == "finetune" and inputs["model"] != DEMO_MODEL:
+        model, bytes_per_value = inputs["model"], 4  # training, and the saved model, are float32 on the CPU
+    elif command == "export" and settings["export"].format == "merged":
+        from lora_ranks.export import read_adapter
+
+        model, bytes_per_value = inputs["base"] or read_adapter(inputs["adapter_dir"], weights=False).config.get(
+            "base_model_name_or_path"), None
+    else:
+        return
+    try:
+        checkpoint = Checkpoint(model)
+    except Exception:  # a hub id not downloaded yet: nothing to estimate from
+        return
+    sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
+    need = sum(math.prod(checkpoint.shape(k)) * (bytes_per_value or sizes.get(checkpoint.dtype(k), 4))
+               for k in checkpoint.keys())
+    checkpoint.close()
+    out = Path(os.path.abspath(_output_of(command, inputs)))
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise DiskFullError(f"--out {out}: the model written there takes about {need / 2**20:,.0f} MiB, but its file "
+                            f"system has {free / 2**20:,.0f} MiB free: free some space, or choose a folder on another "
+                            "file system")
 
 
 def _demo_inputs(inputs: dict) -> None:
@@ -394,7 +495,7 @@ def _base_inputs(inputs: dict) -> None:
 def _check_output(command: str, inputs: dict, settings: dict) -> None:
     """The command's output folder takes nothing of the user's: not a file, no input inside or around it, and not a
     non-empty folder this tool did not write unless --overwrite (``outputs.check_output_dir``)."""
-    from lora_ranks.outputs import check_output_dir
+    from lora_ranks.outputs import RUN_ENTRIES, check_output_dir
 
     spec = COMMANDS[command]
     out_param = next(i.param for i in spec.inputs if i.param in _OUTPUT_PARAMS)
@@ -410,7 +511,8 @@ def _check_output(command: str, inputs: dict, settings: dict) -> None:
     flag = "the base cache folder (LORA_RANKS_CACHE)" if command == "base" and inputs.get("default_out") else "--out"
     model = command == "base" or (command == "export" and settings["export"].format == "merged")
     check_output_dir(out, inputs=given, overwrite=inputs["overwrite"], flag=flag,
-                     folder_output=command in ("extract", "export", "base"), folder_content="model" if model else "adapter")
+                     folder_output=command in ("extract", "export", "base"), folder_content="model" if model else "adapter",
+                     entries=RUN_ENTRIES.get(FLOW_OF.get(command, ""), ()))
 
 
 def _check_tokenizer(model: str) -> None:

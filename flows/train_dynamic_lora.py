@@ -39,12 +39,12 @@ def train_dynamic_lora_flow(
     overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
 ) -> TrainResult:
     """Train a heterogeneous-rank LoRA; returns where the adapter and metrics are."""
+    source = warm_start_source(load_rank_config(rank_config), warm_start_from, training.init)
     layout = TrainLayout(claim_output_task(output_dir, "train-dynamic-lora", {
-        "model": model, "rank_config": rank_config, "data_path": data_path, "warm_start_from": warm_start_from},
-        overwrite))
+        "model": model, "rank_config": rank_config, "data_path": data_path,
+        "the warm start's fine-tuned model": None if source is None else str(source)}, overwrite))
     # Step 1: the SVD warm start (training.init "warm"): extracted from the fine-tuned model the ranks came from.
     init_from = None
-    source = warm_start_source(load_rank_config(rank_config), warm_start_from, training.init)
     if source is not None:
         init_from = extract_lora_task(model, str(source), rank_config, str(layout.warm_start_dir),
                                       safety.allow_pickle, extraction)

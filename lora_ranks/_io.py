@@ -6,27 +6,62 @@ same folder, are flushed to disk, then renamed over the target (``os.replace`` i
 when source and target share a file system).
 
 Folders (checkpoints, adapters) cannot be renamed over a non-empty folder, so ``atomic_folder`` writes the new
-folder beside the target, moves the old one aside, moves the new one in, then deletes the old one. A crash
-between the two moves leaves both complete folders beside the target name; ``recover_folder`` (run before the
-next write, and when a missing model folder is opened) finishes the swap.
+folder beside the target under a name no user picks (``.NAME.lora-ranks-<id>.new``, with the tool's marker inside),
+moves the old one aside (``.NAME.lora-ranks-<id>.old``), moves the new one in, then deletes the old one. A crash
+between the two moves leaves both complete folders beside the target name; ``recover_folder``, run before the next
+write of the same target, finishes the swap. It touches only folders that carry this tool's marker and the write's
+id: a folder of the user's named ``.NAME.new`` or ``.NAME.old`` is never renamed, deleted or used, and opening a
+missing input never recovers anything.
+
+With ``overwrite``, a folder output is written *into* a folder that holds files of the user's (outputs.py): its
+files replace only the tool's own earlier files, one atomic rename each.
+
+Temporary files and staging folders in flight are registered (``abandon_pending``): an interrupted command removes
+them before it exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import as_disk_full
+
 _UMASK = os.umask(0)  # read once (setting it is process-wide): new files get the usual 0o666 & ~umask
 os.umask(_UMASK)
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_folder",
-           "recover_folder", "strict_json_loads"]
+           "recover_folder", "interrupted_copy", "abandon_pending", "strict_json_loads"]
+
+_PENDING: set[Path] = set()  # temporary files and staging folders being written (removed on an interrupt)
+_PENDING_LOCK = threading.Lock()
+
+
+def _pending(path: Path, add: bool) -> None:
+    with _PENDING_LOCK:
+        (_PENDING.add if add else _PENDING.discard)(path)
+
+
+def abandon_pending() -> list[Path]:
+    """Remove every temporary file and staging folder still being written (an interrupted command calls this just
+    before it exits, so nothing half-written is left behind); returns what was removed. Targets are untouched."""
+    with _PENDING_LOCK:
+        pending = sorted(_PENDING)
+        _PENDING.clear()
+    for path in pending:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+    return pending
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -35,11 +70,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     ``write`` receives the path of a fresh temporary file in the target's folder (so the final rename
     never crosses file systems). On any exception the temporary file is removed and the target is
     left untouched.
+
+    Raises:
+        DiskFullError: the file system ran out of space (or quota) while writing, naming the file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    _pending(Path(tmp), True)
     try:
         write(tmp)
         # mkstemp creates 0o600, and a writer that replaces the file (safetensors' save_file) may keep that: outputs
@@ -48,10 +87,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as handle:  # flush the data before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = as_disk_full(exc, target)
+        if full is not None:
+            raise full from None
         raise
+    finally:
+        _pending(Path(tmp), False)
     return target
 
 
@@ -91,48 +135,100 @@ def strict_json_loads(text: str) -> Any:
     return json.loads(text, parse_constant=_no_constant)
 
 
-def _staging(target: Path) -> Path:
-    return target.with_name(f".{target.name}.new")
+# -- folders ---------------------------------------------------------------------------------------------------------
+
+_TAG = "lora-ranks-"  # in every name the tool gives a folder beside a target: .NAME.lora-ranks-<id>.new / .old
 
 
-def _aside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.old")
+def _staging(target: Path, swap_id: str) -> Path:
+    return target.with_name(f".{target.name}.{_TAG}{swap_id}.new")
+
+
+def _aside(target: Path, swap_id: str) -> Path:
+    return target.with_name(f".{target.name}.{_TAG}{swap_id}.old")
+
+
+def _swaps(target: Path, suffix: str) -> Iterator[tuple[Path, str]]:
+    """The folders beside ``target`` named like this tool's staging (``.new``) or aside (``.old``) folders of it,
+    with the write id their name carries."""
+    prefix = f".{target.name}.{_TAG}"
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        if entry.name.startswith(prefix) and entry.name.endswith(suffix) and entry.is_dir() and not entry.is_symlink():
+            yield entry, entry.name[len(prefix):-len(suffix)]
+
+
+def _swap_id_of(folder: Path) -> str | None:
+    from .outputs import read_marker
+
+    marker = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    return marker.get("swap_id") if marker is not None and marker["kind"] in ("folder", "staging") else None
+
+
+def _complete(staging: Path, swap_id: str) -> bool:
+    """A staging folder of write ``swap_id`` whose block finished (its marker is the folder output's, not staging's)."""
+    from .outputs import read_marker
+
+    marker = read_marker(staging)
+    return marker is not None and marker["kind"] == "folder" and marker.get("swap_id") == swap_id
+
+
+def interrupted_copy(path: str | os.PathLike) -> Path | None:
+    """The complete new copy of ``path`` that a crash left beside it between the two renames of ``atomic_folder``
+    (None when there is none): what the message about a missing folder can point to. Nothing is moved."""
+    target = Path(os.path.abspath(path))
+    for staging, swap_id in _swaps(target, ".new"):
+        if _complete(staging, swap_id):
+            return staging
+    return None
 
 
 def recover_folder(path: str | os.PathLike) -> None:
-    """Finish or clean up an ``atomic_folder`` swap that a crash interrupted; a no-op when there is none.
+    """Finish or clean up an ``atomic_folder`` swap of ``path`` that a crash interrupted; a no-op when there is none.
+    Only folders named by this tool's scheme *and* carrying its marker with the same write id are touched.
 
-    * old folder aside and no target: the crash came between the two moves, after the new folder was complete,
-      so the new folder is moved in (or, if it is gone, the old one back);
-    * old folder aside and the target in place: the crash came before the old folder was deleted: delete it;
-    * a new folder that never moved in: its write did not finish (or was superseded): delete it.
+    * a complete staging folder, its aside folder, and no target: the crash came between the two renames, so the new
+      folder is moved in;
+    * an aside folder whose write id the target's marker carries: the crash came before the old folder was deleted:
+      delete it;
+    * a staging folder that did not move in (incomplete, or superseded): its write did not finish: delete it.
     """
-    target = Path(path)
-    staging, aside = _staging(target), _aside(target)
-    if aside.exists():
-        if not target.exists():
-            os.rename(staging if staging.exists() else aside, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    if staging.exists():
-        shutil.rmtree(staging, ignore_errors=True)
+    target = Path(os.path.abspath(path))
+    for staging, swap_id in list(_swaps(target, ".new")):
+        if _swap_id_of(staging) != swap_id:
+            continue  # not a folder this tool is writing: never touched
+        if _complete(staging, swap_id) and not target.exists() and _aside(target, swap_id).is_dir():
+            os.rename(staging, target)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    for aside, swap_id in list(_swaps(target, ".old")):
+        if target.is_dir() and _swap_id_of(target) == swap_id:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: str = "folder") -> Iterator[Path]:
-    """Write a folder that replaces ``path`` only once complete.
+    """Write a folder output at ``path`` that appears only once complete.
 
-    Yields a fresh staging folder beside ``path`` to write into. When the block ends without an exception, the old
-    folder (if any) is renamed aside, the staging folder renamed to ``path``, and the old one deleted; at every
-    instant the complete old or the complete new folder exists (see ``recover_folder``). If the block raises,
-    the staging folder is deleted and ``path`` is untouched.
+    Yields a fresh staging folder beside ``path`` to write into. If the block raises, the staging folder is deleted
+    and ``path`` is untouched. When it ends without an exception:
 
-    Only what this tool wrote is replaced (``outputs.check_replaceable``, checked before the block runs): a file or a
-    link at ``path`` is refused, and so is a non-empty folder without the tool's marker, or holding files the
-    marker does not list, unless ``overwrite``. The new folder carries the marker (``outputs.MARKER``, listing its
-    files and ``content``, what it holds: "adapter", "model"), so a later write of the same content may replace it.
+    * ``path`` absent, empty, or holding only the tool's own files (its marker lists them): the old folder (if any)
+      is renamed aside, the staging folder renamed to ``path``, and the old one deleted; at every instant the
+      complete old or the complete new folder exists (see ``recover_folder``);
+    * ``path`` holding files of the user's (only with ``overwrite``): the new files are renamed in one by one,
+      replacing only the tool's earlier files, and the tool's earlier files the new output lacks are deleted; a file
+      of the user's the output would replace is refused by name, and none is ever touched.
+
+    What is written over is checked before the block runs (``outputs.check_replaceable``). The folder carries the
+    marker (``outputs.MARKER``: ``content``, what it holds, and the files the tool wrote), so a later write of the
+    same content may replace them.
 
     Raises:
-        OutputFolderError: ``path`` is a file, or a folder of the user's (without ``overwrite``).
+        OutputFolderError: ``path`` is a file, a link, or a folder of the user's (without ``overwrite``), or holds a
+            file of the user's the output would replace.
+        DiskFullError: the file system ran out of space while the folder was written (nothing half-written is kept).
     """
     from .outputs import MARKER, check_replaceable, folder_marker
 
@@ -140,15 +236,69 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
     check_replaceable(target, overwrite, content)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(target)
-    staging, aside = _staging(target), _aside(target)
+    swap_id = secrets.token_hex(6)
+    staging, aside = _staging(target, swap_id), _aside(target, swap_id)
     staging.mkdir()
+    _pending(staging, True)
     try:
+        atomic_write_text(staging / MARKER, json.dumps({"kind": "staging", "made_by": "lora-ranks",
+                                                        "swap_id": swap_id}) + "\n")
         yield staging
-        atomic_write_text(staging / MARKER, folder_marker(staging, content))  # what it holds: a later swap checks for additions
-    except BaseException:
+        atomic_write_text(staging / MARKER, folder_marker(staging, content, swap_id=swap_id))
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        _pending(staging, False)
+        full = as_disk_full(exc, target)
+        if full is not None:
+            raise full from None
         raise
+    from .outputs import foreign_files
+
+    keep = foreign_files(target)
+    if keep:  # overwrite was given (check_replaceable refused otherwise): write into it, keeping them
+        try:
+            _merge_into(staging, target, keep, content, swap_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            _pending(staging, False)
+        return
+    _pending(staging, False)  # complete: from here a crash leaves it to recover_folder, which moves it in
     if target.exists():
         os.rename(target, aside)  # step 1: the old folder aside
     os.rename(staging, target)  # step 2: the new folder in
     shutil.rmtree(aside, ignore_errors=True)  # step 3: the old folder gone
+
+
+def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap_id: str) -> None:
+    """Move the files of the complete ``staging`` folder into ``target``, which holds the user's files ``keep``
+    (relative paths): replace only the tool's earlier files, delete those of them the new output lacks.
+
+    Raises:
+        OutputFolderError: a new file would replace, or lie under, a file of the user's (nothing is moved then).
+    """
+    from .outputs import MARKER, OutputFolderError, folder_marker, read_marker
+
+    new = read_marker(staging)["files"]
+    yours = set(keep)
+    clashes = sorted({f for f in new if f in yours or (target / f).is_dir()
+                      or any(str(parent) in yours for parent in Path(f).parents if str(parent) != ".")})
+    if clashes:
+        raise OutputFolderError(f"{target} holds {', '.join(clashes[:3])}, which this tool did not write and the "
+                                f"{content} would replace: --overwrite never replaces a file this tool did not "
+                                "write: move them or choose another folder")
+    marker = read_marker(target)
+    earlier = set(marker["files"]) if marker is not None and marker["kind"] == "folder" else set()
+    # While files move, the marker lists both sets: a crash leaves every file of the tool's listed as its own.
+    atomic_write_text(target / MARKER, folder_marker(target, content, files=earlier | set(new), swap_id=swap_id))
+    for name in new:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target / name)
+    for name in sorted(earlier - set(new) - yours):
+        stale = target / name
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink()
+        for parent in stale.parents:  # folders the stale file leaves empty
+            if parent == target or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    atomic_write_text(target / MARKER, folder_marker(target, content, files=new, swap_id=swap_id))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, computed_field, model_validator
 
 from ._io import atomic_write_json, strict_json_loads
 from ._version import __version__
@@ -79,7 +79,7 @@ class ModuleRecord(_Record):
     """The repeated block it belongs to (model.layers.3)."""
     depth: int = Field(0, ge=0)
     """Index of that block within its stack."""
-    shape: tuple[int, int]
+    shape: tuple[PositiveInt, PositiveInt]
     """(d_out, d_in) of the weight."""
     raw_rank: Optional[int] = Field(None, ge=0)
     """The rule's rank before bounds (energy: smallest r keeping tau of the exact energy; signal: the directions
@@ -328,6 +328,8 @@ class RankConfig(_Record):
             raise ValueError("target_modules must be module names, got an empty name")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target_modules lists {next(t for t in targets if targets.count(t) > 1)!r} twice")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         for section in ("layer_ranks", "rank_pattern", "alpha_pattern"):
             for key, value in getattr(self, section).items():
                 if value <= 0:
@@ -351,6 +353,9 @@ class RankConfig(_Record):
             if record.final_rank != self.rank_pattern[anchored_key(name)]:
                 raise ValueError(f"module {name!r}: final_rank {record.final_rank!r} disagrees with rank_pattern "
                                  f"{self.rank_pattern[anchored_key(name)]!r}")
+            if record.final_rank > min(record.shape):  # more parameters than the module itself, and no more rank
+                raise ValueError(f"module {name!r}: rank {record.final_rank} is larger than its smaller side "
+                                 f"(shape {tuple(record.shape)}): a LoRA's rank is at most {min(record.shape)} there")
         return self
 
     # -- reading ---------------------------------------------------------------------------------------------------

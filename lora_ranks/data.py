@@ -75,8 +75,12 @@ def load_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"dataset file {path} is a folder; give a .json or .jsonl file of records")
+    if path.exists() and not path.is_file():  # a FIFO, a device (/dev/null), a socket: no records to read twice
+        raise DataError(f"dataset file {path} is not a regular file (a pipe, device or socket); give a .json or .jsonl "
+                        "file of records")
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist")
+        raise DataError(f"dataset file {path} does not exist"
+                        + (" (a symbolic link to a missing file, or a loop of links)" if path.is_symlink() else ""))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-__all__ = ["LoraRanksError", "CalibrationError", "is_user_error", "is_transient", "list_problems", "summarize_problems"]
+__all__ = ["LoraRanksError", "CalibrationError", "DiskFullError", "as_disk_full", "is_user_error", "is_transient",
+           "list_problems", "summarize_problems"]
 
 
 class LoraRanksError(ValueError):
@@ -20,6 +21,31 @@ class LoraRanksError(ValueError):
 
 class CalibrationError(LoraRanksError):
     """The calibration records cannot give curvature factors (missing, empty, too few tokens)."""
+
+
+class DiskFullError(LoraRanksError):
+    """The file system of an output ran out of space (or quota) while it was written; what was half-written is gone."""
+
+
+def as_disk_full(exc: BaseException, where: object) -> DiskFullError | None:
+    """``exc`` as a one-line ``DiskFullError`` naming ``where`` when it says the disk or quota is full (an
+    ``OSError`` with ENOSPC/EDQUOT, or a writer's own error quoting the system's message); None otherwise."""
+    full = {errno.ENOSPC, *((errno.EDQUOT,) if hasattr(errno, "EDQUOT") else ())}
+    if not ((isinstance(exc, OSError) and exc.errno in full) or "No space left on device" in str(exc)
+            or "Disk quota exceeded" in str(exc)):
+        return None
+    import shutil
+    from pathlib import Path
+
+    folder = Path(str(where))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f" ({shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there now)"
+    except OSError:
+        free = ""
+    return DiskFullError(f"no space left on the device of {where}{free}: nothing half-written was kept; free some "
+                         "space or choose an output folder on another file system")
 
 
 def list_problems(what: str, problems: Sequence[str], limit: int = 20) -> str:

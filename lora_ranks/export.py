@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ __all__ = ["AdapterError", "LoRAModule", "Adapter", "read_adapter", "serving_pro
            "served_scales", "note_serving", "check_export", "export_uniform", "export_merged", "export_adapter", "SERVERS"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: The files of a base model folder a merged model needs besides its weights and config (tokenizer, processor,
+#: chat template, generation defaults): copied into the merged folder; nothing else of the base folder is.
+_MODEL_SIDE_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|vocab\.json|"
+                              r"merges\.txt|added_tokens\.json|chat_template\.(jinja|json)|generation_config\.json|"
+                              r"(video_)?preprocessor_config\.json|processor_config\.json")
 PROVENANCE = "lora_ranks_adapter.json"  # how the adapter was made (extract / train, quantization of the base)
 _PREFIX = "base_model.model."
 
@@ -375,9 +381,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
                        if quantized else None)}
     with atomic_folder(out_dir, overwrite=overwrite, content="model") as tmp:
         model.save_pretrained(str(tmp), max_shard_size=_shard_bytes(base_dir))
-        for f in base_dir.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") \
-                    and f.name != "model.safetensors.index.json":
+        for f in base_dir.iterdir():  # what loads with the model; never the user's other files (notes, logs)
+            if f.is_file() and not (tmp / f.name).exists() and _MODEL_SIDE_FILE.fullmatch(f.name):
                 shutil.copy2(f, tmp / f.name)
         report["bytes_after"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["seconds"] = time.perf_counter() - start

@@ -1,21 +1,28 @@
 """Output folders that never take anything of the user's.
 
-Two kinds of output, each refused in one line before anything is written:
+Two kinds of output, each checked in one line before anything is written:
 
-* a **run folder** (``--out`` of demo, analyze, finetune, train, compare, check) is written *into*. It must be
-  absent, empty, or a run folder of this tool; a non-empty folder of the user's is written into only with
-  ``overwrite`` (and is not marked as the tool's: the next run asks again).
-* a **folder output** (an adapter, an export, a model folder: ``_io.atomic_folder``) *replaces* its target whole.
-  The target must be absent, empty, or a folder output of this tool holding nothing but what the tool wrote (its
-  marker lists the files), unless ``overwrite``.
+* a **run folder** (``--out`` of demo, analyze, finetune, train, compare, check) is written *into*: only the
+  top-level names of its flow's layout (``RUN_ENTRIES``) are written. It must be absent, empty, or a run folder of
+  this tool (its marker says so). A non-empty folder of the user's is written into only with ``overwrite``, and
+  even then none of the names the run writes may already be there unless an earlier run of this tool made them
+  (the marker lists them): ``overwrite`` never replaces a file the tool did not write. Such a folder stays the
+  user's (marker kind "foreign"): the next run asks again.
+* a **folder output** (an adapter, an export, a model folder: ``_io.atomic_folder``) *replaces* its target whole
+  when the target is absent, empty, or a folder output of this tool holding nothing but what the tool wrote (its
+  marker lists the files). With ``overwrite`` it is also written into a folder that holds other files, the way
+  ``save_pretrained`` writes: its files replace only the tool's own earlier files (by the marker's list); a file
+  of the user's is never replaced, deleted or moved, and one the output would replace is refused by name.
 
 Never, even with ``overwrite``: an output that is a file, a symbolic link (for folder outputs; a dangling one for
 run folders), lies under a file, cannot be written, or is, contains or lies inside an input of the command (each
-path compared as given and as resolved, so a link cannot hide one inside the other).
+path compared as given and as resolved, so a link cannot hide one inside the other); a folder output into a run
+folder, or a run into an adapter or model folder of this tool.
 
-The marker is the file ``.lora-ranks`` (JSON: ``kind`` "run" or "folder", ``made_by``, and for folders the
-``files`` written). Outputs of releases before the marker (<= 0.2.0) are recognized by their layout
-(``_RUN_SIGNATURES``, ``_FOLDER_SIGNATURES``).
+The marker is the file ``.lora-ranks`` (JSON: ``kind``, ``made_by``; "run" for a run folder the tool created,
+"foreign" with the ``entries`` the tool made in a folder of the user's, "folder" with the ``content`` and the
+``files`` of a folder output, "staging" in a folder output being written). A folder is the tool's only if its marker
+says so: a folder that merely looks like an output of this tool (the same file names, an old layout) is the user's.
 """
 
 from __future__ import annotations
@@ -28,16 +35,33 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["OutputFolderError", "MARKER", "check_output_dir", "claim_output_dir", "check_replaceable",
-           "folder_marker", "read_marker", "local_path"]
+__all__ = ["OutputFolderError", "MARKER", "RUN_ENTRIES", "check_output_dir", "claim_output_dir", "check_replaceable",
+           "folder_marker", "read_marker", "foreign_files", "local_path"]
 
 #: The marker file every output folder of this tool carries.
 MARKER = ".lora-ranks"
-#: Paths by which run folders of releases before the marker are recognized.
-_RUN_SIGNATURES = ("configs/lora_rank_config.json", "saved_models/preliminary_finetune", "analysis_outputs/svd",
-                   "analysis/configs/lora_rank_config.json", "adapter/lora_ranks_adapter.json", "check_report.json")
-#: Files by which adapter and export folders of releases before the marker are recognized.
-_FOLDER_SIGNATURES = ("lora_ranks_adapter.json", "extraction_report.json", "export_report.json")
+#: Marker kinds the tool writes (anything else reads as "invalid": the folder is not the tool's).
+_KINDS = ("run", "folder", "foreign", "staging")
+#: The top-level names each flow writes into its run folder: what its layout names (``OutputLayout``,
+#: ``TrainLayout``, ``ComparisonLayout``, the check's report; ``tests/test_outputs.py`` checks every path they give
+#: lies under one of these). In a folder of the user's, ``overwrite`` writes only names absent or made by the tool.
+RUN_ENTRIES: dict[str, tuple[str, ...]] = {
+    "svd-analysis": ("demo_inputs", "saved_models", "configs", "analysis_outputs", "train"),
+    "preliminary-finetune": ("demo_inputs", "saved_models"),
+    "train-dynamic-lora": ("adapter", "training_metrics.json", "warm_start_adapter"),
+    "compare-allocations": ("data", "demo_inputs", "analysis", "warm", "configs", "runs", "allocation_fidelity.json",
+                            "sensitivity.json", "sensitivity.png", "results.json", "comparison.png", "curves.png"),
+    "check-config": ("check_report.json",),
+}
+#: Names of the files this tool writes into adapter, export and model folders: a file of the user's with one of these
+#: names would be replaced by the output, so ``overwrite`` refuses it before any work (the swap checks every file).
+_TOOL_FILE = re.compile(r"(adapter_config\.json|adapter_model\.safetensors|README\.md|lora_rank_config\.json|"
+                        r"lora_ranks_adapter\.json|extraction_report\.json|export_report\.json|config\.json|"
+                        r"generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                        r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|chat_template\.(jinja|json)|"
+                        r"vocab\.json|"
+                        r"merges\.txt|added_tokens\.json|preprocessor_config\.json|video_preprocessor_config\.json|"
+                        r"processor_config\.json|training_metrics\.json|base_provenance\.json)")
 
 Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
 
@@ -60,13 +84,21 @@ def local_path(value: str | os.PathLike | None) -> Path | None:
 def _spellings(path: Path) -> set[Path]:
     """A path as given (absolute, ``..`` folded as text) and resolved (links followed, ``..`` after them): a link
     makes them differ, and either may be the one that meets another path."""
-    return {Path(os.path.abspath(path)), path.resolve()}
+    return {Path(os.path.abspath(path)), _resolved(path)}
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with its links followed; a loop of links resolves to nothing, so it stands as given (the command that
+    opens it names the loop)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
-    """The marker of ``folder``: ``kind`` ("run"; "folder" with ``content`` and ``files``; "foreign", a folder of
-    the user's written into with ``overwrite``) and ``made_by``. None when it has none; a marker that is not one
-    the tool writes reads as ``{"kind": "invalid"}`` (the folder is then not the tool's)."""
+    """The marker of ``folder`` (module docstring): a dict with ``kind`` and ``made_by``. None when it has none; a
+    marker that is not one the tool writes reads as ``{"kind": "invalid"}`` (the folder is then not the tool's)."""
     path = Path(folder) / MARKER
     if not path.exists() and not path.is_symlink():
         return None
@@ -76,41 +108,48 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         marker = json.loads(path.read_text())
     except (OSError, ValueError):
         return {"kind": "invalid"}
-    valid = (isinstance(marker, dict) and marker.get("kind") in ("run", "folder", "foreign")
-             and isinstance(marker.get("made_by", ""), str)
-             and (marker.get("kind") != "folder" or (isinstance(marker.get("files"), list)
-                                                     and all(isinstance(f, str) for f in marker["files"]))))
+
+    def strings(key: str) -> bool:
+        return isinstance(marker.get(key), list) and all(isinstance(f, str) for f in marker[key])
+
+    valid = (isinstance(marker, dict) and marker.get("kind") in _KINDS and isinstance(marker.get("made_by", ""), str)
+             and (marker["kind"] != "folder" or strings("files"))
+             and (marker["kind"] != "foreign" or "entries" not in marker or strings("entries")))
     return marker if valid else {"kind": "invalid"}
 
 
-def folder_marker(folder: Path, content: str = "folder", made_by: str = "lora-ranks") -> str:
-    """The marker text of a folder output: what it holds (``content``: "adapter", "model", ...) and every file in
-    it, so that a later replacement can tell whether something was added by hand or is of another kind."""
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
-    return json.dumps({"kind": "folder", "content": content, "made_by": made_by, "files": files}) + "\n"
+def folder_marker(folder: Path, content: str = "folder", made_by: str = "lora-ranks", *,
+                  files: Iterable[str] | None = None, swap_id: str | None = None) -> str:
+    """The marker text of a folder output: what it holds (``content``: "adapter", "model", ...) and every file the
+    tool wrote in it (``files``; default: every file now in ``folder``), so that a later write can tell the tool's
+    files from the user's; ``swap_id`` names the write that made it (``_io.recover_folder`` reads it)."""
+    listed = sorted(files) if files is not None else _files_under(folder)
+    marker = {"kind": "folder", "content": content, "made_by": made_by, "files": listed}
+    return json.dumps({**marker, **({"swap_id": swap_id} if swap_id else {})}) + "\n"
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file and link under ``folder`` (links not followed), relative, but the marker."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [str(Path(root, n).relative_to(folder)) for n in files + [d for d in dirs if Path(root, d).is_symlink()]]
+    return sorted(f for f in found if f != MARKER)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """The files (and links) under ``folder`` that the tool did not write: all of them unless its marker is a folder
+    output's, then those its list leaves out. Relative paths, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    marker = read_marker(folder)
+    written = set(marker["files"]) if marker is not None and marker["kind"] == "folder" else set()
+    return [f for f in _files_under(folder) if f not in written]
 
 
 def _is_run_folder(folder: Path) -> bool:
     marker = read_marker(folder)
-    if marker is not None:
-        return marker["kind"] == "run"
-    return any((folder / s).exists() for s in _RUN_SIGNATURES)
-
-
-#: Names of the files this tool writes into adapter, export and model folders (how an unmarked folder of an earlier
-#: release is told from a folder of the user's that merely holds one such file).
-_TOOL_FILE = re.compile(r"(adapter_config\.json|adapter_model\.safetensors|README\.md|lora_rank_config\.json|"
-                        r"lora_ranks_adapter\.json|extraction_report\.json|export_report\.json|config\.json|"
-                        r"generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
-                        r"tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.(jinja|json)|vocab\.json|"
-                        r"merges\.txt|added_tokens\.json|preprocessor_config\.json|video_preprocessor_config\.json|"
-                        r"processor_config\.json)")
-#: The model and adapter folders a run of an earlier release wrote inside its folder.
-_LAYOUT_FOLDERS = ("pretrained", "finetuned", "half-a", "half-b", "adapter", "warm_start_adapter")
-
-
-def _only_tool_files(folder: Path) -> bool:
-    return all(p.is_file() and not p.is_symlink() and _TOOL_FILE.fullmatch(p.name) for p in folder.iterdir())
+    return marker is not None and marker["kind"] == "run"
 
 
 def _overlap(out: Path, inputs: Inputs) -> str | None:
@@ -122,7 +161,7 @@ def _overlap(out: Path, inputs: Inputs) -> str | None:
             continue
         for o in outs:
             for i in _spellings(given):
-                real = given.resolve()
+                real = _resolved(given)
                 if o == i:
                     return f"is {name} ({real}), an input of this command"
                 if i.is_relative_to(o):
@@ -141,6 +180,10 @@ def _nearest_existing(path: Path) -> Path:
 
 def _shown(entries: list[str]) -> str:
     return ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+
+
+def _entries(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
 
 
 def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | None:
@@ -169,35 +212,38 @@ def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | No
     return None
 
 
-def _replace_problem(target: Path, content: str) -> str | None:
-    """Why replacing the folder ``target`` whole by a folder of ``content`` would take something of the user's;
-    None when it would not."""
+_KEEP_YOURS = "--overwrite never replaces a file this tool did not write: move them or choose another folder"
+
+
+def _replace_problem(target: Path, content: str, overwrite: bool) -> str | None:
+    """Why writing a folder output of ``content`` at the existing folder ``target`` would take something of the
+    user's, as a sentence; None when it would not (module docstring)."""
     entries = sorted(p.name for p in target.iterdir())
     if not entries:
         return None
-    foreign = (f"is a folder this tool did not write, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
-               f"({_shown(entries)})")
     marker = read_marker(target)
-    if marker is None:  # written before markers, or not by this tool
-        if any((target / s).exists() for s in _RUN_SIGNATURES):
-            return "holds a run of this tool, which this command would replace whole"
-        old_output = any((target / s).is_file() for s in _FOLDER_SIGNATURES)
-        old_layout = target.name in _LAYOUT_FOLDERS and any((read_marker(p) or {}).get("kind") == "run"
-                                                            for p in target.parents)
-        return None if (old_output or old_layout) and _only_tool_files(target) else foreign
-    if marker["kind"] == "run":
-        return f"holds a {marker.get('made_by', 'lora-ranks')} run of this tool, which this command would replace whole"
-    if marker["kind"] != "folder":
-        return foreign
-    if marker.get("content", "folder") != content:
+    kind = marker["kind"] if marker else None
+    if kind == "run":
+        return "holds a run of this tool: an adapter or model is never written into a run folder; choose another folder"
+    if kind == "foreign":
+        return "is a folder of yours that a run of this tool wrote into: choose another folder for an adapter or model"
+    if kind in ("invalid", "staging"):
+        return f"holds a {MARKER} file this tool did not write: choose another folder"
+    if kind == "folder" and marker.get("content", "folder") != content and not overwrite:
         held = marker.get("content", "folder")
         return (f"holds {_a(held)} {held} folder of this tool, which this command would replace with {_a(content)} "
-                f"{content}")
-    written = set(marker["files"])
-    added = sorted(str(p.relative_to(target)) for p in target.rglob("*")
-                   if (p.is_file() or p.is_symlink()) and p.name != MARKER and str(p.relative_to(target)) not in written)
-    if added:
-        return f"holds {len(added)} file(s) this tool did not write ({_shown(added)})"
+                f"{content}: choose a new or empty folder, or pass --overwrite to replace it")
+    yours = foreign_files(target)
+    if not yours:
+        return None
+    if not overwrite:
+        what = (f"holds {len(yours)} file(s) this tool did not write ({_shown(yours)})" if kind == "folder" else
+                f"is a folder this tool did not write, holding {_entries(len(entries))} ({_shown(entries)})")
+        return (f"{what}: choose a new or empty folder, or pass --overwrite to write the {content}'s files into it "
+                "(your files stay)")
+    clashes = [f for f in yours if _TOOL_FILE.fullmatch(Path(f).name) and "/" not in f]
+    if clashes:
+        return f"holds {_shown(clashes)}, which this tool did not write and the {content} would replace: {_KEEP_YOURS}"
     return None
 
 
@@ -220,9 +266,10 @@ def _inner_problems(folder: Path) -> str | None:
         marker = read_marker(inner)
         if inner == folder or marker is None or marker["kind"] != "folder":
             continue
-        problem = _replace_problem(inner, marker.get("content", "folder"))
-        if problem:
-            return f"holds {inner}, which {problem.removeprefix('holds ')}: move it out of the run folder first"
+        added = foreign_files(inner)
+        if added:
+            return (f"holds {inner}, which holds {len(added)} file(s) this tool did not write ({_shown(added)}): move "
+                    "them out of the run folder first")
     return None
 
 
@@ -238,18 +285,41 @@ def _probe_writable(folder: Path) -> bool:
     return True
 
 
+def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) -> str | None:
+    """Why a run writing ``entries`` into the existing folder ``out`` would take something of the user's."""
+    present = sorted(p.name for p in out.iterdir())
+    marker = read_marker(out)
+    kind = marker["kind"] if marker else None
+    if not present or kind == "run":
+        return None
+    if kind == "folder":
+        return "is an adapter or model folder of this tool: a run never writes into one; choose another folder"
+    if kind in ("invalid", "staging"):
+        return f"holds a {MARKER} file this tool did not write: choose another folder"
+    if not overwrite:
+        return (f"is a folder this tool did not write, holding {_entries(len(present))} ({_shown(present)}): choose a "
+                "new or empty folder, or pass --overwrite to write the run's outputs into it (your files stay)")
+    made = set(marker.get("entries", ())) if kind == "foreign" else set()
+    clashes = [e for e in entries if e not in made and ((out / e).exists() or (out / e).is_symlink())]
+    if clashes:
+        return f"holds {_shown(clashes)}, which this tool did not write and this run would write over: {_KEEP_YOURS}"
+    return None
+
+
 def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite: bool = False,
-                     folder_output: bool = False, folder_content: str = "adapter", flag: str = "--out") -> Path:
+                     folder_output: bool = False, folder_content: str = "adapter", flag: str = "--out",
+                     entries: tuple[str, ...] = ()) -> Path:
     """Refuse an output that would take anything of the user's (module docstring); returns it resolved.
 
     Args:
         path: the output folder.
         inputs: ``(flag, path)`` of each input of the command (hub ids and unset ones are skipped).
-        overwrite: write into (run folder) or replace (folder output) a folder this tool did not write.
-        folder_output: the output replaces its target whole (an adapter, an export) instead of being written into.
-        folder_content: what a folder output holds ("adapter", "model"): a folder of this tool holding another kind
-            is not replaced.
+        overwrite: write a run's outputs, or a folder output's files, into a folder that holds files of the user's
+            (never replacing one of them).
+        folder_output: the output is a folder output (an adapter, an export, a model) rather than a run folder.
+        folder_content: what a folder output holds ("adapter", "model").
         flag: how the output is named in messages.
+        entries: the top-level names a run writes (``RUN_ENTRIES`` of its flow).
 
     Raises:
         OutputFolderError: naming the output, what is wrong, and the way to proceed.
@@ -260,59 +330,50 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite:
         shown = given.resolve() if given.exists() else shown
         problem = _path_problem(given, list(inputs), folder_output=folder_output)
         out = given.resolve()
-        if problem is None and out.is_dir() and not folder_output:
-            links = _links_inside(out)
-            problem = (f"holds symbolic links ({_shown(links)}) that writes would follow out of it: remove them" if links
-                       else _inner_problems(out))
-    except OSError as exc:  # a name too long for the file system, a path that cannot be listed
-        raise OutputFolderError(f"{flag} {shown} cannot be used: {exc.strerror or exc}") from None
+        if problem is None and out.is_dir():
+            if folder_output:
+                problem = _replace_problem(out, folder_content, overwrite)
+            else:
+                links = _links_inside(out)
+                problem = (f"holds symbolic links ({_shown(links)}) that writes would follow out of it: remove them"
+                           if links else _run_folder_problem(out, overwrite, entries) or _inner_problems(out))
+    except (OSError, RuntimeError) as exc:  # a name too long, a path that cannot be listed, a loop of links
+        raise OutputFolderError(f"{flag} {shown} cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
     if problem:
         raise OutputFolderError(f"{flag} {shown} {problem}")
-    if out.is_dir() and not overwrite:
-        if folder_output:
-            problem = _replace_problem(out, folder_content)
-        elif any(out.iterdir()) and not _is_run_folder(out):
-            entries = sorted(p.name for p in out.iterdir())
-            marker = read_marker(out)
-            kind = ("an adapter or model folder of this tool" if marker and marker["kind"] == "folder"
-                    else "a folder this tool did not write")
-            problem = f"is {kind}, holding {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({_shown(entries)})"
-        if problem:
-            raise OutputFolderError(f"{flag} {out} {problem}: choose a new or empty folder, or pass --overwrite to "
-                                    + ("replace it" if folder_output else "write there anyway"))
     return out
 
 
 def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = (), overwrite: bool = False) -> Path:
-    """``check_output_dir`` for a run folder, then create it. A folder that was absent or empty gets the run marker
-    (later runs, resumes and reruns into it need no ``overwrite``); a non-empty folder of the user's written into
-    with ``overwrite`` does not. Returns the folder."""
+    """``check_output_dir`` for the run folder of flow ``made_by``, then create it. A folder that was absent or empty
+    gets the run marker (later runs, resumes and reruns into it need no ``overwrite``); a non-empty folder of the
+    user's written into with ``overwrite`` gets a "foreign" marker listing the names this run writes there, and stays
+    the user's. Returns the folder."""
     from ._io import atomic_write_text
 
-    out = check_output_dir(path, inputs=inputs, overwrite=overwrite)
+    entries = RUN_ENTRIES[made_by]
+    out = check_output_dir(path, inputs=inputs, overwrite=overwrite, entries=entries)
     fresh = not out.exists() or not any(out.iterdir())
-    ours = not fresh and _is_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fresh or (ours and read_marker(out) is None):  # new, or a run of an earlier release
+    marker = read_marker(out)
+    if fresh:
         atomic_write_text(out / MARKER, json.dumps({"kind": "run", "made_by": made_by}) + "\n")
-    elif not ours and read_marker(out) is None:  # a folder of the user's written into with overwrite: still theirs
-        atomic_write_text(out / MARKER, json.dumps({"kind": "foreign", "made_by": made_by}) + "\n")
+    elif marker is None or marker["kind"] == "foreign":  # a folder of the user's written into with overwrite
+        made = sorted({*(marker or {}).get("entries", ()), *entries})
+        atomic_write_text(out / MARKER, json.dumps({"kind": "foreign", "made_by": made_by, "entries": made}) + "\n")
     return out
 
 
 def check_replaceable(path: str | os.PathLike, overwrite: bool = False, content: str = "folder") -> None:
-    """Refuse to replace ``path`` whole unless it is absent, an empty folder, or a folder output of this tool that
-    holds only what it wrote (or ``overwrite``); a file or a link is never replaced. What ``_io.atomic_folder``
-    checks before it swaps.
+    """Refuse to write a folder output at ``path`` when it would take something of the user's (module docstring):
+    what ``_io.atomic_folder`` checks before its block runs.
 
     Raises:
         OutputFolderError: naming the target and what it holds.
     """
     target = Path(path)
     problem = _path_problem(target, (), folder_output=True)
-    if problem is None and target.is_dir() and not overwrite:
-        problem = _replace_problem(target, content)
-        if problem:
-            problem += ": choose a new or empty folder, or pass --overwrite to replace it"
+    if problem is None and target.is_dir():
+        problem = _replace_problem(target, content, overwrite)
     if problem:
         raise OutputFolderError(f"{Path(os.path.abspath(target))} {problem}")

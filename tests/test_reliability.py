@@ -179,11 +179,11 @@ def test_interrupted_adapter_save_keeps_the_previous_adapter(planted_pair, tmp_p
                                                ("cleanup", "new")])
 def test_atomic_folder_survives_a_crash_at_every_step(tmp_path, monkeypatch, crash_at, survivor):
     """Checkpoint and adapter folders: a crash at any step leaves the complete old or the complete new folder, and
-    the next run (or opening the folder) recovers it, leaving nothing else behind."""
+    the next write of it recovers it, leaving nothing else behind."""
     import os
 
     from lora_ranks import _io
-    from lora_ranks.checkpoints import resolve_model_path
+    from lora_ranks.checkpoints import CheckpointError, resolve_model_path
 
     target = tmp_path / "adapter"
     with _io.atomic_folder(target) as staging:
@@ -212,7 +212,12 @@ def test_atomic_folder_survives_a_crash_at_every_step(tmp_path, monkeypatch, cra
     # At this instant a complete folder exists: under the target name, or (between the renames) both beside it.
     contents = {p.name: (p / "weights").read_text() for p in tmp_path.iterdir() if (p / "weights").is_file()}
     assert survivor in contents.values()
-    assert resolve_model_path(target) == target.resolve()  # opening the folder recovers an interrupted swap
+    if crash_at == "between-renames":  # opening the missing folder names the complete copy and moves nothing
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(CheckpointError, match=r"a write of it was interrupted, and its complete new copy is .*"
+                                                  r"\.adapter\.lora-ranks-[0-9a-f]+\.new"):
+            resolve_model_path(target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    _io.recover_folder(target)  # what the next write of it does first
     assert (target / "weights").read_text() == survivor
-    _io.recover_folder(target)  # what the next write does first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -96,7 +96,11 @@ def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
 
 def _child(send, fn, args) -> None:
     import os
+    import signal
     import warnings
+
+    # A ^C to the terminal's process group is the parent's to handle: it stops this process by PID (no traceback here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # A measurement's output is its result: no download bars, deprecation notes or loading progress.
     os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")

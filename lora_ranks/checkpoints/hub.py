@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from .._io import recover_folder
+from .._io import interrupted_copy
 from ..errors import LoraRanksError
 
 __all__ = ["CheckpointError", "resolve_model_path"]
@@ -32,15 +32,18 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
         CheckpointError: the path is a file, does not exist and is no hub id, or the hub id cannot be resolved.
     """
     path = Path(name_or_path).expanduser()
-    if not path.exists():
-        recover_folder(path)  # a model folder whose atomic replacement a crash interrupted comes back
     if path.is_dir():
         return path.resolve()
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a model folder with config.json")
     if path.is_symlink():
         raise CheckpointError(f"model folder {str(name_or_path)!r} is a symbolic link to {os.readlink(path)}, which "
-                              "does not exist")
+                              "does not exist (or is a loop of links)")
+    copy = interrupted_copy(path)  # named, never moved: a missing input does not make the tool touch its neighbours
+    if copy is not None:
+        raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist: a write of it was interrupted, and "
+                              f"its complete new copy is {copy}; rerun the command that wrote it (it moves the copy "
+                              "in), or rename that folder yourself")
     if not _HUB_ID.fullmatch(str(name_or_path)):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist (and is not a hub id like 'Qwen/Qwen3-8B')")
     from huggingface_hub import snapshot_download

@@ -1,0 +1,142 @@
+"""A command that ends cleanly when interrupted: SIGINT (^C) or SIGTERM, sent to the process or to its group.
+
+What the user sees is one line, ``lora-ranks: interrupted``, and exit status 130 (SIGINT) or 143 (SIGTERM), within
+a few seconds. Before it exits, the command
+
+* stops every process it started (Prefect's temporary API server, measurement workers, multiprocessing's resource
+  tracker), by PID: SIGTERM, then SIGKILL after a grace period;
+* removes the temporary files and staging folders it was writing (``lora_ranks._io.abandon_pending``), so nothing
+  half-written is left; what had finished stays, and a rerun resumes from it;
+* runs the cleanups registered with ``on_interrupt`` (the output folder it created and left empty, its lock).
+
+Two things make this hold however busy the command is:
+
+* Prefect's temporary server runs in a session of its own (``isolate_prefect_server``), so a ^C to the terminal's
+  process group does not kill it under a flow that still needs it (which used to hang for minutes in retries and
+  print hundreds of lines of tracebacks); the command stops it itself.
+* The signal is noticed by a watcher thread (``signal.set_wakeup_fd``), not only by the main thread, which may be
+  inside a long torch call and run Python handlers only after it.
+
+Installed by the command line only (``flows.cli.main`` as the process's command), never in a library or test process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+__all__ = ["install", "on_interrupt", "stop_children", "isolate_prefect_server"]
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: Seconds a child has to end after SIGTERM before it is killed.
+GRACE_SECONDS = 3.0
+
+_cleanups: list[Callable[[], None]] = []
+_stopping = threading.Lock()
+
+
+def on_interrupt(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` (quick, never raising for long) when the command is interrupted, before it exits."""
+    _cleanups.append(cleanup)
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM as the module docstring says. Call from the main thread, before any work."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    for sig in EXIT_STATUS:
+        signal.signal(sig, _handler)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(read_end,), name="lora-ranks-interrupts", daemon=True).start()
+
+
+def _handler(signum, frame) -> None:  # the main thread, when it next runs Python
+    _stop(signum)
+
+
+def _watch(read_end: int) -> None:  # a thread of its own: runs even while the main thread is in a long C call
+    while True:
+        try:
+            data = os.read(read_end, 64)
+        except InterruptedError:
+            continue
+        for signum in data:
+            if signum in EXIT_STATUS:
+                _stop(signum)
+
+
+def _stop(signum: int) -> None:
+    if not _stopping.acquire(blocking=False):  # the other path is already stopping: let it finish and exit
+        if threading.current_thread() is threading.main_thread():
+            threading.Event().wait()
+        return
+    try:
+        print("\nlora-ranks: interrupted", file=sys.stderr, flush=True)  # a progress bar may hold the line
+        # Nothing Prefect or a library logs from here on reaches the terminal.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        stop_children()
+        from lora_ranks._io import abandon_pending
+
+        abandon_pending()
+        for cleanup in reversed(_cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+    finally:
+        os._exit(EXIT_STATUS[signum])
+
+
+def stop_children(grace: float = GRACE_SECONDS) -> list[int]:
+    """Stop every process this one started (recursively), by PID: SIGTERM, then SIGKILL for those still running
+    after ``grace`` seconds. Returns their PIDs."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:  # e.g. multiprocessing's resource tracker, which ignores SIGTERM
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=2)
+    return [c.pid for c in children]
+
+
+def isolate_prefect_server() -> None:
+    """Start Prefect's temporary API server (when a flow starts it) in a session of its own, out of reach of a ^C
+    to the terminal's process group: the command stops it, by PID, when it ends or is interrupted. Prefect keeps
+    one server instance per port; the ephemeral API uses the one of port None, which this patches."""
+    import subprocess
+
+    from prefect.server.api import server
+
+    instance = server.SubprocessASGIServer()
+    start = instance._run_uvicorn_command  # Prefect's own command line and environment, unchanged
+
+    def start_in_own_session():
+        popen = subprocess.Popen
+        subprocess.Popen = _own_session(popen)
+        try:
+            return start()
+        finally:
+            subprocess.Popen = popen
+
+    instance._run_uvicorn_command = start_in_own_session
+
+
+def _own_session(popen):
+    def in_own_session(*args, **kwargs):
+        return popen(*args, start_new_session=True, **kwargs)
+
+    return in_own_session
+

@@ -1,0 +1,78 @@
+"""One command per output at a time: an advisory lock on each output path while a command writes it.
+
+The lock is a file under the tool's cache (``$LORA_RANKS_CACHE/locks``, default ``~/.cache/lora-ranks/locks``),
+named by a hash of the output's resolved path, never a file in the user's folders. ``fcntl.flock`` holds it: the
+kernel releases it when the process ends however it ends, so a crash leaves no stale lock. The file records the
+holder (PID, command, start time) for the message a second command gets. Locks are per machine: two machines writing
+one network folder are not serialized.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import LoraRanksError
+
+__all__ = ["OutputBusyError", "output_lock", "lock_folder"]
+
+
+class OutputBusyError(LoraRanksError):
+    """Another command of this tool is writing the same output (named in the message, with its PID)."""
+
+
+def lock_folder() -> Path:
+    """Where the lock files are: ``$LORA_RANKS_CACHE/locks`` (default ``~/.cache/lora-ranks/locks``)."""
+    root = os.environ.get("LORA_RANKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-ranks")
+    return Path(root) / "locks"
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> Iterator[None]:
+    """Hold the lock of output ``path`` for the block.
+
+    Raises:
+        OutputBusyError: another process holds it: one line naming the output and that process.
+    """
+    real = os.path.realpath(path)
+    folder = lock_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise OutputBusyError(f"{flag} {real} is being written by another lora-ranks command ({holder}): wait for "
+                                  "it to end, or choose another folder") from None
+        try:  # the holder before us may have unlinked the file between our open and our lock: take the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "output": real,
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the unlock: a waiter that opened it sees the inode change and retries
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"lora-ranks {info['command']}, PID {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its PID unknown"

@@ -1,0 +1,151 @@
+"""^C and SIGTERM in the middle of a command, sent as a terminal or a supervisor sends them (to the process group, or
+to the process alone): one line, ``lora-ranks: interrupted``, exit 130 / 143 within 10 s, no traceback, every process
+the command started gone (checked by PID), and no staging folder or temporary file left behind."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """The demo's base (with its tokenizer), demo records, a uniform rank-2 config of it."""
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.config import save_rank_config
+    from lora_ranks.evidence.experiment import config_from_ranks, uniform_ranks
+    from lora_ranks.synthetic import DEMO_BASE, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("interrupts")
+    data = write_synthetic_dataset(root / "data.jsonl", 16)
+    modules = CheckpointPair(DEMO_BASE, DEMO_BASE).modules()
+    config = save_rank_config(root / "uniform.json", config_from_ranks(modules, uniform_ranks(modules, 2), 10**6))
+    return root, str(DEMO_BASE), str(data), str(config)
+
+
+def _interrupt(args: list[str], cwd: Path, ready: str, sig: int, *, group: bool, server: bool = True,
+               child: str | None = None) -> tuple[int, float, str]:
+    """Start ``lora-ranks ARGS`` in a process group of its own (as a shell job), wait until its stderr matches
+    ``ready`` (and, with ``child``, until a process it started has a command line matching it), note every process
+    it started, send ``sig`` (to the group or the process), and check that all of them are gone. Returns (exit
+    status, seconds from the signal to the exit, stderr)."""
+    exe = Path(sys.executable).with_name("lora-ranks")
+    err_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([str(exe), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(ready, err_path.read_text()) or (child and not any(
+                re.search(child, " ".join(p.cmdline())) for p in psutil.Process(proc.pid).children(recursive=True))):
+            assert proc.poll() is None, f"ended before {ready!r}: {err_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"never reached {ready!r}: {err_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        if server:  # the case the issue found: Prefect's temporary server under the flow
+            assert any("uvicorn" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
+        sent = time.monotonic()
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        status = proc.wait(timeout=10)
+        seconds = time.monotonic() - sent
+        _, alive = psutil.wait_procs(started, timeout=1)
+        assert not alive, f"left running: {[(p.pid, p.cmdline()) for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return status, seconds, err_path.read_text()
+
+
+def _assert_clean(status: int, stderr: str, sig: int, out: Path) -> None:
+    assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "lora-ranks: interrupted", stderr[-3000:]
+    left = [p for p in out.parent.rglob("*") if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]
+    assert not left, left
+
+
+def test_finetune_on_ctrl_c_to_its_group(setting):
+    root, base, data, _ = setting
+    out = root / "finetune"
+    status, seconds, stderr = _interrupt(["finetune", "--model", base, "--data", data, "--out", str(out),
+                                          "--max-steps", "500", "--subset-ratio", "1", "--batch-size", "2"],
+                                         root, r"preliminary fine-tune: .*\d+/\d+", signal.SIGINT, group=True)
+    _assert_clean(status, stderr, signal.SIGINT, out)
+    assert seconds < 10
+
+
+def test_train_on_sigterm_to_the_process(setting):
+    root, base, data, config = setting
+    out = root / "train"
+    status, seconds, stderr = _interrupt(["train", "--model", base, "--lora-config", config, "--data", data, "--out",
+                                          str(out), "--init", "cold", "--max-steps", "500", "--batch-size", "2"],
+                                         root, r"\d+/\d+ \[", signal.SIGTERM, group=False)
+    _assert_clean(status, stderr, signal.SIGTERM, out)
+    assert seconds < 10
+
+
+def test_check_on_sigterm_to_its_group_stops_the_measuring_worker(setting):
+    root, base, _, config = setting
+    out = root / "check"
+    status, seconds, stderr = _interrupt(["check", "--model", base, "--lora-config", config, "--out", str(out),
+                                          "--latency-repeats", "10000", "--seq-len", "64"], root,
+                                         r"check-inputs-\w+' - Finished", signal.SIGTERM, group=True,
+                                         child="multiprocessing.spawn")
+    _assert_clean(status, stderr, signal.SIGTERM, out)
+    assert seconds < 10
+
+
+def test_analyze_on_ctrl_c_to_the_process(setting, planted_pair):
+    root = setting[0]
+    out = root / "analyze"
+    status, seconds, stderr = _interrupt(["analyze", "--base", str(planted_pair[0]), "--finetuned",
+                                          str(planted_pair[1]), "--out", str(out)], root,
+                                         r"Created task run|Beginning|discover", signal.SIGINT, group=False)
+    _assert_clean(status, stderr, signal.SIGINT, out)
+    assert seconds < 10
+
+
+def test_export_in_the_middle_of_writing(setting, tmp_path):
+    """export runs no flow: interrupted while it writes its staging folder (slowed down here, so the signal lands
+    there), it leaves no staging folder, and the target it was replacing is untouched."""
+    root, base, data, config = setting
+    from lora_ranks.extract import extract_lora
+    from lora_ranks.synthetic import write_planted_pair
+
+    pair = write_planted_pair(tmp_path / "b", tmp_path / "f", planted_rank=2)
+    from lora_ranks.analysis import analyze_checkpoints
+    from lora_ranks.settings import AllocationSettings
+
+    analyze_checkpoints(*pair, tmp_path / "run", settings=AllocationSettings(min_rank=1, max_rank=8))
+    adapter = extract_lora(*pair, tmp_path / "run" / "configs" / "lora_rank_config.json", tmp_path / "adapter")
+    assert adapter
+    slow = tmp_path / "slow_export.py"  # the real command, with a pause inside the staging block
+    slow.write_text("import sys, time\nimport lora_ranks._io as io\nreal = io.atomic_write_json\n"
+                    "def paused(path, obj):\n    real(path, obj)\n    print('writing', file=sys.stderr, flush=True)\n"
+                    "    time.sleep(60)\n"
+                    "io.atomic_write_json = paused\nimport lora_ranks.export as export\nexport.atomic_write_json = paused\n"
+                    "from flows.cli import main\nsys.argv[0] = 'lora-ranks'\nsys.exit(main())\n")
+    exe = Path(sys.executable)
+    proc = subprocess.Popen([str(exe), str(slow), "export", str(tmp_path / "adapter"), "--out", str(tmp_path / "exp")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    line = ""
+    while "writing" not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    status = proc.wait(timeout=10)
+    rest = proc.stderr.read()
+    assert status == 130 and rest.strip().splitlines()[-1] == "lora-ranks: interrupted", rest
+    assert not (tmp_path / "exp").exists()
+    assert not [p for p in tmp_path.iterdir() if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]

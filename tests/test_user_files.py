@@ -1,0 +1,317 @@
+"""Nothing of the user's is lost, with or without --overwrite (issue: a sweep of every subcommand as a new user):
+--overwrite writes the tool's files into a folder and never deletes, replaces or moves one it did not write; folders
+beside a path that merely look like the tool's temporary ones are never touched; a folder is the tool's only if its
+marker says so; counts, seeds, ranks and alphas out of range, Prefect settings that cannot work, a full disk, a second
+command on the same output and the smaller cases of the sweep each end in one line, exit 2, before any work."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from lora_ranks.analysis import analyze_checkpoints
+from lora_ranks.extract import extract_lora
+from lora_ranks.outputs import MARKER, claim_output_dir, read_marker
+from lora_ranks.settings import AllocationSettings
+from lora_ranks.synthetic import write_planted_pair, write_synthetic_dataset
+
+SETTINGS = AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=16, smoothing="none")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A planted pair (2 layers, 64 wide), its run (marked, as the command's are), rank config and adapter, data."""
+    root = tmp_path_factory.mktemp("user-files")
+    base, ft = write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8), noise=1e-3)
+    claim_output_dir(root / "run", "svd-analysis")
+    analyze_checkpoints(base, ft, root / "run", settings=SETTINGS)
+    extract_lora(base, ft, root / "run" / "configs" / "lora_rank_config.json", root / "adapter")
+    write_synthetic_dataset(root / "data.jsonl", 4)
+    return root
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ones too): sha256 of a file, "dir", or a link's target."""
+    def fingerprint(p: Path) -> str:
+        if p.is_symlink():
+            return "link to " + str(p.readlink())
+        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+
+    return {str(p.relative_to(root)): fingerprint(p) for p in sorted(root.rglob("*"))}
+
+
+def _main(argv: list) -> int:
+    return main([str(a) for a in argv])
+
+
+def _refused(capsys, argv: list, fragment: str, untouched: Path) -> str:
+    """One line, exit 2, naming ``fragment``; nothing under ``untouched`` changed."""
+    capsys.readouterr()  # what earlier commands of the test printed
+    before = _digest(untouched)
+    assert _main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and lines[0].startswith("lora-ranks: error: "), captured.err
+    assert fragment in lines[0], lines[0]
+    assert _digest(untouched) == before
+    return lines[0]
+
+
+def _users_project(root: Path) -> Path:
+    (root / "results").mkdir(parents=True)
+    (root / "notes.txt").write_text("my notes\n")
+    (root / "experiment.log").write_text("epoch 1\n")
+    (root / "results" / "table.csv").write_text("a,b\n1,2\n")
+    return root
+
+
+def test_overwrite_into_a_users_folder_keeps_every_file_of_theirs(ws, tmp_path, capsys):
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    extract = ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config", config]
+    project = _users_project(tmp_path / "project")
+    theirs = _digest(project)
+    assert _main([*extract, "--out", project, "--overwrite"]) == 0
+    after = _digest(project)
+    assert all(after[name] == digest for name, digest in theirs.items())  # every file of theirs, byte for byte
+    assert (project / "adapter_config.json").is_file() and read_marker(project)["kind"] == "folder"
+    data = tmp_path / "data"  # a folder that is not even an input of extract
+    data.mkdir()
+    shutil.copy(ws / "data.jsonl", data / "train.jsonl")
+    assert _main([*extract, "--out", data, "--overwrite"]) == 0
+    assert (data / "train.jsonl").read_bytes() == (ws / "data.jsonl").read_bytes()
+    # The user's model: --overwrite never replaces its config or weights (one line, before any work).
+    pair = Path(shutil.copytree(ws / "ft", tmp_path / "pair" / "finetuned"))
+    (pair / "notes.txt").write_text("mine\n")
+    _refused(capsys, ["export", ws / "adapter", "--format", "merged", "--out", pair, "--overwrite"],
+             "holds config.json, generation_config.json, model.safetensors, which this tool did not write", tmp_path)
+    _refused(capsys, [*extract, "--out", pair, "--overwrite"], "which this tool did not write", tmp_path)
+    # A tool-named file the preflight cannot foresee is caught at the swap, and nothing moves.
+    capsys.readouterr()
+
+
+def test_overwrite_replaces_the_tools_own_files_and_removes_its_stale_ones(ws, tmp_path, capsys):
+    project = _users_project(tmp_path / "project")
+    assert _main(["export", ws / "adapter", "--out", project, "--overwrite"]) == 0
+    files = set(read_marker(project)["files"])
+    assert "export_report.json" in files and "notes.txt" not in files
+    (project / "export_report.json").write_text("edited by hand: the tool's file, replaced by the next export\n")
+    assert _main(["export", ws / "adapter", "--out", project, "--overwrite"]) == 0
+    assert json.loads((project / "export_report.json").read_text())["format"] == "uniform"
+    assert (project / "notes.txt").read_text() == "my notes\n"
+    capsys.readouterr()
+
+
+def test_lookalike_temporary_folders_are_never_touched(ws, tmp_path, capsys):
+    """A missing path never makes the tool rename, delete or use a folder beside it named like its temporary ones."""
+    backups = tmp_path / "backups"
+    for name in (".model2.new", ".ft3.old", ".adapter2.old", ".adapter2.lora-ranks-0123456789ab.new",
+                 ".adapter2.lora-ranks-0123456789ab.old"):
+        shutil.copytree(ws / "ft", backups / name)
+        (backups / name / "notes.txt").write_text("a backup of mine\n")
+    _refused(capsys, ["analyze", "--base", backups / "model2", "--finetuned", ws / "ft", "--out", tmp_path / "o"],
+             "does not exist", tmp_path)
+    _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", backups / "ft3", "--out", tmp_path / "o"],
+             "does not exist", tmp_path)
+    _refused(capsys, ["train", "--model", backups / "model2", "--lora-config", ws / "run/configs/lora_rank_config.json",
+                      "--data", ws / "data.jsonl", "--out", tmp_path / "o"], "does not exist", tmp_path)
+    before = _digest(backups)
+    assert _main(["export", ws / "adapter", "--out", backups / "adapter2"]) == 0
+    capsys.readouterr()
+    after = _digest(backups)
+    assert {k: v for k, v in after.items() if not k.startswith("adapter2")} == before
+
+
+def test_a_folder_is_the_tools_only_if_its_marker_says_so(ws, tmp_path, capsys):
+    """A layout that looks like a run of this tool, without the marker, is the user's: refused without --overwrite,
+    and with it the names the run would write over are refused (a hand-edited config, the user's own report)."""
+    legacy = Path(shutil.copytree(ws / "run", tmp_path / "legacy"))
+    (legacy / MARKER).unlink()
+    (legacy / "configs" / "lora_rank_config.json").write_text('{"hand": "edited"}\n')
+    analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", legacy]
+    _refused(capsys, analyze, "is a folder this tool did not write", tmp_path)
+    _refused(capsys, [*analyze, "--overwrite"], "holds configs, analysis_outputs, which this tool did not write and "
+                                                "this run would write over", tmp_path)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "check_report.json").write_text('{"mine": true}\n')
+    check = ["check", "--model", ws / "base", "--lora-config", ws / "run/configs/lora_rank_config.json", "--out", reports]
+    _refused(capsys, check, "is a folder this tool did not write", tmp_path)
+    _refused(capsys, [*check, "--overwrite"], "holds check_report.json, which this tool did not write", tmp_path)
+    assert read_marker(legacy) is None and read_marker(reports) is None  # not claimed either
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["finetune", "--model", "{base}", "--data", "{data}", "--out", "{new}", "--seed", str(2**64)],
+     "--seed 18446744073709551616: input should be less than or equal to 4294967295"),
+    (["compare", "--model", "{base}", "--data", "{data}", "--out", "{new}", "--seeds", "0", str(2**70)],
+     "seeds must be at most 4294967295"),
+    (["train", "--model", "{base}", "--lora-config", "{config}", "--data", "{data}", "--out", "{new}",
+      "--grad-accumulation", str(10**9)], "--grad-accumulation 1000000000: input should be less than or equal to 1024"),
+    (["train", "--model", "{base}", "--lora-config", "{config}", "--data", "{data}", "--out", "{new}",
+      "--batch-size", str(10**6)], "--batch-size 1000000: input should be less than or equal to 4096"),
+    (["check", "--model", "{base}", "--lora-config", "{config}", "--out", "{new}", "--latency-repeats", str(10**18)],
+     "less than or equal to 10000"),
+    (["analyze", "--base", "{base}", "--finetuned", "{ft}", "--out", "{new}", "--alpha-scale", "1e300"],
+     "--alpha-scale 1e300: input should be less than or equal to 1000"),
+    (["extract", "--base", "{base}", "--finetuned", "{ft}", "--config", "{big}", "--out", "{new}"],
+     "rank 300 is larger than its smaller side (shape (64, 64))"),
+    (["train", "--model", "{base}", "--lora-config", "{huge}", "--data", "{data}", "--out", "{new}"],
+     "rank 1000000000 is larger than its smaller side"),
+    (["check", "--model", "{base}", "--lora-config", "{big}", "--out", "{new}"], "rank 300 is larger than"),
+    (["extract", "--base", "{base}", "--finetuned", "{ft}", "--config", "{negative}", "--out", "{new}"],
+     "lora_alpha must be a positive number, got -8"),
+    (["finetune", "--model", "{base}", "--data", "{fifo}", "--out", "{new}"], "is not a regular file"),
+    (["finetune", "--model", "{base}", "--data", "/dev/null", "--out", "{new}"], "is not a regular file"),
+    (["analyze", "--base", "{loop}", "--finetuned", "{ft}", "--out", "{new}"], "or is a loop of links"),
+    (["train", "--model", "{base}", "--lora-config", "{config}", "--data", "{data}", "--out", "{ft}", "--overwrite"],
+     "is the rank config's fine-tuned model"),
+])
+def test_out_of_range_and_odd_inputs_are_one_line_before_any_work(ws, tmp_path, capsys, argv, fragment):
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    raw = json.loads(config.read_text())
+    name = raw["target_modules"][0]
+    key = next(k for k in raw["rank_pattern"] if k.endswith(name.replace(".", "\\.")))
+
+    def edited(path: Path, **changes) -> Path:
+        text = json.loads(config.read_text())
+        for rank in changes.pop("rank", ()):
+            text["rank_pattern"][key] = text["analysis_metadata"]["modules"][name]["final_rank"] = rank
+        text.update(changes)
+        path.write_text(json.dumps(text))
+        return path
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    values = {"base": ws / "base", "ft": ws / "ft", "data": ws / "data.jsonl", "config": config, "new": tmp_path / "new",
+              "fifo": tmp_path / "fifo", "loop": tmp_path / "loop-a", "big": edited(tmp_path / "big.json", rank=[300]),
+              "huge": edited(tmp_path / "huge.json", rank=[10**9]),
+              "negative": edited(tmp_path / "negative.json", lora_alpha=-8)}
+    _refused(capsys, [a.format(**values) for a in argv], fragment, ws)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_empty_device_means_automatic():
+    from lora_ranks.settings import AnalysisSettings, CheckSettings
+
+    assert AnalysisSettings(device="").device is None and CheckSettings(device="").device is None
+
+
+def test_a_second_command_on_the_same_output_is_refused(ws, tmp_path, capsys):
+    from lora_ranks.locks import output_lock
+
+    with output_lock(tmp_path / "exp", "export"):  # what a running export holds
+        line = _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "exp"],
+                        "is being written by another lora-ranks command (lora-ranks export, PID", tmp_path)
+    assert str(os.getpid()) in line
+    assert _main(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")]) == 0  # released: it runs
+    capsys.readouterr()
+
+
+def test_export_merged_copies_the_models_files_not_the_users(ws, tmp_path, capsys):
+    base = Path(shutil.copytree(ws / "base", tmp_path / "base"))
+    (base / "notes.txt").write_text("mine\n")
+    (base / "tokenizer_config.json").write_text("{}\n")
+    assert _main(["export", str(ws / "adapter"), "--format", "merged", "--base", str(base), "--out",
+                 str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    names = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert "tokenizer_config.json" in names and "notes.txt" not in names
+
+
+def _cli(args: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lora-ranks")
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_line(done: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0], done.stdout + done.stderr
+
+
+def test_prefect_settings_that_cannot_work_are_refused_before_any_work(ws, tmp_path):
+    (tmp_path / "home-file").write_text("x\n")
+    analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "new"]
+    _one_line(_cli(analyze, tmp_path, {"PREFECT_HOME": str(tmp_path / "home-file")}),
+              f"PREFECT_HOME {tmp_path / 'home-file'} is a file, not a folder")
+    _one_line(_cli(analyze, tmp_path, {"PREFECT_API_URL": "http://127.0.0.1:9/api"}),
+              "the Prefect server of PREFECT_API_URL http://127.0.0.1:9/api does not answer")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_deleted_working_folder(ws, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    exe = Path(sys.executable).with_name("lora-ranks")
+    done = subprocess.run(f"cd {gone} && rmdir {gone} && {exe} analyze --base {ws / 'base'} --finetuned {ws / 'ft'} "
+                          f"--out {tmp_path / 'new'}", shell=True, capture_output=True, text=True, timeout=120)
+    _one_line(done, "the current folder no longer exists")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB file system (tmpfs; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_disk, capsys):
+    # Foreseen: a merged model larger than the free space is refused before any work.
+    _refused(capsys, ["export", ws / "adapter", "--format", "merged", "--out", tiny_disk / "merged"],
+             "takes about 0 MiB, but its file system has 0 MiB free", tiny_disk)
+    # Not foreseen: the disk fills while the adapter is written (a filler leaves less room than it needs).
+    (tiny_disk / "filler").write_bytes(b"\0" * (240 * 1024))
+    _refused(capsys, ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config",
+                      ws / "run/configs/lora_rank_config.json", "--out", tiny_disk / "adapter"],
+             f"no space left on the device of {tiny_disk / 'adapter'}", tiny_disk)
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_run_entries_cover_every_path_of_the_layouts():
+    """``outputs.RUN_ENTRIES`` (what --overwrite lets a run write into a folder of the user's) names every top-level
+    path the flows' layouts give: a path outside it would be written without the check."""
+    import inspect
+
+    from lora_ranks.analysis import OutputLayout
+    from lora_ranks.check import REPORT_NAME
+    from lora_ranks.evidence.comparison import ComparisonLayout
+    from lora_ranks.outputs import RUN_ENTRIES
+    from lora_ranks.train import TrainLayout
+
+    def top_level(layout) -> set[str]:
+        names = set()
+        for name, member in inspect.getmembers(type(layout)):
+            if name.startswith("_"):
+                continue
+            if isinstance(member, property):
+                value = getattr(layout, name)
+            elif inspect.isfunction(member) and list(inspect.signature(member).parameters)[1:] in (["label"],
+                                                                                                 ["label", "seed"]):
+                value = member(layout, *(["x", 0][: len(inspect.signature(member).parameters) - 1]))
+            else:
+                continue
+            if isinstance(value, Path) and value != layout.root:
+                names.add(value.relative_to(layout.root).parts[0])
+            elif hasattr(value, "root"):  # a nested layout (the comparison's analysis)
+                names.add(value.root.relative_to(layout.root).parts[0])
+        return names
+
+    root = Path("/run")
+    assert top_level(OutputLayout(root)) <= set(RUN_ENTRIES["svd-analysis"])
+    assert {"demo_inputs", "saved_models"} <= set(RUN_ENTRIES["preliminary-finetune"])
+    assert top_level(TrainLayout(root)) == set(RUN_ENTRIES["train-dynamic-lora"])
+    assert top_level(ComparisonLayout(root)) <= set(RUN_ENTRIES["compare-allocations"])
+    assert "runs" in top_level(ComparisonLayout(root)) and "warm" in top_level(ComparisonLayout(root))
+    assert RUN_ENTRIES["check-config"] == (REPORT_NAME,)
