@@ -75,12 +75,18 @@ def _stop(signum: int) -> None:
             threading.Event().wait()
         return
     try:
-        print("\nlora-ranks: interrupted", file=sys.stderr, flush=True)  # a progress bar may hold the line
-        # Nothing Prefect or a library logs from here on reaches the terminal.
+        # Nothing Prefect or a library logs from here on reaches the terminal (other threads may be logging the
+        # crash this very moment): the terminal is swapped for /dev/null first, then the one line goes to it.
+        terminal = None
         with contextlib.suppress(OSError):
+            terminal = os.dup(2)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
+        if terminal is not None:  # a progress bar may hold the line: start a new one
+            os.write(terminal, b"\nlora-ranks: interrupted\n")
+        else:
+            print("\nlora-ranks: interrupted", file=sys.stderr, flush=True)
         stop_children()
         from lora_ranks._io import abandon_pending
 

@@ -100,12 +100,18 @@ def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, 
     assert len(files) > 5
     for path in files:
         assert sentinel.encode() not in path.read_bytes(), path
-    with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.parameters.get("output_dir") == str(tmp_path / "out")]
-        artifacts = client.read_artifacts()
-        logs = client.read_logs()
-    assert len(runs) == 1 and runs[0].state.is_completed()
-    assert any(a.flow_run_id == runs[0].id for a in artifacts) and any(log.flow_run_id == runs[0].id for log in logs)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:  # the newest runs, and this run's logs: the API pages by 200
+        runs = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
+                if r.parameters.get("output_dir") == str(tmp_path / "out")]
+        assert len(runs) == 1
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
+    assert runs[0].state.is_completed()
+    assert artifacts and logs
     assert all(sentinel not in str(a.data) for a in artifacts)
     assert all(sentinel not in log.message for log in logs)
 
