@@ -142,7 +142,27 @@ def isolate_prefect_server() -> None:
 
 def _own_session(popen):
     def in_own_session(*args, **kwargs):
-        return popen(*args, start_new_session=True, **kwargs)
+        # Out of the group's reach, it must still end with this process however that ends (SIGKILL included): the
+        # kernel sends it SIGTERM when the thread that started it ends, so only the main thread (the process's life)
+        # arms that.
+        armed = threading.current_thread() is threading.main_thread()
+        return popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None, **kwargs)
 
     return in_own_session
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies (``prctl(PR_SET_PDEATHSIG)``); None
+    elsewhere. The C function is looked up here, in the parent: the child, between fork and exec, only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return arm
 

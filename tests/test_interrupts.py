@@ -57,7 +57,7 @@ def _interrupt(args: list[str], cwd: Path, ready: str, sig: int, *, group: bool,
         os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         status = proc.wait(timeout=10)
         seconds = time.monotonic() - sent
-        _, alive = psutil.wait_procs(started, timeout=1)
+        _, alive = psutil.wait_procs(started, timeout=5)
         assert not alive, f"left running: {[(p.pid, p.cmdline()) for p in alive]}"
     finally:
         if proc.poll() is None:
@@ -69,7 +69,8 @@ def _assert_clean(status: int, stderr: str, sig: int, out: Path) -> None:
     assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
     assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "lora-ranks: interrupted", stderr[-3000:]
-    left = [p for p in out.parent.rglob("*") if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]
+    near = [*out.rglob("*"), *out.parent.glob(f".{out.name}*")] if out.exists() else [*out.parent.glob(f".{out.name}*")]
+    left = [p for p in near if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]
     assert not left, left
 
 
@@ -81,6 +82,16 @@ def test_finetune_on_ctrl_c_to_its_group(setting):
                                          root, r"preliminary fine-tune: .*\d+/\d+", signal.SIGINT, group=True)
     _assert_clean(status, stderr, signal.SIGINT, out)
     assert seconds < 10
+
+
+def test_a_command_killed_outright_takes_its_prefect_server_with_it(setting):
+    """SIGKILL gives the command no chance to stop anything: the server it started (in a session of its own, out of
+    reach of a ^C to the group) still ends, because the kernel signals it when its parent dies."""
+    root, base, data, _ = setting
+    status, _, _ = _interrupt(["finetune", "--model", base, "--data", data, "--out", str(root / "killed"),
+                               "--max-steps", "500", "--subset-ratio", "1", "--batch-size", "2"],
+                              root, r"preliminary fine-tune: .*\d+/\d+", signal.SIGKILL, group=False)
+    assert status == -signal.SIGKILL
 
 
 def test_train_on_sigterm_to_the_process(setting):
