@@ -140,6 +140,31 @@ def validate_peft_model(model: torch.nn.Module, config: DynamicLoRAConfig, adapt
         raise DynamicLoRAError(list_problems(f"PEFT model does not match {config.source}", problems))
 
 
+def lora_config(rank_config: RankConfig | Mapping | str | Path, *, model: torch.nn.Module | str | Path | None = None,
+                **overrides: Any):
+    """The ``peft.LoraConfig`` of a rank config, for any trainer that takes one (TRL's ``SFTTrainer(peft_config=)``,
+    ``get_peft_model``): the target modules, each module's rank and alpha (``rank_pattern`` and ``alpha_pattern``,
+    anchored so that one key matches one module) and rsLoRA's scale, as recorded. The adapters start at PEFT's init
+    (B = 0); to start from lora-ranks' warm start instead, load the adapter folder ``lora-ranks extract`` writes with
+    ``PeftModel.from_pretrained(base, folder, is_trainable=True)`` (docs/trainers.md).
+
+    Args:
+        rank_config: ``lora_rank_config.json`` (a path), or the config itself.
+        model: the model (a module, or a model folder, built on the meta device) the config must fit; checked first
+            when given.
+        overrides: any ``LoraConfig`` field (``lora_dropout`` defaults to ``LoRATrainingSettings.lora_dropout``, what
+            ``lora-ranks train`` uses).
+
+    Raises:
+        RankConfigError: not a valid rank config; or, with ``model``, modules the model lacks or has at other shapes,
+            listed.
+    """
+    config = _as_config(rank_config)
+    if model is not None:
+        check_config_matches_model(config.rank_config, model)
+    return config.to_peft_config(**overrides)
+
+
 def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | RankConfig | Mapping | str | Path,
                                   adapter_name: str = "default", **lora_overrides: Any):
     """Wrap ``model`` in a PEFT model with the config's ranks, after checking the config fits the model.
