@@ -27,10 +27,10 @@ from tasks.check import (  # noqa: E402
     measure_training_step_task,
     write_check_report_task,
 )
-from tasks.outputs import claim_output_task  # noqa: E402
+from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 
 
-@flow(name="check-config")
+@flow(name="check-config", **RECORD_OUTPUTS)
 @documented
 def check_config_flow(
     model: Annotated[str, described(INPUT_HELP["base_model"])],

@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         from flows import interrupts
 
         interrupts.install()
+    from flows._runtime import apply_defaults
+
+    apply_defaults()  # Prefect's defaults, before anything (the preflight's Prefect check) imports Prefect
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["LORA_RANKS_DEBUG"] = "1"
@@ -226,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(output_lock(_output_of(args.command, inputs), args.command))
             if _STOP_SERVER:
                 from flows import interrupts
+                from lora_ranks.locks import lock_file
+                from lora_ranks.outputs import record_made_entries
 
+                out = _output_of(args.command, inputs)
+                interrupts.on_interrupt(lambda: lock_file(out).unlink(missing_ok=True))
                 interrupts.on_interrupt(lambda: _remove_if_empty(new_output))
+                if args.command in FLOW_OF:  # the flow's own hook does not run when the process exits here
+                    interrupts.on_interrupt(lambda: record_made_entries(out))
                 if args.command in FLOW_OF:
                     interrupts.isolate_prefect_server()
             lines = _run(args.command, inputs, settings)
@@ -298,6 +307,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.synthetic import DEMO_MODEL
 
         records = load_records(inputs["data_path"])  # every record (and image), with file:line on the first bad one
+        _check_steps_fit(command, records, settings)
         model = inputs.get("model") or inputs["base_model"]
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
@@ -393,6 +403,21 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         _check_prefect()
 
 
+def _check_steps_fit(command: str, records: list[dict], settings: dict) -> None:
+    """A training step fits in the records it trains on (``finetune.check_step_fits``): the fine-tune's on its
+    stratified subset, a LoRA's on every record."""
+    from lora_ranks.data import stratified_subset
+    from lora_ranks.finetune import check_step_fits
+
+    if "finetune" in settings and command in ("finetune", "compare"):
+        tune = settings["finetune"]
+        subset, _ = stratified_subset(records, tune.subset_ratio, tune.max_samples, seed=tune.seed,
+                                      task_key=tune.task_key)
+        check_step_fits(len(subset), tune, "the brief fine-tune")
+    if "training" in settings and command in ("train", "compare"):
+        check_step_fits(len(records), settings["training"], "LoRA training")
+
+
 def _check_prefect() -> None:
     """Prefect can run: its home (PREFECT_HOME) is, or can be, a folder, and a server named by PREFECT_API_URL (the
     environment's or the Prefect profile's) answers: a bad setting ends here, not minutes into a flow."""
@@ -406,9 +431,11 @@ def _check_prefect() -> None:
             where = "is a file" if existing == path else f"lies under a file ({existing})"
             raise LoraRanksError(f"PREFECT_HOME {path} {where}, not a folder: point it at a folder (Prefect keeps its "
                                  "database there), or unset it")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise LoraRanksError(f"PREFECT_HOME {path} cannot be written (no write permission on {existing}): point it "
-                                 "at a folder of yours, or unset it")
+        from lora_ranks.outputs import probe_writable
+
+        if not os.access(existing, os.W_OK | os.X_OK) or not probe_writable(existing):  # root passes access on /proc
+            raise LoraRanksError(f"PREFECT_HOME {path} cannot be written (no folder can be created in {existing}): "
+                                 "point it at a folder of yours, or unset it")
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
@@ -454,9 +481,16 @@ def _check_space(command: str, inputs: dict, settings: dict) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise DiskFullError(f"--out {out}: the model written there takes about {need / 2**20:,.0f} MiB, but its file "
-                            f"system has {free / 2**20:,.0f} MiB free: free some space, or choose a folder on another "
-                            "file system")
+        raise DiskFullError(f"--out {out}: the model written there takes about {_size(need)}, but its file system has "
+                            f"{_size(free)} free: free some space, or choose a folder on another file system")
+
+
+def _size(n: int) -> str:
+    """Bytes as a reader wants them: 1.2 GiB, 340 MiB, 12 KiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}" if n < 10 * scale else f"{n / scale:,.0f} {unit}"
+    return f"{n} bytes"
 
 
 def _demo_inputs(inputs: dict) -> None:

@@ -63,13 +63,13 @@ from tasks.evidence import (  # noqa: E402
     train_row_task,
 )
 from tasks.finetune import build_demo_inputs_task  # noqa: E402
-from tasks.outputs import claim_output_task  # noqa: E402
+from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 from tasks.train import extract_lora_task  # noqa: E402
 
 
 # A bounded runner (LORA_RANKS_MAX_WORKERS, default 2): Prefect's default thread pool has no bound, and a matrix of
 # 120 LoRAs trained at once ran a 23 GB machine out of memory.
-@flow(name="compare-allocations", task_runner=task_runner())
+@flow(name="compare-allocations", task_runner=task_runner(), **RECORD_OUTPUTS)
 @documented
 def compare_allocations(
     base_model: Annotated[str, described(INPUT_HELP["base_model"])] = DEMO_MODEL,

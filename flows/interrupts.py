@@ -1,7 +1,7 @@
 """A command that ends cleanly when interrupted: SIGINT (^C) or SIGTERM, sent to the process or to its group.
 
-What the user sees is one line, ``lora-ranks: interrupted``, and exit status 130 (SIGINT) or 143 (SIGTERM), within
-a few seconds. Before it exits, the command
+What the user sees is one line, ``lora-ranks: interrupted``, and exit status 130 (SIGINT), 143 (SIGTERM) or 129
+(SIGHUP, the terminal closed), within a few seconds. Before it exits, the command
 
 * stops every process it started (Prefect's temporary API server, measurement workers, multiprocessing's resource
   tracker), by PID: SIGTERM, then SIGKILL after a grace period;
@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 __all__ = ["install", "on_interrupt", "stop_children", "isolate_prefect_server"]
 
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # SIGHUP: the terminal closed
 #: Seconds a child has to end after SIGTERM before it is killed.
 GRACE_SECONDS = 3.0
 
@@ -138,6 +138,11 @@ def isolate_prefect_server() -> None:
             subprocess.Popen = popen
 
     instance._run_uvicorn_command = start_in_own_session
+    # Prefect's flow engine swaps in its own SIGTERM handler while a flow runs (for a runner's cancellations, which a
+    # command run has none of); with it, a SIGTERM first logs a crash from the main thread, racing the one line.
+    import prefect.flow_engine
+
+    prefect.flow_engine.capture_sigterm = contextlib.nullcontext
 
 
 def _own_session(popen):

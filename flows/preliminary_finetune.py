@@ -23,10 +23,10 @@ from lora_ranks.finetune import FinetuneResult  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, FinetuneSettings, SafetySettings  # noqa: E402
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
 from tasks.finetune import build_demo_inputs_task, preliminary_finetune_task  # noqa: E402
-from tasks.outputs import claim_output_task  # noqa: E402
+from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 
 
-@flow(name="preliminary-finetune")
+@flow(name="preliminary-finetune", **RECORD_OUTPUTS)
 @documented
 def preliminary_finetune(
     model: Annotated[str, described(INPUT_HELP["base_model"])] = DEMO_MODEL,

@@ -68,11 +68,11 @@ from tasks.finetune import (  # noqa: E402
     split_half_finetunes_task,
     split_halves_are_current,
 )
-from tasks.outputs import claim_output_task  # noqa: E402
+from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 from tasks.plots import write_report_task  # noqa: E402
 
 
-@flow(name="svd-analysis", task_runner=task_runner(), log_prints=True)
+@flow(name="svd-analysis", task_runner=task_runner(), log_prints=True, **RECORD_OUTPUTS)
 @documented
 def svd_analysis(
     base_model: Annotated[str, described(INPUT_HELP["base_model"])] = DEMO_MODEL,

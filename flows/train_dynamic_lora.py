@@ -21,11 +21,11 @@ from prefect import flow  # noqa: E402
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, ExtractionSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
 from lora_ranks.train import TrainLayout, TrainResult, warm_start_source  # noqa: E402
-from tasks.outputs import claim_output_task  # noqa: E402
+from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 from tasks.train import extract_lora_task, train_dynamic_lora_task  # noqa: E402
 
 
-@flow(name="train-dynamic-lora")
+@flow(name="train-dynamic-lora", **RECORD_OUTPUTS)
 @documented
 def train_dynamic_lora_flow(
     model: Annotated[str, described(INPUT_HELP["base_model"])],

@@ -244,6 +244,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
         atomic_write_text(staging / MARKER, json.dumps({"kind": "staging", "made_by": "lora-ranks",
                                                         "swap_id": swap_id}) + "\n")
         yield staging
+        _shared_modes(staging)
         atomic_write_text(staging / MARKER, folder_marker(staging, content, swap_id=swap_id))
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -269,6 +270,14 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
     shutil.rmtree(aside, ignore_errors=True)  # step 3: the old folder gone
 
 
+def _shared_modes(folder: Path) -> None:
+    """Files a writer created 0o600 (safetensors' save_file, through save_pretrained) get the usual 0o666 & ~umask,
+    like every other output."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap_id: str) -> None:
     """Move the files of the complete ``staging`` folder into ``target``, which holds the user's files ``keep``
     (relative paths): replace only the tool's earlier files, delete those of them the new output lacks.
@@ -276,7 +285,7 @@ def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap
     Raises:
         OutputFolderError: a new file would replace, or lie under, a file of the user's (nothing is moved then).
     """
-    from .outputs import MARKER, OutputFolderError, folder_marker, read_marker
+    from .outputs import MARKER, OutputFolderError, file_stats, folder_marker, read_marker, tool_files
 
     new = read_marker(staging)["files"]
     yours = set(keep)
@@ -286,14 +295,14 @@ def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap
         raise OutputFolderError(f"{target} holds {', '.join(clashes[:3])}, which this tool did not write and the "
                                 f"{content} would replace: --overwrite never replaces a file this tool did not "
                                 "write: move them or choose another folder")
-    marker = read_marker(target)
-    earlier = set(marker["files"]) if marker is not None and marker["kind"] == "folder" else set()
-    # While files move, the marker lists both sets: a crash leaves every file of the tool's listed as its own.
-    atomic_write_text(target / MARKER, folder_marker(target, content, files=earlier | set(new), swap_id=swap_id))
+    earlier = tool_files(target)  # the tool's files there, still as it wrote them
+    # While files move, the marker lists both sets: a crash leaves every file of the tool's listed as its own (a
+    # renamed file keeps its size and modification time).
+    atomic_write_text(target / MARKER, folder_marker(target, content, files={**earlier, **new}, swap_id=swap_id))
     for name in new:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / name, target / name)
-    for name in sorted(earlier - set(new) - yours):
+    for name in sorted(earlier.keys() - new.keys() - yours):
         stale = target / name
         if stale.is_file() or stale.is_symlink():
             stale.unlink()
@@ -301,4 +310,4 @@ def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap
             if parent == target or any(parent.iterdir()):
                 break
             parent.rmdir()
-    atomic_write_text(target / MARKER, folder_marker(target, content, files=new, swap_id=swap_id))
+    atomic_write_text(target / MARKER, folder_marker(target, content, files=file_stats(target, new), swap_id=swap_id))

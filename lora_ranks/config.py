@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 2
+#: The largest LoRA scale (alpha / r; alpha / sqrt(r) with rsLoRA) a config may give a module: 1000 is AlphaPolicy's
+#: largest scale, and beyond that an update swamps the base model from the first step.
+MAX_LORA_SCALE = 10_000
 
 Number = Union[int, float]  # an int when whole (alpha = 2r), else a float: written back as read
 
@@ -356,6 +359,11 @@ class RankConfig(_Record):
             if record.final_rank > min(record.shape):  # more parameters than the module itself, and no more rank
                 raise ValueError(f"module {name!r}: rank {record.final_rank} is larger than its smaller side "
                                  f"(shape {tuple(record.shape)}): a LoRA's rank is at most {min(record.shape)} there")
+            alpha = self.alpha_of(name)
+            scale = alpha / (record.final_rank ** 0.5 if self.use_rslora else record.final_rank)
+            if scale > MAX_LORA_SCALE:
+                raise ValueError(f"module {name!r}: lora_alpha {alpha!r} at rank {record.final_rank} scales its update "
+                                 f"by {scale:.3g}, above {MAX_LORA_SCALE:,}: such an update swamps the base model")
         return self
 
     # -- reading ---------------------------------------------------------------------------------------------------
@@ -509,6 +517,9 @@ def load_rank_config(path: str | Path) -> RankConfig:
         inside = next((p for p in (path / "lora_rank_config.json", OutputLayout(path).config_path) if p.is_file()), None)
         raise RankConfigError(f"rank config {path} is a folder; give the rank config file"
                               + (f": {inside}" if inside else " (lora_rank_config.json)"))
+    if path.exists() and not path.is_file():
+        raise RankConfigError(f"rank config {path} is not a regular file (a pipe, device or socket); give the rank "
+                              "config file (lora_rank_config.json)")
     if not path.is_file():
         raise RankConfigError(f"rank config {path} does not exist")
     try:

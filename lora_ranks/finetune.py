@@ -88,6 +88,21 @@ def planned_steps(n_examples: int, settings: TrainingSettings) -> int:
     return min(settings.max_steps, max(1, math.floor(settings.epochs * micro_per_epoch / settings.grad_accumulation)))
 
 
+def check_step_fits(n_examples: int, settings: TrainingSettings, what: str = "training") -> None:
+    """One optimizer step (batch_size x grad_accumulation sequences) must fit in the passes over the examples that
+    ``epochs`` allows: a larger step would cycle the data many times before its first update.
+
+    Raises:
+        LoraRanksError: naming the numbers and the options to lower.
+    """
+    per_step = settings.batch_size * settings.grad_accumulation
+    if per_step > max(1, n_examples) * settings.epochs:
+        raise LoraRanksError(f"{what}: one step of --batch-size {settings.batch_size} x --grad-accumulation "
+                             f"{settings.grad_accumulation} = {per_step:,} sequences is more than {settings.epochs:g} "
+                             f"epoch(s) over the {n_examples:,} records trained on: lower --grad-accumulation or "
+                             "--batch-size")
+
+
 def train_loop(model, examples: list[dict], pad_token_id: int, settings: TrainingSettings, device: torch.device, *,
                on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
                desc: str = "training", after_update: Callable[[int], None] | None = None,
@@ -106,6 +121,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         TrainingDivergedError: a step's loss or gradient norm is NaN or infinite; raised before that step updates
             any weight, so callers that save only after training write nothing.
     """
+    check_step_fits(len(examples), settings, desc)
     params = [p for p in model.parameters() if p.requires_grad]
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     optimizer = _optimizer(params, settings)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["OutputBusyError", "output_lock", "lock_folder"]
+__all__ = ["OutputBusyError", "output_lock", "lock_file", "lock_folder"]
 
 
 class OutputBusyError(LoraRanksError):
@@ -33,6 +33,12 @@ def lock_folder() -> Path:
     return Path(root) / "locks"
 
 
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of output ``path`` (by its resolved path)."""
+    real = os.path.realpath(path)
+    return lock_folder() / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.lock"
+
+
 @contextmanager
 def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> Iterator[None]:
     """Hold the lock of output ``path`` for the block.
@@ -41,9 +47,13 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
         OutputBusyError: another process holds it: one line naming the output and that process.
     """
     real = os.path.realpath(path)
-    folder = lock_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.lock"
+    lock = lock_file(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as exc:  # LORA_RANKS_CACHE (or HOME) is a file, read-only, /proc, ...
+        raise LoraRanksError(f"the lock folder {lock.parent} cannot be written ({exc.strerror or exc}): set "
+                             "LORA_RANKS_CACHE to a folder of yours") from None
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:

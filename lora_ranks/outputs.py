@@ -36,7 +36,8 @@ from pathlib import Path
 from .errors import LoraRanksError
 
 __all__ = ["OutputFolderError", "MARKER", "RUN_ENTRIES", "check_output_dir", "claim_output_dir", "check_replaceable",
-           "folder_marker", "read_marker", "foreign_files", "local_path"]
+           "record_made_entries", "folder_marker", "file_stats", "read_marker", "tool_files", "foreign_files",
+           "local_path"]
 
 #: The marker file every output folder of this tool carries.
 MARKER = ".lora-ranks"
@@ -53,15 +54,17 @@ RUN_ENTRIES: dict[str, tuple[str, ...]] = {
                             "sensitivity.json", "sensitivity.png", "results.json", "comparison.png", "curves.png"),
     "check-config": ("check_report.json",),
 }
-#: Names of the files this tool writes into adapter, export and model folders: a file of the user's with one of these
-#: names would be replaced by the output, so ``overwrite`` refuses it before any work (the swap checks every file).
-_TOOL_FILE = re.compile(r"(adapter_config\.json|adapter_model\.safetensors|README\.md|lora_rank_config\.json|"
-                        r"lora_ranks_adapter\.json|extraction_report\.json|export_report\.json|config\.json|"
-                        r"generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
-                        r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|chat_template\.(jinja|json)|"
-                        r"vocab\.json|"
-                        r"merges\.txt|added_tokens\.json|preprocessor_config\.json|video_preprocessor_config\.json|"
-                        r"processor_config\.json|training_metrics\.json|base_provenance\.json)")
+#: The names of the files each kind of folder output holds: a file of the user's with one of these names would be
+#: replaced by the output, so ``overwrite`` refuses it before any work (the swap checks every file again).
+_OUTPUT_FILES = {
+    "adapter": re.compile(r"adapter_config\.json|adapter_model\.safetensors|README\.md|lora_rank_config\.json|"
+                          r"lora_ranks_adapter\.json|extraction_report\.json|export_report\.json"),
+    "model": re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                        r"model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model|"
+                        r"special_tokens_map\.json|chat_template\.(jinja|json)|vocab\.json|merges\.txt|added_tokens\.json|"
+                        r"(video_)?preprocessor_config\.json|processor_config\.json|export_report\.json|"
+                        r"base_provenance\.json|training_metrics\.json|pretraining\.json"),
+}
 
 Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
 
@@ -109,22 +112,49 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return {"kind": "invalid"}
 
-    def strings(key: str) -> bool:
-        return isinstance(marker.get(key), list) and all(isinstance(f, str) for f in marker[key])
+    def names(key: str, *, top_level: bool = False) -> bool:  # inside the folder: no "..", nothing absolute
+        value = marker.get(key, [])
+        listed = value.keys() if isinstance(value, dict) else value
+        return isinstance(value, (list, dict)) and all(_inside(f) and not (top_level and "/" in f) for f in listed) \
+            and (not isinstance(value, dict) or all(_is_stat(v) for v in value.values()))
 
     valid = (isinstance(marker, dict) and marker.get("kind") in _KINDS and isinstance(marker.get("made_by", ""), str)
-             and (marker["kind"] != "folder" or strings("files"))
-             and (marker["kind"] != "foreign" or "entries" not in marker or strings("entries")))
+             and (marker["kind"] != "folder" or ("files" in marker and names("files")))
+             and (marker["kind"] != "foreign" or (names("entries", top_level=True)
+                                                  and names("pending", top_level=True))))
     return marker if valid else {"kind": "invalid"}
 
 
+def _inside(name: object) -> bool:
+    """A path the marker may name: relative, normalized, without ".." (a marker is a file anyone can edit: one
+    naming ../x or /x must not make the tool delete or replace it)."""
+    return (isinstance(name, str) and name != "" and not name.startswith("/") and "\\" not in name
+            and Path(name).as_posix() == name and ".." not in Path(name).parts)
+
+
+def _is_stat(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v >= 0 for v in value)
+
+
+def file_stats(folder: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    """``[size in bytes, modification time in ns]`` of each of ``names`` under ``folder`` (links not followed):
+    what a folder marker records of each file the tool wrote, so that a file rewritten since (by a user, another
+    tool, a later save_pretrained) is no longer the tool's."""
+    stats = {}
+    for name in names:
+        info = os.lstat(folder / name)
+        stats[name] = [info.st_size, info.st_mtime_ns]
+    return stats
+
+
 def folder_marker(folder: Path, content: str = "folder", made_by: str = "lora-ranks", *,
-                  files: Iterable[str] | None = None, swap_id: str | None = None) -> str:
+                  files: dict[str, list[int]] | None = None, swap_id: str | None = None) -> str:
     """The marker text of a folder output: what it holds (``content``: "adapter", "model", ...) and every file the
-    tool wrote in it (``files``; default: every file now in ``folder``), so that a later write can tell the tool's
-    files from the user's; ``swap_id`` names the write that made it (``_io.recover_folder`` reads it)."""
-    listed = sorted(files) if files is not None else _files_under(folder)
-    marker = {"kind": "folder", "content": content, "made_by": made_by, "files": listed}
+    tool wrote in it with its size and modification time (``files``, from ``file_stats``; default: every file now in
+    ``folder``), so that a later write can tell the tool's files, as it wrote them, from the user's; ``swap_id`` names
+    the write that made it (``_io.recover_folder`` reads it)."""
+    listed = files if files is not None else file_stats(folder, _files_under(folder))
+    marker = {"kind": "folder", "content": content, "made_by": made_by, "files": dict(sorted(listed.items()))}
     return json.dumps({**marker, **({"swap_id": swap_id} if swap_id else {})}) + "\n"
 
 
@@ -136,15 +166,29 @@ def _files_under(folder: Path) -> list[str]:
     return sorted(f for f in found if f != MARKER)
 
 
+def tool_files(folder: str | os.PathLike) -> dict[str, list[int]]:
+    """The files of ``folder`` that are the tool's: those its folder marker lists, still as the tool wrote them (same
+    size and modification time). Relative path -> [size, mtime_ns]; empty for a folder without a folder marker, and
+    for a marker of release 0.3.0 or earlier, which lists names only: a name cannot tell the tool's file from one
+    rewritten since, so none of them is replaced."""
+    folder = Path(folder)
+    marker = read_marker(folder) if folder.is_dir() else None
+    if marker is None or marker["kind"] != "folder" or isinstance(marker["files"], list):
+        return {}
+    listed = marker["files"]
+    present = set(_files_under(folder))
+    now = file_stats(folder, [f for f in listed if f in present])
+    return {f: stat for f, stat in now.items() if stat == listed[f] and not (folder / f).is_symlink()}
+
+
 def foreign_files(folder: str | os.PathLike) -> list[str]:
-    """The files (and links) under ``folder`` that the tool did not write: all of them unless its marker is a folder
-    output's, then those its list leaves out. Relative paths, sorted."""
+    """The files (and links) under ``folder`` that are not the tool's (``tool_files``): every one unless its marker
+    is a folder output's, then those its list leaves out or that changed since the tool wrote them. Sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    marker = read_marker(folder)
-    written = set(marker["files"]) if marker is not None and marker["kind"] == "folder" else set()
-    return [f for f in _files_under(folder) if f not in written]
+    ours = tool_files(folder)
+    return [f for f in _files_under(folder) if f not in ours]
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -207,8 +251,12 @@ def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | No
     existing = _nearest_existing(out)
     if not existing.is_dir():
         return f"lies under {existing}, which is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK) or not _probe_writable(existing):
+    if not os.access(existing, os.W_OK | os.X_OK) or not probe_writable(existing):
         return f"cannot be written: no folder can be created in {existing}"
+    if folder_output:  # written beside itself first, as .NAME.lora-ranks-<12 hex>.new: that name must fit too
+        longest = os.pathconf(existing, "PC_NAME_MAX") - len(".lora-ranks-123456789abc.new") - 1
+        if len(os.fsencode(Path(os.path.abspath(out)).name)) > longest:
+            return f"has a name too long for this tool's temporary copy beside it: at most {longest} bytes here"
     return None
 
 
@@ -237,11 +285,13 @@ def _replace_problem(target: Path, content: str, overwrite: bool) -> str | None:
     if not yours:
         return None
     if not overwrite:
-        what = (f"holds {len(yours)} file(s) this tool did not write ({_shown(yours)})" if kind == "folder" else
+        what = (f"holds {len(yours)} file(s) this tool did not write, or changed since it wrote them ({_shown(yours)})"
+                if kind == "folder" else
                 f"is a folder this tool did not write, holding {_entries(len(entries))} ({_shown(entries)})")
         return (f"{what}: choose a new or empty folder, or pass --overwrite to write the {content}'s files into it "
                 "(your files stay)")
-    clashes = [f for f in yours if _TOOL_FILE.fullmatch(Path(f).name) and "/" not in f]
+    names = _OUTPUT_FILES.get(content)  # another content's names are not known here: the swap checks them
+    clashes = [f for f in yours if "/" not in f and names is not None and names.fullmatch(f)]
     if clashes:
         return f"holds {_shown(clashes)}, which this tool did not write and the {content} would replace: {_KEEP_YOURS}"
     return None
@@ -268,12 +318,12 @@ def _inner_problems(folder: Path) -> str | None:
             continue
         added = foreign_files(inner)
         if added:
-            return (f"holds {inner}, which holds {len(added)} file(s) this tool did not write ({_shown(added)}): move "
-                    "them out of the run folder first")
+            return (f"holds {inner}, which holds {len(added)} file(s) this tool did not write, or changed since it "
+                    f"wrote them ({_shown(added)}): move them out of the run folder first")
     return None
 
 
-def _probe_writable(folder: Path) -> bool:
+def probe_writable(folder: Path) -> bool:
     """Whether a folder can be created in ``folder`` (root passes ``os.access`` on /proc and /sys too): one temporary
     folder made and removed."""
     import tempfile
@@ -302,7 +352,8 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
     made = set(marker.get("entries", ())) if kind == "foreign" else set()
     clashes = [e for e in entries if e not in made and ((out / e).exists() or (out / e).is_symlink())]
     if clashes:
-        return f"holds {_shown(clashes)}, which this tool did not write and this run would write over: {_KEEP_YOURS}"
+        return (f"holds {_shown(clashes)}, which this tool did not write (or a run that was killed did: it cannot "
+                f"tell) and this run would write over: {_KEEP_YOURS}")
     return None
 
 
@@ -325,9 +376,8 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite:
         OutputFolderError: naming the output, what is wrong, and the way to proceed.
     """
     given = Path(path)  # as the writers take it: a quoted ~ is a folder named ~
-    shown = Path(os.path.abspath(given))
+    shown = Path(os.path.abspath(given))  # as given (a link is named as the link, not its target)
     try:
-        shown = given.resolve() if given.exists() else shown
         problem = _path_problem(given, list(inputs), folder_output=folder_output)
         out = given.resolve()
         if problem is None and out.is_dir():
@@ -346,22 +396,40 @@ def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite:
 
 def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = (), overwrite: bool = False) -> Path:
     """``check_output_dir`` for the run folder of flow ``made_by``, then create it. A folder that was absent or empty
-    gets the run marker (later runs, resumes and reruns into it need no ``overwrite``); a non-empty folder of the
-    user's written into with ``overwrite`` gets a "foreign" marker listing the names this run writes there, and stays
-    the user's. Returns the folder."""
-    from ._io import atomic_write_text
-
+    gets the run marker (later runs, resumes and reruns into it need no ``overwrite``). A non-empty folder of the
+    user's written into with ``overwrite`` gets a "foreign" marker and stays the user's: the names of the layout this
+    run may make there are ``pending`` until ``record_made_entries`` (when the run ends) lists those it made as the
+    tool's ``entries``; a name the user creates afterwards is never taken for the tool's. Returns the folder."""
     entries = RUN_ENTRIES[made_by]
     out = check_output_dir(path, inputs=inputs, overwrite=overwrite, entries=entries)
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     marker = read_marker(out)
     if fresh:
-        atomic_write_text(out / MARKER, json.dumps({"kind": "run", "made_by": made_by}) + "\n")
+        _write_marker(out, {"kind": "run", "made_by": made_by})
     elif marker is None or marker["kind"] == "foreign":  # a folder of the user's written into with overwrite
-        made = sorted({*(marker or {}).get("entries", ()), *entries})
-        atomic_write_text(out / MARKER, json.dumps({"kind": "foreign", "made_by": made_by, "entries": made}) + "\n")
+        made = [e for e in (marker or {}).get("entries", ()) if (out / e).exists() or (out / e).is_symlink()]
+        pending = [e for e in entries if e not in made and not ((out / e).exists() or (out / e).is_symlink())]
+        _write_marker(out, {"kind": "foreign", "made_by": made_by, "entries": made, "pending": pending})
     return out
+
+
+def record_made_entries(path: str | os.PathLike) -> None:
+    """When a run into a folder of the user's ends (completed, failed or interrupted): list the pending names it made
+    as the tool's, so that a later ``overwrite`` run may write them again; the rest stop being pending. A no-op for
+    folders the tool owns whole, and for anything else."""
+    out = Path(path)
+    marker = read_marker(out) if out.is_dir() else None
+    if marker is None or marker["kind"] != "foreign" or not marker.get("pending"):
+        return
+    made = [e for e in marker["pending"] if (out / e).exists() or (out / e).is_symlink()]
+    _write_marker(out, {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []})
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    from ._io import atomic_write_text
+
+    atomic_write_text(folder / MARKER, json.dumps(marker) + "\n")
 
 
 def check_replaceable(path: str | os.PathLike, overwrite: bool = False, content: str = "folder") -> None:

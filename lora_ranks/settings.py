@@ -247,9 +247,9 @@ class CurvatureSettings(Settings):
     model (the loss cost of dropping each direction, comparable across modules). input and fisher need calibration
     records (the fine-tuning data). auto: fisher when calibration records are given, else weight (fisher ranked
     modules' loss costs best and gave the closest adapters in BENCHMARKS.md's experiment)."""
-    fisher_samples: int = Field(1, ge=1)
+    fisher_samples: int = Field(1, ge=1, le=1024)
     """Monte-Carlo draws of labels from the fine-tuned model per record, for the Fisher factor G; each is one
-    backward pass (BENCHMARKS.md: 1, 2 and 4 draws gave adapters of the same fidelity)."""
+    backward pass (BENCHMARKS.md: 1, 2 and 4 draws gave adapters of the same fidelity; at most 1024)."""
     calibration_records: Optional[int] = Field(None, ge=1)
     """Most records the factors are estimated from: a stratified sample of at most this many of the fine-tuning
     subset; empty: the whole subset. BENCHMARKS.md: 80 records (3.7k tokens) did as well as 320 on a hidden-256
@@ -335,7 +335,7 @@ class TrainingSettings(Settings):
     learning_rate: float = Field(1e-4, gt=0, le=1)
     """Peak AdamW learning rate (at most 1: AdamW steps each weight by about the learning rate, so more diverges);
     full fine-tunes of 7B models use 1e-5 to 1e-4."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     """AdamW weight decay; 0 keeps the weight delta purely data-driven."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Fraction of the steps with a linear warmup."""

@@ -286,7 +286,8 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     # A file added by hand to an export survives the next export (refused, naming it); --overwrite replaces.
     assert main(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")]) == 0
     (tmp_path / "exp" / "my_notes.txt").write_text("mine\n")
-    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")], "1 file(s) this tool did not write (my_notes.txt)")
+    refused(["export", str(ws / "adapter"), "--out", str(tmp_path / "exp")],
+            "1 file(s) this tool did not write, or changed since it wrote them (my_notes.txt)")
     # A run folder of the tool is written into, never replaced whole by an adapter.
     run = Path(shutil.copytree(ws / "run", tmp_path / "run"))
     refused(["export", str(ws / "adapter"), "--out", str(run)], "holds a run of this tool: an adapter or model is never written")

@@ -66,8 +66,11 @@ def _interrupt(args: list[str], cwd: Path, ready: str, sig: int, *, group: bool,
 
 
 def _assert_clean(status: int, stderr: str, sig: int, out: Path) -> None:
-    assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
-    assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+    from lora_ranks.locks import lock_file
+
+    assert status == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}[sig], stderr[-3000:]
+    assert not lock_file(out).exists()  # released, and its file removed
+    assert "Traceback" not in stderr and "Error" not in stderr and "ERROR" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "lora-ranks: interrupted", stderr[-3000:]
     near = [*out.rglob("*"), *out.parent.glob(f".{out.name}*")] if out.exists() else [*out.parent.glob(f".{out.name}*")]
     left = [p for p in near if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]
@@ -125,9 +128,9 @@ def test_analyze_on_ctrl_c_to_the_process(setting, planted_pair):
     assert seconds < 10
 
 
-def test_export_in_the_middle_of_writing(setting, tmp_path):
-    """export runs no flow: interrupted while it writes its staging folder (slowed down here, so the signal lands
-    there), it leaves no staging folder, and the target it was replacing is untouched."""
+def test_export_in_the_middle_of_writing_when_the_terminal_closes(setting, tmp_path):
+    """export runs no flow: hung up (SIGHUP, the terminal closed) while it writes its staging folder (slowed down
+    here, so the signal lands there), it ends in one line with 129 and leaves no staging folder."""
     root, base, data, config = setting
     from lora_ranks.extract import extract_lora
     from lora_ranks.synthetic import write_planted_pair
@@ -154,9 +157,9 @@ def test_export_in_the_middle_of_writing(setting, tmp_path):
     while "writing" not in line and time.monotonic() < deadline:
         line = proc.stderr.readline()
         assert line or proc.poll() is None
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGHUP)
     status = proc.wait(timeout=10)
     rest = proc.stderr.read()
-    assert status == 130 and rest.strip().splitlines()[-1] == "lora-ranks: interrupted", rest
+    _assert_clean(status, rest, signal.SIGHUP, tmp_path / "exp")
     assert not (tmp_path / "exp").exists()
     assert not [p for p in tmp_path.iterdir() if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]

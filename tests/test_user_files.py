@@ -7,6 +7,7 @@ command on the same output and the smaller cases of the sweep each end in one li
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,6 @@ def test_overwrite_into_a_users_folder_keeps_every_file_of_theirs(ws, tmp_path, 
     (pair / "notes.txt").write_text("mine\n")
     _refused(capsys, ["export", ws / "adapter", "--format", "merged", "--out", pair, "--overwrite"],
              "holds config.json, generation_config.json, model.safetensors, which this tool did not write", tmp_path)
-    _refused(capsys, [*extract, "--out", pair, "--overwrite"], "which this tool did not write", tmp_path)
-    # A tool-named file the preflight cannot foresee is caught at the swap, and nothing moves.
     capsys.readouterr()
 
 
@@ -100,11 +99,13 @@ def test_overwrite_replaces_the_tools_own_files_and_removes_its_stale_ones(ws, t
     assert _main(["export", ws / "adapter", "--out", project, "--overwrite"]) == 0
     files = set(read_marker(project)["files"])
     assert "export_report.json" in files and "notes.txt" not in files
-    (project / "export_report.json").write_text("edited by hand: the tool's file, replaced by the next export\n")
-    assert _main(["export", ws / "adapter", "--out", project, "--overwrite"]) == 0
-    assert json.loads((project / "export_report.json").read_text())["format"] == "uniform"
+    first = (project / "export_report.json").stat().st_mtime_ns
+    assert _main(["export", ws / "adapter", "--out", project, "--overwrite"]) == 0  # the tool's own: replaced
+    assert (project / "export_report.json").stat().st_mtime_ns != first
     assert (project / "notes.txt").read_text() == "my notes\n"
-    capsys.readouterr()
+    (project / "export_report.json").write_text("edited by hand: the user's now\n")
+    _refused(capsys, ["export", ws / "adapter", "--out", project, "--overwrite"],
+             "holds export_report.json, which this tool did not write", tmp_path)
 
 
 def test_lookalike_temporary_folders_are_never_touched(ws, tmp_path, capsys):
@@ -135,8 +136,8 @@ def test_a_folder_is_the_tools_only_if_its_marker_says_so(ws, tmp_path, capsys):
     (legacy / "configs" / "lora_rank_config.json").write_text('{"hand": "edited"}\n')
     analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", legacy]
     _refused(capsys, analyze, "is a folder this tool did not write", tmp_path)
-    _refused(capsys, [*analyze, "--overwrite"], "holds configs, analysis_outputs, which this tool did not write and "
-                                                "this run would write over", tmp_path)
+    _refused(capsys, [*analyze, "--overwrite"], "holds configs, analysis_outputs, which this tool did not write",
+             tmp_path)
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "check_report.json").write_text('{"mine": true}\n')
@@ -171,6 +172,20 @@ def test_a_folder_is_the_tools_only_if_its_marker_says_so(ws, tmp_path, capsys):
     (["analyze", "--base", "{loop}", "--finetuned", "{ft}", "--out", "{new}"], "or is a loop of links"),
     (["train", "--model", "{base}", "--lora-config", "{config}", "--data", "{data}", "--out", "{ft}", "--overwrite"],
      "is the rank config's fine-tuned model"),
+    (["analyze", "--base", "{base}", "--finetuned", "{ft}", "--data", "{data}", "--out", "{new}", "--fisher-samples",
+      str(10**18)], "--fisher-samples 1000000000000000000: input should be less than or equal to 1024"),
+    (["finetune", "--model", "{base}", "--data", "{data}", "--out", "{new}", "--weight-decay", "1e18"],
+     "--weight-decay 1e18: input should be less than or equal to 10"),
+    (["extract", "--base", "{base}", "--finetuned", "{ft}", "--config", "{loud}", "--out", "{new}"],
+     "scales its update by 3.33e+299, above 10,000"),
+    (["extract", "--base", "{base}", "--finetuned", "{ft}", "--config", "{fifo}", "--out", "{new}"],
+     "is not a regular file"),
+    (["train", "--model", "{base}", "--lora-config", "{config}", "--data", "{data}", "--out", "{new}",
+      "--grad-accumulation", "1024", "--batch-size", "4096"],
+     "one step of --batch-size 4096 x --grad-accumulation 1024 = 4,194,304 sequences is more than 1 epoch(s) over the "
+     "20 records"),
+    (["extract", "--base", "{base}", "--finetuned", "{ft}", "--config", "{config}", "--out", "{long}"],
+     "has a name too long for this tool's temporary copy beside it"),
 ])
 def test_out_of_range_and_odd_inputs_are_one_line_before_any_work(ws, tmp_path, capsys, argv, fragment):
     config = ws / "run" / "configs" / "lora_rank_config.json"
@@ -192,7 +207,8 @@ def test_out_of_range_and_odd_inputs_are_one_line_before_any_work(ws, tmp_path, 
     values = {"base": ws / "base", "ft": ws / "ft", "data": ws / "data.jsonl", "config": config, "new": tmp_path / "new",
               "fifo": tmp_path / "fifo", "loop": tmp_path / "loop-a", "big": edited(tmp_path / "big.json", rank=[300]),
               "huge": edited(tmp_path / "huge.json", rank=[10**9]),
-              "negative": edited(tmp_path / "negative.json", lora_alpha=-8)}
+              "negative": edited(tmp_path / "negative.json", lora_alpha=-8), "long": tmp_path / ("b" * 240),
+              "loud": edited(tmp_path / "loud.json", alpha_pattern={key: 1e300})}
     _refused(capsys, [a.format(**values) for a in argv], fragment, ws)
     assert not (tmp_path / "new").exists()
 
@@ -269,8 +285,9 @@ def tiny_disk(tmp_path):
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(ws, tiny_disk, capsys):
     # Foreseen: a merged model larger than the free space is refused before any work.
-    _refused(capsys, ["export", ws / "adapter", "--format", "merged", "--out", tiny_disk / "merged"],
-             "takes about 0 MiB, but its file system has 0 MiB free", tiny_disk)
+    line = _refused(capsys, ["export", ws / "adapter", "--format", "merged", "--out", tiny_disk / "merged"],
+                    "but its file system has 256 KiB free", tiny_disk)
+    assert re.search(r"takes about \d+ KiB", line), line
     # Not foreseen: the disk fills while the adapter is written (a filler leaves less room than it needs).
     (tiny_disk / "filler").write_bytes(b"\0" * (240 * 1024))
     _refused(capsys, ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config",
@@ -315,3 +332,91 @@ def test_run_entries_cover_every_path_of_the_layouts():
     assert top_level(ComparisonLayout(root)) <= set(RUN_ENTRIES["compare-allocations"])
     assert "runs" in top_level(ComparisonLayout(root)) and "warm" in top_level(ComparisonLayout(root))
     assert RUN_ENTRIES["check-config"] == (REPORT_NAME,)
+
+
+def test_a_marker_names_nothing_outside_its_folder_and_owns_only_files_as_written(ws, tmp_path, capsys):
+    """The marker is a file anyone can edit or copy: names through .. or absolute ones make it invalid (nothing
+    outside the folder is ever deleted); a name-only list (an earlier release's) owns nothing; a file the tool wrote
+    and the user rewrote since (a later save_pretrained, a hand edit) is the user's."""
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    extract = ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config", config]
+    (tmp_path / "victim.txt").write_text("keep\n")
+    forged = _users_project(tmp_path / "forged")
+    for files in (["../victim.txt"], [str(tmp_path / "victim.txt")]):  # not a marker the tool writes: refused
+        (forged / MARKER).write_text(json.dumps({"kind": "folder", "content": "adapter", "made_by": "lora-ranks",
+                                                 "files": files}))
+        _refused(capsys, [*extract, "--out", forged, "--overwrite"], "holds a .lora-ranks file this tool did not write",
+                 tmp_path)
+    (forged / MARKER).write_text(json.dumps({"kind": "folder", "content": "adapter", "made_by": "lora-ranks",
+                                             "files": ["notes.txt", "results/table.csv"]}))  # names only: owns nothing
+    assert _main([*extract, "--out", forged, "--overwrite"]) == 0
+    assert (tmp_path / "victim.txt").read_text() == "keep\n"
+    assert (forged / "notes.txt").read_text() == "my notes\n" and (forged / "results" / "table.csv").is_file()
+    adapter = tmp_path / "adapter"
+    assert _main([*extract, "--out", adapter]) == 0
+    assert _main([*extract, "--out", adapter]) == 0  # a rerun replaces the tool's own files
+    (adapter / "README.md").write_text("my notes on this adapter\n")
+    _refused(capsys, [*extract, "--out", adapter], "1 file(s) this tool did not write, or changed since it wrote them "
+                                                   "(README.md)", tmp_path)
+    _refused(capsys, [*extract, "--out", adapter, "--overwrite"], "holds README.md, which this tool did not write",
+             tmp_path)
+    assert (adapter / "README.md").read_text() == "my notes on this adapter\n"
+
+
+def test_a_run_into_a_users_folder_owns_only_the_names_it_made(ws, tmp_path, capsys):
+    """--overwrite into a folder of the user's: the marker lists, once the run ends, only what the run made there;
+    a name of the layout the user creates afterwards (results.json, runs/) is theirs, and a later run refuses it."""
+    from lora_ranks.outputs import RUN_ENTRIES, check_output_dir, record_made_entries
+
+    folder = _users_project(tmp_path / "project")
+    assert _main(["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", folder, "--overwrite"]) == 0
+    marker = read_marker(folder)
+    assert marker["kind"] == "foreign" and marker["entries"] == ["analysis_outputs", "configs"], marker
+    assert not marker["pending"]
+    assert _main(["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", folder, "--overwrite"]) == 0
+    (folder / "saved_models").mkdir()
+    (folder / "saved_models" / "mine.txt").write_text("mine\n")
+    _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", folder, "--overwrite"],
+             "holds saved_models, which this tool did not write", tmp_path)
+    # The same through the library: a run that made data/ and failed; results.json created by the user afterwards.
+    other = _users_project(tmp_path / "other")
+    claim_output_dir(other, "compare-allocations", overwrite=True)
+    (other / "data").mkdir()
+    record_made_entries(other)
+    (other / "results.json").write_text('{"my": "results"}\n')
+    with pytest.raises(Exception, match="holds results.json, which this tool did not write"):
+        check_output_dir(other, overwrite=True, entries=RUN_ENTRIES["compare-allocations"])
+    assert read_marker(other)["entries"] == ["data"]
+    capsys.readouterr()
+
+
+def test_an_overwrite_refuses_only_the_names_the_output_writes(ws, tmp_path, capsys):
+    """An adapter never writes config.json or model.safetensors: a folder holding a model is written into with
+    --overwrite, the model untouched; and outputs are shared like other files (not 0600)."""
+    folder = Path(shutil.copytree(ws / "ft", tmp_path / "model-and-adapter"))
+    before = _digest(folder)
+    assert _main(["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config",
+                  ws / "run/configs/lora_rank_config.json", "--out", folder, "--overwrite"]) == 0
+    assert all(_digest(folder)[k] == v for k, v in before.items())
+    weights = folder / "adapter_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    capsys.readouterr()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_lock_folder_that_cannot_be_written_is_one_line(ws, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x\n")
+    monkeypatch.setenv("LORA_RANKS_CACHE", str(tmp_path / "a-file"))
+    _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "exp"], "the lock folder", tmp_path)
+
+
+def test_a_link_is_named_as_given(ws, tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "link"],
+             f"--out {tmp_path / 'link'} is a symbolic link (to {tmp_path / 'real'})", tmp_path)
