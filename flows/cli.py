@@ -124,7 +124,9 @@ COMMANDS: dict[str, Command] = {
         inputs=(Input("--model", "base_model", "base_model"), Input("--data", "data_path", "data_path"),
                 Input("--out", "output_dir", "output_dir"),
                 Input("--finetuned", "finetuned_model", "finetuned_model", required=False),
-                Input("--eval-data", "eval_data_path", "eval_data_path", required=False)),
+                Input("--eval-data", "eval_data_path", "eval_data_path", required=False),
+                Input("--validation-data", "validation_data_path", "validation_data_path", required=False),
+                Input("--results-dir", "results_dir", "results_dir", required=False)),
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune", prefix="finetune"),
                 SettingsGroup(LoRATrainingSettings, "training", prefix="lora"),
                 SettingsGroup(ComparisonSettings, "comparison"), SettingsGroup(FidelitySettings, "fidelity"),
@@ -282,6 +284,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
                 if importlib.util.find_spec("wandb") is None:
                     raise LoraRanksError("--wandb-project is set but wandb is not installed: pip install wandb (or "
                                          "leave --wandb-project unset)")
+    if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
+        from lora_ranks.evidence.comparison import check_comparison_data
+
+        check_comparison_data(inputs["data_path"], inputs["eval_data_path"], inputs["validation_data_path"],
+                              settings["comparison"], None if inputs["finetuned_model"] else settings["finetune"])
     if command == "compare" and settings["comparison"].budget_ranks:
         from lora_ranks.errors import LoraRanksError
 

@@ -96,7 +96,9 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     bf16 autocast on CUDA. Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
 
     Args:
-        on_step: called as ``on_step(step, total, loss, lr)`` after each optimizer step (gradients cleared).
+        on_step: called as ``on_step(step, total, loss, lr)`` after each optimizer step (gradients cleared); when
+            it returns True, training stops after that step (early stopping). The learning-rate schedule is always
+            that of the planned steps, so stopping early does not change the rate of the steps run.
         after_update: called as ``after_update(step)`` right after ``optimizer.step()``, while the gradients are
             still there (AdaLoRA's rank allocation reads them).
         tokens_per_step: when given, the non-padding tokens each step processed are appended to it (compute
@@ -158,13 +160,14 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         losses.append(step_loss)
         if tokens_per_step is not None:
             tokens_per_step.append(step_tokens)
-        if on_step is not None:
-            on_step(step + 1, total, step_loss, lr)
+        stop = bool(on_step(step + 1, total, step_loss, lr)) if on_step is not None else False
         if run is not None:
             run.log({"loss": step_loss, "lr": lr}, step=step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+        if stop:
+            break
     if bar is not None:
         bar.close()
     if run is not None:

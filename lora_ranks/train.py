@@ -147,7 +147,8 @@ def save_lora_run(run: LoraRun, layout: TrainLayout, model_name: str | Path, ran
         "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
         "n_records": run.n_records, "n_train": len(run.examples), "task_counts_after": run.report.counts_after,
         "settings": settings.to_dict(), "device": str(run.device), "bf16": use_bf16, "losses": losses,
-        "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start, **(extra or {}),
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "seconds": time.perf_counter() - start, **(extra or {}),
     }
     metrics_path = atomic_write_json(layout.metrics_path, metrics)
     return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],

@@ -19,7 +19,7 @@ import torch
 
 from ..data import _prompt_and_response, load_records, record_kind
 
-__all__ = ["ExactMatch", "checkable_records", "normalize_answer", "exact_match"]
+__all__ = ["ExactMatch", "checkable_records", "normalize_answer", "exact_match", "exact_match_by_task"]
 
 
 @dataclass
@@ -53,11 +53,24 @@ def _answer(record: dict) -> str | None:
     return None
 
 
-def checkable_records(data_path: str | Path, limit: int, seed: int = 0) -> list[dict]:
-    """A seeded sample of at most ``limit`` checkable records of ``data_path`` (see the module docstring)."""
-    records = [r for r in load_records(data_path) if "images" not in r and _answer(r) is not None]
+def checkable_records(data_path: str | Path, limit: int, seed: int = 0, tasks: Sequence[str] = (),
+                      task_key: str = "task") -> list[dict]:
+    """A seeded sample of at most ``limit`` checkable records of ``data_path`` (see the module docstring); with
+    ``tasks``, only records whose ``task_key`` is one of them (a task scored by loss only, such as a definition, is
+    left out)."""
+    records = [r for r in load_records(data_path) if "images" not in r and _answer(r) is not None
+               and (not tasks or str(r.get(task_key, "default")) in tasks)]
     random.Random(seed).shuffle(records)
     return records[:limit]
+
+
+def exact_match_by_task(model: torch.nn.Module, tokenizer, records: Sequence[dict], max_new_tokens: int,
+                        task_key: str = "task") -> dict[str, ExactMatch]:
+    """``exact_match`` of the records of each task (``task_key``; "default" without it): task -> ExactMatch."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(str(record.get(task_key, "default")), []).append(record)
+    return {task: exact_match(model, tokenizer, group, max_new_tokens) for task, group in sorted(groups.items())}
 
 
 @torch.no_grad()

@@ -197,11 +197,13 @@ def fidelity_sweep(
 
 @torch.no_grad()
 def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``."""
+    """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``, on the device of the
+    model's parameters (the sums in float64)."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start: start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(examples[start: start + batch_size], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
