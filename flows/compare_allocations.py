@@ -187,8 +187,8 @@ def compare_allocations(
                                validation_path if comparison.early_stopping else None,
                                comparison.eval_interval or 0, comparison.patience or 0,
                                comparison.validation_samples, comparison.accuracy_tasks)
-    committed = (Committed(results_dir, design_digest(base_model, finetuned_model, allocation, alpha, analysis,
-                                                      curvature, finetune, extraction, comparison))
+    committed = (Committed(results_dir, design_digest(finetuned_model, allocation, alpha, analysis, curvature,
+                                                      finetune, extraction, comparison))
                  if results_dir else None)
 
     # Step 4: the rows: every config x init, and every peer at each budget's uniform ranks (warm: from the adapter

@@ -347,14 +347,17 @@ def expected_labels(comparison: ComparisonSettings) -> list[str] | None:
                      for policy in comparison.alpha_variants]
 
 
-def design_digest(base_model: str, finetuned_model: str | None, *settings) -> str:
-    """A digest of what a comparison's preparation depends on besides the data (the base model's name, the pair
-    when given, and the settings objects: fine-tune, analysis, allocation, alpha, extraction, comparison), for the
-    key of committed rows (``runs.committed_key``). The comparison's seeds, tuning and evaluation options are left
-    out: a row's key carries its own seed, rate and evaluation."""
+def design_digest(finetuned_model: str | None, *settings) -> str:
+    """A digest of what a comparison's preparation depends on besides the base model and the data (which the key
+    of a committed row reads itself, ``runs.committed_key``): the given pair's fine-tuned side (its files' headers,
+    not its path) and the settings objects (fine-tune, analysis, allocation, alpha, extraction, comparison). No
+    path enters it, so a fresh clone elsewhere finds the rows committed here. The comparison's seeds, tuning and
+    evaluation options are left out: a row's key carries its own seed, rate and evaluation."""
     import hashlib
 
-    parts = [str(finetuned_model)]
+    from ..checkpoints import Checkpoint, resolve_model_path
+
+    parts: list = [Checkpoint(resolve_model_path(finetuned_model)).header_fingerprint() if finetuned_model else None]
     for item in settings:
         data = item.to_dict()
         if isinstance(item, ComparisonSettings):  # only what shapes the configs and their preparation
