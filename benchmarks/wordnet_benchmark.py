@@ -46,10 +46,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import emit  # noqa: E402
 
-SIZES = {"train": {"category": 3000, "definition": 1000, "word": 1000},
+SIZES = {"train": {"category": 2000, "definition": 500, "word": 500},
          "validation": {"category": 150, "definition": 50, "word": 100},
          "eval": {"category": 300, "definition": 100, "word": 200}}
-"""Records per split and task: the training set is 25x the brief fine-tune's 1% subset."""
+"""Records per split and task, sized by the pilot to fit the core matrix in hours of a 2-core CPU."""
 GRID = (3e-4, 9e-4, 2.7e-3, 8.1e-3)
 """Four learning rates spaced 3x (extended by 3x on the chosen side while the choice is at an edge)."""
 BUDGET = 8
@@ -98,7 +98,7 @@ def baselines(base: str, paths: dict, results: Path, device: str) -> dict:
     model, tokenizer = load_model(base, dtype=torch.float32)
     model.to(device)
     scored = exact_match_by_task(model, tokenizer, checkable_records(paths["eval"], 10**6, tasks=("category", "word")),
-                                 max_new_tokens=8)
+                                 max_new_tokens=8, batch_size=32)
     record = {**category_baselines(load_records(paths["train"]), load_records(paths["eval"])),
               "zero_shot": {task: {"correct": m.correct, "n": m.n, "accuracy": m.accuracy} for task, m in scored.items()},
               "zero_shot_loss": held_out_loss(model, eval_examples(paths["eval"], tokenizer, 10**6, 128),
@@ -121,17 +121,21 @@ def compare_command(base: str, paths: dict, out: Path, args) -> list[str]:
             "--lora-max-length", "128", "--no-lora-gradient-checkpointing", "--lora-dropout", "0",
             "--lora-warmup-ratio", "0.05",
             "--seeds", *map(str, args.seeds), "--seeded-preparation", "--tuning-seeds", str(args.tuning_seeds),
-            "--budget-ranks", str(BUDGET), "--allocations", "budget-fisher", "--alpha-variants", "rslora",
-            "--peers", "default", "rslora", "--learning-rates", *map(str, args.learning_rates),
+            "--budget-ranks", str(BUDGET), "--allocations", "budget-fisher",
+            *(["--alpha-variants", "rslora", "--peers", "default", "rslora"] if args.rows == "core" else []),
+            "--learning-rates", *map(str, args.learning_rates),
             "--max-rate-extensions", "3", "--eval-interval", str(args.eval_interval), "--patience",
             str(args.patience), "--validation-samples", "1000000", "--eval-samples", "1000000",
             "--eval-max-length", "128", "--accuracy-samples", "1000000", "--accuracy-tasks", "category", "word",
-            "--max-new-tokens", "8"]
+            "--max-new-tokens", "8", "--accuracy-batch-size", "32"]
 
 
-def run_compare(command: list[str], log: Path, device: str) -> float:
-    """Run the comparison (one training at a time; on ``device``), its log appended to ``log``; its wall time."""
+def run_compare(command: list[str], log: Path, device: str, threads: int | None) -> float:
+    """Run the comparison (one training at a time; on ``device``; ``threads`` CPU threads when given), its log
+    appended to ``log``; its wall time."""
     env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "threads", "LORA_RANKS_MAX_WORKERS": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
@@ -297,6 +301,12 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--sizes", type=json.loads, default=SIZES, help="JSON: split -> task -> records")
     parser.add_argument("--finetune-max-steps", type=int, default=100, help="cap of the brief fine-tune's steps")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of the training process (default: "
+                        "torch's, one per core). On a CPU shared with other work, 1: two threads of a niced process, "
+                        "one of them preempted, wait on each other at every parallel region (measured here: 13-18 s "
+                        "per step with 2, 3-4 s with 1)")
+    parser.add_argument("--rows", choices=("core", "default"), default="core", help="core: the five core rows; "
+                        "default: lora-ranks' default and warm uniform ranks only (the subset sweep)")
     parser.add_argument("--summarize", action="store_true", help="only the tables, from the committed results")
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
@@ -315,7 +325,7 @@ def main() -> None:
         base = str(make_base(args.base).path) if args.base in KNOWN_BASES else args.base
         paths = build_data(out, args.data_seed, args.sizes)
         baselines(base, paths, args.results_dir, args.device)
-        seconds = run_compare(compare_command(base, paths, out, args), out / "compare.log", args.device)
+        seconds = run_compare(compare_command(base, paths, out, args), out / "compare.log", args.device, args.threads)
     emit(summarize(args.results_dir, args, seconds), args.record)
 
 

@@ -54,7 +54,8 @@ def main() -> None:
                                     max_length=128, gradient_checkpointing=False, lora_dropout=0.0, warmup_ratio=0.05)
     evaluation = RowEvaluation(paths["eval"], 10**6, 128, accuracy_samples=10**6, max_new_tokens=8,
                                validation_data_path=paths["validation"], eval_interval=args.eval_interval,
-                               patience=args.patience, validation_samples=10**6, accuracy_tasks=("category", "word"))
+                               patience=args.patience, validation_samples=10**6, accuracy_tasks=("category", "word"),
+                               accuracy_batch_size=32)
     started = time.perf_counter()
     result = train_row(base, RowSpec("r8-uniform", "default", 0, str(config)), paths["train"],
                        out / f"default-lr{args.learning_rate:g}", settings, evaluation, progress=True)

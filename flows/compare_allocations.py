@@ -186,7 +186,8 @@ def compare_allocations(
                                comparison.max_new_tokens, comparison.peer_records,
                                validation_path if comparison.early_stopping else None,
                                comparison.eval_interval or 0, comparison.patience or 0,
-                               comparison.validation_samples, comparison.accuracy_tasks)
+                               comparison.validation_samples, comparison.accuracy_tasks,
+                               comparison.accuracy_batch_size)
     committed = (Committed(results_dir, design_digest(finetuned_model, allocation, alpha, analysis, curvature,
                                                       finetune, extraction, comparison))
                  if results_dir else None)

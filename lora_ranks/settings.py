@@ -494,6 +494,9 @@ class ComparisonSettings(Settings):
     response is scored by exact match after training; 0: no accuracy."""
     max_new_tokens: int = Field(32, ge=1)
     """Tokens generated per record for the exact-match accuracy."""
+    accuracy_batch_size: int = Field(1, ge=1)
+    """Records decoded together for the accuracy (prompts padded on the left; each answer is the one decoded alone,
+    up to float rounding); 1: one at a time."""
 
     @field_validator("budget_ranks")
     @classmethod

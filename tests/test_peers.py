@@ -150,15 +150,19 @@ def test_lora_ranks_preparation_counts_the_finetunes_and_curvature(planted_pair,
 
 
 class _Answering(torch.nn.Module):
-    """A stand-in model whose greedy decode is a fixed text (to test the scoring, not a model)."""
+    """A stand-in model whose greedy decode is a fixed text per prompt (to test the scoring, not a model): the text
+    of the first key of ``answers`` that the prompt contains."""
 
-    def __init__(self, tokenizer, answers):
+    def __init__(self, tokenizer, answers: dict[str, str]):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokenizer, self.answers = tokenizer, list(answers)
+        self.tokenizer, self.answers = tokenizer, answers
 
     def generate(self, input_ids, **kwargs):
-        answer = self.tokenizer(self.answers.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert input_ids.shape[0] == 1  # one record at a time by default
+        prompt = self.tokenizer.decode(input_ids[0])
+        text = next(text for key, text in self.answers.items() if key in prompt)
+        answer = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return torch.cat([input_ids, answer, torch.tensor([[self.tokenizer.eos_token_id]])], dim=1)
 
 
@@ -176,12 +180,28 @@ def test_exact_match_scores_normalized_answers(setting, tmp_path):
     ]) + "\n")
     records = checkable_records(path, limit=10)
     assert len(records) == 3 and all("text" not in r for r in records)
-    answers = {"abc": " ABC ", "god": "dog", "3": "3"}
-    model = _Answering(tokenizer, [answers[r.get("output") or r["messages"][-1]["content"]] for r in records])
+    model = _Answering(tokenizer, {"cab": " ABC ", "dog": "dog", "Count": "3"})
     scored = exact_match(model, tokenizer, records, max_new_tokens=8)
     assert (scored.correct, scored.n) == (2, 3)
+    assert [p.strip() for p in scored.predictions] == [{"abc": "ABC", "god": "dog", "3": "3"}[
+        r.get("output") or r["messages"][-1]["content"]] for r in records]
     assert scored.standard_error == pytest.approx(math.sqrt(2 / 3 * 1 / 3 / 3))
     assert normalize_answer("  Hello \n World ") == "hello world"
+
+
+def test_batched_greedy_decoding_gives_each_record_its_own_answer(setting):
+    """Prompts of different lengths decoded together (left padding) give the responses each gives alone."""
+    from lora_ranks.data import load_records
+    from lora_ranks.loading import load_model
+
+    root, base, _ = setting
+    model, tokenizer = load_model(base)
+    records = [r for r in load_records(root / "train.jsonl") if "output" in r or "messages" in r][:9]
+    alone = exact_match(model, tokenizer, records, max_new_tokens=6)
+    together = exact_match(model, tokenizer, records, max_new_tokens=6, batch_size=4)
+    assert len({len(r.get("instruction", "") + r.get("input", "")) for r in records}) > 1  # lengths differ
+    assert together.predictions == alone.predictions and together.correct == alone.correct
+    assert all(alone.predictions)  # something was decoded
 
 
 def test_learning_rate_choice_keeps_the_lowest_mean_validation_loss():

@@ -207,8 +207,10 @@ def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
-        logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total -= float(logp[mask].sum())
+        # Only the label positions' log-softmax (float64): the same values, without a float64 copy of the logits
+        # of every position (the vocabulary is 49k wide on SmolLM2, most positions are prompt or padding).
+        logp = torch.log_softmax(logits[mask].double(), dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        total -= float(logp.sum())
         count += int(mask.sum())
     return total / count
 

@@ -82,6 +82,8 @@ class RowEvaluation:
     """Validation records evaluated (a seeded sample); 0: ``eval_samples``."""
     accuracy_tasks: tuple[str, ...] = ()
     """Tasks (the records' ``task`` key) whose checkable records are scored; empty: every checkable record."""
+    accuracy_batch_size: int = 1
+    """Records decoded together for the accuracy (``accuracy.exact_match``)."""
 
     @property
     def early_stopping(self) -> bool:
@@ -402,6 +404,12 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
                 curve.append({**point, "loss": held_out_loss(model, curve_records, pad)})
             if stopping is not None and (step % evaluation.eval_interval == 0 or step == total):
                 stop = stopping.update(model, point, held_out_loss(model, validation_records, pad))
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    tqdm.write(f"{spec.name} seed {spec.seed} step {step}: validation loss "
+                               f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
+                               f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
             model.train()
             evaluating[0] += time.perf_counter() - began
         return stop
@@ -464,7 +472,8 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
         records = checkable_records(evaluation.eval_data_path, evaluation.accuracy_samples,
                                     tasks=evaluation.accuracy_tasks)
         if records:
-            scored = exact_match_by_task(model, tokenizer, records, evaluation.max_new_tokens)
+            scored = exact_match_by_task(model, tokenizer, records, evaluation.max_new_tokens,
+                                         batch_size=evaluation.accuracy_batch_size)
             by_task = {task: [m.correct, m.n] for task, m in scored.items()}
             accuracy_n = sum(m.n for m in scored.values())
             accuracy = sum(m.correct for m in scored.values()) / accuracy_n
