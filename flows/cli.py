@@ -152,7 +152,8 @@ COMMANDS: dict[str, Command] = {
         groups=(SettingsGroup(CheckSettings, "check"),
                 # How training builds and steps the model: what the check measures.
                 SettingsGroup(LoRATrainingSettings, "training",
-                              fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout")),
+                              fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout",
+                                      "precision")),
                 _REMOTE_CODE), flags=(_OVERWRITE,)),
 }
 
@@ -266,6 +267,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.devices import resolve_device
 
         resolve_device(settings["analysis"].device)
+    _check_precision(command, settings)
     if command in ("finetune", "train", "compare"):
         from lora_ranks.data import check_vision_records, load_records
         from lora_ranks.loading import load_image_processor
@@ -363,6 +365,25 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
                                       "would be an all-zero adapter; give the fine-tuned model, or --init cold")
     if command in ("finetune", "train", "compare") and (inputs.get("model") or inputs["base_model"]) != "demo:tiny-qwen3":
         _check_tokenizer(inputs.get("model") or inputs["base_model"])  # last: the other checks name a cause first
+
+
+def _check_precision(command: str, settings: dict) -> None:
+    """A bf16 precision asked for on hardware without bf16 units is refused, naming the flag, before anything loads.
+    The device is the training's (CUDA when available, as the fine-tune and training choose it), or the one ``check``
+    measures on (there only a CPU is asked here: on CUDA the measuring process checks it, so that this process
+    creates no CUDA context)."""
+    groups = [g for g in COMMANDS[command].groups if g.param in ("finetune", "training") and "precision" in g.field_names()]
+    forced = [g for g in groups if settings[g.param].precision == "bf16"]
+    if not forced:
+        return
+    from flows.options import flag_for
+    from lora_ranks.devices import resolve_device, resolve_precision
+
+    device = resolve_device(settings["check"].device if command == "check" else None)
+    if command == "check" and device != "cpu":
+        return
+    for group in forced:
+        resolve_precision("bf16", device, flag=flag_for("precision", group.prefix))
 
 
 def _demo_inputs(inputs: dict) -> None:
@@ -516,6 +537,7 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         result = train_dynamic_lora_flow(**inputs, **settings)
         return [f"Adapter:  {result.adapter_dir}", f"Metrics:  {result.metrics_path}",
                 f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)",
+                f"Precision: {_precision_line(result.bf16)}",
                 *_serving_lines(result.serving_problems, result.adapter_dir)]
     if command == "check":
         from flows.check_config import check_config_flow
@@ -532,7 +554,12 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
 
     result = preliminary_finetune(**inputs, **settings)
     return [f"Pretrained: {result.pretrained_dir}", f"Fine-tuned: {result.finetuned_dir}",
-            f"Metrics:    {result.metrics_path}"]
+            f"Metrics:    {result.metrics_path}", f"Precision:  {_precision_line(result.bf16)}"]
+
+
+def _precision_line(bf16: bool) -> str:
+    """How a training run computed, for its result lines."""
+    return "bf16 autocast (float32 master weights)" if bf16 else "float32"
 
 
 def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = False) -> list[str]:
@@ -552,7 +579,8 @@ def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = Fal
                                      data_path=str(demo_data_path(layout.demo_inputs_dir, model)),
                                      output_dir=str(layout.train_dir),
                                      training=LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96,
-                                                                   learning_rate=1e-3, gradient_checkpointing=False))
+                                                                   learning_rate=1e-3, gradient_checkpointing=False,
+                                                                   precision=settings["finetune"].precision))
     by_type = _rank_by_module_type(config)
     return [f"Base:               {config.checkpoints.pretrained.path}",
             f"Rank config:        {config_path}  ({len(config.modules)} modules; mean rank by type: {by_type})",
@@ -586,7 +614,8 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
     data = demo_data_path(layout.demo_inputs_dir, DEMO_VL_MODEL)
     result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path,
                                      rank_config=config_path, data_path=str(data), output_dir=str(layout.train_dir),
-                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))
+                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3,
+                                                                   precision=settings["finetune"].precision))
     return [f"Rank config:        {config_path}", f"Plots:              {layout.plots_dir}",
             f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
             f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]

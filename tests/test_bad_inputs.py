@@ -168,6 +168,20 @@ CASES = [
 ]
 if not torch.cuda.is_available():
     CASES.append(("analyze", f"{_PAIR} --out {{ws}}/new --device cuda", "device cuda is not available here"))
+    # a forced bf16 on a CPU without bf16 units (the suite hides the CPU's: conftest), each spelling of the flag
+    CASES += [
+        ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --precision bf16",
+         "--precision bf16 is not available here: training runs on the CPU, which has no bf16 units"),
+        ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --precision bf16",
+         "--precision bf16 is not available here"),
+        ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --lora-precision bf16",
+         "--lora-precision bf16 is not available here"),
+        ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --finetune-precision bf16",
+         "--finetune-precision bf16 is not available here"),
+        ("demo", "--out {ws}/new --precision bf16", "--precision bf16 is not available here"),
+        ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/new --precision bf16",
+         "--precision bf16 is not available here"),
+    ]
 
 
 @pytest.mark.parametrize("command,args,fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
