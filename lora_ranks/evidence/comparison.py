@@ -503,7 +503,10 @@ def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_
 def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n: int) -> dict:
     """What lora-ranks spent before its rows' first LoRA step (``compute.lora_ranks_preparation``): FLOPs of the
     brief fine-tune (its ``training_metrics.json`` beside the fine-tuned folder), of the split-half fine-tunes when
-    the analysis ran them, and of the curvature passes; and the wall seconds of the fine-tunes and the analysis."""
+    the analysis ran them, and of the curvature passes; and ``seconds``, the fine-tunes' recorded seconds plus the
+    analysis' (an estimate: the flow's analysis clock starts before its fine-tune, so this can count the fine-tune
+    twice, and the warm start's extraction is left out; ``compare`` replaces it by the wall time it measures around
+    the whole preparation)."""
     from .compute import lora_ranks_preparation
 
     config = load_rank_config(analysis_config_path)
