@@ -274,6 +274,7 @@ def summarize(results: Path, args, seconds: float | None) -> str:
                 within.append(min(inside) if inside else None)
         lines.append(f"| {name} | {reached} of {len(final[row])} | "
                      f"{(sum(flops) / len(flops)) if flops else float('nan'):.3g} | {mean_sd(within)} |")
+    plot_curves(final, prep, results.parent / f"{results.name}.png")
     raw = results.parent / f"{results.name}.json"  # benchmarks/results/wordnet-smollm2.json by default
     raw.write_text(json.dumps({"learning_rate_choices": record, "baselines": base, "preparation": preparation,
                                "comparisons": [{"row": ROWS[m], "reference": ROWS[o], "metric": metric, **v,
@@ -286,6 +287,34 @@ def summarize(results: Path, args, seconds: float | None) -> str:
                                                     for s, r in sorted(final[row].items())} for row in ROWS}},
                               indent=1, default=str) + "\n")
     return "\n".join(lines) + "\n"
+
+
+def plot_curves(final: dict, prep, path: Path) -> None:
+    """Validation loss against total FLOPs and against wall time (preparation included), one line per run, a colour
+    per row; the best checkpoint of each run marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for colour, (row, name) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], ROWS.items()):
+        for i, (seed, run) in enumerate(sorted(final[row].items())):
+            flops, seconds = prep(row, seed)
+            curve = run.validation_curve
+            for ax, x, offset in ((axes[0], "train_flops", flops), (axes[1], "seconds", seconds)):
+                xs = [p[x] + offset for p in curve]
+                ax.plot(xs, [p["validation_loss"] for p in curve], color=colour, alpha=0.7, lw=1,
+                        label=name if i == 0 and ax is axes[0] else None)
+                best = next(p for p in curve if p["step"] == run.best_step)
+                ax.plot([best[x] + offset], [best["validation_loss"]], "o", color=colour, ms=3)
+    axes[0].set(xscale="log", xlabel="total FLOPs (preparation + training)", ylabel="validation loss (nats/token)")
+    axes[1].set(xlabel="wall seconds (preparation + training, evaluations excluded)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("WordNet on SmolLM2-135M: every run to its plateau (dot: the checkpoint reported)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
