@@ -129,7 +129,9 @@ COMMANDS: dict[str, Command] = {
         inputs=(Input("--model", "base_model", "base_model"), Input("--data", "data_path", "data_path"),
                 Input("--out", "output_dir", "output_dir"),
                 Input("--finetuned", "finetuned_model", "finetuned_model", required=False),
-                Input("--eval-data", "eval_data_path", "eval_data_path", required=False)),
+                Input("--eval-data", "eval_data_path", "eval_data_path", required=False),
+                Input("--validation-data", "validation_data_path", "validation_data_path", required=False),
+                Input("--results-dir", "results_dir", "results_dir", required=False)),
         groups=(*_ALLOCATION, SettingsGroup(FinetuneSettings, "finetune", prefix="finetune"),
                 SettingsGroup(LoRATrainingSettings, "training", prefix="lora"),
                 SettingsGroup(ComparisonSettings, "comparison"), SettingsGroup(FidelitySettings, "fidelity"),
@@ -155,7 +157,8 @@ COMMANDS: dict[str, Command] = {
         groups=(SettingsGroup(CheckSettings, "check"),
                 # How training builds and steps the model: what the check measures.
                 SettingsGroup(LoRATrainingSettings, "training",
-                              fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout")),
+                              fields=("quantization", "optimizer", "gradient_checkpointing", "lora_dropout",
+                                      "precision")),
                 _REMOTE_CODE), flags=(_OVERWRITE,)),
 }
 
@@ -301,6 +304,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.devices import resolve_device
 
         resolve_device(settings["analysis"].device)
+    _check_precision(command, settings)
     if command in ("finetune", "train", "compare"):
         from lora_ranks.data import check_vision_records, load_records
         from lora_ranks.loading import load_image_processor
@@ -320,6 +324,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
                 if importlib.util.find_spec("wandb") is None:
                     raise LoraRanksError("--wandb-project is set but wandb is not installed: pip install wandb (or "
                                          "leave --wandb-project unset)")
+    if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
+        from lora_ranks.evidence.comparison import check_comparison_data
+
+        check_comparison_data(inputs["data_path"], inputs["eval_data_path"], inputs["validation_data_path"],
+                              settings["comparison"], None if inputs["finetuned_model"] else settings["finetune"])
     if command == "compare" and settings["comparison"].budget_ranks:
         from lora_ranks.errors import LoraRanksError
 
@@ -493,6 +502,25 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+def _check_precision(command: str, settings: dict) -> None:
+    """A bf16 precision asked for on hardware without bf16 units is refused, naming the flag, before anything loads.
+    The device is the training's (CUDA when available, as the fine-tune and training choose it), or the one ``check``
+    measures on (there only a CPU is asked here: on CUDA the measuring process checks it, so that this process
+    creates no CUDA context)."""
+    groups = [g for g in COMMANDS[command].groups if g.param in ("finetune", "training") and "precision" in g.field_names()]
+    forced = [g for g in groups if settings[g.param].precision == "bf16"]
+    if not forced:
+        return
+    from flows.options import flag_for
+    from lora_ranks.devices import resolve_device, resolve_precision
+
+    device = resolve_device(settings["check"].device if command == "check" else None)
+    if command == "check" and device != "cpu":
+        return
+    for group in forced:
+        resolve_precision("bf16", device, flag=flag_for("precision", group.prefix))
+
+
 def _demo_inputs(inputs: dict) -> None:
     """``demo``: the output folder of the kind asked for (``--vl``, ``--base NAME``) unless one is given; a real
     base must be a known one, and not with ``--vl``."""
@@ -645,6 +673,7 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
         result = train_dynamic_lora_flow(**inputs, **settings)
         return [f"Adapter:  {result.adapter_dir}", f"Metrics:  {result.metrics_path}",
                 f"Trainable parameters: {result.trainable_parameters:,} ({100 * result.trainable_share:.3f}%)",
+                f"Precision: {_precision_line(result.bf16)}",
                 *_serving_lines(result.serving_problems, result.adapter_dir)]
     if command == "check":
         from flows.check_config import check_config_flow
@@ -661,7 +690,12 @@ def _run(command: str, inputs: dict, settings: dict) -> list[str]:
 
     result = preliminary_finetune(**inputs, **settings)
     return [f"Pretrained: {result.pretrained_dir}", f"Fine-tuned: {result.finetuned_dir}",
-            f"Metrics:    {result.metrics_path}"]
+            f"Metrics:    {result.metrics_path}", f"Precision:  {_precision_line(result.bf16)}"]
+
+
+def _precision_line(bf16: bool) -> str:
+    """How a training run computed, for its result lines."""
+    return "bf16 autocast (float32 master weights)" if bf16 else "float32"
 
 
 def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = False) -> list[str]:
@@ -681,7 +715,8 @@ def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = Fal
                                      data_path=str(demo_data_path(layout.demo_inputs_dir, model)),
                                      output_dir=str(layout.train_dir),
                                      training=LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96,
-                                                                   learning_rate=1e-3, gradient_checkpointing=False))
+                                                                   learning_rate=1e-3, gradient_checkpointing=False,
+                                                                   precision=settings["finetune"].precision))
     by_type = _rank_by_module_type(config)
     return [f"Base:               {config.checkpoints.pretrained.path}",
             f"Rank config:        {config_path}  ({len(config.modules)} modules; mean rank by type: {by_type})",
@@ -715,7 +750,8 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
     data = demo_data_path(layout.demo_inputs_dir, DEMO_VL_MODEL)
     result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path,
                                      rank_config=config_path, data_path=str(data), output_dir=str(layout.train_dir),
-                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3))
+                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3,
+                                                                   precision=settings["finetune"].precision))
     return [f"Rank config:        {config_path}", f"Plots:              {layout.plots_dir}",
             f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
             f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]

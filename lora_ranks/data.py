@@ -29,7 +29,8 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["DataError", "load_records", "check_vision_records", "record_kind", "stratified_subset", "SubsetReport",
+__all__ = ["DataError", "load_records", "check_vision_records", "record_kind", "stratified_subset", "subset_size",
+           "SubsetReport",
            "tokenize_record", "collate"]
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
@@ -161,8 +162,7 @@ def stratified_subset(
     for i, r in enumerate(records):
         groups.setdefault(str(r.get(task_key, "default")), []).append(i)
     n = len(records)
-    target = max(min(max_samples, round(subset_ratio * n)), len(groups))
-    target = min(target, n)
+    target = subset_size(n, subset_ratio, max_samples, len(groups))
     shares = {t: target * len(idx) / n for t, idx in groups.items()}
     alloc = {t: math.floor(s) for t, s in shares.items()}
     leftover = target - sum(alloc.values())
@@ -181,6 +181,12 @@ def stratified_subset(
                           dict(sorted(Counter(str(r.get(task_key, "default")) for r in subset).items())),
                           subset_ratio, max_samples, seed)
     return subset, report
+
+
+def subset_size(n_records: int, subset_ratio: float, max_samples: int, n_tasks: int = 1) -> int:
+    """Records ``stratified_subset`` draws from ``n_records``: ``min(max_samples, round(ratio * n))``, at least one
+    per task, at most ``n_records``."""
+    return min(max(min(max_samples, round(subset_ratio * n_records)), n_tasks), n_records)
 
 
 def _prompt_and_response(record: dict, tokenizer) -> list[tuple[str, bool]]:

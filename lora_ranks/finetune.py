@@ -9,9 +9,17 @@ Layout written (the original design's)::
     <out>/training_metrics.json  # losses, per-task counts before/after sampling, settings, timings
 
 The training loop is deliberately plain torch (AdamW, warmup + cosine/linear decay, gradient accumulation,
-optional gradient checkpointing, bf16 autocast on CUDA) so one screen shows everything it does; LoRA training
-(``train.py``) runs the same loop. The options are ``FinetuneSettings`` / ``TrainingSettings`` in
-``lora_ranks.settings``.
+optional gradient checkpointing, bf16 autocast where the hardware has bf16 units) so one screen shows everything it
+does; LoRA training (``train.py``) and the comparison's rows (``evidence/runs.py``) run the same loop. The options
+are ``FinetuneSettings`` / ``TrainingSettings`` in ``lora_ranks.settings``.
+
+Precision (``TrainingSettings.precision``, resolved by ``devices.resolve_precision``): under bf16 the matrix
+products run in bf16 (``torch.autocast``) while every trained weight, its gradient and AdamW's state keep the
+model's dtype: a float32 base (the demo's, the cached SmolLM2) trains float32 master weights and its fine-tuned
+checkpoint is float32 as before; a base stored in bf16 (most hub models) loads and trains in bf16 whatever the
+precision, as before. "auto" picks bf16 on a CUDA GPU of compute capability 8.0+ and on a CPU with avx512_bf16 or
+amx_bf16 (``devices.bf16_units``), float32 elsewhere, where bf16 would be emulated and slower. The analysis'
+numerics (float64 spectra and factors) never depend on it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
 from .data import collate, load_records, stratified_subset, tokenize_record
+from .devices import bf16_units, resolve_precision
 from .errors import LoraRanksError
 from .loading import load_image_processor, load_model
 from .settings import FinetuneSettings, TrainingSettings
@@ -50,6 +59,8 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    bf16: bool = False
+    """Trained under bf16 autocast (``TrainingSettings.precision``)."""
 
 
 def prepare_examples(data_path: str | Path, tokenizer, *, max_length: int, seed: int = 0, subset_ratio: float = 1.0,
@@ -107,23 +118,33 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
                desc: str = "training", after_update: Callable[[int], None] | None = None,
                tokens_per_step: list[int] | None = None) -> tuple[list[float], bool]:
-    """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0,
-    bf16 autocast on CUDA. Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
+    """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0.
+    Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
+
+    Precision: ``settings.precision`` on ``device`` (``devices.resolve_precision``): under bf16 each forward pass
+    runs in ``torch.autocast(device.type, dtype=torch.bfloat16)``: matrix products (linear layers, attention) in
+    bf16, what autocast keeps in float32 (the loss functions among others) and the models' own upcasts (RMSNorm,
+    the logits of transformers' loss) in float32; the parameters keep their dtype, so trained float32 weights,
+    their gradients and AdamW's state stay float32 (master weights). The progress bar's description ends in
+    "(bf16)".
 
     Args:
-        on_step: called as ``on_step(step, total, loss, lr)`` after each optimizer step (gradients cleared).
+        on_step: called as ``on_step(step, total, loss, lr)`` after each optimizer step (gradients cleared); when
+            it returns True, training stops after that step (early stopping). The learning-rate schedule is always
+            that of the planned steps, so stopping early does not change the rate of the steps run.
         after_update: called as ``after_update(step)`` right after ``optimizer.step()``, while the gradients are
             still there (AdaLoRA's rank allocation reads them).
         tokens_per_step: when given, the non-padding tokens each step processed are appended to it (compute
             accounting).
 
     Raises:
+        PrecisionError: ``precision`` "bf16" on a device without bf16 units (before any step).
         TrainingDivergedError: a step's loss or gradient norm is NaN or infinite; raised before that step updates
             any weight, so callers that save only after training write nothing.
     """
     check_step_fits(len(examples), settings, desc)
+    use_bf16 = resolve_precision(settings.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     optimizer = _optimizer(params, settings)
     run = _wandb_run(settings, desc)
     total = planned_steps(len(examples), settings)
@@ -135,7 +156,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="step")
+        bar = tqdm(total=total, desc=f"{desc} (bf16)" if use_bf16 else desc, unit="step")
     for step in range(total):
         lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
         for group in optimizer.param_groups:
@@ -174,13 +195,14 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         losses.append(step_loss)
         if tokens_per_step is not None:
             tokens_per_step.append(step_tokens)
-        if on_step is not None:
-            on_step(step + 1, total, step_loss, lr)
+        stop = bool(on_step(step + 1, total, step_loss, lr)) if on_step is not None else False
         if run is not None:
             run.log({"loss": step_loss, "lr": lr}, step=step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+        if stop:
+            break
     if bar is not None:
         bar.close()
     if run is not None:
@@ -245,9 +267,10 @@ def run_preliminary_finetune(
             knows load, so a downloaded folder cannot execute anything).
     """
     start = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolve_precision(settings.precision, dev)  # a bf16 the hardware lacks is refused before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
@@ -301,7 +324,8 @@ def run_preliminary_finetune(
         "task_counts_after": report.counts_after,
         "settings": settings.to_dict(),
         "device": str(dev),
-        "bf16": use_bf16,
+        "bf16": use_bf16,  # matrix products under bf16 autocast; the weights trained and saved are float32
+        "bf16_units": bf16_units(dev) if use_bf16 else None,
         "steps": total,
         "tokens": sum(step_tokens),  # non-padding tokens trained on (compute: ~6 x parameters FLOPs each)
         "losses": losses,
@@ -310,7 +334,8 @@ def run_preliminary_finetune(
         "seconds": seconds,
     }
     metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
-    return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds)
+    return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds,
+                          use_bf16)
 
 
 def split_half_records(data_path: str | Path, settings: FinetuneSettings) -> tuple[list[dict], list[dict]]:

@@ -26,7 +26,8 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json
 
-__all__ = ["BasePreset", "PRESETS", "stdlib_documents", "corpus_records", "pretrain_base", "shifted_task_mix"]
+__all__ = ["BasePreset", "PRESETS", "stdlib_documents", "corpus_records", "pretrain_base", "license_paragraphs",
+           "shifted_task_mix"]
 
 _SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -156,17 +157,54 @@ if __name__ == "__main__":
     main()
 
 
-def shifted_task_mix(n_per_task: int, seed: int = 0) -> list[dict]:
+def license_paragraphs(folder: str | Path = "/usr/share/common-licenses", *, min_chars: int = 80,
+                       max_chars: int = 700, near: float = 0.5) -> list[str]:
+    """The prose paragraphs of the licence texts in ``folder``, each once: regular files only, in name order (a
+    symlink, such as Debian's GPL -> GPL-3, is the file it points at and is skipped), whitespace collapsed,
+    ``min_chars``..``max_chars`` long, and a paragraph of which at least a share ``near`` of its word 8-grams
+    occur in the paragraphs kept before it (the same clause in GPL-2 and GPL-3) left out. Empty when the folder is missing."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    kept: list[str] = []
+    seen: set[tuple[str, ...]] = set()  # the word 8-grams of the kept paragraphs
+
+    def shingles(text: str) -> set[tuple[str, ...]]:
+        words = text.lower().split()
+        return {tuple(words[i: i + 8]) for i in range(max(1, len(words) - 7))}
+
+    for path in sorted(root.iterdir()):
+        if path.is_symlink() or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for raw in text.split("\n\n"):
+            paragraph = " ".join(raw.split())
+            if not min_chars <= len(paragraph) <= max_chars:
+                continue
+            own = shingles(paragraph)
+            if len(own & seen) >= near * len(own):
+                continue
+            seen |= own
+            kept.append(paragraph)
+    return kept
+
+
+def shifted_task_mix(n_per_task: int, seed: int = 0, *, licenses: str | Path = "/usr/share/common-licenses",
+                     test_root: str | Path | None = None) -> list[dict]:
     """A fine-tuning mix that shifts away from what the stdlib-pretrained base saw, from real offline text:
 
-    * ``prose``: English license and documentation text (``/usr/share/common-licenses``), as plain text records:
-      a change of register from code to prose;
+    * ``prose``: English license and documentation text (``licenses``, by default Debian's common licences;
+      ``license_paragraphs``: each paragraph once, near-copies across licence versions left out), as plain text
+      records: a change of register from code to prose;
     * ``testname``: name a standard-library *test* function from the first line of its docstring (the test
-      suites are left out of the pretraining corpus): instruction records, a mapping from prose to identifiers;
+      suites, ``test_root``, by default the standard library's ``test`` folder, are left out of the pretraining
+      corpus): instruction records, a mapping from prose to identifiers;
     * ``algorithmic``: sort, count or reverse a word (templated), instruction records: a skill the base never
       practised.
 
-    ``n_per_task`` records of each (fewer when a source is smaller), shuffled with ``seed``.
+    ``n_per_task`` records of each (fewer when a source is smaller), shuffled with ``seed``. Every record occurs
+    once (a docstring line naming the same function in two files, or a templated question drawn twice, is kept
+    once), so any split of the records shares none between its parts.
     """
     import ast
     import warnings
@@ -174,16 +212,10 @@ def shifted_task_mix(n_per_task: int, seed: int = 0) -> list[dict]:
     from .synthetic import synthetic_records
 
     rng = random.Random(seed)
-    prose = []
-    licenses = Path("/usr/share/common-licenses")
-    for path in sorted(licenses.glob("*")) if licenses.is_dir() else []:
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-            paragraphs = [p.strip() for p in text.split("\n\n") if 80 <= len(p.strip()) <= 700]
-            prose += [{"text": p, "task": "prose"} for p in paragraphs]
+    prose = [{"text": p, "task": "prose"} for p in license_paragraphs(licenses)]
     rng.shuffle(prose)
     names = []
-    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    root = Path(test_root) if test_root is not None else Path(sysconfig.get_paths()["stdlib"]) / "test"
     for path in sorted(root.rglob("*.py")):
         try:
             with warnings.catch_warnings():
@@ -198,10 +230,23 @@ def shifted_task_mix(n_per_task: int, seed: int = 0) -> list[dict]:
                 if 20 < len(first) < 120:
                     names.append({"instruction": "Name the test function this docstring belongs to.", "input": first,
                                   "output": node.name, "task": "testname"})
+    names = _unique(names)
     rng.shuffle(names)
-    algorithmic = synthetic_records(n_per_task // 3 + 1, fmt="instruction", seed=seed, tasks=("sort", "count", "reverse"))
+    algorithmic = _unique(synthetic_records(n_per_task // 3 + 1, fmt="instruction", seed=seed,
+                                            tasks=("sort", "count", "reverse")))
     for r in algorithmic:
         r["task"] = "algorithmic"
     records = prose[:n_per_task] + names[:n_per_task] + algorithmic[:n_per_task]
     rng.shuffle(records)
     return records
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    """The records, each content once (the first kept), in order."""
+    seen, out = set(), []
+    for record in records:
+        key = json.dumps({k: v for k, v in record.items() if k != "task"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out

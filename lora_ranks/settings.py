@@ -52,6 +52,12 @@ INPUT_HELP: dict[str, str] = {
     "data_path": "JSON/JSONL training records ({messages}, {instruction, output} or {text}, each with a task field); "
                  "also the calibration records of the input and fisher spectra",
     "eval_data_path": "Held-out JSON/JSONL records to evaluate on",
+    "validation_data_path": "Validation JSON/JSONL records (early stopping and the learning-rate choice), sharing no "
+                            "record with the training or held-out ones (default: carved from the training records "
+                            "before anything else is drawn from them)",
+    "results_dir": "Folder of committed row results (one JSON per row, seed and learning rate): a row found there with "
+                   "the same inputs is not trained again (a fresh clone resumes), and every finished row is written "
+                   "there",
     "output_dir": "Root folder for checkpoints, the rank config, plots and raw data",
     "rank_config": "lora_rank_config.json written by svd-analysis",
     "warm_start_from": "Fine-tuned model to warm-start LoRA training from (default: the one the rank config was "
@@ -349,6 +355,12 @@ class TrainingSettings(Settings):
     """Seeds sampling, shuffling and torch, so the same command gives the same result."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about 75% less optimizer memory)."""
+    precision: Literal["auto", "bf16", "float32"] = "auto"
+    """bf16: matrix products under bf16 autocast while the trained weights, their gradients and the optimizer state
+    keep the model's dtype (float32 master weights for a float32 model; a LoRA's frozen base is stored in bf16);
+    float32: no autocast, and a LoRA's base in float32; auto: bf16 where the hardware has bf16 units (a CUDA GPU of
+    compute capability 8.0 or more, a CPU with avx512_bf16 or amx_bf16), else float32, since emulated bf16 is slower
+    than float32. bf16 on hardware without such units is refused."""
     wandb_project: Optional[str] = None
     """Log loss and learning rate to this Weights & Biases project (needs wandb; WANDB_MODE=offline works; the
     API key is read by wandb from the environment, never by this tool)."""
@@ -455,9 +467,38 @@ class ComparisonSettings(Settings):
     peer_records: int = Field(64, ge=1)
     """Training records (a seeded sample) the data-driven peers (eva, corda, lora-ga) initialize from."""
     learning_rates: tuple[float, ...] = ()
-    """Learning rates to choose from per row: each row trains at each on the first seed, on the training records
-    less a validation split, and keeps the one of lowest validation loss for every seed (recorded in results.json);
-    empty: training.learning_rate for every row, on all training records."""
+    """Learning rates to choose from per row (at least 2): each row trains at each on the first tuning_seeds seeds,
+    on the training records less the validation split, and keeps the one of lowest mean validation loss for every
+    seed; a choice at the lowest or highest rate extends the grid on that side by the grid's spacing and trains
+    again, up to max_rate_extensions times, so that the choice is interior (every rate, its validation losses and
+    whether the choice stayed at an edge are recorded in results.json); empty: training.learning_rate for every
+    row."""
+    tuning_seeds: int = Field(1, ge=1)
+    """How many of the first seeds train at every learning rate; the other seeds train at the rate chosen on them
+    (1: the first seed alone; 2 spends twice the tuning for a choice less at the mercy of one seed)."""
+    max_rate_extensions: int = Field(3, ge=0)
+    """Most extensions of the learning-rate grid per row while the choice is at an edge (each one more rate on the
+    tuning seeds); a choice still at an edge after them is recorded as such."""
+    eval_interval: Optional[int] = Field(None, gt=0)
+    """Early stopping: optimizer steps between validation evaluations (and the last step); empty: no early
+    stopping. Give it with patience; training.max_steps and training.epochs are then the cap."""
+    patience: Optional[int] = Field(None, gt=0)
+    """Early stopping: evaluations in a row without a lower validation loss after which a run stops; the best
+    evaluated checkpoint is what the row reports (held-out loss, accuracy, adapter), with the step, FLOPs and wall
+    time at which it was reached and the curve. Give it with eval_interval."""
+    validation_samples: int = Field(0, ge=0)
+    """Validation records each evaluation measures (a seeded sample, the same at every evaluation); 0:
+    fidelity.eval_samples."""
+    seeded_preparation: bool = False
+    """Give every seed its own preparation: the brief fine-tune's stratified subset, initialization and data order,
+    the calibration sample, the ranks and the warm start all follow the seed (an analysis per seed); off: one
+    analysis pair shared by every seed (finetune.seed), whose own variance the seeds then leave out."""
+    alpha_variants: tuple[Literal["constant", "rslora"], ...] = ()
+    """Also train every lora-ranks config but uniform ranks with these alpha policies (at the analysis' alpha
+    scale): rows labelled <config>-<policy>, e.g. r8-budget-fisher-rslora (lora-ranks at rsLoRA's scaling)."""
+    accuracy_tasks: tuple[str, ...] = ()
+    """Tasks (the records' task field) whose checkable records the accuracy scores, each reported by task too;
+    empty: every checkable record (a task scored by loss only, such as writing a definition, belongs outside)."""
     full_learning_rates: tuple[float, ...] = ()
     """Learning rates to choose from for the full fine-tune reference (full_finetune), the same way: each on the
     first seed, on the training records less the validation split, the lowest validation loss kept; empty: the
@@ -474,6 +515,9 @@ class ComparisonSettings(Settings):
     response is scored by exact match after training; 0: no accuracy."""
     max_new_tokens: int = Field(32, ge=1)
     """Tokens generated per record for the exact-match accuracy."""
+    accuracy_batch_size: int = Field(1, ge=1)
+    """Records decoded together for the accuracy (prompts padded on the left; each answer is the one decoded alone,
+    up to float rounding); 1: one at a time."""
 
     @field_validator("budget_ranks")
     @classmethod
@@ -511,7 +555,23 @@ class ComparisonSettings(Settings):
         bad = [r for r in rates if not (0 < r <= 1) or r != r]
         if bad:
             raise ValueError(f"every learning rate must be in (0, 1], got {bad[0]}")
-        return tuple(dict.fromkeys(rates))
+        rates = tuple(dict.fromkeys(rates))
+        if len(rates) == 1:
+            raise ValueError(f"a learning-rate grid needs at least 2 values to choose from, got {rates[0]:g} alone: "
+                             "give more rates, or set the training's learning rate instead")
+        return rates
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_both(self) -> ComparisonSettings:
+        if (self.eval_interval is None) != (self.patience is None):
+            given = "eval_interval" if self.patience is None else "patience"
+            raise ValueError(f"early stopping needs both eval_interval and patience, got {given} alone: give both "
+                             "or neither")
+        return self
+
+    @property
+    def early_stopping(self) -> bool:
+        return self.eval_interval is not None and self.patience is not None
 
     @field_validator("seeds")
     @classmethod

@@ -3,7 +3,12 @@
 Layout written::
 
     <out>/adapter/                 # PEFT adapter (adapter_config.json, adapter_model.safetensors) + the rank config
-    <out>/training_metrics.json    # losses, trainable parameters and their share, settings, timings
+    <out>/training_metrics.json    # losses, trainable parameters and their share, settings, precision, timings
+
+Precision (``LoRATrainingSettings.precision``): under bf16 the frozen base is loaded in bf16 (it never changes,
+and autocast would round it to bf16 in every product anyway; half the memory and no cast per step) while the LoRA
+weights and AdamW's state stay float32 (PEFT's ``autocast_adapter_dtype``); the saved adapter is float32. Under
+float32 the base loads in float32 on every device, CUDA included.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from ._io import atomic_write_json
 from .analysis.layout import Layout
 from .config import RankConfig
+from .devices import bf16_units, resolve_precision
 from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
 from .loading import load_image_processor
@@ -25,7 +31,13 @@ from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, sa
 from .settings import LoRATrainingSettings
 
 __all__ = ["TrainLayout", "TrainResult", "LoraRun", "prepare_lora_run", "save_lora_run", "train_dynamic_lora",
-           "warm_start_source"]
+           "warm_start_source", "training_dtype"]
+
+
+def training_dtype(bf16: bool) -> torch.dtype:
+    """The dtype a LoRA's frozen base is loaded in (a quantized base's compute dtype): bf16 when training runs in
+    bf16 (``devices.resolve_precision``), else float32."""
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 @dataclass
@@ -38,6 +50,8 @@ class TrainResult:
     total_parameters: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    bf16: bool = False
+    """Trained under bf16 autocast, with the frozen base stored in bf16 (``precision``)."""
     serving_problems: dict[str, str] = field(default_factory=dict)
     """Server -> how it would mis-serve the adapter (``export.serving_problems``); empty when every server reads it
     right."""
@@ -106,22 +120,32 @@ class LoraRun:
     report: object  # data.SubsetReport of the records trained on
     n_records: int
     device: torch.device
+    bf16: bool = False  # the precision resolved on the device: base stored in bf16, autocast in train_loop
 
 
 def prepare_lora_run(model_name: str | Path, rank_config_path: str | Path, data_path: str | Path,
                      settings: LoRATrainingSettings, *, init_from: str | Path | None = None, device: str | None = None,
                      trust_remote_code: bool = False) -> LoraRun:
     """Seed, build the LoRA (PEFT's init, or the adapter at ``init_from``), move it to the device and tokenize every
-    record of ``data_path``: everything before the first step of ``train_dynamic_lora``."""
-    config = DynamicLoRAConfig.from_file(rank_config_path, lora_dropout=settings.lora_dropout)
+    record of ``data_path``: everything before the first step of ``train_dynamic_lora``.
+
+    The base is loaded in ``training_dtype`` of the resolved precision (bf16 or float32; with ``quantization``, the
+    compute dtype); the LoRA weights are float32 either way.
+
+    Raises:
+        PrecisionError: ``precision`` "bf16" on a device without bf16 units, before anything is loaded.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_bf16 = resolve_precision(settings.precision, dev)
+    dtype = training_dtype(use_bf16)
+    config = DynamicLoRAConfig.from_file(rank_config_path, lora_dropout=settings.lora_dropout)
     torch.manual_seed(settings.seed)
-    factory = PEFTModelFactory(config, quantization=settings.quantization,
+    factory = PEFTModelFactory(config, quantization=settings.quantization, dtype=dtype,
                                gradient_checkpointing=settings.gradient_checkpointing,
                                trust_remote_code=trust_remote_code)
     if init_from is not None:
         model, tokenizer = load_peft_checkpoint(model_name, init_from, quantization=settings.quantization,
-                                                is_trainable=True, trust_remote_code=trust_remote_code)
+                                                is_trainable=True, trust_remote_code=trust_remote_code, dtype=dtype)
     else:
         model, tokenizer = factory.build(model_name)
     if settings.quantization is None:
@@ -130,7 +154,7 @@ def prepare_lora_run(model_name: str | Path, rank_config_path: str | Path, data_
     # Image records go through the image processor saved with a vision-language model, as in the fine-tune stage.
     examples, report, n_records = prepare_examples(data_path, tokenizer, max_length=settings.max_length,
                                                    seed=settings.seed, image_processor=load_image_processor(model_name))
-    return LoraRun(model, tokenizer, config, examples, report, n_records, dev)
+    return LoraRun(model, tokenizer, config, examples, report, n_records, dev, use_bf16)
 
 
 def save_lora_run(run: LoraRun, layout: TrainLayout, model_name: str | Path, rank_config_path: str | Path,
@@ -146,11 +170,14 @@ def save_lora_run(run: LoraRun, layout: TrainLayout, model_name: str | Path, ran
         "quantization": settings.quantization, "init_from": str(init_from) if init_from else None,
         "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
         "n_records": run.n_records, "n_train": len(run.examples), "task_counts_after": run.report.counts_after,
-        "settings": settings.to_dict(), "device": str(run.device), "bf16": use_bf16, "losses": losses,
-        "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - start, **(extra or {}),
+        "settings": settings.to_dict(), "device": str(run.device), "bf16": use_bf16,
+        "bf16_units": bf16_units(run.device) if use_bf16 else None,
+        "base_dtype": settings.quantization or str(training_dtype(run.bf16)).removeprefix("torch."), "losses": losses,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "seconds": time.perf_counter() - start, **(extra or {}),
     }
     metrics_path = atomic_write_json(layout.metrics_path, metrics)
-    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"],
+    return TrainResult(str(adapter_dir), str(metrics_path), trainable, total, losses, metrics["seconds"], use_bf16,
                        serving_problems(read_adapter(adapter_dir, weights=False)))
 
 

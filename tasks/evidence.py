@@ -23,7 +23,7 @@ from lora_ranks.evidence import (
     split_validation,
     write_allocation_configs,
 )
-from lora_ranks.evidence.runs import RowEvaluation, RowResult, RowSpec, train_row
+from lora_ranks.evidence.runs import Committed, RowEvaluation, RowResult, RowSpec, train_row
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
 
@@ -47,10 +47,11 @@ def fidelity_report_task(config_path: str, analysis_root: str, eval_data_path: s
 
 
 @task(name="allocation-configs")
-def allocation_configs_task(config_path: str, comparison_root: str, budget_ranks: tuple[int, ...]) -> dict[str, str]:
+def allocation_configs_task(config_path: str, comparison_root: str, budget_ranks: tuple[int, ...],
+                            alpha_variants: tuple[str, ...] = ()) -> dict[str, str]:
     """The compared rank configs: uniform / energy / budget at the analysis config's parameter count, or every
-    allocation at each of ``budget_ranks``."""
-    return write_allocation_configs(config_path, ComparisonLayout(comparison_root), budget_ranks)
+    allocation at each of ``budget_ranks``; and each again at the ``alpha_variants`` policies."""
+    return write_allocation_configs(config_path, ComparisonLayout(comparison_root), budget_ranks, alpha_variants)
 
 
 @task(name="allocation-fidelity")
@@ -81,10 +82,18 @@ def comparability_check_task(config_path: str, eval_data_path: str, comparison_r
 
 @task(name="train-row", task_run_name="train-{spec.label}-{spec.init}-seed{spec.seed}-lr{settings.learning_rate:g}")
 def train_row_task(base_model: str, spec: RowSpec, train_path: str, out_dir: str, settings: LoRATrainingSettings,
-                   evaluation: RowEvaluation) -> RowResult:
+                   evaluation: RowEvaluation, committed: Committed | None = None) -> RowResult:
     """Train one comparison row (a lora-ranks config or a peer) and evaluate it in the same process: held-out loss
-    (during and after training), accuracy, compute."""
-    return train_row(base_model, spec, train_path, out_dir, settings, evaluation)
+    (during and after training, the best checkpoint with early stopping), accuracy, compute; committed where
+    ``committed`` says."""
+    result = train_row(base_model, spec, train_path, out_dir, settings, evaluation, committed=committed)
+    if result.diverged:
+        get_run_logger().warning("%s seed %d diverged at learning rate %g", spec.name, spec.seed, settings.learning_rate)
+    elif result.best_step is not None:
+        get_run_logger().info("%s seed %d lr %g: best validation loss %.4f at step %d of %d (%s); held-out %.4f",
+                              spec.name, spec.seed, settings.learning_rate, result.validation_loss, result.best_step,
+                              result.steps, result.stopped, result.loss)
+    return result
 
 
 @task(name="split-validation")
@@ -106,12 +115,35 @@ def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, ou
 @task(name="comparison-report")
 def comparison_report_task(comparison_root: str, configs: dict[str, str], results: list[RowResult], details: dict,
                            reference_init: str = "warm", full_finetune: dict[int, float] | None = None,
-                           analysis_config: str | None = None) -> ComparisonReport:
-    """results.json, comparison.png (and curves.png) and the UI artifacts of the comparison."""
+                           preparations: dict | None = None, results_dir: str | None = None) -> ComparisonReport:
+    """results.json, comparison.png (and curves.png) and the UI artifacts of the comparison.
+
+    ``preparations``: "shared" or seed -> {config, root, seconds} of each preparation run here; the FLOPs come from
+    ``preparation_of``, the seconds are the flow's measured wall time. With ``results_dir`` each is committed there
+    (``preparation-seed<seed>.json``), and a seed prepared in an earlier run is read from there."""
+    import json
+    from pathlib import Path
+
+    from lora_ranks._io import atomic_write_json
+
+    n = results[0].matmul_parameters if results else None
+    preparation: dict | None = {}
+    for key, prep in (preparations or {}).items():
+        flops = preparation_of(prep["config"], ComparisonLayout(prep["root"]), n) if n else {}
+        preparation[key] = {**flops, "seconds": prep["seconds"]}
+        if results_dir:
+            atomic_write_json(Path(results_dir) / f"preparation-{'seed' + str(key) if key != 'shared' else key}.json",
+                              preparation[key])
+    if results_dir:
+        for path in sorted(Path(results_dir).glob("preparation-*.json")):
+            key = path.stem.removeprefix("preparation-")
+            key = int(key.removeprefix("seed")) if key.startswith("seed") else key
+            preparation.setdefault(key, json.loads(path.read_text()))
+    if "shared" in preparation:
+        preparation = preparation["shared"]
+    report = comparison_report(ComparisonLayout(comparison_root), configs, results, details, reference_init,
+                               full_finetune, preparation or None)
     layout = ComparisonLayout(comparison_root)
-    preparation = (preparation_of(analysis_config, layout, results[0].matmul_parameters)
-                   if analysis_config and results else None)
-    report = comparison_report(layout, configs, results, details, reference_init, full_finetune, preparation)
     create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k not in ("losses", "curve")}
                                                               for r in report.rows],
                           description="Held-out loss at equal trainable parameters")

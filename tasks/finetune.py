@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 import lora_ranks.data as data_module
 import lora_ranks.finetune as finetune_module
 from lora_ranks._version import __version__
+from lora_ranks.devices import bf16_units
 from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune, run_split_half_finetunes
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.spectra import default_device
@@ -35,8 +36,9 @@ def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, set
     logger = get_run_logger()
     result = run_preliminary_finetune(model_path, data_path, out_dir, settings, on_step=step_logger(logger),
                                       trust_remote_code=trust_remote_code)
-    logger.info("Fine-tuned %d steps in %.1f s: loss %.4f -> %.4f; pair at %s and %s", result.steps, result.seconds,
-                result.losses[0], result.losses[-1], result.pretrained_dir, result.finetuned_dir)
+    logger.info("Fine-tuned %d steps in %.1f s (%s): loss %.4f -> %.4f; pair at %s and %s", result.steps,
+                result.seconds, "bf16 autocast" if result.bf16 else "float32", result.losses[0], result.losses[-1],
+                result.pretrained_dir, result.finetuned_dir)
     return result
 
 
@@ -53,15 +55,16 @@ def _files_digest(folder: str | Path) -> str:
 
 def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``split-half-finetunes``: the base model folder's files and the data file's bytes, the settings,
-    the device type, the fine-tuning code (``lora_ranks.finetune`` and ``lora_ranks.data``, with the version) and the
-    output folder; never the run. A rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a
-    resumed ``compare`` reuses its analysis pair."""
+    the device type and its bf16 units (what precision "auto" resolves to), the fine-tuning code
+    (``lora_ranks.finetune`` and ``lora_ranks.data``, with the version) and the output folder; never the run. A
+    rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a resumed ``compare`` reuses its
+    analysis pair."""
     code = hashlib.sha256(__version__.encode())
     for module in (finetune_module, data_module):
         code.update(Path(module.__file__).read_bytes())
     device = (parameters.get("device") or default_device().type).split(":")[0]
     identity = [_files_digest(parameters["model_path"]), hashlib.sha256(Path(parameters["data_path"]).read_bytes())
-                .hexdigest(), parameters["settings"].to_dict(), device, code.hexdigest(),
+                .hexdigest(), parameters["settings"].to_dict(), device, bf16_units(device), code.hexdigest(),
                 str(Path(parameters["out_dir"]).resolve())]
     return "split-half-finetunes-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 

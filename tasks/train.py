@@ -31,8 +31,9 @@ def train_dynamic_lora_task(model: str, rank_config_path: str, data_path: str, o
     logger = get_run_logger()
     result = train_dynamic_lora(model, rank_config_path, data_path, out_dir, settings, init_from=init_from,
                                 on_step=step_logger(logger), trust_remote_code=trust_remote_code)
-    logger.info("Trainable parameters: %s of %s (%.3f%%); adapter saved to %s", f"{result.trainable_parameters:,}",
-                f"{result.total_parameters:,}", 100 * result.trainable_share, result.adapter_dir)
+    logger.info("Trainable parameters: %s of %s (%.3f%%); trained in %s; adapter saved to %s",
+                f"{result.trainable_parameters:,}", f"{result.total_parameters:,}", 100 * result.trainable_share,
+                "bf16 autocast (frozen base in bf16)" if result.bf16 else "float32", result.adapter_dir)
     for server, problem in result.serving_problems.items():
         logger.warning("Serving: %s %s; `lora-ranks export %s --out %s-uniform` writes an exact copy every server "
                        "reads right (see the adapter's README.md)", server, problem, result.adapter_dir, result.adapter_dir)

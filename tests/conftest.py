@@ -9,6 +9,10 @@ from pathlib import Path
 from flows._runtime import apply_defaults
 
 apply_defaults()  # Prefect's defaults, from their one place, before Prefect is first imported
+# Training's precision "auto" trains in bf16 on CPUs with bf16 units: the suite runs as on a CPU without them
+# (float32), so that its numbers are the same on every CI machine, in this process and in every one it starts. The
+# bf16 tests (test_precision.py) pretend units are there where they need them.
+os.environ["LORA_RANKS_CPU_BF16"] = "0"
 # Under pytest-xdist (``make test`` runs two workers), each worker's ephemeral Prefect API keeps its own SQLite
 # database (a folder of PREFECT_HOME per worker): two servers writing one database file would wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("LORA_RANKS_TEST_HOME_SPLIT"):

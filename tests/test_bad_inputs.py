@@ -40,6 +40,7 @@ def ws(tmp_path_factory):
     save_file(tensors, str(nan / "model.safetensors"), metadata={"format": "pt"})
     shutil.copytree(base, root / "base-copy")
     write_synthetic_dataset(root / "data.jsonl", 4)
+    (root / "eval.jsonl").write_text('{"text": "a held-out record", "task": "a"}\n{"text": "another one", "task": "b"}\n')
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("my notes\n")
     (root / "file.txt").write_text("a file\n")
@@ -142,15 +143,46 @@ CASES = [
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 1e-3 -0.01",
      "every learning rate must be in (0, 1], got -0.01"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 0", "got 0.0"),
-    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --full-learning-rates 1e-3",
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --full-learning-rates 1e-3 3e-3",
      "is off: turn it on (--full-finetune)"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --peers eva --lora-quantization 4bit",
      "peer 'eva' needs the base weights in full precision"),
+    # issue 37's bad input: held-out records that are trained on, a grid that chooses nothing, early stopping that
+    # cannot stop, a subset smaller than its batch
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --eval-data {ws}/data.jsonl --out {ws}/new",
+     "--eval-data shares"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --eval-data {ws}/eval.jsonl --validation-data "
+     "{ws}/eval.jsonl --out {ws}/new", "--validation-data shares 2 of its 2 record(s) with --eval-data"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 1e-3",
+     "needs at least 2 values"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --learning-rates 1e-3 nan", "finite"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --eval-interval 0 --patience 2",
+     "--eval-interval 0: input should be greater than 0"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --eval-interval 5 --patience -1",
+     "--patience -1: input should be greater than 0"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --eval-interval 5",
+     "early stopping needs both --eval-interval and --patience, got --eval-interval alone"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --finetune-batch-size 64",
+     "fewer than --finetune-batch-size 64"),
     ("demo", "--budget 10 --out {ws}/new", "is below the"),
     ("demo", "--out {ws}/mine", "did not write"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("analyze", f"{_PAIR} --out {{ws}}/new --device cuda", "device cuda is not available here"))
+    # a forced bf16 on a CPU without bf16 units (the suite hides the CPU's: conftest), each spelling of the flag
+    CASES += [
+        ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --precision bf16",
+         "--precision bf16 is not available here: training runs on the CPU, which has no bf16 units"),
+        ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --precision bf16",
+         "--precision bf16 is not available here"),
+        ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --lora-precision bf16",
+         "--lora-precision bf16 is not available here"),
+        ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --finetune-precision bf16",
+         "--finetune-precision bf16 is not available here"),
+        ("demo", "--out {ws}/new --precision bf16", "--precision bf16 is not available here"),
+        ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/new --precision bf16",
+         "--precision bf16 is not available here"),
+    ]
 
 
 @pytest.mark.parametrize("command,args,fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

@@ -171,49 +171,79 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
     assert Counter(held_out) + Counter(trained) == Counter(everything)  # a partition: nothing held out is trained on
 
 
-def test_compare_with_peers_learning_rates_curves_and_accuracy(prefect_harness, tmp_path):
-    """Peers beside lora-ranks' rows, a learning rate chosen per row on a validation split (the chosen trial is the
-    first seed's run), loss-against-compute curves with lora-ranks' preparation counted, and accuracy."""
+def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded_preparation(prefect_harness,
+                                                                                               tmp_path):
+    """Issue 37's harness: a preparation per seed (its own subset, fine-tune, calibration, ranks, warm start), the
+    validation split carved before it, a learning rate per row chosen on two tuning seeds and extended until interior,
+    early stopping on every run (its best checkpoint reported), lora-ranks at rsLoRA's scale, PEFT's LoraConfig() and
+    EVA beside it, accuracy per task, compute with the preparation counted; a rerun in a fresh folder with the same
+    committed results trains and prepares nothing."""
     from flows.compare_allocations import compare_allocations
+    from lora_ranks.settings import CurvatureSettings
     from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
 
     base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
     data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
-    results = json.loads(Path(compare_allocations(
-        base_model=str(base), data_path=str(data), output_dir=str(tmp_path / "cmp"),
-        allocation=AllocationSettings(min_rank=2, max_rank=16),
-        comparison=ComparisonSettings(seeds=(0, 1), peers=("default", "pissa", "eva"), learning_rates=(1e-3, 3e-3),
-                                      curve_points=2, curve_samples=4, accuracy_samples=4, max_new_tokens=4,
-                                      full_finetune=True, full_learning_rates=(1e-3, 3e-3)),
-        training=LoRATrainingSettings(max_steps=3, learning_rate=1e-3, batch_size=4),
-        finetune=FinetuneSettings(max_steps=5, learning_rate=1e-3, subset_ratio=0.3))).read_text())
+    comparison = ComparisonSettings(seeds=(0, 1), tuning_seeds=2, budget_ranks=(2,), allocations=("budget-fisher",),
+                                    alpha_variants=("rslora",), peers=("default", "eva"), learning_rates=(1e-3, 3e-3),
+                                    max_rate_extensions=2, eval_interval=2, patience=1, seeded_preparation=True,
+                                    curve_points=2, curve_samples=4, accuracy_samples=6, max_new_tokens=4,
+                                    full_finetune=True, full_learning_rates=(1e-3, 3e-3))
+    settings = dict(base_model=str(base), data_path=str(data), allocation=AllocationSettings(min_rank=1, max_rank=16),
+                    curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=50),
+                    training=LoRATrainingSettings(max_steps=6, epochs=100, learning_rate=1e-3, batch_size=4),
+                    finetune=FinetuneSettings(max_steps=3, learning_rate=1e-3, subset_ratio=0.3),
+                    results_dir=str(tmp_path / "results"))
+    results = json.loads(Path(compare_allocations(output_dir=str(tmp_path / "cmp"), comparison=comparison,
+                                                  **settings)).read_text())
     rows = {(r["allocation"], r["init"]): r for r in results["rows"]}
     full = rows.pop(("full-finetune", "full"))
-    assert set(rows) == {("uniform", "warm"), ("energy", "warm"), ("budget", "warm"), ("uniform", "cold"),
-                         ("uniform", "pissa"), ("uniform", "eva")}
+    assert set(rows) == {("r2-uniform", "warm"), ("r2-budget-fisher", "warm"), ("r2-budget-fisher-rslora", "warm"),
+                         ("r2-uniform", "default"), ("r2-uniform", "eva")}
+    assert len(full["losses"]) == 2
+    # each seed prepared on its own subset of the fit records, never on the validation split
+    cmp = tmp_path / "cmp"
+    validation = (cmp / "data" / "validation.jsonl").read_text().splitlines()
+    for seed in (0, 1):
+        metrics = json.loads((cmp / "seeds" / f"seed{seed}" / "analysis" / "saved_models" / "preliminary_finetune"
+                              / "training_metrics.json").read_text())
+        assert metrics["settings"]["seed"] == seed and metrics["data"] == str(cmp / "data" / "fit.jsonl")
+    assert validation and not set(validation) & set((cmp / "data" / "fit.jsonl").read_text().splitlines())
+    rslora = load_rank_config(cmp / "seeds" / "seed0" / "configs" / "r2-budget-fisher-rslora.json")
+    assert rslora.use_rslora and rslora.rank_pattern == load_rank_config(
+        cmp / "seeds" / "seed0" / "configs" / "r2-budget-fisher.json").rank_pattern
     choices = results["learning_rate_choices"]
     full_choice = choices.pop("full-finetune")
-    assert full_choice["learning_rate"] == float(min(full_choice["validation_losses"],
-                                                     key=full_choice["validation_losses"].get))
-    assert len(full["losses"]) == 2
+    assert full_choice["learning_rate"] in (1e-3, 3e-3)
     for (label, init), row in rows.items():
         choice = choices[f"{label}/{init}"]
-        assert set(choice["validation_losses"]) == {"0.001", "0.003"}
-        assert row["learning_rate"] == float(min(choice["validation_losses"], key=choice["validation_losses"].get))
-        assert len(row["losses"]) == 2 and 0.0 <= row["accuracy_mean"] <= 1.0
-        assert [p["step"] for p in row["curve"]] == [2, 3]
-        assert row["curve"][-1]["total_flops"] == pytest.approx(row["train_flops"] + row["preparation_flops"])
+        rates = sorted(float(r) for r in choice["per_seed"])
+        assert all(set(per_seed) == {"0", "1"} for per_seed in choice["per_seed"].values())  # two tuning seeds
+        assert rates[:2] == [1e-3, 3e-3] or rates[0] < 1e-3 or rates[-1] > 3e-3
+        # interior, or at an edge only once the extensions ran out
+        assert rates[0] < row["learning_rate"] < rates[-1] or (choice["at_edge"] and len(rates) == 4)
+        assert row["learning_rate"] == min(rates, key=lambda r: choice["validation_losses"][f"{r:g}"] or 1e9)
+        assert len(row["losses"]) == 2 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_by_task"]
+        for run in row["runs"]:
+            assert run["stopped"] in ("patience", "cap") and run["best_step"] % 2 == 0 or run["best_step"] == 6
+            assert run["validation_loss"] == min(p["validation_loss"] for p in run["validation_curve"])
     prep = results["preparation"]
-    assert prep["finetune"] > 0 and prep["total"] == prep["finetune"] + prep["curvature"]
-    assert rows["uniform", "warm"]["preparation_flops"] == prep["total"]  # the warm start needs the fine-tune
-    assert rows["uniform", "cold"]["preparation_flops"] == 0.0  # PEFT's default LoRA needs nothing
-    assert rows["uniform", "eva"]["preparation_flops"] > 0 and rows["uniform", "pissa"]["served_rank_factor"] == 2
-    assert rows["uniform", "pissa"]["vs_default"]["n"] == 2
-    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5_000
-    fit = (tmp_path / "cmp" / "data" / "fit.jsonl").read_text().splitlines()
-    validation = (tmp_path / "cmp" / "data" / "validation.jsonl").read_text().splitlines()
-    trained = (tmp_path / "cmp" / "data" / "train.jsonl").read_text().splitlines()
-    assert sorted(fit + validation) == sorted(trained) and validation
+    assert set(prep) == {"0", "1"} and all(p["seconds"] > 0 and p["total"] > 0 for p in prep.values())
+    warm = rows["r2-budget-fisher", "warm"]
+    assert warm["preparation_flops"] == pytest.approx((prep["0"]["total"] + prep["1"]["total"]) / 2)
+    assert warm["preparation_seconds"] == pytest.approx((prep["0"]["seconds"] + prep["1"]["seconds"]) / 2)
+    assert rows["r2-uniform", "default"]["preparation_flops"] == 0.0 and rows["r2-uniform", "eva"]["preparation_flops"] > 0
+    assert warm["vs_default"]["n"] == 2
+    committed = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
+    assert "preparation-seed0.json" in committed and "r2-budget-fisher-seed1-lr0.001.json" in committed
+    # a fresh folder with the same committed rows: nothing trained, nothing prepared, the same table
+    again = json.loads(Path(compare_allocations(output_dir=str(tmp_path / "again"),
+                                                comparison=comparison.replace(full_finetune=False,
+                                                                              full_learning_rates=()),
+                                                **settings)).read_text())
+    assert not (tmp_path / "again" / "seeds").exists() and not (tmp_path / "again" / "runs").exists()
+    again_rows = {(r["allocation"], r["init"]): r["losses"] for r in again["rows"]}
+    assert again_rows == {key: row["losses"] for key, row in rows.items()}
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from lora_ranks.evidence.runs import (
     choose_learning_rates,
     comparison_rows,
     curve_steps,
+    next_learning_rates,
     train_row,
 )
 from lora_ranks.settings import PEER_NAMES, ComparisonSettings, LoRATrainingSettings
@@ -60,13 +61,23 @@ def test_peer_registry_matches_the_settings_choices():
     assert tuple(PEERS) == PEER_NAMES
 
 
-def test_default_peer_is_the_cold_uniform_lora_bit_for_bit(setting):
+def test_default_peer_is_peft_loraconfig_as_users_get_it(setting):
+    """The peer "default" is PEFT's LoraConfig() at the budget's rank with PEFT's own lora_alpha (8), not the
+    uniform config's 2r: bit for bit the cold uniform row of a config whose alpha is 8."""
+    from lora_ranks.config import load_rank_config
+    from lora_ranks.evidence.experiment import with_alpha_policy
+    from lora_ranks.settings import AlphaPolicy
+
     root, base, config = setting
-    cold = train_row(base, RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl"), root / "cold",
+    alpha8 = save_rank_config(root / "alpha8.json", with_alpha_policy(load_rank_config(config), AlphaPolicy(scale=4)))
+    cold = train_row(base, RowSpec("r2-uniform", "cold", 0, str(alpha8)), str(root / "train.jsonl"), root / "cold",
                      SETTINGS, _evaluation(root))
     default = train_row(base, RowSpec("r2-uniform", "default", 0, config), str(root / "train.jsonl"),
                         root / "default", SETTINGS, _evaluation(root))
     assert default.loss == cold.loss and default.trainable_parameters == cold.trainable_parameters
+    served = json.loads((root / "default" / "adapter" / "adapter_config.json").read_text())
+    assert served["lora_alpha"] == 8 and served["r"] == 2 and not served["alpha_pattern"]
+    assert load_rank_config(config).alpha_of(load_rank_config(config).target_modules[0]) == 4  # the config's 2r
 
 
 @pytest.mark.parametrize("peer", ["pissa", "olora", "corda", "lora-ga"])
@@ -139,15 +150,19 @@ def test_lora_ranks_preparation_counts_the_finetunes_and_curvature(planted_pair,
 
 
 class _Answering(torch.nn.Module):
-    """A stand-in model whose greedy decode is a fixed text (to test the scoring, not a model)."""
+    """A stand-in model whose greedy decode is a fixed text per prompt (to test the scoring, not a model): the text
+    of the first key of ``answers`` that the prompt contains."""
 
-    def __init__(self, tokenizer, answers):
+    def __init__(self, tokenizer, answers: dict[str, str]):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokenizer, self.answers = tokenizer, list(answers)
+        self.tokenizer, self.answers = tokenizer, answers
 
     def generate(self, input_ids, **kwargs):
-        answer = self.tokenizer(self.answers.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert input_ids.shape[0] == 1  # one record at a time by default
+        prompt = self.tokenizer.decode(input_ids[0])
+        text = next(text for key, text in self.answers.items() if key in prompt)
+        answer = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return torch.cat([input_ids, answer, torch.tensor([[self.tokenizer.eos_token_id]])], dim=1)
 
 
@@ -165,22 +180,67 @@ def test_exact_match_scores_normalized_answers(setting, tmp_path):
     ]) + "\n")
     records = checkable_records(path, limit=10)
     assert len(records) == 3 and all("text" not in r for r in records)
-    answers = {"abc": " ABC ", "god": "dog", "3": "3"}
-    model = _Answering(tokenizer, [answers[r.get("output") or r["messages"][-1]["content"]] for r in records])
+    model = _Answering(tokenizer, {"cab": " ABC ", "dog": "dog", "Count": "3"})
     scored = exact_match(model, tokenizer, records, max_new_tokens=8)
     assert (scored.correct, scored.n) == (2, 3)
+    assert [p.strip() for p in scored.predictions] == [{"abc": "ABC", "god": "dog", "3": "3"}[
+        r.get("output") or r["messages"][-1]["content"]] for r in records]
     assert scored.standard_error == pytest.approx(math.sqrt(2 / 3 * 1 / 3 / 3))
     assert normalize_answer("  Hello \n World ") == "hello world"
 
 
-def test_learning_rate_choice_keeps_the_lowest_validation_loss():
-    def trial(label, lr, validation):
-        return RowResult(label, "cold", 0, lr, "", 1.0, 1, 1, 1, 1.0, validation_loss=validation)
+def test_batched_greedy_decoding_gives_each_record_its_own_answer(setting):
+    """Prompts of different lengths decoded together (left padding) give the responses each gives alone."""
+    from lora_ranks.data import load_records
+    from lora_ranks.loading import load_model
+
+    root, base, _ = setting
+    model, tokenizer = load_model(base)
+    records = [r for r in load_records(root / "train.jsonl") if "output" in r or "messages" in r][:9]
+    alone = exact_match(model, tokenizer, records, max_new_tokens=6)
+    together = exact_match(model, tokenizer, records, max_new_tokens=6, batch_size=4)
+    assert len({len(r.get("instruction", "") + r.get("input", "")) for r in records}) > 1  # lengths differ
+    assert together.predictions == alone.predictions and together.correct == alone.correct
+    assert all(alone.predictions)  # something was decoded
+
+
+def test_learning_rate_choice_keeps_the_lowest_mean_validation_loss():
+    def trial(label, lr, validation, seed=0, diverged=False):
+        return RowResult(label, "cold", seed, lr, "", None if diverged else 1.0, 1, 1, 1, 1.0,
+                         validation_loss=None if diverged else validation, diverged=diverged)
 
     best, record = choose_learning_rates([trial("a", 1e-3, 2.0), trial("a", 1e-2, 1.5), trial("a", 3e-2, 1.7),
                                           trial("b", 1e-3, 1.0), trial("b", 1e-2, 1.0)])
-    assert best["a", "cold"].learning_rate == 1e-2 and best["b", "cold"].learning_rate == 1e-3  # ties: the first
-    assert record["a/cold"] == {"learning_rate": 1e-2, "validation_losses": {"0.001": 2.0, "0.01": 1.5, "0.03": 1.7}}
+    assert best["a", "cold"] == 1e-2 and best["b", "cold"] == 1e-3  # ties: the lower rate
+    assert record["a/cold"]["validation_losses"] == {"0.001": 2.0, "0.01": 1.5, "0.03": 1.7}
+    assert not record["a/cold"]["at_edge"] and record["b/cold"]["at_edge"]
+    # the mean over the tuning seeds decides; a diverged trial is infinitely bad (recorded as None)
+    best, record = choose_learning_rates([trial("a", 1e-3, 1.0, 0), trial("a", 1e-3, 2.0, 1), trial("a", 3e-3, 1.4, 0),
+                                          trial("a", 3e-3, 1.4, 1), trial("a", 1e-2, 0.1, 0),
+                                          trial("a", 1e-2, 0, 1, diverged=True)])
+    assert best["a", "cold"] == 3e-3 and record["a/cold"]["validation_losses"]["0.01"] is None
+    assert record["a/cold"]["per_seed"]["0.001"] == {"0": 1.0, "1": 2.0}
+
+
+def test_a_choice_at_an_edge_extends_the_grid_by_its_spacing():
+    def record(losses: dict[float, float]) -> dict:
+        trials = [RowResult("r", "warm", 0, lr, "", 1.0, 1, 1, 1, 1.0, validation_loss=v) for lr, v in losses.items()]
+        return choose_learning_rates(trials)[1]
+
+    grid = {1e-4: 3.0, 3e-4: 2.5, 1e-3: 2.2, 3e-3: 2.0}
+    assert next_learning_rates(record(grid)) == {"r/warm": 9e-3}  # best at the top: 3x above it
+    assert next_learning_rates(record({**grid, 9e-3: 2.1})) == {}  # interior now
+    assert next_learning_rates(record({1e-4: 1.0, 3e-4: 2.5, 1e-3: 2.2})) == {"r/warm": pytest.approx(3.33333e-5)}
+    assert next_learning_rates(record({0.3: 2.0, 0.1: 2.5}), max_rate=0.5) == {}  # not above the largest rate allowed
+
+
+def test_holm_adjusts_for_the_family_of_comparisons():
+    from lora_ranks.evidence.experiment import holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    # sorted 0.01, 0.03, 0.04, 0.5: times 4, 3, 2, 1, made non-decreasing
+    assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert holm({"only": 0.2}) == {"only": 0.2} and holm({"x": 0.6, "y": 0.7}) == {"x": 1.0, "y": 1.0}
 
 
 def test_selected_allocations_keep_uniform_ranks():
@@ -199,7 +259,8 @@ def test_selected_allocations_keep_uniform_ranks():
 def test_rows_and_curve_steps():
     rows = comparison_rows(["r2-uniform", "r2-budget-fisher", "r4-uniform"], ["warm"], ("default", "pissa"))
     assert rows == [("r2-uniform", "warm"), ("r2-budget-fisher", "warm"), ("r4-uniform", "warm"),
-                    ("r2-uniform", "cold"), ("r4-uniform", "cold"), ("r2-uniform", "pissa"), ("r4-uniform", "pissa")]
+                    ("r2-uniform", "default"), ("r2-uniform", "pissa"), ("r4-uniform", "default"),
+                    ("r4-uniform", "pissa")]
     assert curve_steps(30, 3) == {10, 20, 30} and curve_steps(2, 5) == {1, 2} and curve_steps(9, 0) == set()
 
 
@@ -219,7 +280,9 @@ def test_peers_that_cannot_run_are_refused_naming_why():
     with pytest.raises(ValueError, match="every learning rate must be in \\(0, 1\\], got -0.01"):
         ComparisonSettings(learning_rates=(1e-3, -0.01))
     with pytest.raises(ValueError, match="but full_finetune is off"):
-        ComparisonSettings(full_learning_rates=(1e-3,))
+        ComparisonSettings(full_learning_rates=(1e-3, 3e-3))
+    with pytest.raises(ValueError, match="needs at least 2 values"):
+        ComparisonSettings(learning_rates=(1e-3,))
     with pytest.raises(ValueError, match="got 0.0"):
         ComparisonSettings(full_finetune=True, full_learning_rates=(0.0,))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..devices import resolve_device
+from ..devices import resolve_device, resolve_precision
 from ..errors import LoraRanksError
 from ..settings import CheckSettings, LoRATrainingSettings
 from .measure import Target
@@ -31,12 +31,17 @@ def check_inputs(model: str, rank_config: str, settings: CheckSettings,
     Raises:
         RankConfigError: the config is invalid, or names modules the model lacks or of other shapes (all listed).
         CheckInputError: the device is not available, or ``seq_len`` exceeds the model's context.
+        PrecisionError: training's ``precision`` is bf16 and the CPU measured on has no bf16 units (on CUDA the
+            measuring process checks it: asking here would create a CUDA context that takes memory from the
+            measurements).
         LoraRanksError: the model or the config file is missing.
     """
     from ..checkpoints import resolve_model_path
     from ..config import check_config_matches_model, load_rank_config
 
     device = resolve_device(settings.device)
+    if device == "cpu":
+        resolve_precision(training.precision, device)
     config = load_rank_config(rank_config)
     root = resolve_model_path(model)
     check_config_matches_model(config, root)
@@ -46,7 +51,7 @@ def check_inputs(model: str, rank_config: str, settings: CheckSettings,
                               f"(max_position_embeddings {context}): measure at a seq_len of at most {context}")
     return Target(model=str(model), rank_config=str(Path(rank_config).resolve()), device=device,
                   quantization=training.quantization, optimizer=training.optimizer, lora_dropout=training.lora_dropout,
-                  trust_remote_code=trust_remote_code)
+                  trust_remote_code=trust_remote_code, precision=training.precision)
 
 
 def bitsandbytes_problem(target: Target) -> str | None:

@@ -12,7 +12,7 @@ Every measurement runs in its own spawned (not forked) process, so that
 
 The model is built exactly as ``train_dynamic_lora`` builds it (``PEFTModelFactory``: the same dtype, quantization,
 gradient checkpointing and LoRA dropout), and the training step is ``finetune.train_loop`` itself (the same
-optimizer, bf16 autocast on CUDA, gradient clipping) on random token ids of exactly ``seq_len`` tokens.
+optimizer, precision, gradient clipping) on random token ids of exactly ``seq_len`` tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Target:
         optimizer: "adamw" or "adamw8bit", as training's settings say.
         lora_dropout: as training's settings say.
         trust_remote_code: as the safety settings say.
+        precision: "auto", "bf16" or "float32", as training's settings say (resolved on ``device``).
     """
 
     model: str
@@ -55,6 +56,7 @@ class Target:
     optimizer: str = LoRATrainingSettings.model_fields["optimizer"].default
     lora_dropout: float = LoRATrainingSettings.model_fields["lora_dropout"].default
     trust_remote_code: bool = False
+    precision: str = LoRATrainingSettings.model_fields["precision"].default
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +149,7 @@ def measure_training_step(target: Target, batch: int, seq_len: int, gradient_che
     examples = [{"input_ids": row, "labels": row} for row in ids]
     settings = TrainingSettings(max_steps=steps, batch_size=batch, grad_accumulation=1, warmup_ratio=0.0,
                                 max_length=seq_len, gradient_checkpointing=gradient_checkpointing,
-                                optimizer=target.optimizer)
+                                optimizer=target.optimizer, precision=target.precision)
     covers = _reset_peaks(dev)
     stamps = [time.perf_counter()]
     try:
@@ -198,7 +200,7 @@ def measure_inference(target: Target, batch: int, seq_len: int, repeats: int) ->
               "adapter_bytes": sum(p.numel() * p.element_size() for p in lora),
               "adapter_dtype": str(lora[0].dtype).removeprefix("torch.") if lora else None,
               "base_bytes": sum(p.numel() * p.element_size() for p in base.parameters()),
-              "dtype": str(_training_dtype(dev)).removeprefix("torch."), "device_name": _device_name(dev)}
+              "dtype": str(_training_dtype(dev, target.precision)).removeprefix("torch."), "device_name": _device_name(dev)}
     vocab = base.get_input_embeddings().num_embeddings
     tokens = torch.randint(vocab, (batch, seq_len), generator=generator).to(dev)
     try:
@@ -250,19 +252,20 @@ def _build(target: Target, dev, gradient_checkpointing: bool, with_lora: bool):
     config = DynamicLoRAConfig.from_file(target.rank_config, lora_dropout=target.lora_dropout)
     # bitsandbytes places a quantized model itself: on the measured GPU (index), or on the CPU.
     placement = (dev.index or 0) if dev.type == "cuda" else "cpu"
-    factory = PEFTModelFactory(config, quantization=target.quantization, dtype=_training_dtype(dev),
+    factory = PEFTModelFactory(config, quantization=target.quantization, dtype=_training_dtype(dev, target.precision),
                                gradient_checkpointing=gradient_checkpointing, trust_remote_code=target.trust_remote_code,
                                device_map={"": placement} if target.quantization else None)
     model = factory.build(target.model)[0] if with_lora else factory.load_base(target.model)[0]
     return model if target.quantization else model.to(dev)
 
 
-def _training_dtype(dev):
-    """The dtype training loads an unquantized base in (and a quantized one computes in) on ``dev``: bf16 on a CUDA
-    device that supports it, else float32."""
-    import torch
+def _training_dtype(dev, precision: str):
+    """The dtype training loads an unquantized base in (and a quantized one computes in) on ``dev``: bf16 when
+    ``precision`` resolves to bf16 there (``devices.resolve_precision``), else float32."""
+    from ..devices import resolve_precision
+    from ..train import training_dtype
 
-    return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return training_dtype(resolve_precision(precision, dev))
 
 
 def _device_name(dev) -> str:

@@ -16,7 +16,9 @@ Comparison layout under one root::
     <root>/allocation_fidelity.json          # with budget ranks: each config's KL to the fine-tuned model
     <root>/sensitivity.json, sensitivity.png  # with comparability: predicted vs measured KL per module
     <root>/results.json, <root>/comparison.png, <root>/curves.png (with curve_points)
-    <root>/data/{fit,validation}.jsonl       # with learning_rates: the training records less a validation split
+    <root>/data/{fit,validation}.jsonl       # with learning_rates or early stopping: the training records less a
+                                             #   validation split (carved before the analysis)
+    <root>/seeds/seed<seed>/{analysis,configs,warm}/  # with seeded_preparation: each seed's own preparation
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
 from ..spectra import SpectrumKind
 from ..spectra.weighted import factor_root
 from .allocations import allocation_configs
-from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison
+from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison, with_alpha_policy
 from .fidelity import DeltaBasis, fidelity_sweep, fidelity_to, held_out_loss, mean_and_std, reference_outputs
 from .sensitivity import module_sensitivities, spearman
 
@@ -132,6 +134,10 @@ class ComparisonLayout(Layout):
     @property
     def sensitivity_plot_path(self) -> Path:
         return self.root / "sensitivity.png"
+
+    def seed_layout(self, seed: int) -> ComparisonLayout:
+        """The preparation of one seed (``seeded_preparation``): its analysis, configs and warm starts."""
+        return ComparisonLayout(self.root / "seeds" / f"seed{seed}")
 
 
 @dataclass
@@ -230,8 +236,8 @@ def run_fidelity_report(config_path: str | Path, layout: OutputLayout, eval_data
     return FidelityReport(str(json_path), write_fidelity_plot(layout.fidelity_plot_path, points), rows)
 
 
-def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, budget_ranks: Sequence[int]
-                             ) -> dict[str, str]:
+def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, budget_ranks: Sequence[int],
+                             alpha_variants: Sequence[str] = ()) -> dict[str, str]:
     """The compared rank configs of the analysis at ``config_path`` (its spectra in ``layout.analysis``), written as
     ``layout.config_path(label)``; returns their paths by label.
 
@@ -241,7 +247,9 @@ def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, 
     a Fisher analysis gives both the Fisher spectrum and the input-weighted one σ(ΔW A^1/2), from the same A
     factors. With them also ``signal``: each module's signal rank (of the analysis' noise estimate: the singular
     values of its weight spectrum above the noise floor, or the split-half rank), bounded to [1, max_rank]: a budget
-    of its own. Every config records the analysis' curvature, so warm starts use its truncation.
+    of its own. Every config records the analysis' curvature, so warm starts use its truncation. With
+    ``alpha_variants`` (alpha policies: "constant", "rslora"), every config but uniform ranks is written again at
+    each policy other than its own, at the same scale, labelled ``<label>-<policy>``.
     """
     config = load_rank_config(config_path)
     modules = config.module_refs()
@@ -274,7 +282,88 @@ def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, 
                                                   spectra=spectra[SpectrumKind.WEIGHT],
                                                   alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                                   extra_metadata={"curvature": curvature, "allocation": "signal"})
+    for label, cfg in list(configs.items()):
+        if cfg.analysis_metadata.allocation == "uniform" or label == "uniform":
+            continue
+        for policy in alpha_variants:
+            if policy != cfg.alpha_policy.policy:
+                configs[f"{label}-{policy}"] = with_alpha_policy(cfg, cfg.alpha_policy.replace(policy=policy))
     return {label: str(save_rank_config(layout.config_path(label), cfg)) for label, cfg in configs.items()}
+
+
+def check_comparison_data(data_path: str | Path, eval_data_path: str | Path | None,
+                          validation_data_path: str | Path | None, comparison: ComparisonSettings,
+                          finetune: FinetuneSettings | None) -> None:
+    """What ``compare`` refuses before any work, in one line each (``DataError``): held-out (``eval_data_path``) or
+    validation records that are also training records, or validation records that are also held out (compared as
+    whole records); and, when the comparison fine-tunes (``finetune`` given), a brief fine-tune's stratified subset
+    of fewer records than its batch (after the held-out and validation splits carved from ``data_path``)."""
+    from ..data import DataError, subset_size
+
+    def keyed(path) -> dict[str, int]:
+        return {json.dumps(r, sort_keys=True): i for i, r in enumerate(load_records(path), start=1)}
+
+    train = keyed(data_path)
+    held = keyed(eval_data_path) if eval_data_path else {}
+    validation = keyed(validation_data_path) if validation_data_path else {}
+    for flag, records, against, other in (("--eval-data", held, train, "--data"),
+                                          ("--validation-data", validation, train, "--data"),
+                                          ("--validation-data", validation, held, "--eval-data")):
+        shared = [line for key, line in records.items() if key in against]
+        if shared:
+            path = eval_data_path if flag == "--eval-data" else validation_data_path
+            raise DataError(f"{flag} shares {len(shared)} of its {len(records)} record(s) with {other} (e.g. "
+                            f"{path}:{shared[0]}): records it evaluates on would be trained on (or held out twice); "
+                            f"give {flag} records that are not in {other}")
+    if finetune is None:
+        return
+    n = len(train)
+    if not eval_data_path:
+        n -= max(1, int(n * comparison.eval_fraction))
+    if not validation_data_path and (comparison.learning_rates or comparison.full_learning_rates
+                                     or comparison.early_stopping):
+        n -= max(1, int(n * comparison.validation_fraction))
+    tasks = {str(r.get(finetune.task_key, "default")) for r in load_records(data_path)}
+    size = subset_size(max(n, 0), finetune.subset_ratio, finetune.max_samples, len(tasks))
+    if size < finetune.batch_size:
+        raise DataError(f"the brief fine-tune's subset would be {size} record(s) (--finetune-subset-ratio "
+                        f"{finetune.subset_ratio:g} of the {n} training records, at most --finetune-max-samples "
+                        f"{finetune.max_samples}), fewer than --finetune-batch-size {finetune.batch_size}: raise the "
+                        "ratio or lower the batch")
+
+
+def expected_labels(comparison: ComparisonSettings) -> list[str] | None:
+    """The labels of the configs a comparison at ``comparison.budget_ranks`` trains, known before any analysis when
+    its allocations are named (``r<r>-<allocation>``, then the alpha variants of each but uniform ranks); None
+    when they depend on the analysis (no budget ranks, or every allocation)."""
+    if not comparison.budget_ranks or not comparison.allocations or "signal" in comparison.allocations:
+        return None
+    if "budget" in comparison.allocations:
+        return None
+    labels = [f"r{r}-{a}" for r in comparison.budget_ranks for a in ("uniform", "energy", "budget-weight",
+                                                                      "budget-input", "budget-fisher")
+              if a in comparison.allocations]
+    return labels + [f"{label}-{policy}" for label in labels if not label.endswith("-uniform")
+                     for policy in comparison.alpha_variants]
+
+
+def design_digest(finetuned_model: str | None, *settings) -> str:
+    """A digest of what a comparison's preparation depends on besides the base model and the data (which the key
+    of a committed row reads itself, ``runs.committed_key``): the given pair's fine-tuned side (its files' headers,
+    not its path) and the settings objects (fine-tune, analysis, allocation, alpha, extraction, comparison). No
+    path enters it, so a fresh clone elsewhere finds the rows committed here. The comparison's seeds, tuning and
+    evaluation options are left out: a row's key carries its own seed, rate and evaluation."""
+    import hashlib
+
+    from ..checkpoints import Checkpoint, resolve_model_path
+
+    parts: list = [Checkpoint(resolve_model_path(finetuned_model)).header_fingerprint() if finetuned_model else None]
+    for item in settings:
+        data = item.to_dict()
+        if isinstance(item, ComparisonSettings):  # only what shapes the configs and their preparation
+            data = {k: data[k] for k in ("budget_ranks", "allocations", "alpha_variants", "seeded_preparation")}
+        parts.append(data)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str], eval_data_path: str | Path,
@@ -414,7 +503,10 @@ def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_
 def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n: int) -> dict:
     """What lora-ranks spent before its rows' first LoRA step (``compute.lora_ranks_preparation``): FLOPs of the
     brief fine-tune (its ``training_metrics.json`` beside the fine-tuned folder), of the split-half fine-tunes when
-    the analysis ran them, and of the curvature passes; and the wall seconds of the fine-tunes and the analysis."""
+    the analysis ran them, and of the curvature passes; and ``seconds``, the fine-tunes' recorded seconds plus the
+    analysis' (an estimate: the flow's analysis clock starts before its fine-tune, so this can count the fine-tune
+    twice, and the warm start's extraction is left out; ``compare`` replaces it by the wall time it measures around
+    the whole preparation)."""
     from .compute import lora_ranks_preparation
 
     config = load_rank_config(analysis_config_path)
@@ -433,37 +525,63 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
     compute), ``results.json``, ``comparison.png`` and, when the runs recorded curves, ``curves.png``.
 
     Args:
-        results: the ``runs.RowResult`` of every trained LoRA (final runs: one learning rate per row).
+        configs: label -> rank config path of the compared configs (the rows' order; a row whose config is not
+            there, e.g. every one of its runs was committed earlier, is described from its runs).
+        results: the ``runs.RowResult`` of every trained LoRA (final runs: one learning rate per row). A run that
+            diverged (``diverged``) is left out of its row, whose ``diverged_seeds`` lists it.
         details: recorded in results.json beside the rows (data paths, steps, ...).
         reference_init: the init of the uniform ranks every row is paired against (training.init); a config with
             a budget of its own (``signal``) is paired with the uniform ranks closest to it in parameters.
         full_finetune: seed -> held-out loss of a full fine-tune trained as long (the reference of the gap).
-        preparation: lora-ranks' preparation (``preparation_of``): FLOPs and seconds counted for every lora-ranks
-            row that needs the analysis (all but cold uniform ranks, which are PEFT's default LoRA).
+        preparation: lora-ranks' preparation (``preparation_of``): FLOPs (``total``) and ``seconds``; or, with a
+            preparation per seed, seed -> such a dict. Counted for every lora-ranks row that needs the analysis
+            (all but cold uniform ranks), as the mean over the row's seeds.
 
     Each row has ``vs_uniform`` (``paired_comparison`` of its per-seed losses minus those of the uniform ranks at
     the same budget and ``reference_init``; None for those uniform ranks themselves and with fewer than 2 seeds; a t
-    that is not finite, when every difference is the same, is None), ``vs_default`` (the same against cold uniform
-    ranks, PEFT's default LoRA, when trained) and, when cold uniform ranks and the full fine-tune were trained,
-    ``gap_closed``: the share of the held-out-loss gap between cold uniform LoRA and the full fine-tune that the row
-    closes. ``accuracy_mean`` / ``accuracy_se`` (over seeds; the binomial SE of one run with one seed),
-    ``train_flops``, ``preparation_flops`` (None when unknown), ``seconds`` (means over seeds) and ``curve`` (per
-    evaluation step, the mean loss over seeds against total FLOPs = preparation + training) come from the runs.
+    that is not finite, when every difference is the same, is None), ``vs_default`` (the same against PEFT's
+    ``LoraConfig()``, the ``default`` peer, when trained, else against cold uniform ranks) and, when cold uniform
+    ranks and the full fine-tune were trained, ``gap_closed``: the share of the held-out-loss gap between cold
+    uniform LoRA and the full fine-tune that the row closes. ``accuracy_mean`` / ``accuracy_se`` (over seeds; the
+    binomial SE of one run with one seed) and ``accuracy_by_task`` (task -> mean over seeds), ``train_flops``,
+    ``preparation_flops`` (None when unknown), ``preparation_seconds``, ``seconds`` (means over seeds), ``curve``
+    (per evaluation step, the mean loss over seeds against total FLOPs = preparation + training) and ``runs`` (per
+    seed: the losses, the best step and why training stopped, FLOPs and seconds to the best step and in all, and the
+    validation curve) come from the runs.
     """
+    diverged = [r for r in results if getattr(r, "diverged", False)]
+    results = [r for r in results if not getattr(r, "diverged", False)]
     by_run = {(r.label, r.init, r.seed): r for r in results}
     inits = list(dict.fromkeys(r.init for r in results))
-    metadata = {label: load_rank_config(path) for label, path in configs.items()}
+    metadata = {label: load_rank_config(path) for label, path in configs.items() if Path(path).is_file()}
+    labels = list(dict.fromkeys([*configs, *(r.label for r in results)]))
+
+    def budget_of(label: str) -> int | None:
+        if label in metadata:
+            return metadata[label].analysis_metadata.budget_rank
+        return next((r.budget_rank for r in results if r.label == label), None)
+
+    def allocation_of(label: str) -> str | None:
+        if label in metadata:
+            return metadata[label].analysis_metadata.allocation
+        return next((r.allocation for r in results if r.label == label), None)
+
+    def parameters_of(label: str) -> float:
+        if label in metadata:
+            return metadata[label].trainable_parameters
+        return _mean([r.trainable_parameters for r in results if r.label == label and r.init in ("warm", "cold")]
+                     or [0])
 
     def uniform_of(label: str) -> str:
-        r = metadata[label].analysis_metadata.budget_rank
+        r = budget_of(label)
         if r is not None:
             return f"r{r}-uniform"
-        if "uniform" in metadata or label == "uniform":
+        if "uniform" in labels or label == "uniform":
             return "uniform"
         # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
-        uniforms = [u for u in metadata if metadata[u].analysis_metadata.allocation == "uniform"]
-        own = metadata[label].trainable_parameters
-        return min(uniforms, key=lambda u: abs(metadata[u].trainable_parameters - own), default="uniform")
+        uniforms = [u for u in labels if allocation_of(u) == "uniform"]
+        own = parameters_of(label)
+        return min(uniforms, key=lambda u: abs(parameters_of(u) - own), default="uniform")
 
     def per_seed(label: str, init: str) -> dict[int, float]:
         return {seed: r.loss for (run_label, run_init, seed), r in by_run.items() if (run_label, run_init) == (label, init)}
@@ -475,9 +593,19 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
             return None
         return _finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired]))
 
+    per_seed_preparation = (preparation if preparation and "total" not in preparation else
+                            None if preparation is None else {None: preparation})
+
+    def preparation_for(seeds: Sequence[int], key: str) -> float | None:
+        if per_seed_preparation is None:
+            return None
+        values = [(per_seed_preparation.get(s) or per_seed_preparation.get(str(s)) or per_seed_preparation.get(None)
+                   or {}).get(key) for s in seeds]
+        return None if any(v is None for v in values) else _mean(values)
+
     full_mean = mean_and_std(list(full_finetune.values()))[0] if full_finetune else None
     rows = []
-    for label in configs:
+    for label in labels:
         for init in inits:
             runs = [by_run[key] for key in sorted(by_run) if key[:2] == (label, init)]
             if not runs:
@@ -489,42 +617,64 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
             if full_mean is not None and cold_uniform:
                 baseline = mean_and_std(list(cold_uniform.values()))[0]
                 gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
-            meta = metadata[label].analysis_metadata
             peer = init not in ("warm", "cold")
-            plain_lora = init == "cold" and (meta.allocation or label) == "uniform"
+            plain_lora = init == "cold" and (allocation_of(label) or label) == "uniform"
             # None when lora-ranks' preparation is unknown (a pair fine-tuned elsewhere): not counted as free
             own_prep = (_mean([r.preparation_flops for r in runs]) if peer else 0.0 if plain_lora
-                        else (preparation or {}).get("total"))
+                        else preparation_for(seeds, "total"))
+            own_seconds = 0.0 if peer or plain_lora else preparation_for(seeds, "seconds")
             accuracies = [r.accuracy for r in runs if r.accuracy is not None]
             accuracy_mean, accuracy_se = None, None
             if accuracies:
                 accuracy_mean = _mean(accuracies)
                 accuracy_se = (mean_and_std(accuracies)[1] / math.sqrt(len(accuracies)) if len(accuracies) > 1 else
                                math.sqrt(accuracy_mean * (1 - accuracy_mean) / max(1, runs[0].accuracy_n)))
-            rows.append({"allocation": label, "method": init if peer else (meta.allocation or label),
-                         "budget_rank": meta.budget_rank, "init": init,
+            tasks = sorted({t for r in runs for t in getattr(r, "accuracy_by_task", {})})
+            by_task = {t: _mean([r.accuracy_by_task[t][0] / r.accuracy_by_task[t][1] for r in runs
+                                 if t in r.accuracy_by_task and r.accuracy_by_task[t][1]]) for t in tasks}
+            reference_default = (uniform_of(label), "default" if per_seed(uniform_of(label), "default") else "cold")
+            rows.append({"allocation": label, "method": init if peer else (allocation_of(label) or label),
+                         "budget_rank": budget_of(label), "init": init,
                          "trainable_parameters": round(_mean([r.trainable_parameters for r in runs])),
                          "learning_rate": runs[0].learning_rate,
                          "loss_mean": mean, "loss_std": std, "losses": [r.loss for r in runs], "seeds": seeds,
                          "vs_uniform": paired_to(label, init, (uniform_of(label), reference_init)),
-                         "vs_default": paired_to(label, init, (uniform_of(label), "cold")),
+                         "vs_default": paired_to(label, init, reference_default),
                          "gap_closed": gap, "accuracy_mean": accuracy_mean, "accuracy_se": accuracy_se,
+                         "accuracy_by_task": by_task,
                          "train_flops": _mean([r.train_flops for r in runs]), "preparation_flops": own_prep,
+                         "preparation_seconds": own_seconds,
                          "seconds": _mean([r.seconds for r in runs]),
                          "served_rank_factor": runs[0].served_rank_factor,
-                         "curve": _mean_curve(runs, own_prep)})
+                         "diverged_seeds": sorted(r.seed for r in diverged if (r.label, r.init) == (label, init)),
+                         "curve": _mean_curve(runs, own_prep),
+                         "runs": [_run_summary(r) for r in runs]})
     if full_finetune:
         seeds = sorted(full_finetune)
         mean, std = mean_and_std([full_finetune[s] for s in seeds])
-        base_parameters = next(iter(metadata.values())).base_parameters
+        base_parameters = next(iter(metadata.values())).base_parameters if metadata else None
         rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
                      "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
                      "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
     results_path = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init,
-                                                           "preparation": preparation, **details})
+                                                           "preparation": _json_keys(preparation), **details})
     if any(row.get("curve") for row in rows):
         write_curves_plot(layout.curves_plot_path, rows)
     return ComparisonReport(str(results_path), write_comparison_plot(layout.comparison_plot_path, rows), rows)
+
+
+def _run_summary(run) -> dict:
+    """One run of a row, for results.json: what early stopping and the compute questions need."""
+    keys = ("seed", "loss", "validation_loss", "accuracy", "accuracy_by_task", "steps", "best_step", "stopped",
+            "train_flops", "best_train_flops", "seconds", "best_seconds", "validation_flops", "validation_curve")
+    return {k: getattr(run, k, None) for k in keys}
+
+
+def _json_keys(value):
+    """``value`` with int dict keys as strings (JSON's keys are strings)."""
+    if isinstance(value, dict):
+        return {str(k): _json_keys(v) for k, v in value.items()}
+    return value
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -16,8 +16,10 @@ tokens of each batch (``train_loop(tokens_per_step=...)``).
 Preparation: what a row spends before its first LoRA step.
 * lora-ranks: the brief full fine-tune (6N per token), the split-half fine-tunes when the noise estimate is
   split-half (6N each), and the curvature passes (per pass over the calibration tokens: one forward, and for the
-  Fisher ``fisher_samples`` backward passes for input gradients). The SVDs and factorizations are not counted
-  (they are not per-token work; their wall time is in the analysis' timings).
+  Fisher ``fisher_samples`` backward passes for input gradients). The SVDs, Gram eigendecompositions and Cholesky
+  roots are not in these FLOPs (they are not per-token work); they are in the preparation's wall time, which
+  ``compare`` measures around the whole preparation (fine-tune, factors, roots, spectra, configs and the warm
+  start's extraction) and reports beside the FLOPs.
 * EVA, CorDA: forward passes over their calibration batches (2N per token); LoRA-GA: forward and backward with the
   target weights' gradients (4N + 2 N_target per token). PiSSA, OLoRA: an SVD / QR of each weight, not counted.
 """

@@ -20,7 +20,8 @@ from ..spectra import Spectrum
 from .allocations import uniform_allocation
 
 __all__ = ["parameters_of", "uniform_ranks", "energy_ranks_at_budget", "budget_ranks", "allocations_at_budget",
-           "config_from_ranks", "budget_matrix_configs", "paired_comparison", "student_t_sf"]
+           "config_from_ranks", "budget_matrix_configs", "with_alpha_policy", "holm", "paired_comparison",
+           "student_t_sf"]
 
 
 def parameters_of(modules: Sequence[ModuleRef], ranks: Mapping[str, int]) -> int:
@@ -110,6 +111,31 @@ def budget_matrix_configs(modules: Sequence[ModuleRef], spectra_by_kind: Mapping
                 max_rank=max_rank, extra_metadata={**(extra_metadata or {}), "allocation": method, "budget_rank": r,
                                                    "budget_parameters": r * per_rank})
     return out
+
+
+def with_alpha_policy(config: RankConfig, alpha_policy: AlphaPolicy) -> RankConfig:
+    """``config``'s ranks under another alpha policy: ``alpha_pattern``, ``lora_alpha`` and ``use_rslora`` as
+    ``build_rank_config`` sets them for that policy (e.g. lora-ranks at rsLoRA's scaling, alpha / sqrt(r))."""
+    from ..config import parse_rank_config
+
+    data = config.model_dump(mode="json")
+    first_type = config.analysis_metadata.modules[config.target_modules[0]].module_type
+    data.update(alpha_pattern={key: alpha_policy.alpha(rank) for key, rank in config.rank_pattern.items()},
+                lora_alpha=alpha_policy.alpha(config.layer_ranks[first_type]),
+                use_rslora=alpha_policy.policy == "rslora", alpha_policy=alpha_policy.model_dump())
+    return parse_rank_config(data, source="rank config")
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979): the family-wise error rate of the comparisons ``pvalues``
+    (name -> p) held at the level each adjusted p is compared with. Sorted ascending, the i-th smallest (i from 0) of
+    m is multiplied by m - i, made non-decreasing and capped at 1."""
+    order = sorted(pvalues, key=lambda name: pvalues[name])
+    m, running, out = len(order), 0.0, {}
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[name]))
+        out[name] = running
+    return {name: out[name] for name in pvalues}
 
 
 def _betacf(a: float, b: float, x: float) -> float:

@@ -197,16 +197,20 @@ def fidelity_sweep(
 
 @torch.no_grad()
 def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``."""
+    """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``, on the device of the
+    model's parameters (the sums in float64)."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start: start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(examples[start: start + batch_size], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
-        logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total -= float(logp[mask].sum())
+        # Only the label positions' log-softmax (float64): the same values, without a float64 copy of the logits
+        # of every position (the vocabulary is 49k wide on SmolLM2, most positions are prompt or padding).
+        logp = torch.log_softmax(logits[mask].double(), dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        total -= float(logp.sum())
         count += int(mask.sum())
     return total / count
 

@@ -3,13 +3,16 @@
 Every peer is built through PEFT's API on the modules lora-ranks adapts, at the ranks of the budget's uniform config
 (rank r everywhere, capped at each module's short side): the same trainable parameters as the lora-ranks rows of that
 budget, except where the method's budget is not counted in parameters (EVA redistributes ranks; AdaLoRA starts
-above its target rank and prunes), whose actual count is reported.
+above its target rank and prunes), whose actual count is reported. ``default`` keeps PEFT's own ``lora_alpha`` (8,
+so a scale of 8 / r) where lora-ranks' uniform config sets alpha = 2r: it is PEFT's ``LoraConfig()`` at the budget's
+rank, as a user who sets only ``r`` gets it (lora-ranks' own cold uniform row, ``--cold-baseline``, keeps the
+config's alpha). The other peers take the uniform config's alpha (rsLoRA: 2r / sqrt(r)).
 
 ==========  ==========================================================================  ==========  =============
 peer        PEFT                                                                        data        served as
 ==========  ==========================================================================  ==========  =============
-default     ``LoraConfig()`` (A Kaiming, B = 0), the same row as the cold uniform LoRA   no          plain LoRA
-rslora      ``use_rslora=True`` (scale alpha / sqrt(r))                                  no          plain LoRA
+default     ``LoraConfig(r=r)`` as users get it: A Kaiming, B = 0, ``lora_alpha`` 8      no          plain LoRA
+rslora      ``use_rslora=True`` (scale alpha / sqrt(r), alpha of the uniform config)     no          plain LoRA
 pissa       ``init_lora_weights="pissa_niter_4"`` (top singular directions of W)         no          rank-2r LoRA*
 olora       ``init_lora_weights="olora"`` (QR of W)                                      no          rank-2r LoRA*
 eva         ``"eva"``, ``EvaConfig(rho=2)``, ``initialize_lora_eva_weights``             forward     plain LoRA
@@ -66,7 +69,8 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {p.name: p for p in (
-    Peer("default", "PEFT's default LoRA: A Kaiming, B = 0 (the cold uniform row)"),
+    Peer("default", "PEFT's LoraConfig() as users get it: A Kaiming, B = 0, lora_alpha 8 (PEFT's default)",
+         {"lora_alpha": 8, "alpha_pattern": {}}),
     Peer("rslora", "rank-stabilized scaling alpha / sqrt(r)", {"use_rslora": True}),
     Peer("pissa", "principal singular directions of W as the init (4 subspace iterations)",
          {"init_lora_weights": "pissa_niter_4"}, changes_base=True),

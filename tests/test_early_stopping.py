@@ -1,0 +1,114 @@
+"""A row trained to its own plateau: early stopping on a validation split (the best checkpoint restored and
+reported), divergence during learning-rate trials, committed results reused on a fresh run; on the tiny planted
+base, a few steps each."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_ranks.config import save_rank_config
+from lora_ranks.evidence.runs import Committed, RowEvaluation, RowSpec, committed_name, train_row
+from lora_ranks.settings import LoRATrainingSettings
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """The tiny base (2 layers, hidden 64), demo records split in train / validation / eval, a uniform rank-2 config."""
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.evidence.experiment import config_from_ranks, uniform_ranks
+    from lora_ranks.synthetic import build_tiny_qwen3, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("stopping")
+    base = build_tiny_qwen3(root / "base")
+    lines = Path(write_synthetic_dataset(root / "data.jsonl", 8, fmt="mixed")).read_text().splitlines()
+    (root / "eval.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    (root / "validation.jsonl").write_text("\n".join(lines[6:12]) + "\n")
+    (root / "train.jsonl").write_text("\n".join(lines[12:]) + "\n")
+    modules = CheckpointPair(base, base).modules()
+    config = save_rank_config(root / "uniform.json", config_from_ranks(modules, uniform_ranks(modules, 2), 10**6))
+    return root, str(base), str(config)
+
+
+# A rate high enough that the validation loss turns up within a few steps: early stopping has something to stop.
+SETTINGS = LoRATrainingSettings(max_steps=30, epochs=100, batch_size=4, learning_rate=0.1, lora_dropout=0.0,
+                                max_length=48, gradient_checkpointing=False, warmup_ratio=0.0, schedule="constant")
+
+
+def _evaluation(root, **kw) -> RowEvaluation:
+    return RowEvaluation(str(root / "eval.jsonl"), eval_samples=6, max_length=48,
+                         validation_data_path=str(root / "validation.jsonl"), **kw)
+
+
+def _served_losses(base: str, adapter: Path, root: Path) -> tuple[float, float]:
+    """Held-out and validation loss of the saved adapter, loaded afresh."""
+    from lora_ranks.evidence.comparison import eval_examples
+    from lora_ranks.evidence.fidelity import held_out_loss
+    from lora_ranks.model import load_peft_checkpoint
+
+    model, tokenizer = load_peft_checkpoint(base, adapter)
+    return tuple(held_out_loss(model, eval_examples(root / name, tokenizer, 6, 48), tokenizer.pad_token_id)
+                 for name in ("eval.jsonl", "validation.jsonl"))
+
+
+def test_early_stopping_restores_and_reports_the_best_checkpoint(setting):
+    root, base, config = setting
+    result = train_row(base, RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl"), root / "run",
+                       SETTINGS, _evaluation(root, eval_interval=2, patience=2))
+    curve = result.validation_curve
+    assert [p["step"] for p in curve] == list(range(2, result.steps + 1, 2))
+    best = min(curve, key=lambda p: p["validation_loss"])
+    assert result.stopped == "patience" and result.steps < SETTINGS.max_steps  # stopped before the cap
+    assert result.best_step == best["step"] == result.steps - 2 * 2  # two evaluations without improvement
+    assert result.validation_loss == best["validation_loss"] < curve[-1]["validation_loss"]
+    assert result.best_train_flops == best["train_flops"] < result.train_flops
+    # The adapter saved and the held-out loss reported are the best checkpoint's, not the last step's.
+    held_out, validation = _served_losses(base, root / "run" / "adapter", root)
+    assert held_out == pytest.approx(result.loss, rel=1e-5)
+    assert validation == pytest.approx(result.validation_loss, rel=1e-5)
+
+
+def test_a_run_that_never_plateaus_says_it_hit_the_cap(setting):
+    root, base, config = setting
+    result = train_row(base, RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl"), root / "cap",
+                       SETTINGS.replace(learning_rate=1e-3, max_steps=4), _evaluation(root, eval_interval=1,
+                                                                                      patience=10))
+    assert result.stopped == "cap" and result.steps == 4 and len(result.validation_curve) == 4
+
+
+def test_a_diverged_trial_is_reported_not_raised(setting, monkeypatch):
+    from lora_ranks.evidence import runs
+    from lora_ranks.finetune import TrainingDivergedError
+
+    def diverging(*args, **kwargs):
+        raise TrainingDivergedError("loss nan at step 1")
+
+    monkeypatch.setattr(runs, "train_loop", diverging)
+    root, base, config = setting
+    result = train_row(base, RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl"), root / "nan",
+                       SETTINGS, _evaluation(root, eval_interval=2, patience=2))
+    assert result.diverged and result.stopped == "diverged" and result.loss is None and result.validation_loss is None
+    without_validation = RowEvaluation(str(root / "eval.jsonl"), eval_samples=6, max_length=48)
+    with pytest.raises(TrainingDivergedError):  # a final run that diverges is an error, not a row
+        train_row(base, RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl"), root / "nan2",
+                  SETTINGS, without_validation)
+
+
+def test_a_committed_row_is_reused_by_a_fresh_run_and_a_changed_one_retrains(setting, tmp_path):
+    root, base, config = setting
+    committed = Committed(str(tmp_path / "results"), design="preparation settings")
+    spec = RowSpec("r2-uniform", "cold", 1, config)
+    settings = SETTINGS.replace(max_steps=2, learning_rate=1e-3)
+    first = train_row(base, spec, str(root / "train.jsonl"), tmp_path / "a", settings, _evaluation(root),
+                      committed=committed)
+    saved = json.loads((tmp_path / "results" / committed_name(spec, 1e-3)).read_text())
+    assert saved["loss"] == first.loss and saved["committed_key"]
+    # a fresh clone: another output folder, the rank config gone; the committed row is read, nothing is trained
+    fresh = RowSpec("r2-uniform", "cold", 1, str(tmp_path / "no-such-config.json"))
+    again = train_row(base, fresh, str(root / "train.jsonl"), tmp_path / "b", settings, _evaluation(root),
+                      committed=committed)
+    assert again.loss == first.loss and not (tmp_path / "b").exists()
+    other = Committed(committed.results_dir, design="other preparation settings")
+    retrained = train_row(base, spec, str(root / "train.jsonl"), tmp_path / "c", settings, _evaluation(root),
+                          committed=other)
+    assert (tmp_path / "c" / "row.json").is_file() and retrained.loss == first.loss  # same seed: same numbers
