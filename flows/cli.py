@@ -305,6 +305,11 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
 
         resolve_device(settings["analysis"].device)
     _check_precision(command, settings)
+    if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
+        from lora_ranks.evidence.comparison import check_comparison_data
+
+        check_comparison_data(inputs["data_path"], inputs["eval_data_path"], inputs["validation_data_path"],
+                              settings["comparison"], None if inputs["finetuned_model"] else settings["finetune"])
     if command in ("finetune", "train", "compare"):
         from lora_ranks.data import check_vision_records, load_records
         from lora_ranks.loading import load_image_processor
@@ -324,11 +329,6 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
                 if importlib.util.find_spec("wandb") is None:
                     raise LoraRanksError("--wandb-project is set but wandb is not installed: pip install wandb (or "
                                          "leave --wandb-project unset)")
-    if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
-        from lora_ranks.evidence.comparison import check_comparison_data
-
-        check_comparison_data(inputs["data_path"], inputs["eval_data_path"], inputs["validation_data_path"],
-                              settings["comparison"], None if inputs["finetuned_model"] else settings["finetune"])
     if command == "compare" and settings["comparison"].budget_ranks:
         from lora_ranks.errors import LoraRanksError
 

@@ -88,6 +88,7 @@ def test_8bit_adamw_trains(tmp_path):
 
 
 def test_wandb_logging_sends_settings_and_losses_only(tmp_path, monkeypatch):
+    import importlib.machinery
     import sys
     import types
 
@@ -101,6 +102,7 @@ def test_wandb_logging_sends_settings_and_losses_only(tmp_path, monkeypatch):
             calls["finish"] += 1
 
     fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probing find_spec("wandb") see a module
     fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_API_KEY", "sk-SENTINEL-should-not-leak")
