@@ -39,6 +39,7 @@ from .data import collate, load_records, stratified_subset, tokenize_record
 from .devices import bf16_units, resolve_precision
 from .errors import LoraRanksError
 from .loading import load_image_processor, load_model
+from .progress import Heartbeat
 from .settings import FinetuneSettings, TrainingSettings
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "TrainingDivergedError", "run_preliminary_finetune", "train_loop",
@@ -157,6 +158,7 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=f"{desc} (bf16)" if use_bf16 else desc, unit="step")
+    heartbeat = Heartbeat(f"{desc} (bf16)" if use_bf16 else desc, total, "step")
     for step in range(total):
         lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
         for group in optimizer.param_groups:
@@ -201,6 +203,8 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
+        heartbeat.update(step + 1, f"loss {step_loss:.4f} lr {lr:.2e}" + ("; stopping early" if stop else ""),
+                         force=stop)
         if stop:
             break
     if bar is not None:

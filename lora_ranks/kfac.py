@@ -58,6 +58,7 @@ import torch
 from .checkpoints import ModuleRef
 from .data import IGNORE_INDEX, collate
 from .errors import CalibrationError, LoraRanksError  # noqa: F401  (CalibrationError re-exported)
+from .progress import Heartbeat
 
 __all__ = ["CurvatureFactors", "collect_curvature", "plan_passes", "factor_bytes", "projection_side", "sample_labels",
            "length_batches", "calibration_tokens", "automatic_factor_memory", "CalibrationError"]
@@ -270,6 +271,14 @@ def collect_curvature(
     dtype = next(model.parameters()).dtype
     try:
         per_pass = math.ceil(len(examples) / batch_size)
+        heartbeat = Heartbeat(f"{kind} curvature ({len(passes)} pass{'es' if len(passes) > 1 else ''})",
+                              len(passes) * per_pass, "batch")
+
+        def report(done: int, total: int) -> None:  # batches done over all the passes
+            heartbeat.update(done)
+            if on_batch is not None:
+                on_batch(done, total)
+
         for number, group in enumerate(passes):
             wanted = [m for m in modules if m.layer in group]
             device = next(model.parameters()).device
@@ -279,8 +288,7 @@ def collect_curvature(
                                                                    else torch.float32))
                           for m in wanted if m.name in sides}
             stats["delta_seconds"] += time.perf_counter() - started
-            progress = None if on_batch is None else functools.partial(
-                _progress, on_batch, number * per_pass, len(passes) * per_pass)  # counted across the passes
+            progress = functools.partial(_progress, report, number * per_pass, len(passes) * per_pass)
             factors = _one_pass(model, by_name, examples, pad_token_id, wanted, kind, samples, seed, batch_size,
                                 progress, projection, stats)
             del projection

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from lora_ranks.errors import is_transient, is_user_error
 
-__all__ = ["retry_if_transient", "install_traceback_filter", "debug_enabled", "step_logger", "TRANSIENT_RETRIES"]
+__all__ = ["retry_if_transient", "install_traceback_filter", "debug_enabled", "install_progress_forwarding", "TRANSIENT_RETRIES"]
 
 #: Retries of a task whose failure may be transient: two, after 2 s and 10 s.
 TRANSIENT_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -58,11 +57,27 @@ def install_traceback_filter() -> None:
             logger.addFilter(_HideUserErrorTracebacks())
 
 
-def step_logger(logger: Any, times: int = 20) -> Callable[[int, int, float, float], None]:
-    """An ``on_step(step, total, loss, lr)`` callback that logs the first, the last and about ``times`` steps."""
+class _ToRunLog(logging.Handler):
+    """The library's progress lines (logger ``lora_ranks.progress``: a line every few seconds of every training run,
+    curvature pass and evaluation) into the log of the Prefect run they happen in (console and UI); lines outside
+    a run are dropped. The run is found from the calling thread's context, so concurrent tasks keep their own."""
 
-    def on_step(step: int, total: int, loss: float, lr: float) -> None:
-        if step == 1 or step == total or step % max(1, total // times) == 0:
-            logger.info("step %d/%d loss %.4f lr %.2e", step, total, loss, lr)
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
 
-    return on_step
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            return
+        logger.log(record.levelno, record.getMessage())
+
+
+def install_progress_forwarding() -> None:
+    """Attach ``_ToRunLog`` to ``lora_ranks.progress`` (idempotent)."""
+    from lora_ranks.progress import LOGGER
+
+    if not any(isinstance(h, _ToRunLog) for h in LOGGER.handlers):
+        LOGGER.addHandler(_ToRunLog())
+        LOGGER.setLevel(logging.INFO)
+        LOGGER.propagate = False  # the run's log is where they belong (no second copy through the root logger)

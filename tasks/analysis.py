@@ -105,16 +105,10 @@ def collect_curvature_task(finetuned: str, data_path: str, modules: list[ModuleR
                            base_digests: list[str] | None = None, allow_pickle: bool = False) -> CurvatureResult:
     """K-FAC factors of every target module from the fine-tuned model on the calibration records, one file per
     layer (memory bounded by ``factor_memory_gb``; factors wider than ``dense_factor_limit`` projected through the
-    delta from ``base``); progress logged about 10 times per pass."""
+    delta from ``base``); progress lines every few seconds (``lora_ranks.progress``)."""
     logger = get_run_logger()
-
-    def on_batch(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            logger.info("curvature: batch %d/%d", done, total)
-
     result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, base=base,
-                                     allow_pickle=allow_pickle, device=device, trust_remote_code=trust_remote_code,
-                                     on_batch=on_batch)
+                                     allow_pickle=allow_pickle, device=device, trust_remote_code=trust_remote_code)
     logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on): %d pass(es) holding up to %.1f GiB "
                 "of factors each, %.1f s, of which %.1f s forming the factors", curvature.spectrum, len(result.paths),
                 result.records, result.tokens, result.response_tokens, result.passes, result.factor_memory_gb,

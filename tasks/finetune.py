@@ -17,7 +17,7 @@ from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune, run_sp
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.spectra import default_device
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
-from tasks._common import retry_if_transient, step_logger
+from tasks._common import retry_if_transient
 
 
 @task(name="build-demo-inputs")
@@ -32,9 +32,9 @@ def build_demo_inputs_task(out_dir: str, data_path: str | None = None, model: st
 @task(name="preliminary-finetune", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
 def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
                               trust_remote_code: bool = False) -> FinetuneResult:
-    """Brief full fine-tune; logs the loss to the Prefect run log about 20 times per run."""
+    """Brief full fine-tune; its progress (step, loss, rate, time left) is logged every few seconds."""
     logger = get_run_logger()
-    result = run_preliminary_finetune(model_path, data_path, out_dir, settings, on_step=step_logger(logger),
+    result = run_preliminary_finetune(model_path, data_path, out_dir, settings,
                                       trust_remote_code=trust_remote_code)
     logger.info("Fine-tuned %d steps in %.1f s (%s): loss %.4f -> %.4f; pair at %s and %s", result.steps,
                 result.seconds, "bf16 autocast" if result.bf16 else "float32", result.losses[0], result.losses[-1],

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from lora_ranks.extract import extract_lora
 from lora_ranks.settings import ExtractionSettings, LoRATrainingSettings
 from lora_ranks.train import TrainResult, train_dynamic_lora
-from tasks._common import retry_if_transient, step_logger
+from tasks._common import retry_if_transient
 
 
 @task(name="extract-lora")
@@ -27,10 +27,10 @@ def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir:
 def train_dynamic_lora_task(model: str, rank_config_path: str, data_path: str, out_dir: str,
                             settings: LoRATrainingSettings, init_from: str | None = None,
                             trust_remote_code: bool = False) -> TrainResult:
-    """Train the adapter; logs the trainable-parameter count and share, then the loss about 20 times."""
+    """Train the adapter (progress logged every few seconds); logs the trainable-parameter count and share."""
     logger = get_run_logger()
     result = train_dynamic_lora(model, rank_config_path, data_path, out_dir, settings, init_from=init_from,
-                                on_step=step_logger(logger), trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code)
     logger.info("Trainable parameters: %s of %s (%.3f%%); trained in %s; adapter saved to %s",
                 f"{result.trainable_parameters:,}", f"{result.total_parameters:,}", 100 * result.trainable_share,
                 "bf16 autocast (frozen base in bf16)" if result.bf16 else "float32", result.adapter_dir)

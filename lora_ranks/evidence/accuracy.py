@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import _prompt_and_response, load_records, record_kind
+from ..progress import Heartbeat
 
 __all__ = ["ExactMatch", "checkable_records", "normalize_answer", "exact_match", "exact_match_by_task"]
 
@@ -72,13 +73,13 @@ def exact_match_by_task(model: torch.nn.Module, tokenizer, records: Sequence[dic
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(str(record.get(task_key, "default")), []).append(record)
-    return {task: exact_match(model, tokenizer, group, max_new_tokens, batch_size)
+    return {task: exact_match(model, tokenizer, group, max_new_tokens, batch_size, what=f"accuracy ({task})")
             for task, group in sorted(groups.items())}
 
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer, records: Sequence[dict], max_new_tokens: int,
-                batch_size: int = 1) -> ExactMatch:
+                batch_size: int = 1, *, what: str = "accuracy") -> ExactMatch:
     """Greedy-decode each record's response with ``model`` and count exact matches with its answer after
     ``normalize_answer``.
 
@@ -97,7 +98,9 @@ def exact_match(model: torch.nn.Module, tokenizer, records: Sequence[dict], max_
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     predictions = [""] * len(records)
+    heartbeat = Heartbeat(what, len(records), "record")  # ``what`` names the evaluation in its progress lines
     for start in range(0, len(order), max(1, batch_size)):
+        heartbeat.update(start)
         chunk = order[start: start + max(1, batch_size)]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)

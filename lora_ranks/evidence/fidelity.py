@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..data import IGNORE_INDEX, collate
+from ..progress import Heartbeat
 from ..ranks import allocate_ranks, lora_parameters
 from ..settings import AllocationSettings, FidelitySettings
 from ..spectra import Spectrum
@@ -69,7 +70,9 @@ def reference_outputs(reference: torch.nn.Module, examples: Sequence[dict], pad_
     whose next-token label is trained (not -100)."""
     reference.eval()
     batches, count = [], 0
+    heartbeat = Heartbeat("reference outputs", len(examples), "record")
     for start in range(0, len(examples), batch_size):
+        heartbeat.update(start)
         batch = collate(examples[start: start + batch_size], pad_token_id)
         labels = batch["labels"][:, 1:]  # (B, T-1): next-token targets
         mask = labels != IGNORE_INDEX
@@ -89,7 +92,9 @@ def fidelity_to(reference: ReferenceOutputs, model: torch.nn.Module) -> tuple[fl
     """(mean KL(P_reference || P_model), loss of model, loss of reference) over the reference's label positions."""
     model.eval()
     kl_sum = loss_model = loss_ref = 0.0
-    for inputs, mask, target, logp_ref in reference.batches:
+    heartbeat = Heartbeat("KL to the reference", len(reference.batches), "batch")
+    for done, (inputs, mask, target, logp_ref) in enumerate(reference.batches):
+        heartbeat.update(done)
         logp_model = torch.log_softmax(model(**inputs).logits[:, :-1][mask].double(), dim=-1)  # (n, V)
         kl_sum += float((logp_ref.exp() * (logp_ref - logp_model)).sum())
         loss_model -= float(logp_model.gather(-1, target.unsqueeze(-1)).sum())
@@ -196,13 +201,16 @@ def fidelity_sweep(
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> float:
+def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8, *,
+                  what: str = "held-out loss") -> float:
     """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``, on the device of the
-    model's parameters (the sums in float64)."""
+    model's parameters (the sums in float64). ``what`` names the evaluation in its progress lines."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    heartbeat = Heartbeat(what, len(examples), "record")
     for start in range(0, len(examples), batch_size):
+        heartbeat.update(start)
         batch = {k: v.to(device) for k, v in collate(examples[start: start + batch_size], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]

@@ -21,6 +21,7 @@ import torch
 from .._io import atomic_write_json
 from ..config import load_rank_config
 from ..finetune import planned_steps, prepare_examples, train_loop
+from ..progress import LOGGER
 from ..settings import LoRATrainingSettings
 from .accuracy import checkable_records, exact_match_by_task
 from .compute import forward_flops, frozen_training_flops, matmul_parameters
@@ -401,15 +402,13 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
             point = {"step": step, "tokens": tokens, "train_flops": frozen_training_flops(n, trainable, tokens),
                      "seconds": began - start - evaluating[0]}
             if step in at:
-                curve.append({**point, "loss": held_out_loss(model, curve_records, pad)})
+                curve.append({**point, "loss": held_out_loss(model, curve_records, pad, what="curve loss")})
             if stopping is not None and (step % evaluation.eval_interval == 0 or step == total):
-                stop = stopping.update(model, point, held_out_loss(model, validation_records, pad))
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    tqdm.write(f"{spec.name} seed {spec.seed} step {step}: validation loss "
-                               f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
-                               f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
+                stop = stopping.update(model, point, held_out_loss(model, validation_records, pad,
+                                                                   what="validation loss"))
+                LOGGER.info(f"{spec.name} seed {spec.seed} step {step}: validation loss "
+                            f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
+                            f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
             model.train()
             evaluating[0] += time.perf_counter() - began
         return stop
@@ -464,7 +463,7 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
         save_lora_run(run, layout, base_model, spec.config_path, train_path, settings, losses, use_bf16,
                       spec.warm_adapter, start)
     if evaluation.validation_data_path and stopping is None:
-        validation = held_out_loss(model, validation_records, pad)
+        validation = held_out_loss(model, validation_records, pad, what="validation loss")
     accuracy = None
     accuracy_n = 0
     by_task: dict[str, list[int]] = {}
