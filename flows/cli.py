@@ -305,6 +305,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
 
         resolve_device(settings["analysis"].device)
     _check_precision(command, settings)
+    _check_processes(command, settings)
     if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
         from lora_ranks.evidence.comparison import check_comparison_data
 
@@ -519,6 +520,24 @@ def _check_precision(command: str, settings: dict) -> None:
         return
     for group in forced:
         resolve_precision("bf16", device, flag=flag_for("precision", group.prefix))
+
+
+def _check_processes(command: str, settings: dict) -> None:
+    """More than one training process (``processes``): accelerate is there, each process gets records of every
+    micro-batch, a GPU each on GPUs; ``compare`` trains each row in one process (its rows are tasks of their own)."""
+    from flows.options import flag_for
+    from lora_ranks.distributed import check_launchable
+    from lora_ranks.errors import LoraRanksError
+
+    for group in COMMANDS[command].groups:
+        if group.param not in ("finetune", "training") or "processes" not in group.field_names():
+            continue
+        tune = settings[group.param]
+        flag = flag_for("processes", group.prefix)
+        if command == "compare" and group.param == "training" and tune.processes > 1:
+            raise LoraRanksError(f"{flag} {tune.processes}: compare trains each row in one process (rows run as tasks "
+                                 f"of their own); give {flag} to lora-ranks train")
+        check_launchable(tune.processes, tune.batch_size, None, flag)
 
 
 def _demo_inputs(inputs: dict) -> None:

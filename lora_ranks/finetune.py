@@ -37,6 +37,7 @@ import torch
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
 from .data import collate, load_records, stratified_subset, tokenize_record
 from .devices import bf16_units, resolve_precision
+from .distributed import check_launchable, is_main, launch, should_launch, wait_for_everyone, world
 from .errors import LoraRanksError
 from .loading import load_image_processor, load_model
 from .progress import Heartbeat
@@ -147,7 +148,13 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     use_bf16 = resolve_precision(settings.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, settings)
-    run = _wandb_run(settings, desc)
+    rank, processes = world()
+    forward = model
+    if processes > 1:  # data parallel (lora_ranks.distributed): gradients all-reduced in backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = _wandb_run(settings, desc) if rank == 0 else None
     total = planned_steps(len(examples), settings)
     warmup = int(settings.warmup_ratio * total)
     rng = random.Random(settings.seed)
@@ -158,7 +165,8 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=f"{desc} (bf16)" if use_bf16 else desc, unit="step")
-    heartbeat = Heartbeat(f"{desc} (bf16)" if use_bf16 else desc, total, "step")
+    heartbeat = Heartbeat(f"{desc} (bf16)" if use_bf16 else desc, total, "step",
+                          emit=None if rank == 0 else (lambda _: None))
     for step in range(total):
         lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
         for group in optimizer.param_groups:
@@ -170,12 +178,24 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                 rng.shuffle(fresh)
                 order.extend(fresh)
             batch_idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            share = 1.0
+            if processes > 1:  # this process's records of the global micro-batch, its loss weighted by its tokens
+                trained = [_trained_tokens(examples[i]) for i in batch_idx]
+                share = processes * sum(trained[rank::processes]) / max(1, sum(trained))
+                batch_idx = batch_idx[rank::processes]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_idx], pad_token_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss / settings.grad_accumulation
+                output = forward(**batch)
+            loss = output.loss / settings.grad_accumulation
+            if processes > 1:  # DDP averages over processes: share x mean = (processes / global count) x sum
+                # a shard without trained tokens adds zero (its mean would be 0/0), still through every weight
+                loss = loss * share if share > 0 else output.logits.sum() * 0.0
             loss.backward()
             step_loss += float(loss.detach())
             step_tokens += int(batch["attention_mask"].sum())
+        if processes > 1:  # the global micro-batches' mean loss, and every process's tokens
+            step_loss, step_tokens = _all_reduce_sum(step_loss, step_tokens, device)
+            step_loss /= processes
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # stop before the weights turn NaN
             if bar is not None:
@@ -212,6 +232,20 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     if run is not None:
         run.finish()
     return losses, use_bf16
+
+
+def _trained_tokens(example: dict) -> int:
+    """Positions whose next-token label is trained (what a causal LM's loss averages over)."""
+    return int((torch.as_tensor(example["labels"])[1:] != -100).sum())
+
+
+def _all_reduce_sum(loss: float, tokens: int, device: torch.device) -> tuple[float, int]:
+    """(loss, tokens) summed over the processes of the group (float64: the same sum on every process)."""
+    import torch.distributed as dist
+
+    both = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return float(both[0]), int(both[1])
 
 
 def _optimizer(params: list, settings: TrainingSettings) -> torch.optim.Optimizer:
@@ -273,6 +307,12 @@ def run_preliminary_finetune(
     start = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolve_precision(settings.precision, dev)  # a bf16 the hardware lacks is refused before any work
+    if should_launch(settings.processes):  # this call again, in settings.processes processes
+        check_launchable(settings.processes, settings.batch_size, device, "processes")
+        return launch("finetune", {"model_path": str(model_path), "data_path": str(data_path), "out_dir": str(out_dir),
+                                   "settings": settings.to_dict(), "trust_remote_code": trust_remote_code},
+                      settings.processes, cpu=dev.type == "cpu")
+    writes = is_main()  # one process of several: only the first writes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(settings.seed)
@@ -289,7 +329,9 @@ def run_preliminary_finetune(
     local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
     if settings.copy_base or not local_safetensors:
         pretrained_dir = out / "pretrained"
-        _save_dir(model, tokenizer, pretrained_dir, image_processor)
+        if writes:
+            _save_dir(model, tokenizer, pretrained_dir, image_processor)
+        wait_for_everyone()  # every process reads the fingerprint below
     else:
         pretrained_dir = Path(model_path).resolve()
     from .checkpoints import Checkpoint
@@ -313,7 +355,8 @@ def run_preliminary_finetune(
     # Step 4: the fine-tuned side, then the metrics.
     model.config.use_cache = True
     finetuned_dir = out / "finetuned"
-    _save_dir(model.cpu(), tokenizer, finetuned_dir, image_processor)
+    if writes:
+        _save_dir(model.cpu(), tokenizer, finetuned_dir, image_processor)
     seconds = time.perf_counter() - start
     metrics = {
         "model": str(model_path),
@@ -328,6 +371,7 @@ def run_preliminary_finetune(
         "task_counts_after": report.counts_after,
         "settings": settings.to_dict(),
         "device": str(dev),
+        "processes": world()[1],  # data-parallel processes that trained (lora_ranks.distributed)
         "bf16": use_bf16,  # matrix products under bf16 autocast; the weights trained and saved are float32
         "bf16_units": bf16_units(dev) if use_bf16 else None,
         "steps": total,
@@ -337,7 +381,7 @@ def run_preliminary_finetune(
         "last_loss": losses[-1] if losses else None,
         "seconds": seconds,
     }
-    metrics_path = atomic_write_json(out / "training_metrics.json", metrics)
+    metrics_path = atomic_write_json(out / "training_metrics.json", metrics) if writes else out / "training_metrics.json"
     return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds,
                           use_bf16)
 

@@ -336,6 +336,9 @@ class TrainingSettings(Settings):
     """Passes over the training records; caps max_steps on tiny subsets."""
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     """Micro-batch size, in sequences (at most 4096)."""
+    processes: int = Field(1, ge=1, le=64)
+    """Data-parallel processes (accelerate launch, DDP: lora_ranks.distributed; one GPU each on GPUs, gloo on CPUs):
+    every micro-batch of batch_size records is dealt across them, so the loss curve is the one-process curve."""
     grad_accumulation: int = Field(1, ge=1, le=MAX_ACCUMULATION)
     """Micro-batches per optimizer step (at most 1024)."""
     learning_rate: float = Field(1e-4, gt=0, le=1)

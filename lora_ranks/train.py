@@ -24,6 +24,7 @@ from ._io import atomic_write_json
 from .analysis.layout import Layout
 from .config import RankConfig
 from .devices import bf16_units, resolve_precision
+from .distributed import check_launchable, is_main, launch, should_launch, world
 from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
 from .loading import load_image_processor
@@ -170,7 +171,7 @@ def save_lora_run(run: LoraRun, layout: TrainLayout, model_name: str | Path, ran
         "quantization": settings.quantization, "init_from": str(init_from) if init_from else None,
         "trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / total,
         "n_records": run.n_records, "n_train": len(run.examples), "task_counts_after": run.report.counts_after,
-        "settings": settings.to_dict(), "device": str(run.device), "bf16": use_bf16,
+        "settings": settings.to_dict(), "device": str(run.device), "processes": world()[1], "bf16": use_bf16,
         "bf16_units": bf16_units(run.device) if use_bf16 else None,
         "base_dtype": settings.quantization or str(training_dtype(run.bf16)).removeprefix("torch."), "losses": losses,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -202,9 +203,21 @@ def train_dynamic_lora(
             default init (SVD warm start); its ranks are validated against its own rank config.
     """
     start = time.perf_counter()
+    if should_launch(settings.processes):  # this call again, in settings.processes processes
+        check_launchable(settings.processes, settings.batch_size, device, "processes")
+        cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+        return launch("train", {"model_name": str(model_name), "rank_config_path": str(rank_config_path),
+                                "data_path": str(data_path), "out_dir": str(out_dir), "settings": settings.to_dict(),
+                                "init_from": str(init_from) if init_from else None,
+                                "trust_remote_code": trust_remote_code}, settings.processes, cpu=cpu)
     run = prepare_lora_run(model_name, rank_config_path, data_path, settings, init_from=init_from, device=device,
                            trust_remote_code=trust_remote_code)
     losses, use_bf16 = train_loop(run.model, run.examples, run.tokenizer.pad_token_id, settings, run.device,
                                   on_step=on_step, progress=progress, desc="dynamic LoRA")
+    if not is_main():  # one process of several: the first saves; the result says where
+        layout = TrainLayout(out_dir)
+        trainable, total = run.model.get_nb_trainable_parameters()
+        return TrainResult(str(layout.adapter_dir), str(layout.metrics_path), trainable, total, losses,
+                           time.perf_counter() - start, use_bf16)
     return save_lora_run(run, TrainLayout(out_dir), model_name, rank_config_path, data_path, settings, losses,
                          use_bf16, init_from, start)

@@ -128,6 +128,12 @@ CASES = [
      "made for another model"),
     ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --lr nan",
      "finite number"),
+    ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --processes 2 "
+     "--batch-size 1", "--processes 2 deals each micro-batch across the processes, but the batch size is 1"),
+    ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --processes 4 --batch-size 2",
+     "give a batch size of at least 4"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --lora-processes 2",
+     "--lora-processes 2: compare trains each row in one process"),
     # check
     ("check", f"--model {{ws}}/base --lora-config {_CONFIG} --out {{ws}}/new --max-infer-overhead nan",
      "--max-infer-overhead nan: input should be a finite number"),

@@ -106,6 +106,11 @@ def test_a_gguf_becomes_the_same_float_model_with_its_tokenizer(tiny_gguf, tmp_p
     stamp = (made.path / "model.safetensors").stat().st_mtime_ns
     again = make_base(gguf_file=path, out_dir=tmp_path / "base", say=lambda _: None)
     assert again.cached and (made.path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    marker = made.path / ".lora-ranks"  # a base cached by 0.3 (its marker lists names only): still reused as it is
+    marker.write_text(json.dumps({"kind": "folder", "content": "model", "made_by": "lora-ranks",
+                                  "files": sorted(p.name for p in made.path.iterdir() if p.name != ".lora-ranks")}))
+    again = make_base(gguf_file=path, out_dir=tmp_path / "base", say=lambda _: None)
+    assert again.cached and (made.path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_a_folder_of_the_users_is_not_replaced_and_a_bad_file_is_refused(tiny_gguf, tmp_path):
