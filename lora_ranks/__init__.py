@@ -32,6 +32,7 @@ _EXPORTS = {
     "DynamicLoRAConfig": "model", "DynamicLoRAError": "model", "PEFTModelFactory": "model",
     "create_model_with_dynamic_lora": "model", "create_peft_model_from_config": "model", "load_peft_checkpoint": "model",
     "lora_config": "model",
+    "check_warm_start": "model",
     "allocate_ranks": "ranks",
     "check_rank_config": "check", "CheckSettings": "settings",
     "AllocationSettings": "settings", "AlphaPolicy": "settings", "AnalysisSettings": "settings",

@@ -165,6 +165,26 @@ def lora_config(rank_config: RankConfig | Mapping | str | Path, *, model: torch.
     return config.to_peft_config(**overrides)
 
 
+def check_warm_start(adapter_dir: str | Path, rank_config: RankConfig | Mapping | str | Path) -> None:
+    """An adapter folder to start training from (``lora-ranks extract``'s warm start) carries exactly the config's
+    modules at exactly its ranks (reads only the safetensors header and ``adapter_config.json``).
+
+    Raises:
+        DynamicLoRAError: one line naming the folder, the config and the first module that differs (and how many).
+    """
+    from .export import read_adapter
+
+    config = _as_config(rank_config)
+    built, wanted = read_adapter(adapter_dir, weights=False).ranks, config.ranks
+    problems = [f"{n}: rank {built[n]} but the config asks for {r}" for n, r in wanted.items() if n in built and built[n] != r]
+    problems += [f"{n}: no adapter (the config asks for rank {r})" for n, r in wanted.items() if n not in built]
+    problems += [f"{n}: a rank-{r} adapter the config does not ask for" for n, r in built.items() if n not in wanted]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DynamicLoRAError(f"the warm-start folder {adapter_dir} does not match {config.source}: {problems[0]}{more}; "
+                               "extract the warm start with this config (lora-ranks extract --config ...)")
+
+
 def create_peft_model_from_config(model: torch.nn.Module, config: DynamicLoRAConfig | RankConfig | Mapping | str | Path,
                                   adapter_name: str = "default", **lora_overrides: Any):
     """Wrap ``model`` in a PEFT model with the config's ranks, after checking the config fits the model.

@@ -107,3 +107,27 @@ def test_lora_config_carries_the_config_and_refuses_another_models(setting, plan
         DEMO_BASE, config, setting[3], SETTINGS, device="cpu").model))
     with pytest.raises(RankConfigError, match="model"):
         lora_config(config, model=str(planted_pair[0]))  # another model: modules of other shapes, listed
+
+
+
+def test_a_warm_start_folder_of_other_ranks_is_refused_in_one_line(setting, tmp_path):
+    """The examples take the warm-start folder and the config together: the folder must carry the config's ranks."""
+    from lora_ranks import DynamicLoRAError, check_warm_start
+    from lora_ranks.checkpoints import CheckpointPair
+    from lora_ranks.config import save_rank_config
+    from lora_ranks.evidence.experiment import config_from_ranks, uniform_ranks
+
+    _, config, warm, data = setting
+    check_warm_start(warm, config)  # extract's folder from this very config
+    modules = CheckpointPair(DEMO_BASE, DEMO_BASE).modules()
+    other = save_rank_config(tmp_path / "rank1.json", config_from_ranks(
+        modules, uniform_ranks(modules, 1), sum(m.shape[0] * m.shape[1] for m in modules)))  # min rank was 2
+    with pytest.raises(DynamicLoRAError) as caught:
+        check_warm_start(warm, other)
+    message = str(caught.value)
+    assert "\n" not in message and f"the warm-start folder {warm} does not match {other}" in message
+    assert "rank 1" not in message.split(":")[0] and "but the config asks for 1" in message and "more)" in message
+    with pytest.raises(SystemExit, match="^error: the warm-start folder .* does not match"):
+        _example("trl_sft").build_trainer(str(DEMO_BASE), data, str(tmp_path / "out"), warm_start=warm,
+                                          rank_config=str(other))
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,13 @@ def build_trainer(model_dir: str, data: str, out: str, *, warm_start: str | None
                   learning_rate: float = 2e-4, max_length: int = 256, lora_dropout: float = 0.0,
                   seed: int = 0) -> SFTTrainer:
     """An ``SFTTrainer`` over lora-ranks' LoRA: from the warm-start folder, or a rank config with PEFT's init."""
-    if (warm_start is None) == (rank_config is None):
-        raise SystemExit("give one of --warm-start (lora-ranks' initial model) or --lora-config (PEFT's init)")
+    if warm_start is None and rank_config is None:
+        raise SystemExit("give --warm-start (lora-ranks' initial model), --lora-config (PEFT's init), or both")
+    if warm_start is not None and rank_config is not None:  # the folder must carry exactly the config's ranks
+        try:
+            lora_ranks.check_warm_start(warm_start, rank_config)
+        except lora_ranks.LoraRanksError as exc:
+            raise SystemExit(f"error: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_config = None
