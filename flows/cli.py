@@ -306,6 +306,10 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         resolve_device(settings["analysis"].device)
     _check_precision(command, settings)
     _check_processes(command, settings)
+    if command == "analyze":
+        from lora_ranks.evidence.fidelity import check_report_data
+
+        check_report_data(settings["fidelity"], inputs.get("data_path"), inputs.get("eval_data_path"))
     if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
         from lora_ranks.evidence.comparison import check_comparison_data
 
@@ -361,6 +365,8 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         plan.check_calibration()
     elif plan is not None:  # compare or demo: the pair is still to be fine-tuned
         plan.check_before_finetune()
+        if command == "compare":  # the calibration records, with the base's tokenizer (the fine-tune copies it)
+            plan.check_calibration()
     if command in ("finetune", "compare"):
         from lora_ranks.checkpoints import resolve_model_path
 

@@ -38,6 +38,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed  # noqa: E402
 
 from lora_ranks.analysis import AnalysisPlan, OutputLayout, StepClock  # noqa: E402
+from lora_ranks.evidence.fidelity import check_report_data  # noqa: E402
 from lora_ranks.settings import (  # noqa: E402
     INPUT_HELP,
     AllocationSettings,
@@ -112,6 +113,7 @@ def svd_analysis(
                         curvature=curvature, finetune=finetune, allow_pickle=safety.allow_pickle,
                         trust_remote_code=safety.trust_remote_code)
     check_inputs_task(plan)
+    check_report_data(fidelity, data_path, eval_data_path)  # the report is the last step: its data checked now
 
     # Step 3: preliminary fine-tune (the device and the budget checked against the base first).
     if finetuned_model is None:
@@ -190,10 +192,7 @@ def svd_analysis(
     # Step 8: plots, raw data, UI artifacts (and the optional fidelity report).
     write_report_task(config_path, str(layout.root), results)
     if fidelity.fidelity_report:
-        eval_data = eval_data_path or data_path
-        if eval_data is None:
-            raise ValueError("the fidelity report needs eval_data_path (or data_path) to evaluate on")
-        fidelity_report_task(config_path, str(layout.root), eval_data, fidelity)
+        fidelity_report_task(config_path, str(layout.root), eval_data_path or data_path, fidelity)
     logger.info("Rank config: %s", config_path)
     logger.info("Plots and raw data: %s", layout.svd_dir)
     return config_path

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
-from .data import collate, load_records, stratified_subset, tokenize_record
+from .data import DataError, collate, load_records, stratified_subset, tokenize_record
 from .devices import bf16_units, resolve_precision
 from .distributed import check_launchable, is_main, launch, should_launch, wait_for_everyone, world
 from .errors import LoraRanksError
@@ -403,7 +403,9 @@ def split_half_records(data_path: str | Path, settings: FinetuneSettings) -> tup
         halves[seen.get(task, 0) % 2].append(record)
         seen[task] = seen.get(task, 0) + 1
     if not halves[1]:
-        raise ValueError(f"the fine-tuning subset of {data_path} has {len(subset)} record(s): too few to split in two")
+        raise DataError(f"noise_estimate 'split-half' splits the fine-tuning subset in two, but the subset of {data_path} "
+                        f"has {len(subset)} record(s), no task with two (each half takes records of every task): raise "
+                        "--subset-ratio / --max-samples, or use the spectrum estimate")
     return halves
 
 

@@ -104,6 +104,13 @@ CASES = [
     ("analyze", f"{_PAIR} --out {{ws}}/mine", "did not write"),
     ("analyze", f"{_PAIR} --out {{ws}}/ft", "is --finetuned"),
     ("analyze", "--base {ws}/base --finetuned {ws}/ft-nan --out {ws}/new", "ft-nan contains NaN or Inf"),
+    # issue 39: errors that came after the work
+    ("analyze", "--base {ws}/base --finetuned {ws}/ft --out {ws}/new --fidelity-report",
+     "--fidelity-report measures the KL of base + adapters to the fine-tuned model on held-out records: give them"),
+    ("analyze", "--base {ws}/base --finetuned {ws}/ft --data {ws}/data.jsonl --out {ws}/new --noise-estimate "
+     "split-half --rank-rule signal --max-samples 1", "has 5 record(s), no task with two"),
+    ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --spectrum fisher "
+     "--min-calibration-tokens 100000", "fewer than the 100000 needed (min_calibration_tokens)"),
     ("analyze", "--base {ws}/base --finetuned {ws}/base-copy --out {ws}/new", "are identical in all"),
     ("analyze", "--base {ws}/base --finetuned {ws}/base --out {ws}/new", "are the same folder"),
     ("analyze", f"{_PAIR} --out {{ws}}/new --data {{ws}}/missing.jsonl", "missing.jsonl does not exist"),

@@ -92,10 +92,15 @@ class AnalysisPlan:
         Raises:
             DeviceError: the device is not there.
             CalibrationError: a curvature spectrum, or the split-half noise estimate, without the fine-tuning data.
-            DataError: no finetuned model and no data to fine-tune on.
+            DataError: no finetuned model and no data to fine-tune on; a fine-tuning subset too small to split in
+                two for the split-half noise estimate.
         """
         if self.data_path is None:
             self._check_data()
+        elif self.allocation.noise_estimate == "split-half":  # two halves of the subset, known before any fine-tune
+            from ..finetune import split_half_records
+
+            split_half_records(self.data_path, self.finetune)
         from ..devices import resolve_device
 
         resolve_device(self.analysis.device)

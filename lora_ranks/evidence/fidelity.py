@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints import CheckpointPair, ModuleRef
-from ..data import IGNORE_INDEX, collate
+from ..data import IGNORE_INDEX, DataError, collate
 from ..progress import Heartbeat
 from ..ranks import allocate_ranks, lora_parameters
 from ..settings import AllocationSettings, FidelitySettings
@@ -198,6 +198,17 @@ def fidelity_sweep(
         measure("budget", budget, {a.name: a.final_rank for a in water})
         measure("uniform", budget, uniform_allocation(modules, budget))
     return points
+
+
+def check_report_data(fidelity: FidelitySettings, data_path: str | None, eval_data_path: str | None) -> None:
+    """The fidelity report has records to evaluate on (before any work: it is the analysis's last step).
+
+    Raises:
+        DataError: the report asked for without ``--eval-data`` or ``--data``.
+    """
+    if fidelity.fidelity_report and not (eval_data_path or data_path):
+        raise DataError("--fidelity-report measures the KL of base + adapters to the fine-tuned model on held-out "
+                        "records: give them (--eval-data, eval_data_path) or the training data (--data, data_path)")
 
 
 @torch.no_grad()
