@@ -578,8 +578,11 @@ def migrate(data: Mapping[str, Any]) -> dict:
     """Schema-1 content as schema 2 (a copy; schema-2 content is returned as is).
 
     Schema 1 stored the derived summaries (``mode``, ``n_modules``, ...) too; they are recomputed. Settings keys of
-    the oldest files map onto today's (``budget_parameters`` / ``budget_fraction`` -> ``budget``); metadata keys
-    this release does not know go to ``analysis_metadata.legacy``.
+    the oldest files map onto today's (``budget_parameters`` / ``budget_fraction`` -> ``budget``). Every key this
+    release does not know is kept under ``analysis_metadata.legacy``, where it was: a metadata key under its own
+    name, one of the allocation settings under ``legacy["settings"]``, of the analysis settings under
+    ``legacy["analysis"]``, of the curvature settings under ``legacy["curvature.settings"]`` and of a module record
+    under ``legacy["modules"][name]``.
     """
     if data.get("schema_version") != 1:
         return dict(data)
@@ -588,28 +591,43 @@ def migrate(data: Mapping[str, Any]) -> dict:
     meta = out.get("analysis_metadata")
     if not isinstance(meta, dict):
         return out
+    dropped: dict[str, Any] = {}
+
+    def known_only(record: dict, fields, where: str) -> dict:
+        """``record``'s known keys; the others kept in ``dropped[where]``."""
+        unknown = {k: v for k, v in record.items() if k not in fields}
+        if unknown:
+            dropped[where] = unknown
+        return {k: v for k, v in record.items() if k in fields}
+
     settings = meta.get("settings")
     if isinstance(settings, dict):
         for old in ("budget_parameters", "budget_fraction"):
             value = settings.pop(old, None)
             if value is not None:
                 settings["budget"] = float(value)
-        meta["settings"] = {k: v for k, v in settings.items() if k in AllocationSettings.model_fields}
-    for key, cls in (("analysis", AnalysisSettings),):
-        if isinstance(meta.get(key), dict):
-            meta[key] = {k: v for k, v in meta[key].items() if k in cls.model_fields}
+        meta["settings"] = known_only(settings, AllocationSettings.model_fields, "settings")
+    if isinstance(meta.get("analysis"), dict):
+        meta["analysis"] = known_only(meta["analysis"], AnalysisSettings.model_fields, "analysis")
     curvature = meta.get("curvature")
     if isinstance(curvature, dict) and isinstance(curvature.get("settings"), dict):
-        curvature["settings"] = {k: v for k, v in curvature["settings"].items() if k in CurvatureSettings.model_fields}
-    known = set(AnalysisMetadata.model_fields) | set(AnalysisMetadata.model_computed_fields)
-    legacy = {k: meta.pop(k) for k in list(meta) if k not in known}
-    if legacy:
-        meta["legacy"] = legacy
+        curvature["settings"] = known_only(curvature["settings"], CurvatureSettings.model_fields, "curvature.settings")
     modules = meta.get("modules")
     if isinstance(modules, dict):
+        module_keys: dict[str, dict] = {}
         for name, record in modules.items():
             if isinstance(record, dict):
+                unknown = {k: v for k, v in record.items() if k not in ModuleRecord.model_fields}
+                if unknown:
+                    module_keys[name] = unknown
                 modules[name] = {k: v for k, v in record.items() if k in ModuleRecord.model_fields}
+        if module_keys:
+            dropped["modules"] = module_keys
+    known = set(AnalysisMetadata.model_fields) | set(AnalysisMetadata.model_computed_fields)
+    legacy = {k: meta.pop(k) for k in list(meta) if k not in known}
+    legacy.update(dropped)
+    if legacy:
+        meta["legacy"] = legacy
     return out
 
 

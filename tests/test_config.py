@@ -183,6 +183,20 @@ def test_oldest_schema1_keys_migrate():
     assert config.analysis_metadata.legacy == {"old_note": {"kept": True}}
 
 
+def test_schema1_keys_this_release_does_not_know_are_kept_under_legacy():
+    """Unknown keys of the settings, the analysis settings and the module records are not dropped: they move to
+    ``analysis_metadata.legacy``, under where they were (migrate's docstring)."""
+    old = json.loads((FIXTURES / "rank_config_schema1_budget.json").read_text())
+    meta = old["analysis_metadata"]
+    meta["settings"]["old_knob"] = 3
+    name = next(iter(meta["modules"]))
+    meta["modules"][name]["old_score"] = 0.5
+    meta["analysis"]["old_flag"] = True
+    legacy = parse_rank_config(old).analysis_metadata.legacy
+    assert legacy["settings"] == {"old_knob": 3} and legacy["modules"] == {name: {"old_score": 0.5}}
+    assert legacy["analysis"] == {"old_flag": True}
+
+
 def test_replace_validates():
     config = load_rank_config(FIXTURES / "rank_config_schema1_budget.json")
     changed = config.replace(analysis_metadata={"allocation": "uniform", "budget_rank": 2})
