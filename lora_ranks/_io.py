@@ -140,6 +140,41 @@ def strict_json_loads(text: str) -> Any:
 _TAG = "lora-ranks-"  # in every name the tool gives a folder beside a target: .NAME.lora-ranks-<id>.new / .old
 
 
+def _journal_entry(swap_id: str) -> Path:
+    """Where the tool notes a folder write it began: ``$LORA_RANKS_CACHE/swaps/<id>.json`` (default
+    ``~/.cache/lora-ranks``). Recovery touches a folder named like a staging or aside one only if its write id is
+    noted there for that very target: a folder a user made, even with a copied marker, is never the tool's."""
+    root = os.environ.get("LORA_RANKS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-ranks")
+    return Path(root) / "swaps" / f"{swap_id}.json"
+
+
+def _journal_add(swap_id: str, target: Path) -> None:
+    from .errors import LoraRanksError
+
+    entry = _journal_entry(swap_id)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps({"target": str(target)}) + "\n")
+    except OSError as exc:
+        raise LoraRanksError(f"the tool's cache folder {entry.parent} cannot be written ({exc.strerror or exc}): "
+                             "set LORA_RANKS_CACHE to a folder of yours") from None
+
+
+def _journal_drop(swap_id: str) -> None:
+    try:
+        _journal_entry(swap_id).unlink(missing_ok=True)
+    except OSError:
+        pass  # a stale note only makes recovery consider a folder that then fails the marker check or is gone
+
+
+def _journaled(swap_id: str, target: Path) -> bool:
+    """The tool began write ``swap_id`` of ``target`` (its note is in the cache)."""
+    try:
+        return json.loads(_journal_entry(swap_id).read_text()).get("target") == str(target)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _staging(target: Path, swap_id: str) -> Path:
     return target.with_name(f".{target.name}.{_TAG}{swap_id}.new")
 
@@ -179,14 +214,15 @@ def interrupted_copy(path: str | os.PathLike) -> Path | None:
     (None when there is none): what the message about a missing folder can point to. Nothing is moved."""
     target = Path(os.path.abspath(path))
     for staging, swap_id in _swaps(target, ".new"):
-        if _complete(staging, swap_id):
+        if _complete(staging, swap_id) and _journaled(swap_id, target):
             return staging
     return None
 
 
 def recover_folder(path: str | os.PathLike) -> None:
     """Finish or clean up an ``atomic_folder`` swap of ``path`` that a crash interrupted; a no-op when there is none.
-    Only folders named by this tool's scheme *and* carrying its marker with the same write id are touched.
+    Only folders named by this tool's scheme, carrying its marker with the same write id, *and* whose write the
+    tool noted in its cache for this target (``_journal_entry``) are touched.
 
     * a complete staging folder, its aside folder, and no target: the crash came between the two renames, so the new
       folder is moved in;
@@ -196,15 +232,18 @@ def recover_folder(path: str | os.PathLike) -> None:
     """
     target = Path(os.path.abspath(path))
     for staging, swap_id in list(_swaps(target, ".new")):
-        if _swap_id_of(staging) != swap_id:
+        if _swap_id_of(staging) != swap_id or not _journaled(swap_id, target):
             continue  # not a folder this tool is writing: never touched
         if _complete(staging, swap_id) and not target.exists() and _aside(target, swap_id).is_dir():
             os.rename(staging, target)
         else:
             shutil.rmtree(staging, ignore_errors=True)
+            if not _aside(target, swap_id).is_dir():
+                _journal_drop(swap_id)
     for aside, swap_id in list(_swaps(target, ".old")):
-        if target.is_dir() and _swap_id_of(target) == swap_id:
+        if target.is_dir() and _swap_id_of(target) == swap_id and _journaled(swap_id, target):
             shutil.rmtree(aside, ignore_errors=True)
+            _journal_drop(swap_id)
 
 
 @contextmanager
@@ -238,6 +277,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
     recover_folder(target)
     swap_id = secrets.token_hex(6)
     staging, aside = _staging(target, swap_id), _aside(target, swap_id)
+    _journal_add(swap_id, target)  # before the folder exists: every staging folder of the tool's is noted
     staging.mkdir()
     _pending(staging, True)
     try:
@@ -249,6 +289,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _pending(staging, False)
+        _journal_drop(swap_id)
         full = as_disk_full(exc, target)
         if full is not None:
             raise full from None
@@ -262,12 +303,14 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             _pending(staging, False)
+            _journal_drop(swap_id)
         return
     _pending(staging, False)  # complete: from here a crash leaves it to recover_folder, which moves it in
     if target.exists():
         os.rename(target, aside)  # step 1: the old folder aside
     os.rename(staging, target)  # step 2: the new folder in
     shutil.rmtree(aside, ignore_errors=True)  # step 3: the old folder gone
+    _journal_drop(swap_id)
 
 
 def _shared_modes(folder: Path) -> None:

@@ -181,14 +181,25 @@ def tool_files(folder: str | os.PathLike) -> dict[str, list[int]]:
     return {f: stat for f, stat in now.items() if stat == listed[f] and not (folder / f).is_symlink()}
 
 
+def _empty_folders_under(folder: Path) -> list[str]:
+    """Folders under ``folder`` that hold nothing at all, relative (a folder output never writes one: a user made
+    it, and it is theirs like a file)."""
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        found += [str(Path(root, d).relative_to(folder)) for d in dirs
+                  if not Path(root, d).is_symlink() and not any(Path(root, d).iterdir())]
+    return found
+
+
 def foreign_files(folder: str | os.PathLike) -> list[str]:
     """The files (and links) under ``folder`` that are not the tool's (``tool_files``): every one unless its marker
-    is a folder output's, then those its list leaves out or that changed since the tool wrote them. Sorted."""
+    is a folder output's, then those its list leaves out or that changed since the tool wrote them; and every
+    empty folder (the tool's outputs have none: a user made it). Sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     ours = tool_files(folder)
-    return [f for f in _files_under(folder) if f not in ours]
+    return sorted([f for f in _files_under(folder) if f not in ours] + _empty_folders_under(folder))
 
 
 def _is_run_folder(folder: Path) -> bool:
@@ -248,6 +259,9 @@ def _path_problem(out: Path, inputs: Inputs, *, folder_output: bool) -> str | No
             return f"is a symbolic link (to {target}): give the folder itself, not a link to it"
     if out.exists() and not out.is_dir():
         return "is a file, not a folder: choose a folder (new or empty) for the outputs"
+    for parent in Path(os.path.abspath(out)).parents:  # writing under it would create the link's target
+        if parent.is_symlink() and not parent.exists():
+            return f"lies under {parent}, a symbolic link to {os.readlink(parent)}, which does not exist"
     existing = _nearest_existing(out)
     if not existing.is_dir():
         return f"lies under {existing}, which is a file, not a folder"

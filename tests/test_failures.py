@@ -143,10 +143,11 @@ sys.exit(cli.main())
 
 
 @pytest.mark.slow
-def test_a_failing_flow_prints_no_prefect_internals_in_ten_runs(pair, tmp_path):
+def test_a_failing_flow_prints_no_prefect_internals_in_four_runs(pair, tmp_path):
     """Prefect's temporary server used to print ~140 lines of its own tracebacks (a cancelled event flush) after
-    about one failing run in three, sometimes after the error line. Ten runs: the error is always the last line,
-    with no traceback; --debug brings the traceback back."""
+    about one failing run in three, sometimes after the error line. Four runs (a regression of that rate shows in
+    80% of suite runs; ten took a sixth of the suite's time): the error is always the last line, with no traceback;
+    --debug brings the traceback back."""
     finetuned = _hostile("nan", pair, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_LOGGING_LEVEL")}
 
@@ -155,7 +156,7 @@ def test_a_failing_flow_prints_no_prefect_internals_in_ten_runs(pair, tmp_path):
                                "--finetuned", str(finetuned), "--out", str(tmp_path / f"out{i}")],
                               capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
-    for i in range(10):
+    for i in range(4):
         done = run(i)
         text = done.stdout + done.stderr
         assert done.returncode == 2, text[-3000:]

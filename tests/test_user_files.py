@@ -420,3 +420,46 @@ def test_a_link_is_named_as_given(ws, tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "link"],
              f"--out {tmp_path / 'link'} is a symbolic link (to {tmp_path / 'real'})", tmp_path)
+
+
+def test_folders_a_user_made_inside_an_adapter_survive_its_rewrite(ws, tmp_path, capsys):
+    """An empty folder (or empty nested ones) the user made in the tool's adapter is theirs: a rerun without
+    --overwrite is refused, and with it the adapter's files are rewritten around them."""
+    config = ws / "run" / "configs" / "lora_rank_config.json"
+    extract = ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config", config, "--out", tmp_path / "ad"]
+    assert _main(extract) == 0
+    (tmp_path / "ad" / "my_checkpoints").mkdir()
+    (tmp_path / "ad" / "eval" / "runs").mkdir(parents=True)
+    _refused(capsys, extract, "did not write", tmp_path)
+    assert _main([*extract, "--overwrite"]) == 0
+    assert (tmp_path / "ad" / "my_checkpoints").is_dir() and (tmp_path / "ad" / "eval" / "runs").is_dir()
+    assert (tmp_path / "ad" / "adapter_config.json").is_file()
+    capsys.readouterr()
+
+
+def test_staging_lookalikes_with_a_copied_marker_are_never_touched(ws, tmp_path, capsys):
+    """A folder named exactly like the tool's staging or aside folder of an output, even holding a marker with the
+    same write id, is the user's unless the tool noted that write in its cache: recovery leaves it alone."""
+    swap_id = "0123456789ab"
+    for suffix, kind in ((".new", "staging"), (".old", "folder")):
+        lookalike = tmp_path / f".ad.lora-ranks-{swap_id}{suffix}"
+        lookalike.mkdir()
+        (lookalike / "notes.txt").write_text("mine\n")
+        (lookalike / MARKER).write_text(json.dumps({"kind": kind, "made_by": "lora-ranks", "swap_id": swap_id,
+                                                    "content": "adapter", "files": {}}))
+    before = _digest(tmp_path)
+    assert _main(["export", ws / "adapter", "--out", tmp_path / "ad"]) == 0  # recovery runs before the write
+    assert _main(["export", ws / "adapter", "--out", tmp_path / "ad", "--overwrite"]) == 0
+    after = _digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("ad")} == before
+    capsys.readouterr()
+
+
+def test_an_output_under_a_dangling_link_is_refused(ws, tmp_path, capsys):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "dangling" / "sub"],
+             f"lies under {tmp_path / 'dangling'}, a symbolic link to {tmp_path / 'nowhere'}, which does not exist",
+             tmp_path)
+    _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "dangling" / "sub"],
+             "a symbolic link to", tmp_path)
+    assert not (tmp_path / "nowhere").exists()
