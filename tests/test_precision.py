@@ -203,3 +203,37 @@ def test_a_warm_start_over_a_bf16_base_keeps_its_float32_weights_exactly(pretend
     for name, tensor in saved.items():
         assert tensor.dtype == torch.float32 and torch.equal(loaded[name].detach(), tensor), name
     assert next(p for n, p in run.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+
+
+def test_cached_split_half_finetunes_are_not_reused_across_bf16_units(monkeypatch, tmp_path):
+    """precision auto resolves by the hardware: the cache key of the split-half fine-tunes includes the units."""
+    from tasks.finetune import split_half_cache_key
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 2)
+    parameters = {"model_path": str(tmp_path / "model"), "data_path": str(data), "settings": FinetuneSettings(),
+                  "out_dir": str(tmp_path / "out"), "device": "cpu"}
+    monkeypatch.delenv(HIDE_CPU_BF16, raising=False)
+    keys = []
+    for units in (None, "avx512_bf16", None):
+        monkeypatch.setattr(devices, "_detected_cpu_bf16_units", lambda units=units: units)
+        keys.append(split_half_cache_key(None, parameters))
+    assert keys[0] == keys[2] != keys[1]
+
+
+def test_a_comparison_row_under_bf16_keeps_its_base_in_float32(pretend_cpu_bf16, tiny, tmp_path):
+    """``compare`` evaluates each row in process: its base stays float32 (autocast only), as the peers', so that every
+    row is evaluated in float32 (a base stored in bf16 evaluates higher; BENCHMARKS.md)."""
+    from lora_ranks.evidence.runs import RowEvaluation, RowSpec, train_row
+
+    base, data, _, config = tiny[:4]
+    lines = open(data).read().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    settings = LoRATrainingSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="bf16",
+                                    gradient_checkpointing=False)
+    result = train_row(str(base), RowSpec("r-uniform", "cold", 0, str(config)), str(data), tmp_path / "row", settings,
+                       RowEvaluation(str(tmp_path / "eval.jsonl"), eval_samples=6, max_length=48))
+    metrics = json.loads((tmp_path / "row" / "training_metrics.json").read_text())
+    assert metrics["bf16"] is True and metrics["base_dtype"] == "float32"
+    assert result.loss > 0
