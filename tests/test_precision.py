@@ -237,3 +237,29 @@ def test_a_comparison_row_under_bf16_keeps_its_base_in_float32(pretend_cpu_bf16,
     metrics = json.loads((tmp_path / "row" / "training_metrics.json").read_text())
     assert metrics["bf16"] is True and metrics["base_dtype"] == "float32"
     assert result.loss > 0
+
+
+@pytest.mark.parametrize("native,precision,expected", [(True, "auto", True), (False, "auto", False),
+                                                       (True, "bf16", True), (False, "bf16", PrecisionError),
+                                                       (True, "float32", False)])
+def test_precision_on_cuda_follows_native_bf16_support(monkeypatch, native, precision, expected):
+    """A CUDA device of compute capability 8.0+ (torch's check without emulation); no GPU needed (torch.cuda mocked)."""
+    import contextlib
+
+    asked = {}
+
+    def supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return native
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    if expected is PrecisionError:
+        with pytest.raises(PrecisionError, match="CUDA device cuda:0 has no bf16 units"):
+            resolve_precision(precision, "cuda:0")
+    else:
+        assert resolve_precision(precision, "cuda:0") is expected
+    if precision != "float32":
+        assert asked == {"including_emulation": False}  # emulated bf16 (pre-Ampere) does not count
