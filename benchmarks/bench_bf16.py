@@ -7,13 +7,15 @@ shared machine favours neither):
   uniform rank ``--rank`` on every projection, cold init; under bf16 the frozen base is stored in bf16 and the
   products run under autocast, the LoRA weights and AdamW's state stay float32.
 * ``full``: the brief full fine-tune's loop on every parameter (float32 master weights; bf16 = autocast only).
+* ``lora-autocast`` (``--trainings``, not run by default): the LoRA with its base kept in float32 under bf16
+  autocast, what the bf16 storage of the base adds to plain autocast.
 
 Measured per run: tokens per second of the training steps after the first (the first also creates the optimizer's
 state), from the loop's own step callbacks; the held-out loss (nats per label token) after the same steps, always
 evaluated in float32 (a bf16 LoRA's float32 adapter reloaded onto the float32 base), and for a bf16 LoRA also in
-place, on the bf16-stored base it trained on (what ``compare`` evaluates). The ratio per seed is bf16 / float32
-tokens per second of that seed's pair of runs. The records are the demo's synthetic tasks (``synthetic_records``),
-the held-out ones generated with another seed and sharing no record with the training ones.
+place, on the bf16-stored base it trained on (why ``compare``'s rows keep their base in float32). The ratio per
+seed is bf16 / float32 tokens per second of that seed's pair of runs. The records are the demo's synthetic tasks
+(``synthetic_records``), the held-out ones generated with another seed and sharing no record with the training ones.
 
 On a CPU without bf16 units (no avx512_bf16 / amx_bf16) training's precision auto is float32 and a forced bf16 is
 refused; ``--emulate-bf16`` pretends the units are there, so that torch emulates bf16 and what it would cost (and do
@@ -21,6 +23,8 @@ to the loss) is measured anyway; the table says so.
 
     .venv/bin/lora-ranks base smollm2-135m     # once (~45 s; cached)
     .venv/bin/python benchmarks/bench_bf16.py [--seeds 0 1 2] [--lora-steps 12] [--full-steps 8] [--emulate-bf16] [--record]
+    .venv/bin/python benchmarks/bench_bf16.py --trainings lora lora-autocast full    # on a CPU with bf16 units
+    .venv/bin/python benchmarks/bench_bf16.py --table-only                            # the last results' table again
 
 Raw per-seed results: ``benchmarks/results/bf16.json``.
 """
@@ -87,7 +91,8 @@ def _timed_loop(model, examples, pad, settings, device) -> dict:
             "timed_seconds": seconds, "tokens_per_s": timed / seconds, "first_step_seconds": stamps[1] - stamps[0]}
 
 
-def run_lora(base: str, config: Path, train: Path, eval_records, precision: str, seed: int, args, work: Path) -> dict:
+def run_lora(base: str, config: Path, train: Path, eval_records, precision: str, seed: int, args, work: Path,
+             float32_base: bool = False) -> dict:
     from lora_ranks.evidence.fidelity import held_out_loss
     from lora_ranks.model import load_peft_checkpoint, save_adapter
     from lora_ranks.settings import LoRATrainingSettings
@@ -96,11 +101,12 @@ def run_lora(base: str, config: Path, train: Path, eval_records, precision: str,
     settings = LoRATrainingSettings(max_steps=args.lora_steps, epochs=1e6, batch_size=args.batch_size,
                                     max_length=args.max_length, learning_rate=args.lora_lr, init="cold", seed=seed,
                                     lora_dropout=0.0, gradient_checkpointing=False, precision=precision)
-    run = prepare_lora_run(base, config, train, settings, device="cpu")
+    run = prepare_lora_run(base, config, train, settings.replace(precision="float32") if float32_base else settings,
+                           device="cpu")
     row = _timed_loop(run.model, run.examples, run.tokenizer.pad_token_id, settings, run.device)
     pad = run.tokenizer.pad_token_id
     row["held_out_loss_in_place"] = held_out_loss(run.model, eval_records(run.tokenizer), pad)
-    adapter = save_adapter(run.model, work / f"adapter-{precision}-{seed}", run.config)
+    adapter = save_adapter(run.model, work / f"adapter-{precision}-{seed}-{float32_base}", run.config)
     del run
     model, tokenizer = load_peft_checkpoint(base, adapter, dtype=torch.float32)
     row["held_out_loss"] = held_out_loss(model, eval_records(tokenizer), pad)
@@ -140,12 +146,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: dict, args, units: str | None, minutes: float) -> str:
-    runs = results["runs"]
-    how = (f"bf16 units: {units}" if units else "**no bf16 units on this CPU (AVX2 only): bf16 emulated by torch "
+def table(results: dict) -> str:
+    """The Markdown table of a run's results (``results``: what ``bf16.json`` holds)."""
+    runs, args, units = results["runs"], argparse.Namespace(**results["settings"]), results["bf16_units"]
+    how = (f"bf16 units: {units}" if units else "**no bf16 units on this CPU: bf16 emulated by torch "
            "(`--emulate-bf16`)**")
-    command = "`.venv/bin/python benchmarks/bench_bf16.py " + " ".join(sys.argv[1:]) + "`"
-    lines = [f"### bf16 against float32 on smollm2-135m (dequantized from 4 bits), one run ({date.today()}, CPU: "
+    command = "`.venv/bin/python benchmarks/bench_bf16.py " + " ".join(results["argv"]) + "`"
+    minutes = results["minutes"]
+    lines = [f"### bf16 against float32 on smollm2-135m (dequantized from 4 bits), one run ({results['date']}, CPU: "
              f"{results['machine']}, torch {torch.__version__})",
              "",
              f"{command} ({minutes:.1f} min; {how}). Seeds {', '.join(map(str, args.seeds))}; batch {args.batch_size} "
@@ -158,7 +166,8 @@ def table(results: dict, args, units: str | None, minutes: float) -> str:
              "| training | float32 tokens/s | bf16 tokens/s | ratio bf16 / float32 | float32 held-out loss | "
              "bf16 held-out loss | bf16 - float32 (per seed, mean ± sd) |",
              "|---|---|---|---|---|---|---|"]
-    for kind, label in (("lora", "LoRA (base stored in bf16)"), ("full", "full fine-tune (autocast only)")):
+    for kind, label in (("lora", "LoRA (base stored in bf16)"), ("lora-autocast", "LoRA, autocast only (base in "
+                        "float32)"), ("full", "full fine-tune (autocast only)")):
         by = {p: [r for r in runs if r["kind"] == kind and r["precision"] == p] for p in ("float32", "bf16")}
         if not by["float32"] or not by["bf16"]:
             continue
@@ -166,16 +175,16 @@ def table(results: dict, args, units: str | None, minutes: float) -> str:
         diffs = [b["held_out_loss"] - f["held_out_loss"] for f, b in zip(by["float32"], by["bf16"])]
         speed = {p: _mean_sd([r["tokens_per_s"] for r in by[p]]) for p in by}
         loss = {p: _mean_sd([r["held_out_loss"] for r in by[p]]) for p in by}
-        lines.append(f"| {label} | {speed['float32'][0]:.0f} ± {speed['float32'][1]:.0f} | {speed['bf16'][0]:.0f} ± "
-                     f"{speed['bf16'][1]:.0f} | **{statistics.fmean(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
+        lines.append(f"| {label} | {speed['float32'][0]:.1f} ± {speed['float32'][1]:.1f} | {speed['bf16'][0]:.1f} ± "
+                     f"{speed['bf16'][1]:.1f} | **{statistics.fmean(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{loss['float32'][0]:.4f} ± {loss['float32'][1]:.4f} | {loss['bf16'][0]:.4f} ± "
                      f"{loss['bf16'][1]:.4f} | {_mean_sd(diffs)[0]:+.4f} ± {_mean_sd(diffs)[1]:.4f} |")
     in_place = [r["held_out_loss_in_place"] - r["held_out_loss"] for r in runs
                 if r["kind"] == "lora" and r["precision"] == "bf16"]
     if in_place:
-        lines += ["", f"A bf16 LoRA evaluated in place (its base stored in bf16, as `compare` evaluates a row) minus "
-                      f"the same adapter on the float32 base: {_mean_sd(in_place)[0]:+.4f} ± {_mean_sd(in_place)[1]:.4f} "
-                      "nats/token."]
+        lines += ["", f"A bf16 LoRA evaluated in place, on the bf16-stored base it trained on, minus the same adapter "
+                      f"on the float32 base: {_mean_sd(in_place)[0]:+.4f} ± {_mean_sd(in_place)[1]:.4f} nats/token "
+                      "(mean ± sd over seeds)."]
     return "\n".join(lines) + "\n"
 
 
@@ -192,11 +201,15 @@ def main() -> int:
     parser.add_argument("--full-lr", type=float, default=1e-5)
     parser.add_argument("--train-records", type=int, default=400)
     parser.add_argument("--eval-records", type=int, default=64)
-    parser.add_argument("--trainings", nargs="+", choices=("lora", "full"), default=["lora", "full"])
+    parser.add_argument("--trainings", nargs="+", choices=("lora", "full", "lora-autocast"), default=["lora", "full"])
     parser.add_argument("--emulate-bf16", action="store_true",
                         help="on a CPU without bf16 units, pretend they are there (torch emulates bf16)")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the last results again (no run)")
     args = parser.parse_args()
+    if args.table_only:
+        emit(table(json.loads(RESULTS.read_text())), args.record)
+        return 0
 
     units = devices.cpu_bf16_units()
     if units is None:
@@ -215,7 +228,7 @@ def main() -> int:
         work = Path(tmp)
         train, held_out = write_data(work, args.train_records, args.eval_records)
         n_eval = sum(1 for _ in open(held_out))
-        config = uniform_config(base, args.rank, work / "uniform.json") if "lora" in args.trainings else None
+        config = uniform_config(base, args.rank, work / "uniform.json")
 
         def eval_records(tokenizer):
             return eval_examples(str(held_out), tokenizer, args.eval_records, args.max_length)
@@ -223,8 +236,9 @@ def main() -> int:
         for i, seed in enumerate(args.seeds):
             for kind in args.trainings:
                 for precision in (("float32", "bf16") if i % 2 == 0 else ("bf16", "float32")):
-                    row = (run_lora(base, config, train, eval_records, precision, seed, args, work) if kind == "lora"
-                           else run_full(base, train, eval_records, precision, seed, args))
+                    row = (run_full(base, train, eval_records, precision, seed, args) if kind == "full" else
+                           run_lora(base, config, train, eval_records, precision, seed, args, work,
+                                    float32_base=kind == "lora-autocast"))
                     runs.append({"kind": kind, "precision": precision, "seed": seed, **row})
                     print(f"{kind} seed {seed} {precision}: {row['tokens_per_s']:.0f} tokens/s, held-out loss "
                           f"{row['held_out_loss']:.4f}", flush=True)
@@ -234,11 +248,12 @@ def main() -> int:
     runs.sort(key=lambda r: (r["kind"], r["order"], r["precision"] != "float32"))
     results = {"date": str(date.today()), "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "bf16_units": units, "emulated": units is None, "base": base,
-               "settings": {k: v for k, v in vars(args).items() if k != "record"}, "n_eval": n_eval,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("record", "table_only")},
+               "argv": sys.argv[1:], "n_eval": n_eval,
                "minutes": minutes, "runs": [{k: v for k, v in r.items() if k != "order"} for r in runs]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    emit(table(results, args, units, minutes), args.record)
+    emit(table(results), args.record)
     return 0
 
 

@@ -97,9 +97,11 @@ def bf16_units(device) -> str | None:
         if not torch.cuda.is_available():
             return None
         with torch.cuda.device(dev):
-            if not torch.cuda.is_bf16_supported(including_emulation=False):
-                return None
-            return f"CUDA {torch.cuda.get_device_name(dev)}"
+            try:
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.3: no emulation check, capability 8.0+ only
+                native = torch.cuda.is_bf16_supported()
+            return f"CUDA {torch.cuda.get_device_name(dev)}" if native else None
     if dev.type == "cpu":
         units = cpu_bf16_units()
         return f"CPU {units}" if units else None

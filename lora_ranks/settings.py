@@ -360,10 +360,11 @@ class TrainingSettings(Settings):
     """torch AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about 75% less optimizer memory)."""
     precision: Literal["auto", "bf16", "float32"] = "auto"
     """bf16: matrix products under bf16 autocast while the trained weights, their gradients and the optimizer state
-    keep the model's dtype (float32 master weights for a float32 model; a LoRA's frozen base is stored in bf16);
-    float32: no autocast, and a LoRA's base in float32; auto: bf16 where the hardware has bf16 units (a CUDA GPU of
-    compute capability 8.0 or more, a CPU with avx512_bf16 or amx_bf16), else float32, since emulated bf16 is slower
-    than float32. bf16 on hardware without such units is refused."""
+    keep the model's dtype (float32 master weights for a float32 model; train stores a LoRA's frozen base in bf16,
+    compare keeps it float32 to evaluate in float32); float32: no autocast, and a LoRA's base in float32; auto: bf16
+    where the hardware has bf16 units (a CUDA GPU of compute capability 8.0 or more, a CPU with avx512_bf16 or
+    amx_bf16), else float32, since emulated bf16 is slower than float32. bf16 on hardware without such units is
+    refused."""
     wandb_project: Optional[str] = None
     """Log loss and learning rate to this Weights & Biases project (needs wandb; WANDB_MODE=offline works; the
     API key is read by wandb from the environment, never by this tool)."""

@@ -203,3 +203,63 @@ def test_a_warm_start_over_a_bf16_base_keeps_its_float32_weights_exactly(pretend
     for name, tensor in saved.items():
         assert tensor.dtype == torch.float32 and torch.equal(loaded[name].detach(), tensor), name
     assert next(p for n, p in run.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+
+
+def test_cached_split_half_finetunes_are_not_reused_across_bf16_units(monkeypatch, tmp_path):
+    """precision auto resolves by the hardware: the cache key of the split-half fine-tunes includes the units."""
+    from tasks.finetune import split_half_cache_key
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    data = write_synthetic_dataset(tmp_path / "d.jsonl", 2)
+    parameters = {"model_path": str(tmp_path / "model"), "data_path": str(data), "settings": FinetuneSettings(),
+                  "out_dir": str(tmp_path / "out"), "device": "cpu"}
+    monkeypatch.delenv(HIDE_CPU_BF16, raising=False)
+    keys = []
+    for units in (None, "avx512_bf16", None):
+        monkeypatch.setattr(devices, "_detected_cpu_bf16_units", lambda units=units: units)
+        keys.append(split_half_cache_key(None, parameters))
+    assert keys[0] == keys[2] != keys[1]
+
+
+def test_a_comparison_row_under_bf16_keeps_its_base_in_float32(pretend_cpu_bf16, tiny, tmp_path):
+    """``compare`` evaluates each row in process: its base stays float32 (autocast only), as the peers', so that every
+    row is evaluated in float32 (a base stored in bf16 evaluates higher; BENCHMARKS.md)."""
+    from lora_ranks.evidence.runs import RowEvaluation, RowSpec, train_row
+
+    base, data, _, config = tiny[:4]
+    lines = open(data).read().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    settings = LoRATrainingSettings(max_steps=2, batch_size=4, learning_rate=1e-3, precision="bf16",
+                                    gradient_checkpointing=False)
+    result = train_row(str(base), RowSpec("r-uniform", "cold", 0, str(config)), str(data), tmp_path / "row", settings,
+                       RowEvaluation(str(tmp_path / "eval.jsonl"), eval_samples=6, max_length=48))
+    metrics = json.loads((tmp_path / "row" / "training_metrics.json").read_text())
+    assert metrics["bf16"] is True and metrics["base_dtype"] == "float32"
+    assert result.loss > 0
+
+
+@pytest.mark.parametrize("native,precision,expected", [(True, "auto", True), (False, "auto", False),
+                                                       (True, "bf16", True), (False, "bf16", PrecisionError),
+                                                       (True, "float32", False)])
+def test_precision_on_cuda_follows_native_bf16_support(monkeypatch, native, precision, expected):
+    """A CUDA device of compute capability 8.0+ (torch's check without emulation); no GPU needed (torch.cuda mocked)."""
+    import contextlib
+
+    asked = {}
+
+    def supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return native
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    if expected is PrecisionError:
+        with pytest.raises(PrecisionError, match="CUDA device cuda:0 has no bf16 units"):
+            resolve_precision(precision, "cuda:0")
+    else:
+        assert resolve_precision(precision, "cuda:0") is expected
+    if precision != "float32":
+        assert asked == {"including_emulation": False}  # emulated bf16 (pre-Ampere) does not count
