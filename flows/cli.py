@@ -310,6 +310,10 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         from lora_ranks.evidence.fidelity import check_report_data
 
         check_report_data(settings["fidelity"], inputs.get("data_path"), inputs.get("eval_data_path"))
+    if command == "compare" and inputs.get("results_dir"):  # committed results: the tool's, in a folder
+        from lora_ranks.evidence.runs import check_results_dir
+
+        check_results_dir(inputs["results_dir"])
     if command == "compare":  # held-out and validation records disjoint from training; a subset of a batch or more
         from lora_ranks.evidence.comparison import check_comparison_data
 

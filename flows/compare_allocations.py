@@ -51,6 +51,7 @@ from lora_ranks.evidence.runs import (  # noqa: E402
     Committed,
     RowEvaluation,
     RowSpec,
+    check_results_dir,  # noqa: E402
     choose_learning_rates,
     committed_key,
     comparison_rows,
@@ -117,6 +118,8 @@ def compare_allocations(
         "eval_data_path": eval_data_path, "validation_data_path": validation_data_path}, overwrite)))
     if comparison.seeded_preparation and finetuned_model is not None:
         raise ValueError("seeded_preparation fine-tunes once per seed, but finetuned_model gives one pair: drop one")
+    if results_dir:
+        check_results_dir(results_dir)  # a file of the user's named like a committed result is never replaced
 
     # Step 1: train / held-out split (the demo model brings its own synthetic data), then the validation split,
     # carved before the analysis draws its subset: the brief fine-tune and the calibration never see it.

@@ -463,3 +463,16 @@ def test_an_output_under_a_dangling_link_is_refused(ws, tmp_path, capsys):
     _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "dangling" / "sub"],
              "a symbolic link to", tmp_path)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_results_folder_holding_files_of_the_users_is_refused(ws, tmp_path, capsys):
+    """compare --results-dir reads committed results and writes over stale ones: a file of the user's named like one
+    (or the folder being a file) is one line before any work, and nothing is written."""
+    compare = ["compare", "--model", ws / "base", "--data", ws / "data.jsonl", "--out", tmp_path / "run"]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "r4-uniform-seed0-lr0.0002.json").write_text("my own notes\n")
+    _refused(capsys, [*compare, "--results-dir", results],
+             "holds r4-uniform-seed0-lr0.0002.json, named like a result this tool commits but not one it wrote", tmp_path)
+    _refused(capsys, [*compare, "--results-dir", ws / "data.jsonl"], "is a file: give the folder", tmp_path)
+    assert not (tmp_path / "run").exists()

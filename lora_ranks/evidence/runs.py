@@ -11,6 +11,7 @@ The run's folder (``ComparisonLayout.run_dir``)::
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -292,6 +293,45 @@ def committed_key(base_model: str, spec: RowSpec, train_path: str, settings: LoR
 def committed_name(spec: RowSpec, learning_rate: float) -> str:
     """The file name of a row's committed result: ``<row>-seed<seed>-lr<rate>.json``."""
     return f"{spec.name}-seed{spec.seed}-lr{learning_rate:g}.json"
+
+
+_COMMITTED = re.compile(r".+-seed\d+-lr[^/]+\.json")
+_PREPARATION = re.compile(r"preparation-.+\.json")
+
+
+def check_results_dir(results_dir: str | Path, flag: str = "--results-dir") -> None:
+    """Before any work: ``results_dir`` is a folder (or can be made one), and every file in it named like a committed
+    result or preparation is one this tool wrote (a JSON object with its fields): a run reads them and writes over
+    stale ones, so a file of the user's under such a name is never replaced.
+
+    Raises:
+        DataError: naming the folder and the first file that is not the tool's.
+    """
+    import json
+    import os
+
+    from ..data import DataError
+
+    folder = Path(results_dir)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{flag} {results_dir} is a file: give the folder where row results are committed")
+    for parent in Path(os.path.abspath(folder)).parents:
+        if parent.is_symlink() and not parent.exists():
+            raise DataError(f"{flag} {results_dir} lies under {parent}, a symbolic link to {os.readlink(parent)}, "
+                            "which does not exist")
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        row, prep = _COMMITTED.fullmatch(path.name), _PREPARATION.fullmatch(path.name)
+        if not (row or prep):
+            continue
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or ("committed_key" if row else "seconds") not in saved:
+            raise DataError(f"{flag} {results_dir} holds {path.name}, named like a result this tool commits but not "
+                            "one it wrote: a run would read or replace it: move it, or choose another folder")
 
 
 def read_committed(results_dir: str | Path, spec: RowSpec, learning_rate: float, key: str) -> RowResult | None:
