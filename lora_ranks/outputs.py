@@ -354,6 +354,10 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
     present = sorted(p.name for p in out.iterdir())
     marker = read_marker(out)
     kind = marker["kind"] if marker else None
+    edited = _edited_run_files(out, marker) if kind in ("run", "foreign") else []
+    if edited:
+        return (f"holds {_shown(edited)}, which this tool wrote but you changed since: a run writes over its files: "
+                "copy them elsewhere first, or choose another folder (even --overwrite never replaces them)")
     if not present or kind == "run":
         return None
     if kind == "folder":
@@ -421,6 +425,8 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
     marker = read_marker(out)
     if fresh:
         _write_marker(out, {"kind": "run", "made_by": made_by})
+    elif marker is not None and marker["kind"] == "run" and "files" in marker:  # running: the list is out of date
+        _write_marker(out, {k: v for k, v in marker.items() if k != "files"})
     elif marker is None or marker["kind"] == "foreign":  # a folder of the user's written into with overwrite
         made = [e for e in (marker or {}).get("entries", ()) if (out / e).exists() or (out / e).is_symlink()]
         pending = [e for e in entries if e not in made and not ((out / e).exists() or (out / e).is_symlink())]
@@ -428,16 +434,53 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
     return out
 
 
+def _run_files(out: Path, entries: Iterable[str] | None) -> dict[str, list[int]]:
+    """Every file a run's names hold now (``entries``; None: the whole folder but its marker), relative path ->
+    ``[size, mtime_ns]``; links are not followed, and a folder output inside (its own marker) keeps its own list."""
+    found: dict[str, list[int]] = {}
+    for root in ([out] if entries is None else [out / e for e in entries]):
+        if root.is_symlink() or not root.exists():
+            continue
+        if root.is_file():
+            found.update(file_stats(out, [str(root.relative_to(out))]))
+            continue
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not Path(dirpath, d).is_symlink() and not (Path(dirpath, d) / MARKER).exists()]
+            names = [str(Path(dirpath, n).relative_to(out)) for n in files]
+            found.update(file_stats(out, [n for n in names if n != MARKER]))
+    return found
+
+
 def record_made_entries(path: str | os.PathLike) -> None:
-    """When a run into a folder of the user's ends (completed, failed or interrupted): list the pending names it made
-    as the tool's, so that a later ``overwrite`` run may write them again; the rest stop being pending. A no-op for
-    folders the tool owns whole, and for anything else."""
+    """When a run ends (completed, failed or interrupted): in a folder of the user's, list the pending names it made
+    as the tool's, so that a later ``overwrite`` run may write them again (the rest stop being pending); in a run
+    folder of the tool's or the user's, record every file the run's names hold with its size and modification time
+    (``files``), so that a file edited since is the user's: the next run refuses to write over it
+    (``_run_folder_problem``). A no-op for anything else."""
     out = Path(path)
     marker = read_marker(out) if out.is_dir() else None
-    if marker is None or marker["kind"] != "foreign" or not marker.get("pending"):
+    if marker is None or marker["kind"] not in ("run", "foreign"):
         return
-    made = [e for e in marker["pending"] if (out / e).exists() or (out / e).is_symlink()]
-    _write_marker(out, {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []})
+    if marker["kind"] == "foreign":
+        made = [e for e in marker.get("pending", ()) if (out / e).exists() or (out / e).is_symlink()]
+        marker = {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []}
+    marker["files"] = _run_files(out, None if marker["kind"] == "run" else marker["entries"])
+    _write_marker(out, marker)
+
+
+def _edited_run_files(out: Path, marker: dict | None) -> list[str]:
+    """Files a run recorded when it ended (``record_made_entries``) that changed since: edited by the user."""
+    files = (marker or {}).get("files")
+    if not isinstance(files, dict):
+        return []
+    edited = []
+    for name, stat in files.items():
+        path = out / name
+        if Path(os.path.normpath(path)).is_relative_to(out) and (path.is_file() or path.is_symlink()):
+            info = os.lstat(path)
+            if [info.st_size, info.st_mtime_ns] != stat:
+                edited.append(name)
+    return sorted(edited)
 
 
 def _write_marker(folder: Path, marker: dict) -> None:

@@ -476,3 +476,17 @@ def test_a_results_folder_holding_files_of_the_users_is_refused(ws, tmp_path, ca
              "holds r4-uniform-seed0-lr0.0002.json, named like a result this tool commits but not one it wrote", tmp_path)
     _refused(capsys, [*compare, "--results-dir", ws / "data.jsonl"], "is a file: give the folder", tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_file_edited_in_a_run_folder_is_never_written_over(ws, tmp_path, capsys):
+    """A run records the files it leaves (size, modification time) when it ends: one the user edits afterwards is
+    theirs, and the next run into the folder is refused, with or without --overwrite; an untouched run reruns."""
+    analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "run"]
+    assert _main(analyze) == 0
+    assert "configs/lora_rank_config.json" in read_marker(tmp_path / "run")["files"]
+    assert _main(analyze) == 0  # nothing edited: a rerun is fine
+    config = tmp_path / "run" / "configs" / "lora_rank_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha"', '"lora_alpha" ', 1))  # a hand edit
+    for extra in ([], ["--overwrite"]):
+        _refused(capsys, [*analyze, *extra], "holds configs/lora_rank_config.json, which this tool wrote but you "
+                                             "changed since", tmp_path)
