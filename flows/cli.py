@@ -327,6 +327,7 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
         records = load_records(inputs["data_path"])  # every record (and image), with file:line on the first bad one
         _check_steps_fit(command, records, settings)
         model = inputs.get("model") or inputs["base_model"]
+
         if model != DEMO_MODEL and any("images" in r for r in records):  # loads the processor only when needed
             check_vision_records(records, load_image_processor(model), f"{inputs['data_path']} (for {model})")
         for group in ("finetune", "training"):
@@ -419,6 +420,8 @@ def _preflight(command: str, inputs: dict, settings: dict) -> None:
     if command in ("finetune", "train", "compare") and (inputs.get("model") or inputs["base_model"]) != "demo:tiny-qwen3":
         _check_tokenizer(inputs.get("model") or inputs["base_model"])  # the other checks name a cause first
     _check_space(command, inputs, settings)
+    if command in ("finetune", "train", "compare"):  # after the checks that name a cause: tokenizes records
+        _check_trainable_tokens(command, inputs, settings)
     if command in FLOW_OF:  # last: it imports Prefect (2 s), which a bad option never waits for
         _check_prefect()
 
@@ -530,6 +533,23 @@ def _check_precision(command: str, settings: dict) -> None:
         return
     for group in forced:
         resolve_precision("bf16", device, flag=flag_for("precision", group.prefix))
+
+
+def _check_trainable_tokens(command: str, inputs: dict, settings: dict) -> None:
+    """Some record keeps a response token within each training's max length (``finetune.check_trainable_tokens``)."""
+    from flows.options import flag_for
+    from lora_ranks.data import load_records
+    from lora_ranks.finetune import check_trainable_tokens
+    from lora_ranks.synthetic import DEMO_MODEL
+
+    model = inputs.get("model") or inputs["base_model"]
+    if model == DEMO_MODEL:
+        return
+    records = load_records(inputs["data_path"])
+    for group in COMMANDS[command].groups:
+        if group.param in ("finetune", "training") and "max_length" in group.field_names():
+            check_trainable_tokens(records, model, settings[group.param].max_length,
+                                   flag_for("max_length", group.prefix), inputs["data_path"])
 
 
 def _check_processes(command: str, settings: dict) -> None:

@@ -80,6 +80,33 @@ def prepare_examples(data_path: str | Path, tokenizer, *, max_length: int, seed:
     return examples, report, len(records)
 
 
+def check_trainable_tokens(records: list[dict], model: str | Path, max_length: int, flag: str = "--max-length",
+                           what: str = "the records") -> None:
+    """Some record keeps a response token to train on within ``max_length`` tokens (text records; with only vision
+    records nothing is checked): a length that cuts every response off would fail at the first step.
+
+    Raises:
+        DataError: naming the flag, the length and the shortest prompt.
+    """
+    text = [r for r in records if "images" not in r]
+    if not text:
+        return
+    from transformers import AutoTokenizer
+
+    from .checkpoints import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)))
+    shortest = None
+    for record in text[:2000]:  # a sample is enough: one record that trains suffices
+        labels = tokenize_record(record, tokenizer, max_length)["labels"]
+        if any(label != -100 for label in labels[1:]):
+            return
+        prompt = sum(1 for label in tokenize_record(record, tokenizer, 10**6)["labels"] if label == -100)
+        shortest = prompt if shortest is None else min(shortest, prompt)
+    raise DataError(f"{flag} {max_length} cuts off every response of {what}: no token is left to train on (the "
+                    f"shortest prompt is {shortest} tokens): raise {flag}")
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in the backward pass (transformers 5 renamed the method; both spellings work)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

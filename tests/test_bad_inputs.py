@@ -16,7 +16,7 @@ from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.extract import extract_lora
 from lora_ranks.outputs import MARKER, OutputFolderError, check_output_dir, claim_output_dir
 from lora_ranks.settings import AllocationSettings
-from lora_ranks.synthetic import write_planted_pair, write_synthetic_dataset
+from lora_ranks.synthetic import DEMO_BASE, write_planted_pair, write_synthetic_dataset
 
 SETTINGS = AllocationSettings(energy_threshold=0.9, min_rank=2, max_rank=16, smoothing="none")
 
@@ -139,6 +139,10 @@ CASES = [
      "--batch-size 1", "--processes 2 deals each micro-batch across the processes, but the batch size is 1"),
     ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --processes 4 --batch-size 2",
      "give a batch size of at least 4"),
+    ("finetune", f"--model {DEMO_BASE} --data {{ws}}/data.jsonl --out {{ws}}/new --max-length 1",
+     "--max-length 1 cuts off every response of"),
+    ("compare", f"--model {DEMO_BASE} --data {{ws}}/data.jsonl --out {{ws}}/new --spectrum weight --lora-max-length 2",
+     "--lora-max-length 2 cuts off every response of"),
     ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --lora-processes 2",
      "--lora-processes 2: compare trains each row in one process"),
     # check
