@@ -434,29 +434,37 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
     return out
 
 
+_DOCUMENTS = {".json", ".jsonl", ".md", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".html"}
+"""The run files a user may edit by hand (configs, reports, tables): a run protects them once edited. Binary data
+(weights, factor files, plots) is the tool's to check and recompute: a damaged cache file is collected again."""
+
+
 def _run_files(out: Path, entries: Iterable[str] | None) -> dict[str, list[int]]:
-    """Every file a run's names hold now (``entries``; None: the whole folder but its marker), relative path ->
-    ``[size, mtime_ns]``; links are not followed, and a folder output inside (its own marker) keeps its own list."""
+    """Every document (``_DOCUMENTS``) a run's names hold now (``entries``; None: the whole folder but its marker),
+    relative path -> ``[size, mtime_ns]``; links are not followed, and a folder output inside (its own marker)
+    keeps its own list."""
     found: dict[str, list[int]] = {}
     for root in ([out] if entries is None else [out / e for e in entries]):
         if root.is_symlink() or not root.exists():
             continue
         if root.is_file():
-            found.update(file_stats(out, [str(root.relative_to(out))]))
-            continue
-        for dirpath, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if not Path(dirpath, d).is_symlink() and not (Path(dirpath, d) / MARKER).exists()]
-            names = [str(Path(dirpath, n).relative_to(out)) for n in files]
-            found.update(file_stats(out, [n for n in names if n != MARKER]))
+            names = [str(root.relative_to(out))]
+        else:
+            names = []
+            for dirpath, dirs, files in os.walk(root):
+                dirs[:] = [d for d in dirs
+                           if not Path(dirpath, d).is_symlink() and not (Path(dirpath, d) / MARKER).exists()]
+                names += [str(Path(dirpath, n).relative_to(out)) for n in files]
+        found.update(file_stats(out, [n for n in names if n != MARKER and Path(n).suffix.lower() in _DOCUMENTS]))
     return found
 
 
 def record_made_entries(path: str | os.PathLike) -> None:
     """When a run ends (completed, failed or interrupted): in a folder of the user's, list the pending names it made
     as the tool's, so that a later ``overwrite`` run may write them again (the rest stop being pending); in a run
-    folder of the tool's or the user's, record every file the run's names hold with its size and modification time
-    (``files``), so that a file edited since is the user's: the next run refuses to write over it
-    (``_run_folder_problem``). A no-op for anything else."""
+    folder of the tool's or the user's, record every document (config, report, table) the run's names hold with
+    its size and modification time (``files``), so that one edited since is the user's: the next run refuses to
+    write over it (``_run_folder_problem``). A no-op for anything else."""
     out = Path(path)
     marker = read_marker(out) if out.is_dir() else None
     if marker is None or marker["kind"] not in ("run", "foreign"):
