@@ -133,10 +133,10 @@ def compare_command(base: str, paths: dict, out: Path, args) -> list[str]:
             "--max-new-tokens", "8", "--accuracy-batch-size", "32"]
 
 
-def run_compare(command: list[str], log: Path, device: str, threads: int | None) -> float:
+def run_compare(command: list[str], log: Path, device: str, threads: int | None, workers: int = 1) -> float:
     """Run the comparison (one training at a time; on ``device``; ``threads`` CPU threads when given), its log
     appended to ``log``; its wall time."""
-    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "threads", "LORA_RANKS_MAX_WORKERS": "1"}
+    env = {**os.environ, "LORA_RANKS_TASK_RUNNER": "threads", "LORA_RANKS_MAX_WORKERS": str(workers)}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if device == "cpu":
@@ -333,6 +333,8 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--sizes", type=json.loads, default=SIZES, help="JSON: split -> task -> records")
     parser.add_argument("--finetune-max-steps", type=int, default=100, help="cap of the brief fine-tune's steps")
+    parser.add_argument("--workers", type=int, default=1, help="rows trained at once (LORA_RANKS_MAX_WORKERS): 1 on "
+                        "a CPU; on a GPU several rows share it (each SmolLM2 row needs ~2 GB)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of the training process (default: "
                         "torch's, one per core). On a CPU shared with other work, 1: two threads of a niced process, "
                         "one of them preempted, wait on each other at every parallel region (measured here: 13-18 s "
@@ -357,7 +359,8 @@ def main() -> None:
         base = str(make_base(args.base).path) if args.base in KNOWN_BASES else args.base
         paths = build_data(out, args.data_seed, args.sizes)
         baselines(base, paths, args.results_dir, args.device)
-        seconds = run_compare(compare_command(base, paths, out, args), out / "compare.log", args.device, args.threads)
+        seconds = run_compare(compare_command(base, paths, out, args), out / "compare.log", args.device, args.threads,
+                              args.workers)
     emit(summarize(args.results_dir, args, seconds), args.record)
 
 
