@@ -37,6 +37,7 @@ GRACE_SECONDS = 3.0
 
 _cleanups: list[Callable[[], None]] = []
 _stopping = threading.Lock()
+_this_thread = threading.local()  # .stopping: this thread has begun to stop the command
 
 
 def on_interrupt(cleanup: Callable[[], None]) -> None:
@@ -70,6 +71,9 @@ def _watch(read_end: int) -> None:  # a thread of its own: runs even while the m
 
 
 def _stop(signum: int) -> None:
+    if getattr(_this_thread, "stopping", False):  # a second signal, handled inside this thread's own stop (the main
+        return  # thread runs a handler between any two lines, even of a handler): the first stop finishes and exits
+    _this_thread.stopping = True
     if not _stopping.acquire(blocking=False):  # the other path is already stopping: let it finish and exit
         if threading.current_thread() is threading.main_thread():
             threading.Event().wait()

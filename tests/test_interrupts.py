@@ -2,6 +2,7 @@
 to the process alone): one line, ``lora-ranks: interrupted``, exit 130 / 143 within 10 s, no traceback, every process
 the command started gone (checked by PID), and no staging folder or temporary file left behind."""
 
+import contextlib
 import os
 import re
 import signal
@@ -33,11 +34,12 @@ def setting(tmp_path_factory):
 
 
 def _interrupt(args: list[str], cwd: Path, ready: str, sig: int, *, group: bool, server: bool = True,
-               child: str | None = None) -> tuple[int, float, str]:
+               child: str | None = None, then: int | None = None) -> tuple[int, float, str]:
     """Start ``lora-ranks ARGS`` in a process group of its own (as a shell job), wait until its stderr matches
     ``ready`` (and, with ``child``, until a process it started has a command line matching it), note every process
-    it started, send ``sig`` (to the group or the process), and check that all of them are gone. Returns (exit
-    status, seconds from the signal to the exit, stderr)."""
+    it started, send ``sig`` (to the group or the process; with ``then``, that signal too 0.3 s later, as an
+    impatient user's second ^C), and check that all of them are gone. Returns (exit status, seconds from the signal
+    to the exit, stderr)."""
     exe = Path(sys.executable).with_name("lora-ranks")
     err_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
     with open(err_path, "w") as err:
@@ -55,6 +57,10 @@ def _interrupt(args: list[str], cwd: Path, ready: str, sig: int, *, group: bool,
             assert any("uvicorn" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
         sent = time.monotonic()
         os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        if then is not None:
+            time.sleep(0.3)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, then) if group else proc.send_signal(then)
         status = proc.wait(timeout=10)
         seconds = time.monotonic() - sent
         _, alive = psutil.wait_procs(started, timeout=5)
@@ -115,6 +121,22 @@ def test_check_on_sigterm_to_its_group_stops_the_measuring_worker(setting):
                                          r"check-inputs-\w+' - Finished", signal.SIGTERM, group=True,
                                          child="multiprocessing.spawn")
     _assert_clean(status, stderr, signal.SIGTERM, out)
+    assert seconds < 10
+
+
+@pytest.mark.parametrize("first, second, group", [(signal.SIGINT, signal.SIGINT, False),
+                                                   (signal.SIGTERM, signal.SIGINT, True)])
+def test_a_second_signal_while_stopping_still_ends_the_command(setting, first, second, group):
+    """^C twice, or SIGTERM then ^C, 0.3 s apart, in the middle of check's measurement: the second signal lands
+    inside the first one's stop (it hung there: the nested handler waited on the first's lock); one line, the first
+    signal's status, nothing left running."""
+    root, base, _, config = setting
+    out = root / f"check-twice-{first}-{second}"
+    status, seconds, stderr = _interrupt(["check", "--model", base, "--lora-config", config, "--out", str(out),
+                                          "--latency-repeats", "10000", "--seq-len", "64"], root,
+                                         r"check-inputs-\w+' - Finished", first, group=group,
+                                         child="multiprocessing.spawn", then=second)
+    _assert_clean(status, stderr, first, out)
     assert seconds < 10
 
 
