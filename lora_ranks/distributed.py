@@ -103,8 +103,10 @@ def launch(function: str, kwargs: dict, processes: int, *, cpu: bool):
         env = {**os.environ, "LORA_RANKS_DISTRIBUTED_CHILD": "1", "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
         errors, tail = [], []
-        with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as child:
-            for line in child.stderr:  # process 0's progress into this process's log; errors kept for the message
+        # Both streams read here (nothing of the processes' own output, e.g. transformers' bars, reaches the
+        # terminal): process 0's progress into this process's log, error lines kept for the message.
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:
                 line = line.rstrip("\n")
                 if line.startswith(PROGRESS_PREFIX):
                     LOGGER.info(line.removeprefix(PROGRESS_PREFIX))
