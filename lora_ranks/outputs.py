@@ -356,7 +356,8 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
     kind = marker["kind"] if marker else None
     edited = _edited_run_files(out, marker) if kind in ("run", "foreign") else []
     if edited:
-        return (f"holds {_shown(edited)}, which this tool wrote but you changed since: a run writes over its files: "
+        return (f"holds {_shown(edited)}, which you added or changed after this tool's last run there: a run writes over "
+                "its files: "
                 "copy them elsewhere first, or choose another folder (even --overwrite never replaces them)")
     if not present or kind == "run":
         return None
@@ -477,18 +478,14 @@ def record_made_entries(path: str | os.PathLike) -> None:
 
 
 def _edited_run_files(out: Path, marker: dict | None) -> list[str]:
-    """Files a run recorded when it ended (``record_made_entries``) that changed since: edited by the user."""
-    files = (marker or {}).get("files")
-    if not isinstance(files, dict):
+    """Documents of the user's in a run folder whose last run recorded its own (``record_made_entries``): those it
+    listed that changed since, and those it did not list (added since, e.g. a config under a name a finetune run
+    never wrote). A run that ended without a list (killed outright) protects nothing: its files are resumed."""
+    listed = (marker or {}).get("files")
+    if not isinstance(listed, dict):
         return []
-    edited = []
-    for name, stat in files.items():
-        path = out / name
-        if Path(os.path.normpath(path)).is_relative_to(out) and (path.is_file() or path.is_symlink()):
-            info = os.lstat(path)
-            if [info.st_size, info.st_mtime_ns] != stat:
-                edited.append(name)
-    return sorted(edited)
+    now = _run_files(out, None if marker["kind"] == "run" else marker.get("entries", ()))
+    return sorted(name for name, stat in now.items() if listed.get(name) != stat)
 
 
 def _write_marker(folder: Path, marker: dict) -> None:

@@ -405,6 +405,9 @@ def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
     refused(["export", adapter, "--out", str(reports)], "is a folder this tool did not write")
     mine = Path(shutil.copytree(ws / "base", run / "my_model"))
     refused(["export", adapter, "--out", str(mine)], "is a folder this tool did not write")
+    refused(["finetune", "--model", str(DEMO_BASE), "--data", str(ws / "data.jsonl"), "--out", str(run)],
+            "holds my_model/config.json")  # documents the user added to the run folder since its last run
+    shutil.rmtree(mine)
     (model / "MY_NOTES.txt").write_text("mine")
     refused(["finetune", "--model", str(DEMO_BASE), "--data", str(ws / "data.jsonl"), "--out", str(run)],
             "MY_NOTES.txt")  # found before the fine-tune, not when its result is saved

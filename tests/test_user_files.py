@@ -488,5 +488,21 @@ def test_a_file_edited_in_a_run_folder_is_never_written_over(ws, tmp_path, capsy
     config = tmp_path / "run" / "configs" / "lora_rank_config.json"
     config.write_text(config.read_text().replace('"lora_alpha"', '"lora_alpha" ', 1))  # a hand edit
     for extra in ([], ["--overwrite"]):
-        _refused(capsys, [*analyze, *extra], "holds configs/lora_rank_config.json, which this tool wrote but you "
-                                             "changed since", tmp_path)
+        _refused(capsys, [*analyze, *extra], "holds configs/lora_rank_config.json, which you added or changed "
+                                             "after this tool's last run", tmp_path)
+
+
+def test_a_document_added_to_a_run_folder_under_a_name_the_run_never_wrote_is_kept(ws, tmp_path, capsys):
+    """A finetune run's folder, then the user's own configs/lora_rank_config.json (a name finetune never writes):
+    an analyze into that folder is refused, with or without --overwrite, instead of replacing it."""
+    from lora_ranks.synthetic import DEMO_BASE
+
+    run = tmp_path / "run"
+    assert _main(["finetune", "--model", DEMO_BASE, "--data", ws / "data.jsonl", "--out", run, "--max-steps", "1",
+                  "--subset-ratio", "1"]) == 0
+    (run / "configs").mkdir()
+    (run / "configs" / "lora_rank_config.json").write_text('{"my": 1}\n')
+    for extra in ([], ["--overwrite"]):
+        _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", run, *extra],
+                 "holds configs/lora_rank_config.json", tmp_path)
+    assert (run / "configs" / "lora_rank_config.json").read_text() == '{"my": 1}\n'
