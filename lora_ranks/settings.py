@@ -101,6 +101,12 @@ def _device_name(value: Optional[str]) -> Optional[str]:
     return value
 
 
+_ABSENT = object()
+#: Settings fields added after benchmark rows were committed, with the value every earlier run had: at that value
+#: they leave the digests of committed results unchanged (``Settings.key_dict``).
+KEY_NEUTRAL_DEFAULTS = {"processes": 1}
+
+
 class Settings(BaseModel):
     """Base of every settings class: frozen, unknown fields refused, no NaN or infinity in any number, help text =
     field docstring."""
@@ -110,6 +116,13 @@ class Settings(BaseModel):
     def to_dict(self) -> dict:
         """Plain JSON-ready values (recorded in configs and metrics)."""
         return self.model_dump(mode="json")
+
+    def key_dict(self) -> dict:
+        """``to_dict`` for the digests of committed results (``evidence.runs.committed_key``, ``design_digest``):
+        a field added after results were committed (``KEY_NEUTRAL_DEFAULTS``) enters only away from the value that
+        those results had, so adding a setting does not orphan hours of committed benchmark rows."""
+        data = self.to_dict()
+        return {k: v for k, v in data.items() if KEY_NEUTRAL_DEFAULTS.get(k, _ABSENT) != v}
 
     def replace(self, **updates):
         """A copy with ``updates``, validated (a bad value raises ``ValidationError`` naming the field)."""

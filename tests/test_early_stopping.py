@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_ranks.config import save_rank_config
-from lora_ranks.evidence.runs import Committed, RowEvaluation, RowSpec, committed_name, train_row
+from lora_ranks.evidence.runs import Committed, RowEvaluation, RowSpec, committed_key, committed_name, train_row
 from lora_ranks.settings import LoRATrainingSettings
 
 
@@ -112,3 +112,15 @@ def test_a_committed_row_is_reused_by_a_fresh_run_and_a_changed_one_retrains(set
     retrained = train_row(base, spec, str(root / "train.jsonl"), tmp_path / "c", settings, _evaluation(root),
                           committed=other)
     assert (tmp_path / "c" / "row.json").is_file() and retrained.loss == first.loss  # same seed: same numbers
+
+
+def test_a_setting_added_later_leaves_committed_keys_alone_at_its_old_value(setting):
+    """Rows committed before `processes` existed keep their key at processes=1; another value is another row."""
+    root, base, config = setting
+    spec = RowSpec("r2-uniform", "cold", 1, config)
+    one, two = SETTINGS, SETTINGS.replace(processes=2)
+    assert "processes" not in one.key_dict() and two.key_dict()["processes"] == 2
+    before = {k: v for k, v in one.to_dict().items() if k != "processes"}  # what an earlier release digested
+    assert one.key_dict() == before
+    keys = {committed_key(base, spec, str(root / "train.jsonl"), s, _evaluation(root), "design") for s in (one, two)}
+    assert len(keys) == 2

@@ -359,7 +359,7 @@ def design_digest(finetuned_model: str | None, *settings) -> str:
 
     parts: list = [Checkpoint(resolve_model_path(finetuned_model)).header_fingerprint() if finetuned_model else None]
     for item in settings:
-        data = item.to_dict()
+        data = item.key_dict()
         if isinstance(item, ComparisonSettings):  # only what shapes the configs and their preparation
             data = {k: data[k] for k in ("budget_ranks", "allocations", "alpha_variants", "seeded_preparation")}
         parts.append(data)

@@ -277,7 +277,7 @@ def committed_key(base_model: str, spec: RowSpec, train_path: str, settings: LoR
     from ..checkpoints import Checkpoint, resolve_model_path
 
     evaluation_paths = {k: v for k, v in asdict(evaluation).items() if not k.endswith("_path")}
-    digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, settings.replace(seed=spec.seed).to_dict(),
+    digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, settings.replace(seed=spec.seed).key_dict(),
                                         evaluation_paths, design], sort_keys=True, default=str).encode())
     model = resolve_model_path(base_model)
     config = Path(model) / "config.json"
