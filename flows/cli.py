@@ -441,6 +441,11 @@ def _check_steps_fit(command: str, records: list[dict], settings: dict) -> None:
         check_step_fits(len(records), settings["training"], "LoRA training")
 
 
+PREFECT_HOME_SPACE = 64 * 2**20
+"""Free bytes PREFECT_HOME needs before a flow starts: Prefect's SQLite database and its write-ahead log (about 16 MiB
+after a day of runs here, 87 MiB with the test suite's), with room to grow."""
+
+
 def _check_prefect() -> None:
     """Prefect can run: its home (PREFECT_HOME) is, or can be, a folder, and a server named by PREFECT_API_URL (the
     environment's or the Prefect profile's) answers: a bad setting ends here, not minutes into a flow."""
@@ -459,6 +464,11 @@ def _check_prefect() -> None:
         if not os.access(existing, os.W_OK | os.X_OK) or not probe_writable(existing):  # root passes access on /proc
             raise LoraRanksError(f"PREFECT_HOME {path} cannot be written (no folder can be created in {existing}): "
                                  "point it at a folder of yours, or unset it")
+        free = shutil.disk_usage(existing).free
+        if free < PREFECT_HOME_SPACE:  # Prefect's SQLite database; a full disk makes its server hang, then fail
+            raise LoraRanksError(f"PREFECT_HOME {path} has {free / 2**20:,.0f} MiB free on its device: Prefect's "
+                                 f"database needs about {PREFECT_HOME_SPACE // 2**20} MiB; free some space, or point "
+                                 "PREFECT_HOME at another file system")
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url

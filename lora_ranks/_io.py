@@ -96,6 +96,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     finally:
         _pending(Path(tmp), False)
+    from .outputs import note_written
+
+    note_written(target)  # listed in its run folder's marker at once (a run killed outright leaves the list)
     return target
 
 

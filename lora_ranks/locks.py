@@ -70,9 +70,15 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
         if same:
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "output": real,
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "output": real,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    except OSError as exc:  # a full disk or quota under LORA_RANKS_CACHE
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+        raise LoraRanksError(f"the lock folder {lock.parent} cannot be written ({exc.strerror or exc}): free some "
+                             "space there, or set LORA_RANKS_CACHE to a folder on another file system") from None
     try:
         yield
     finally:

@@ -23,6 +23,13 @@ The marker is the file ``.lora-ranks`` (JSON: ``kind``, ``made_by``; "run" for a
 "foreign" with the ``entries`` the tool made in a folder of the user's, "folder" with the ``content`` and the
 ``files`` of a folder output, "staging" in a folder output being written). A folder is the tool's only if its marker
 says so: a folder that merely looks like an output of this tool (the same file names, an old layout) is the user's.
+
+Run and foreign markers also list the documents (``_DOCUMENTS``: configs, reports, tables) the run wrote, with their
+size and modification time (``files``), each added as it is written (``note_written``, called by every atomic
+write), so a run killed outright leaves its list: a document edited or added since is the user's, and the next run
+is refused. A run marker without that list (an earlier release's, or one made by hand) cannot tell the tool's
+documents from the user's: a run into a folder holding any is refused. A folder marker that describes none of its
+folder's files (``_describes_its_files``) is a file of the user's and is never rewritten.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LoraRanksError
 
 __all__ = ["OutputFolderError", "MARKER", "RUN_ENTRIES", "check_output_dir", "claim_output_dir", "check_replaceable",
-           "record_made_entries", "folder_marker", "file_stats", "read_marker", "tool_files", "foreign_files",
+           "record_made_entries", "note_written", "folder_marker", "file_stats", "read_marker", "tool_files", "foreign_files",
            "local_path"]
 
 #: The marker file every output folder of this tool carries.
@@ -291,6 +299,13 @@ def _replace_problem(target: Path, content: str, overwrite: bool) -> str | None:
         return "is a folder of yours that a run of this tool wrote into: choose another folder for an adapter or model"
     if kind in ("invalid", "staging"):
         return f"holds a {MARKER} file this tool did not write: choose another folder"
+    if kind == "folder" and not _describes_its_files(target, marker):
+        listed = marker["files"]
+        why = ("it lists names only (release 0.3.0 or earlier), so this tool cannot tell its files from yours"
+               if isinstance(listed, list) else
+               "none of the files it lists is there as this tool wrote it (copied or edited by hand?)")
+        return (f"holds a {MARKER} file that does not describe its files: {why}; writing there would replace that "
+                "file: choose another folder, or move what you want to keep out of this one first")
     if kind == "folder" and marker.get("content", "folder") != content and not overwrite:
         held = marker.get("content", "folder")
         return (f"holds {_a(held)} {held} folder of this tool, which this command would replace with {_a(content)} "
@@ -309,6 +324,13 @@ def _replace_problem(target: Path, content: str, overwrite: bool) -> str | None:
     if clashes:
         return f"holds {_shown(clashes)}, which this tool did not write and the {content} would replace: {_KEEP_YOURS}"
     return None
+
+
+def _describes_its_files(folder: Path, marker: dict) -> bool:
+    """Whether a folder marker is this tool's own record of ``folder``: at least one file it lists is there as the
+    tool wrote it, or the folder holds nothing else (a marker that matches none of its files was copied or forged,
+    and the file ``.lora-ranks`` is then the user's like any other)."""
+    return bool(tool_files(folder)) or not _files_under(folder)
 
 
 def _a(word: str) -> str:
@@ -354,6 +376,13 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
     present = sorted(p.name for p in out.iterdir())
     marker = read_marker(out)
     kind = marker["kind"] if marker else None
+    if kind in ("run", "foreign") and not isinstance(marker.get("files"), dict):
+        unlisted = sorted(_run_files(out, None if kind == "run" else marker.get("entries", ())))
+        if unlisted:
+            return (f"holds {_shown(unlisted)}, which this tool cannot tell from files of yours: its {MARKER} lists no "
+                    "files it wrote (a run of an earlier release, or a marker copied or made by hand), and a run writes "
+                    "over its files: move them out of the folder, or choose another folder (even --overwrite never "
+                    "replaces them)")
     edited = _edited_run_files(out, marker) if kind in ("run", "foreign") else []
     if edited:
         return (f"holds {_shown(edited)}, which you added or changed after this tool's last run there: a run writes over "
@@ -424,15 +453,71 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     marker = read_marker(out)
+    # The marker's list of documents (``files``) is kept up to date while the run writes (``note_written``): a run
+    # killed outright leaves the list of what it wrote, and what the user adds afterwards stays theirs.
     if fresh:
-        _write_marker(out, {"kind": "run", "made_by": made_by})
-    elif marker is not None and marker["kind"] == "run" and "files" in marker:  # running: the list is out of date
-        _write_marker(out, {k: v for k, v in marker.items() if k != "files"})
+        _write_marker(out, {"kind": "run", "made_by": made_by, "files": {}})
+    elif marker is not None and marker["kind"] == "run" and not isinstance(marker.get("files"), dict):
+        _write_marker(out, {**marker, "files": {}})  # it holds no document (checked above): nothing to list yet
     elif marker is None or marker["kind"] == "foreign":  # a folder of the user's written into with overwrite
         made = [e for e in (marker or {}).get("entries", ()) if (out / e).exists() or (out / e).is_symlink()]
         pending = [e for e in entries if e not in made and not ((out / e).exists() or (out / e).is_symlink())]
-        _write_marker(out, {"kind": "foreign", "made_by": made_by, "entries": made, "pending": pending})
+        files = (marker or {}).get("files")
+        _write_marker(out, {"kind": "foreign", "made_by": made_by, "entries": made, "pending": pending,
+                            "files": files if isinstance(files, dict) else {}})
     return out
+
+
+def note_written(path: str | os.PathLike) -> None:
+    """Record a document (``_DOCUMENTS``) the tool has just written, or every document under a folder it has just
+    written, in the marker of the run folder holding it (the nearest folder above with a marker, when that is a run
+    or a foreign one and the name is one of its run's): its size and modification time join the marker's ``files``
+    at once, so that a run killed outright (SIGKILL, the OOM killer) still leaves the list of what it wrote, and a
+    document added or edited afterwards is the user's. ``_io.atomic_write`` calls it for every file it writes;
+    cheap for anything else (a suffix check). Safe across threads and processes (a lock on the run folder)."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir() and not path.is_symlink():
+        names = [path / n for n in _files_under(path)]
+    elif path.name != MARKER and path.suffix.lower() in _DOCUMENTS:
+        names = [path]
+    else:
+        return
+    names = [n for n in names if n.suffix.lower() in _DOCUMENTS]
+    if not names:
+        return
+    for folder in path.parents:
+        if not (folder / MARKER).exists():
+            continue
+        marker = read_marker(folder)
+        if marker is None or marker["kind"] not in ("run", "foreign"):
+            return  # inside a folder output (its own list), a staging folder, or a folder that is not the tool's
+        with _folder_lock(folder):
+            marker = read_marker(folder)  # again, under the lock: another writer may have added to it
+            if marker is None or marker["kind"] not in ("run", "foreign"):
+                return
+            ours = (None if marker["kind"] == "run"
+                    else {*marker.get("entries", ()), *marker.get("pending", ())})
+            relative = [str(n.relative_to(folder)) for n in names]
+            relative = [r for r in relative if (ours is None or r.split("/")[0] in ours) and (folder / r).is_file()
+                        and not any((folder / p / MARKER).exists() for p in Path(r).parents if str(p) != ".")]
+            if not relative:
+                return
+            files = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+            _write_marker(folder, {**marker, "files": {**files, **file_stats(folder, relative)}})
+        return
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the folder itself), between threads and processes alike."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _DOCUMENTS = {".json", ".jsonl", ".md", ".txt", ".csv", ".tsv", ".yaml", ".yml", ".html"}
@@ -470,17 +555,22 @@ def record_made_entries(path: str | os.PathLike) -> None:
     marker = read_marker(out) if out.is_dir() else None
     if marker is None or marker["kind"] not in ("run", "foreign"):
         return
-    if marker["kind"] == "foreign":
-        made = [e for e in marker.get("pending", ()) if (out / e).exists() or (out / e).is_symlink()]
-        marker = {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []}
-    marker["files"] = _run_files(out, None if marker["kind"] == "run" else marker["entries"])
-    _write_marker(out, marker)
+    with _folder_lock(out):  # a writer still noting a file (another thread or process) finishes first
+        marker = read_marker(out)
+        if marker is None or marker["kind"] not in ("run", "foreign"):
+            return
+        if marker["kind"] == "foreign":
+            made = [e for e in marker.get("pending", ()) if (out / e).exists() or (out / e).is_symlink()]
+            marker = {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []}
+        marker["files"] = _run_files(out, None if marker["kind"] == "run" else marker["entries"])
+        _write_marker(out, marker)
 
 
 def _edited_run_files(out: Path, marker: dict | None) -> list[str]:
     """Documents of the user's in a run folder whose last run recorded its own (``record_made_entries``): those it
     listed that changed since, and those it did not list (added since, e.g. a config under a name a finetune run
-    never wrote). A run that ended without a list (killed outright) protects nothing: its files are resumed."""
+    never wrote). The list grows as a run writes (``note_written``), so a run killed outright leaves it too; a
+    marker without one is refused whole (``_run_folder_problem``)."""
     listed = (marker or {}).get("files")
     if not isinstance(listed, dict):
         return []

@@ -331,8 +331,11 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
         if data_path is None:
             data_path = write_synthetic_dataset(demo_data_path(out_dir, model), DEMO_RECORDS_PER_TASK, fmt="mixed")
         return model_dir, Path(data_path)
+    from .outputs import note_written  # save_pretrained writes around _io: its configs join the run's list here
+
     if model == DEMO_VL_MODEL:
         model_dir = build_tiny_qwen25_vl(Path(out_dir) / "tiny-qwen25-vl")
+        note_written(model_dir)
         if data_path is None:
             data_path = write_synthetic_vl_dataset(demo_data_path(out_dir, model).parent, DEMO_VL_RECORDS_PER_TASK)
         return model_dir, Path(data_path)
@@ -343,6 +346,7 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
 
         warnings.warn(f"the pretrained demo base {DEMO_BASE} is missing: using a randomly initialised model", stacklevel=2)
         model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
+        note_written(model_dir)
     if data_path is None:
         data_path = write_synthetic_dataset(demo_data_path(out_dir, model), DEMO_RECORDS_PER_TASK, fmt="mixed")
     return model_dir, Path(data_path)

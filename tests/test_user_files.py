@@ -336,7 +336,8 @@ def test_run_entries_cover_every_path_of_the_layouts():
 
 def test_a_marker_names_nothing_outside_its_folder_and_owns_only_files_as_written(ws, tmp_path, capsys):
     """The marker is a file anyone can edit or copy: names through .. or absolute ones make it invalid (nothing
-    outside the folder is ever deleted); a name-only list (an earlier release's) owns nothing; a file the tool wrote
+    outside the folder is ever deleted); one that describes none of the folder's files (a name-only list of an earlier
+    release, or sizes and times copied from elsewhere) is the user's file, refused and left alone; a file the tool wrote
     and the user rewrote since (a later save_pretrained, a hand edit) is the user's."""
     config = ws / "run" / "configs" / "lora_rank_config.json"
     extract = ["extract", "--base", ws / "base", "--finetuned", ws / "ft", "--config", config]
@@ -347,9 +348,14 @@ def test_a_marker_names_nothing_outside_its_folder_and_owns_only_files_as_writte
                                                  "files": files}))
         _refused(capsys, [*extract, "--out", forged, "--overwrite"], "holds a .lora-ranks file this tool did not write",
                  tmp_path)
-    (forged / MARKER).write_text(json.dumps({"kind": "folder", "content": "adapter", "made_by": "lora-ranks",
-                                             "files": ["notes.txt", "results/table.csv"]}))  # names only: owns nothing
-    assert _main([*extract, "--out", forged, "--overwrite"]) == 0
+    # A marker that describes none of its files (names only, as release 0.3.0 wrote; or sizes and times that match
+    # nothing there: copied from elsewhere) is the user's file like any other: refused, and left as it is.
+    for files, why in ((["notes.txt", "results/table.csv"], "it lists names only"),
+                       ({"notes.txt": [1, 1], "results/table.csv": [2, 2]}, "none of the files it lists is there")):
+        text = json.dumps({"kind": "folder", "content": "adapter", "made_by": "lora-ranks", "files": files})
+        (forged / MARKER).write_text(text)
+        _refused(capsys, [*extract, "--out", forged, "--overwrite"], f"does not describe its files: {why}", tmp_path)
+        assert (forged / MARKER).read_text() == text
     assert (tmp_path / "victim.txt").read_text() == "keep\n"
     assert (forged / "notes.txt").read_text() == "my notes\n" and (forged / "results" / "table.csv").is_file()
     adapter = tmp_path / "adapter"
@@ -475,7 +481,10 @@ def test_a_results_folder_holding_files_of_the_users_is_refused(ws, tmp_path, ca
     _refused(capsys, [*compare, "--results-dir", results],
              "holds r4-uniform-seed0-lr0.0002.json, named like a result this tool commits but not one it wrote", tmp_path)
     _refused(capsys, [*compare, "--results-dir", ws / "data.jsonl"], "is a file: give the folder", tmp_path)
-    assert not (tmp_path / "run").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _refused(capsys, [*compare, "--results-dir", tmp_path / "dangling"],
+             f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist", tmp_path)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nowhere").exists()
 
 
 def test_a_file_edited_in_a_run_folder_is_never_written_over(ws, tmp_path, capsys):
@@ -506,3 +515,68 @@ def test_a_document_added_to_a_run_folder_under_a_name_the_run_never_wrote_is_ke
         _refused(capsys, ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", run, *extra],
                  "holds configs/lora_rank_config.json", tmp_path)
     assert (run / "configs" / "lora_rank_config.json").read_text() == '{"my": 1}\n'
+
+
+def test_a_run_marker_without_a_file_list_protects_every_document(ws, tmp_path, capsys):
+    """A run marker that lists no files (an earlier release's run, one made or copied by hand; a foreign marker too)
+    cannot tell the tool's documents from the user's: a run into that folder is refused, with or without
+    --overwrite, and the marker and the documents stay as they are. With nothing but binary files there, it runs."""
+    analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft"]
+    for i, marker in enumerate(({"kind": "run", "made_by": "svd-analysis"},
+                                {"kind": "foreign", "made_by": "svd-analysis", "entries": ["configs"],
+                                 "pending": []})):
+        project = tmp_path / f"project{i}"
+        (project / "configs").mkdir(parents=True)
+        (project / "configs" / "lora_rank_config.json").write_text('{"my": 1}\n')
+        (project / MARKER).write_text(json.dumps(marker))
+        for extra in ([], ["--overwrite"]):
+            _refused(capsys, [*analyze, "--out", project, *extra], "which this tool cannot tell from files of yours: "
+                     "its .lora-ranks lists no files it wrote", tmp_path)
+    legacy = tmp_path / "legacy"  # an earlier release's run that left only binary data: resumed, and listed
+    (legacy / "analysis_outputs").mkdir(parents=True)
+    (legacy / MARKER).write_text(json.dumps({"kind": "run", "made_by": "svd-analysis"}))
+    assert _main([*analyze, "--out", legacy]) == 0
+    assert "configs/lora_rank_config.json" in read_marker(legacy)["files"]
+
+
+def test_a_run_killed_outright_leaves_the_list_of_what_it_wrote(tmp_path):
+    """Every document a run writes joins its marker's list at once (from any thread), so after a SIGKILL (no end
+    of run recorded) the run resumes, and a document the user adds afterwards is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lora_ranks._io import atomic_write_bytes, atomic_write_json
+    from lora_ranks.outputs import OutputFolderError, check_output_dir, claim_output_dir
+
+    run = claim_output_dir(tmp_path / "run", "svd-analysis")
+    names = [f"configs/c{i}.json" for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: atomic_write_json(run / n, {"n": n}), names))
+    atomic_write_bytes(run / "analysis_outputs" / "factors.safetensors", b"x")  # binary: the tool's to recompute
+    listed = read_marker(run)["files"]
+    assert sorted(listed) == sorted(names)  # no end of run recorded: as after SIGKILL
+    assert check_output_dir(run, entries=("configs", "analysis_outputs")) == run  # a rerun resumes
+    atomic_write_json(run / "configs" / "c0.json", {"n": "rewritten by the tool"})
+    assert check_output_dir(run, entries=("configs",)) == run  # the tool's own rewrite is listed again
+    (run / "configs" / "mine.json").write_text("{}\n")
+    with pytest.raises(OutputFolderError, match="holds configs/mine.json, which you added or changed"):
+        check_output_dir(run, entries=("configs",), overwrite=True)
+
+
+def test_a_full_disk_under_the_lock_folder_or_prefect_home_is_one_line(ws, tiny_disk, tmp_path, capsys, monkeypatch):
+    """LORA_RANKS_CACHE or PREFECT_HOME on a full file system: one line before any work (not a traceback from the
+    lock, nor Prefect's server hanging two minutes and then failing)."""
+    with open(tiny_disk / "filler", "wb", buffering=0) as handle:  # fill it: a lock file can be made, not written
+        with pytest.raises(OSError):
+            while True:
+                handle.write(b"x" * 4096)
+    monkeypatch.setenv("LORA_RANKS_CACHE", str(tiny_disk / "cache"))
+    (tiny_disk / "cache").mkdir()
+    (tmp_path / "work").mkdir()
+    _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "work" / "exp"], "No space left on device",
+             tmp_path / "work")
+    assert not list((tiny_disk / "cache").rglob("*.lock"))
+    monkeypatch.delenv("LORA_RANKS_CACHE")
+    analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "new"]
+    _one_line(_cli(analyze, tmp_path, {"PREFECT_HOME": str(tiny_disk / "prefect")}),
+              f"PREFECT_HOME {tiny_disk / 'prefect'} has 0 MiB free on its device")
+    assert not (tmp_path / "new").exists()

@@ -313,6 +313,9 @@ def check_results_dir(results_dir: str | Path, flag: str = "--results-dir") -> N
     from ..data import DataError
 
     folder = Path(results_dir)
+    if folder.is_symlink() and not folder.exists():
+        raise DataError(f"{flag} {results_dir} is a symbolic link to {os.readlink(folder)}, which does not exist: "
+                        "give a folder, or create the link's target first")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{flag} {results_dir} is a file: give the folder where row results are committed")
     for parent in Path(os.path.abspath(folder)).parents:
