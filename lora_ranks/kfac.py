@@ -50,7 +50,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -59,12 +58,11 @@ from .checkpoints import ModuleRef
 from .data import IGNORE_INDEX, collate
 from .errors import CalibrationError, LoraRanksError  # noqa: F401  (CalibrationError re-exported)
 from .progress import Heartbeat
+from .spectra.kind import SpectrumKind
 
-__all__ = ["CurvatureFactors", "collect_curvature", "plan_passes", "factor_bytes", "projection_side", "sample_labels",
-           "length_batches", "calibration_tokens", "automatic_factor_memory", "CalibrationError"]
-
-CurvatureKind = Literal["input", "fisher"]
-
+__all__ = ["CurvatureFactors", "collect_curvature", "curvature_kind", "plan_passes", "factor_bytes",
+           "projection_side", "sample_labels", "length_batches", "calibration_tokens", "automatic_factor_memory",
+           "CalibrationError"]
 
 @dataclass
 class CurvatureFactors:
@@ -99,28 +97,43 @@ class CurvatureFactors:
         return self.tokens / max(1, self.response_tokens)
 
 
-def projection_side(module: ModuleRef, kind: CurvatureKind, dense_limit: int | None) -> str | None:
+def curvature_kind(kind: SpectrumKind | str) -> SpectrumKind:
+    """``kind`` as a ``SpectrumKind`` that is weighted by curvature ("input" or "fisher"; a plain string is read as
+    its member).
+
+    Raises:
+        ValueError: for "weight" (no curvature) or a name that is no spectrum kind.
+    """
+    member = SpectrumKind(kind)
+    if not member.weighted:
+        raise ValueError(f"curvature is collected for a weighted spectrum (input or fisher), not {member}")
+    return member
+
+
+def projection_side(module: ModuleRef, kind: SpectrumKind, dense_limit: int | None) -> str | None:
     """Which side a module's curvature is kept on: None (both factors formed), "input" (G is wider than
     ``dense_limit`` and d_in <= d_out: G is projected) or "output" (A is wider and d_out < d_in). A module wide on both
     sides keeps dense factors (no short side to project onto); ``dense_limit`` None never projects."""
+    kind = curvature_kind(kind)
     d_out, d_in = module.shape
     if dense_limit is None or max(d_out, d_in) <= dense_limit or min(d_out, d_in) > dense_limit:
         return None
     if d_in <= d_out:  # the wide factor is G, which an input-only spectrum never forms
-        return "input" if kind == "fisher" else None
+        return "input" if kind.needs_output_factor else None
     return "output"
 
 
-def factor_bytes(module: ModuleRef, kind: CurvatureKind, dense_limit: int | None = None) -> int:
+def factor_bytes(module: ModuleRef, kind: SpectrumKind, dense_limit: int | None = None) -> int:
     """Bytes one module holds during a pass: float64 factors, 8 (d_in² + d_out²) (8 d_in² for input-only); for a
     projected module the near factor and the projected one, 2 · 8 d_s², and its float32 delta, 4 d_out d_in."""
+    kind = curvature_kind(kind)
     d_out, d_in = module.shape
     side = projection_side(module, kind, dense_limit)
     if side is not None:
         short = d_in if side == "input" else d_out
-        near = 8 * short * short if side == "input" or kind == "fisher" else 0
+        near = 8 * short * short if side == "input" or kind.needs_output_factor else 0
         return near + 8 * short * short + 4 * d_out * d_in
-    return 8 * (d_in * d_in + (d_out * d_out if kind == "fisher" else 0))
+    return 8 * (d_in * d_in + (d_out * d_out if kind.needs_output_factor else 0))
 
 
 def automatic_factor_memory(device: torch.device | str | None = None, fraction: float = 0.5,
@@ -157,7 +170,7 @@ def _cgroup_available(root: str) -> int:
     return 2**63
 
 
-def plan_passes(modules: Sequence[ModuleRef], kind: CurvatureKind, memory_bytes: int,
+def plan_passes(modules: Sequence[ModuleRef], kind: SpectrumKind, memory_bytes: int,
                 dense_limit: int | None = None) -> list[list[str]]:
     """Layers grouped into passes, in depth order, each group's factors within ``memory_bytes`` (or one layer)."""
     per_layer: OrderedDict[str, int] = OrderedDict()
@@ -219,7 +232,7 @@ def collect_curvature(
     pad_token_id: int,
     modules: Sequence[ModuleRef],
     *,
-    kind: CurvatureKind,
+    kind: SpectrumKind,
     samples: int,
     seed: int,
     batch_size: int,
@@ -251,10 +264,11 @@ def collect_curvature(
     Raises:
         CalibrationError: when ``examples`` is empty or no position is trained on (no response tokens).
     """
+    kind = curvature_kind(kind)
     if not examples:
         raise CalibrationError("no calibration records to estimate curvature from")
     tokens, response = calibration_tokens(examples)
-    if kind == "fisher" and response == 0:
+    if kind.needs_output_factor and response == 0:
         raise CalibrationError("the calibration records have no response tokens to sample labels at")
     by_name = dict(model.named_modules())
     missing = [m.name for m in modules if m.name not in by_name]
@@ -384,7 +398,7 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
                 seen[(layer, x.data_ptr())] = (x, name)
                 input_key[name] = name
                 _add(inputs, name, _rows(x, mask), scratch)  # (n, d_in)
-            if kind == "fisher" and output.requires_grad:
+            if kind.needs_output_factor and output.requires_grad:
                 def grad_hook(grad):
                     rows = _rows(grad, state["mask"])  # (n, d_out)
                     if side == "input":  # G is wide: keep ΔWᵀ G ΔW from the projected gradients ΔWᵀ g
@@ -400,7 +414,7 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
 
     for m in modules:
         handles.append(by_name[m.name].register_forward_hook(forward_hook(m.name, m.layer)))
-    if kind == "fisher":
+    if kind.needs_output_factor:
         handles.append(model.get_input_embeddings().register_forward_hook(inputs_require_grad))
     generator = torch.Generator().manual_seed(seed)
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -414,12 +428,12 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
             state["mask"], state["seen"] = mask, {}
             tokens += int(mask.sum())
             response += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            with torch.set_grad_enabled(kind == "fisher"):
+            with torch.set_grad_enabled(kind.needs_output_factor):
                 # Image records (Qwen2.5-VL) also carry pixel_values and image_grid_thw.
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
-                for draw in range(samples if kind == "fisher" else 0):
+                for draw in range(samples if kind.needs_output_factor else 0):
                     sampled = sample_labels(logits, batch["labels"], generator)
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                              sampled[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
@@ -442,14 +456,14 @@ def _one_pass(model, by_name, examples, pad_token_id, modules, kind, samples, se
             out[m.name] = CurvatureFactors(torch.zeros(0), None, tokens, response, "", fired=False)
             continue
         side = projection.get(m.name, (None,))[0]
-        g = outputs[m.name].div_(tokens * samples) if kind == "fisher" and m.name in outputs else None
+        g = outputs[m.name].div_(tokens * samples) if kind.needs_output_factor and m.name in outputs else None
         if side is None:
             out[m.name] = CurvatureFactors(normalized[key], g, tokens, response, key,
-                                           fired=kind == "input" or g is not None)
+                                           fired=not kind.needs_output_factor or g is not None)
             continue
         count = tokens * samples if side == "input" else tokens  # G averages over label draws too
         moment = projected.get(m.name)
-        fired = moment is not None and (kind == "input" or side == "input" or g is not None)
+        fired = moment is not None and (not kind.needs_output_factor or side == "input" or g is not None)
         out[m.name] = CurvatureFactors(normalized.get(key) if side == "input" else None, g, tokens, response, key,
                                        fired=fired, projected_side=side,
                                        projected=moment.div_(count) if moment is not None else None,

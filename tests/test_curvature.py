@@ -795,3 +795,14 @@ def test_curvature_preparation_flops_use_the_recorded_passes(fisher_analysis, tm
     # No passes recorded, the factor memory set to a byte: one pass per layer.
     older = with_record(passes=None, settings=record.settings.model_copy(update={"factor_memory_gb": 1e-9}))
     assert lora_ranks_preparation(older, 500, [metrics])["curvature"] == 2 * expected
+
+
+def test_curvature_kind_is_the_spectrum_kind_and_refuses_weight():
+    from lora_ranks.kfac import curvature_kind
+    from lora_ranks.spectra.kind import SpectrumKind
+
+    assert curvature_kind("fisher") is SpectrumKind.FISHER and curvature_kind(SpectrumKind.INPUT) is SpectrumKind.INPUT
+    with pytest.raises(ValueError, match="not weight"):
+        curvature_kind("weight")
+    with pytest.raises(ValueError):
+        curvature_kind("hessian")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..spectra.kind import SpectrumKind
+
 __all__ = ["FORWARD", "matmul_parameters", "frozen_training_flops", "full_training_flops", "forward_flops",
            "finetune_flops", "curvature_flops", "lora_ranks_preparation"]
 
@@ -77,10 +79,10 @@ def finetune_flops(metrics_path: str | Path, n: int) -> float | None:
     return None if tokens is None else full_training_flops(n, int(tokens))
 
 
-def curvature_flops(n: int, tokens: int, passes: int, kind: str, samples: int) -> float:
+def curvature_flops(n: int, tokens: int, passes: int, kind: SpectrumKind | str, samples: int) -> float:
     """The curvature passes: per pass over the ``tokens`` calibration tokens, one forward (2N) and for the Fisher
     ``samples`` backward passes for input gradients (2N each); "input" factors need the forward only."""
-    backward = samples if kind == "fisher" else 0
+    backward = samples if SpectrumKind(kind).needs_output_factor else 0
     return float(passes * FORWARD * n * tokens * (1 + backward))
 
 
