@@ -27,7 +27,7 @@ demo: $(STAMP)
 # What CI runs (.ci/run): the linter, then every test, on two workers (pytest-xdist: the slowest tests start Prefect
 # servers and wait on them, so a second worker uses the time; the README gives the measured time).
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25
 
 # For local iteration: everything but the slow end-to-end tests (flows, servers, runners).
 quick: $(STAMP)

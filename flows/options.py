@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import types
 import typing
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -62,7 +64,7 @@ def flag_for(name: str, prefix: str = "") -> str:
 
 def _unwrap_optional(annotation: Any) -> Any:
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+    if typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", None)) \
             and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0] if len(rest) == 1 else annotation
@@ -75,12 +77,26 @@ def _argparse_kind(annotation: Any) -> dict[str, Any]:
     origin = typing.get_origin(annotation)
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return {"choices": [str(c) for c in typing.get_args(annotation)]}
+    choices = _choices(annotation)
+    if choices is not None:
+        return {"choices": choices}
     if origin in (tuple, list):
         inner = typing.get_args(annotation)[0]
         return {"nargs": "+", "metavar": getattr(inner, "__name__", "VALUE").upper()}
     return {"metavar": getattr(annotation, "__name__", "VALUE").upper()}
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    """The values a ``Literal``, a ``str`` enum, or a union of them allows, as strings; None for any other type."""
+    if typing.get_origin(annotation) is Literal:
+        return [str(c) for c in typing.get_args(annotation)]
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return [str(m.value) for m in annotation]
+    if typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", None)):
+        parts = [_choices(a) for a in typing.get_args(annotation)]
+        if all(p is not None for p in parts):
+            return [c for p in parts for c in p]
+    return None
 
 
 def _default_text(value: Any) -> str:

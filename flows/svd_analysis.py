@@ -47,6 +47,7 @@ from lora_ranks.settings import (  # noqa: E402
     CurvatureSettings,
     FidelitySettings,
     FinetuneSettings,
+    NoiseEstimate,
     SafetySettings,
 )
 from lora_ranks.synthetic import DEMO_MODEL, demo_finetune_settings, is_demo_model  # noqa: E402
@@ -175,7 +176,7 @@ def svd_analysis(
     # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share;
     # the rank config.
     split_half = None
-    if allocation.noise_estimate == "split-half":
+    if allocation.noise_estimate is NoiseEstimate.SPLIT_HALF:
         # Cached by its inputs, like the layers: a rerun reuses the two fine-tunes unless their folders are gone.
         split = split_half_finetunes_task.with_options(refresh_cache=True) if refresh else split_half_finetunes_task
         halves = split(base_model, data_path, str(layout.split_half_dir), finetune, analysis.device,

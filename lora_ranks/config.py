@@ -188,7 +188,7 @@ class CurvatureRecord(_Record):
     @property
     def kind(self) -> SpectrumKind:
         """The spectrum the analysis asked for (weight when it was left on auto without calibration records)."""
-        return SpectrumKind.WEIGHT if self.settings.spectrum == "auto" else SpectrumKind(self.settings.spectrum)
+        return SpectrumKind.WEIGHT if self.settings.spectrum == "auto" else self.settings.spectrum
 
     @property
     def has_factors(self) -> bool:

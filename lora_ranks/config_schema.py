@@ -11,6 +11,7 @@ drift from the model.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import sys
 import typing
@@ -40,6 +41,8 @@ def _type_name(annotation) -> str:
     """A short readable type: ``int``, ``list[str]``, ``ModuleRecord``, ``int | None``."""
     origin = typing.get_origin(annotation)
     if origin is None:
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):  # its values, as a Literal's
+            return " | ".join(json.dumps(m.value) for m in annotation)
         if isinstance(annotation, type):
             return annotation.__name__
         return str(annotation).replace("typing.", "")

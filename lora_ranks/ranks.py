@@ -34,7 +34,7 @@ import numpy as np
 from .checkpoints import ModuleRef
 from .errors import LoraRanksError
 from .noise import NoiseFloor, noise_floor
-from .settings import AllocationSettings, Smoothing
+from .settings import AllocationSettings, NoiseEstimate, Smoothing
 from .spectra import Spectrum
 
 __all__ = [
@@ -268,7 +268,7 @@ def _energy_ranks(c: _RuleContext) -> dict[str, int | None]:
 
 def _signal_ranks(c: _RuleContext) -> dict[str, int | None]:
     """Raw ranks: the directions above the noise, from the weight spectrum's noise floor or the split-half ranks."""
-    if c.settings.noise_estimate == "split-half":
+    if c.settings.noise_estimate is NoiseEstimate.SPLIT_HALF:
         if c.split_half is None:
             raise ValueError("rank_rule signal with noise_estimate split-half needs the split-half ranks (two "
                              "fine-tunes on halves of the data)")

@@ -13,9 +13,12 @@ Settings are frozen pydantic models: constructing one validates it, and a bad va
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from enum import Enum
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .spectra.kind import SpectrumKind
 
 __all__ = [
     "Settings",
@@ -101,6 +104,22 @@ def _device_name(value: Optional[str]) -> Optional[str]:
     return value
 
 
+class NoiseEstimate(str, Enum):
+    """How the noise floor of a module's spectrum is estimated (``AllocationSettings.noise_estimate``; a ``str``
+    enum: it compares and serializes as its value)."""
+
+    SPECTRUM = "spectrum"
+    SPLIT_HALF = "split-half"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
 _ABSENT = object()
 #: Settings fields added after benchmark rows were committed, with the value every earlier run had: at that value
 #: they leave the digests of committed results unchanged (``Settings.key_dict``).
@@ -136,7 +155,7 @@ class AllocationSettings(Settings):
     """How raw ranks are chosen: energy keeps energy_threshold of each module's spectrum; signal keeps the directions
     above the noise (see noise_estimate); budget spreads the budget over all
     modules by spectrum energy per parameter (giving a budget alone implies it)."""
-    noise_estimate: Literal["spectrum", "split-half"] = "spectrum"
+    noise_estimate: NoiseEstimate = NoiseEstimate.SPECTRUM
     """Where each module's signal rank (the directions above the noise, what rank_rule signal keeps) comes from:
     spectrum reads it off the weight spectrum alone (Gavish-Donoho threshold; works on any pair); split-half
     fine-tunes twice more, on disjoint halves of the fine-tuning subset, and counts the directions both deltas
@@ -260,7 +279,7 @@ class AnalysisSettings(Settings):
 class CurvatureSettings(Settings):
     """Which spectrum ranks the directions of each delta: the plain weight spectrum, or one weighted by curvature."""
 
-    spectrum: Literal["auto", "weight", "input", "fisher"] = "auto"
+    spectrum: Union[Literal["auto"], SpectrumKind] = "auto"
     """weight: singular values of dW (needs only the checkpoints); input: of dW A^1/2, A the second moment of the
     module's inputs (its output error); fisher: of G^1/2 dW A^1/2 with the K-FAC Fisher factors of the fine-tuned
     model (the loss cost of dropping each direction, comparable across modules). input and fisher need calibration
@@ -297,7 +316,7 @@ class CurvatureSettings(Settings):
         """These settings with ``spectrum`` "auto" made concrete: fisher with calibration records, else weight."""
         if self.spectrum != "auto":
             return self
-        return self.replace(spectrum="fisher" if has_calibration else "weight")
+        return self.replace(spectrum=SpectrumKind.FISHER if has_calibration else SpectrumKind.WEIGHT)
 
 
 class ExtractionSettings(Settings):

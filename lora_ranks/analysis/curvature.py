@@ -107,7 +107,7 @@ def collect_layer_curvature(
     from ..checkpoints import CheckpointPair
     from ..loading import load_image_processor, load_model
 
-    if settings.spectrum == "weight":
+    if settings.spectrum is SpectrumKind.WEIGHT:
         raise ValueError("the weight spectrum needs no curvature factors")
     started = time.perf_counter()
     model, tokenizer = load_model(finetuned, dtype=torch.float32, trust_remote_code=trust_remote_code)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 # what they run.
 from ..data import DataError
 from ..errors import CalibrationError
-from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
+from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings, NoiseEstimate
 from ..spectra.kind import SpectrumKind
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class AnalysisPlan:
         """
         if self.data_path is None:
             self._check_data()
-        elif self.allocation.noise_estimate == "split-half":  # two halves of the subset, known before any fine-tune
+        elif self.allocation.noise_estimate is NoiseEstimate.SPLIT_HALF:  # two halves of the subset, known before any fine-tune
             from ..finetune import split_half_records
 
             split_half_records(self.data_path, self.finetune)
@@ -109,7 +109,7 @@ class AnalysisPlan:
         if self.spectrum.weighted:
             raise CalibrationError(f"the {self.spectrum} spectrum needs calibration records: give the fine-tuning "
                                    "data (--data, data_path)")
-        if self.allocation.noise_estimate == "split-half":
+        if self.allocation.noise_estimate is NoiseEstimate.SPLIT_HALF:
             raise CalibrationError("noise_estimate 'split-half' needs the fine-tuning data (--data, data_path): two "
                                    "more fine-tunes, on halves of its fine-tuning subset")
         if self.finetuned is None:
@@ -216,7 +216,7 @@ class AnalysisPlan:
     def split_half(self, out_dir: str | Path, modules: Sequence[ModuleRef]) -> dict[str, dict] | None:
         """With noise_estimate "split-half": two fine-tunes on disjoint halves of the subset and, per module, the
         directions both deltas share (``split_half.split_half_ranks``); else None."""
-        if self.allocation.noise_estimate != "split-half":
+        if self.allocation.noise_estimate is not NoiseEstimate.SPLIT_HALF:
             return None
         from ..finetune import run_split_half_finetunes
         from .split_half import split_half_ranks

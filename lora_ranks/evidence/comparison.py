@@ -47,7 +47,7 @@ from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
 from ..plots import write_comparison_plot, write_curves_plot, write_fidelity_plot, write_sensitivity_plot
-from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
+from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings, NoiseEstimate
 from ..spectra import SpectrumKind
 from ..spectra.weighted import factor_root
 from .allocations import allocation_configs
@@ -274,7 +274,7 @@ def write_allocation_configs(config_path: str | Path, layout: ComparisonLayout, 
         configs = budget_matrix_configs(modules, spectra, budget_ranks, config.base_parameters,
                                         alpha_policy=alpha_policy, min_rank=1, max_rank=settings.max_rank,
                                         extra_metadata={"curvature": curvature})
-        estimate = "split_half_rank" if settings.noise_estimate == "split-half" else "signal_rank"
+        estimate = "split_half_rank" if settings.noise_estimate is NoiseEstimate.SPLIT_HALF else "signal_rank"
         signal = {name: max(1, min(settings.max_rank, getattr(record, estimate)))
                   for name, record in config.modules.items() if getattr(record, estimate) is not None}
         if len(signal) == len(modules):
