@@ -48,8 +48,10 @@ def _pyplot():
 
 
 def _save_png(fig, target: Path) -> str:
-    """Write ``fig`` to ``target`` atomically (110 dpi) and close it."""
-    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    """Write ``fig`` to ``target`` atomically (110 dpi) and close it. The figure is laid out already (tight_layout,
+    which makes room for its suptitle): bbox_inches="tight" would draw it twice more (half the time of an analysis
+    on a tiny model)."""
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     _pyplot().close(fig)
     return str(target)
 
