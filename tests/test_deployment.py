@@ -69,6 +69,17 @@ def _run(args, env, timeout):
     return done.stdout
 
 
+_READ_DEPLOYMENTS = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    flows = {f.id: f.name for f in client.read_flows()}
+    print(json.dumps({f"{flows[d.flow_id]}/{d.name}": [[getattr(s.schedule, "cron", None), s.active]
+                                                       for s in d.schedules]
+                      for d in client.read_deployments()}))
+"""
+
+
 def test_deployment_run_through_server_and_worker(tmp_path):
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
@@ -105,12 +116,13 @@ def test_deployment_run_through_server_and_worker(tmp_path):
                         "--param", f"output_dir={out_dir}", "--param", 'finetune={"max_steps": 10}'], env, 450)
         assert "Completed" in watched  # --watch also exits non-zero when the run fails
 
+        # Every deployment of prefect.yaml, read from the server in one process (a `prefect deployment inspect` each
+        # took ~8 s of CPU to start).
+        deployed = json.loads(_run([sys.executable, "-c", _READ_DEPLOYMENTS], env, 120))
         for name in ("svd-analysis/default", "preliminary-finetune/default", "train-dynamic-lora/default",
                      "compare-allocations/default", "export-adapter/default", "check-config/default"):
-            _run([PREFECT, "deployment", "inspect", name], env, 60)
-        nightly = json.loads(_run([PREFECT, "deployment", "inspect", "svd-analysis/nightly-reanalysis",
-                                   "--output", "json"], env, 60))
-        assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 3 * * *", False)]
+            assert name in deployed, sorted(deployed)
+        assert deployed["svd-analysis/nightly-reanalysis"] == [["0 3 * * *", False]]
 
         config = load_rank_config(out_dir / "configs" / "lora_rank_config.json")
         assert all(4 <= r <= 128 for r in config.rank_pattern.values())
