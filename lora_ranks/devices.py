@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import LoraRanksError
 
@@ -143,3 +145,22 @@ def _lacking(device) -> str:
     if os.environ.get(HIDE_CPU_BF16) == "0" and _detected_cpu_bf16_units():
         return f"the CPU's bf16 units ({_detected_cpu_bf16_units()}) are hidden by {HIDE_CPU_BF16}=0"
     return f"training runs on the CPU, which has no bf16 units (no {' or '.join(CPU_BF16_FLAGS)} flag)"
+
+
+_T = TypeVar("_T")
+
+
+def cuda_or_cpu(run: Callable[[Any], _T], device: Any) -> tuple[_T, bool]:
+    """``run(device)`` (``device`` a ``torch.device`` or its name); when it is a CUDA device that runs out of memory
+    (``torch.OutOfMemoryError``), its cache emptied and ``run(torch.device("cpu"))`` instead: the one place the
+    numerics fall back to the CPU. Returns ``(result, fell_back)``. On any other device the error propagates."""
+    import torch
+
+    dev = torch.device(device)
+    try:
+        return run(dev), False
+    except torch.OutOfMemoryError:
+        if dev.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        return run(torch.device("cpu")), True

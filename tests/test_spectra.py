@@ -236,3 +236,21 @@ def test_spectrum_kind_is_its_value_as_a_key_a_string_and_in_json():
     assert json.dumps({"s": SpectrumKind.INPUT}) == '{"s": "input"}' and SpectrumKind("fisher") == "fisher"
     assert [k.weighted for k in SpectrumKind] == [False, True, True]
     assert [k.needs_output_factor for k in SpectrumKind] == [False, False, True]
+
+
+def test_cuda_or_cpu_falls_back_only_from_a_cuda_device_that_ran_out_of_memory():
+    from lora_ranks.devices import cuda_or_cpu
+
+    def run(device):
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return device.type
+
+    assert cuda_or_cpu(run, "cuda") == ("cpu", True)  # (empty_cache is a no-op on a machine without CUDA)
+    assert cuda_or_cpu(run, "cpu") == ("cpu", False)
+
+    def cpu_oom(device):
+        raise torch.OutOfMemoryError("out of memory on the CPU")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        cuda_or_cpu(cpu_oom, "cpu")

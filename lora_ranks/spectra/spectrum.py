@@ -48,6 +48,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..devices import cuda_or_cpu
+
 __all__ = ["Spectrum", "SpectrumMethod", "compute_spectrum", "default_device", "gram_spectrum", "resolve_method",
            "short_side_gram"]
 
@@ -151,15 +153,11 @@ def compute_spectrum(
     if not 0.0 < tol < 1.0:
         raise ValueError(f"tol must be in (0, 1), got {tol=}")
     dev = torch.device(device) if device is not None else default_device()
-    try:
-        return _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, max_power_iters, seed)
-    except torch.OutOfMemoryError:
-        if dev.type != "cuda":
-            raise
-        torch.cuda.empty_cache()
-        result = _compute_spectrum(delta, top_k, method, torch.device("cpu"), tol, oversample, power_iters,
-                                   max_power_iters, seed)
+    result, fell_back = cuda_or_cpu(lambda d: _compute_spectrum(delta, top_k, method, d, tol, oversample, power_iters,
+                                                                max_power_iters, seed), dev)
+    if fell_back:
         return Spectrum(**{**result.__dict__, "device": "cpu (CUDA out of memory)", "cuda_oom_fallback": True})
+    return result
 
 
 def _compute_spectrum(delta, top_k, method, dev, tol, oversample, power_iters, max_power_iters, seed) -> Spectrum:

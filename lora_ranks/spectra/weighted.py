@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..devices import cuda_or_cpu
 from .spectrum import (
     Spectrum,
     compute_spectrum,
@@ -197,11 +198,7 @@ def factor_root(factor: torch.Tensor | None, dim: int, damping: float,
     if factor is None:
         return _identity(dim) if device is None else _identity(dim).to(device)
     if device is not None and torch.device(device).type == "cuda":
-        try:
-            return factor_root(factor.to(device), dim, damping)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return factor_root(factor.cpu(), dim, damping)
+        return cuda_or_cpu(lambda d: factor_root(factor.to(d), dim, damping), device)[0]
     damped, shift = _damped(factor, dim, damping)
     lower, info = torch.linalg.cholesky_ex(damped)
     if int(info) != 0:  # not positive definite: the exact eigendecomposition, with its pseudo-inverse
@@ -243,13 +240,7 @@ def weighted_spectrum(delta: torch.Tensor, top_k: int, *, output_root: FactorRoo
     start = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
     where = dev if dev.type == "cuda" else output_root.root.device  # on CUDA the weighted matrix is formed there
-    try:
-        weighted = _weighted(delta.to(where), output_root.to(where), input_root.to(where))  # (d_out, d_in), float64
-    except torch.OutOfMemoryError:
-        if torch.device(where).type != "cuda":
-            raise
-        torch.cuda.empty_cache()
-        weighted = _weighted(delta.cpu(), output_root.to("cpu"), input_root.to("cpu"))
+    weighted, _ = cuda_or_cpu(lambda d: _weighted(delta.to(d), output_root.to(d), input_root.to(d)), where)  # float64
     spectrum = compute_spectrum(weighted, top_k, method=method, device=device)
     return Spectrum(**{**spectrum.__dict__, "seconds": time.perf_counter() - start})
 
@@ -366,15 +357,8 @@ def projected_spectrum(delta: torch.Tensor, top_k: int, curvature: ProjectedCurv
     """
     start = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
-    try:
-        values, energy = _projected_values(delta, curvature, dev, gram)
-        where, oom = str(dev), False
-    except torch.OutOfMemoryError:
-        if dev.type != "cuda":
-            raise
-        torch.cuda.empty_cache()
-        values, energy = _projected_values(delta, curvature, torch.device("cpu"), gram)
-        where, oom = "cpu (CUDA out of memory)", True
+    (values, energy), oom = cuda_or_cpu(lambda d: _projected_values(delta, curvature, d, gram), dev)
+    where = "cpu (CUDA out of memory)" if oom else str(dev)
     s, bound = values_from_gram_eigenvalues(values, min(top_k, values.shape[0]))
     return Spectrum(s.numpy().astype(np.float64), energy, tuple(delta.shape), "projected-gram", bound,
                     time.perf_counter() - start, where, cuda_oom_fallback=oom)
@@ -409,13 +393,7 @@ def projected_truncation_factors(delta: torch.Tensor, rank: int, scale: float, c
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank must be in [1, {min(d_out, d_in)}] for a {tuple(delta.shape)} delta, got {rank=}")
     dev = torch.device(device) if device is not None else default_device()
-    try:
-        return _projected_truncation(delta, rank, scale, curvature, dev)
-    except torch.OutOfMemoryError:
-        if dev.type != "cuda":
-            raise
-        torch.cuda.empty_cache()
-        return _projected_truncation(delta, rank, scale, curvature, torch.device("cpu"))
+    return cuda_or_cpu(lambda d: _projected_truncation(delta, rank, scale, curvature, d), dev)[0]
 
 
 def _projected_truncation(delta, rank, scale, curvature, dev):
