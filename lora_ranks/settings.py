@@ -1,6 +1,6 @@
 """Every option of every stage, declared once: type, default (with the reason for it), help text, validation.
 
-The classes below are the single source of truth. The command line (``flows/cli.py``) generates its flags
+The classes below are the single source of truth. The command line (``flows/cli/``) generates its flags
 from their fields, the flows take them as parameters (so the Prefect UI shows one form per class, with these
 help texts, and ``prefect deployment run --param analysis='{"svd_method": "gram"}'`` validates the same way),
 and ``prefect.yaml`` sets only what differs from these defaults. A field's help text is its docstring.

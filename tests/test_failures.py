@@ -137,7 +137,7 @@ def test_nan_weights_are_found_before_prefect_starts_and_nothing_is_written(pair
 _FAILING_RUN = """
 import sys
 import flows.cli as cli
-cli._preflight = lambda *args: None
+cli.run_preflight = lambda *args: None
 sys.exit(cli.main())
 """
 
