@@ -22,8 +22,10 @@ them before it exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -74,9 +76,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     Raises:
         DiskFullError: the file system ran out of space (or quota) while writing, naming the file.
     """
+    from .outputs import note_made, note_written
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    note_made(target)  # in a folder of the user's written into with --overwrite: the run's name is the tool's now
+    _remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.lora-ranks-{os.getpid()}-", suffix=".tmp", dir=target.parent)
     os.close(fd)
     _pending(Path(tmp), True)
     try:
@@ -96,10 +102,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     finally:
         _pending(Path(tmp), False)
-    from .outputs import note_written
-
     note_written(target)  # listed in its run folder's marker at once (a run killed outright leaves the list)
     return target
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """The temporary files of earlier writes of ``target`` whose process is gone (killed outright: SIGKILL, the OOM
+    killer; ``.NAME.lora-ranks-<pid>-<random>.tmp``, no other name): a write leaves nothing half-written behind,
+    eventually."""
+    pattern = re.compile(re.escape(f".{target.name}.lora-ranks-") + r"(\d+)-[A-Za-z0-9_]+\.tmp")
+    try:
+        siblings = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in siblings:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False) or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -272,11 +303,12 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
             file of the user's the output would replace.
         DiskFullError: the file system ran out of space while the folder was written (nothing half-written is kept).
     """
-    from .outputs import MARKER, check_replaceable, folder_marker
+    from .outputs import MARKER, check_replaceable, folder_marker, note_made
 
     target = Path(os.path.abspath(path))
     check_replaceable(target, overwrite, content)
     target.parent.mkdir(parents=True, exist_ok=True)
+    note_made(target)  # in a folder of the user's written into with --overwrite: the run's name is the tool's now
     recover_folder(target)
     swap_id = secrets.token_hex(6)
     staging, aside = _staging(target, swap_id), _aside(target, swap_id)

@@ -48,10 +48,12 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
     """
     real = os.path.realpath(path)
     lock = lock_file(path)
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # what a failure must take back
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as exc:  # LORA_RANKS_CACHE (or HOME) is a file, read-only, /proc, ...
+        _take_back(lock, made)
         raise LoraRanksError(f"the lock folder {lock.parent} cannot be written ({exc.strerror or exc}): set "
                              "LORA_RANKS_CACHE to a folder of yours") from None
     while True:
@@ -75,8 +77,8 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
         os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "output": real,
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     except OSError as exc:  # a full disk or quota under LORA_RANKS_CACHE
-        lock.unlink(missing_ok=True)
         os.close(fd)
+        _take_back(lock, made)
         raise LoraRanksError(f"the lock folder {lock.parent} cannot be written ({exc.strerror or exc}): free some "
                              "space there, or set LORA_RANKS_CACHE to a folder on another file system") from None
     try:
@@ -84,6 +86,20 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
     finally:
         lock.unlink(missing_ok=True)  # before the unlock: a waiter that opened it sees the inode change and retries
         os.close(fd)
+
+
+def _take_back(lock: Path, made: list[Path]) -> None:
+    """A lock that could not be taken leaves nothing behind: its file, and the folders made for it (innermost first,
+    each only while empty)."""
+    try:
+        lock.unlink(missing_ok=True)
+    except OSError:  # under a file, say: there is none
+        pass
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _holder(fd: int) -> str:

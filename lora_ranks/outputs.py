@@ -43,9 +43,9 @@ from pathlib import Path
 
 from .errors import LoraRanksError
 
-__all__ = ["OutputFolderError", "MARKER", "RUN_ENTRIES", "check_output_dir", "claim_output_dir", "check_replaceable",
-           "record_made_entries", "note_written", "folder_marker", "file_stats", "read_marker", "tool_files", "foreign_files",
-           "local_path"]
+__all__ = ["OutputFolderError", "MARKER", "RUN_ENTRIES", "check_output_dir", "claim_output_dir",
+           "check_replaceable", "record_made_entries", "note_written", "note_made", "folder_marker", "file_stats",
+           "read_marker", "tool_files", "foreign_files", "local_path"]
 
 #: The marker file every output folder of this tool carries.
 MARKER = ".lora-ranks"
@@ -350,7 +350,14 @@ def _inner_problems(folder: Path) -> str | None:
     for marker_path in sorted(folder.rglob(MARKER)):
         inner = marker_path.parent
         marker = read_marker(inner)
-        if inner == folder or marker is None or marker["kind"] != "folder":
+        if inner == folder or marker is None:
+            continue
+        if marker["kind"] in ("run", "foreign"):  # a run folder inside (compare's analysis): the same checks
+            problem = _run_documents_problem(inner, marker, prefix=f"{inner.relative_to(folder)}/")
+            if problem:
+                return problem
+            continue
+        if marker["kind"] != "folder":
             continue
         added = foreign_files(inner)
         if added:
@@ -376,18 +383,9 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
     present = sorted(p.name for p in out.iterdir())
     marker = read_marker(out)
     kind = marker["kind"] if marker else None
-    if kind in ("run", "foreign") and not isinstance(marker.get("files"), dict):
-        unlisted = sorted(_run_files(out, None if kind == "run" else marker.get("entries", ())))
-        if unlisted:
-            return (f"holds {_shown(unlisted)}, which this tool cannot tell from files of yours: its {MARKER} lists no "
-                    "files it wrote (a run of an earlier release, or a marker copied or made by hand), and a run writes "
-                    "over its files: move them out of the folder, or choose another folder (even --overwrite never "
-                    "replaces them)")
-    edited = _edited_run_files(out, marker) if kind in ("run", "foreign") else []
-    if edited:
-        return (f"holds {_shown(edited)}, which you added or changed after this tool's last run there: a run writes over "
-                "its files: "
-                "copy them elsewhere first, or choose another folder (even --overwrite never replaces them)")
+    problem = _run_documents_problem(out, marker) if kind in ("run", "foreign") else None
+    if problem:
+        return problem
     if not present or kind == "run":
         return None
     if kind == "folder":
@@ -403,6 +401,42 @@ def _run_folder_problem(out: Path, overwrite: bool, entries: tuple[str, ...]) ->
         return (f"holds {_shown(clashes)}, which this tool did not write (or a run that was killed did: it cannot "
                 f"tell) and this run would write over: {_KEEP_YOURS}")
     return None
+
+
+def _run_documents_problem(folder: Path, marker: dict, prefix: str = "") -> str | None:
+    """Why a run into the run folder ``folder`` (its run or foreign ``marker``) would write over something of the
+    user's, as a sentence (names shown with ``prefix``, the folder's path inside the command's output); None when
+    it would not. A marker without its list of files cannot tell the tool's from the user's: every file under the
+    run's names is then the user's. With the list, a document added or changed since the tool wrote it is."""
+    names = None if marker["kind"] == "run" else marker.get("entries", ())
+    if not isinstance(marker.get("files"), dict):
+        unlisted = sorted(f"{prefix}{name}" for name in _run_contents(folder, names))
+        if unlisted:
+            return (f"holds {_shown(unlisted)}, which this tool cannot tell from files of yours: the {MARKER} of "
+                    f"{prefix or 'the folder'} lists no files it wrote (a run of an earlier release, or a marker copied "
+                    "or made by hand), and a run writes over its files: move them out of the folder, or choose another "
+                    "folder (even --overwrite never replaces them)")
+        return None
+    edited = [f"{prefix}{name}" for name in _edited_run_files(folder, marker)]
+    if edited:
+        return (f"holds {_shown(edited)}, which you added or changed after this tool's last run there: a run writes over "
+                "its files: copy them elsewhere first, or choose another folder (even --overwrite never replaces them)")
+    return None
+
+
+def _run_contents(out: Path, entries: Iterable[str] | None) -> list[str]:
+    """Every file and link under a run's names in ``out`` (``entries``; None: the whole folder but its marker),
+    relative; a folder with its own marker inside is left to its own checks."""
+    found: list[str] = []
+    for root in ([out] if entries is None else [out / e for e in entries]):
+        if root.is_symlink() or root.is_file():
+            found.append(str(root.relative_to(out)))
+        elif root.is_dir():
+            for dirpath, dirs, files in os.walk(root):
+                dirs[:] = [d for d in dirs if not (Path(dirpath, d) / MARKER).exists() or Path(dirpath, d).is_symlink()]
+                found += [str(Path(dirpath, n).relative_to(out)) for n in files
+                          + [d for d in dirs if Path(dirpath, d).is_symlink()]]
+    return sorted(f for f in found if f != MARKER)
 
 
 def check_output_dir(path: str | os.PathLike, *, inputs: Inputs = (), overwrite: bool = False,
@@ -474,36 +508,52 @@ def note_written(path: str | os.PathLike) -> None:
     or a foreign one and the name is one of its run's): its size and modification time join the marker's ``files``
     at once, so that a run killed outright (SIGKILL, the OOM killer) still leaves the list of what it wrote, and a
     document added or edited afterwards is the user's. ``_io.atomic_write`` calls it for every file it writes;
-    cheap for anything else (a suffix check). Safe across threads and processes (a lock on the run folder)."""
+    cheap for anything else (a suffix check and a few stats). Also ``note_made``. Safe across threads and processes
+    (a lock on the run folder)."""
     path = Path(os.path.abspath(path))
     if path.is_dir() and not path.is_symlink():
-        names = [path / n for n in _files_under(path)]
-    elif path.name != MARKER and path.suffix.lower() in _DOCUMENTS:
-        names = [path]
+        docs = [path / n for n in _files_under(path) if Path(n).suffix.lower() in _DOCUMENTS]
     else:
-        return
-    names = [n for n in names if n.suffix.lower() in _DOCUMENTS]
-    if not names:
-        return
+        docs = [path] if path.name != MARKER and path.suffix.lower() in _DOCUMENTS else []
+    _note(path, docs)
+
+
+def note_made(path: str | os.PathLike) -> None:
+    """The tool is about to write at ``path`` (a file or folder it creates) in a folder of the user's that a run of
+    it writes into with ``--overwrite`` (a foreign marker): the run's top-level name holding ``path`` becomes one of
+    the tool's ``entries`` now, not when the run ends, so a run killed outright can be rerun there. A no-op
+    anywhere else."""
+    _note(Path(os.path.abspath(path)), [])
+
+
+def _note(path: Path, docs: list[Path]) -> None:
     for folder in path.parents:
         if not (folder / MARKER).exists():
             continue
         marker = read_marker(folder)
         if marker is None or marker["kind"] not in ("run", "foreign"):
             return  # inside a folder output (its own list), a staging folder, or a folder that is not the tool's
+        top = path.relative_to(folder).parts[0]
+        if not docs and not (marker["kind"] == "foreign" and top in marker.get("pending", ())):
+            return
         with _folder_lock(folder):
-            marker = read_marker(folder)  # again, under the lock: another writer may have added to it
+            marker = read_marker(folder)  # again, under the lock: another writer may have changed it
             if marker is None or marker["kind"] not in ("run", "foreign"):
                 return
-            ours = (None if marker["kind"] == "run"
-                    else {*marker.get("entries", ()), *marker.get("pending", ())})
-            relative = [str(n.relative_to(folder)) for n in names]
-            relative = [r for r in relative if (ours is None or r.split("/")[0] in ours) and (folder / r).is_file()
+            update = dict(marker)
+            if marker["kind"] == "foreign":
+                if top in marker.get("pending", ()):  # the tool makes it now: the tool's from here on
+                    update["entries"] = sorted({*marker.get("entries", ()), top})
+                    update["pending"] = [e for e in marker["pending"] if e != top]
+                elif top not in marker.get("entries", ()):
+                    return  # a name of the user's: never listed as the tool's
+            relative = [str(n.relative_to(folder)) for n in docs]
+            relative = [r for r in relative if (folder / r).is_file()
                         and not any((folder / p / MARKER).exists() for p in Path(r).parents if str(p) != ".")]
-            if not relative:
-                return
             files = marker.get("files") if isinstance(marker.get("files"), dict) else {}
-            _write_marker(folder, {**marker, "files": {**files, **file_stats(folder, relative)}})
+            update["files"] = {**files, **file_stats(folder, relative)}
+            if update != marker:
+                _write_marker(folder, update)
         return
 
 
@@ -548,9 +598,10 @@ def _run_files(out: Path, entries: Iterable[str] | None) -> dict[str, list[int]]
 def record_made_entries(path: str | os.PathLike) -> None:
     """When a run ends (completed, failed or interrupted): in a folder of the user's, list the pending names it made
     as the tool's, so that a later ``overwrite`` run may write them again (the rest stop being pending); in a run
-    folder of the tool's or the user's, record every document (config, report, table) the run's names hold with
-    its size and modification time (``files``), so that one edited since is the user's: the next run refuses to
-    write over it (``_run_folder_problem``). A no-op for anything else."""
+    folder of the tool's or the user's, keep the list of the documents the run wrote (``files``, built as it wrote
+    them: ``note_written``) for those still there, with the size and modification time the tool gave them, so that
+    one edited since (even while the run went on) is the user's: the next run refuses to write over it
+    (``_run_folder_problem``). A no-op for anything else."""
     out = Path(path)
     marker = read_marker(out) if out.is_dir() else None
     if marker is None or marker["kind"] not in ("run", "foreign"):
@@ -562,7 +613,11 @@ def record_made_entries(path: str | os.PathLike) -> None:
         if marker["kind"] == "foreign":
             made = [e for e in marker.get("pending", ()) if (out / e).exists() or (out / e).is_symlink()]
             marker = {**marker, "entries": sorted({*marker.get("entries", ()), *made}), "pending": []}
-        marker["files"] = _run_files(out, None if marker["kind"] == "run" else marker["entries"])
+        listed = marker.get("files")
+        if isinstance(listed, dict):  # as the run wrote them (note_written): an edit made while it ran stays the user's
+            marker["files"] = {name: stat for name, stat in listed.items() if (out / name).is_file()}
+        else:
+            marker["files"] = _run_files(out, None if marker["kind"] == "run" else marker["entries"])
         _write_marker(out, marker)
 
 

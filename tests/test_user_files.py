@@ -18,7 +18,7 @@ import pytest
 from flows.cli import main
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.extract import extract_lora
-from lora_ranks.outputs import MARKER, claim_output_dir, read_marker
+from lora_ranks.outputs import MARKER, RUN_ENTRIES, claim_output_dir, read_marker
 from lora_ranks.settings import AllocationSettings
 from lora_ranks.synthetic import write_planted_pair, write_synthetic_dataset
 
@@ -304,7 +304,6 @@ def test_run_entries_cover_every_path_of_the_layouts():
     from lora_ranks.analysis import OutputLayout
     from lora_ranks.check import REPORT_NAME
     from lora_ranks.evidence.comparison import ComparisonLayout
-    from lora_ranks.outputs import RUN_ENTRIES
     from lora_ranks.train import TrainLayout
 
     def top_level(layout) -> set[str]:
@@ -531,8 +530,14 @@ def test_a_run_marker_without_a_file_list_protects_every_document(ws, tmp_path, 
         (project / MARKER).write_text(json.dumps(marker))
         for extra in ([], ["--overwrite"]):
             _refused(capsys, [*analyze, "--out", project, *extra], "which this tool cannot tell from files of yours: "
-                     "its .lora-ranks lists no files it wrote", tmp_path)
-    legacy = tmp_path / "legacy"  # an earlier release's run that left only binary data: resumed, and listed
+                     "the .lora-ranks of the folder lists no files it wrote", tmp_path)
+    binary = tmp_path / "binary"  # binary files too: a cache name of the tool's may be the user's file
+    (binary / "analysis_outputs").mkdir(parents=True)
+    (binary / "analysis_outputs" / "mine.safetensors").write_bytes(b"mine")
+    (binary / MARKER).write_text(json.dumps({"kind": "run", "made_by": "svd-analysis"}))
+    _refused(capsys, [*analyze, "--out", binary], "holds analysis_outputs/mine.safetensors, which this tool cannot "
+             "tell from files of yours", tmp_path)
+    legacy = tmp_path / "legacy"  # a marker and empty folders: nothing to lose; run, and listed from then on
     (legacy / "analysis_outputs").mkdir(parents=True)
     (legacy / MARKER).write_text(json.dumps({"kind": "run", "made_by": "svd-analysis"}))
     assert _main([*analyze, "--out", legacy]) == 0
@@ -574,9 +579,56 @@ def test_a_full_disk_under_the_lock_folder_or_prefect_home_is_one_line(ws, tiny_
     (tmp_path / "work").mkdir()
     _refused(capsys, ["export", ws / "adapter", "--out", tmp_path / "work" / "exp"], "No space left on device",
              tmp_path / "work")
-    assert not list((tiny_disk / "cache").rglob("*.lock"))
+    assert not list((tiny_disk / "cache").iterdir())  # no lock file, and no folder made for one
     monkeypatch.delenv("LORA_RANKS_CACHE")
     analyze = ["analyze", "--base", ws / "base", "--finetuned", ws / "ft", "--out", tmp_path / "new"]
     _one_line(_cli(analyze, tmp_path, {"PREFECT_HOME": str(tiny_disk / "prefect")}),
               f"PREFECT_HOME {tiny_disk / 'prefect'} has 0 MiB free on its device")
     assert not (tmp_path / "new").exists()
+
+
+def test_what_a_user_does_while_a_run_goes_on_or_after_it_was_killed(tmp_path):
+    """The sweep's third round: a document edited while the run still writes is the user's when the run ends; a run
+    folder inside the output (compare's analysis) is checked like the output itself, before any work; in a folder of
+    the user's written into with --overwrite, a name the run has begun to write is the tool's at once (a run killed
+    outright reruns there); a temporary file left by a killed write goes with the next write of that file."""
+    from lora_ranks._io import atomic_write_json
+    from lora_ranks.outputs import OutputFolderError, check_output_dir, claim_output_dir, note_written, record_made_entries
+
+    run = claim_output_dir(tmp_path / "run", "svd-analysis")
+    atomic_write_json(run / "configs" / "lora_rank_config.json", {"tool": 1})
+    (run / "configs" / "lora_rank_config.json").write_text('{"edited while the run went on": 1}\n')
+    record_made_entries(run)  # the run ends after the edit
+    with pytest.raises(OutputFolderError, match="holds configs/lora_rank_config.json, which you added or changed"):
+        check_output_dir(run, entries=("configs",))
+
+    outer = claim_output_dir(tmp_path / "cp", "compare-allocations")
+    inner = claim_output_dir(outer / "analysis", "svd-analysis")
+    atomic_write_json(inner / "configs" / "lora_rank_config.json", {"tool": 1})
+    record_made_entries(inner)
+    record_made_entries(outer)
+    assert check_output_dir(outer, entries=("analysis",)) == outer
+    (inner / "configs" / "lora_rank_config.json").write_text('{"mine": 1}\n')
+    with pytest.raises(OutputFolderError, match="holds analysis/configs/lora_rank_config.json, which you added"):
+        check_output_dir(outer, entries=("analysis",))
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.md").write_text("mine\n")
+    claimed = claim_output_dir(project, "svd-analysis", overwrite=True)
+    assert "configs" in read_marker(claimed)["pending"]
+    atomic_write_json(claimed / "configs" / "lora_rank_config.json", {"tool": 1})  # then SIGKILL: no end recorded
+    marker = read_marker(claimed)
+    assert "configs" in marker["entries"] and "configs" not in marker["pending"]
+    assert "configs/lora_rank_config.json" in marker["files"] and "notes.md" not in marker["files"]
+    assert check_output_dir(claimed, overwrite=True, entries=RUN_ENTRIES["svd-analysis"]) == claimed  # reruns
+    note_written(claimed / "notes.md")  # a name of the user's is never listed, even if asked
+    assert "notes.md" not in read_marker(claimed)["files"]
+
+    target = run / "configs" / "other.json"
+    dead = run / "configs" / ".other.json.lora-ranks-999999999-abc123.tmp"  # a pid no process has
+    live = run / "configs" / f".other.json.lora-ranks-{os.getpid()}-abc123.tmp"
+    for leftover in (dead, live):
+        leftover.write_text("{")
+    atomic_write_json(target, {"tool": 2})
+    assert not dead.exists() and live.exists()
