@@ -13,7 +13,7 @@ write of the same target, finishes the swap. It touches only folders that carry 
 id: a folder of the user's named ``.NAME.new`` or ``.NAME.old`` is never renamed, deleted or used, and opening a
 missing input never recovers anything.
 
-With ``overwrite``, a folder output is written *into* a folder that holds files of the user's (outputs.py): its
+With ``overwrite``, a folder output is written *into* a folder that holds files of the user's (``outputs``): its
 files replace only the tool's own earlier files, one atomic rename each.
 
 Temporary files and staging folders in flight are registered (``abandon_pending``): an interrupted command removes
