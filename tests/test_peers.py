@@ -290,7 +290,8 @@ def test_peers_that_cannot_run_are_refused_naming_why():
 def test_unknown_preparation_is_reported_as_unknown_not_free(setting, tmp_path):
     """A pair fine-tuned elsewhere records no token count: lora-ranks' rows show no preparation FLOPs (None), PEFT's
     default LoRA still 0, and the curves plot leaves out what it cannot place."""
-    from lora_ranks.evidence.comparison import ComparisonLayout, comparison_report
+    from lora_ranks.evidence.comparison import ComparisonLayout
+    from lora_ranks.evidence.report import comparison_report
 
     _, _, config = setting
 

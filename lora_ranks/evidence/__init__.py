@@ -3,7 +3,9 @@
     fidelity.py      KL of base + truncated delta to the fine-tuned model; held-out loss
     allocations.py   uniform / energy / budget allocations at equal trainable parameters
     sensitivity.py   do loss-aware spectra predict what truncating one module costs? (comparability check)
-    comparison.py    the fidelity report and the comparison's steps as files (what the tasks call)
+    comparison.py    the comparison's layout, data splits, configs and design digest (what the tasks call)
+    fidelity_checks.py  each config's extracted adapter against the fine-tune; the comparability check
+    report.py        the comparison's results as files: rows over seeds, paired differences, plots
     runs.py          one comparison row: train (lora-ranks or a peer), evaluate in the same process, count compute
     peers.py         PEFT's LoRA variants and data-driven inits as rows (default, rslora, pissa, ..., adalora)
     compute.py       the FLOP formula: training and preparation compute of every row
@@ -12,18 +14,9 @@
 
 from .allocations import allocation_configs, uniform_allocation
 from .comparison import (
-                       ComparabilityReport,
                        ComparisonLayout,
-                       ComparisonReport,
                        FidelityReport,
-                       FidelityTable,
-                       allocation_fidelity,
-                       comparability_check,
-                       comparison_report,
                        eval_examples,
-                       evaluate_adapter,
-                       full_finetune_loss,
-                       preparation_of,
                        run_fidelity_report,
                        split_records,
                        split_validation,
@@ -40,6 +33,15 @@ from .fidelity import (
                        next_token_fidelity,
                        reference_outputs,
 )
+from .fidelity_checks import (
+                       ComparabilityReport,
+                       FidelityTable,
+                       allocation_fidelity,
+                       comparability_check,
+                       evaluate_adapter,
+                       full_finetune_loss,
+)
+from .report import ComparisonReport, comparison_report, preparation_of
 from .sensitivity import ModuleSensitivity, module_sensitivities, spearman
 
 __all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",

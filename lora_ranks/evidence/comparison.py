@@ -24,20 +24,15 @@ Comparison layout under one root::
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from .._io import atomic_write_json, atomic_write_text
 from ..analysis import (
     Layout,
     OutputLayout,
-    config_curvature_roots,
-    dense_roots,
     input_weighted_spectra,
     load_spectra,
     spectra_files,
@@ -46,18 +41,16 @@ from ..checkpoints import CheckpointPair
 from ..config import load_rank_config, save_rank_config
 from ..data import load_records, tokenize_record
 from ..loading import load_model
-from ..plots import write_comparison_plot, write_curves_plot, write_fidelity_plot, write_sensitivity_plot
+from ..plots import write_fidelity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings, NoiseEstimate
 from ..spectra import SpectrumKind
-from ..spectra.weighted import factor_root
 from .allocations import allocation_configs
-from .experiment import budget_matrix_configs, config_from_ranks, paired_comparison, with_alpha_policy
-from .fidelity import DeltaBasis, fidelity_sweep, fidelity_to, held_out_loss, mean_and_std, reference_outputs
-from .sensitivity import module_sensitivities, spearman
+from .experiment import budget_matrix_configs, config_from_ranks, with_alpha_policy
+from .fidelity import DeltaBasis, fidelity_sweep
 
-__all__ = ["ComparisonLayout", "FidelityReport", "FidelityTable", "ComparabilityReport", "ComparisonReport",
-           "eval_examples", "split_records", "run_fidelity_report", "write_allocation_configs", "allocation_fidelity",
-           "comparability_check", "evaluate_adapter", "comparison_report", "preparation_of", "split_validation"]
+__all__ = ["ComparisonLayout", "FidelityReport", "eval_examples", "split_records", "run_fidelity_report",
+           "write_allocation_configs", "split_validation", "check_comparison_data", "expected_labels",
+           "design_digest"]
 
 
 @dataclass(frozen=True)
@@ -145,34 +138,6 @@ class FidelityReport:
     """Where the fidelity report is, and its rows (one per allocation measured)."""
 
     json_path: str
-    plot_path: str
-    rows: list[dict]
-
-
-@dataclass
-class FidelityTable:
-    """The compared configs' fidelity (``allocation_fidelity``): where it is, the ceiling KL, a row per config and
-    truncation."""
-
-    json_path: str
-    ceiling_kl: float
-    rows: list[dict]
-
-
-@dataclass
-class ComparabilityReport:
-    """The comparability check (``comparability_check``): where it is, its plot, Spearman per spectrum."""
-
-    json_path: str
-    plot_path: str
-    spearman: dict[str, float]
-
-
-@dataclass
-class ComparisonReport:
-    """Where the comparison's results are, and its rows (one per allocation: loss mean, std, per seed)."""
-
-    results_path: str
     plot_path: str
     rows: list[dict]
 
@@ -364,335 +329,3 @@ def design_digest(finetuned_model: str | None, *settings) -> str:
             data = {k: data[k] for k in ("budget_ranks", "allocations", "alpha_variants", "seeded_preparation")}
         parts.append(data)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str], eval_data_path: str | Path,
-                        layout: ComparisonLayout, settings: FidelitySettings) -> FidelityTable:
-    """KL(fine-tuned || base + merged extracted adapter) of every compared config (label -> path, made by
-    ``write_allocation_configs`` from the analysis config at ``analysis_config_path``), on held-out records.
-
-    Each config is measured with the plain truncated SVD ("weight") and, when its analysis recorded curvature
-    factors, with the matching loss-aware truncation (the one warm starts use). ``ceiling`` is the KL of full-rank
-    deltas on the analyzed modules: what the adapted modules can carry at all. ``excess_ratio`` of a row is its
-    KL above the ceiling over that of uniform ranks at the same budget with the plain truncation (< 1: closer to the
-    fine-tune than uniform ranks). Writes ``layout.allocation_fidelity_path``, with a digest of its inputs: a
-    resumed comparison whose configs, records and settings are unchanged reuses it. Holds every module's full SVD
-    in memory (``DeltaBasis``): for the small models of experiments.
-    """
-    key = _fidelity_key(analysis_config_path, configs, eval_data_path, settings)
-    previous = _read_json(layout.allocation_fidelity_path)
-    if previous is not None and previous.get("key") == key:
-        return FidelityTable(str(layout.allocation_fidelity_path), previous["ceiling_kl"], previous["rows"])
-    analysis = load_rank_config(analysis_config_path)
-    loaded = {label: load_rank_config(path) for label, path in configs.items()}
-    pair_dirs = analysis.checkpoints.pretrained.path, analysis.checkpoints.finetuned.path
-    modules = analysis.module_refs()
-    base, tokenizer = load_model(pair_dirs[0], dtype=torch.float32)
-    finetuned, _ = load_model(pair_dirs[1], dtype=torch.float32)
-    reference = reference_outputs(finetuned, _held_out(eval_data_path, tokenizer, settings),
-                                  tokenizer.pad_token_id)
-    del finetuned
-    roots = config_curvature_roots(analysis, modules)
-    roots = None if roots is None else dense_roots(roots, "the allocation fidelity")
-    bases = {SpectrumKind.WEIGHT: DeltaBasis(CheckpointPair(*pair_dirs), modules)}
-    if roots is not None:
-        bases[analysis.spectrum_kind] = DeltaBasis(CheckpointPair(*pair_dirs), modules, roots)
-    ceiling = fidelity_to(reference, bases[SpectrumKind.WEIGHT].apply(base, {m.name: min(m.shape) for m in modules}))[0]
-    rows = []
-    for label, config in loaded.items():
-        meta = config.analysis_metadata
-        for truncation, basis in bases.items():
-            kl = fidelity_to(reference, basis.apply(base, config.ranks))[0]
-            rows.append({"allocation": label, "method": meta.allocation or label,
-                         "budget_rank": meta.budget_rank, "truncation": str(truncation),
-                         "trainable_parameters": config.trainable_parameters, "kl": kl, "excess": kl - ceiling})
-    uniform_excess = {row["budget_rank"]: row["excess"] for row in rows
-                      if row["method"] == "uniform" and row["truncation"] == "weight"}
-    for row in rows:
-        denominator = uniform_excess.get(row["budget_rank"])
-        row["excess_ratio"] = row["excess"] / denominator if denominator else None
-    path = atomic_write_json(layout.allocation_fidelity_path,
-                             {"ceiling_kl": ceiling, "rows": rows, "eval_data": str(eval_data_path),
-                              "eval_samples": settings.eval_samples, "key": key})
-    return FidelityTable(str(path), ceiling, rows)
-
-
-def _fidelity_key(analysis_config_path, configs: dict[str, str], eval_data_path, settings: FidelitySettings) -> str:
-    """A digest of what ``allocation_fidelity`` measures: the analysis config (it names the pair and records its
-    spectra), every compared config's file, the held-out records and the settings."""
-    import hashlib
-
-    digest = hashlib.sha256(json.dumps([sorted(configs), settings.to_dict()], sort_keys=True, default=str).encode())
-    for path in (analysis_config_path, *(configs[label] for label in sorted(configs)), eval_data_path):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def comparability_check(config_path: str | Path, eval_data_path: str | Path, layout: ComparisonLayout,
-                        settings: ComparisonSettings, fidelity: FidelitySettings) -> ComparabilityReport:
-    """Are the spectra comparable across modules? Truncate each module alone to ``settings.comparability_rank`` in
-    the fine-tuned model and measure the KL it adds on ``settings.comparability_records`` held-out records;
-    Spearman of predicted vs measured, per spectrum: the weight spectrum's discarded energy, and with a Fisher
-    analysis also the input-weighted and the Fisher prediction (½ T / T_resp times the discarded weighted energy,
-    ``evidence.sensitivity``). Writes ``sensitivity.json`` and the scatter plot ``sensitivity.png`` where ``layout``
-    puts them. Costs one forward pass over the records per module and spectrum."""
-    eval_samples, rank = settings.comparability_records, settings.comparability_rank
-    config = load_rank_config(config_path)
-    pair_dirs = config.checkpoints.pretrained.path, config.checkpoints.finetuned.path
-    modules = config.module_refs()
-    finetuned, tokenizer = load_model(pair_dirs[1], dtype=torch.float32)
-    examples = _held_out(eval_data_path, tokenizer, fidelity, limit=eval_samples)
-    curvature = config.analysis_metadata.curvature
-    kind = config.spectrum_kind
-    bases = {"weight": (None, 1.0)}
-    roots = config_curvature_roots(config, modules)  # the factors' roots, once
-    roots = None if roots is None else dense_roots(roots, "the comparability check")
-    if roots is not None and kind.needs_output_factor:
-        shapes = {m.name: m.shape for m in modules}
-        bases["input"] = ({name: (factor_root(None, shapes[name][0], 0.0), a) for name, (_, a) in roots.items()},
-                          1.0)
-        bases["fisher"] = (roots, 0.5 * curvature.tokens / curvature.response_tokens)
-    elif roots is not None:
-        bases[str(kind)] = (roots, 1.0)
-    result = {}
-    for name, (roots, scale) in bases.items():
-        rows = module_sensitivities(finetuned, DeltaBasis(CheckpointPair(*pair_dirs), modules, roots), examples,
-                                    tokenizer.pad_token_id, rank=rank, scale=scale)
-        result[name] = {"spearman": spearman([r.predicted for r in rows], [r.measured_kl for r in rows]),
-                        "rows": [asdict(r) for r in rows]}
-    path = atomic_write_json(layout.sensitivity_path, {"rank": rank, "eval_samples": eval_samples,
-                                                                   "spectra": result})
-    return ComparabilityReport(str(path), write_sensitivity_plot(layout.sensitivity_plot_path, result),
-                               {name: v["spearman"] for name, v in result.items()})
-
-
-def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data_path: str | Path, out_dir: str | Path,
-                       settings: FinetuneSettings, fidelity: FidelitySettings,
-                       validation_data_path: str | Path | None = None) -> float | tuple[float, float]:
-    """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
-    return the held-out loss of the result (the reference of the comparison's gap closed); with
-    ``validation_data_path``, (held-out loss, validation loss) for the learning-rate choice."""
-    from ..finetune import run_preliminary_finetune
-
-    n_records = len(load_records(train_path))
-    every_record = settings.replace(subset_ratio=1.0, max_samples=n_records)
-    result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
-    model, tokenizer = load_model(result.finetuned_dir)
-    loss = held_out_loss(model, _held_out(eval_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
-    if validation_data_path is None:
-        return loss
-    return loss, held_out_loss(model, _held_out(validation_data_path, tokenizer, fidelity), tokenizer.pad_token_id)
-
-
-def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
-                     settings: FidelitySettings) -> float:
-    """Held-out loss (nats per response token) of base + adapter on a seeded sample of ``eval_data_path``."""
-    from ..model import load_peft_checkpoint
-
-    model, tokenizer = load_peft_checkpoint(base_model, adapter_dir)
-    return held_out_loss(model, _held_out(eval_data_path, tokenizer, settings), tokenizer.pad_token_id)
-
-
-def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n: int) -> dict:
-    """What lora-ranks spent before its rows' first LoRA step (``compute.lora_ranks_preparation``): FLOPs of the
-    brief fine-tune (its ``training_metrics.json`` beside the fine-tuned folder), of the split-half fine-tunes when
-    the analysis ran them, and of the curvature passes; and ``seconds``, the fine-tunes' recorded seconds plus the
-    analysis' (an estimate: the flow's analysis clock starts before its fine-tune, so this can count the fine-tune
-    twice, and the warm start's extraction is left out; ``compare`` replaces it by the wall time it measures around
-    the whole preparation)."""
-    from .compute import lora_ranks_preparation
-
-    config = load_rank_config(analysis_config_path)
-    metrics = [Path(config.checkpoints.finetuned.path).parent / "training_metrics.json"]
-    metrics += sorted(layout.analysis.split_half_dir.glob("half-*/training_metrics.json"))
-    flops = lora_ranks_preparation(config, n, metrics)
-    seconds = sum(json.loads(m.read_text()).get("seconds", 0.0) for m in metrics if m.is_file())
-    timings = config.analysis_metadata.timings
-    return {**flops, "seconds": seconds + (timings.analysis_seconds if timings else 0.0)}
-
-
-def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results: Sequence, details: dict,
-                      reference_init: str = "warm", full_finetune: dict[int, float] | None = None,
-                      preparation: dict | None = None) -> ComparisonReport:
-    """Rows (held-out loss per allocation and init or peer: mean +- std over seeds, paired differences, accuracy,
-    compute), ``results.json``, ``comparison.png`` and, when the runs recorded curves, ``curves.png``.
-
-    Args:
-        configs: label -> rank config path of the compared configs (the rows' order; a row whose config is not
-            there, e.g. every one of its runs was committed earlier, is described from its runs).
-        results: the ``runs.RowResult`` of every trained LoRA (final runs: one learning rate per row). A run that
-            diverged (``diverged``) is left out of its row, whose ``diverged_seeds`` lists it.
-        details: recorded in results.json beside the rows (data paths, steps, ...).
-        reference_init: the init of the uniform ranks every row is paired against (training.init); a config with
-            a budget of its own (``signal``) is paired with the uniform ranks closest to it in parameters.
-        full_finetune: seed -> held-out loss of a full fine-tune trained as long (the reference of the gap).
-        preparation: lora-ranks' preparation (``preparation_of``): FLOPs (``total``) and ``seconds``; or, with a
-            preparation per seed, seed -> such a dict. Counted for every lora-ranks row that needs the analysis
-            (all but cold uniform ranks), as the mean over the row's seeds.
-
-    Each row has ``vs_uniform`` (``paired_comparison`` of its per-seed losses minus those of the uniform ranks at
-    the same budget and ``reference_init``; None for those uniform ranks themselves and with fewer than 2 seeds; a t
-    that is not finite, when every difference is the same, is None), ``vs_default`` (the same against PEFT's
-    ``LoraConfig()``, the ``default`` peer, when trained, else against cold uniform ranks) and, when cold uniform
-    ranks and the full fine-tune were trained, ``gap_closed``: the share of the held-out-loss gap between cold
-    uniform LoRA and the full fine-tune that the row closes. ``accuracy_mean`` / ``accuracy_se`` (over seeds; the
-    binomial SE of one run with one seed) and ``accuracy_by_task`` (task -> mean over seeds), ``train_flops``,
-    ``preparation_flops`` (None when unknown), ``preparation_seconds``, ``seconds`` (means over seeds), ``curve``
-    (per evaluation step, the mean loss over seeds against total FLOPs = preparation + training) and ``runs`` (per
-    seed: the losses, the best step and why training stopped, FLOPs and seconds to the best step and in all, and the
-    validation curve) come from the runs.
-    """
-    diverged = [r for r in results if getattr(r, "diverged", False)]
-    results = [r for r in results if not getattr(r, "diverged", False)]
-    by_run = {(r.label, r.init, r.seed): r for r in results}
-    inits = list(dict.fromkeys(r.init for r in results))
-    metadata = {label: load_rank_config(path) for label, path in configs.items() if Path(path).is_file()}
-    labels = list(dict.fromkeys([*configs, *(r.label for r in results)]))
-
-    def budget_of(label: str) -> int | None:
-        if label in metadata:
-            return metadata[label].analysis_metadata.budget_rank
-        return next((r.budget_rank for r in results if r.label == label), None)
-
-    def allocation_of(label: str) -> str | None:
-        if label in metadata:
-            return metadata[label].analysis_metadata.allocation
-        return next((r.allocation for r in results if r.label == label), None)
-
-    def parameters_of(label: str) -> float:
-        if label in metadata:
-            return metadata[label].trainable_parameters
-        return _mean([r.trainable_parameters for r in results if r.label == label and r.init in ("warm", "cold")]
-                     or [0])
-
-    def uniform_of(label: str) -> str:
-        r = budget_of(label)
-        if r is not None:
-            return f"r{r}-uniform"
-        if "uniform" in labels or label == "uniform":
-            return "uniform"
-        # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
-        uniforms = [u for u in labels if allocation_of(u) == "uniform"]
-        own = parameters_of(label)
-        return min(uniforms, key=lambda u: abs(parameters_of(u) - own), default="uniform")
-
-    def per_seed(label: str, init: str) -> dict[int, float]:
-        return {seed: r.loss for (run_label, run_init, seed), r in by_run.items() if (run_label, run_init) == (label, init)}
-
-    def paired_to(label: str, init: str, other: tuple[str, str]) -> dict | None:
-        mine, reference = per_seed(label, init), per_seed(*other)
-        paired = [s for s in sorted(mine) if s in reference]
-        if len(paired) < 2 or (label, init) == other:
-            return None
-        return _finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired]))
-
-    per_seed_preparation = (preparation if preparation and "total" not in preparation else
-                            None if preparation is None else {None: preparation})
-
-    def preparation_for(seeds: Sequence[int], key: str) -> float | None:
-        if per_seed_preparation is None:
-            return None
-        values = [(per_seed_preparation.get(s) or per_seed_preparation.get(str(s)) or per_seed_preparation.get(None)
-                   or {}).get(key) for s in seeds]
-        return None if any(v is None for v in values) else _mean(values)
-
-    full_mean = mean_and_std(list(full_finetune.values()))[0] if full_finetune else None
-    rows = []
-    for label in labels:
-        for init in inits:
-            runs = [by_run[key] for key in sorted(by_run) if key[:2] == (label, init)]
-            if not runs:
-                continue
-            seeds = [r.seed for r in runs]
-            mean, std = mean_and_std([r.loss for r in runs])
-            cold_uniform = per_seed(uniform_of(label), "cold")
-            gap = None
-            if full_mean is not None and cold_uniform:
-                baseline = mean_and_std(list(cold_uniform.values()))[0]
-                gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
-            peer = init not in ("warm", "cold")
-            plain_lora = init == "cold" and (allocation_of(label) or label) == "uniform"
-            # None when lora-ranks' preparation is unknown (a pair fine-tuned elsewhere): not counted as free
-            own_prep = (_mean([r.preparation_flops for r in runs]) if peer else 0.0 if plain_lora
-                        else preparation_for(seeds, "total"))
-            own_seconds = 0.0 if peer or plain_lora else preparation_for(seeds, "seconds")
-            accuracies = [r.accuracy for r in runs if r.accuracy is not None]
-            accuracy_mean, accuracy_se = None, None
-            if accuracies:
-                accuracy_mean = _mean(accuracies)
-                accuracy_se = (mean_and_std(accuracies)[1] / math.sqrt(len(accuracies)) if len(accuracies) > 1 else
-                               math.sqrt(accuracy_mean * (1 - accuracy_mean) / max(1, runs[0].accuracy_n)))
-            tasks = sorted({t for r in runs for t in getattr(r, "accuracy_by_task", {})})
-            by_task = {t: _mean([r.accuracy_by_task[t][0] / r.accuracy_by_task[t][1] for r in runs
-                                 if t in r.accuracy_by_task and r.accuracy_by_task[t][1]]) for t in tasks}
-            reference_default = (uniform_of(label), "default" if per_seed(uniform_of(label), "default") else "cold")
-            rows.append({"allocation": label, "method": init if peer else (allocation_of(label) or label),
-                         "budget_rank": budget_of(label), "init": init,
-                         "trainable_parameters": round(_mean([r.trainable_parameters for r in runs])),
-                         "learning_rate": runs[0].learning_rate,
-                         "loss_mean": mean, "loss_std": std, "losses": [r.loss for r in runs], "seeds": seeds,
-                         "vs_uniform": paired_to(label, init, (uniform_of(label), reference_init)),
-                         "vs_default": paired_to(label, init, reference_default),
-                         "gap_closed": gap, "accuracy_mean": accuracy_mean, "accuracy_se": accuracy_se,
-                         "accuracy_by_task": by_task,
-                         "train_flops": _mean([r.train_flops for r in runs]), "preparation_flops": own_prep,
-                         "preparation_seconds": own_seconds,
-                         "seconds": _mean([r.seconds for r in runs]),
-                         "served_rank_factor": runs[0].served_rank_factor,
-                         "diverged_seeds": sorted(r.seed for r in diverged if (r.label, r.init) == (label, init)),
-                         "curve": _mean_curve(runs, own_prep),
-                         "runs": [_run_summary(r) for r in runs]})
-    if full_finetune:
-        seeds = sorted(full_finetune)
-        mean, std = mean_and_std([full_finetune[s] for s in seeds])
-        base_parameters = next(iter(metadata.values())).base_parameters if metadata else None
-        rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
-                     "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
-                     "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
-    results_path = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init,
-                                                           "preparation": _json_keys(preparation), **details})
-    if any(row.get("curve") for row in rows):
-        write_curves_plot(layout.curves_plot_path, rows)
-    return ComparisonReport(str(results_path), write_comparison_plot(layout.comparison_plot_path, rows), rows)
-
-
-def _run_summary(run) -> dict:
-    """One run of a row, for results.json: what early stopping and the compute questions need."""
-    keys = ("seed", "loss", "validation_loss", "accuracy", "accuracy_by_task", "steps", "best_step", "stopped",
-            "train_flops", "best_train_flops", "seconds", "best_seconds", "validation_flops", "validation_curve")
-    return {k: getattr(run, k, None) for k in keys}
-
-
-def _json_keys(value):
-    """``value`` with int dict keys as strings (JSON's keys are strings)."""
-    if isinstance(value, dict):
-        return {str(k): _json_keys(v) for k, v in value.items()}
-    return value
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _mean_curve(runs: Sequence, preparation_flops: float | None) -> list[dict]:
-    """The runs' curves averaged over seeds, point by point (the runs share steps), with total FLOPs (None when the
-    preparation is unknown)."""
-    if not runs or not runs[0].curve or any(len(r.curve) != len(runs[0].curve) for r in runs):
-        return []
-    return [{"step": points[0]["step"], "train_flops": _mean([p["train_flops"] for p in points]),
-             "total_flops": None if preparation_flops is None else preparation_flops + _mean([p["train_flops"]
-                                                                                              for p in points]),
-             "seconds": _mean([p["seconds"] for p in points]), "loss": _mean([p["loss"] for p in points])}
-            for points in zip(*(r.curve for r in runs))]
-
-
-def _finite(stats: dict) -> dict:
-    """``stats`` with non-finite values (t of identical differences) as None: results.json is strict JSON."""
-    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in stats.items()}
