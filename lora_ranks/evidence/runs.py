@@ -11,10 +11,8 @@ The run's folder (``ComparisonLayout.run_dir``)::
 from __future__ import annotations
 
 import math
-import re
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,330 +23,30 @@ from ..finetune import planned_steps, prepare_examples, train_loop
 from ..progress import LOGGER
 from ..settings import LoRATrainingSettings
 from .accuracy import checkable_records, exact_match_by_task
+from .committed import (
+    Committed,
+    _commit,
+    check_results_dir,
+    committed_key,
+    committed_name,
+    read_committed,
+)
 from .compute import forward_flops, frozen_training_flops, matmul_parameters
 from .fidelity import held_out_loss
+from .learning_rates import choose_learning_rates, next_learning_rates
+from .rows import (
+    RowEvaluation,
+    RowResult,
+    RowSpec,
+    comparison_rows,
+    curve_steps,
+    row_key,
+    select_configs,
+)
 
-__all__ = ["RowSpec", "RowEvaluation", "RowResult", "Committed", "train_row", "curve_steps", "choose_learning_rates",
-           "next_learning_rates", "comparison_rows", "row_key", "committed_key", "committed_name", "read_committed",
-           "select_configs"]
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """What one run trains.
-
-    Attributes:
-        label: the config's label (``r2-budget-fisher``; a peer trains at its budget's ``r2-uniform``).
-        init: "warm" or "cold" for lora-ranks' configs, the peer's name (``evidence.peers.PEERS``) for a peer.
-        config_path: the rank config (a peer: the budget's uniform config, whose ranks and alpha it takes).
-        warm_adapter: the adapter a warm run starts from.
-    """
-
-    label: str
-    init: str
-    seed: int
-    config_path: str
-    warm_adapter: str | None = None
-
-    @property
-    def is_peer(self) -> bool:
-        return self.init not in ("warm", "cold")
-
-    @property
-    def name(self) -> str:
-        """The run's folder name stem, e.g. ``r2-budget-fisher`` (the reference init), ``r2-uniform-cold``."""
-        return self.label if self.init == "warm" else f"{self.label}-{self.init}"
-
-
-@dataclass(frozen=True)
-class RowEvaluation:
-    """How a run is evaluated: the held-out records and, optionally, a curve and accuracy."""
-
-    eval_data_path: str
-    eval_samples: int
-    max_length: int
-    curve_points: int = 0
-    curve_samples: int = 64
-    accuracy_samples: int = 0
-    max_new_tokens: int = 32
-    peer_records: int = 64
-    validation_data_path: str | None = None
-    """When given, the run's loss on it (``validation_samples`` records) is recorded too: the learning-rate choice,
-    and early stopping."""
-    eval_interval: int = 0
-    """Early stopping: optimizer steps between validation evaluations (and the last step); 0: no early stopping."""
-    patience: int = 0
-    """Early stopping: evaluations without a lower validation loss before training stops; the best evaluated
-    checkpoint is restored and is what the row reports (0: no early stopping)."""
-    validation_samples: int = 0
-    """Validation records evaluated (a seeded sample); 0: ``eval_samples``."""
-    accuracy_tasks: tuple[str, ...] = ()
-    """Tasks (the records' ``task`` key) whose checkable records are scored; empty: every checkable record."""
-    accuracy_batch_size: int = 1
-    """Records decoded together for the accuracy (``accuracy.exact_match``)."""
-
-    @property
-    def early_stopping(self) -> bool:
-        return bool(self.validation_data_path and self.eval_interval > 0 and self.patience > 0)
-
-    def replace_validation(self, path: str) -> RowEvaluation:
-        """This evaluation, plus the validation loss on ``path``."""
-        from dataclasses import replace
-
-        return replace(self, validation_data_path=path)
-
-
-@dataclass
-class RowResult:
-    """One run's outcome (small, picklable; also ``row.json``)."""
-
-    label: str
-    init: str
-    seed: int
-    learning_rate: float
-    run_dir: str
-    loss: float | None
-    """Held-out loss (nats per response token) after training, of the adapter as served."""
-    trainable_parameters: int
-    matmul_parameters: int
-    """N of the compute formula (``evidence.compute``)."""
-    train_tokens: int
-    train_flops: float
-    preparation_tokens: int = 0
-    """Tokens of the peer's own initialization passes (lora-ranks' preparation is counted from the analysis)."""
-    preparation_flops: float = 0.0
-    seconds: float = 0.0
-    """Wall time of building and training (the evaluations excluded)."""
-    accuracy: float | None = None
-    accuracy_n: int = 0
-    curve: list[dict] = field(default_factory=list)
-    """Evaluations during training: step, tokens, train_flops, seconds, loss (on ``curve_samples`` records)."""
-    served_rank_factor: int = 1
-    """2 when the served adapter is PEFT's rank-2r conversion (a base-changing peer)."""
-    in_memory_loss: float | None = None
-    """A converted peer's loss before the conversion (equal to ``loss`` up to float rounding)."""
-    validation_loss: float | None = None
-    """Loss on the validation split, when the evaluation names one (with early stopping: the best checkpoint's)."""
-    steps: int = 0
-    """Optimizer steps run (with early stopping, up to the stop: the best step plus the patience)."""
-    best_step: int | None = None
-    """With early stopping: the step of the lowest validation loss, the checkpoint the row reports."""
-    best_train_flops: float | None = None
-    """Training FLOPs up to ``best_step`` (``train_flops`` counts every step run)."""
-    best_seconds: float | None = None
-    """Wall time of building and training up to ``best_step`` (evaluations excluded)."""
-    stopped: str = "planned"
-    """Why training ended: "planned" (every planned step: no early stopping), "patience" (early stopping: the
-    validation loss stopped improving), "cap" (early stopping asked for, but the planned steps, the cap of epochs
-    or steps, ran out first: not shown to be at a plateau) or "diverged" (the loss became NaN; with early stopping
-    the best checkpoint before it is reported, without one the row has no result: ``diverged``)."""
-    diverged: bool = False
-    """True when training diverged before any checkpoint could be kept: ``loss`` and ``validation_loss`` are then
-    None, and a learning-rate choice treats the rate as infinitely bad."""
-    validation_curve: list[dict] = field(default_factory=list)
-    """Early stopping's evaluations: step, tokens, train_flops, seconds, validation loss."""
-    validation_flops: float = 0.0
-    """Forward FLOPs of the early-stopping evaluations (2N per validation token each time; not in ``train_flops``)."""
-    accuracy_by_task: dict[str, list[int]] = field(default_factory=dict)
-    """Exact matches per task: task -> [correct, n]."""
-    allocation: str | None = None
-    """The rank config's allocation (``uniform``, ``budget-fisher``, ...; None for a config made otherwise)."""
-    budget_rank: int | None = None
-    """The rank config's budget, as the rank of uniform ranks of the same parameters (None: no such budget)."""
-
-
-def select_configs(configs: dict[str, str], allocations: Sequence[str]) -> dict[str, str]:
-    """The configs (label -> path) whose allocation is in ``allocations`` (all when empty). A label is the allocation
-    (``budget``) or ``r<r>-<allocation>`` (``r2-budget-fisher``), with an alpha variant's suffix (``-rslora``)."""
-    import re
-
-    if not allocations:
-        return dict(configs)
-    return {label: path for label, path in configs.items()
-            if re.sub(r"-(constant|rslora)$", "", re.sub(r"^r\d+-", "", label)) in allocations}
-
-
-def comparison_rows(config_labels: Sequence[str], inits: Sequence[str], peers: Sequence[str]) -> list[tuple[str, str]]:
-    """The (label, init) rows of a comparison: every config at every init, then every peer at each budget's uniform
-    config (labels ``uniform`` or ``r<r>-uniform``; ``default`` is PEFT's ``LoraConfig()`` at that rank,
-    ``evidence.peers``)."""
-    rows = [(label, init) for label in config_labels for init in inits]
-    uniforms = [label for label in config_labels if label == "uniform" or label.endswith("-uniform")]
-    rows += [(label, peer) for label in uniforms for peer in peers]
-    return rows
-
-
-def row_key(base_model: str, spec: RowSpec, train_path: str, settings: LoRATrainingSettings,
-            evaluation: RowEvaluation) -> str:
-    """A digest of everything a run's result depends on: the spec, settings and evaluation, and the content of the
-    rank config, the warm-start adapter's weights and the data files (a finished run with the same key is reused)."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps([str(base_model), asdict(spec), settings.to_dict(), asdict(evaluation)],
-                                       sort_keys=True, default=str).encode())
-    files = [spec.config_path, train_path, evaluation.eval_data_path, evaluation.validation_data_path]
-    if spec.warm_adapter:
-        files.append(str(Path(spec.warm_adapter) / "adapter_model.safetensors"))
-    for path in files:
-        if path and Path(path).is_file():
-            digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def choose_learning_rates(trials: Sequence[RowResult]) -> tuple[dict[tuple[str, str], float], dict[str, dict]]:
-    """Per row (label, init), the rate of lowest mean validation loss over the seeds it was tried on: (row -> that
-    rate, and the record for results.json: "label/init" -> the chosen rate, every rate's mean validation loss, each
-    seed's, and ``at_edge``: whether the choice is the lowest or highest rate tried).
-
-    A diverged trial (``RowResult.diverged``) counts as an infinite loss (recorded as None); a rate's mean is over
-    the seeds that tried it, and a rate not tried on every seed any other rate was tried on is not chosen. Ties keep
-    the lower rate."""
-    losses: dict[tuple[str, str], dict[float, dict[int, float]]] = {}
-    for result in trials:
-        if result.validation_loss is None and not result.diverged:
-            raise ValueError(f"trial {result.label}/{result.init} at lr {result.learning_rate:g} has no validation loss")
-        value = math.inf if result.diverged else result.validation_loss
-        losses.setdefault((result.label, result.init), {}).setdefault(result.learning_rate, {})[result.seed] = value
-    chosen: dict[tuple[str, str], float] = {}
-    record: dict[str, dict] = {}
-    for row, by_rate in losses.items():
-        seeds = set().union(*by_rate.values())
-        complete = {lr: sum(per_seed.values()) / len(per_seed) for lr, per_seed in by_rate.items()
-                    if set(per_seed) == seeds}
-        best = min(sorted(complete), key=lambda lr: complete[lr])
-        rates = sorted(by_rate)
-        chosen[row] = best
-        record[f"{row[0]}/{row[1]}"] = {
-            "learning_rate": best, "at_edge": best in (rates[0], rates[-1]) and len(rates) > 1,
-            "validation_losses": {f"{lr:g}": (None if not math.isfinite(v) else v)
-                                  for lr, v in sorted(complete.items())},
-            "per_seed": {f"{lr:g}": {str(seed): (None if not math.isfinite(v) else v) for seed, v in sorted(d.items())}
-                         for lr, d in sorted(by_rate.items())}}
-    return chosen, record
-
-
-def next_learning_rates(record: dict[str, dict], *, max_rate: float = 1.0) -> dict[str, float]:
-    """The rate to try next for each row of ``choose_learning_rates``' record whose choice is at an edge of the rates
-    tried: one step beyond it, the step being the ratio of the edge to its neighbour (3x for a grid spaced 3x), above
-    the highest rate or below the lowest. A row whose choice is interior, or at the top with the next rate above
-    ``max_rate``, gets none. Returns "label/init" -> rate."""
-    out = {}
-    for row, entry in record.items():
-        rates = sorted(float(lr) for lr in entry["per_seed"])
-        best = entry["learning_rate"]
-        if len(rates) < 2 or rates[0] < best < rates[-1]:
-            continue
-        if best == rates[-1]:
-            step = rates[-1] / rates[-2]
-            if best * step <= max_rate:
-                out[row] = float(f"{best * step:.6g}")
-        else:
-            out[row] = float(f"{best / (rates[1] / rates[0]):.6g}")
-    return out
-
-
-def curve_steps(total: int, points: int) -> set[int]:
-    """``points`` evenly spaced steps in 1..total, the last one included (fewer when total is smaller)."""
-    if points <= 0:
-        return set()
-    return {max(1, round(total * (i + 1) / points)) for i in range(points)}
-
-
-@dataclass(frozen=True)
-class Committed:
-    """Where finished rows are committed (one JSON per row, seed and rate) and the digest of the preparation's
-    settings their key includes (``committed_key``)."""
-
-    results_dir: str
-    design: str
-
-
-def committed_key(base_model: str, spec: RowSpec, train_path: str, settings: LoRATrainingSettings,
-                  evaluation: RowEvaluation, design: str) -> str:
-    """A digest of what a committed result (``train_row``'s ``results_dir``) stands for, that needs no preparation to
-    compute: the base model's files (config and safetensors headers), the data files' bytes, the row (label, init,
-    seed), the training settings (its learning rate included), the evaluation and ``design`` (the caller's digest of
-    the preparation's settings: fine-tune, analysis, allocation). Unlike ``row_key`` it does not read the rank
-    config or the warm start, which a fresh clone would have to prepare again."""
-    import hashlib
-    import json
-
-    from ..checkpoints import Checkpoint, resolve_model_path
-
-    evaluation_paths = {k: v for k, v in asdict(evaluation).items() if not k.endswith("_path")}
-    digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, settings.replace(seed=spec.seed).key_dict(),
-                                        evaluation_paths, design], sort_keys=True, default=str).encode())
-    model = resolve_model_path(base_model)
-    config = Path(model) / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    digest.update(json.dumps(Checkpoint(model).header_fingerprint(), sort_keys=True, default=str).encode())
-    for path in (train_path, evaluation.eval_data_path, evaluation.validation_data_path):
-        if path and Path(path).is_file():
-            digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def committed_name(spec: RowSpec, learning_rate: float) -> str:
-    """The file name of a row's committed result: ``<row>-seed<seed>-lr<rate>.json``."""
-    return f"{spec.name}-seed{spec.seed}-lr{learning_rate:g}.json"
-
-
-_COMMITTED = re.compile(r".+-seed\d+-lr[^/]+\.json")
-_PREPARATION = re.compile(r"preparation-.+\.json")
-
-
-def check_results_dir(results_dir: str | Path, flag: str = "--results-dir") -> None:
-    """Before any work: ``results_dir`` is a folder (or can be made one), and every file in it named like a committed
-    result or preparation is one this tool wrote (a JSON object with its fields): a run reads them and writes over
-    stale ones, so a file of the user's under such a name is never replaced.
-
-    Raises:
-        DataError: naming the folder and the first file that is not the tool's.
-    """
-    import json
-    import os
-
-    from ..data import DataError
-
-    folder = Path(results_dir)
-    if folder.is_symlink() and not folder.exists():
-        raise DataError(f"{flag} {results_dir} is a symbolic link to {os.readlink(folder)}, which does not exist: "
-                        "give a folder, or create the link's target first")
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{flag} {results_dir} is a file: give the folder where row results are committed")
-    for parent in Path(os.path.abspath(folder)).parents:
-        if parent.is_symlink() and not parent.exists():
-            raise DataError(f"{flag} {results_dir} lies under {parent}, a symbolic link to {os.readlink(parent)}, "
-                            "which does not exist")
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.iterdir()):
-        row, prep = _COMMITTED.fullmatch(path.name), _PREPARATION.fullmatch(path.name)
-        if not (row or prep):
-            continue
-        try:
-            saved = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            saved = None
-        if not isinstance(saved, dict) or ("committed_key" if row else "seconds") not in saved:
-            raise DataError(f"{flag} {results_dir} holds {path.name}, named like a result this tool commits but not "
-                            "one it wrote: a run would read or replace it: move it, or choose another folder")
-
-
-def read_committed(results_dir: str | Path, spec: RowSpec, learning_rate: float, key: str) -> RowResult | None:
-    """The committed result of this row and rate in ``results_dir`` when its key is ``key``, else None."""
-    import json
-
-    path = Path(results_dir) / committed_name(spec, learning_rate)
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved.pop("committed_key", None) != key:
-        return None
-    saved.pop("key", None)
-    return RowResult(**saved)
+__all__ = ["RowSpec", "RowEvaluation", "RowResult", "Committed", "train_row", "curve_steps",
+           "choose_learning_rates", "next_learning_rates", "comparison_rows", "row_key", "committed_key",
+           "committed_name", "read_committed", "select_configs", "check_results_dir"]
 
 
 def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Path, settings: LoRATrainingSettings,
@@ -539,13 +237,6 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     atomic_write_json(done, {**asdict(result), "key": key})
     _commit(result, spec, committed, design_key)
     return result
-
-
-def _commit(result: RowResult, spec: RowSpec, committed: Committed | None, design_key: str | None) -> None:
-    """Write the row's result where finished rows are committed (``committed_name``), with its key."""
-    if committed is not None:
-        atomic_write_json(Path(committed.results_dir) / committed_name(spec, result.learning_rate),
-                          {**asdict(result), "committed_key": design_key})
 
 
 class _EarlyStopping:
