@@ -7,6 +7,9 @@
     fidelity_checks.py  each config's extracted adapter against the fine-tune; the comparability check
     report.py        the comparison's results as files: rows over seeds, paired differences, plots
     runs.py          one comparison row: train (lora-ranks or a peer), evaluate in the same process, count compute
+    rows.py          what a row is (spec, evaluation, result), which rows a comparison runs, a row's key
+    learning_rates.py  each row's rate: the choice over the tuning seeds, the grid's extension at an edge
+    committed.py     rows committed to a results folder, read back by a rerun on a fresh clone
     peers.py         PEFT's LoRA variants and data-driven inits as rows (default, rslora, pissa, ..., adalora)
     compute.py       the FLOP formula: training and preparation compute of every row
     accuracy.py      exact-match accuracy of greedy-decoded responses
