@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +56,7 @@ import torch
 from .checkpoints import ModuleRef
 from .data import IGNORE_INDEX, collate
 from .errors import CalibrationError, LoraRanksError  # noqa: F401  (CalibrationError re-exported)
+from .kfac_plan import automatic_factor_memory, curvature_kind, factor_bytes, plan_passes, projection_side
 from .progress import Heartbeat
 from .spectra.kind import SpectrumKind
 
@@ -95,97 +95,6 @@ class CurvatureFactors:
     def token_ratio(self) -> float:
         """T / T_resp: converts ½ tr(G E A Eᵀ) into the expected KL per response token."""
         return self.tokens / max(1, self.response_tokens)
-
-
-def curvature_kind(kind: SpectrumKind | str) -> SpectrumKind:
-    """``kind`` as a ``SpectrumKind`` that is weighted by curvature ("input" or "fisher"; a plain string is read as
-    its member).
-
-    Raises:
-        ValueError: for "weight" (no curvature) or a name that is no spectrum kind.
-    """
-    member = SpectrumKind(kind)
-    if not member.weighted:
-        raise ValueError(f"curvature is collected for a weighted spectrum (input or fisher), not {member}")
-    return member
-
-
-def projection_side(module: ModuleRef, kind: SpectrumKind, dense_limit: int | None) -> str | None:
-    """Which side a module's curvature is kept on: None (both factors formed), "input" (G is wider than
-    ``dense_limit`` and d_in <= d_out: G is projected) or "output" (A is wider and d_out < d_in). A module wide on both
-    sides keeps dense factors (no short side to project onto); ``dense_limit`` None never projects."""
-    kind = curvature_kind(kind)
-    d_out, d_in = module.shape
-    if dense_limit is None or max(d_out, d_in) <= dense_limit or min(d_out, d_in) > dense_limit:
-        return None
-    if d_in <= d_out:  # the wide factor is G, which an input-only spectrum never forms
-        return "input" if kind.needs_output_factor else None
-    return "output"
-
-
-def factor_bytes(module: ModuleRef, kind: SpectrumKind, dense_limit: int | None = None) -> int:
-    """Bytes one module holds during a pass: float64 factors, 8 (d_in² + d_out²) (8 d_in² for input-only); for a
-    projected module the near factor and the projected one, 2 · 8 d_s², and its float32 delta, 4 d_out d_in."""
-    kind = curvature_kind(kind)
-    d_out, d_in = module.shape
-    side = projection_side(module, kind, dense_limit)
-    if side is not None:
-        short = d_in if side == "input" else d_out
-        near = 8 * short * short if side == "input" or kind.needs_output_factor else 0
-        return near + 8 * short * short + 4 * d_out * d_in
-    return 8 * (d_in * d_in + (d_out * d_out if kind.needs_output_factor else 0))
-
-
-def automatic_factor_memory(device: torch.device | str | None = None, fraction: float = 0.5,
-                            cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """Bytes of factors to hold per pass when the setting is left empty: ``fraction`` of the memory available now,
-    measured once the model is loaded. The rest is left to the batches' activations and to whatever else runs beside
-    the collection.
-
-    Available: the host's (``psutil``: free plus reclaimable page cache), less where this process's cgroup allows
-    less (a container's limit, which psutil does not see). On a CUDA ``device`` also at most the device's free
-    memory: the float32 deltas of the projected modules, counted in the same budget, go to the model's device."""
-    import psutil
-
-    available = min(psutil.virtual_memory().available, _cgroup_available(cgroup_root))
-    if device is not None and torch.device(device).type == "cuda":
-        available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])
-    return int(available * fraction)
-
-
-def _cgroup_available(root: str) -> int:
-    """The cgroup's memory limit less its usage (v2: ``memory.max`` / ``memory.current``; v1: ``memory/
-    memory.limit_in_bytes`` / ``memory.usage_in_bytes``); unbounded when there is none or it cannot be read."""
-    from pathlib import Path
-
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            text = (Path(root) / limit).read_text().strip()
-            if text == "max":
-                return 2**63
-            return max(0, int(text) - int((Path(root) / usage).read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return 2**63
-
-
-def plan_passes(modules: Sequence[ModuleRef], kind: SpectrumKind, memory_bytes: int,
-                dense_limit: int | None = None) -> list[list[str]]:
-    """Layers grouped into passes, in depth order, each group's factors within ``memory_bytes`` (or one layer)."""
-    per_layer: OrderedDict[str, int] = OrderedDict()
-    for m in modules:
-        per_layer[m.layer] = per_layer.get(m.layer, 0) + factor_bytes(m, kind, dense_limit)
-    passes: list[list[str]] = []
-    held = 0
-    for layer, size in per_layer.items():
-        if passes and held + size <= memory_bytes:
-            passes[-1].append(layer)
-            held += size
-        else:
-            passes.append([layer])
-            held = size
-    return passes
 
 
 def calibration_tokens(examples: Sequence[dict]) -> tuple[int, int]:
