@@ -9,6 +9,7 @@ one network folder are not serialized.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -91,10 +92,8 @@ def output_lock(path: str | os.PathLike, command: str, flag: str = "--out") -> I
 def _take_back(lock: Path, made: list[Path]) -> None:
     """A lock that could not be taken leaves nothing behind: its file, and the folders made for it (innermost first,
     each only while empty)."""
-    try:
+    with contextlib.suppress(OSError):  # under a file, say: there is none
         lock.unlink(missing_ok=True)
-    except OSError:  # under a file, say: there is none
-        pass
     for folder in made:
         try:
             folder.rmdir()
