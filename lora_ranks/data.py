@@ -19,6 +19,7 @@ trained on every token. Records without the task key fall into one stratum named
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -72,8 +73,31 @@ def record_kind(record: dict, where: str = "record") -> str:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Load and check every record of a ``.json`` (list of objects) or ``.jsonl`` file."""
+    """Load and check every record of a ``.json`` (list of objects) or ``.jsonl`` file.
+
+    A command reads its records file several times (the preflight, the brief fine-tune, the calibration subset, the
+    split halves): the file is parsed and checked once per content, keyed by its path, size, modification time and
+    inode, and each call gets its own copy of the records."""
     path = Path(path)
+    try:
+        info = path.stat()
+    except OSError:
+        info = None
+    if info is not None and path.is_file():
+        key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
+        if key not in _LOADED:
+            _LOADED[key] = _load_records(path)
+            while len(_LOADED) > _LOADED_FILES:
+                _LOADED.pop(next(iter(_LOADED)))  # the oldest
+        return copy.deepcopy(_LOADED[key])
+    return _load_records(path)
+
+
+_LOADED: dict[tuple, list[dict]] = {}
+_LOADED_FILES = 4  # records files kept parsed (a command reads at most three: data, validation, held-out)
+
+
+def _load_records(path: Path) -> list[dict]:
     if path.is_dir():
         raise DataError(f"dataset file {path} is a folder; give a .json or .jsonl file of records")
     if path.exists() and not path.is_file():  # a FIFO, a device (/dev/null), a socket: no records to read twice

@@ -806,3 +806,26 @@ def test_curvature_kind_is_the_spectrum_kind_and_refuses_weight():
         curvature_kind("weight")
     with pytest.raises(ValueError):
         curvature_kind("hessian")
+
+
+def test_the_calibration_check_tokenizes_once_per_plan_and_files(finetuned_pair, monkeypatch):
+    """The command line's preflight and the flow's first task both check the calibration records in one process:
+    tokenized once; a changed records file is checked again."""
+    import os
+
+    import lora_ranks.analysis.curvature as curvature
+    from lora_ranks.analysis import AnalysisPlan
+    from lora_ranks.settings import CurvatureSettings, FinetuneSettings
+
+    base, finetuned, data = finetuned_pair
+    calls = []
+    real = curvature.calibration_examples
+    monkeypatch.setattr(curvature, "calibration_examples", lambda *a, **k: calls.append(a) or real(*a, **k))
+    settings = dict(curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=100),
+                    finetune=FinetuneSettings(subset_ratio=0.5))
+    plan = AnalysisPlan(str(base), str(finetuned), str(data), **settings)
+    counts = [plan.check_calibration(), AnalysisPlan(str(base), str(finetuned), str(data), **settings).check_calibration()]
+    assert counts[0] == counts[1] > 0 and len(calls) == 1
+    info = Path(data).stat()
+    os.utime(data, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
+    assert plan.check_calibration() == counts[0] and len(calls) == 2

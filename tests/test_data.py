@@ -98,3 +98,25 @@ def test_json_list_files_load(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(synthetic_records(2, fmt="mixed")))
     assert len(load_records(path)) == 10
+
+
+def test_a_records_file_is_parsed_once_per_content_and_each_caller_gets_its_own_copy(tmp_path, monkeypatch):
+    import os
+
+    import lora_ranks.data as data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one", "task": "a"}\n')
+    parsed = []
+    monkeypatch.setattr(data, "_load_records", lambda p, real=data._load_records: parsed.append(p) or real(p))
+    first = load_records(path)
+    first[0]["text"] = "changed by a caller"
+    assert load_records(path) == [{"text": "one", "task": "a"}] and len(parsed) == 1  # cached, and a copy
+    path.write_text('{"text": "two", "task": "a"}\n')
+    os.utime(path, ns=(1, 1))  # a new modification time, even on a coarse clock
+    assert load_records(path) == [{"text": "two", "task": "a"}] and len(parsed) == 2  # the new content is read
+    path.write_text('{"oops": 1}\n')
+    os.utime(path, ns=(2, 2))
+    for _ in range(2):  # a bad file is refused every time, never cached
+        with pytest.raises(DataError, match=f"{path}:1"):
+            load_records(path)

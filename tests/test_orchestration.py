@@ -71,9 +71,9 @@ def _run_driver(args, env, log_path, crash_at=None):
 
 
 def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path, prefect_harness):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "LORA_RANKS_MAX_WORKERS": "1",
-           "PYTHONPATH": str(REPO)}
-    env.pop("PREFECT_API_URL", None)  # each run uses its own ephemeral API on the shared SQLite database
+    env = {**os.environ, "LORA_RANKS_MAX_WORKERS": "1", "PYTHONPATH": str(REPO)}
+    # Each run uses its own ephemeral API on this worker's SQLite database (migrated once per worker, not per test).
+    env.pop("PREFECT_API_URL", None)
     out = tmp_path / "out"
     code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "crashed.log", crash_at="model.layers.3")
     assert code == 17, log[-3000:]

@@ -42,6 +42,18 @@ if TYPE_CHECKING:
 
 __all__ = ["AnalysisPlan", "StepClock"]
 
+_CALIBRATION_CHECKED: dict[tuple, int] = {}  # (plan, data file, tokenizer file) -> calibration records
+
+
+def _file_identity(path: str | Path) -> tuple:
+    """(path, size, modification time in ns) of a file, or (path,) when it cannot be read: a cache key that a
+    changed file misses."""
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return (str(path),)
+    return (str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+
 
 @dataclass(frozen=True)
 class AnalysisPlan:
@@ -134,9 +146,13 @@ class AnalysisPlan:
         from .curvature import calibration_examples
 
         model = resolve_model_path(self.finetuned or self.base)
-        tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=self.trust_remote_code)
-        return len(calibration_examples(self.data_path, tokenizer, self.finetune, self.curvature,
-                                        load_image_processor(model)))
+        # The command line's preflight and the flow's first task both ask, in one process: tokenized once.
+        key = (self, *_file_identity(self.data_path), *_file_identity(Path(model) / "tokenizer.json"))
+        if key not in _CALIBRATION_CHECKED:
+            tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=self.trust_remote_code)
+            _CALIBRATION_CHECKED[key] = len(calibration_examples(self.data_path, tokenizer, self.finetune,
+                                                                 self.curvature, load_image_processor(model)))
+        return _CALIBRATION_CHECKED[key]
 
     def check_before_finetune(self) -> None:
         """What a run that fine-tunes first can know from the base alone: the device, the rank bounds and the budget
