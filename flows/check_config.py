@@ -19,7 +19,7 @@ apply_defaults()
 
 from prefect import flow  # noqa: E402
 
-from lora_ranks.check import CheckFailed  # noqa: E402
+from lora_ranks.check import CheckFailed, CheckReport  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, CheckSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
 from tasks.check import (  # noqa: E402
     check_inputs_task,
@@ -40,7 +40,7 @@ def check_config_flow(
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),
     overwrite: Annotated[bool, described(INPUT_HELP["overwrite"])] = False,
-) -> dict:
+) -> CheckReport:
     """Measure a rank config on this machine; returns the report, or fails naming every budget that does not hold."""
     output_dir = claim_output_task(output_dir, "check-config", {"model": model, "rank_config": rank_config}, overwrite)
     target = check_inputs_task(model, rank_config, check, training, safety.trust_remote_code)
@@ -48,6 +48,6 @@ def check_config_flow(
     # One process per setting, one after the other, so that neither measurement disturbs the other.
     steps = {gc: measure_training_step_task(target, check, gc) for gc in (True, False)}
     report = write_check_report_task(target, check, training, inference, steps, output_dir)
-    if not report["ok"]:
-        raise CheckFailed("check failed: " + "; ".join(report["failures"]), report)
+    if not report.ok:
+        raise CheckFailed("check failed: " + "; ".join(report.failures), report)
     return report

@@ -35,7 +35,6 @@ apply_defaults()
 
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
-from prefect.futures import as_completed  # noqa: E402
 
 from lora_ranks.analysis import AnalysisPlan, OutputLayout, StepClock  # noqa: E402
 from lora_ranks.evidence.fidelity import check_report_data  # noqa: E402
@@ -51,6 +50,7 @@ from lora_ranks.settings import (  # noqa: E402
     SafetySettings,
 )
 from lora_ranks.synthetic import DEMO_MODEL, demo_finetune_settings, is_demo_model  # noqa: E402
+from tasks._cache import map_cached, run_cached  # noqa: E402
 from tasks.analysis import (  # noqa: E402
     analyze_layer_task,
     assemble_rank_config_task,
@@ -122,71 +122,40 @@ def svd_analysis(
         ft = preliminary_finetune_task(base_model, data_path, str(layout.finetune_dir), finetune,
                                        safety.trust_remote_code)
         plan = plan.with_pair(ft.pretrained_dir, ft.finetuned_dir)
-    base_model, finetuned_model, curvature = plan.base, plan.finetuned, plan.curvature
 
     # Step 4: preflight and layers.
     layers = discover_layers(plan)
     names, groups = list(layers.keys()), list(layers.values())
-    digests = fingerprint_layer.map(names, groups, unmapped(base_model), unmapped(finetuned_model),
-                                    unmapped(safety.allow_pickle))
+    digests = fingerprint_layer.map(unmapped(plan), names, groups)
 
     # Step 5: curvature factors from the fine-tuned model (input and fisher spectra), cached like the layers.
+    modules = [m for group in groups for m in group]
     factors = None
     if plan.spectrum.weighted:
-        modules = [m for group in groups for m in group]
-        collect = collect_curvature_task.with_options(refresh_cache=True) if refresh else collect_curvature_task
-        kwargs = dict(finetuned=finetuned_model, data_path=data_path, modules=modules, svd_dir=str(layout.svd_dir),
-                      curvature=curvature, subset=finetune, finetuned_digests=[d.result()[1] for d in digests],
-                      device=analysis.device, trust_remote_code=safety.trust_remote_code, base=base_model,
-                      base_digests=[d.result()[0] for d in digests], allow_pickle=safety.allow_pickle)
-        state = collect(**kwargs, return_state=True)
-        factors = state.result()
-        # Only a cached result can point at files changed since; a fresh one was hashed as it was written.
-        if state.name == "Cached" and not curvature_result_is_current(factors):
-            logger.warning("Recollecting curvature factors whose cached files are missing or changed")
-            factors = collect_curvature_task.with_options(refresh_cache=True)(**kwargs)
+        factors = run_cached(collect_curvature_task, curvature_result_is_current,
+                             "Recollecting curvature factors whose cached files are missing or changed",
+                             refresh=refresh, plan=plan, modules=modules, svd_dir=str(layout.svd_dir),
+                             digests=[d.result() for d in digests])
     clock.mark_discovered()
 
     # Step 6: one SVD task per layer, cached by the layer's content and the numerics.
-    analyze = analyze_layer_task.with_options(refresh_cache=True) if refresh else analyze_layer_task
-    shared = dict(base=unmapped(base_model), finetuned=unmapped(finetuned_model), svd_dir=unmapped(str(layout.svd_dir)),
-                  top_k=unmapped(allocation.required_top_k), analysis=unmapped(analysis),
-                  allow_pickle=unmapped(safety.allow_pickle), damping=unmapped(curvature.curvature_damping),
-                  curvature_path=[factors.paths[n] if factors else None for n in names],
-                  curvature_digest=[factors.digests[n] if factors else None for n in names])
-    futures = analyze.map(names, groups, digests, **shared)
     progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
                                         description=f"Layers analyzed (of {len(names)})")
-    for done, future in enumerate(as_completed(futures), start=1):
-        future.result()
-        update_progress_artifact(progress, progress=100.0 * done / len(names))
-    results = [f.result() for f in futures]
-    # A cached result whose layer file was deleted or overwritten since is recomputed.
-    stale = [i for i, r in enumerate(results) if not layer_result_is_current(r)]
-    if stale:
-        logger.warning("Recomputing %d layer(s) whose cached spectra file is missing or changed", len(stale))
-        redo = analyze_layer_task.with_options(refresh_cache=True).map(
-            [names[i] for i in stale], [groups[i] for i in stale], [digests[i] for i in stale],
-            **{**shared, "curvature_path": [shared["curvature_path"][i] for i in stale],
-               "curvature_digest": [shared["curvature_digest"][i] for i in stale]})
-        for i, result in zip(stale, redo.result()):
-            results[i] = result
+    results = map_cached(analyze_layer_task, layer_result_is_current,
+                         "Recomputing {n} layer(s) whose cached spectra file is missing or changed",
+                         mapped=dict(layer=names, modules=groups, digests=digests),
+                         shared=dict(plan=plan, svd_dir=str(layout.svd_dir), factors=factors), refresh=refresh,
+                         on_done=lambda done: update_progress_artifact(progress, progress=100.0 * done / len(names)))
     clock.mark_spectra_done()
 
-    # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share;
-    # the rank config.
+    # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share,
+    # cached by their inputs like the layers; the rank config.
     split_half = None
     if allocation.noise_estimate is NoiseEstimate.SPLIT_HALF:
-        # Cached by its inputs, like the layers: a rerun reuses the two fine-tunes unless their folders are gone.
-        split = split_half_finetunes_task.with_options(refresh_cache=True) if refresh else split_half_finetunes_task
-        halves = split(base_model, data_path, str(layout.split_half_dir), finetune, analysis.device,
-                       safety.trust_remote_code)
-        if not split_halves_are_current(halves):
-            logger.warning("Fine-tuning the split halves again: the cached fine-tunes' folders are missing or changed")
-            halves = split_half_finetunes_task.with_options(refresh_cache=True)(
-                base_model, data_path, str(layout.split_half_dir), finetune, analysis.device, safety.trust_remote_code)
-        split_half = split_half_ranks_task(base_model, *halves, [m for group in groups for m in group],
-                                           allocation.max_rank, safety.allow_pickle)
+        halves = run_cached(split_half_finetunes_task, split_halves_are_current,
+                            "Fine-tuning the split halves again: the cached fine-tunes' folders are missing or changed",
+                            refresh=refresh, plan=plan, out_dir=str(layout.split_half_dir))
+        split_half = split_half_ranks_task(plan, halves, modules)
     config_path = assemble_rank_config_task(plan, layers, results, str(layout.config_path), clock.timings(results),
                                             factors, split_half)
 

@@ -27,20 +27,20 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json, strict_json_loads
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT, PROVENANCE
 from .errors import LoraRanksError, list_problems
 from .outputs import check_output_dir
+from .reports import ExportReport, MergedExportReport, UniformExportReport
 from .settings import SERVING_RANKS, ExportSettings
 
 __all__ = ["AdapterError", "LoRAModule", "Adapter", "read_adapter", "serving_problems", "serving_readme",
            "served_scales", "note_serving", "check_export", "export_uniform", "export_merged", "export_adapter", "SERVERS"]
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: The files of a base model folder a merged model needs besides its weights and config (tokenizer, processor,
 #: chat template, generation defaults): copied into the merged folder; nothing else of the base folder is.
 _MODEL_SIDE_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|vocab\.json|"
                               r"merges\.txt|added_tokens\.json|chat_template\.(jinja|json)|generation_config\.json|"
                               r"(video_)?preprocessor_config\.json|processor_config\.json")
-PROVENANCE = "lora_ranks_adapter.json"  # how the adapter was made (extract / train, quantization of the base)
 _PREFIX = "base_model.model."
 
 # How each server scales and stores a PEFT LoRA (what ``serving_problems`` checks).
@@ -112,9 +112,9 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
             tensors (not exportable), or weights that do not match the config's ranks (every problem listed).
     """
     root = Path(folder)
-    config_path, weights_path = root / "adapter_config.json", root / ADAPTER_WEIGHTS
+    config_path, weights_path = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
     if root.is_file():
-        hint = f" (the adapter is the folder {root.parent})" if root.name in ("adapter_config.json", ADAPTER_WEIGHTS) else ""
+        hint = f" (the adapter is the folder {root.parent})" if root.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) else ""
         raise AdapterError(f"{root} is a file; an adapter is a folder holding adapter_config.json and {ADAPTER_WEIGHTS}"
                            + hint)
     if not root.is_dir():
@@ -269,7 +269,7 @@ def _serving_rank(adapter: Adapter, rank: int | None) -> int:
 
 
 def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | None = None, *,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False) -> UniformExportReport:
     """Write ``adapter_dir`` as a uniform-rank adapter in ``out_dir`` (see the module docstring); returns the report.
 
     Args:
@@ -292,14 +292,14 @@ def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | Non
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
     config = {**adapter.config, "r": R, "lora_alpha": R, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
-    report = {"format": "uniform", "source": str(adapter.folder), "rank": R, "global_scale": 1.0,
-              "source_ranks": adapter.ranks, "source_scales": {n: m.scale for n, m in adapter.modules.items()},
-              "bytes_before": adapter.bytes}
+    report = UniformExportReport(source=str(adapter.folder), rank=R, source_ranks=adapter.ranks,
+                                 source_scales={n: m.scale for n, m in adapter.modules.items()},
+                                 bytes_before=adapter.bytes)
     with atomic_folder(out_dir, overwrite=overwrite, content="adapter") as tmp:
-        atomic_write_json(tmp / "adapter_config.json", config)
+        atomic_write_json(tmp / ADAPTER_CONFIG, config)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        report["bytes_after"] = (tmp / ADAPTER_WEIGHTS).stat().st_size
-        atomic_write_json(tmp / "export_report.json", report)
+        report = report.model_copy(update={"bytes_after": (tmp / ADAPTER_WEIGHTS).stat().st_size})
+        atomic_write_json(tmp / EXPORT_REPORT, report.to_json())
         atomic_write_json(tmp / PROVENANCE, {**adapter.provenance, "exported_from": str(adapter.folder),
                                              "export": "uniform"})
     return report
@@ -350,7 +350,7 @@ def _keep_tied_embeddings(model: torch.nn.Module, tied: bool, base_dir: Path) ->
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
-                  trust_remote_code: bool = False, *, overwrite: bool = False) -> dict[str, Any]:
+                  trust_remote_code: bool = False, *, overwrite: bool = False) -> MergedExportReport:
     """Merge the adapter into its base (W + s_i B A per module) and write the full model to ``out_dir``.
 
     The base loads unquantized in its stored dtype (an adapter trained on a 4/8-bit base is merged into the
@@ -374,19 +374,19 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     model = PeftModel.from_pretrained(model, str(adapter.folder)).merge_and_unload()
     _keep_tied_embeddings(model, tied, base_dir)
     quantized = adapter.provenance.get("quantization")
-    report = {"format": "merged", "source": str(adapter.folder), "base": str(base_dir),
-              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "bytes_before": adapter.bytes,
-              "note": (f"trained on a {quantized}-quantized base; merged into the full-precision weights it was "
-                       "quantized from (outputs differ from the quantized training model by the quantization error)"
-                       if quantized else None)}
+    report = MergedExportReport(
+        source=str(adapter.folder), base=str(base_dir), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        bytes_before=adapter.bytes,
+        note=(f"trained on a {quantized}-quantized base; merged into the full-precision weights it was quantized "
+              "from (outputs differ from the quantized training model by the quantization error)" if quantized else None))
     with atomic_folder(out_dir, overwrite=overwrite, content="model") as tmp:
         model.save_pretrained(str(tmp), max_shard_size=_shard_bytes(base_dir))
         for f in base_dir.iterdir():  # what loads with the model; never the user's other files (notes, logs)
             if f.is_file() and not (tmp / f.name).exists() and _MODEL_SIDE_FILE.fullmatch(f.name):
                 shutil.copy2(f, tmp / f.name)
-        report["bytes_after"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        report["seconds"] = time.perf_counter() - start
-        atomic_write_json(tmp / "export_report.json", report)
+        report = report.model_copy(update={"bytes_after": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
+                                           "seconds": time.perf_counter() - start})
+        atomic_write_json(tmp / EXPORT_REPORT, report.to_json())
     return report
 
 
@@ -426,7 +426,7 @@ def _meta_base(adapter: Adapter, base: str | Path | None):
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, settings: ExportSettings = ExportSettings(),
                    base: str | Path | None = None, trust_remote_code: bool = False, *,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False) -> ExportReport:
     """``export_uniform`` or ``export_merged`` as ``settings.format`` says (each checks its input and ``out_dir``
     first); returns the report."""
     if settings.format == "merged":

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRACTION_REPORT, RANK_CONFIG
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, mismatch_message
 from .export import note_serving
 from .outputs import check_output_dir
+from .reports import ExtractionReport, ModuleExtraction
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
 from .spectra.weighted import module_truncation_factors
@@ -81,7 +83,7 @@ def _curvature_roots_of(rank_config: RankConfig, modules: list[ModuleRef], setti
 
 def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str | Path, out_dir: str | Path,
                  *, allow_pickle: bool = False, settings: ExtractionSettings = ExtractionSettings(),
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False) -> ExtractionReport:
     """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) whose every module is
     the best rank-r approximation of its delta at the configured rank; returns the extraction report.
 
@@ -112,7 +114,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     use_rslora = config.rank_config.use_rslora
     roots = _curvature_roots_of(config.rank_config, list(modules.values()), settings)
     tensors: dict[str, torch.Tensor] = {}
-    report: dict[str, Any] = {"modules": {}, "truncation": "curvature" if roots is not None else "weight"}
+    extracted: dict[str, ModuleExtraction] = {}
     for name, rank in wanted.items():
         alpha = config.rank_config.alpha_of(name)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -125,18 +127,21 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
             how = "weight"
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        report["modules"][name] = {"rank": rank, "scale": scale, "relative_error": rel_error, "truncation": how}
+        extracted[name] = ModuleExtraction(rank=rank, scale=scale, relative_error=rel_error, truncation=how)
         pair.close()
-    errors = [m["relative_error"] for m in report["modules"].values()]
-    report.update({"base": str(pair.base.root), "finetuned": str(pair.finetuned.root), "seconds": time.perf_counter() - start,
-                   "mean_relative_error": sum(errors) / len(errors), "max_relative_error": max(errors)})
+    errors = [m.relative_error for m in extracted.values()]
+    report = ExtractionReport(modules=extracted, truncation="curvature" if roots is not None else "weight",
+                              base=str(pair.base.root), finetuned=str(pair.finetuned.root),
+                              seconds=time.perf_counter() - start, mean_relative_error=sum(errors) / len(errors),
+                              max_relative_error=max(errors))
     with atomic_folder(out_dir, overwrite=overwrite, content="adapter") as tmp:
-        atomic_write_json(tmp / "adapter_config.json", config.adapter_config(str(pair.base.root)))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "lora_rank_config.json", config.rank_config.to_dict())
-        report["serving_problems"] = note_serving(tmp, {"made_by": "extract", "base": str(pair.base.root),
-                                                        "finetuned": str(pair.finetuned.root)}, out_dir)
-        atomic_write_json(tmp / "extraction_report.json", report)
+        atomic_write_json(tmp / ADAPTER_CONFIG, config.adapter_config(str(pair.base.root)))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        atomic_write_json(tmp / RANK_CONFIG, config.rank_config.to_dict())
+        problems = note_serving(tmp, {"made_by": "extract", "base": str(pair.base.root),
+                                      "finetuned": str(pair.finetuned.root)}, out_dir)
+        report = report.model_copy(update={"serving_problems": problems})
+        atomic_write_json(tmp / EXTRACTION_REPORT, report.to_json())
     return report
 
 

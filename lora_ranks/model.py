@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json
+from .adapter_files import ADAPTER_CONFIG, RANK_CONFIG
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, parse_rank_config
 from .errors import LoraRanksError, list_problems
 from .loading import Quantization, detect_model_type, load_model
@@ -280,9 +281,9 @@ def load_peft_checkpoint(model_name: str | Path, adapter_dir: str | Path, *, qua
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; is it a saved PEFT adapter?")
-    config_file = adapter_dir / "lora_rank_config.json"
+    config_file = adapter_dir / RANK_CONFIG
     rank_config = DynamicLoRAConfig.from_file(config_file) if config_file.is_file() else None
     factory = PEFTModelFactory(rank_config, quantization=quantization, **factory_kwargs)
     base, tokenizer = factory.load_base(model_name)
@@ -304,6 +305,6 @@ def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = 
     with atomic_folder(out, content="adapter") as tmp:
         model.save_pretrained(str(tmp))
         if config is not None:
-            atomic_write_json(tmp / "lora_rank_config.json", config.rank_config.to_dict())
+            atomic_write_json(tmp / RANK_CONFIG, config.rank_config.to_dict())
         note_serving(tmp, {"made_by": "lora-ranks", **(provenance or {})}, out)
     return out

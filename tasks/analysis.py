@@ -22,17 +22,14 @@ from lora_ranks.analysis import (
     AnalysisPlan,
     CurvatureResult,
     LayerResult,
-    analyze_layer,
-    collect_layer_curvature,
+    SplitHalfModule,
     layer_file_fingerprint,
     layer_file_name,
     numerics_identity,
-    split_half_ranks,
     zero_delta_message,
 )
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef
 from lora_ranks.config import Timings
-from lora_ranks.settings import AnalysisSettings, CurvatureSettings, FinetuneSettings
 from lora_ranks.spectra import default_device, resolve_method
 from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
@@ -54,10 +51,9 @@ def check_before_finetune_task(plan: AnalysisPlan) -> None:
 
 @task(name="fingerprint-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
       task_run_name="fingerprint-{layer}")
-def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned: str,
-                      allow_pickle: bool = False) -> tuple[str, str]:
-    """sha256 of this layer's weights in the base and the fine-tuned checkpoint (the cache identity)."""
-    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
+def fingerprint_layer(plan: AnalysisPlan, layer: str, modules: list[ModuleRef]) -> tuple[str, str]:
+    """sha256 of this layer's weights in the plan's base and fine-tuned checkpoints (the cache identity)."""
+    pair = CheckpointPair(plan.base, plan.finetuned, allow_pickle=plan.allow_pickle)
     try:
         return pair.fingerprints(modules)
     finally:
@@ -65,11 +61,11 @@ def fingerprint_layer(layer: str, modules: list[ModuleRef], base: str, finetuned
 
 
 @task(name="split-half-ranks", task_run_name="split-half-ranks")
-def split_half_ranks_task(pretrained: str, half_a: str, half_b: str, modules: list[ModuleRef], max_rank: int,
-                          allow_pickle: bool = False) -> dict[str, dict]:
-    """Per module, the directions the two half fine-tunes share (``analysis.split_half_ranks``)."""
-    ranks = split_half_ranks(pretrained, half_a, half_b, modules, max_rank, allow_pickle=allow_pickle)
-    get_run_logger().info("Split-half ranks: %s", {n: r["split_half_rank"] for n, r in ranks.items()})
+def split_half_ranks_task(plan: AnalysisPlan, halves: tuple[str, str], modules: list[ModuleRef]
+                          ) -> dict[str, SplitHalfModule]:
+    """Per module, the directions the two half fine-tunes share (``AnalysisPlan.split_half_ranks``)."""
+    ranks = plan.split_half_ranks(halves, modules)
+    get_run_logger().info("Split-half ranks: %s", {n: r.rank for n, r in ranks.items()})
     return ranks
 
 
@@ -89,26 +85,25 @@ def curvature_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``collect-curvature``: the fine-tuned weights (their layer digests) and the base's (projected
     factors go through the delta), the calibration file's bytes, the settings that shape the factors, the numerics
     identity and the device type."""
-    data = hashlib.sha256(Path(parameters["data_path"]).read_bytes()).hexdigest()
-    identity = [numerics_identity(), _device_type(parameters.get("device")), sorted(parameters["finetuned_digests"]),
-                sorted(parameters.get("base_digests") or []),
-                data, parameters["curvature"].to_dict(), parameters["subset"].to_dict(),
+    plan: AnalysisPlan = parameters["plan"]
+    data = hashlib.sha256(Path(plan.data_path).read_bytes()).hexdigest()
+    digests = parameters["digests"]
+    identity = [numerics_identity(), _device_type(plan.analysis.device), sorted(d[1] for d in digests),
+                sorted(d[0] for d in digests), data, plan.curvature.to_dict(), plan.finetune.to_dict(),
                 [m.name for m in parameters["modules"]], str(Path(parameters["svd_dir"]).resolve())]
     return "collect-curvature-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 @task(name="collect-curvature", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
       cache_key_fn=curvature_cache_key, persist_result=True, task_run_name="collect-curvature")
-def collect_curvature_task(finetuned: str, data_path: str, modules: list[ModuleRef], svd_dir: str,
-                           curvature: CurvatureSettings, subset: FinetuneSettings, finetuned_digests: list[str],
-                           device: str | None = None, trust_remote_code: bool = False, base: str | None = None,
-                           base_digests: list[str] | None = None, allow_pickle: bool = False) -> CurvatureResult:
+def collect_curvature_task(plan: AnalysisPlan, modules: list[ModuleRef], svd_dir: str,
+                           digests: list[tuple[str, str]]) -> CurvatureResult:
     """K-FAC factors of every target module from the fine-tuned model on the calibration records, one file per
-    layer (memory bounded by ``factor_memory_gb``; factors wider than ``dense_factor_limit`` projected through the
-    delta from ``base``); progress lines every few seconds (``lora_ranks.progress``)."""
+    layer (``AnalysisPlan.collect_curvature``; ``digests``: each layer's (base, fine-tuned) weight digests, the cache
+    identity); progress lines every few seconds (``lora_ranks.progress``)."""
     logger = get_run_logger()
-    result = collect_layer_curvature(finetuned, data_path, modules, svd_dir, curvature, subset, base=base,
-                                     allow_pickle=allow_pickle, device=device, trust_remote_code=trust_remote_code)
+    result = plan.collect_curvature(modules, svd_dir)
+    curvature = plan.curvature
     logger.info("%s factors of %d layers from %d records (%d tokens, %d trained on): %d pass(es) holding up to %.1f GiB "
                 "of factors each, %.1f s, of which %.1f s forming the factors", curvature.spectrum, len(result.paths),
                 result.records, result.tokens, result.response_tokens, result.passes, result.factor_memory_gb,
@@ -130,29 +125,26 @@ def curvature_result_is_current(result: CurvatureResult) -> bool:
 def layer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``analyze-layer`` (see the module docstring). Computed where the task runs, so the device type
     is the one the task would use."""
-    analysis: AnalysisSettings = parameters["analysis"]
+    plan: AnalysisPlan = parameters["plan"]
+    analysis, top_k, factors = plan.analysis, plan.allocation.required_top_k, parameters.get("factors")
     device_type = _device_type(analysis.device)
-    methods = [resolve_method(analysis.svd_method, device_type, m.shape, parameters["top_k"]) for m in parameters["modules"]]
+    methods = [resolve_method(analysis.svd_method, device_type, m.shape, top_k) for m in parameters["modules"]]
     identity = [numerics_identity(), device_type, methods, parameters["layer"], list(parameters["digests"]),
-                parameters["top_k"], analysis.svd_method, analysis.save_deltas, analysis.save_vectors,
-                str(Path(parameters["svd_dir"]).resolve()), parameters.get("curvature_digest"),
-                parameters.get("damping", 0.0)]
+                top_k, analysis.svd_method, analysis.save_deltas, analysis.save_vectors,
+                str(Path(parameters["svd_dir"]).resolve()),
+                factors.digests[parameters["layer"]] if factors else None,
+                plan.curvature.curvature_damping if factors else 0.0]
     return "analyze-layer-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 @task(name="analyze-layer", **TRANSIENT_RETRIES, retry_condition_fn=retry_if_transient,
       task_run_name="analyze-{layer}", cache_key_fn=layer_cache_key, persist_result=True)
-def analyze_layer_task(layer: str, modules: list[ModuleRef], digests: tuple[str, str], base: str, finetuned: str,
-                       svd_dir: str, top_k: int, analysis: AnalysisSettings, allow_pickle: bool = False,
-                       curvature_path: str | None = None, curvature_digest: str | None = None,
-                       damping: float = 0.0) -> LayerResult:
-    """Spectra of one layer's deltas (curvature-weighted when ``curvature_path`` is given), written to
-    ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
+def analyze_layer_task(plan: AnalysisPlan, layer: str, modules: list[ModuleRef], digests: tuple[str, str],
+                       svd_dir: str, factors: CurvatureResult | None = None) -> LayerResult:
+    """Spectra of one layer's deltas (``AnalysisPlan.analyze_layer``; curvature-weighted with ``factors``), written
+    to ``<svd_dir>/raw_data/layers/<layer>.safetensors``."""
     logger = get_run_logger()
-    pair = CheckpointPair(base, finetuned, allow_pickle=allow_pickle)
-    result = analyze_layer(pair, modules, svd_dir, top_k=top_k, method=analysis.svd_method, device=analysis.device,
-                           digests=tuple(digests), save_deltas=analysis.save_deltas, save_vectors=analysis.save_vectors,
-                           curvature_path=curvature_path, damping=damping)
+    result = plan.analyze_layer(modules, svd_dir, factors, tuple(digests))
     if result.cuda_oom_fallbacks:
         logger.warning("%s: CUDA ran out of memory on %s; computed on the CPU instead", layer,
                        ", ".join(result.cuda_oom_fallbacks))
@@ -170,7 +162,7 @@ def layer_result_is_current(result: LayerResult) -> bool:
 @task(name="assemble-rank-config")
 def assemble_rank_config_task(plan: AnalysisPlan, layers: OrderedDict[str, list[ModuleRef]], results: list[LayerResult],
                               config_path: str, timings: Timings, curvature_result: CurvatureResult | None = None,
-                              split_half: dict[str, dict] | None = None) -> str:
+                              split_half: dict[str, SplitHalfModule] | None = None) -> str:
     """Allocate ranks from every layer's spectra and write the validated config atomically."""
     modules = [m for mods in layers.values() for m in mods]
     config = plan.assemble(modules, results, config_path, curvature_result, split_half, timings)

@@ -7,6 +7,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from lora_ranks.check import (
+    CheckReport,
+    InferenceMeasurement,
+    StepMeasurement,
     Target,
     assess,
     check_inputs,
@@ -26,26 +29,28 @@ def check_inputs_task(model: str, rank_config: str, settings: CheckSettings, tra
 
 
 @task(name="measure-inference")
-def measure_inference_task(target: Target, settings: CheckSettings) -> dict:
+def measure_inference_task(target: Target, settings: CheckSettings) -> InferenceMeasurement:
     """Parameters, bytes and forward latency (base, unmerged, merged), in a fresh process."""
     return run_measurement(target, settings, "inference")
 
 
 @task(name="measure-training-step", task_run_name="measure-training-step-checkpointing-{gradient_checkpointing}")
-def measure_training_step_task(target: Target, settings: CheckSettings, gradient_checkpointing: bool) -> dict:
+def measure_training_step_task(target: Target, settings: CheckSettings, gradient_checkpointing: bool
+                               ) -> StepMeasurement:
     """Peak memory and speed of a training step, in a fresh process of its own."""
     return run_measurement(target, settings, "training", gradient_checkpointing)
 
 
 @task(name="write-check-report")
-def write_check_report_task(target: Target, settings: CheckSettings, training: LoRATrainingSettings, inference: dict,
-                            steps: dict[bool, dict], output_dir: str) -> dict:
+def write_check_report_task(target: Target, settings: CheckSettings, training: LoRATrainingSettings,
+                            inference: InferenceMeasurement, steps: dict[bool, StepMeasurement],
+                            output_dir: str) -> CheckReport:
     """The verdict: check_report.json, the table in the log and as a UI artifact."""
     report = assess(target, settings, training, predict_sizes(target), inference, steps)
     path = write_report(report, output_dir)
     create_markdown_artifact(key="check-config", markdown=markdown_table(report),
                              description="Memory and latency of a rank config on this worker")
     # The table itself is the UI artifact (and what the command prints); the log says where and what failed.
-    get_run_logger().info("Check of %s on %s: %s; report %s", report["target"]["rank_config"], report["machine"]["device"],
-                          "; ".join(report["failures"]) or "no budget fails", path)
+    get_run_logger().info("Check of %s on %s: %s; report %s", report.target["rank_config"], report.machine.device,
+                          "; ".join(report.failures) or "no budget fails", path)
     return report

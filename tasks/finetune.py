@@ -12,8 +12,9 @@ from prefect import get_run_logger, task
 import lora_ranks.data as data_module
 import lora_ranks.finetune as finetune_module
 from lora_ranks._version import __version__
+from lora_ranks.analysis import AnalysisPlan
 from lora_ranks.devices import bf16_units
-from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune, run_split_half_finetunes
+from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.spectra import default_device
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
@@ -62,9 +63,10 @@ def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     code = hashlib.sha256(__version__.encode())
     for module in (finetune_module, data_module):
         code.update(Path(module.__file__).read_bytes())
-    device = (parameters.get("device") or default_device().type).split(":")[0]
-    identity = [_files_digest(parameters["model_path"]), hashlib.sha256(Path(parameters["data_path"]).read_bytes())
-                .hexdigest(), parameters["settings"].to_dict(), device, bf16_units(device), code.hexdigest(),
+    plan: AnalysisPlan = parameters["plan"]
+    device = (plan.analysis.device or default_device().type).split(":")[0]
+    identity = [_files_digest(plan.base), hashlib.sha256(Path(plan.data_path).read_bytes()).hexdigest(),
+                plan.finetune.to_dict(), device, bf16_units(device), code.hexdigest(),
                 str(Path(parameters["out_dir"]).resolve())]
     return "split-half-finetunes-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
@@ -82,12 +84,9 @@ def split_halves_are_current(halves: tuple[str, str]) -> bool:
 
 @task(name="split-half-finetunes", task_run_name="split-half-finetunes", retries=1, retry_delay_seconds=10,
       retry_condition_fn=retry_if_transient, cache_key_fn=split_half_cache_key, persist_result=True)
-def split_half_finetunes_task(model_path: str, data_path: str, out_dir: str, settings: FinetuneSettings,
-                              device: str | None = None, trust_remote_code: bool = False) -> tuple[str, str]:
-    """Two brief fine-tunes on disjoint halves of the fine-tuning subset (the split-half noise estimate); returns
-    the two fine-tuned folders."""
-    halves = run_split_half_finetunes(model_path, data_path, out_dir, settings, device=device, progress=False,
-                                      trust_remote_code=trust_remote_code)
-    get_run_logger().info("Split-half fine-tunes: %s and %s (%d steps each)", halves[0].finetuned_dir,
-                          halves[1].finetuned_dir, halves[0].steps)
-    return halves[0].finetuned_dir, halves[1].finetuned_dir
+def split_half_finetunes_task(plan: AnalysisPlan, out_dir: str) -> tuple[str, str]:
+    """Two brief fine-tunes on disjoint halves of the fine-tuning subset (``AnalysisPlan.split_half_finetunes``, the
+    split-half noise estimate); returns the two fine-tuned folders."""
+    halves = plan.split_half_finetunes(out_dir)
+    get_run_logger().info("Split-half fine-tunes: %s and %s", *halves)
+    return halves

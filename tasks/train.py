@@ -15,11 +15,11 @@ def extract_lora_task(base: str, finetuned: str, rank_config_path: str, out_dir:
                       settings: ExtractionSettings = ExtractionSettings()) -> str:
     """The best adapter of the full fine-tune at the configured ranks (used as a warm start)."""
     report = extract_lora(base, finetuned, rank_config_path, out_dir, allow_pickle=allow_pickle, settings=settings)
-    for server, problem in report["serving_problems"].items():
+    for server, problem in report.serving_problems.items():
         get_run_logger().warning("Serving: %s %s (see %s/README.md)", server, problem, out_dir)
     get_run_logger().info("Extracted %d modules to %s (%s truncation): mean relative error %.4f, max %.4f",
-                          len(report["modules"]), out_dir, report["truncation"], report["mean_relative_error"],
-                          report["max_relative_error"])
+                          len(report.modules), out_dir, report.truncation, report.mean_relative_error,
+                          report.max_relative_error)
     return out_dir
 
 

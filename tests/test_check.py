@@ -9,7 +9,7 @@ import pytest
 
 from flows.cli import main
 from lora_ranks.analysis import analyze_checkpoints
-from lora_ranks.check import Target, check_rank_config, format_table
+from lora_ranks.check import InferenceMeasurement, StepMeasurement, Target, check_rank_config, format_table
 from lora_ranks.check.measure import GIB, measure_training_step, run_isolated
 from lora_ranks.errors import LoraRanksError
 from lora_ranks.ranks import AllocationSettings
@@ -74,15 +74,16 @@ def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsy
     assert not report["ok"] and len(report["failures"]) == 1
 
 
-def _measured(unmerged_overhead: float) -> tuple[dict, dict]:
-    """An inference measurement and training steps as the measuring processes return them (for ``assess``)."""
+def _measured(unmerged_overhead: float) -> tuple[InferenceMeasurement, dict[bool, StepMeasurement]]:
+    """An inference measurement and training steps, typed as ``run_measurement`` returns them (for ``assess``)."""
     inference = {"adapter_parameters": 10, "parameters": 110, "adapter_bytes": 40, "adapter_dtype": "float32",
                  "base_bytes": 400, "dtype": "float32", "device_name": "cpu (test)", "base_ms": 10.0,
                  "unmerged_ms": 10.0 * (1 + unmerged_overhead), "unmerged_base_ms": 10.0,
                  "unmerged_overhead": unmerged_overhead, "merged_ms": 10.0, "merged_base_ms": 10.0, "merged_overhead": 0.0}
     step = {"peak_bytes": 3 * GIB, "loaded_bytes": GIB, "peak_covers": "the training steps", "step_seconds": 1.0,
             "tokens_per_s": 100.0}
-    return inference, {True: step, False: {**step, "peak_bytes": 5 * GIB}}
+    return InferenceMeasurement(**inference), {True: StepMeasurement(**step),
+                                                              False: StepMeasurement(**{**step, "peak_bytes": 5 * GIB})}
 
 
 @pytest.mark.parametrize("budgets, failures", [
@@ -99,8 +100,8 @@ def test_each_budget_is_an_assertion_on_its_line(tiny, budgets, failures):
     settings = CheckSettings(seq_len=128, **budgets)
     inference, steps = _measured(0.3)
     report = assess(target, settings, LoRATrainingSettings(), predict_sizes(target), inference, steps)
-    assert report["failures"] == failures and report["ok"] == (not failures)
-    verdicts = {r["quantity"]: r["verdict"] for r in report["rows"]}
+    assert report.failures == failures and report.ok == (not failures)
+    verdicts = {r.quantity: r.verdict for r in report.rows}
     assert verdicts["training peak, checkpointing on *"] == ("FAIL" if "training" in str(failures) else "ok")
     assert verdicts["training peak, checkpointing off"] == ""  # not the mode training uses: shown, not asserted
     assert verdicts["forward, unmerged adapter"] == ("FAIL" if "forward" in str(failures) else "ok")
@@ -117,12 +118,12 @@ def test_the_ms_beside_each_overhead_are_the_round_it_was_computed_from(tiny):
 
     rounds = {"unmerged": {"base_ms": [10.0, 12.0, 11.0, 9.0], "adapter_ms": [13.0, 18.0, 12.1, 9.9]},  # x1.3, 1.5, 1.1, 1.1
               "merged": {"base_ms": [10.0, 12.0, 11.0, 9.0], "adapter_ms": [9.5, 12.0, 11.55, 8.1]}}  # x.95, 1, 1.05, .9
-    inference = {**_measured(0.0)[0], **latency_figures(rounds)}
+    inference = _measured(0.0)[0].model_copy(update=latency_figures(rounds))
     target = Target(*tiny, "cpu")
     report = assess(target, CheckSettings(seq_len=128, max_infer_overhead=0.5), LoRATrainingSettings(),
                     predict_sizes(target), inference, _measured(0.0)[1])
-    assert report["inference"]["rounds"] == rounds  # check_report.json holds the raw per-round times
-    assert report["inference"]["base_ms"] == 10.5  # the base row: the median of all 8 base rounds
+    assert report.to_json()["inference"]["rounds"] == rounds  # check_report.json holds the raw per-round times
+    assert report.inference.base_ms == 10.5  # the base row: the median of all 8 base rounds
     row = re.compile(r"forward, (unmerged|merged) adapter\s*\|?\s*([+-]\d+\.\d)% \((\d+\.\d\d) vs (\d+\.\d\d) ms\)")
     for text in (format_table(report), markdown_table(report)):
         found = {m[1]: (float(m[2]), float(m[3]), float(m[4])) for m in row.finditer(text)}
@@ -137,13 +138,13 @@ def test_running_out_of_memory_in_the_mode_training_uses_fails_without_a_budget(
 
     target = Target(*tiny, "cpu")
     inference, steps = _measured(0.3)
-    oom = {"out_of_memory": "CUDA out of memory", "peak_bytes": 0, "loaded_bytes": None, "peak_covers": "loading"}
+    oom = StepMeasurement(out_of_memory="CUDA out of memory", peak_bytes=0, peak_covers="loading")
     report = assess(target, CheckSettings(seq_len=128), LoRATrainingSettings(), predict_sizes(target), inference,
                     {True: oom, False: steps[False]})
-    assert report["failures"] == ["training peak, checkpointing on: out of memory (CUDA out of memory)"]
+    assert report.failures == ["training peak, checkpointing on: out of memory (CUDA out of memory)"]
     report = assess(target, CheckSettings(seq_len=128), LoRATrainingSettings(), predict_sizes(target), inference,
                     {True: steps[True], False: oom})  # only the mode training does not use ran out: informative
-    assert report["ok"]
+    assert report.ok
 
 
 @pytest.mark.slow
@@ -199,14 +200,14 @@ def test_without_bitsandbytes_a_quantized_check_says_so_instead_of_guessing(tiny
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails, as where it cannot load
     report = check_rank_config(*tiny, CheckSettings(seq_len=128, max_train_memory_gb=10),
                                LoRATrainingSettings(quantization="4bit"))
-    assert not report["ok"]
+    assert not report.ok
     table = format_table(report)
     assert "4bit quantization needs bitsandbytes, which cannot load here" in table
-    assert report["failures"] == [f"training peak, checkpointing on: not measured ({report['rows'][4]['value']}), "
-                                  "budget <= 10 GiB"]
-    assert report["predicted"]["base_bytes"] is None  # a packed base is not predicted either
+    assert report.failures == [f"training peak, checkpointing on: not measured ({report.rows[4].value}), "
+                               "budget <= 10 GiB"]
+    assert report.predicted.base_bytes is None  # a packed base is not predicted either
     unasserted = check_rank_config(*tiny, CheckSettings(seq_len=128), LoRATrainingSettings(quantization="4bit"))
-    assert unasserted["ok"] and "not measured" in format_table(unasserted)
+    assert unasserted.ok and "not measured" in format_table(unasserted)
 
 
 @pytest.mark.parametrize("extra, message", [

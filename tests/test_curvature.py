@@ -361,9 +361,9 @@ def test_extraction_with_the_curvature_truncation(finetuned_pair, tmp_path):
     config_path = tmp_path / "an" / "configs" / "lora_rank_config.json"
     ours = extract_lora(base, finetuned, config_path, tmp_path / "fisher")
     plain = extract_lora(base, finetuned, config_path, tmp_path / "plain", settings=ExtractionSettings(truncation="weight"))
-    assert ours["truncation"] == "curvature" and plain["truncation"] == "weight"
+    assert ours.truncation == "curvature" and plain.truncation == "weight"
     name = "model.layers.0.self_attn.v_proj"
-    rank, scale = ours["modules"][name]["rank"], ours["modules"][name]["scale"]
+    rank, scale = ours.modules[name].rank, ours.modules[name].scale
     factors = load_curvature_file(tmp_path / "an" / "analysis_outputs" / "svd" / "curvature" / "model.layers.0.safetensors")[name]
     pair = CheckpointPair(base, finetuned)
     delta = pair.delta(next(m for m in pair.modules() if m.name == name), torch.float64)

@@ -95,11 +95,11 @@ def test_uniform_export_is_exact_through_plain_peft(which, adapters, hand_made, 
     source = hand_made if which == "hand" else adapters[which]
     report = export_uniform(source, tmp_path / "uniform")
     config = json.loads((tmp_path / "uniform" / "adapter_config.json").read_text())
-    assert report["rank"] == min(r for r in SERVING_RANKS if r >= max(read_adapter(source).ranks.values()))
+    assert report.rank == min(r for r in SERVING_RANKS if r >= max(read_adapter(source).ranks.values()))
     assert (config["r"], config["lora_alpha"], config["use_rslora"], config["rank_pattern"], config["alpha_pattern"]) == \
-        (report["rank"], report["rank"], False, {}, {})
-    assert set(read_adapter(tmp_path / "uniform").ranks.values()) == {report["rank"]}
-    assert report["bytes_after"] > report["bytes_before"]
+        (report.rank, report.rank, False, {}, {})
+    assert set(read_adapter(tmp_path / "uniform").ranks.values()) == {report.rank}
+    assert report.bytes_after > report.bytes_before
     base = _base(planted_pair[0])
     with torch.no_grad():
         base_logits = base(TOKENS).logits
@@ -126,7 +126,7 @@ def test_serving_rules_mis_scale_the_originals_and_not_the_exports(adapters, han
 
 
 def test_explicit_serving_rank_and_its_refusals(adapters, tmp_path):
-    assert export_uniform(adapters["constant"], tmp_path / "u32", rank=32)["rank"] == 32
+    assert export_uniform(adapters["constant"], tmp_path / "u32", rank=32).rank == 32
     largest = max(read_adapter(adapters["constant"]).ranks.values())
     with pytest.raises(AdapterError, match=f"--rank 1 is below the largest module rank {largest}"):
         export_uniform(adapters["constant"], tmp_path / "u8", rank=1)
@@ -149,7 +149,7 @@ def test_merged_export_matches_the_unmerged_model_and_is_sharded_like_the_base(a
     report = export_merged(adapters["rslora"], tmp_path / "merged", base=base_dir)
     merged = sorted((tmp_path / "merged").glob("*.safetensors"))
     assert len(merged) > 1 and max(p.stat().st_size for p in merged) <= max(p.stat().st_size for p in shards)
-    assert (tmp_path / "merged" / "tokenizer.json").is_file() and report["note"] is None
+    assert (tmp_path / "merged" / "tokenizer.json").is_file() and report.note is None
     with torch.no_grad():
         merged_logits = _base(tmp_path / "merged")(TOKENS).logits
     assert _rel(merged_logits, _peft_logits(base_dir, adapters["rslora"])) <= EXACT
@@ -240,7 +240,7 @@ def test_an_adapter_trained_on_a_quantized_base_merges_into_the_full_precision_w
     shutil.copytree(adapters["constant"], source)
     (source / "lora_ranks_adapter.json").write_text(json.dumps({"made_by": "train", "quantization": "4bit"}))
     report = export_merged(source, tmp_path / "merged", base=planted_pair[0])
-    assert "4bit-quantized base" in report["note"] and "full-precision" in report["note"]
+    assert "4bit-quantized base" in report.note and "full-precision" in report.note
     with torch.no_grad():
         merged = _base(tmp_path / "merged")(TOKENS).logits
     assert _rel(merged, _peft_logits(planted_pair[0], source)) <= EXACT

@@ -268,7 +268,7 @@ def test_validation_errors_are_user_errors():
 
 @pytest.mark.slow
 def test_a_deterministic_layer_failure_is_not_retried(pair, tmp_path, monkeypatch, task_states):
-    import tasks.analysis as T
+    import lora_ranks.analysis.layer as T  # the step the plan runs
     from flows.svd_analysis import svd_analysis
 
     def broken(pair_, modules, *args, **kwargs):

@@ -63,7 +63,7 @@ def test_train_extract_and_both_exports_keep_the_tied_head(llama, tmp_path):
     root, pair, data, _ = llama
     config_path = root / "analysis" / "configs" / "lora_rank_config.json"
     extracted = extract_lora(pair.pretrained_dir, pair.finetuned_dir, config_path, tmp_path / "warm")
-    assert extracted["truncation"] == "curvature"  # the Fisher-weighted truncation the ranks were chosen by
+    assert extracted.truncation == "curvature"  # the Fisher-weighted truncation the ranks were chosen by
     trained = train_dynamic_lora(pair.pretrained_dir, config_path, data, tmp_path / "train",
                                  LoRATrainingSettings(max_steps=3, batch_size=4, learning_rate=1e-2,
                                                       gradient_checkpointing=False),
@@ -98,9 +98,9 @@ def test_check_measures_a_llama_config(llama):
                                CheckSettings(batch=1, seq_len=16, latency_repeats=3, device="cpu"),
                                LoRATrainingSettings(gradient_checkpointing=False))
     config = load_rank_config(root / "analysis" / "configs" / "lora_rank_config.json")
-    assert report["predicted"]["adapter_parameters"] == config.trainable_parameters
-    assert report["ok"] and "impossible" not in report["inference"]
-    assert all("impossible" not in step for step in report["training_step"].values())
+    assert report.predicted.adapter_parameters == config.trainable_parameters
+    assert report.ok and report.inference.impossible is None
+    assert all(step.impossible is None for step in report.training_step.values())
 
 
 def test_a_head_untied_by_storage_is_retied_exactly_and_a_changed_one_refused(tmp_path):

@@ -20,6 +20,7 @@ from lora_ranks.model import (
     validate_peft_model,
 )
 from lora_ranks.ranks import AllocationSettings
+from lora_ranks.reports import ExtractionReport
 from lora_ranks.spectra import truncated_svd_factors
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 8, 200, 11]])
@@ -135,7 +136,7 @@ def test_full_rank_extraction_reproduces_the_finetuned_model(planted_pair, tmp_p
     for name, meta in raw["analysis_metadata"]["modules"].items():
         assert raw["rank_pattern"][anchored_key(name)] == min(meta["shape"])
     report = extract_lora(*planted_pair, full_config, tmp_path / "adapter")
-    assert report["max_relative_error"] < 1e-6
+    assert report.max_relative_error < 1e-6
     model, _ = load_peft_checkpoint(planted_pair[0], tmp_path / "adapter")
     model.eval()
     finetuned = AutoModelForCausalLM.from_pretrained(planted_pair[1]).eval()
@@ -164,11 +165,11 @@ def test_truncated_svd_factors_are_optimal(shape, rank):
 def test_extraction_report_errors_match_the_spectrum(planted_pair, rank_config_path, tmp_path):
     report = extract_lora(*planted_pair, rank_config_path, tmp_path / "adapter")
     config = json.loads(rank_config_path.read_text())
-    for name, entry in report["modules"].items():
+    for name, entry in report.modules.items():
         kept = config["analysis_metadata"]["modules"][name]["energy_retained"]
-        assert entry["relative_error"] == pytest.approx((1 - kept) ** 0.5, abs=1e-6)
+        assert entry.relative_error == pytest.approx((1 - kept) ** 0.5, abs=1e-6)
     saved = json.loads((tmp_path / "adapter" / "extraction_report.json").read_text())
-    assert saved["modules"] == report["modules"]
+    assert ExtractionReport.model_validate(saved) == report  # the file is the typed report
 
 
 def test_hot_swap_between_adapters(planted_pair, rank_config_path, tmp_path):
@@ -245,8 +246,8 @@ def test_extraction_of_a_config_without_weight_keys_maps_names(planted_pair, ran
         meta.pop("weight_key")
     old = tmp_path / "old.json"
     old.write_text(json.dumps(raw))
-    assert extract_lora(*planted_pair, old, tmp_path / "a")["modules"] == \
-        extract_lora(*planted_pair, rank_config_path, tmp_path / "b")["modules"]
+    assert extract_lora(*planted_pair, old, tmp_path / "a").modules == \
+        extract_lora(*planted_pair, rank_config_path, tmp_path / "b").modules
 
 
 def test_warm_start_source_follows_the_rank_config(tmp_path):
@@ -304,4 +305,4 @@ def test_training_counts_parameters_as_peft_does_also_when_quantized(trainable_b
     from lora_ranks.export import export_merged
 
     assert json.loads((tmp_path / "4bit" / "adapter" / "lora_ranks_adapter.json").read_text())["quantization"] == "4bit"
-    assert "4bit-quantized base" in export_merged(tmp_path / "4bit" / "adapter", tmp_path / "merged")["note"]
+    assert "4bit-quantized base" in export_merged(tmp_path / "4bit" / "adapter", tmp_path / "merged").note

@@ -38,7 +38,7 @@ def _comparable(config: dict) -> dict:
 
 DRIVER = textwrap.dedent("""
     import os, sys
-    import tasks.analysis as T
+    import lora_ranks.analysis.layer as T  # the step the plan runs
     crash_at = os.environ.get("CRASH_AT_LAYER")
     original = T.analyze_layer
     def analyze_or_die(pair, modules, *args, **kwargs):
@@ -136,7 +136,7 @@ def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, prefect
 
 
 def test_a_layer_that_fails_once_is_retried(planted_pair, tmp_path, monkeypatch, task_states):
-    import tasks.analysis as T
+    import lora_ranks.analysis.layer as T  # the step the plan runs
     from flows.svd_analysis import svd_analysis
 
     calls = {"n": 0}

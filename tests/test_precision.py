@@ -207,13 +207,16 @@ def test_a_warm_start_over_a_bf16_base_keeps_its_float32_weights_exactly(pretend
 
 def test_cached_split_half_finetunes_are_not_reused_across_bf16_units(monkeypatch, tmp_path):
     """precision auto resolves by the hardware: the cache key of the split-half fine-tunes includes the units."""
+    from lora_ranks.analysis import AnalysisPlan
+    from lora_ranks.settings import AnalysisSettings
     from tasks.finetune import split_half_cache_key
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     data = write_synthetic_dataset(tmp_path / "d.jsonl", 2)
-    parameters = {"model_path": str(tmp_path / "model"), "data_path": str(data), "settings": FinetuneSettings(),
-                  "out_dir": str(tmp_path / "out"), "device": "cpu"}
+    plan = AnalysisPlan(str(tmp_path / "model"), data_path=str(data), finetune=FinetuneSettings(),
+                        analysis=AnalysisSettings(device="cpu"))
+    parameters = {"plan": plan, "out_dir": str(tmp_path / "out")}
     monkeypatch.delenv(HIDE_CPU_BF16, raising=False)
     keys = []
     for units in (None, "avx512_bf16", None):

@@ -44,18 +44,19 @@ def run_command(command: str, inputs: dict, settings: dict) -> list[str]:
         from lora_ranks.extract import extract_lora
 
         report = extract_lora(**inputs, allow_pickle=settings["safety"].allow_pickle, settings=settings["extraction"])
-        return [f"Adapter:  {Path(inputs['out_dir']).resolve()}  ({len(report['modules'])} modules, {report['truncation']} "
-                f"truncation, relative error mean {report['mean_relative_error']:.4f}, "
-                f"max {report['max_relative_error']:.4f})", *_serving_lines(report["serving_problems"], inputs["out_dir"])]
+        return [f"Adapter:  {Path(inputs['out_dir']).resolve()}  ({len(report.modules)} modules, {report.truncation} "
+                f"truncation, relative error mean {report.mean_relative_error:.4f}, "
+                f"max {report.max_relative_error:.4f})", *_serving_lines(report.serving_problems, inputs["out_dir"])]
     if command == "export":
         from lora_ranks.export import export_adapter
 
         report = export_adapter(inputs["adapter_dir"], inputs["out_dir"], settings["export"], inputs["base"],
                                 settings["safety"].trust_remote_code, overwrite=inputs["overwrite"])
-        shape = f"rank {report['rank']}, global scale 1" if report["format"] == "uniform" else f"merged, {report['dtype']}"
-        lines = [f"Exported: {Path(inputs['out_dir']).resolve()}  ({shape}; {report['bytes_before']:,} bytes of adapter "
-                 f"-> {report['bytes_after']:,} bytes)"]
-        return lines + ([f"Note:     {report['note']}"] if report.get("note") else [])
+        merged = report.format == "merged"
+        shape = f"merged, {report.dtype}" if merged else f"rank {report.rank}, global scale 1"
+        lines = [f"Exported: {Path(inputs['out_dir']).resolve()}  ({shape}; {report.bytes_before:,} bytes of adapter "
+                 f"-> {report.bytes_after:,} bytes)"]
+        return lines + ([f"Note:     {report.note}"] if merged and report.note else [])
     if command == "train":
         from flows.train_dynamic_lora import train_dynamic_lora_flow
 
@@ -70,7 +71,7 @@ def run_command(command: str, inputs: dict, settings: dict) -> list[str]:
 
         report = check_config_flow(**inputs, **settings)
         return [format_table(report), "", f"Report:   {Path(inputs['output_dir']).resolve() / REPORT_NAME}",
-                "All budgets hold." if any(r["budget"] for r in report["rows"]) else "No budgets given."]
+                "All budgets hold." if any(r.budget for r in report.rows) else "No budgets given."]
     if command == "compare":
         from flows.compare_allocations import compare_allocations
 

@@ -18,9 +18,10 @@ _EXPORTS = {
     "load_curvature_file": "curvature",
     "LayerResult": "layer", "analyze_layer": "layer", "numerics_identity": "layer",
     "Layout": "layout", "OutputLayout": "layout", "layer_file_fingerprint": "layout", "layer_file_name": "layout",
-    "load_layer_spectra": "layout", "load_spectra": "layout", "spectra_files": "layout",
+    "load_layer_spectra": "layout", "load_spectra": "layout", "spectra_files": "layout", "SpectrumFacts": "layout",
+    "LayerFileMetadata": "layout",
     "AnalysisPlan": "plan", "StepClock": "plan",
-    "split_half_ranks": "split_half",
+    "SplitHalfModule": "split_half", "split_half_ranks": "split_half",
 }
 __all__ = list(_EXPORTS)
 

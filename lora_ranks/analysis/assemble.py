@@ -19,6 +19,7 @@ from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, Curvat
 from ..spectra import Spectrum
 from .layer import LayerResult
 from .layout import OutputLayout, load_module_records, load_spectra
+from .split_half import SplitHalfModule
 
 __all__ = ["assemble_rank_config", "analyze_checkpoints", "zero_delta_message"]
 
@@ -36,7 +37,7 @@ def assemble_rank_config(
     *,
     alpha_policy: AlphaPolicy = AlphaPolicy(),
     extra_metadata: dict | None = None,
-    split_half: dict[str, dict] | None = None,
+    split_half: dict[str, SplitHalfModule] | None = None,
 ) -> tuple[RankConfig, dict[str, Spectrum]]:
     """Read every layer's spectra, allocate ranks, write the validated config atomically.
 
@@ -54,9 +55,9 @@ def assemble_rank_config(
     records = load_module_records(paths)
     allocations = allocate_ranks(modules, spectra, settings, base_parameters=pair.base_parameters,
                                  weight_spectra=load_spectra(paths, weight=True),
-                                 kinds={n: r["spectrum"] for n, r in records.items()},
-                                 fallbacks={n: r["fallback"] for n, r in records.items() if r.get("fallback")},
-                                 split_half={n: r["split_half_rank"] for n, r in split_half.items()} if split_half else None)
+                                 kinds={n: r.spectrum for n, r in records.items()},
+                                 fallbacks={n: r.fallback for n, r in records.items() if r.fallback},
+                                 split_half={n: r.rank for n, r in split_half.items()} if split_half else None)
     spectra_info = {
         name: {"svd_method": s.method, "rel_error_bound": s.rel_error_bound, "svd_seconds": round(s.seconds, 6),
                "device": s.device, "total_energy": s.total_energy}
@@ -75,8 +76,7 @@ def assemble_rank_config(
         },
     }
     if split_half:
-        metadata["split_half"] = {n: {"agreement": r["agreement"], "min_agreement": r["min_agreement"]}
-                                  for n, r in split_half.items()}
+        metadata["split_half"] = {n: r.record for n, r in split_half.items()}
     if extra_metadata:
         metadata.update(extra_metadata)
     config = build_rank_config(allocations, settings, base_parameters=pair.base_parameters,

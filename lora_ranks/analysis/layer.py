@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,10 +30,11 @@ from ..spectra import (
     spectra_pool,
     truncated_svd_factors,
 )
+from ..spectra.kind import SpectrumKind
 from ..spectra.spectrum import gram_spectrum, short_side_gram
 from ..spectra.weighted import ProjectedCurvature, module_weighted_spectrum, shares_gram
 from .curvature import curvature_roots
-from .layout import WEIGHT_PREFIX, layer_file, write_layer_file
+from .layout import WEIGHT_PREFIX, LayerFileMetadata, SpectrumFacts, layer_file, write_layer_file
 
 __all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
 
@@ -174,7 +174,7 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
     tensors: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
     vectors: dict[str, torch.Tensor] = {}
-    info: dict[str, dict] = {}
+    facts: dict[str, SpectrumFacts] = {}
     for module, spectrum, weighted, delta, factors in results:  # in module order whatever finished first
         if delta is not None:
             deltas[module.name] = delta
@@ -182,30 +182,23 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
             vectors[f"{module.name}.A"], vectors[f"{module.name}.B"] = factors
         main = weighted if weighted is not None else spectrum
         tensors[module.name] = torch.from_numpy(main.singular_values.copy())  # (k,) float64
-        info[module.name] = {**_facts(main), "spectrum": str(kind) if weighted is not None else "weight"}
-        if kind != "weight":
+        fallback = ("never ran on the calibration records: weight spectrum"
+                    if kind is not SpectrumKind.WEIGHT and weighted is None else None)
+        facts[module.name] = SpectrumFacts.of(main, kind if weighted is not None else SpectrumKind.WEIGHT, fallback)
+        if kind is not SpectrumKind.WEIGHT:
             tensors[WEIGHT_PREFIX + module.name] = torch.from_numpy(spectrum.singular_values.copy())
-            info[WEIGHT_PREFIX + module.name] = {**_facts(spectrum), "spectrum": "weight"}
-            if weighted is None:
-                info[module.name]["fallback"] = "never ran on the calibration records: weight spectrum"
+            facts[WEIGHT_PREFIX + module.name] = SpectrumFacts.of(spectrum, SpectrumKind.WEIGHT)
     path = layer_file(svd_dir, layer)
-    write_layer_file(path, tensors, {"layer": layer, "fingerprint": fingerprint, "base_digest": base_digest,
-                                     "finetuned_digest": finetuned_digest, "spectrum": str(kind),
-                                     "modules": json.dumps(info)})
+    write_layer_file(path, tensors, LayerFileMetadata(layer, fingerprint, base_digest, finetuned_digest, kind,
+                                                      facts).to_strings())
     for folder, payload in (("delta_weights", deltas), ("singular_vectors", vectors)):
         if payload:
             write_layer_file(layer_file(svd_dir, layer, folder), payload, {"layer": layer, "fingerprint": fingerprint})
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,
                        time.perf_counter() - start,
-                       {n: i["method"] for n, i in info.items()}, {n: i["device"] for n, i in info.items()},
+                       {n: f.method for n, f in facts.items()}, {n: f.device for n, f in facts.items()},
                        tuple(m.name for m, spectrum, weighted, *_ in results
                              if spectrum.cuda_oom_fallback or (weighted is not None and weighted.cuda_oom_fallback)))
-
-
-def _facts(spectrum: Spectrum) -> dict:
-    return {"total_energy": spectrum.total_energy, "shape": list(spectrum.shape), "method": spectrum.method,
-            "rel_error_bound": spectrum.rel_error_bound, "seconds": spectrum.seconds, "device": spectrum.device,
-            "power_iters": spectrum.power_iters}
 
 
 def _spectrum_cost(shape: tuple[int, int]) -> int:

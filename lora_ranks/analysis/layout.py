@@ -21,20 +21,25 @@ timing, device) as JSON. Orchestrators pass these paths around, never tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._io import atomic_write, atomic_write_bytes
+from ..adapter_files import RANK_CONFIG
 from ..spectra import Spectrum
+from ..spectra.kind import SpectrumKind
 
 __all__ = ["Layout", "OutputLayout", "layer_file_name", "write_layer_file", "write_digested_layer_file",
            "load_layer_spectra", "load_spectra",
-           "spectra_files", "layer_file_fingerprint", "load_module_records", "WEIGHT_PREFIX"]
+           "spectra_files", "layer_file_fingerprint", "load_module_records", "WEIGHT_PREFIX", "SpectrumFacts",
+           "LayerFileMetadata"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class OutputLayout(Layout):
 
     @property
     def config_path(self) -> Path:
-        return self.root / "configs" / "lora_rank_config.json"
+        return self.root / "configs" / RANK_CONFIG
 
     @property
     def svd_dir(self) -> Path:
@@ -149,6 +154,99 @@ def write_digested_layer_file(path: Path, tensors: dict[str, torch.Tensor], meta
 WEIGHT_PREFIX = "weight:"  # key prefix of the plain weight spectra beside curvature-weighted ones
 
 
+@dataclass(frozen=True)
+class SpectrumFacts:
+    """What a layer file records of one spectrum beside its singular values (JSON in the file's metadata)."""
+
+    total_energy: float
+    """||M||_F^2 of the matrix whose spectrum it is (the delta, or the curvature-weighted delta), float64, exact."""
+    shape: tuple[int, int]
+    """(d_out, d_in) of the delta."""
+    method: str
+    """The SVD method that produced the values (``Spectrum.method``)."""
+    rel_error_bound: float
+    """Bound on the relative error of the top values (``Spectrum.rel_error_bound``)."""
+    seconds: float
+    """Wall time of the computation, in seconds."""
+    device: str
+    """Where it ran ("cpu", "cuda:0", ...)."""
+    power_iters: int
+    """Subspace iterations of the randomized method (0 otherwise)."""
+    spectrum: SpectrumKind = SpectrumKind.WEIGHT
+    """Which spectrum it is (a module asked for a curvature spectrum but never ran on the calibration records
+    has its weight spectrum here, and ``fallback`` says why)."""
+    fallback: str | None = None
+    """Why the spectrum is not the kind the analysis asked for; None when it is."""
+
+    @classmethod
+    def of(cls, spectrum: Spectrum, kind: SpectrumKind, fallback: str | None = None) -> SpectrumFacts:
+        return cls(spectrum.total_energy, tuple(spectrum.shape), spectrum.method, spectrum.rel_error_bound,
+                   spectrum.seconds, spectrum.device, spectrum.power_iters, SpectrumKind(kind), fallback)
+
+    def to_json(self) -> dict:
+        """The JSON object of the file format (``fallback`` only when there is one)."""
+        record = {**dataclasses.asdict(self), "shape": list(self.shape), "spectrum": self.spectrum.value}
+        if self.fallback is None:
+            del record["fallback"]
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> SpectrumFacts:
+        """Read back ``to_json``'s object (a file without ``spectrum`` is of the weight spectrum)."""
+        return cls(float(record["total_energy"]), tuple(record["shape"]), record["method"],
+                   float(record["rel_error_bound"]), float(record["seconds"]), record["device"],
+                   int(record["power_iters"]), SpectrumKind(record.get("spectrum", "weight")), record.get("fallback"))
+
+    def with_values(self, singular_values: np.ndarray) -> Spectrum:
+        """The ``Spectrum`` these facts describe, given its singular values ((k,) float64)."""
+        return Spectrum(singular_values, self.total_energy, self.shape, self.method, self.rel_error_bound,
+                        self.seconds, self.device, self.power_iters)
+
+
+@dataclass(frozen=True)
+class LayerFileMetadata:
+    """The metadata of a layer file: whose layer, from which weights, and the facts of every spectrum in it."""
+
+    layer: str
+    """The layer's name (``ModuleRef.layer``)."""
+    fingerprint: str
+    """sha256 of the two digests below: the identity of the layer's content in both checkpoints."""
+    base_digest: str
+    """sha256 of the layer's weights in the base checkpoint."""
+    finetuned_digest: str
+    """sha256 of the layer's weights in the fine-tuned checkpoint."""
+    spectrum: SpectrumKind
+    """The spectrum the analysis asked for."""
+    modules: dict[str, SpectrumFacts]
+    """Module name -> its main spectrum's facts; ``WEIGHT_PREFIX`` + name -> its plain weight spectrum's, beside a
+    curvature-weighted main one."""
+
+    def to_strings(self) -> dict[str, str]:
+        """safetensors metadata (str -> str)."""
+        return {"layer": self.layer, "fingerprint": self.fingerprint, "base_digest": self.base_digest,
+                "finetuned_digest": self.finetuned_digest, "spectrum": self.spectrum.value,
+                "modules": json.dumps({n: f.to_json() for n, f in self.modules.items()})}
+
+    @classmethod
+    def from_strings(cls, metadata: dict[str, str]) -> LayerFileMetadata:
+        return cls(metadata.get("layer", ""), metadata.get("fingerprint", ""), metadata.get("base_digest", ""),
+                   metadata.get("finetuned_digest", ""), SpectrumKind(metadata.get("spectrum", "weight")),
+                   {n: SpectrumFacts.from_json(r) for n, r in json.loads(metadata["modules"]).items()})
+
+    @classmethod
+    def read(cls, path: str | Path) -> LayerFileMetadata:
+        """The metadata of the layer file at ``path``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return cls.from_strings(handle.metadata())
+
+    @property
+    def main(self) -> dict[str, SpectrumFacts]:
+        """Module name -> the facts of its main spectrum (the one its rank is read from)."""
+        return {n: f for n, f in self.modules.items() if not n.startswith(WEIGHT_PREFIX)}
+
+
 def load_layer_spectra(path: str | Path, weight: bool = False) -> dict[str, Spectrum]:
     """Read a layer file written by ``analyze_layer`` back into ``module name -> Spectrum``.
 
@@ -158,27 +256,20 @@ def load_layer_spectra(path: str | Path, weight: bool = False) -> dict[str, Spec
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        info = json.loads(handle.metadata()["modules"])
+        facts = LayerFileMetadata.from_strings(handle.metadata()).modules
         out = {}
-        for name in (n for n in info if not n.startswith(WEIGHT_PREFIX)):
-            key = WEIGHT_PREFIX + name if weight and WEIGHT_PREFIX + name in info else name
-            meta = info[key]
-            out[name] = Spectrum(handle.get_tensor(key).numpy(), meta["total_energy"], tuple(meta["shape"]),
-                                 meta["method"], meta["rel_error_bound"], meta["seconds"], meta["device"],
-                                 meta["power_iters"])
+        for name in (n for n in facts if not n.startswith(WEIGHT_PREFIX)):
+            key = WEIGHT_PREFIX + name if weight and WEIGHT_PREFIX + name in facts else name
+            out[name] = facts[key].with_values(handle.get_tensor(key).numpy())
     return out
 
 
-def load_module_records(paths: Iterable[str | Path]) -> dict[str, dict]:
-    """Module name -> the facts a layer file records about its main spectrum: shape, energy, method, accuracy,
-    timing, ``spectrum`` ("weight", "input" or "fisher") and ``fallback`` (why another spectrum than asked)."""
-    from safetensors import safe_open
-
-    records = {}
+def load_module_records(paths: Iterable[str | Path]) -> dict[str, SpectrumFacts]:
+    """Module name -> the facts its layer file records about its main spectrum: shape, energy, method, accuracy,
+    timing, ``spectrum`` and ``fallback`` (why another spectrum than asked)."""
+    records: dict[str, SpectrumFacts] = {}
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
-            info = json.loads(handle.metadata()["modules"])
-        records.update({n: {"spectrum": "weight", **m} for n, m in info.items() if not n.startswith(WEIGHT_PREFIX)})
+        records.update(LayerFileMetadata.read(path).main)
     return records
 
 

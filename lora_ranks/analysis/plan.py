@@ -13,7 +13,8 @@ Steps, in order (the flow's ``# Step`` comments follow them)::
     check_pair              every problem the pair's headers show, bounds, budget (and NaN / identical weights)
     collect_curvature       K-FAC factors from the fine-tuned model, one file per layer (curvature spectra)
     analyze_layer           one layer's spectra (the unit of parallel work)
-    split_half              two more fine-tunes on halves of the subset, the directions they share
+    split_half_finetunes    two more fine-tunes on halves of the subset (the split-half noise estimate)
+    split_half_ranks        per module, the directions the two halves' deltas share
     assemble                ranks and the rank config, with ``metadata`` (settings, curvature record, timings)
 """
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from ..config import RankConfig, Timings
     from .curvature import CurvatureResult
     from .layer import LayerResult
+    from .split_half import SplitHalfModule
 
 __all__ = ["AnalysisPlan", "StepClock"]
 
@@ -229,19 +231,28 @@ class AnalysisPlan:
                              curvature_path=factors.paths.get(layer) if factors else None,
                              damping=self.curvature.curvature_damping)
 
-    def split_half(self, out_dir: str | Path, modules: Sequence[ModuleRef]) -> dict[str, dict] | None:
-        """With noise_estimate "split-half": two fine-tunes on disjoint halves of the subset and, per module, the
-        directions both deltas share (``split_half.split_half_ranks``); else None."""
-        if self.allocation.noise_estimate is not NoiseEstimate.SPLIT_HALF:
-            return None
+    def split_half_finetunes(self, out_dir: str | Path) -> tuple[str, str]:
+        """The split-half noise estimate's two brief fine-tunes, on disjoint halves of the fine-tuning subset, under
+        ``out_dir`` (``finetune.run_split_half_finetunes``): their fine-tuned folders."""
         from ..finetune import run_split_half_finetunes
-        from .split_half import split_half_ranks
 
         self.check_inputs()
         halves = run_split_half_finetunes(self.base, self.data_path, out_dir, self.finetune, progress=False,
                                           device=self.analysis.device, trust_remote_code=self.trust_remote_code)
-        return split_half_ranks(self.base, halves[0].finetuned_dir, halves[1].finetuned_dir, modules,
-                                self.allocation.max_rank, allow_pickle=self.allow_pickle)
+        return halves[0].finetuned_dir, halves[1].finetuned_dir
+
+    def split_half_ranks(self, halves: tuple[str, str], modules: Sequence[ModuleRef]) -> dict[str, SplitHalfModule]:
+        """Per module, the directions the deltas of the two half fine-tunes share (``split_half.split_half_ranks``)."""
+        from .split_half import split_half_ranks
+
+        return split_half_ranks(self.base, halves[0], halves[1], modules, self.allocation.max_rank,
+                                allow_pickle=self.allow_pickle)
+
+    def split_half(self, out_dir: str | Path, modules: Sequence[ModuleRef]) -> dict[str, SplitHalfModule] | None:
+        """With noise_estimate "split-half": both of the above in one call (the serial path); else None."""
+        if self.allocation.noise_estimate is not NoiseEstimate.SPLIT_HALF:
+            return None
+        return self.split_half_ranks(self.split_half_finetunes(out_dir), modules)
 
     def metadata(self, factors: CurvatureResult | None, timings: Timings) -> dict:
         """What the config records about how it was analyzed, besides the allocation: the analysis settings, the
@@ -257,7 +268,8 @@ class AnalysisPlan:
         return {"analysis": self.analysis, "curvature": record, "timings": timings}
 
     def assemble(self, modules: Sequence[ModuleRef], results: Sequence[LayerResult], config_path: str | Path,
-                 factors: CurvatureResult | None, split_half: dict[str, dict] | None, timings: Timings) -> RankConfig:
+                 factors: CurvatureResult | None, split_half: dict[str, SplitHalfModule] | None,
+                 timings: Timings) -> RankConfig:
         """Allocate ranks from every layer's spectra and write the validated config atomically."""
         from ..checkpoints import CheckpointPair
         from .assemble import assemble_rank_config

@@ -7,10 +7,10 @@ the base. Each budget of ``CheckSettings`` is an assertion.
 
     report = check_rank_config("Qwen/Qwen3-8B", "configs/lora_rank_config.json",
                                CheckSettings(batch=4, seq_len=1024, max_train_memory_gb=70, max_infer_overhead=0.05))
-    print(format_table(report)); assert report["ok"], report["failures"]
+    print(format_table(report)); assert report.ok, report.failures
 
 Modules: ``inputs`` (checks before anything is built, predictions), ``measure`` (child-process measurements),
-``report`` (budgets, tables, JSON).
+``report`` (the typed records), ``verdict`` (budgets, tables, JSON).
 """
 
 from __future__ import annotations
@@ -18,26 +18,32 @@ from __future__ import annotations
 from ..settings import CheckSettings, LoRATrainingSettings
 from .inputs import CheckInputError, bitsandbytes_problem, check_inputs, predict_sizes
 from .measure import Target, measure_inference, measure_training_step, run_isolated
+from .report import CheckReport, CheckRow, InferenceMeasurement, SizePrediction, StepMeasurement
 from .verdict import REPORT_NAME, CheckFailed, assess, format_table, markdown_table, write_report
 
 __all__ = ["check_rank_config", "check_inputs", "predict_sizes", "run_measurement", "Target", "CheckFailed", "CheckInputError",
-           "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME"]
+           "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME", "CheckReport", "CheckRow",
+           "InferenceMeasurement", "SizePrediction", "StepMeasurement"]
 
 
-def run_measurement(target: Target, settings: CheckSettings, what: str, gradient_checkpointing: bool = False) -> dict:
-    """One measurement in a fresh process: ``what`` = "inference" or "training"; ``{"impossible": why}`` when the
+def run_measurement(target: Target, settings: CheckSettings, what: str,
+                    gradient_checkpointing: bool = False) -> InferenceMeasurement | StepMeasurement:
+    """One measurement in a fresh process: ``what`` = "inference" or "training"; ``impossible`` set when the
     target cannot be built here (bitsandbytes missing) or the process died."""
+    record = InferenceMeasurement if what == "inference" else StepMeasurement
     problem = bitsandbytes_problem(target)
     if problem is not None:
-        return {"impossible": problem}
+        return record(impossible=problem)
     if what == "inference":
-        return run_isolated(measure_inference, target, settings.latency_batch, settings.seq_len, settings.latency_repeats)
-    return run_isolated(measure_training_step, target, settings.batch, settings.seq_len, gradient_checkpointing)
+        found = run_isolated(measure_inference, target, settings.latency_batch, settings.seq_len, settings.latency_repeats)
+    else:
+        found = run_isolated(measure_training_step, target, settings.batch, settings.seq_len, gradient_checkpointing)
+    return record.model_validate(found)  # the measuring process's dict, typed here
 
 
 def check_rank_config(model: str, rank_config: str, settings: CheckSettings = CheckSettings(),
                       training: LoRATrainingSettings = LoRATrainingSettings(), trust_remote_code: bool = False,
-                      output_dir: str | None = None) -> dict:
+                      output_dir: str | None = None) -> CheckReport:
     """The whole check in one call (what the ``check-config`` flow runs as tasks); returns the report and, with
     ``output_dir``, writes it as ``check_report.json``. Raises the errors of ``check_inputs`` on bad input."""
     target = check_inputs(model, rank_config, settings, training, trust_remote_code)

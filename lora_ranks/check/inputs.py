@@ -13,6 +13,7 @@ from ..devices import resolve_device, resolve_precision
 from ..errors import LoraRanksError
 from ..settings import CheckSettings, LoRATrainingSettings
 from .measure import Target
+from .report import SizePrediction
 
 __all__ = ["CheckInputError", "check_inputs", "predict_sizes", "bitsandbytes_problem", "resolve_device"]
 
@@ -66,13 +67,13 @@ def bitsandbytes_problem(target: Target) -> str | None:
     return None
 
 
-def predict_sizes(target: Target) -> dict:
+def predict_sizes(target: Target) -> SizePrediction:
     """Parameter counts and bytes predicted from the rank config and the model's config (no weights read).
 
     Returns ``adapter_parameters`` (sum of r * (d_in + d_out)), ``adapter_bytes`` (float32 LoRA weights),
-    ``parameters`` (base + adapter) and ``base_parameters``. The base's bytes depend on the dtype training loads it
-    in on the device, which the measuring process reports (``report.assess`` predicts them from it); nothing here
-    touches the device, so that no CUDA context of this process takes memory from the measurements.
+    ``parameters`` (base + adapter) and ``base_parameters``. The base's bytes (``base_bytes``) depend on the dtype
+    training loads it in on the device, which the measuring process reports (``verdict.assess`` predicts them from
+    it); nothing here touches the device, so that no CUDA context of this process takes memory from the measurements.
     """
     from ..checkpoints import build_meta_model, resolve_model_path
     from ..model import DynamicLoRAConfig
@@ -83,8 +84,8 @@ def predict_sizes(target: Target) -> dict:
     shapes = {name: (modules[name].in_features, modules[name].out_features) for name in config.target_modules}
     adapter = config.predicted_parameters(shapes)
     base = sum(p.numel() for p in meta.parameters())
-    return {"adapter_parameters": adapter, "adapter_bytes": adapter * ADAPTER_BYTES_PER_PARAMETER,
-            "parameters": base + adapter, "base_parameters": base}
+    return SizePrediction(adapter_parameters=adapter, adapter_bytes=adapter * ADAPTER_BYTES_PER_PARAMETER,
+                          parameters=base + adapter, base_parameters=base)
 
 
 def _context_length(root: Path) -> int | None:

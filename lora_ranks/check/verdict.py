@@ -14,6 +14,7 @@ from .._io import atomic_write_json
 from ..errors import LoraRanksError
 from ..settings import CheckSettings, LoRATrainingSettings
 from .measure import GIB, Target
+from .report import CheckReport, CheckRow, InferenceMeasurement, Machine, SizePrediction, StepMeasurement
 
 __all__ = ["CheckFailed", "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME"]
 
@@ -24,25 +25,25 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class CheckFailed(LoraRanksError):
     """At least one assertion of ``lora-ranks check`` failed; ``report`` holds the whole check."""
 
-    def __init__(self, message: str, report: dict | None = None):
+    def __init__(self, message: str, report: CheckReport | None = None):
         super().__init__(message)
         self.report = report
 
 
-def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettings, predicted: dict, inference: dict,
-           steps: dict[bool, dict]) -> dict:
-    """The report: inputs, predictions, measurements, table rows and failures (JSON-ready).
+def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettings, predicted: SizePrediction,
+           inference: InferenceMeasurement, steps: dict[bool, StepMeasurement]) -> CheckReport:
+    """The report: inputs, predictions, measurements, table rows and failures.
 
     Args:
         predicted: ``inputs.predict_sizes``.
-        inference: ``measure.measure_inference`` (or ``{"impossible": why}``).
-        steps: gradient checkpointing (True/False) -> ``measure.measure_training_step`` (or ``{"impossible": why}``).
+        inference: ``measure.measure_inference`` (``impossible`` set when it could not run).
+        steps: gradient checkpointing (True/False) -> ``measure.measure_training_step``.
     """
-    rows: list[dict] = []
+    rows: list[CheckRow] = []
     failures: list[str] = []
 
     def row(quantity: str, value: str, budget: str = "", verdict: str = "", short: str = "") -> None:
-        rows.append({"quantity": quantity, "value": value, "budget": budget, "verdict": verdict})
+        rows.append(CheckRow(quantity=quantity, value=value, budget=budget, verdict=verdict))
         name = quantity.removesuffix(" *")
         if verdict == "FAIL":
             failures.append(f"{name}: {short or value}" + (f", budget {budget}" if budget else ""))
@@ -51,77 +52,77 @@ def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettin
 
     sizes = inference  # the counts are there unless the model could not be built at all
     for key, label in (("adapter_parameters", "adapter parameters"), ("parameters", "parameters, base + adapter")):
-        row(label, _measured_vs_predicted(sizes.get(key), predicted[key], lambda n: f"{n:,}"),
-            verdict=_agreement(predicted[key], sizes.get(key)))
-    row(f"adapter bytes, {sizes.get('adapter_dtype', 'float32')}",
-        _measured_vs_predicted(sizes.get("adapter_bytes"), predicted["adapter_bytes"], _bytes),
-        verdict=_agreement(predicted["adapter_bytes"], sizes.get("adapter_bytes")))
+        measured, expected = getattr(sizes, key), getattr(predicted, key)
+        row(label, _measured_vs_predicted(measured, expected, lambda n: f"{n:,}"), verdict=_agreement(expected, measured))
+    row(f"adapter bytes, {sizes.adapter_dtype or 'float32'}",
+        _measured_vs_predicted(sizes.adapter_bytes, predicted.adapter_bytes, _bytes),
+        verdict=_agreement(predicted.adapter_bytes, sizes.adapter_bytes))
     # An unquantized base: its parameters times the bytes of the dtype training loads it in; a packed 4/8-bit
     # base's bytes are bitsandbytes' business, not predicted.
-    dtype = target.quantization or sizes.get("dtype")
-    predicted = {**predicted, "base_bytes": predicted["base_parameters"] * _DTYPE_BYTES[dtype]
-                 if dtype in _DTYPE_BYTES else None}
+    dtype = target.quantization or sizes.dtype
+    predicted = predicted.model_copy(update={"base_bytes": predicted.base_parameters * _DTYPE_BYTES[dtype]
+                                             if dtype in _DTYPE_BYTES else None})
     row(f"base weights, {dtype or 'dtype unknown'}",
-        _measured_vs_predicted(sizes.get("base_bytes"), predicted["base_bytes"], _bytes),
-        verdict=_agreement(predicted["base_bytes"], sizes.get("base_bytes")) if predicted["base_bytes"] else "")
+        _measured_vs_predicted(sizes.base_bytes, predicted.base_bytes, _bytes),
+        verdict=_agreement(predicted.base_bytes, sizes.base_bytes) if predicted.base_bytes else "")
 
     for checkpointing in (True, False):
         used = checkpointing == training.gradient_checkpointing
         quantity = f"training peak, checkpointing {'on' if checkpointing else 'off'}{' *' if used else ''}"
         budget = f"<= {settings.max_train_memory_gb:g} GiB" if used and settings.max_train_memory_gb else ""
         step = steps[checkpointing]
-        if "impossible" in step:
-            row(quantity, step["impossible"], budget, "not measured")
-        elif "out_of_memory" in step:
-            row(quantity, f"out of memory ({step['out_of_memory']})", budget, "FAIL" if used else "")
+        if step.impossible is not None:
+            row(quantity, step.impossible, budget, "not measured")
+        elif step.out_of_memory is not None:
+            row(quantity, f"out of memory ({step.out_of_memory})", budget, "FAIL" if used else "")
         else:
-            over = budget and step["peak_bytes"] > settings.max_train_memory_gb * GIB
-            row(quantity, _peak_text(step), budget, ("FAIL" if over else "ok") if budget else "", _bytes(step["peak_bytes"]))
+            over = budget and step.peak_bytes > settings.max_train_memory_gb * GIB
+            row(quantity, _peak_text(step), budget, ("FAIL" if over else "ok") if budget else "", _bytes(step.peak_bytes))
 
     budget = f"<= +{settings.max_infer_overhead:.1%}" if settings.max_infer_overhead else ""
-    if "impossible" in inference:
-        row("forward latency", inference["impossible"], budget, "not measured")
+    if inference.impossible is not None:
+        row("forward latency", inference.impossible, budget, "not measured")
     else:
-        over = budget and inference["unmerged_overhead"] > settings.max_infer_overhead
-        row("forward, base", f"{inference['base_ms']:.2f} ms (median of all rounds)")
+        over = budget and inference.unmerged_overhead > settings.max_infer_overhead
+        row("forward, base", f"{inference.base_ms:.2f} ms (median of all rounds)")
         row("forward, unmerged adapter", _overhead_text(inference, "unmerged"),
-            budget, ("FAIL" if over else "ok") if budget else "", f"{inference['unmerged_overhead']:+.1%}")
+            budget, ("FAIL" if over else "ok") if budget else "", f"{inference.unmerged_overhead:+.1%}")
         row("forward, merged adapter", _overhead_text(inference, "merged"))
 
     import torch
 
-    return {"target": target.to_dict(), "settings": settings.to_dict(),
-            "training": {"gradient_checkpointing": training.gradient_checkpointing},
-            "machine": {"device": sizes.get("device_name", target.device), "torch": torch.__version__,
-                        "python": platform.python_version()},
-            "predicted": predicted, "inference": inference,
-            "training_step": {"gradient_checkpointing_on": steps[True], "gradient_checkpointing_off": steps[False]},
-            "notes": _notes(target, settings, training), "rows": rows, "failures": failures, "ok": not failures}
+    return CheckReport(target=target.to_dict(), settings=settings.to_dict(),
+                       training={"gradient_checkpointing": training.gradient_checkpointing},
+                       machine=Machine(device=sizes.device_name or target.device, torch=torch.__version__,
+                                       python=platform.python_version()),
+                       predicted=predicted, inference=inference,
+                       training_step={"gradient_checkpointing_on": steps[True], "gradient_checkpointing_off": steps[False]},
+                       notes=_notes(target, settings, training), rows=rows, failures=failures, ok=not failures)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: CheckReport) -> str:
     """The rows as an aligned plain-text table (the command line's output)."""
-    header = {"quantity": "quantity", "value": "value", "budget": "budget", "verdict": "verdict"}
-    rows = [header, *report["rows"]]
-    widths = {k: max(len(r[k]) for r in rows) for k in header}
-    lines = ["  ".join(r[k].ljust(widths[k]) for k in header).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * widths[k] for k in header))
-    return "\n".join([f"Check on {report['machine']['device']}, torch {report['machine']['torch']}", *lines,
-                      *report["notes"]])
+    header = CheckRow(quantity="quantity", value="value", budget="budget", verdict="verdict")
+    rows = [header, *report.rows]
+    fields = ("quantity", "value", "budget", "verdict")
+    widths = {k: max(len(getattr(r, k)) for r in rows) for k in fields}
+    lines = ["  ".join(getattr(r, k).ljust(widths[k]) for k in fields).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * widths[k] for k in fields))
+    return "\n".join([f"Check on {report.machine.device}, torch {report.machine.torch}", *lines, *report.notes])
 
 
-def markdown_table(report: dict) -> str:
+def markdown_table(report: CheckReport) -> str:
     """The rows as a markdown table with a verdict line (the Prefect artifact)."""
-    lines = [f"# Check of {Path(report['target']['rank_config']).name} on {report['machine']['device']}", "",
+    lines = [f"# Check of {Path(report.target['rank_config']).name} on {report.machine.device}", "",
              "| quantity | value | budget | verdict |", "|---|---|---|---|"]
-    lines += [f"| {r['quantity']} | {r['value']} | {r['budget']} | {r['verdict']} |" for r in report["rows"]]
-    verdict = "All budgets hold." if report["ok"] else "Failed: " + "; ".join(report["failures"])
-    return "\n".join([*lines, "", *report["notes"], "", verdict])
+    lines += [f"| {r.quantity} | {r.value} | {r.budget} | {r.verdict} |" for r in report.rows]
+    verdict = "All budgets hold." if report.ok else "Failed: " + "; ".join(report.failures)
+    return "\n".join([*lines, "", *report.notes, "", verdict])
 
 
-def write_report(report: dict, output_dir: str | Path) -> Path:
+def write_report(report: CheckReport, output_dir: str | Path) -> Path:
     """``<output_dir>/check_report.json``, written atomically."""
-    return atomic_write_json(Path(output_dir) / REPORT_NAME, report)
+    return atomic_write_json(Path(output_dir) / REPORT_NAME, report.to_json())
 
 
 def _notes(target: Target, settings: CheckSettings, training: LoRATrainingSettings) -> list[str]:
@@ -161,17 +162,17 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def _overhead_text(inference: dict, phase: str) -> str:
+def _overhead_text(inference: InferenceMeasurement, phase: str) -> str:
     """``+76.0% (24.75 vs 14.06 ms)``: the median per-round ratio (``phase`` "unmerged" or "merged") beside the
     adapter and base times of the round it was measured in, so that 24.75 / 14.06 - 1 is the percentage."""
-    return (f"{inference[f'{phase}_overhead']:+.1%} ({inference[f'{phase}_ms']:.2f} vs "
-            f"{inference[f'{phase}_base_ms']:.2f} ms)")
+    adapter_ms, base_ms = inference.phase_ms(phase)
+    return f"{inference.overhead(phase):+.1%} ({adapter_ms:.2f} vs {base_ms:.2f} ms)"
 
 
-def _peak_text(step: dict) -> str:
+def _peak_text(step: StepMeasurement) -> str:
     """``1.23 GiB (of 80 GiB; allocated 1.1 GiB), 5,000 tokens/s`` on CUDA; with the loaded model's size on the CPU."""
-    if "device_total_bytes" in step:
-        context = f"of {_bytes(step['device_total_bytes'])}; allocated {_bytes(step['peak_allocated_bytes'])}"
+    if step.device_total_bytes is not None:
+        context = f"of {_bytes(step.device_total_bytes)}; allocated {_bytes(step.peak_allocated_bytes)}"
     else:
-        context = f"model loaded: {_bytes(step['loaded_bytes'])}"
-    return f"{_bytes(step['peak_bytes'])} ({context}), {step['tokens_per_s']:,.0f} tokens/s"
+        context = f"model loaded: {_bytes(step.loaded_bytes)}"
+    return f"{_bytes(step.peak_bytes)} ({context}), {step.tokens_per_s:,.0f} tokens/s"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json, strict_json_loads
+from ..adapter_files import RANK_CONFIG
 from ..errors import list_problems, summarize_problems
 from .rank_config import RankConfig, parse_rank_config
 from .records import RankConfigError
@@ -32,7 +33,7 @@ def load_rank_config(path: str | Path) -> RankConfig:
     if path.is_dir():
         from ..analysis.layout import OutputLayout
 
-        inside = next((p for p in (path / "lora_rank_config.json", OutputLayout(path).config_path) if p.is_file()), None)
+        inside = next((p for p in (path / RANK_CONFIG, OutputLayout(path).config_path) if p.is_file()), None)
         raise RankConfigError(f"rank config {path} is a folder; give the rank config file"
                               + (f": {inside}" if inside else " (lora_rank_config.json)"))
     if path.exists() and not path.is_file():

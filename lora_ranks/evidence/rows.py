@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..adapter_files import ADAPTER_WEIGHTS
 from ..settings import LoRATrainingSettings
 
 __all__ = ["RowSpec", "RowEvaluation", "RowResult", "select_configs", "comparison_rows", "row_key", "curve_steps"]
@@ -168,7 +169,7 @@ def row_key(base_model: str, spec: RowSpec, train_path: str, settings: LoRATrain
                                        sort_keys=True, default=str).encode())
     files = [spec.config_path, train_path, evaluation.eval_data_path, evaluation.validation_data_path]
     if spec.warm_adapter:
-        files.append(str(Path(spec.warm_adapter) / "adapter_model.safetensors"))
+        files.append(str(Path(spec.warm_adapter) / ADAPTER_WEIGHTS))
     for path in files:
         if path and Path(path).is_file():
             digest.update(Path(path).read_bytes())
