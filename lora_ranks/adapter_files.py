@@ -14,3 +14,6 @@ RANK_CONFIG = "lora_rank_config.json"
 PROVENANCE = "lora_ranks_adapter.json"
 EXTRACTION_REPORT = "extraction_report.json"
 EXPORT_REPORT = "export_report.json"
+
+#: The prefix of every tensor name in PEFT's weights file: ``base_model.model.<module>.lora_A.weight``.
+PEFT_KEY_PREFIX = "base_model.model."

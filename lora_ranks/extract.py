@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json
-from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRACTION_REPORT, RANK_CONFIG
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRACTION_REPORT, PEFT_KEY_PREFIX, RANK_CONFIG
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, mismatch_message
-from .export import note_serving
 from .outputs import check_output_dir
 from .reports import ExtractionReport, ModuleExtraction
+from .serving import note_serving
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
 from .spectra.weighted import module_truncation_factors
@@ -125,8 +125,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
         else:
             lora_a, lora_b, rel_error = truncated_svd_factors(delta, rank, scale)
             how = "weight"
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = lora_a
+        tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = lora_b
         extracted[name] = ModuleExtraction(rank=rank, scale=scale, relative_error=rel_error, truncation=how)
         pair.close()
     errors = [m.relative_error for m in extracted.values()]

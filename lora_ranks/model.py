@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_folder, atomic_write_json
-from .adapter_files import ADAPTER_CONFIG, RANK_CONFIG
+from .adapter_files import ADAPTER_CONFIG, PEFT_KEY_PREFIX, RANK_CONFIG
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, parse_rank_config
 from .errors import LoraRanksError, list_problems
 from .loading import Quantization, detect_model_type, load_model
@@ -126,7 +126,7 @@ def lora_ranks_of(model: torch.nn.Module, adapter_name: str = "default") -> dict
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a:
-            out[name.removeprefix("base_model.model.")] = int(lora_a[adapter_name].weight.shape[0])
+            out[name.removeprefix(PEFT_KEY_PREFIX)] = int(lora_a[adapter_name].weight.shape[0])
     return out
 
 
@@ -173,7 +173,7 @@ def check_warm_start(adapter_dir: str | Path, rank_config: RankConfig | Mapping 
     Raises:
         DynamicLoRAError: one line naming the folder, the config and the first module that differs (and how many).
     """
-    from .export import read_adapter
+    from .serving import read_adapter
 
     config = _as_config(rank_config)
     built, wanted = read_adapter(adapter_dir, weights=False).ranks, config.ranks
@@ -299,7 +299,7 @@ def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = 
     rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it, and ``provenance`` (how
     it was made) is recorded; servers that would mis-serve the adapter are named in its README
     (``export.note_serving``)."""
-    from .export import note_serving
+    from .serving import note_serving
 
     out = Path(out_dir)
     with atomic_folder(out, content="adapter") as tmp:

@@ -28,10 +28,10 @@ from .analysis.layout import Layout
 from .config import RankConfig
 from .devices import bf16_units, resolve_precision
 from .distributed import check_launchable, is_main, launch, should_launch, world
-from .export import read_adapter, serving_problems
 from .finetune import prepare_examples, train_loop
 from .loading import load_image_processor
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
+from .serving import read_adapter, serving_problems
 from .settings import LoRATrainingSettings
 
 __all__ = ["TrainLayout", "TrainResult", "LoraRun", "prepare_lora_run", "save_lora_run", "train_dynamic_lora",

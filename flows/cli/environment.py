@@ -65,7 +65,7 @@ def check_space(command: str, inputs: dict, settings: dict) -> None:
     if command == "finetune" and inputs["model"] != DEMO_MODEL:
         model, bytes_per_value = inputs["model"], 4  # training, and the saved model, are float32 on the CPU
     elif command == "export" and settings["export"].format == "merged":
-        from lora_ranks.export import read_adapter
+        from lora_ranks.serving import read_adapter
 
         model, bytes_per_value = inputs["base"] or read_adapter(inputs["adapter_dir"], weights=False).config.get(
             "base_model_name_or_path"), None
