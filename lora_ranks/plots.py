@@ -31,6 +31,7 @@ from .spectra import Spectrum, SpectrumKind
 if TYPE_CHECKING:
     from .analysis.layout import OutputLayout
     from .config import RankConfig
+    from .evidence.report import ComparisonRow
 
 __all__ = ["write_plots", "write_raw_data", "write_fidelity_plot", "write_comparison_plot", "markdown_image",
            "analysis_summary_markdown", "comparison_markdown", "rank_table_rows", "write_sensitivity_plot",
@@ -185,15 +186,15 @@ def write_fidelity_plot(path: str | Path, points) -> str:
     return _save_png(fig, Path(path))
 
 
-def write_comparison_plot(path: str | Path, rows: list[dict]) -> str:
+def write_comparison_plot(path: str | Path, rows: Sequence[ComparisonRow]) -> str:
     """Held-out loss (mean +- std over seeds) per allocation and init, as horizontal bars (PNG path)."""
     fig, ax = _pyplot().subplots(figsize=(6.5, 1.2 + 0.42 * len(rows)))
-    labels = [f"{r['allocation']}, {r.get('init', 'warm')} ({r['trainable_parameters']:,})" for r in rows]
+    labels = [f"{r.allocation}, {r.init} ({_count(r.trainable_parameters)})" for r in rows]
     colors = {"warm": "#4477aa", "cold": "#999999", "full": "#cc6677"}
-    ax.barh(labels, [r["loss_mean"] for r in rows], xerr=[r["loss_std"] for r in rows], capsize=4,
-            color=[colors.get(r.get("init", "warm"), "#4477aa") for r in rows])
-    low = min(r["loss_mean"] - r["loss_std"] for r in rows)
-    high = max(r["loss_mean"] + r["loss_std"] for r in rows)
+    ax.barh(labels, [r.loss_mean for r in rows], xerr=[r.loss_std for r in rows], capsize=4,
+            color=[colors.get(r.init, "#4477aa") for r in rows])
+    low = min(r.loss_mean - r.loss_std for r in rows)
+    high = max(r.loss_mean + r.loss_std for r in rows)
     ax.set_xlim(max(0.0, low - 0.5 * (high - low) - 1e-3), high + 0.5 * (high - low) + 1e-3)
     ax.invert_yaxis()  # first row on top
     ax.tick_params(axis="y", labelsize=7)
@@ -203,18 +204,18 @@ def write_comparison_plot(path: str | Path, rows: list[dict]) -> str:
     return _save_png(fig, Path(path))
 
 
-def write_curves_plot(path: str | Path, rows: list[dict]) -> str:
+def write_curves_plot(path: str | Path, rows: Sequence[ComparisonRow]) -> str:
     """Held-out loss against total FLOPs (preparation + training; log scale), one line per row with a curve (mean
     over seeds), one panel per budget (PNG path). A row's line starts at its preparation cost: a plain LoRA at 0."""
-    with_curves = [r for r in rows if r.get("curve")]
-    budgets = sorted({r["budget_rank"] for r in with_curves}, key=lambda b: (b is None, b or 0))
+    with_curves = [r for r in rows if r.curve]
+    budgets = sorted({r.budget_rank for r in with_curves}, key=lambda b: (b is None, b or 0))
     fig, axes = _pyplot().subplots(1, len(budgets), figsize=(6.0 * len(budgets), 4.4), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
-        for row in (r for r in with_curves if r["budget_rank"] == budget):
-            points = [p for p in row["curve"] if p["total_flops"] is not None]  # unknown preparation: not drawn
-            style = "--" if row["init"] == "cold" else ":" if row["init"] not in ("warm", "cold") else "-"
-            ax.plot([p["total_flops"] for p in points], [p["loss"] for p in points], style, marker=".",
-                    label=f"{row['method']} ({row['init']})")
+        for row in (r for r in with_curves if r.budget_rank == budget):
+            points = [p for p in row.curve if p.total_flops is not None]  # unknown preparation: not drawn
+            style = "--" if row.init == "cold" else ":" if row.init not in ("warm", "cold") else "-"
+            ax.plot([p.total_flops for p in points], [p.loss for p in points], style, marker=".",
+                    label=f"{row.method} ({row.init})")
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs (preparation + training)")
         ax.set_ylabel("held-out loss (nats/token)")
@@ -223,6 +224,10 @@ def write_curves_plot(path: str | Path, rows: list[dict]) -> str:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save_png(fig, Path(path))
+
+
+def _count(n: int | None) -> str:
+    return f"{n:,}" if n is not None else "?"
 
 
 def markdown_image(path: str | Path, alt: str) -> str:
@@ -256,34 +261,33 @@ def analysis_summary_markdown(config: RankConfig, config_path: str | Path, plots
     return "\n".join(lines)
 
 
-def comparison_markdown(rows: Sequence[dict], plot: str | Path, curves: str | Path | None = None) -> str:
+def comparison_markdown(rows: Sequence[ComparisonRow], plot: str | Path, curves: str | Path | None = None) -> str:
     """The comparison summary: held-out loss per allocation and init or peer (mean +- std over seeds), the paired
     difference to uniform ranks at the same budget and to PEFT's default LoRA, accuracy, compute, the gap closed to
     a full fine-tune, the bar chart and the loss-against-compute curves."""
-    def paired(v: dict | None) -> str:
-        return f"{v['mean']:+.4f} ± {v['se']:.4f}" if v else ""
+    def paired(v) -> str:
+        return f"{v.mean:+.4f} ± {v.se:.4f}" if v else ""
 
-    def gap(r: dict) -> str:
-        return f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else ""
+    def gap(r: ComparisonRow) -> str:
+        return f"{100 * r.gap_closed:.0f}%" if r.gap_closed is not None else ""
 
-    def accuracy(r: dict) -> str:
-        return f"{100 * r['accuracy_mean']:.1f}% ± {100 * r['accuracy_se']:.1f}" if r.get("accuracy_mean") is not None else ""
+    def accuracy(r: ComparisonRow) -> str:
+        return f"{100 * r.accuracy_mean:.1f}% ± {100 * r.accuracy_se:.1f}" if r.accuracy_mean is not None else ""
 
-    def flops(r: dict) -> str:
-        if r.get("train_flops") is None:
+    def flops(r: ComparisonRow) -> str:
+        if r.train_flops is None:
             return ""
-        prep = r.get("preparation_flops", 0.0)
-        return f"{r['train_flops']:.2e}" + (" + unknown" if prep is None else f" + {prep:.2e}" if prep else "")
+        prep = r.preparation_flops
+        return f"{r.train_flops:.2e}" + (" + unknown" if prep is None else f" + {prep:.2e}" if prep else "")
 
     lines = ["# Allocations and peers at equal budget", "",
              "Paired differences are mean ± SE over seeds (negative: lower loss than the reference). FLOPs: "
              "training + preparation (``lora_ranks.evidence.compute``).", "",
              "| allocation | init / peer | parameters | lr | held-out loss | vs uniform | vs PEFT default | accuracy | "
              "FLOPs | gap closed |", "|---|---|---|---|---|---|---|---|---|---|",
-             *[f"| {r['allocation']} | {r.get('init', 'warm')} | {r['trainable_parameters']:,} | "
-               f"{r.get('learning_rate') or ''} | {r['loss_mean']:.4f} ± {r['loss_std']:.4f} | "
-               f"{paired(r.get('vs_uniform'))} | {paired(r.get('vs_default'))} | {accuracy(r)} | {flops(r)} | "
-               f"{gap(r)} |" for r in rows],
+             *[f"| {r.allocation} | {r.init} | {_count(r.trainable_parameters)} | {r.learning_rate or ''} | "
+               f"{r.loss_mean:.4f} ± {r.loss_std:.4f} | {paired(r.vs_uniform)} | {paired(r.vs_default)} | "
+               f"{accuracy(r)} | {flops(r)} | {gap(r)} |" for r in rows],
              "", markdown_image(plot, "comparison")]
     if curves is not None and Path(curves).is_file():
         lines += ["", "## Held-out loss against compute", "", markdown_image(curves, "curves")]

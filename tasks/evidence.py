@@ -144,11 +144,11 @@ def comparison_report_task(comparison_root: str, configs: dict[str, str], result
     report = comparison_report(ComparisonLayout(comparison_root), configs, results, details, reference_init,
                                full_finetune, preparation or None)
     layout = ComparisonLayout(comparison_root)
-    create_table_artifact(key="allocation-comparison", table=[{k: v for k, v in r.items() if k not in ("losses", "curve")}
+    create_table_artifact(key="allocation-comparison", table=[r.model_dump(mode="json", exclude={"losses", "curve", "runs"})
                                                               for r in report.rows],
                           description="Held-out loss at equal trainable parameters")
     create_markdown_artifact(key="allocation-comparison-summary",
                              markdown=comparison_markdown(report.rows, report.plot_path, layout.curves_plot_path))
-    get_run_logger().info("Comparison: %s", [(r["allocation"], r["init"], round(r["loss_mean"], 4),
-                                              round(r["loss_std"], 4)) for r in report.rows])
+    get_run_logger().info("Comparison: %s", [(r.allocation, r.init, round(r.loss_mean, 4), round(r.loss_std, 4))
+                                             for r in report.rows])
     return report

@@ -302,8 +302,8 @@ def test_unknown_preparation_is_reported_as_unknown_not_free(setting, tmp_path):
     report = comparison_report(ComparisonLayout(tmp_path), {"uniform": config},
                                [run("warm", 0, 4.0), run("warm", 1, 4.1), run("cold", 0, 4.5), run("cold", 1, 4.4)],
                                {}, preparation={"finetune": None, "curvature": 0.0, "total": None, "seconds": 1.0})
-    rows = {r["init"]: r for r in report.rows}
-    assert rows["warm"]["preparation_flops"] is None and rows["warm"]["curve"][0]["total_flops"] is None
-    assert rows["cold"]["preparation_flops"] == 0.0 and rows["cold"]["curve"][0]["total_flops"] == 1e4
-    assert rows["warm"]["vs_default"]["mean"] == pytest.approx(-0.4)
+    rows = {r.init: r for r in report.rows}
+    assert rows["warm"].preparation_flops is None and rows["warm"].curve[0].total_flops is None
+    assert rows["cold"].preparation_flops == 0.0 and rows["cold"].curve[0].total_flops == 1e4
+    assert rows["warm"].vs_default.mean == pytest.approx(-0.4)
     assert (tmp_path / "curves.png").is_file()

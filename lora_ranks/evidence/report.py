@@ -8,6 +8,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from .._io import atomic_write_json
 from ..config import load_rank_config
@@ -19,13 +22,81 @@ from .fidelity import mean_and_std
 __all__ = ["ComparisonReport", "preparation_of", "comparison_report"]
 
 
+class PairedDifference(BaseModel):
+    """``experiment.paired_comparison``: a row's per-seed losses minus the reference's, paired by seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mean: float
+    std: float
+    se: float
+    t: Optional[float] = None
+    """None when every difference is the same (t is not finite)."""
+    p: Optional[float] = None
+    """Two-sided p-value of the paired t-test (uncorrected)."""
+    n: int
+
+
+class CurvePoint(BaseModel):
+    """One evaluation step of a row's curve, averaged over its seeds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int
+    train_flops: float
+    total_flops: Optional[float] = None
+    """Preparation + training FLOPs; None when the preparation is unknown."""
+    seconds: float
+    loss: float
+
+
+class ComparisonRow(BaseModel):
+    """One row of a comparison: an allocation (or peer) and init over its seeds (``comparison_report``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allocation: str
+    """The row's label (``r8-budget-fisher``, ``full-finetune``, a peer's config label)."""
+    method: str
+    """The allocation rule, or the peer's init for a peer row."""
+    budget_rank: Optional[int] = None
+    init: str
+    """"warm", "cold", a peer ("default", "rslora", "pissa", ...) or "full"."""
+    trainable_parameters: Optional[int] = None
+    learning_rate: Optional[float] = None
+    loss_mean: float
+    """Held-out loss (nats per token), mean over seeds."""
+    loss_std: float
+    losses: list[float]
+    seeds: list[int]
+    vs_uniform: Optional[PairedDifference] = None
+    """Against the uniform ranks of the same budget (None for those themselves, or under 2 paired seeds)."""
+    vs_default: Optional[PairedDifference] = None
+    """Against PEFT's ``LoraConfig()`` (the ``default`` peer), else against cold uniform ranks."""
+    gap_closed: Optional[float] = None
+    """Share of the held-out-loss gap between cold uniform LoRA and the full fine-tune this row closes."""
+    accuracy_mean: Optional[float] = None
+    accuracy_se: Optional[float] = None
+    accuracy_by_task: dict[str, float] = {}
+    train_flops: Optional[float] = None
+    preparation_flops: Optional[float] = None
+    """What was spent before the first LoRA step (None: unknown, never counted as free)."""
+    preparation_seconds: Optional[float] = None
+    seconds: Optional[float] = None
+    served_rank_factor: Optional[int] = None
+    diverged_seeds: list[int] = []
+    curve: list[CurvePoint] = []
+    runs: list[dict[str, Any]] = []
+    """Per seed: losses, best step, why training stopped, FLOPs and seconds (``_run_summary``)."""
+
+
 @dataclass
 class ComparisonReport:
-    """Where the comparison's results are, and its rows (one per allocation: loss mean, std, per seed)."""
+    """Where the comparison's results are, and its rows (one per allocation and init: loss mean, std, per seed)."""
 
     results_path: str
     plot_path: str
-    rows: list[dict]
+    rows: list[ComparisonRow]
 
 
 def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n: int) -> dict:
@@ -114,12 +185,12 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
     def per_seed(label: str, init: str) -> dict[int, float]:
         return {seed: r.loss for (run_label, run_init, seed), r in by_run.items() if (run_label, run_init) == (label, init)}
 
-    def paired_to(label: str, init: str, other: tuple[str, str]) -> dict | None:
+    def paired_to(label: str, init: str, other: tuple[str, str]) -> PairedDifference | None:
         mine, reference = per_seed(label, init), per_seed(*other)
         paired = [s for s in sorted(mine) if s in reference]
         if len(paired) < 2 or (label, init) == other:
             return None
-        return _finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired]))
+        return PairedDifference(**_finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired])))
 
     per_seed_preparation = (preparation if preparation and "total" not in preparation else
                             None if preparation is None else {None: preparation})
@@ -161,32 +232,28 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
             by_task = {t: _mean([r.accuracy_by_task[t][0] / r.accuracy_by_task[t][1] for r in runs
                                  if t in r.accuracy_by_task and r.accuracy_by_task[t][1]]) for t in tasks}
             reference_default = (uniform_of(label), "default" if per_seed(uniform_of(label), "default") else "cold")
-            rows.append({"allocation": label, "method": init if peer else (allocation_of(label) or label),
-                         "budget_rank": budget_of(label), "init": init,
-                         "trainable_parameters": round(_mean([r.trainable_parameters for r in runs])),
-                         "learning_rate": runs[0].learning_rate,
-                         "loss_mean": mean, "loss_std": std, "losses": [r.loss for r in runs], "seeds": seeds,
-                         "vs_uniform": paired_to(label, init, (uniform_of(label), reference_init)),
-                         "vs_default": paired_to(label, init, reference_default),
-                         "gap_closed": gap, "accuracy_mean": accuracy_mean, "accuracy_se": accuracy_se,
-                         "accuracy_by_task": by_task,
-                         "train_flops": _mean([r.train_flops for r in runs]), "preparation_flops": own_prep,
-                         "preparation_seconds": own_seconds,
-                         "seconds": _mean([r.seconds for r in runs]),
-                         "served_rank_factor": runs[0].served_rank_factor,
-                         "diverged_seeds": sorted(r.seed for r in diverged if (r.label, r.init) == (label, init)),
-                         "curve": _mean_curve(runs, own_prep),
-                         "runs": [_run_summary(r) for r in runs]})
+            rows.append(ComparisonRow(
+                allocation=label, method=init if peer else (allocation_of(label) or label), budget_rank=budget_of(label),
+                init=init, trainable_parameters=round(_mean([r.trainable_parameters for r in runs])),
+                learning_rate=runs[0].learning_rate, loss_mean=mean, loss_std=std, losses=[r.loss for r in runs],
+                seeds=seeds, vs_uniform=paired_to(label, init, (uniform_of(label), reference_init)),
+                vs_default=paired_to(label, init, reference_default), gap_closed=gap, accuracy_mean=accuracy_mean,
+                accuracy_se=accuracy_se, accuracy_by_task=by_task, train_flops=_mean([r.train_flops for r in runs]),
+                preparation_flops=own_prep, preparation_seconds=own_seconds, seconds=_mean([r.seconds for r in runs]),
+                served_rank_factor=runs[0].served_rank_factor,
+                diverged_seeds=sorted(r.seed for r in diverged if (r.label, r.init) == (label, init)),
+                curve=_mean_curve(runs, own_prep), runs=[_run_summary(r) for r in runs]))
     if full_finetune:
         seeds = sorted(full_finetune)
         mean, std = mean_and_std([full_finetune[s] for s in seeds])
         base_parameters = next(iter(metadata.values())).base_parameters if metadata else None
-        rows.append({"allocation": "full-finetune", "method": "full-finetune", "budget_rank": None, "init": "full",
-                     "trainable_parameters": base_parameters, "loss_mean": mean, "loss_std": std,
-                     "losses": [full_finetune[s] for s in seeds], "seeds": seeds, "vs_uniform": None, "gap_closed": 1.0})
-    results_path = atomic_write_json(layout.results_path, {"rows": rows, "reference_init": reference_init,
+        rows.append(ComparisonRow(allocation="full-finetune", method="full-finetune", init="full",
+                                  trainable_parameters=base_parameters, loss_mean=mean, loss_std=std,
+                                  losses=[full_finetune[s] for s in seeds], seeds=seeds, gap_closed=1.0))
+    results_path = atomic_write_json(layout.results_path, {"rows": [row.model_dump(mode="json") for row in rows],
+                                                           "reference_init": reference_init,
                                                            "preparation": _json_keys(preparation), **details})
-    if any(row.get("curve") for row in rows):
+    if any(row.curve for row in rows):
         write_curves_plot(layout.curves_plot_path, rows)
     return ComparisonReport(str(results_path), write_comparison_plot(layout.comparison_plot_path, rows), rows)
 
