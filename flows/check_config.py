@@ -19,7 +19,7 @@ apply_defaults()
 
 from prefect import flow  # noqa: E402
 
-from lora_ranks.check import CheckFailed, CheckReport  # noqa: E402
+from lora_ranks.check import CHECK_DIR, CheckFailed, CheckReport  # noqa: E402
 from lora_ranks.settings import INPUT_HELP, CheckSettings, LoRATrainingSettings, SafetySettings  # noqa: E402
 from tasks.check import (  # noqa: E402
     check_inputs_task,
@@ -35,7 +35,7 @@ from tasks.outputs import RECORD_OUTPUTS, claim_output_task  # noqa: E402
 def check_config_flow(
     model: Annotated[str, described(INPUT_HELP["base_model"])],
     rank_config: Annotated[str, described(INPUT_HELP["rank_config"])],
-    output_dir: Annotated[str, described(INPUT_HELP["check_dir"])] = "outputs/check",
+    output_dir: Annotated[str, described(INPUT_HELP["check_dir"])] = CHECK_DIR,
     check: Annotated[CheckSettings, described(CheckSettings)] = CheckSettings(),
     training: Annotated[LoRATrainingSettings, described(LoRATrainingSettings)] = LoRATrainingSettings(),
     safety: Annotated[SafetySettings, described(SafetySettings)] = SafetySettings(),

@@ -184,13 +184,7 @@ def compare_allocations(
     if labels is None:  # the configs' labels come from the analysis
         labels = list(prepare(comparison.seeds[0])["configs"])
     rows = comparison_rows(labels, inits, comparison.peers)
-    evaluation = RowEvaluation(eval_data_path, fidelity.eval_samples, fidelity.eval_max_length,
-                               comparison.curve_points, comparison.curve_samples, comparison.accuracy_samples,
-                               comparison.max_new_tokens, comparison.peer_records,
-                               validation_path if comparison.early_stopping else None,
-                               comparison.eval_interval or 0, comparison.patience or 0,
-                               comparison.validation_samples, comparison.accuracy_tasks,
-                               comparison.accuracy_batch_size)
+    evaluation = RowEvaluation.of(eval_data_path, fidelity, comparison, validation_path)
     committed = (Committed(results_dir, design_digest(finetuned_model, allocation, alpha, analysis, curvature,
                                                       finetune, extraction, comparison))
                  if results_dir else None)

@@ -48,6 +48,8 @@ DEFAULT_VISION_TARGET_MODULES: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.
 
 Smoothing = Literal["none", "median", "mean"]
 
+CHECK_DIR = "outputs/check"  # where a check's report goes by default (the flow's and the command's --out)
+
 #: Help texts of the inputs the flows and commands take besides settings (paths, models), one definition each.
 INPUT_HELP: dict[str, str] = {
     "base_model": "Base (pretrained) model: a local Hugging Face folder or a hub id",

@@ -357,6 +357,17 @@ def demo_data_path(out_dir: str | Path, model: str = DEMO_MODEL) -> Path:
     return Path(out_dir) / ("vl-data/vl.jsonl" if model == DEMO_VL_MODEL else "synthetic.jsonl")
 
 
+def demo_training_settings(model: str, precision: str = "auto"):
+    """The demo's short dynamic-LoRA run after its analysis (LoRATrainingSettings): 8 steps of 4 records of at most
+    96 tokens on a real base (``demo:<base>``), 20 steps of 8 on the vision-language demo's image records."""
+    from .settings import LoRATrainingSettings
+
+    if model == DEMO_VL_MODEL:
+        return LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3, precision=precision)
+    return LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96, learning_rate=1e-3,
+                                gradient_checkpointing=False, precision=precision)
+
+
 def demo_finetune_settings(settings, model: str = DEMO_MODEL):
     """``settings`` (FinetuneSettings) adapted to the demo's small synthetic set: at least a fifth of the records,
     a learning rate of at least 1e-3 and at most 40 steps, so that the fine-tune moves the weights in seconds. On a

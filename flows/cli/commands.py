@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flows.options import SettingsGroup
 from lora_ranks.settings import (
+    CHECK_DIR,
     AllocationSettings,
     AlphaPolicy,
     AnalysisSettings,
@@ -122,7 +123,7 @@ COMMANDS: dict[str, Command] = {
         "measure a rank config on this machine before deploying it: memory of a training step, inference latency, "
         "budgets as assertions (check-config)",
         inputs=(Input("--model", "model", "base_model"), Input("--lora-config", "rank_config", "rank_config"),
-                Input("--out", "output_dir", "check_dir", required=False, default="outputs/check")),
+                Input("--out", "output_dir", "check_dir", required=False, default=CHECK_DIR)),
         groups=(SettingsGroup(CheckSettings, "check"),
                 # How training builds and steps the model: what the check measures.
                 SettingsGroup(LoRATrainingSettings, "training",

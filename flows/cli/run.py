@@ -6,9 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_ranks.check.verdict import format_table
-from lora_ranks.settings import (
-    LoRATrainingSettings,
-)
 
 
 def run_command(command: str, inputs: dict, settings: dict) -> list[str]:
@@ -95,7 +92,7 @@ def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = Fal
     from flows.train_dynamic_lora import train_dynamic_lora_flow
     from lora_ranks.analysis.layout import OutputLayout
     from lora_ranks.config import load_rank_config
-    from lora_ranks.synthetic import demo_data_path
+    from lora_ranks.synthetic import demo_data_path, demo_training_settings
 
     model = f"demo:{name}"
     config_path = svd_analysis(base_model=model, output_dir=output_dir, overwrite=overwrite, **settings)
@@ -104,9 +101,7 @@ def _real_demo(name: str, output_dir: str, settings: dict, overwrite: bool = Fal
     result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path, rank_config=config_path,
                                      data_path=str(demo_data_path(layout.demo_inputs_dir, model)),
                                      output_dir=str(layout.train_dir),
-                                     training=LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96,
-                                                                   learning_rate=1e-3, gradient_checkpointing=False,
-                                                                   precision=settings["finetune"].precision))
+                                     training=demo_training_settings(model, settings["finetune"].precision))
     by_type = _rank_by_module_type(config)
     return [f"Base:               {config.checkpoints.pretrained.path}",
             f"Rank config:        {config_path}  ({len(config.modules)} modules; mean rank by type: {by_type})",
@@ -132,7 +127,7 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
     from flows.train_dynamic_lora import train_dynamic_lora_flow
     from lora_ranks.analysis.layout import OutputLayout
     from lora_ranks.config import load_rank_config
-    from lora_ranks.synthetic import DEMO_VL_MODEL, demo_data_path
+    from lora_ranks.synthetic import DEMO_VL_MODEL, demo_data_path, demo_training_settings
 
     config_path = svd_analysis(base_model=DEMO_VL_MODEL, output_dir=output_dir, overwrite=overwrite, **settings)
     config = load_rank_config(config_path)
@@ -140,8 +135,7 @@ def _vl_demo(output_dir: str, settings: dict, overwrite: bool = False) -> list[s
     data = demo_data_path(layout.demo_inputs_dir, DEMO_VL_MODEL)
     result = train_dynamic_lora_flow(model=config.checkpoints.pretrained.path,
                                      rank_config=config_path, data_path=str(data), output_dir=str(layout.train_dir),
-                                     training=LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3,
-                                                                   precision=settings["finetune"].precision))
+                                     training=demo_training_settings(DEMO_VL_MODEL, settings["finetune"].precision))
     return [f"Rank config:        {config_path}", f"Plots:              {layout.plots_dir}",
             f"Adapter:            {result.adapter_dir}  ({result.trainable_parameters:,} trainable parameters, loss "
             f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f})"]

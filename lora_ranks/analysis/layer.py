@@ -34,7 +34,15 @@ from ..spectra.kind import SpectrumKind
 from ..spectra.spectrum import gram_spectrum, short_side_gram
 from ..spectra.weighted import ProjectedCurvature, module_weighted_spectrum, shares_gram
 from .curvature import curvature_roots
-from .layout import WEIGHT_PREFIX, LayerFileMetadata, SpectrumFacts, layer_file, write_layer_file
+from .layout import (
+    DELTA_FILES,
+    VECTOR_FILES,
+    WEIGHT_PREFIX,
+    LayerFileMetadata,
+    SpectrumFacts,
+    layer_file,
+    write_layer_file,
+)
 
 __all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
 
@@ -191,7 +199,7 @@ def _analyze_layer(pair, modules, svd_dir, top_k, method, device, digests, save_
     path = layer_file(svd_dir, layer)
     write_layer_file(path, tensors, LayerFileMetadata(layer, fingerprint, base_digest, finetuned_digest, kind,
                                                       facts).to_strings())
-    for folder, payload in (("delta_weights", deltas), ("singular_vectors", vectors)):
+    for folder, payload in ((DELTA_FILES, deltas), (VECTOR_FILES, vectors)):
         if payload:
             write_layer_file(layer_file(svd_dir, layer, folder), payload, {"layer": layer, "fingerprint": fingerprint})
     return LayerResult(layer, str(path), [m.name for m in modules], fingerprint, base_digest, finetuned_digest,

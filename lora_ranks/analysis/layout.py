@@ -128,7 +128,12 @@ def layer_file_name(layer: str) -> str:
     return layer.replace("/", "_") + ".safetensors"
 
 
-def layer_file(svd_dir: str | Path, layer: str, folder: str = "raw_data/layers") -> Path:
+LAYER_FILES = "raw_data/layers"  # under the SVD folder: one spectra file per layer
+DELTA_FILES = "delta_weights"  # with save_deltas: each layer's deltas (float32)
+VECTOR_FILES = "singular_vectors"  # with save_vectors: each module's truncated-SVD factors
+
+
+def layer_file(svd_dir: str | Path, layer: str, folder: str = LAYER_FILES) -> Path:
     """Path of a layer's file in ``folder`` under the SVD output folder."""
     return Path(svd_dir) / folder / layer_file_name(layer)
 
@@ -284,7 +289,7 @@ def load_spectra(paths: Iterable[str | Path], weight: bool = False) -> dict[str,
 
 def spectra_files(svd_dir: str | Path) -> list[Path]:
     """The layer files under an SVD output folder (``OutputLayout.svd_dir``), in name order."""
-    return sorted((Path(svd_dir) / "raw_data" / "layers").glob("*.safetensors"))
+    return sorted((Path(svd_dir) / LAYER_FILES).glob("*.safetensors"))
 
 
 def layer_file_fingerprint(path: str | Path) -> str | None:

@@ -31,6 +31,8 @@ from ..settings import LoRATrainingSettings
 __all__ = ["Target", "run_isolated", "measure_training_step", "measure_inference", "latency_figures", "median_round",
            "peak_resident_bytes"]
 
+#: Training steps a check measures: the first also creates the optimizer state; the last is timed.
+TRAINING_STEPS = 2
 GIB = 2**30
 
 
@@ -121,7 +123,8 @@ def _child(send, fn, args) -> None:
     send.close()
 
 
-def measure_training_step(target: Target, batch: int, seq_len: int, gradient_checkpointing: bool, steps: int = 2) -> dict:
+def measure_training_step(target: Target, batch: int, seq_len: int, gradient_checkpointing: bool,
+                          steps: int = TRAINING_STEPS) -> dict:
     """Peak memory and time of ``steps`` training steps (forward, backward, optimizer step) at batch x seq_len.
 
     Run it through ``run_isolated``. Returns ``peak_bytes`` (the figure budgets are checked against: CUDA peak

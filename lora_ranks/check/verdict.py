@@ -13,7 +13,7 @@ from pathlib import Path
 from .._io import atomic_write_json
 from ..errors import LoraRanksError
 from ..settings import CheckSettings, LoRATrainingSettings
-from .measure import GIB, Target
+from .measure import GIB, TRAINING_STEPS, Target
 from .report import CheckReport, CheckRow, InferenceMeasurement, Machine, SizePrediction, StepMeasurement
 
 __all__ = ["CheckFailed", "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME"]
@@ -134,7 +134,7 @@ def _notes(target: Target, settings: CheckSettings, training: LoRATrainingSettin
               else "the peak resident memory of the measuring process")
     vision = detect_model_type(resolve_model_path(target.model)) == "qwen2_5_vl"
     return [f"training: {settings.batch} x {settings.seq_len} tokens, {training.optimizer}, "
-            f"{target.quantization or 'unquantized'} base, two steps; peak = {memory} (weights, adapter, optimizer "
+            f"{target.quantization or 'unquantized'} base, {TRAINING_STEPS} steps; peak = {memory} (weights, adapter, optimizer "
             f"state and activations); * = the gradient checkpointing training uses",
             f"latency: {settings.latency_batch} x {settings.seq_len} tokens, {settings.latency_repeats} interleaved "
             "rounds after a warm-up; overhead = the median of the per-round ratios to the base, beside the adapter "

@@ -32,6 +32,9 @@ from .allocations import uniform_allocation
 __all__ = ["FidelityPoint", "next_token_fidelity", "ReferenceOutputs", "reference_outputs", "fidelity_to",
            "DeltaBasis", "fidelity_sweep", "held_out_loss", "mean_and_std"]
 
+#: Sequences per forward pass when evaluating (held-out loss, reference outputs, KL): memory, not results.
+EVAL_BATCH_SIZE = 8
+
 
 @dataclass
 class FidelityPoint:
@@ -65,7 +68,7 @@ class ReferenceOutputs:
 
 @torch.no_grad()
 def reference_outputs(reference: torch.nn.Module, examples: Sequence[dict], pad_token_id: int,
-                      batch_size: int = 8) -> ReferenceOutputs:
+                      batch_size: int = EVAL_BATCH_SIZE) -> ReferenceOutputs:
     """Run ``reference`` once over ``examples`` (tokenized records) and keep its log-probabilities at the positions
     whose next-token label is trained (not -100)."""
     reference.eval()
@@ -103,7 +106,7 @@ def fidelity_to(reference: ReferenceOutputs, model: torch.nn.Module) -> tuple[fl
 
 
 def next_token_fidelity(reference: torch.nn.Module, model: torch.nn.Module, examples: Sequence[dict],
-                        pad_token_id: int, batch_size: int = 8) -> tuple[float, float, float]:
+                        pad_token_id: int, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float, float]:
     """(mean KL(P_reference || P_model), loss of model, loss of reference) over label positions.
 
     ``examples`` are tokenized records ({"input_ids", "labels"}); positions whose next-token label is -100
@@ -212,7 +215,7 @@ def check_report_data(fidelity: FidelitySettings, data_path: str | None, eval_da
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8, *,
+def held_out_loss(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = EVAL_BATCH_SIZE, *,
                   what: str = "held-out loss") -> float:
     """Mean cross-entropy (nats per token) of ``model`` over the label tokens of ``examples``, on the device of the
     model's parameters (the sums in float64). ``what`` names the evaluation in its progress lines."""

@@ -42,6 +42,7 @@ import torch
 
 from ..data import collate, tokenize_record
 from ..errors import LoraRanksError
+from .fidelity import EVAL_BATCH_SIZE
 
 __all__ = ["Peer", "PEERS", "PeerModel", "PeerError", "build_peer_model", "check_peers", "save_served_adapter"]
 
@@ -157,7 +158,7 @@ class _CountingLoader:
 
 def build_peer_model(base_model: str | Path, uniform_config, peer_name: str, calibration_records: Sequence[dict], *,
                      max_length: int, lora_dropout: float, total_steps: int, work_dir: str | Path,
-                     batch_size: int = 8, trust_remote_code: bool = False) -> PeerModel:
+                     batch_size: int = EVAL_BATCH_SIZE, trust_remote_code: bool = False) -> PeerModel:
     """The PEFT model of ``peer_name`` on ``base_model`` at the ranks of ``uniform_config`` (a ``RankConfig``):
     float32 weights, in training mode, on the CPU (the caller moves it).
 

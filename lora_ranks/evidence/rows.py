@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapter_files import ADAPTER_WEIGHTS
-from ..settings import LoRATrainingSettings
+from ..settings import ComparisonSettings, FidelitySettings, LoRATrainingSettings
 
 __all__ = ["RowSpec", "RowEvaluation", "RowResult", "select_configs", "comparison_rows", "row_key", "curve_steps"]
 
@@ -41,6 +41,9 @@ class RowSpec:
         return self.label if self.init == "warm" else f"{self.label}-{self.init}"
 
 
+_COMPARISON = ComparisonSettings()  # the evaluation's defaults are the comparison settings' (one definition)
+
+
 @dataclass(frozen=True)
 class RowEvaluation:
     """How a run is evaluated: the held-out records and, optionally, a curve and accuracy."""
@@ -48,11 +51,11 @@ class RowEvaluation:
     eval_data_path: str
     eval_samples: int
     max_length: int
-    curve_points: int = 0
-    curve_samples: int = 64
-    accuracy_samples: int = 0
-    max_new_tokens: int = 32
-    peer_records: int = 64
+    curve_points: int = _COMPARISON.curve_points
+    curve_samples: int = _COMPARISON.curve_samples
+    accuracy_samples: int = _COMPARISON.accuracy_samples
+    max_new_tokens: int = _COMPARISON.max_new_tokens
+    peer_records: int = _COMPARISON.peer_records
     validation_data_path: str | None = None
     """When given, the run's loss on it (``validation_samples`` records) is recorded too: the learning-rate choice,
     and early stopping."""
@@ -61,12 +64,22 @@ class RowEvaluation:
     patience: int = 0
     """Early stopping: evaluations without a lower validation loss before training stops; the best evaluated
     checkpoint is restored and is what the row reports (0: no early stopping)."""
-    validation_samples: int = 0
+    validation_samples: int = _COMPARISON.validation_samples
     """Validation records evaluated (a seeded sample); 0: ``eval_samples``."""
-    accuracy_tasks: tuple[str, ...] = ()
+    accuracy_tasks: tuple[str, ...] = tuple(_COMPARISON.accuracy_tasks)
     """Tasks (the records' ``task`` key) whose checkable records are scored; empty: every checkable record."""
-    accuracy_batch_size: int = 1
+    accuracy_batch_size: int = _COMPARISON.accuracy_batch_size
     """Records decoded together for the accuracy (``accuracy.exact_match``)."""
+
+    @classmethod
+    def of(cls, eval_data_path: str, fidelity: FidelitySettings, comparison: ComparisonSettings,
+           validation_data_path: str | None) -> RowEvaluation:
+        """The evaluation a comparison's settings describe (``validation_data_path`` used with early stopping)."""
+        return cls(eval_data_path, fidelity.eval_samples, fidelity.eval_max_length, comparison.curve_points,
+                   comparison.curve_samples, comparison.accuracy_samples, comparison.max_new_tokens,
+                   comparison.peer_records, validation_data_path if comparison.early_stopping else None,
+                   comparison.eval_interval or 0, comparison.patience or 0, comparison.validation_samples,
+                   tuple(comparison.accuracy_tasks), comparison.accuracy_batch_size)
 
     @property
     def early_stopping(self) -> bool:
