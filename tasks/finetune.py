@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 
 import lora_ranks.data as data_module
 import lora_ranks.finetune as finetune_module
+import lora_ranks.training_loop as training_loop_module
 from lora_ranks._version import __version__
 from lora_ranks.analysis import AnalysisPlan
 from lora_ranks.devices import bf16_units
@@ -57,11 +58,11 @@ def _files_digest(folder: str | Path) -> str:
 def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``split-half-finetunes``: the base model folder's files and the data file's bytes, the settings,
     the device type and its bf16 units (what precision "auto" resolves to), the fine-tuning code
-    (``lora_ranks.finetune`` and ``lora_ranks.data``, with the version) and the output folder; never the run. A
-    rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a resumed ``compare`` reuses its
-    analysis pair."""
+    (``lora_ranks.finetune``, ``lora_ranks.training_loop`` and ``lora_ranks.data``, with the version) and the output
+    folder; never the run. A rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a resumed
+    ``compare`` reuses its analysis pair."""
     code = hashlib.sha256(__version__.encode())
-    for module in (finetune_module, data_module):
+    for module in (finetune_module, training_loop_module, data_module):
         code.update(Path(module.__file__).read_bytes())
     plan: AnalysisPlan = parameters["plan"]
     device = (plan.analysis.device or default_device().type).split(":")[0]
