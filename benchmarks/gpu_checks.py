@@ -185,7 +185,8 @@ def check_config(device, dims, layers: int, out: Path) -> dict:
 
 def check_fisher(device, dims, tokens: int = 4000, limit: int = 8192) -> dict:
     """One 7B-shaped layer's Fisher numerics on ``device`` against the CPU float64 path (see the docstring)."""
-    from lora_ranks.spectra.weighted import ProjectedCurvature, factor_root, module_weighted_spectrum
+    from lora_ranks.spectra.projected import ProjectedCurvature, module_weighted_spectrum
+    from lora_ranks.spectra.weighted import factor_root
 
     gen = torch.Generator(device=device).manual_seed(0)
     names = ("q", "k", "v", "o", "gate", "up", "down")

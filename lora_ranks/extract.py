@@ -27,7 +27,7 @@ from .reports import ExtractionReport, ModuleExtraction
 from .serving import note_serving
 from .settings import ExtractionSettings
 from .spectra import truncated_svd_factors
-from .spectra.weighted import module_truncation_factors
+from .spectra.projected import module_truncation_factors
 
 __all__ = ["extract_lora", "extract_inputs"]
 
@@ -88,7 +88,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
     the best rank-r approximation of its delta at the configured rank; returns the extraction report.
 
     With ``settings.truncation`` "curvature" (or "auto" on a config made from an input or fisher spectrum), "best"
-    is in the curvature-weighted norm the ranks were chosen by (``spectra.weighted.module_truncation_factors``,
+    is in the curvature-weighted norm the ranks were chosen by (``spectra.projected.module_truncation_factors``,
     with the analysis' factors and damping); modules without factors fall back to the plain truncated SVD and the
     report says so. ``relative_error`` is then the weighted one.
 

@@ -38,7 +38,7 @@ pass keeps it seen through the module's weight delta ΔW (``delta_of``), on the 
 wide factor's trace for its damping (``CurvatureFactors.projected``). Per token that costs one product with ΔW
 (d_out d_in) and a d_s² outer product instead of a d_long² one (a quarter of the flops at 7B), holds 2 · 8 d_s² +
 4 d_out d_in bytes (the float32 delta) instead of 8 (d_in² + d_out²), and spares the analysis every d_long³ step
-(``spectra.weighted.ProjectedCurvature``). An input-only spectrum never needs G, so only wide A are projected
+(``spectra.projected.ProjectedCurvature``). An input-only spectrum never needs G, so only wide A are projected
 there.
 """
 

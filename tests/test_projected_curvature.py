@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from lora_ranks.kfac import collect_curvature, factor_bytes, plan_passes, projection_side
-from lora_ranks.spectra.weighted import (
-    ProjectedCurvature,
-    factor_root,
-    projected_spectrum,
-    projected_truncation_factors,
-    weighted_spectrum,
-    weighted_truncation_factors,
-)
+from lora_ranks.spectra.projected import ProjectedCurvature, projected_spectrum, projected_truncation_factors
+from lora_ranks.spectra.weighted import factor_root, weighted_spectrum, weighted_truncation_factors
 
 from .test_curvature import KFAC, _ill_conditioned, _psd, finetuned_pair, tiny  # noqa: F401  (fixtures)
 

@@ -23,7 +23,8 @@ from ..errors import LoraRanksError
 from ..kfac import CalibrationError, CurvatureFactors, automatic_factor_memory, calibration_tokens, collect_curvature
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
-from ..spectra.weighted import FactorRoot, ModuleCurvature, ProjectedCurvature, factor_root, module_weighted_spectrum
+from ..spectra.projected import ModuleCurvature, ProjectedCurvature, module_weighted_spectrum
+from ..spectra.weighted import FactorRoot, factor_root
 from .layout import layer_file, write_digested_layer_file
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from ..spectra import (
     truncated_svd_factors,
 )
 from ..spectra.kind import SpectrumKind
+from ..spectra.projected import ProjectedCurvature, module_weighted_spectrum, shares_gram
 from ..spectra.spectrum import gram_spectrum, short_side_gram
-from ..spectra.weighted import ProjectedCurvature, module_weighted_spectrum, shares_gram
 from .curvature import curvature_roots
 from .layout import (
     DELTA_FILES,
@@ -48,8 +48,8 @@ __all__ = ["LayerResult", "analyze_layer", "numerics_identity", "WEIGHT_PREFIX"]
 
 # The modules whose code decides what a layer file contains: deltas, spectra, factors and the file format.
 _NUMERICS_MODULES = ("lora_ranks.checkpoints.pair", "lora_ranks.spectra.spectrum", "lora_ranks.spectra.factors",
-                     "lora_ranks.spectra.weighted", "lora_ranks.kfac", "lora_ranks.analysis.curvature",
-                     "lora_ranks.analysis.layer", "lora_ranks.analysis.layout")
+                     "lora_ranks.spectra.weighted", "lora_ranks.spectra.projected", "lora_ranks.kfac",
+                     "lora_ranks.analysis.curvature", "lora_ranks.analysis.layer", "lora_ranks.analysis.layout")
 
 
 

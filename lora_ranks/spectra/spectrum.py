@@ -291,7 +291,7 @@ def short_side_gram(delta: torch.Tensor, side: str | None = None) -> torch.Tenso
 
 def gram_spectrum(gram: torch.Tensor, delta: torch.Tensor, top_k: int) -> Spectrum:
     """The "gram" method's ``Spectrum`` of ``delta`` from its short-side Gram (``short_side_gram``), already computed
-    (a caller that needs the Gram for something else, e.g. ``spectra.weighted.projected_spectrum``). CPU."""
+    (a caller that needs the Gram for something else, e.g. ``spectra.projected.projected_spectrum``). CPU."""
     start = time.perf_counter()
     m, n = delta.shape
     total_energy = float(torch.linalg.vector_norm(delta.detach(), dtype=torch.float64) ** 2)
