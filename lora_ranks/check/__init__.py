@@ -15,11 +15,11 @@ Modules: ``inputs`` (checks before anything is built, predictions), ``measure`` 
 
 from __future__ import annotations
 
-from ..settings import CheckSettings, LoRATrainingSettings
+from ..settings import CHECK_DIR, CheckSettings, LoRATrainingSettings
 from .inputs import CheckInputError, bitsandbytes_problem, check_inputs, predict_sizes
 from .measure import Target, measure_inference, measure_training_step, run_isolated
 from .report import CheckReport, CheckRow, InferenceMeasurement, SizePrediction, StepMeasurement
-from .verdict import CHECK_DIR, REPORT_NAME, CheckFailed, assess, format_table, markdown_table, write_report
+from .verdict import REPORT_NAME, CheckFailed, assess, format_table, markdown_table, write_report
 
 __all__ = ["check_rank_config", "check_inputs", "predict_sizes", "run_measurement", "Target", "CheckFailed", "CheckInputError",
            "assess", "format_table", "markdown_table", "write_report", "REPORT_NAME", "CHECK_DIR", "CheckReport", "CheckRow",
