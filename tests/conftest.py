@@ -66,10 +66,23 @@ def task_states(prefect_harness):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    import time
+
+    from prefect.events.worker import EventsWorker
+
     def read(flow_state):
-        with get_client(sync_client=True) as client:
-            run_id = flow_state.state_details.flow_run_id
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        # Task run states reach the API as events, recorded by the server after the flow has returned: a flow that
+        # fails on its first failed task can return before that task's final state is stored. Wait for the client
+        # to send what it has, then until no run of this flow is still pending or running (10 s at most).
+        EventsWorker.drain_all(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            with get_client(sync_client=True) as client:
+                run_id = flow_state.state_details.flow_run_id
+                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            if all(r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         out: dict[str, list] = {}
         for r in runs:
             out.setdefault(r.name, []).append((r.state.name, r.run_count))

@@ -139,7 +139,7 @@ def test_train_dynamic_lora_flow_with_warm_start(prefect_harness, tmp_path):
     assert uniform.rank >= max(config.ranks.values()) and serving_problems(read_adapter(tmp_path / "uniform")) == {}
     merged = export_adapter_flow(adapter_dir=result.adapter_dir, output_dir=str(tmp_path / "merged"),
                                  export=ExportSettings(format="merged"))
-    assert merged["format"] == "merged" and (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert merged.format == "merged" and (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
 def test_compare_allocations_flow(prefect_harness, tmp_path):
