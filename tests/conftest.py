@@ -63,11 +63,10 @@ def prefect_harness():
 @pytest.fixture
 def task_states(prefect_harness):
     """``task_states(flow_state) -> {task run name: sorted [(state name, run count), ...]}`` from the API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     import time
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.events.worker import EventsWorker
 
     def read(flow_state):
