@@ -58,10 +58,15 @@ def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_
     assert verdicts["training peak, checkpointing on *"] == verdicts["forward, unmerged adapter"] == "ok"
 
 
-@pytest.mark.slow
-def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys):
-    # A process that loaded torch holds far more than 1 MiB. Through the check-config flow, which fails (CheckFailed,
-    # a one-line state message); the command exits with 1.
+def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys, monkeypatch):
+    """Through the check-config flow, which fails (CheckFailed, a one-line state message); the command exits with 1.
+    The measurements are given (5 GiB without checkpointing): the real ones are the test above's, and each costs a
+    process of its own."""
+    import tasks.check
+
+    inference, steps = _measured(0.3)
+    monkeypatch.setattr(tasks.check, "run_measurement", lambda target, settings, what, gradient_checkpointing=False:
+                        inference if what == "inference" else steps[gradient_checkpointing])
     code = main(_args(tiny, tmp_path / "bad", "--max-train-memory-gb", "0.001", "--no-gradient-checkpointing"))
     captured = capsys.readouterr()
     assert code == 1
@@ -69,7 +74,7 @@ def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsy
     assert f"Report:   {tmp_path / 'bad' / 'check_report.json'}" in captured.out
     error = captured.err.strip().splitlines()[-1]
     assert error.startswith("lora-ranks: check failed: training peak, checkpointing off: ")
-    assert error.endswith("MiB, budget <= 0.001 GiB")
+    assert error.endswith("checkpointing off: 5.00 GiB, budget <= 0.001 GiB")
     report = json.loads((tmp_path / "bad" / "check_report.json").read_text())
     assert not report["ok"] and len(report["failures"]) == 1
 
