@@ -11,12 +11,15 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ModuleExtraction", "ExtractionReport", "UniformExportReport", "MergedExportReport", "ExportReport"]
+__all__ = ["Record", "ModuleExtraction", "ExtractionReport", "UniformExportReport", "MergedExportReport", "ExportReport"]
 
 Truncation = Literal["curvature", "weight"]
 
 
-class _Report(BaseModel):
+class Record(BaseModel):
+    """Base of the records the library returns and writes as JSON (reports, check, comparison rows): frozen, unknown
+    keys refused, no NaN or infinity (JSON has none), help text = field docstring."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
     def to_json(self) -> dict:
@@ -24,7 +27,7 @@ class _Report(BaseModel):
         return self.model_dump(mode="json")
 
 
-class ModuleExtraction(_Report):
+class ModuleExtraction(Record):
     """How one module's delta became its LoRA factors."""
 
     rank: int
@@ -37,7 +40,7 @@ class ModuleExtraction(_Report):
     """Which norm the rank-r truncation is best in: the curvature-weighted one, or the plain (weight) one."""
 
 
-class ExtractionReport(_Report):
+class ExtractionReport(Record):
     """An extracted adapter: every module's truncation and its error, and where the pair came from."""
 
     modules: dict[str, ModuleExtraction]
@@ -59,7 +62,7 @@ class ExtractionReport(_Report):
     it right."""
 
 
-class UniformExportReport(_Report):
+class UniformExportReport(Record):
     """An adapter written at one rank R with global scale 1 (every server reads it right)."""
 
     format: Literal["uniform"] = "uniform"
@@ -79,7 +82,7 @@ class UniformExportReport(_Report):
     """Bytes of the exported adapter's weights."""
 
 
-class MergedExportReport(_Report):
+class MergedExportReport(Record):
     """An adapter merged into its base: a plain model folder."""
 
     format: Literal["merged"] = "merged"

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from ..reports import Record
 
 __all__ = ["SizePrediction", "InferenceMeasurement", "StepMeasurement", "CheckRow", "Machine", "CheckReport"]
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
-
+class _Record(Record):
     def to_json(self) -> dict:
+        """The JSON object, without the fields that do not apply (None): CPU measurements have no CUDA figures."""
         return self.model_dump(mode="json", exclude_none=True)
 
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
-
 from .._io import atomic_write_json
 from ..config import load_rank_config
 from ..plots import write_comparison_plot, write_curves_plot
+from ..reports import Record
 from .comparison import ComparisonLayout
 from .experiment import paired_comparison
 from .fidelity import mean_and_std
@@ -22,10 +21,8 @@ from .fidelity import mean_and_std
 __all__ = ["ComparisonReport", "preparation_of", "comparison_report"]
 
 
-class PairedDifference(BaseModel):
+class PairedDifference(Record):
     """``experiment.paired_comparison``: a row's per-seed losses minus the reference's, paired by seed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     mean: float
     std: float
@@ -37,10 +34,8 @@ class PairedDifference(BaseModel):
     n: int
 
 
-class CurvePoint(BaseModel):
+class CurvePoint(Record):
     """One evaluation step of a row's curve, averaged over its seeds."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     step: int
     train_flops: float
@@ -50,10 +45,8 @@ class CurvePoint(BaseModel):
     loss: float
 
 
-class ComparisonRow(BaseModel):
+class ComparisonRow(Record):
     """One row of a comparison: an allocation (or peer) and init over its seeds (``comparison_report``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     allocation: str
     """The row's label (``r8-budget-fisher``, ``full-finetune``, a peer's config label)."""
@@ -250,7 +243,7 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
         rows.append(ComparisonRow(allocation="full-finetune", method="full-finetune", init="full",
                                   trainable_parameters=base_parameters, loss_mean=mean, loss_std=std,
                                   losses=[full_finetune[s] for s in seeds], seeds=seeds, gap_closed=1.0))
-    results_path = atomic_write_json(layout.results_path, {"rows": [row.model_dump(mode="json") for row in rows],
+    results_path = atomic_write_json(layout.results_path, {"rows": [row.to_json() for row in rows],
                                                            "reference_init": reference_init,
                                                            "preparation": _json_keys(preparation), **details})
     if any(row.curve for row in rows):
