@@ -22,52 +22,37 @@ them before it exits.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import as_disk_full
-
-_UMASK = os.umask(0)  # read once (setting it is process-wide): new files get the usual 0o666 & ~umask
-os.umask(_UMASK)
+from ._atomic import UMASK, abandon_pending, register_pending, replace_file
+from .errors import LoraRanksError, as_disk_full
+from .outputs import (
+    MARKER,
+    OutputFolderError,
+    check_replaceable,
+    file_stats,
+    folder_marker,
+    foreign_files,
+    note_made,
+    note_written,
+    read_marker,
+    tool_files,
+)
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_folder",
            "recover_folder", "interrupted_copy", "abandon_pending", "strict_json_loads"]
 
-_PENDING: set[Path] = set()  # temporary files and staging folders being written (removed on an interrupt)
-_PENDING_LOCK = threading.Lock()
-
-
-def _pending(path: Path, add: bool) -> None:
-    with _PENDING_LOCK:
-        (_PENDING.add if add else _PENDING.discard)(path)
-
-
-def abandon_pending() -> list[Path]:
-    """Remove every temporary file and staging folder still being written (an interrupted command calls this just
-    before it exits, so nothing half-written is left behind); returns what was removed. Targets are untouched."""
-    with _PENDING_LOCK:
-        pending = sorted(_PENDING)
-        _PENDING.clear()
-    for path in pending:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink(missing_ok=True)
-    return pending
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` to produce the file, then atomically move it to ``path``.
+    """Call ``write(tmp_path)`` to produce the file, then atomically move it to ``path`` (``_atomic.replace_file``),
+    noting it in its run folder's marker.
 
     ``write`` receives the path of a fresh temporary file in the target's folder (so the final rename
     never crosses file systems). On any exception the temporary file is removed and the target is
@@ -76,61 +61,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     Raises:
         DiskFullError: the file system ran out of space (or quota) while writing, naming the file.
     """
-    from .outputs import note_made, note_written
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     note_made(target)  # in a folder of the user's written into with --overwrite: the run's name is the tool's now
-    _remove_stale_temporaries(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.lora-ranks-{os.getpid()}-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    _pending(Path(tmp), True)
-    try:
-        write(tmp)
-        # mkstemp creates 0o600, and a writer that replaces the file (safetensors' save_file) may keep that: outputs
-        # are shared like any other file.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb+") as handle:  # flush the data before the rename makes it visible
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        full = as_disk_full(exc, target)
-        if full is not None:
-            raise full from None
-        raise
-    finally:
-        _pending(Path(tmp), False)
+    replace_file(target, write)
     note_written(target)  # listed in its run folder's marker at once (a run killed outright leaves the list)
     return target
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """The temporary files of earlier writes of ``target`` whose process is gone (killed outright: SIGKILL, the OOM
-    killer; ``.NAME.lora-ranks-<pid>-<random>.tmp``, no other name): a write leaves nothing half-written behind,
-    eventually."""
-    pattern = re.compile(re.escape(f".{target.name}.lora-ranks-") + r"(\d+)-[A-Za-z0-9_]+\.tmp")
-    try:
-        siblings = list(os.scandir(target.parent))
-    except OSError:
-        return
-    for entry in siblings:
-        match = pattern.fullmatch(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False) or _alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -183,8 +119,6 @@ def _journal_entry(swap_id: str) -> Path:
 
 
 def _journal_add(swap_id: str, target: Path) -> None:
-    from .errors import LoraRanksError
-
     entry = _journal_entry(swap_id)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -229,16 +163,12 @@ def _swaps(target: Path, suffix: str) -> Iterator[tuple[Path, str]]:
 
 
 def _swap_id_of(folder: Path) -> str | None:
-    from .outputs import read_marker
-
     marker = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
     return marker.get("swap_id") if marker is not None and marker["kind"] in ("folder", "staging") else None
 
 
 def _complete(staging: Path, swap_id: str) -> bool:
     """A staging folder of write ``swap_id`` whose block finished (its marker is the folder output's, not staging's)."""
-    from .outputs import read_marker
-
     marker = read_marker(staging)
     return marker is not None and marker["kind"] == "folder" and marker.get("swap_id") == swap_id
 
@@ -303,8 +233,6 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
             file of the user's the output would replace.
         DiskFullError: the file system ran out of space while the folder was written (nothing half-written is kept).
     """
-    from .outputs import MARKER, check_replaceable, folder_marker, note_made
-
     target = Path(os.path.abspath(path))
     check_replaceable(target, overwrite, content)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -314,7 +242,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
     staging, aside = _staging(target, swap_id), _aside(target, swap_id)
     _journal_add(swap_id, target)  # before the folder exists: every staging folder of the tool's is noted
     staging.mkdir()
-    _pending(staging, True)
+    register_pending(staging, True)
     try:
         atomic_write_text(staging / MARKER, json.dumps({"kind": "staging", "made_by": "lora-ranks",
                                                         "swap_id": swap_id}) + "\n")
@@ -323,24 +251,22 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, content: 
         atomic_write_text(staging / MARKER, folder_marker(staging, content, swap_id=swap_id))
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        _pending(staging, False)
+        register_pending(staging, False)
         _journal_drop(swap_id)
         full = as_disk_full(exc, target)
         if full is not None:
             raise full from None
         raise
-    from .outputs import foreign_files
-
     keep = foreign_files(target)
     if keep:  # overwrite was given (check_replaceable refused otherwise): write into it, keeping them
         try:
             _merge_into(staging, target, keep, content, swap_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            _pending(staging, False)
+            register_pending(staging, False)
             _journal_drop(swap_id)
         return
-    _pending(staging, False)  # complete: from here a crash leaves it to recover_folder, which moves it in
+    register_pending(staging, False)  # complete: from here a crash leaves it to recover_folder, which moves it in
     if target.exists():
         os.rename(target, aside)  # step 1: the old folder aside
     os.rename(staging, target)  # step 2: the new folder in
@@ -353,7 +279,7 @@ def _shared_modes(folder: Path) -> None:
     like every other output."""
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
-            os.chmod(path, 0o666 & ~_UMASK)
+            os.chmod(path, 0o666 & ~UMASK)
 
 
 def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap_id: str) -> None:
@@ -363,8 +289,6 @@ def _merge_into(staging: Path, target: Path, keep: list[str], content: str, swap
     Raises:
         OutputFolderError: a new file would replace, or lie under, a file of the user's (nothing is moved then).
     """
-    from .outputs import MARKER, OutputFolderError, file_stats, folder_marker, read_marker, tool_files
-
     new = read_marker(staging)["files"]
     yours = set(keep)
     clashes = sorted({f for f in new if f in yours or (target / f).is_dir()

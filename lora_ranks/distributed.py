@@ -19,6 +19,7 @@ FSDP (a model that does not fit one device) is not lora-ranks' loop: train the r
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -121,14 +122,22 @@ def launch(function: str, kwargs: dict, processes: int, *, cpu: bool):
         return _result(function, json.loads(result.read_text()))
 
 
+# What each launchable function is: (module, function, its settings class in lora_ranks.settings, its result class).
+# Named, not imported: finetune and train import this module to launch themselves.
+_CALLS = {
+    "finetune": ("lora_ranks.finetune", "run_preliminary_finetune", "FinetuneSettings", "FinetuneResult"),
+    "train": ("lora_ranks.train", "train_dynamic_lora", "LoRATrainingSettings", "TrainResult"),
+}
+
+
+def _resolve(function: str, part: int):
+    """The function, settings class or result class (``part`` 1, 2, 3) of launchable ``function``."""
+    module = _CALLS[function][0] if part != 2 else "lora_ranks.settings"
+    return getattr(importlib.import_module(module), _CALLS[function][part])
+
+
 def _result(function: str, fields: dict):
-    if function == "finetune":
-        from .finetune import FinetuneResult
-
-        return FinetuneResult(**fields)
-    from .train import TrainResult
-
-    return TrainResult(**fields)
+    return _resolve(function, 3)(**fields)
 
 
 def _run(request: dict) -> None:
@@ -148,18 +157,8 @@ def _run(request: dict) -> None:
     kwargs = dict(request["kwargs"])
     kwargs["device"] = "cpu" if request["cpu"] else str(state.device)
     kwargs["progress"] = False
-    if request["function"] == "finetune":
-        from .finetune import run_preliminary_finetune
-        from .settings import FinetuneSettings
-
-        kwargs["settings"] = FinetuneSettings(**kwargs["settings"])
-        result = run_preliminary_finetune(**kwargs)
-    else:
-        from .settings import LoRATrainingSettings
-        from .train import train_dynamic_lora
-
-        kwargs["settings"] = LoRATrainingSettings(**kwargs["settings"])
-        result = train_dynamic_lora(**kwargs)
+    kwargs["settings"] = _resolve(request["function"], 2)(**kwargs["settings"])
+    result = _resolve(request["function"], 1)(**kwargs)
     if state.is_main_process:
         Path(request["result"]).write_text(json.dumps(asdict(result)))
     state.wait_for_everyone()

@@ -24,6 +24,7 @@ from .config import RankConfig, RankConfigError, check_config_matches_model, loa
 from .errors import LoraRanksError, list_problems
 from .loading import Quantization, detect_model_type, load_model
 from .settings import LoRATrainingSettings
+from .training_loop import enable_gradient_checkpointing
 
 __all__ = [
     "DynamicLoRAError",
@@ -257,8 +258,6 @@ class PEFTModelFactory:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
-            from .finetune import enable_gradient_checkpointing
-
             enable_gradient_checkpointing(model)
             model.enable_input_require_grads()
         return create_peft_model_from_config(model, self.config, adapter_name), tokenizer

@@ -19,6 +19,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .spectra.kind import SpectrumKind
+from .targets import DEFAULT_TARGET_MODULES, DEFAULT_VISION_TARGET_MODULES, TargetSpec
 
 __all__ = [
     "Settings",
@@ -40,11 +41,6 @@ __all__ = [
     "SETTINGS_CLASSES",
     "Smoothing",
 ]
-
-#: The language model's attention and MLP projections (what LoRA usually adapts).
-DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: Qwen2.5-VL vision-tower projections, adapted only when asked (``include_vision``).
-DEFAULT_VISION_TARGET_MODULES: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 Smoothing = Literal["none", "median", "mean"]
 
@@ -261,8 +257,6 @@ class AnalysisSettings(Settings):
     @property
     def targets(self):
         """These settings as the ``TargetSpec`` that checkpoint discovery takes."""
-        from .checkpoints.naming import TargetSpec
-
         return TargetSpec(self.target_modules, self.target_regex, self.include_vision, self.vision_target_modules)
 
     @field_validator("target_regex")

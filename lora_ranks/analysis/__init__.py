@@ -4,14 +4,15 @@
     layer.py      the unit of parallel work: one layer's spectra (``analyze_layer``), and the numerics identity
     curvature.py  curvature factors from the fine-tuned model on calibration records, one file per layer
     split_half.py the split-half noise estimate: directions two fine-tunes on disjoint halves of the data share
-    assemble.py   every layer's spectra -> ranks -> ``lora_rank_config.json``; ``analyze_checkpoints`` serially
+    assemble.py   every layer's spectra -> ranks -> ``lora_rank_config.json``
     plan.py       one analysis as data (``AnalysisPlan``): its checks before any work, its steps, its metadata
+    serial.py     the whole plan in one process, layer after layer (``analyze_checkpoints``)
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "analyze_checkpoints": "assemble", "assemble_rank_config": "assemble", "zero_delta_message": "assemble",
+    "analyze_checkpoints": "serial", "assemble_rank_config": "assemble", "zero_delta_message": "assemble",
     "CurvatureResult": "curvature", "calibration_examples": "curvature", "collect_layer_curvature": "curvature",
     "config_curvature_roots": "curvature", "curvature_roots": "curvature", "dense_roots": "curvature",
     "input_weighted_spectra": "curvature",

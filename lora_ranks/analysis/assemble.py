@@ -1,27 +1,25 @@
-"""From every layer's spectra to one rank config, and the whole analysis in one process.
+"""From every layer's spectra to one rank config.
 
-``assemble_rank_config`` reads the layer files back, allocates ranks and writes the validated config;
-``analyze_checkpoints`` runs an ``AnalysisPlan``'s steps serially, for users who do not need Prefect (the
-``svd-analysis`` flow runs the same plan's steps as tasks, one per layer).
+``assemble_rank_config`` reads the layer files back, allocates ranks and writes the validated config (the last step
+of an ``AnalysisPlan``; ``serial.analyze_checkpoints`` and the ``svd-analysis`` flow both end with it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..checkpoints import CheckpointPair, ModuleRef
 from ..config import RankConfig, build_rank_config, save_rank_config
 from ..ranks import allocate_ranks
-from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings, FinetuneSettings
+from ..settings import AllocationSettings, AlphaPolicy
 from ..spectra import Spectrum
 from .layer import LayerResult
-from .layout import OutputLayout, load_module_records, load_spectra
+from .layout import load_module_records, load_spectra
 from .split_half import SplitHalfModule
 
-__all__ = ["assemble_rank_config", "analyze_checkpoints", "zero_delta_message"]
+__all__ = ["assemble_rank_config", "zero_delta_message"]
 
 
 def _combine(digests: Iterable[str]) -> str:
@@ -83,57 +81,6 @@ def assemble_rank_config(
                                alpha_policy=alpha_policy, spectra_info=spectra_info, extra_metadata=metadata)
     save_rank_config(config_path, config)
     return config, spectra
-
-
-def analyze_checkpoints(
-    base: str | Path,
-    finetuned: str | Path,
-    out_dir: str | Path,
-    *,
-    settings: AllocationSettings = AllocationSettings(),
-    analysis: AnalysisSettings = AnalysisSettings(),
-    alpha_policy: AlphaPolicy = AlphaPolicy(),
-    allow_pickle: bool = False,
-    curvature: CurvatureSettings = CurvatureSettings(),
-    calibration_data: str | Path | None = None,
-    subset: FinetuneSettings = FinetuneSettings(),
-) -> RankConfig:
-    """Whole analysis in one process, layer after layer: the ``AnalysisPlan`` the ``svd-analysis`` flow fans out.
-
-    Writes the config and per-layer spectra into ``OutputLayout(out_dir)``; returns the config. Warns
-    (``UserWarning``) when some modules did not change at all. Unlike the flow and the command line, it accepts a
-    ``min_rank`` at or above every module's full rank (exact-extraction references).
-
-    Args:
-        curvature: which spectrum ranks the directions; "input" and "fisher" first collect curvature factors from
-            the fine-tuned model on ``calibration_data`` (the ``subset`` of it the fine-tune trains on).
-
-    Raises:
-        CheckpointError: listing every problem the headers show (before any tensor is read), or naming a
-            tensor with NaN or Inf.
-        CalibrationError: a curvature spectrum, or the split-half noise estimate, without usable calibration data.
-        DeviceError, BudgetError: a device that is not there, a budget that cannot be spent (before any work).
-    """
-    from .plan import AnalysisPlan, StepClock
-
-    clock = StepClock()
-    layout = OutputLayout(out_dir)
-    plan = AnalysisPlan(str(base), str(finetuned), None if calibration_data is None else str(calibration_data),
-                        allocation=settings, alpha=alpha_policy, analysis=analysis, curvature=curvature, finetune=subset,
-                        allow_pickle=allow_pickle, allow_full_rank=True)
-    plan.check_inputs()
-    layers = plan.check_pair()  # headers only; builds the model on the meta device for names
-    modules = [m for group in layers.values() for m in group]
-    factors = plan.collect_curvature(modules, layout.svd_dir)
-    clock.mark_discovered()
-    results = [plan.analyze_layer(group, layout.svd_dir, factors) for group in layers.values()]
-    clock.mark_spectra_done()
-    split_half = plan.split_half(layout.split_half_dir, modules)
-    config = plan.assemble(modules, results, layout.config_path, factors, split_half, clock.timings(results))
-    unchanged = config.analysis_metadata.zero_delta_modules
-    if unchanged:
-        warnings.warn(zero_delta_message(unchanged, settings.min_rank), stacklevel=2)
-    return config
 
 
 def zero_delta_message(names: Sequence[str], min_rank: int) -> str:

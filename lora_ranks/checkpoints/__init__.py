@@ -6,7 +6,7 @@
     pair.py     the pair: validation, discovery, preflight, deltas (``CheckpointPair``)
 """
 
-from ..settings import DEFAULT_TARGET_MODULES, DEFAULT_VISION_TARGET_MODULES
+from ..targets import DEFAULT_TARGET_MODULES, DEFAULT_VISION_TARGET_MODULES
 from .hub import CheckpointError, resolve_model_path
 from .naming import ModuleRef, TargetSpec, build_meta_model
 from .pair import CheckpointPair

@@ -16,53 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..settings import DEFAULT_TARGET_MODULES, DEFAULT_VISION_TARGET_MODULES
+from ..targets import TargetSpec
 
 __all__ = ["TargetSpec", "ModuleRef", "build_meta_model", "NameMapper", "layer_of", "is_vision_stack"]
 
 # A module belongs to a repeated block ("layer") when its name contains `<stack>.<index>.`.
 _LAYER_RE = re.compile(r"^(?P<stack>.*?\.(?:layers|blocks|h|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _VISION_STACK_RE = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vit)(\.|$)")
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """Which modules to analyze (built from ``AnalysisSettings.targets``, where each field is documented).
-
-    ``target_modules`` are leaf names or dotted tails matched within the language model's layers
-    (``"q_proj"`` matches ``...self_attn.q_proj``); ``target_regex``, when given, is full-matched against the
-    module name instead; vision-tower blocks are targets only with ``include_vision``.
-    """
-
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    target_regex: str | None = None
-    include_vision: bool = False
-    vision_target_modules: tuple[str, ...] = DEFAULT_VISION_TARGET_MODULES
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        object.__setattr__(self, "vision_target_modules", tuple(self.vision_target_modules))
-        if not self.target_modules and self.target_regex is None:
-            raise ValueError("TargetSpec needs target_modules or target_regex; got neither")
-        if self.target_regex is not None:
-            try:
-                re.compile(self.target_regex)
-            except re.error as exc:
-                raise ValueError(f"target_regex {self.target_regex!r} is not a valid regex: {exc}") from exc
-
-    def selects(self, module_name: str, is_vision: bool) -> bool:
-        """True if ``module_name`` (in-memory name) is a target."""
-        if is_vision and not self.include_vision:
-            return False
-        if self.target_regex is not None:
-            return re.fullmatch(self.target_regex, module_name) is not None
-        tails = self.vision_target_modules if is_vision else self.target_modules
-        return any(module_name == t or module_name.endswith("." + t) for t in tails)
-
-    def order(self, module_name: str) -> int:
-        """Position of the module's tail in the target lists (q, k, v, ... order within a layer)."""
-        tails = self.target_modules + self.vision_target_modules
-        return next((i for i, t in enumerate(tails) if module_name.endswith("." + t)), len(tails))
 
 
 @dataclass(frozen=True)

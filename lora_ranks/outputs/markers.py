@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .._atomic import replace_file
+
 __all__ = ["MARKER", "read_marker", "file_stats", "folder_marker", "tool_files", "foreign_files"]
 
 
@@ -183,9 +185,8 @@ def _edited_run_files(out: Path, marker: dict | None) -> list[str]:
 
 
 def _write_marker(folder: Path, marker: dict) -> None:
-    from .._io import atomic_write_text
-
-    atomic_write_text(folder / MARKER, json.dumps(marker) + "\n")
+    data = (json.dumps(marker) + "\n").encode("utf-8")
+    replace_file(folder / MARKER, lambda tmp: Path(tmp).write_bytes(data))
 
 
 @contextmanager

@@ -32,6 +32,8 @@ def claim_output_dir(path: str | os.PathLike, made_by: str, *, inputs: Inputs = 
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     marker = read_marker(out)
+    if marker is None:  # a new marker inside a folder of the user's written into with overwrite: its name is the tool's
+        note_made(out)
     # The marker's list of documents (``files``) is kept up to date while the run writes (``note_written``): a run
     # killed outright leaves the list of what it wrote, and what the user adds afterwards stays theirs.
     if fresh:
