@@ -21,11 +21,38 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = "model.layers.1.self_attn.o_proj.weight"
 
 
-def _cli(*args, env=None, timeout=600):
-    exe = Path(sys.executable).with_name("lora-ranks")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+class _NeverRun(AssertionError):
+    pass
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``cli(*args)``: the command line in this process (``flows.cli.main``), for input that its preflight must
+    refuse: a flow's command never reaches its run (``run_command`` fails the test), so Prefect never started; the
+    others (extract, export) refuse in their library call, before it writes anything. Returns a
+    ``CompletedProcess`` with the exit status and what was printed. (A command's own process, as a user runs it:
+    tests/test_imports.py and the four-runs test below.)"""
+    import flows.cli
+    from flows.cli.commands import FLOW_OF
+
+    real_run = flows.cli.run_command
+
+    def run_unless_a_flow(command, inputs, settings):
+        if command in FLOW_OF:
+            raise _NeverRun(f"{command} got past its preflight: it would have started Prefect and run its flow")
+        return real_run(command, inputs, settings)
+
+    monkeypatch.setattr(flows.cli, "run_command", run_unless_a_flow)
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")  # main sets it; keep it to this test
+
+    def run(*args):
+        capsys.readouterr()
+        argv = [str(a) for a in args]
+        status = flows.cli.main(argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, status, out, err)
+
+    return run
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -90,9 +117,9 @@ def _assert_one_line_error(done, *fragments, only_line=True):
     ("truncated", ["cannot read safetensors file", "truncated or corrupt"]),
     ("pickle-only", ["holds only pickle-based weights", "--allow-pickle"]),
 ])
-def test_header_problems_end_the_cli_before_prefect_starts(pair, tmp_path, kind, fragments):
+def test_header_problems_end_the_cli_before_prefect_starts(cli, pair, tmp_path, kind, fragments):
     finetuned = _hostile(kind, pair, tmp_path)
-    done = _cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out")
+    done = cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out")
     _assert_one_line_error(done, *fragments)
     assert not (tmp_path / "out" / "configs").exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
@@ -125,9 +152,9 @@ def test_bad_options_are_one_line_without_loading_torch_or_prefect(tmp_path, arg
         assert fragment in lines[0], lines[0]
 
 
-def test_nan_weights_are_found_before_prefect_starts_and_nothing_is_written(pair, tmp_path):
+def test_nan_weights_are_found_before_prefect_starts_and_nothing_is_written(cli, pair, tmp_path):
     finetuned = _hostile("nan", pair, tmp_path)
-    done = _cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out")
+    done = cli("analyze", "--base", pair[0], "--finetuned", finetuned, "--out", tmp_path / "out")
     _assert_one_line_error(done, f"tensor {TARGET!r}", "contains NaN or Inf")
     assert not (tmp_path / "out").exists()  # not even the good layers' files
 
@@ -143,11 +170,12 @@ sys.exit(cli.main())
 
 
 @pytest.mark.slow
-def test_a_failing_flow_prints_no_prefect_internals_in_four_runs(pair, tmp_path):
+def test_a_failing_flow_prints_no_prefect_internals_in_three_runs(pair, tmp_path):
     """Prefect's temporary server used to print ~140 lines of its own tracebacks (a cancelled event flush) after
-    about one failing run in three, sometimes after the error line. Four runs (a regression of that rate shows in
-    80% of suite runs; ten took a sixth of the suite's time): the error is always the last line, with no traceback;
-    --debug brings the traceback back."""
+    about one failing run in three, sometimes after the error line. Three runs, each a command in its own process
+    with its own temporary server (a regression of that rate shows in 70% of suite runs; ten took a sixth of the
+    suite's time): the error is always the last line, with no traceback. (--debug bringing the traceback back:
+    the next test.)"""
     finetuned = _hostile("nan", pair, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_LOGGING_LEVEL")}
 
@@ -156,7 +184,7 @@ def test_a_failing_flow_prints_no_prefect_internals_in_four_runs(pair, tmp_path)
                                "--finetuned", str(finetuned), "--out", str(tmp_path / f"out{i}")],
                               capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
-    for i in range(4):
+    for i in range(3):
         done = run(i)
         text = done.stdout + done.stderr
         assert done.returncode == 2, text[-3000:]
@@ -165,24 +193,43 @@ def test_a_failing_flow_prints_no_prefect_internals_in_four_runs(pair, tmp_path)
             assert internal not in text, f"run {i}: {internal!r} in\n{text[-3000:]}"
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("lora-ranks: error: ") and "contains NaN or Inf" in last, f"run {i}: {last}"
-    debug = run("debug", "--debug")
-    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_debug_brings_the_traceback_of_a_user_error_back(pair, tmp_path, capsys, monkeypatch):
+    """A user error is one line; with --debug the same failure also prints its traceback (exit status 2 both ways)."""
+    import flows.cli
+
+    def fails(command, inputs, settings):
+        raise CheckpointError(f"tensor {TARGET!r} contains NaN or Inf (injected)")
+
+    monkeypatch.setattr(flows.cli, "run_command", fails)
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    monkeypatch.delenv("LORA_RANKS_DEBUG", raising=False)  # --debug sets it
+    argv = ["analyze", "--base", str(pair[0]), "--finetuned", str(pair[1]), "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert flows.cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"lora-ranks: error: tensor {TARGET!r} contains NaN or Inf (injected)"]
+    assert flows.cli.main(["--debug", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CheckpointError" in err
+    assert err.strip().splitlines()[-1].startswith("lora-ranks: error: ")
 
 
 
-@pytest.mark.slow
-def test_identical_checkpoints_are_refused_before_prefect_starts(pair, tmp_path):
+def test_identical_checkpoints_are_refused_before_prefect_starts(cli, pair, tmp_path):
     """The same folder twice, or a copy of the base given as the fine-tuned model: nothing was fine-tuned, and the
     user is told so at once (the library still analyzes such a pair, with a warning: tests/test_reliability.py)."""
-    done = _cli("analyze", "--base", pair[0], "--finetuned", pair[0], "--out", tmp_path / "out")
+    done = cli("analyze", "--base", pair[0], "--finetuned", pair[0], "--out", tmp_path / "out")
     _assert_one_line_error(done, "are the same folder")
     copy = shutil.copytree(pair[0], tmp_path / "copy")
-    done = _cli("analyze", "--base", pair[0], "--finetuned", copy, "--out", tmp_path / "out")
+    done = cli("analyze", "--base", pair[0], "--finetuned", copy, "--out", tmp_path / "out")
     _assert_one_line_error(done, "are identical in all 14 analyzed modules", "nothing was fine-tuned")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_config_naming_modules_the_model_lacks_is_refused_before_training(pair, tmp_path):
+def test_a_config_naming_modules_the_model_lacks_is_refused_before_training(cli, pair, tmp_path):
     from lora_ranks.analysis import analyze_checkpoints
     from lora_ranks.synthetic import write_synthetic_dataset
 
@@ -191,21 +238,21 @@ def test_a_config_naming_modules_the_model_lacks_is_refused_before_training(pair
     other = write_planted_pair(tmp_path / "b1", tmp_path / "f1", num_layers=1, hidden_size=32, num_heads=2,
                                num_kv_heads=1, intermediate_size=64)
     data = write_synthetic_dataset(tmp_path / "d.jsonl", 2)
-    done = _cli("train", "--model", other[0], "--lora-config", config, "--data", data, "--out", tmp_path / "t")
+    done = cli("train", "--model", other[0], "--lora-config", config, "--data", data, "--out", tmp_path / "t")
     _assert_one_line_error(done, "rank config does not fit the model", "model.layers.1.self_attn.q_proj: no such module")
-    done = _cli("extract", "--base", other[0], "--finetuned", other[1], "--config", config, "--out", tmp_path / "x")
+    done = cli("extract", "--base", other[0], "--finetuned", other[1], "--config", config, "--out", tmp_path / "x")
     _assert_one_line_error(done, "rank config does not fit the checkpoints")
     assert not (tmp_path / "t").exists() and not (tmp_path / "x").exists()
 
 
-def test_bad_records_are_named_before_training(pair, tmp_path):
+def test_bad_records_are_named_before_training(cli, pair, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine", "task": "a"}\n{"oops": 1}\n')
-    done = _cli("finetune", "--model", pair[0], "--data", data, "--out", tmp_path / "o")
+    done = cli("finetune", "--model", pair[0], "--data", data, "--out", tmp_path / "o")
     _assert_one_line_error(done, f"{data}:2")
 
 
-def test_bad_held_out_records_are_named_before_any_analysis(pair, tmp_path):
+def test_bad_held_out_records_are_named_before_any_analysis(cli, pair, tmp_path):
     """compare reads --eval-data only after the analysis: a missing or broken file must end the command first."""
     from lora_ranks.synthetic import write_synthetic_dataset
 
@@ -213,7 +260,7 @@ def test_bad_held_out_records_are_named_before_any_analysis(pair, tmp_path):
     broken = tmp_path / "eval.jsonl"
     broken.write_text('{"text": "fine", "task": "a"}\n{"oops": 1}\n')
     for eval_data, fragment in ((tmp_path / "missing.jsonl", "missing.jsonl does not exist"), (broken, f"{broken}:2")):
-        done = _cli("compare", "--model", pair[0], "--finetuned", pair[1], "--data", data, "--eval-data", eval_data,
+        done = cli("compare", "--model", pair[0], "--finetuned", pair[1], "--data", data, "--eval-data", eval_data,
                     "--out", tmp_path / "cmp")
         _assert_one_line_error(done, fragment)
     assert not (tmp_path / "cmp").exists()

@@ -1,6 +1,7 @@
 """What a rank config costs on this machine, each measurement in a fresh child process.
 
-Every measurement runs in its own spawned (not forked) process, so that
+Every measurement runs in a process of its own, started from a process that holds no model and no tensor (spawned;
+on the CPU forked from a fork server that has only imported torch, transformers and PEFT), so that
 
 * the peak memory of a training step is that process's own: on CUDA the caching allocator's peak statistics, on
   the CPU the peak resident set size (Linux ``VmHWM``, reset after the model is loaded so that a transient of
@@ -9,6 +10,10 @@ Every measurement runs in its own spawned (not forked) process, so that
   allocator blocks or heap;
 * a process killed for memory (signal 9), or an out-of-memory error (``torch.OutOfMemoryError``, ``MemoryError``,
   torch's CPU allocator refusing an allocation: ``_is_out_of_memory``), is a result ("does not fit"), not a crash.
+
+The fork server (CPU measurements, where the platform has one) saves each measurement after the first the ~5 s of
+importing those libraries again (a check makes three). GPU measurements are spawned: a library that initializes CUDA
+when imported (bitsandbytes) would leave a forked child unable to use it.
 
 The model is built exactly as ``train_dynamic_lora`` builds it (``PEFTModelFactory``: the same dtype, quantization,
 gradient checkpointing and LoRA dropout), and the training step is ``finetune.train_loop`` itself (the same
@@ -64,11 +69,24 @@ class Target:
         return asdict(self)
 
 
+#: What the CPU measurements' fork server imports once (``_quiet`` first: it quiets what the others read at import).
+_FORKSERVER_PRELOAD = ["lora_ranks.check._quiet", "torch", "transformers.modeling_utils", "peft", "lora_ranks.model",
+                       "lora_ranks.training_loop"]
+
+
+def _process_context(on_cpu: bool):
+    if on_cpu and "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
 def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
-    """``fn(*args)`` in a fresh spawned process; its result dict, or ``{"impossible": why}`` when the process died
-    (e.g. killed by the kernel for memory) or a library failed in it. The project's own errors raised in the child
-    are re-raised here."""
-    ctx = multiprocessing.get_context("spawn")
+    """``fn(*args)`` in a fresh process (forked from the fork server when every ``Target`` in ``args`` is on the CPU,
+    else spawned); its result dict, or ``{"impossible": why}`` when the process died (e.g. killed by the kernel for
+    memory) or a library failed in it. The project's own errors raised in the child are re-raised here."""
+    ctx = _process_context(all(a.device == "cpu" for a in args if isinstance(a, Target)))
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
     process.start()
@@ -99,19 +117,12 @@ def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
 
 
 def _child(send, fn, args) -> None:
-    import os
     import signal
-    import warnings
+
+    from . import _quiet  # noqa: F401 - imported for its settings (the fork server has imported it already)
 
     # A ^C to the terminal's process group is the parent's to handle: it stops this process by PID (no traceback here).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    # A measurement's output is its result: no download bars, deprecation notes or loading progress.
-    os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
-    warnings.simplefilter("ignore")
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a missing optional CPU kernel, on every import
     try:
         result = ("ok", fn(*args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
