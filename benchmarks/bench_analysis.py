@@ -36,7 +36,7 @@ from benchmarks._common import emit  # noqa: E402
 def _peak_mb() -> float:
     """Peak resident memory of this process in MiB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
     fork + exec, so a child would report its parent's peak."""
-    from lora_ranks.check.measure import peak_resident_bytes
+    from lora_ranks.check.measuring import peak_resident_bytes
 
     return peak_resident_bytes() / 2**20
 

@@ -1,7 +1,6 @@
 """Process-level settings for the flows: Prefect's defaults, applied before Prefect is imported (the one place
 they are set: the Makefile, the CLI, the tests and the workers all come through here), and the task runner,
 chosen by environment so that deployments pick it per work pool or run (job_variables.env):
-
     LORA_RANKS_TASK_RUNNER   threads (default) | processes | dask
     LORA_RANKS_MAX_WORKERS   concurrent layer tasks (default 2; processes: one per visible GPU if any)
     LORA_RANKS_DASK_ADDRESS  scheduler of an existing Dask cluster (tcp://host:8786); unset = local cluster
@@ -12,8 +11,14 @@ CUDA_VISIBLE_DEVICES and the thread budget before torch is first imported in the
 
 from __future__ import annotations
 
+# Prefect's task runners and torch are imported by the functions that need them: the command line imports this
+# module first, to set Prefect's defaults before Prefect itself is imported.
+import multiprocessing
 import os
+import typing
 from pathlib import Path
+
+from pydantic import Field
 
 from lora_ranks.errors import LoraRanksError  # light: no torch (the package imports its stages on first use)
 
@@ -74,8 +79,6 @@ def visible_gpus() -> list[str]:
 def pin_worker(gpu_ids: tuple[str, ...], threads: int) -> None:
     """Process-pool initializer: give this worker one GPU (round robin over ``gpu_ids``) and a CPU thread budget,
     before torch is imported, so parallel SVD tasks neither share a device nor oversubscribe cores."""
-    import multiprocessing
-
     identity = multiprocessing.current_process()._identity  # (k,) for the k-th worker this pool started
     index = (identity[0] - 1) if identity else 0
     if gpu_ids:
@@ -113,8 +116,6 @@ def task_runner():
 
 def described(what: str | type):
     """A pydantic ``Field`` whose description is a help text, or the first paragraph of a settings class's doc."""
-    from pydantic import Field
-
     text = what if isinstance(what, str) else " ".join((what.__doc__ or "").split("\n\n")[0].split())
     return Field(description=text)
 
@@ -123,8 +124,6 @@ def documented(fn):
     """Append an ``Args:`` section built from the parameters' ``Annotated[..., described(...)]`` help texts to the
     flow function's docstring: Prefect 3.9 reads parameter descriptions for the UI form from the docstring (it
     drops those given in ``Annotated``), so each help text is still written once, where the parameter is."""
-    import typing
-
     hints = typing.get_type_hints(fn, include_extras=True)
     lines = []
     for name, hint in hints.items():

@@ -22,12 +22,20 @@ Installed by the command line only (``flows.cli.main`` as the process's command)
 
 from __future__ import annotations
 
+# Prefect is imported only when a command isolates its temporary server: the handlers are installed before any
+# heavy import, so that a ^C during imports ends in one line too.
 import contextlib
+import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
+
+import psutil
+
+from lora_ranks._io import abandon_pending
 
 __all__ = ["install", "on_interrupt", "stop_children", "isolate_prefect_server"]
 
@@ -92,7 +100,6 @@ def _stop(signum: int) -> None:
         else:
             print("\nlora-ranks: interrupted", file=sys.stderr, flush=True)
         stop_children()
-        from lora_ranks._io import abandon_pending
 
         abandon_pending()
         for cleanup in reversed(_cleanups):
@@ -105,8 +112,6 @@ def _stop(signum: int) -> None:
 def stop_children(grace: float = GRACE_SECONDS) -> list[int]:
     """Stop every process this one started (recursively), by PID: SIGTERM, then SIGKILL for those still running
     after ``grace`` seconds. Returns their PIDs."""
-    import psutil
-
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -126,8 +131,6 @@ def isolate_prefect_server() -> None:
     """Start Prefect's temporary API server (when a flow starts it) in a session of its own, out of reach of a ^C
     to the terminal's process group: the command stops it, by PID, when it ends or is interrupted. Prefect keeps
     one server instance per port; the ephemeral API uses the one of port None, which this patches."""
-    import subprocess
-
     from prefect.server.api import server
 
     instance = server.SubprocessASGIServer()
@@ -165,7 +168,6 @@ def _parent_death_signal() -> Callable[[], None] | None:
     elsewhere. The C function is looked up here, in the parent: the child, between fork and exec, only calls it."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1

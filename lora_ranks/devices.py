@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# torch is imported when a device is asked about: --device cpu, and every option check, are answered without it.
 import functools
 import os
 from collections.abc import Callable

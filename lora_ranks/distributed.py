@@ -19,13 +19,17 @@ FSDP (a model that does not fit one device) is not lora-ranks' loop: train the r
 
 from __future__ import annotations
 
+# torch.distributed and accelerate are imported by a launch or its processes: finetune and train import this module
+# for should_launch, which one process answers without them.
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import LoraRanksError
@@ -142,8 +146,6 @@ def _result(function: str, fields: dict):
 
 def _run(request: dict) -> None:
     """One process of a launch: join the group, run the call, and (process 0) write its result."""
-    import logging
-    from dataclasses import asdict
 
     from accelerate import PartialState
 

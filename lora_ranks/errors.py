@@ -9,7 +9,9 @@ either transient (``is_transient``: worth a retry) or a bug (kept with its trace
 from __future__ import annotations
 
 import errno
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["LoraRanksError", "CalibrationError", "DiskFullError", "as_disk_full", "is_user_error", "is_transient",
            "list_problems", "summarize_problems"]
@@ -34,8 +36,6 @@ def as_disk_full(exc: BaseException, where: object) -> DiskFullError | None:
     if not ((isinstance(exc, OSError) and exc.errno in full) or "No space left on device" in str(exc)
             or "Disk quota exceeded" in str(exc)):
         return None
-    import shutil
-    from pathlib import Path
 
     folder = Path(str(where))
     while not folder.exists() and folder != folder.parent:

@@ -15,16 +15,20 @@ that differ. Two exports are served right everywhere:
 
 from __future__ import annotations
 
+# PEFT is imported by the merged export alone: the uniform export and the export checks do without it.
 import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ._io import atomic_folder, atomic_write_json
 from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT, PEFT_KEY_PREFIX, PROVENANCE
+from .checkpoints import build_meta_model, resolve_model_path
 from .errors import list_problems
+from .loading import load_model
 from .outputs import check_output_dir
 from .reports import ExportReport, MergedExportReport, UniformExportReport
 from .serving import (
@@ -78,8 +82,6 @@ def export_uniform(adapter_dir: str | Path, out_dir: str | Path, rank: int | Non
             serving rank that fits.
         overwrite: replace ``out_dir`` even when it is a folder this tool did not write (never the adapter itself).
     """
-    from safetensors.torch import save_file
-
     check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir)], overwrite=overwrite, folder_output=True)
     adapter = read_adapter(adapter_dir)
     R = _serving_rank(adapter, rank)
@@ -160,7 +162,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | Path
     """
     from peft import PeftModel
 
-    from .loading import load_model
 
     start = time.perf_counter()
     check_output_dir(out_dir, inputs=[("ADAPTER_DIR", adapter_dir), ("--base", base)], overwrite=overwrite,
@@ -216,8 +217,6 @@ def check_export(adapter_dir: str | Path, settings: ExportSettings = ExportSetti
 
 def _meta_base(adapter: Adapter, base: str | Path | None):
     """(base folder, the base model on the meta device) of an adapter, ``base`` overriding its recorded one."""
-    from .checkpoints import build_meta_model, resolve_model_path
-
     base = base or adapter.config.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{adapter.folder}/adapter_config.json names no base model: give --base")

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ._io import atomic_folder, atomic_write_json
 from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRACTION_REPORT, PEFT_KEY_PREFIX, RANK_CONFIG
+from .analysis.curvature import config_curvature_roots
 from .checkpoints import CheckpointPair, ModuleRef, TargetSpec
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, mismatch_message
+from .model import DynamicLoRAConfig
 from .outputs import check_output_dir
 from .reports import ExtractionReport, ModuleExtraction
 from .serving import note_serving
@@ -66,8 +69,6 @@ def _modules_to_extract(pair: CheckpointPair, rank_config: RankConfig) -> dict[s
 
 def _curvature_roots_of(rank_config: RankConfig, modules: list[ModuleRef], settings: ExtractionSettings):
     """Module name -> damped (G, A) roots for a curvature truncation, or None for the plain truncated SVD."""
-    from .analysis.curvature import config_curvature_roots
-
     spectrum = rank_config.spectrum_kind
     curvature = rank_config.analysis_metadata.curvature
     folder = curvature.folder if curvature is not None else None
@@ -100,9 +101,6 @@ def extract_lora(base: str | Path, finetuned: str | Path, rank_config_path: str 
             in, either checkpoint; or "curvature" asked of a config that has no curvature factors.
         OutputFolderError: ``out_dir`` would take something of the user's.
     """
-    from safetensors.torch import save_file
-
-    from .model import DynamicLoRAConfig
 
     start = time.perf_counter()
     check_output_dir(out_dir, inputs=extract_inputs(base, finetuned, rank_config_path), overwrite=overwrite,

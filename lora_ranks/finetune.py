@@ -1,7 +1,6 @@
 """Stage 0: a brief full-parameter fine-tune on a stratified subset, saving the checkpoint pair.
 
 Layout written (the original design's)::
-
     <out>/pretrained/            # the base model as safetensors, written only when the base is not already a
                                  #   local safetensors folder (or with copy_base=True); otherwise
                                  #   training_metrics.json records that folder's path and fingerprint
@@ -24,6 +23,7 @@ numerics (float64 spectra and factors) never depend on it.
 
 from __future__ import annotations
 
+# transformers' tokenizer classes are imported when records are tokenized: the input checks import this module.
 import json
 import random
 import time
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
+from .checkpoints import Checkpoint, resolve_model_path
 from .data import DataError, load_records, stratified_subset, tokenize_record
 from .devices import bf16_units, resolve_precision
 from .distributed import check_launchable, is_main, launch, should_launch, wait_for_everyone, world
@@ -94,7 +95,6 @@ def check_trainable_tokens(records: list[dict], model: str | Path, max_length: i
         return
     from transformers import AutoTokenizer
 
-    from .checkpoints import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)))
     shortest = None
@@ -171,7 +171,6 @@ def run_preliminary_finetune(
         wait_for_everyone()  # every process reads the fingerprint below
     else:
         pretrained_dir = Path(model_path).resolve()
-    from .checkpoints import Checkpoint
 
     pretrained_fingerprint = Checkpoint(pretrained_dir).header_fingerprint()
 

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import torch
 
 from .checkpoints import ModuleRef
@@ -64,8 +65,6 @@ def automatic_factor_memory(device: torch.device | str | None = None, fraction: 
     Available: the host's (``psutil``: free plus reclaimable page cache), less where this process's cgroup allows
     less (a container's limit, which psutil does not see). On a CUDA ``device`` also at most the device's free
     memory: the float32 deltas of the projected modules, counted in the same budget, go to the model's device."""
-    import psutil
-
     available = min(psutil.virtual_memory().available, _cgroup_available(cgroup_root))
     if device is not None and torch.device(device).type == "cuda":
         available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])

@@ -8,6 +8,7 @@ defines none), since batches are padded.
 
 from __future__ import annotations
 
+# transformers is imported when a model or processor is loaded: model-type detection reads config.json without it.
 import json
 from pathlib import Path
 from typing import Any, Literal

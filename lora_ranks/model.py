@@ -11,6 +11,8 @@ no other module may carry one; otherwise ``DynamicLoRAError`` lists every mismat
 
 from __future__ import annotations
 
+# PEFT (3-5 s to import) is imported when an adapter is built or loaded: extraction and the check's input checks
+# import this module for its config helpers without building one.
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from .adapter_files import ADAPTER_CONFIG, PEFT_KEY_PREFIX, RANK_CONFIG
 from .config import RankConfig, RankConfigError, check_config_matches_model, load_rank_config, parse_rank_config
 from .errors import LoraRanksError, list_problems
 from .loading import Quantization, detect_model_type, load_model
+from .serving import note_serving, read_adapter
 from .settings import LoRATrainingSettings
 from .training_loop import enable_gradient_checkpointing
 
@@ -174,8 +177,6 @@ def check_warm_start(adapter_dir: str | Path, rank_config: RankConfig | Mapping 
     Raises:
         DynamicLoRAError: one line naming the folder, the config and the first module that differs (and how many).
     """
-    from .serving import read_adapter
-
     config = _as_config(rank_config)
     built, wanted = read_adapter(adapter_dir, weights=False).ranks, config.ranks
     problems = [f"{n}: rank {built[n]} but the config asks for {r}" for n, r in wanted.items() if n in built and built[n] != r]
@@ -298,8 +299,6 @@ def save_adapter(model, out_dir: str | Path, config: DynamicLoRAConfig | None = 
     rank config is copied next to the adapter so ``load_peft_checkpoint`` can validate it, and ``provenance`` (how
     it was made) is recorded; servers that would mis-serve the adapter are named in its README
     (``export.note_serving``)."""
-    from .serving import note_serving
-
     out = Path(out_dir)
     with atomic_folder(out, content="adapter") as tmp:
         model.save_pretrained(str(tmp))

@@ -15,6 +15,7 @@ Files written where ``analysis.OutputLayout`` puts them, under ``<root>/analysis
 
 from __future__ import annotations
 
+# matplotlib is imported when a plot is drawn: the comparison tables and markdown summaries do without it.
 import base64
 import csv
 import io

@@ -13,18 +13,26 @@ the project's own training loop and writes the model folder with ``pretraining.j
 
 from __future__ import annotations
 
+# transformers' model classes are imported when a model is built: the records and tokenizer helpers do without them.
 import argparse
+import ast
 import hashlib
 import json
 import random
 import sysconfig
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ._io import atomic_folder, atomic_write_json
+from .data import tokenize_record
+from .evidence.fidelity import held_out_loss
+from .finetune import train_loop
+from .settings import TrainingSettings
+from .synthetic import synthetic_records, train_tokenizer
 
 __all__ = ["BasePreset", "PRESETS", "stdlib_documents", "corpus_records", "pretrain_base", "license_paragraphs",
            "shifted_task_mix"]
@@ -101,11 +109,6 @@ def pretrain_base(out_dir: str | Path, preset: BasePreset, *, seed: int = 0, pro
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from .data import tokenize_record
-    from .evidence.fidelity import held_out_loss
-    from .finetune import train_loop
-    from .settings import TrainingSettings
-    from .synthetic import train_tokenizer
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -206,10 +209,7 @@ def shifted_task_mix(n_per_task: int, seed: int = 0, *, licenses: str | Path = "
     once (a docstring line naming the same function in two files, or a templated question drawn twice, is kept
     once), so any split of the records shares none between its parts.
     """
-    import ast
-    import warnings
 
-    from .synthetic import synthetic_records
 
     rng = random.Random(seed)
     prose = [{"text": p, "task": "prose"} for p in license_paragraphs(licenses)]

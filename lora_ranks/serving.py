@@ -8,6 +8,7 @@ adapter wrong; ``note_serving`` records how an adapter was made and says so in i
 
 from __future__ import annotations
 
+# PEFT is imported to resolve a rank pattern: reading an adapter's config and names does without it.
 import json
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ._io import atomic_write_json, strict_json_loads
 from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, PROVENANCE
@@ -118,7 +120,6 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
     from peft.utils.other import get_pattern_key
-    from safetensors import safe_open
 
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")

@@ -7,13 +7,22 @@ low-rank way), a byte-level BPE tokenizer trained with ``tokenizers``, and a Qwe
 
 from __future__ import annotations
 
+# torch, numpy and transformers are imported when a model or an image is built: the command line reads the demo's
+# names and records from here without them (the Qwen2.5-VL classes alone take ~2 s to import).
 import json
 import random
 import string
+import warnings
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from ._io import atomic_write_text
+from .bases import KNOWN_BASES, make_base
+from .outputs import note_written
+from .settings import LoRATrainingSettings
 
 __all__ = ["DEMO_MODEL", "DEMO_VL_MODEL", "build_demo_inputs", "demo_data_path", "demo_finetune_settings",
            "is_demo_model", "real_demo_base",
@@ -109,7 +118,6 @@ def train_tokenizer(texts: list[str], vocab_size: int = 384):
     Returns:
         ``PreTrainedTokenizerFast`` with pad/bos/eos/unk set and a Qwen-style chat template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -234,7 +242,6 @@ def write_synthetic_vl_dataset(folder: str | Path, n_per_task: int = 20, *, seed
     black image, answer "left" or "right". Writes ``<folder>/images/*.png`` and ``<folder>/vl.jsonl``.
     """
     import numpy as np
-    from PIL import Image
 
     rng = random.Random(seed)
     out = Path(folder)
@@ -304,8 +311,6 @@ DEMO_BASE = Path(__file__).resolve().parent / "assets" / "demo-base"
 
 def real_demo_base(model: str) -> str | None:
     """The known real base (``bases.KNOWN_BASES``) a demo model name ``demo:<base>`` asks for, else None."""
-    from .bases import KNOWN_BASES
-
     name = model.removeprefix("demo:") if model.startswith("demo:") else None
     return name if name in KNOWN_BASES else None
 
@@ -325,13 +330,10 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
     dataset path)."""
     real = real_demo_base(model)
     if real is not None:
-        from .bases import make_base
-
         model_dir = make_base(real).path
         if data_path is None:
             data_path = write_synthetic_dataset(demo_data_path(out_dir, model), DEMO_RECORDS_PER_TASK, fmt="mixed")
         return model_dir, Path(data_path)
-    from .outputs import note_written  # save_pretrained writes around _io: its configs join the run's list here
 
     if model == DEMO_VL_MODEL:
         model_dir = build_tiny_qwen25_vl(Path(out_dir) / "tiny-qwen25-vl")
@@ -342,8 +344,6 @@ def build_demo_inputs(out_dir: str | Path, data_path: str | Path | None = None, 
     if (DEMO_BASE / "model.safetensors").is_file():
         model_dir = DEMO_BASE
     else:
-        import warnings
-
         warnings.warn(f"the pretrained demo base {DEMO_BASE} is missing: using a randomly initialised model", stacklevel=2)
         model_dir = build_tiny_qwen3(Path(out_dir) / "tiny-qwen3", num_layers=DEMO_LAYERS)
         note_written(model_dir)
@@ -360,8 +360,6 @@ def demo_data_path(out_dir: str | Path, model: str = DEMO_MODEL) -> Path:
 def demo_training_settings(model: str, precision: str = "auto"):
     """The demo's short dynamic-LoRA run after its analysis (LoRATrainingSettings): 8 steps of 4 records of at most
     96 tokens on a real base (``demo:<base>``), 20 steps of 8 on the vision-language demo's image records."""
-    from .settings import LoRATrainingSettings
-
     if model == DEMO_VL_MODEL:
         return LoRATrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3, precision=precision)
     return LoRATrainingSettings(max_steps=8, batch_size=4, max_length=96, learning_rate=1e-3,

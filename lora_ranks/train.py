@@ -1,7 +1,6 @@
 """Training a dynamic-rank LoRA with a rank config, reusing the fine-tune stage's data pipeline and loop.
 
 Layout written::
-
     <out>/adapter/                 # PEFT adapter (adapter_config.json, adapter_model.safetensors) + the rank config
     <out>/training_metrics.json    # losses, trainable parameters and their share, settings, precision, timings
 
@@ -28,6 +27,7 @@ from .analysis.layout import Layout
 from .config import RankConfig
 from .devices import bf16_units, resolve_precision
 from .distributed import check_launchable, is_main, launch, should_launch, world
+from .errors import LoraRanksError
 from .finetune import prepare_examples, train_loop
 from .loading import load_image_processor
 from .model import DynamicLoRAConfig, PEFTModelFactory, load_peft_checkpoint, save_adapter
@@ -68,7 +68,6 @@ class TrainResult:
 @dataclass(frozen=True)
 class TrainLayout(Layout):
     """The folders and files of one LoRA training run under ``root``::
-
         <root>/adapter/                 # the trained adapter (with its rank config)
         <root>/training_metrics.json    # losses, parameter counts, settings
         <root>/warm_start_adapter/      # the SVD warm start extracted for it (init warm)
@@ -96,8 +95,6 @@ def warm_start_source(rank_config: RankConfig, warm_start_from: str | Path | Non
             to start from (none given, and the config records none, or one that no longer exists): a warm start
             asked for is never silently a cold one.
     """
-    from .errors import LoraRanksError
-
     if init == "cold":
         if warm_start_from is not None:
             raise LoraRanksError(f"warm_start_from={str(warm_start_from)!r} asks for a warm start, but init is 'cold'")

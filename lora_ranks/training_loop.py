@@ -9,11 +9,15 @@ accumulation, optional gradient checkpointing, bf16 autocast where the hardware 
 
 from __future__ import annotations
 
+# bitsandbytes, wandb and tqdm's notebook-aware bar are imported only when asked for: wandb and bitsandbytes are
+# optional, and each costs seconds to import.
 import math
 import random
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import collate
 from .devices import resolve_precision
@@ -100,8 +104,6 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     rank, processes = world()
     forward = model
     if processes > 1:  # data parallel (lora_ranks.distributed): gradients all-reduced in backward
-        from torch.nn.parallel import DistributedDataParallel
-
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = _wandb_run(settings, desc) if rank == 0 else None
     total = planned_steps(len(examples), settings)
@@ -190,8 +192,6 @@ def _trained_tokens(example: dict) -> int:
 
 def _all_reduce_sum(loss: float, tokens: int, device: torch.device) -> tuple[float, int]:
     """(loss, tokens) summed over the processes of the group (float64: the same sum on every process)."""
-    import torch.distributed as dist
-
     both = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(both)
     return float(both[0]), int(both[1])

@@ -27,6 +27,7 @@ it). Validation is carved in the same way before anything else is drawn from the
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -35,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._io import atomic_write_json, atomic_write_text
 from .errors import LoraRanksError
 
 __all__ = ["WORDNET_DIR", "LEXNAMES", "TASKS", "WordNetError", "Noun", "read_nouns", "task_records", "split_groups",
@@ -221,8 +223,6 @@ def build_splits(out_dir: str | Path, sizes: Mapping[str, Mapping[str, int]], *,
     ``min_category`` nouns in the whole database are left out of the category task. Raises ``WordNetError`` when
     the database is missing, ``ValueError`` when the overlap check finds anything (it cannot, by construction).
     """
-    from ._io import atomic_write_json, atomic_write_text
-
     nouns = read_nouns(wordnet_dir)
     counts = Counter(n.category for n in nouns)
     categories = sorted(c for c, k in counts.items() if k >= min_category)
@@ -306,8 +306,6 @@ def category_baselines(train: Sequence[dict], held_out: Sequence[dict]) -> dict[
 
 
 def _main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--wordnet-dir", default=str(WORDNET_DIR))

@@ -15,7 +15,11 @@ import logging
 import os
 from typing import Any
 
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
 from lora_ranks.errors import is_transient, is_user_error
+from lora_ranks.progress import LOGGER
 
 __all__ = ["retry_if_transient", "install_traceback_filter", "debug_enabled", "install_progress_forwarding", "TRANSIENT_RETRIES"]
 
@@ -63,9 +67,6 @@ class _ToRunLog(logging.Handler):
     a run are dropped. The run is found from the calling thread's context, so concurrent tasks keep their own."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from prefect.exceptions import MissingContextError
-        from prefect.logging import get_run_logger
-
         try:
             logger = get_run_logger()
         except MissingContextError:
@@ -75,8 +76,6 @@ class _ToRunLog(logging.Handler):
 
 def install_progress_forwarding() -> None:
     """Attach ``_ToRunLog`` to ``lora_ranks.progress`` (idempotent)."""
-    from lora_ranks.progress import LOGGER
-
     if not any(isinstance(h, _ToRunLog) for h in LOGGER.handlers):
         LOGGER.addHandler(_ToRunLog())
         LOGGER.setLevel(logging.INFO)

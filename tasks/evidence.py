@@ -4,9 +4,13 @@ comparability check, one row's training and evaluation, the comparison report. E
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from lora_ranks._io import atomic_write_json
 from lora_ranks.analysis import OutputLayout
 from lora_ranks.evidence import (
     ComparabilityReport,
@@ -121,10 +125,7 @@ def comparison_report_task(comparison_root: str, configs: dict[str, str], result
     ``preparations``: "shared" or seed -> {config, root, seconds} of each preparation run here; the FLOPs come from
     ``preparation_of``, the seconds are the flow's measured wall time. With ``results_dir`` each is committed there
     (``preparation-seed<seed>.json``), and a seed prepared in an earlier run is read from there."""
-    import json
-    from pathlib import Path
 
-    from lora_ranks._io import atomic_write_json
 
     n = results[0].matmul_parameters if results else None
     preparation: dict | None = {}

@@ -10,7 +10,8 @@ import pytest
 from flows.cli import main
 from lora_ranks.analysis import analyze_checkpoints
 from lora_ranks.check import InferenceMeasurement, StepMeasurement, Target, check_rank_config, format_table
-from lora_ranks.check.measure import GIB, measure_training_step, run_isolated
+from lora_ranks.check.measure import GIB, run_isolated
+from lora_ranks.check.measuring import measure_training_step
 from lora_ranks.errors import LoraRanksError
 from lora_ranks.ranks import AllocationSettings
 from lora_ranks.settings import CheckSettings, LoRATrainingSettings
@@ -177,7 +178,7 @@ def test_out_of_memory_is_told_by_the_exception_type():
     counts, and also when torch gives it a type one day."""
     import torch
 
-    from lora_ranks.check.measure import _first_line, _is_out_of_memory
+    from lora_ranks.check.measuring import _first_line, _is_out_of_memory
 
     assert _is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB")) and _is_out_of_memory(MemoryError())
     assert not _is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (out of memory?)"))

@@ -30,13 +30,17 @@ import sys
 import traceback
 from pathlib import Path
 
+from flows import interrupts
+from flows._runtime import apply_defaults
 from flows.cli.commands import COMMANDS, FLOW_OF, output_of
 from flows.cli.preflight import demo_inputs, run_preflight
 from flows.cli.run import run_command
 from flows.options import add_settings_options, settings_from_args
+from lora_ranks.check import REPORT_NAME
 from lora_ranks.check.verdict import CheckFailed, format_table
 from lora_ranks.errors import is_user_error
-from lora_ranks.locks import output_lock
+from lora_ranks.locks import lock_file, output_lock
+from lora_ranks.outputs import MARKER, record_made_entries
 from lora_ranks.settings import INPUT_HELP
 
 __all__ = ["main", "build_parser", "COMMANDS", "FLOW_OF", "run_preflight"]
@@ -86,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
               "to an existing folder and run the command again", file=sys.stderr)
         return 2
     if argv is None:  # the process's command: ^C and SIGTERM end it in one line, its children stopped
-        from flows import interrupts
-
         interrupts.install()
-    from flows._runtime import apply_defaults
 
     apply_defaults()  # Prefect's defaults, before anything (the preflight's Prefect check) imports Prefect
     args = build_parser().parse_args(argv)
@@ -112,10 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             stack.enter_context(output_lock(output_of(args.command, inputs), args.command))
             if _STOP_SERVER:
-                from flows import interrupts
-                from lora_ranks.locks import lock_file
-                from lora_ranks.outputs import record_made_entries
-
                 out = output_of(args.command, inputs)
                 interrupts.on_interrupt(lambda: lock_file(out).unlink(missing_ok=True))
                 interrupts.on_interrupt(lambda: _remove_if_empty(new_output))
@@ -126,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             lines = run_command(args.command, inputs, settings)
     except CheckFailed as exc:  # the check ran, and a budget does not hold: its table, then the failing lines
         _quiet_prefect_exit()
-        from lora_ranks.check import REPORT_NAME
-
         print("\n" + format_table(exc.report) + f"\n\nReport:   {Path(args.output_dir).resolve() / REPORT_NAME}")
         print(f"lora-ranks: {exc}", file=sys.stderr)
         return 1
@@ -157,8 +152,6 @@ def _new_output_dir(command: str, inputs: dict) -> Path | None:
 
 def _remove_if_empty(folder: Path | None) -> None:
     """A run that failed leaves no output folder it created and filled with nothing but its marker."""
-    from lora_ranks.outputs import MARKER
-
     if folder is not None and folder.is_dir() and not any(p.is_file() and p.name != MARKER for p in folder.rglob("*")):
         shutil.rmtree(folder, ignore_errors=True)  # only the marker and empty folders: nothing of the run's to keep
 

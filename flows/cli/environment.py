@@ -1,14 +1,19 @@
-"""The preflight's checks of the machine and the run's sizes: Prefect's home and server, disk space for the outputs,
-the training precision, the tokens left to train on, and data-parallel processes."""
+"""The preflight's checks of the machine: Prefect's home and server, the training precision, and data-parallel
+processes (the disk space for the outputs and the tokens left to train on read models: ``input_checks``)."""
 
 from __future__ import annotations
 
-import math
+# Prefect and httpx are imported by check_prefect, the preflight's last check: a bad option never waits for them.
 import os
 import shutil
 from pathlib import Path
 
-from flows.cli.commands import COMMANDS, output_of
+from flows.cli.commands import COMMANDS
+from flows.options import flag_for
+from lora_ranks.devices import resolve_device, resolve_precision
+from lora_ranks.distributed import check_launchable
+from lora_ranks.errors import LoraRanksError
+from lora_ranks.outputs import probe_writable
 
 PREFECT_HOME_SPACE = 64 * 2**20
 """Free bytes PREFECT_HOME needs before a flow starts: Prefect's SQLite database and its write-ahead log (about 16 MiB
@@ -18,8 +23,6 @@ after a day of runs here, 87 MiB with the test suite's), with room to grow."""
 def check_prefect() -> None:
     """Prefect can run: its home (PREFECT_HOME) is, or can be, a folder, and a server named by PREFECT_API_URL (the
     environment's or the Prefect profile's) answers: a bad setting ends here, not minutes into a flow."""
-    from lora_ranks.errors import LoraRanksError
-
     home = os.environ.get("PREFECT_HOME")
     if home:  # read before Prefect is imported: importing it with a bad home waits and then fails
         path = Path(home).expanduser()
@@ -28,7 +31,6 @@ def check_prefect() -> None:
             where = "is a file" if existing == path else f"lies under a file ({existing})"
             raise LoraRanksError(f"PREFECT_HOME {path} {where}, not a folder: point it at a folder (Prefect keeps its "
                                  "database there), or unset it")
-        from lora_ranks.outputs import probe_writable
 
         if not os.access(existing, os.W_OK | os.X_OK) or not probe_writable(existing):  # root passes access on /proc
             raise LoraRanksError(f"PREFECT_HOME {path} cannot be written (no folder can be created in {existing}): "
@@ -54,47 +56,6 @@ def check_prefect() -> None:
                                  "(prefect server start), or unset PREFECT_API_URL to run on a temporary one")
 
 
-def check_space(command: str, inputs: dict, settings: dict) -> None:
-    """The output's file system has room for the models the command writes (a fine-tuned model in float32, a merged
-    model in its base's dtype); smaller outputs are not estimated. A disk that fills up anyway ends the command in one
-    line, with nothing half-written kept (``lora_ranks._io``)."""
-    from lora_ranks.checkpoints import Checkpoint
-    from lora_ranks.errors import DiskFullError
-    from lora_ranks.synthetic import DEMO_MODEL
-
-    if command == "finetune" and inputs["model"] != DEMO_MODEL:
-        model, bytes_per_value = inputs["model"], 4  # training, and the saved model, are float32 on the CPU
-    elif command == "export" and settings["export"].format == "merged":
-        from lora_ranks.serving import read_adapter
-
-        model, bytes_per_value = inputs["base"] or read_adapter(inputs["adapter_dir"], weights=False).config.get(
-            "base_model_name_or_path"), None
-    else:
-        return
-    try:
-        checkpoint = Checkpoint(model)
-    except Exception:  # a hub id not downloaded yet: nothing to estimate from
-        return
-    sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
-    need = sum(math.prod(checkpoint.shape(k)) * (bytes_per_value or sizes.get(checkpoint.dtype(k), 4))
-               for k in checkpoint.keys())
-    checkpoint.close()
-    out = Path(os.path.abspath(output_of(command, inputs)))
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        raise DiskFullError(f"--out {out}: the model written there takes about {_size(need)}, but its file system has "
-                            f"{_size(free)} free: free some space, or choose a folder on another file system")
-
-
-def _size(n: int) -> str:
-    """Bytes as a reader wants them: 1.2 GiB, 340 MiB, 12 KiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}" if n < 10 * scale else f"{n / scale:,.0f} {unit}"
-    return f"{n} bytes"
-
-
 def check_precision(command: str, settings: dict) -> None:
     """A bf16 precision asked for on hardware without bf16 units is refused, naming the flag, before anything loads.
     The device is the training's (CUDA when available, as the fine-tune and training choose it), or the one ``check``
@@ -104,8 +65,6 @@ def check_precision(command: str, settings: dict) -> None:
     forced = [g for g in groups if settings[g.param].precision == "bf16"]
     if not forced:
         return
-    from flows.options import flag_for
-    from lora_ranks.devices import resolve_device, resolve_precision
 
     device = resolve_device(settings["check"].device if command == "check" else None)
     if command == "check" and device != "cpu":
@@ -114,29 +73,9 @@ def check_precision(command: str, settings: dict) -> None:
         resolve_precision("bf16", device, flag=flag_for("precision", group.prefix))
 
 
-def check_trainable_tokens(command: str, inputs: dict, settings: dict) -> None:
-    """Some record keeps a response token within each training's max length (``finetune.check_trainable_tokens``)."""
-    from flows.options import flag_for
-    from lora_ranks.data import load_records
-    from lora_ranks.finetune import check_trainable_tokens
-    from lora_ranks.synthetic import DEMO_MODEL
-
-    model = inputs.get("model") or inputs["base_model"]
-    if model == DEMO_MODEL:
-        return
-    records = load_records(inputs["data_path"])
-    for group in COMMANDS[command].groups:
-        if group.param in ("finetune", "training") and "max_length" in group.field_names():
-            check_trainable_tokens(records, model, settings[group.param].max_length,
-                                   flag_for("max_length", group.prefix), inputs["data_path"])
-
-
 def check_processes(command: str, settings: dict) -> None:
     """More than one training process (``processes``): accelerate is there, each process gets records of every
     micro-batch, a GPU each on GPUs; ``compare`` trains each row in one process (its rows are tasks of their own)."""
-    from flows.options import flag_for
-    from lora_ranks.distributed import check_launchable
-    from lora_ranks.errors import LoraRanksError
 
     for group in COMMANDS[command].groups:
         if group.param not in ("finetune", "training") or "processes" not in group.field_names():

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 
-from ..checkpoints import ModuleRef
+from ..checkpoints import CheckpointPair, ModuleRef
+from ..data import DataError
 from ..errors import LoraRanksError
+from ..finetune import prepare_examples
 from ..kfac import CalibrationError, CurvatureFactors, automatic_factor_memory, calibration_tokens, collect_curvature
+from ..loading import load_image_processor, load_model
 from ..settings import CurvatureSettings, FinetuneSettings
 from ..spectra import Spectrum, SpectrumKind
 from ..spectra.projected import ModuleCurvature, ProjectedCurvature, module_weighted_spectrum
@@ -63,8 +67,6 @@ def calibration_examples(data_path: str | Path, tokenizer, subset: FinetuneSetti
         CalibrationError: the file is missing or empty, or the subset has fewer than ``min_tokens`` tokens (the
             message names the file and the counts).
     """
-    from ..data import DataError
-    from ..finetune import prepare_examples
 
     min_tokens = curvature.min_calibration_tokens
     cap = min(subset.max_samples, curvature.calibration_records or subset.max_samples)
@@ -105,8 +107,6 @@ def collect_layer_curvature(
     delta, which is read from ``base`` (the pretrained checkpoint) and ``finetuned``; without ``base`` every
     factor is formed.
     """
-    from ..checkpoints import CheckpointPair
-    from ..loading import load_image_processor, load_model
 
     if settings.spectrum is SpectrumKind.WEIGHT:
         raise ValueError("the weight spectrum needs no curvature factors")
@@ -171,8 +171,6 @@ def _write(path: Path, layer: str, factors: dict[str, CurvatureFactors], kind: s
 
 def load_curvature_file(path: str | Path) -> dict[str, CurvatureFactors]:
     """Module name -> CurvatureFactors of one layer file (modules sharing an input share one A tensor)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
         info = json.loads(meta["modules"])
@@ -265,8 +263,6 @@ def input_weighted_spectra(config: RankConfig, modules: Sequence[ModuleRef], fal
                            ) -> dict[str, Spectrum]:
     """σ(ΔW A^1/2) of every module, from the input factors A a Fisher analysis recorded (its G factors unused);
     modules without factors keep their ``fallback`` spectrum. One module's delta in memory at a time."""
-    from ..checkpoints import CheckpointPair
-
     top_k = config.allocation_settings.required_top_k
     roots = config_curvature_roots(config, modules, input_only=True) or {}
     pair = CheckpointPair(config.checkpoints.pretrained.path, config.checkpoints.finetuned.path)

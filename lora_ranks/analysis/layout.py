@@ -1,7 +1,6 @@
 """Where a run's files go, and the per-layer spectra file format.
 
 Layout under one root (the original design's folder names)::
-
     <root>/demo_inputs/                                  # the offline demo's model and data, when used
     <root>/saved_models/preliminary_finetune/{pretrained,finetuned,training_metrics.json}
     <root>/saved_models/split_half/{half-a,half-b}/...  # the split-half noise estimate's two fine-tunes, when used
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
 
 from .._io import atomic_write, atomic_write_bytes
 from ..adapter_files import RANK_CONFIG
@@ -140,8 +141,6 @@ def layer_file(svd_dir: str | Path, layer: str, folder: str = LAYER_FILES) -> Pa
 
 def write_layer_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write ``tensors`` with string ``metadata`` as safetensors, atomically."""
-    from safetensors.torch import save_file
-
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -149,8 +148,6 @@ def write_digested_layer_file(path: Path, tensors: dict[str, torch.Tensor], meta
     """Write ``tensors`` with ``metadata`` as safetensors, atomically, and return the sha256 of the file's bytes,
     hashed as they are written (the file is never read back: ~1 GB per 7B layer of curvature factors). Holds the
     serialized file in memory once while writing."""
-    from safetensors.torch import save
-
     data = save(tensors, metadata=metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
@@ -241,8 +238,6 @@ class LayerFileMetadata:
     @classmethod
     def read(cls, path: str | Path) -> LayerFileMetadata:
         """The metadata of the layer file at ``path``."""
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             return cls.from_strings(handle.metadata())
 
@@ -258,8 +253,6 @@ def load_layer_spectra(path: str | Path, weight: bool = False) -> dict[str, Spec
     The main spectra by default (curvature-weighted when the analysis was); ``weight=True`` gives the plain
     spectra of the deltas (the same ones when the analysis used the weight spectrum).
     """
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         facts = LayerFileMetadata.from_strings(handle.metadata()).modules
         out = {}
@@ -296,7 +289,6 @@ def layer_file_fingerprint(path: str | Path) -> str | None:
     """The content fingerprint a layer file records, or None if it is missing or unreadable."""
     if not Path(path).is_file():
         return None
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..settings import CHECK_DIR, CheckSettings, LoRATrainingSettings
 from .inputs import CheckInputError, bitsandbytes_problem, check_inputs, predict_sizes
-from .measure import Target, measure_inference, measure_training_step, run_isolated
+from .measure import Target, run_isolated
 from .report import CheckReport, CheckRow, InferenceMeasurement, SizePrediction, StepMeasurement
 from .verdict import REPORT_NAME, CheckFailed, assess, format_table, markdown_table, write_report
 
@@ -34,6 +34,10 @@ def run_measurement(target: Target, settings: CheckSettings, what: str,
     problem = bitsandbytes_problem(target)
     if problem is not None:
         return record(impossible=problem)
+    # The measuring functions (torch, transformers and PEFT at their module's top) are imported only to measure: the
+    # command line imports this package to check its inputs, before any of them.
+    from .measuring import measure_inference, measure_training_step
+
     if what == "inference":
         found = run_isolated(measure_inference, target, settings.latency_batch, settings.seq_len, settings.latency_repeats)
     else:

@@ -7,6 +7,8 @@ Non-positive batch, sequence length and budgets are refused by ``CheckSettings``
 
 from __future__ import annotations
 
+# torch-level modules, transformers and bitsandbytes are imported by the checks that read the model: the command line
+# imports this package at start (its error types, the report's name).
 from pathlib import Path
 
 from ..devices import resolve_device, resolve_precision

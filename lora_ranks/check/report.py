@@ -35,7 +35,7 @@ class SizePrediction(_Record):
 
 
 class InferenceMeasurement(_Record):
-    """``measure.measure_inference``: counts and bytes of the built model, forward latency of base, unmerged and
+    """``measuring.measure_inference``: counts and bytes of the built model, forward latency of base, unmerged and
     merged adapter; ``impossible`` says why the latency (or everything) could not be measured."""
 
     adapter_parameters: Optional[int] = None
@@ -68,7 +68,7 @@ class InferenceMeasurement(_Record):
 
 
 class StepMeasurement(_Record):
-    """``measure.measure_training_step``: peak memory and speed of training steps; ``out_of_memory`` when they did
+    """``measuring.measure_training_step``: peak memory and speed of training steps; ``out_of_memory`` when they did
     not fit, ``impossible`` when they could not be measured."""
 
     peak_bytes: Optional[int] = None

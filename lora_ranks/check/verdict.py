@@ -7,6 +7,8 @@ without a budget: training would not fit this device.
 
 from __future__ import annotations
 
+# torch (the machine line of the report) is imported when a report is assessed: the command line imports this
+# module at start, for the table it prints.
 import platform
 from pathlib import Path
 
@@ -36,8 +38,8 @@ def assess(target: Target, settings: CheckSettings, training: LoRATrainingSettin
 
     Args:
         predicted: ``inputs.predict_sizes``.
-        inference: ``measure.measure_inference`` (``impossible`` set when it could not run).
-        steps: gradient checkpointing (True/False) -> ``measure.measure_training_step``.
+        inference: ``measuring.measure_inference`` (``impossible`` set when it could not run).
+        steps: gradient checkpointing (True/False) -> ``measuring.measure_training_step``.
     """
     rows: list[CheckRow] = []
     failures: list[str] = []

@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from .._io import interrupted_copy
 from ..errors import LoraRanksError
 
@@ -46,7 +48,6 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
                               "in), or rename that folder yourself")
     if not _HUB_ID.fullmatch(str(name_or_path)):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist (and is not a hub id like 'Qwen/Qwen3-8B')")
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=_ALLOW_PATTERNS,

@@ -9,6 +9,8 @@ the names PEFT will see.
 
 from __future__ import annotations
 
+# transformers is imported when a model is built on the meta device (1-5 s the first time): reading a checkpoint's
+# headers, and what only needs names, do without it.
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..construction import MODEL_CONSTRUCTION
 from ..targets import TargetSpec
+from .hub import CheckpointError
 
 __all__ = ["TargetSpec", "ModuleRef", "build_meta_model", "NameMapper", "layer_of", "is_vision_stack"]
 
@@ -71,7 +75,6 @@ def build_meta_model(model_dir: str | Path):
     import transformers
     from transformers import AutoConfig
 
-    from .hub import CheckpointError
 
     if not (Path(model_dir) / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
@@ -82,7 +85,6 @@ def build_meta_model(model_dir: str | Path):
         raise CheckpointError(f"{model_dir}/config.json does not describe a model transformers knows: {first}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    from ..construction import MODEL_CONSTRUCTION
 
     with MODEL_CONSTRUCTION, torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .hub import CheckpointError, resolve_model_path
 
@@ -93,8 +94,6 @@ class Checkpoint:
 
     @staticmethod
     def _safe_keys(shard: Path) -> list[str]:
-        from safetensors import safe_open
-
         try:
             with safe_open(str(shard), framework="pt") as handle:
                 return list(handle.keys())
@@ -114,8 +113,6 @@ class Checkpoint:
     def _handle(self, shard: Path):
         with self._handles_lock:
             if shard not in self._handles:
-                from safetensors import safe_open
-
                 try:
                     self._handles[shard] = safe_open(str(shard), framework="pt")
                 except OSError:

@@ -7,8 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._io import atomic_write_json, strict_json_loads
 from ..adapter_files import RANK_CONFIG
+from ..analysis.layout import OutputLayout
+from ..checkpoints import build_meta_model
 from ..errors import list_problems, summarize_problems
 from .rank_config import RankConfig, parse_rank_config
 from .records import RankConfigError
@@ -31,8 +35,6 @@ def load_rank_config(path: str | Path) -> RankConfig:
     """
     path = Path(path)
     if path.is_dir():
-        from ..analysis.layout import OutputLayout
-
         inside = next((p for p in (path / RANK_CONFIG, OutputLayout(path).config_path) if p.is_file()), None)
         raise RankConfigError(f"rank config {path} is a folder; give the rank config file"
                               + (f": {inside}" if inside else " (lora_rank_config.json)"))
@@ -59,11 +61,7 @@ def check_config_matches_model(config: RankConfig, model: Any) -> None:
     Raises:
         RankConfigError: listing every module that is missing, not linear, or of another shape.
     """
-    import torch
-
     if not isinstance(model, torch.nn.Module):
-        from ..checkpoints import build_meta_model
-
         model = build_meta_model(model)
     modules = dict(model.named_modules())
     problems: list[tuple[str, str]] = []

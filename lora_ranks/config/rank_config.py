@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .._version import __version__
+from ..checkpoints import ModuleRef
 from ..ranks import ModuleAllocation, lora_parameters
 from ..settings import AllocationSettings, AlphaPolicy, AnalysisSettings, CurvatureSettings
 from ..spectra.kind import SpectrumKind
@@ -134,8 +135,6 @@ class RankConfig(_Record):
     def module_refs(self):
         """The targets as ``ModuleRef``s (names, on-disk tensor names, shapes, layers) from the records, so later
         stages read weights without building a model; None when a record lacks ``weight_key``."""
-        from ..checkpoints import ModuleRef
-
         modules = self.modules
         if not all(m.weight_key for m in modules.values()):
             return None

@@ -3,11 +3,16 @@ instead of training again. Their key needs no preparation (``committed_key``).""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._io import atomic_write_json
+from ..checkpoints import Checkpoint, resolve_model_path
+from ..data import DataError
 from ..settings import LoRATrainingSettings
 from .rows import RowEvaluation, RowResult, RowSpec
 
@@ -30,10 +35,7 @@ def committed_key(base_model: str, spec: RowSpec, train_path: str, settings: LoR
     seed), the training settings (its learning rate included), the evaluation and ``design`` (the caller's digest of
     the preparation's settings: fine-tune, analysis, allocation). Unlike ``row_key`` it does not read the rank
     config or the warm start, which a fresh clone would have to prepare again."""
-    import hashlib
-    import json
 
-    from ..checkpoints import Checkpoint, resolve_model_path
 
     evaluation_paths = {k: v for k, v in asdict(evaluation).items() if not k.endswith("_path")}
     digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, settings.replace(seed=spec.seed).key_dict(),
@@ -68,10 +70,7 @@ def check_results_dir(results_dir: str | Path, flag: str = "--results-dir") -> N
     Raises:
         DataError: naming the folder and the first file that is not the tool's.
     """
-    import json
-    import os
 
-    from ..data import DataError
 
     folder = Path(results_dir)
     if folder.is_symlink() and not folder.exists():
@@ -100,8 +99,6 @@ def check_results_dir(results_dir: str | Path, flag: str = "--results-dir") -> N
 
 def read_committed(results_dir: str | Path, spec: RowSpec, learning_rate: float, key: str) -> RowResult | None:
     """The committed result of this row and rate in ``results_dir`` when its key is ``key``, else None."""
-    import json
-
     path = Path(results_dir) / committed_name(spec, learning_rate)
     if not path.is_file():
         return None

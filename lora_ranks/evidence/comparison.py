@@ -4,7 +4,6 @@ Each function here is what one Prefect task of ``svd-analysis`` or ``compare-all
 write files under the layouts below and return small picklable values.
 
 Comparison layout under one root::
-
     <root>/data/{train,eval}.jsonl           # the held-out split (when no eval data is given)
     <root>/demo_inputs/                      # the offline demo's model and data, when used
     <root>/analysis/...                      # an OutputLayout: the svd-analysis run on the train records
@@ -23,6 +22,7 @@ Comparison layout under one root::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -37,9 +37,9 @@ from ..analysis import (
     load_spectra,
     spectra_files,
 )
-from ..checkpoints import CheckpointPair
+from ..checkpoints import Checkpoint, CheckpointPair, resolve_model_path
 from ..config import load_rank_config, save_rank_config
-from ..data import load_records, tokenize_record
+from ..data import DataError, load_records, subset_size, tokenize_record
 from ..loading import load_model
 from ..plots import write_fidelity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings, NoiseEstimate
@@ -263,8 +263,6 @@ def check_comparison_data(data_path: str | Path, eval_data_path: str | Path | No
     validation records that are also training records, or validation records that are also held out (compared as
     whole records); and, when the comparison fine-tunes (``finetune`` given), a brief fine-tune's stratified subset
     of fewer records than its batch (after the held-out and validation splits carved from ``data_path``)."""
-    from ..data import DataError, subset_size
-
     def keyed(path) -> dict[str, int]:
         return {json.dumps(r, sort_keys=True): i for i, r in enumerate(load_records(path), start=1)}
 
@@ -318,9 +316,6 @@ def design_digest(finetuned_model: str | None, *settings) -> str:
     not its path) and the settings objects (fine-tune, analysis, allocation, alpha, extraction, comparison). No
     path enters it, so a fresh clone elsewhere finds the rows committed here. The comparison's seeds, tuning and
     evaluation options are left out: a row's key carries its own seed, rate and evaluation."""
-    import hashlib
-
-    from ..checkpoints import Checkpoint, resolve_model_path
 
     parts: list = [Checkpoint(resolve_model_path(finetuned_model)).header_fingerprint() if finetuned_model else None]
     for item in settings:

@@ -1,7 +1,6 @@
 """Compute accounting of the comparison: training and preparation FLOPs of every row, by one stated formula.
 
 The formula (Kaplan et al. 2020, "Scaling laws", section 2.1; the usual LoRA accounting of Hu et al. 2021):
-
     forward pass                       2 N   FLOPs per token
     training with the base frozen      4 N + 6 P   (forward 2N, input gradients 2N; P trainable adapter
                                                     parameters get forward, input and weight gradients)
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..kfac import plan_passes
 from ..spectra.kind import SpectrumKind
 
 __all__ = ["FORWARD", "matmul_parameters", "frozen_training_flops", "full_training_flops", "forward_flops",
@@ -90,8 +90,6 @@ def lora_ranks_preparation(config, n: int, finetune_metrics: Sequence[str | Path
     """The preparation FLOPs of lora-ranks' rows from the analysis config (a ``RankConfig``) and the training
     metrics of the fine-tunes it needed (the pair's, and the split halves' when used): ``finetune``, ``curvature``
     and their ``total`` (None when a fine-tune's token count is missing)."""
-    from ..kfac import plan_passes
-
     finetunes = [finetune_flops(p, n) for p in finetune_metrics]
     finetune = None if any(f is None for f in finetunes) else sum(finetunes)
     curvature = 0.0

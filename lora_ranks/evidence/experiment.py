@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ..checkpoints import ModuleRef
-from ..config import RankConfig, build_rank_config
+from ..config import RankConfig, build_rank_config, parse_rank_config
 from ..ranks import ModuleAllocation, allocate_ranks, lora_parameters
 from ..settings import AllocationSettings, AlphaPolicy
 from ..spectra import Spectrum
@@ -116,8 +116,6 @@ def budget_matrix_configs(modules: Sequence[ModuleRef], spectra_by_kind: Mapping
 def with_alpha_policy(config: RankConfig, alpha_policy: AlphaPolicy) -> RankConfig:
     """``config``'s ranks under another alpha policy: ``alpha_pattern``, ``lora_alpha`` and ``use_rslora`` as
     ``build_rank_config`` sets them for that policy (e.g. lora-ranks at rsLoRA's scaling, alpha / sqrt(r))."""
-    from ..config import parse_rank_config
-
     data = config.model_dump(mode="json")
     first_type = config.analysis_metadata.modules[config.target_modules[0]].module_type
     data.update(alpha_pattern={key: alpha_policy.alpha(rank) for key, rank in config.rank_pattern.items()},

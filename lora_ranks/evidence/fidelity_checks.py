@@ -5,6 +5,7 @@ fine-tuned model (``allocation_fidelity``), whether loss-aware spectra predict w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from ..analysis import (
 from ..checkpoints import CheckpointPair
 from ..config import load_rank_config
 from ..data import load_records
+from ..finetune import run_preliminary_finetune
 from ..loading import load_model
+from ..model import load_peft_checkpoint
 from ..plots import write_sensitivity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings
 from ..spectra import SpectrumKind
@@ -105,8 +108,6 @@ def allocation_fidelity(analysis_config_path: str | Path, configs: dict[str, str
 def _fidelity_key(analysis_config_path, configs: dict[str, str], eval_data_path, settings: FidelitySettings) -> str:
     """A digest of what ``allocation_fidelity`` measures: the analysis config (it names the pair and records its
     spectra), every compared config's file, the held-out records and the settings."""
-    import hashlib
-
     digest = hashlib.sha256(json.dumps([sorted(configs), settings.to_dict()], sort_keys=True, default=str).encode())
     for path in (analysis_config_path, *(configs[label] for label in sorted(configs)), eval_data_path):
         digest.update(Path(path).read_bytes())
@@ -164,8 +165,6 @@ def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data
     """Fine-tune every parameter on all of ``train_path`` (``settings``: steps, batch, learning rate, seed) and
     return the held-out loss of the result (the reference of the comparison's gap closed); with
     ``validation_data_path``, (held-out loss, validation loss) for the learning-rate choice."""
-    from ..finetune import run_preliminary_finetune
-
     n_records = len(load_records(train_path))
     every_record = settings.replace(subset_ratio=1.0, max_samples=n_records)
     result = run_preliminary_finetune(base_model, train_path, out_dir, every_record, progress=False)
@@ -179,7 +178,5 @@ def full_finetune_loss(base_model: str | Path, train_path: str | Path, eval_data
 def evaluate_adapter(base_model: str | Path, adapter_dir: str | Path, eval_data_path: str | Path,
                      settings: FidelitySettings) -> float:
     """Held-out loss (nats per response token) of base + adapter on a seeded sample of ``eval_data_path``."""
-    from ..model import load_peft_checkpoint
-
     model, tokenizer = load_peft_checkpoint(base_model, adapter_dir)
     return held_out_loss(model, _held_out(eval_data_path, tokenizer, settings), tokenizer.pad_token_id)

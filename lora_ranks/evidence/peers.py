@@ -33,6 +33,8 @@ passes, LoRA-GA forward and backward passes. Their token counts are returned for
 
 from __future__ import annotations
 
+# PEFT (3-5 s to import) is imported when a peer is built or checked against the installed version: compare's input
+# checks import this module for the peers' names.
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,8 @@ import torch
 
 from ..data import collate, tokenize_record
 from ..errors import LoraRanksError
+from ..loading import load_model
+from ..model import DynamicLoRAConfig
 from .fidelity import EVAL_BATCH_SIZE
 
 __all__ = ["Peer", "PEERS", "PeerModel", "PeerError", "build_peer_model", "check_peers", "save_served_adapter"]
@@ -170,8 +174,6 @@ def build_peer_model(base_model: str | Path, uniform_config, peer_name: str, cal
     """
     from peft import get_peft_model
 
-    from ..loading import load_model
-    from ..model import DynamicLoRAConfig
 
     peer = PEERS[peer_name]
     model, tokenizer = load_model(base_model, dtype=torch.float32, trust_remote_code=trust_remote_code)

@@ -15,6 +15,7 @@ from ..config import load_rank_config
 from ..plots import write_comparison_plot, write_curves_plot
 from ..reports import Record
 from .comparison import ComparisonLayout
+from .compute import lora_ranks_preparation
 from .experiment import paired_comparison
 from .fidelity import mean_and_std
 
@@ -99,8 +100,6 @@ def preparation_of(analysis_config_path: str | Path, layout: ComparisonLayout, n
     analysis' (an estimate: the flow's analysis clock starts before its fine-tune, so this can count the fine-tune
     twice, and the warm start's extraction is left out; ``compare`` replaces it by the wall time it measures around
     the whole preparation)."""
-    from .compute import lora_ranks_preparation
-
     config = load_rank_config(analysis_config_path)
     metrics = [Path(config.checkpoints.finetuned.path).parent / "training_metrics.json"]
     metrics += sorted(layout.analysis.split_half_dir.glob("half-*/training_metrics.json"))

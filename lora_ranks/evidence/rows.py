@@ -3,9 +3,11 @@ comparison runs, and the key of a finished row's inputs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..adapter_files import ADAPTER_WEIGHTS
@@ -87,8 +89,6 @@ class RowEvaluation:
 
     def replace_validation(self, path: str) -> RowEvaluation:
         """This evaluation, plus the validation loss on ``path``."""
-        from dataclasses import replace
-
         return replace(self, validation_data_path=path)
 
 
@@ -175,8 +175,6 @@ def row_key(base_model: str, spec: RowSpec, train_path: str, settings: LoRATrain
             evaluation: RowEvaluation) -> str:
     """A digest of everything a run's result depends on: the spec, settings and evaluation, and the content of the
     rank config, the warm-start adapter's weights and the data files (a finished run with the same key is reused)."""
-    import hashlib
-    import json
 
     digest = hashlib.sha256(json.dumps([str(base_model), asdict(spec), settings.to_dict(), asdict(evaluation)],
                                        sort_keys=True, default=str).encode())

@@ -2,7 +2,6 @@
 process (held-out loss during and after training, exact-match accuracy), and account for its compute.
 
 The run's folder (``ComparisonLayout.run_dir``)::
-
     <run>/adapter/               # the adapter as served (a base-changing peer's converted rank-2r LoRA)
     <run>/training_metrics.json  # the training loop's metrics
     <run>/row.json               # the RowResult: losses, accuracy, curve, FLOPs, parameters
@@ -10,7 +9,10 @@ The run's folder (``ComparisonLayout.run_dir``)::
 
 from __future__ import annotations
 
+# PEFT is imported when a served adapter is read back: the committed-results checks import this module without it.
+import json
 import math
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +21,12 @@ import torch
 
 from .._io import atomic_write_json
 from ..config import load_rank_config
-from ..finetune import planned_steps, prepare_examples, train_loop
+from ..data import load_records
+from ..finetune import TrainingDivergedError, planned_steps, prepare_examples, train_loop
+from ..loading import load_model
 from ..progress import LOGGER
 from ..settings import LoRATrainingSettings
+from ..train import TrainLayout, prepare_lora_run, save_lora_run
 from .accuracy import checkable_records, exact_match_by_task
 from .committed import (
     Committed,
@@ -31,9 +36,11 @@ from .committed import (
     committed_name,
     read_committed,
 )
+from .comparison import eval_examples
 from .compute import forward_flops, frozen_training_flops, matmul_parameters
 from .fidelity import held_out_loss
 from .learning_rates import choose_learning_rates, next_learning_rates
+from .peers import build_peer_model, save_served_adapter
 from .rows import (
     RowEvaluation,
     RowResult,
@@ -70,11 +77,6 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     With ``committed``, a result committed in ``committed.results_dir`` under the same ``committed_key`` is returned
     without training (a fresh clone resumes from committed rows), and a finished row is committed there.
     """
-    from ..data import load_records
-    from ..finetune import TrainingDivergedError
-    from ..loading import load_model
-    from ..train import TrainLayout, prepare_lora_run, save_lora_run
-    from .comparison import eval_examples
 
     settings = settings.replace(seed=spec.seed)
     out = Path(out_dir)
@@ -88,8 +90,6 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     key = row_key(base_model, spec, train_path, settings, evaluation)
     done = out / "row.json"
     if done.is_file():  # a finished run of the same inputs: resume without training again
-        import json
-
         saved = json.loads(done.read_text())
         if saved.pop("key", None) == key:
             result = RowResult(**saved)
@@ -100,10 +100,6 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     start = time.perf_counter()
     built = None
     if spec.is_peer:
-        import random
-
-        from .peers import build_peer_model
-
         torch.manual_seed(settings.seed)
         records = load_records(train_path)
         random.Random(settings.seed).shuffle(records)
@@ -191,8 +187,6 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     in_memory = held_out_loss(model, held_out, pad)
     loss, served_factor = in_memory, 1
     if built is not None:
-        from .peers import save_served_adapter
-
         adapter_dir = save_served_adapter(built, layout.adapter_dir)
         if built.initial_adapter_dir is not None:  # evaluate the converted adapter on the original base
             from peft import PeftModel

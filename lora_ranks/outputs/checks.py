@@ -17,6 +17,7 @@ from .markers import (
     foreign_files,
     read_marker,
 )
+import tempfile
 
 __all__ = ["OutputFolderError", "RUN_ENTRIES", "check_output_dir", "check_replaceable", "local_path", "probe_writable"]
 
@@ -232,8 +233,6 @@ def _inner_problems(folder: Path) -> str | None:
 def probe_writable(folder: Path) -> bool:
     """Whether a folder can be created in ``folder`` (root passes ``os.access`` on /proc and /sys too): one temporary
     folder made and removed."""
-    import tempfile
-
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lora-ranks-probe-", dir=folder))
     except OSError:

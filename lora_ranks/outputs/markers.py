@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._atomic import replace_file
+import fcntl
 
 __all__ = ["MARKER", "read_marker", "file_stats", "folder_marker", "tool_files", "foreign_files"]
 
@@ -192,8 +193,6 @@ def _write_marker(folder: Path, marker: dict) -> None:
 @contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder`` (flock on the folder itself), between threads and processes alike."""
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from .spectrum import default_device
 
@@ -57,7 +58,7 @@ def blas_threads(threads: int):
     first caller sets it, the last one out restores the original, so an early finisher cannot lift it
     under a running layer, nor a late one leave it set after the run.
     """
-    from threadpoolctl import threadpool_limits
+
 
     with _BLAS_LOCK:
         if _BLAS_STATE["users"] == 0:
