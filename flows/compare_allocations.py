@@ -136,137 +136,21 @@ def compare_allocations(
                                     or comparison.early_stopping):
         fit_path, validation_path = split_validation_task(train_path, str(layout.root), comparison.validation_fraction)
 
-    # Step 2: ranks, from the fit records only, once or per seed (comparison.seeded_preparation); without budget
-    # ranks also the analysis' fidelity sweep (with them, step 3 measures the fidelity of every compared config).
-    # Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check; the warm
-    # starts. Each seed's preparation runs when one of its rows is first trained (a committed row needs none).
-    prepared: dict = {}
-
-    def prepare(seed: int) -> dict:
-        key = seed if comparison.seeded_preparation else None
-        if key in prepared:
-            return prepared[key]
-        root = layout.seed_layout(key) if key is not None else layout
-        began = time.perf_counter()
-        config_path = svd_analysis(
-            base_model=base_model, finetuned_model=finetuned_model, data_path=fit_path,
-            output_dir=str(root.analysis.root), allocation=allocation, alpha=alpha, analysis=analysis,
-            curvature=curvature, finetune=finetune if key is None else finetune.replace(seed=key), safety=safety,
-            fidelity=fidelity, eval_data_path=None if comparison.budget_ranks else eval_data_path)
-        configs = select_configs(allocation_configs_task(config_path, str(root.root), comparison.budget_ranks,
-                                                         comparison.alpha_variants), comparison.allocations)
-        seconds = time.perf_counter() - began
-        missing = [label for label in labels or () if label not in configs]
-        if missing:
-            raise ValueError(f"the analysis gave no config {missing[0]!r} (it gave {', '.join(configs)}): the "
-                             "allocations asked for need a spectrum this analysis does not have")
-        first = not prepared
-        if comparison.budget_ranks and first:  # evidence about the configs, not preparation: not timed
-            allocation_fidelity_task(config_path, configs, eval_data_path, str(root.root), fidelity)
-        if comparison.comparability and first:
-            comparability_check_task(config_path, eval_data_path, str(root.root), comparison, fidelity)
-        pair = load_rank_config(config_path).checkpoints
-        warm = {}
-        if "warm" in inits:  # the warm starts are preparation: timed
-            began = time.perf_counter()
-            extracted = extract_lora_task.map(unmapped(pair.pretrained.path), unmapped(pair.finetuned.path),
-                                              list(configs.values()),
-                                              [str(root.warm_adapter_dir(label)) for label in configs],
-                                              unmapped(safety.allow_pickle), unmapped(extraction))
-            warm = dict(zip(configs, extracted.result()))
-            seconds += time.perf_counter() - began
-        prepared[key] = {"config": config_path, "configs": configs, "warm": warm, "seconds": seconds,
-                         "root": str(root.root), "pretrained": pair.pretrained.path}
-        return prepared[key]
-
-    inits = [training.init] + (["cold"] if comparison.cold_baseline and training.init == "warm" else [])
+    # Steps 2-5: the matrix (its preparations run when a row of their seed is first trained).
+    matrix = _Matrix(layout, base_model, finetuned_model, fit_path, eval_data_path, validation_path, results_dir,
+                     dict(allocation=allocation, alpha=alpha, analysis=analysis, curvature=curvature,
+                          finetune=finetune, safety=safety, fidelity=fidelity), training, comparison, extraction)
     labels = expected_labels(comparison) if comparison.budget_ranks else None
     if labels is None:  # the configs' labels come from the analysis
-        labels = list(prepare(comparison.seeds[0])["configs"])
-    rows = comparison_rows(labels, inits, comparison.peers)
+        labels = list(matrix.prepare(comparison.seeds[0])["configs"])
+    matrix.labels = labels
+    rows = comparison_rows(labels, matrix.inits, comparison.peers)
     evaluation = RowEvaluation.of(eval_data_path, fidelity, comparison, validation_path)
-    committed = (Committed(results_dir, design_digest(finetuned_model, allocation, alpha, analysis, curvature,
-                                                      finetune, extraction, comparison))
-                 if results_dir else None)
-
-    # Step 4: the rows: every config x init, and every peer at each budget's uniform ranks (warm: from the adapter
-    # extracted at the config's ranks; PEFT's LoraConfig() is the peer "default"). A row committed in results_dir
-    # with the same inputs is read, not trained.
-    def train(batch: list[tuple[str, str, int, float]], row_evaluation: RowEvaluation) -> list:
-        tag = (lambda lr: f"-lr{lr:g}") if comparison.learning_rates else (lambda lr: "")
-        done, todo = {}, []
-        for item in batch:
-            label, init, seed, lr = item
-            found = (read_committed(results_dir, RowSpec(label, init, seed, ""), lr, committed_key(
-                base_model, RowSpec(label, init, seed, ""), fit_path, training.replace(learning_rate=lr),
-                row_evaluation, committed.design)) if committed else None)
-            if found is not None:
-                done[item] = found
-            else:
-                todo.append(item)
-        specs = []
-        for label, init, seed, _ in todo:
-            prep = prepare(seed)
-            specs.append(RowSpec(label, init, seed, prep["configs"][label],
-                                 prep["warm"].get(label) if init == "warm" else None))
-        if todo:
-            trained = train_row_task.map(unmapped(prepare(todo[0][2])["pretrained"]), specs, unmapped(fit_path),
-                                         [str(layout.run_dir(spec.name + tag(lr), spec.seed))
-                                          for spec, (*_, lr) in zip(specs, todo)],
-                                         [training.replace(learning_rate=lr) for *_, lr in todo],
-                                         unmapped(row_evaluation), unmapped(committed)).result()
-            done.update(zip(todo, trained))
-        return [done[item] for item in batch]
-
-    # Step 5: with learning rates to choose from, each row trains at each on the tuning seeds (on the training
-    # records less the validation split) and keeps the rate of lowest mean validation loss; a choice at an edge of
-    # the rates tried extends them on that side and trains again, until it is interior (or max_rate_extensions);
-    # then every other seed trains at it.
-    choices = None
-    tuning, rest = comparison.seeds[:comparison.tuning_seeds], comparison.seeds[comparison.tuning_seeds:]
-    if comparison.learning_rates:
-        trial_evaluation = evaluation.replace_validation(validation_path)
-        trials = train([(label, init, seed, lr) for label, init in rows for seed in tuning
-                        for lr in comparison.learning_rates], trial_evaluation)
-        for _ in range(comparison.max_rate_extensions):
-            chosen, choices = choose_learning_rates(trials)
-            extend = next_learning_rates(choices)
-            if not extend:
-                break
-            trials += train([(label, init, seed, extend[f"{label}/{init}"]) for label, init in rows
-                             if f"{label}/{init}" in extend for seed in tuning], trial_evaluation)
-        chosen, choices = choose_learning_rates(trials)
-        results = [t for t in trials if t.learning_rate == chosen[t.label, t.init]]
-        results += train([(label, init, seed, chosen[label, init]) for label, init in rows for seed in rest],
-                         trial_evaluation if comparison.early_stopping else evaluation)
-    else:
-        results = train([(label, init, seed, training.learning_rate) for label, init in rows
-                         for seed in comparison.seeds], evaluation)
+    results, choices = matrix.train_rows(rows, evaluation)
     full = None
-    if comparison.full_finetune:  # every parameter, as many steps and records per step as the LoRAs
-        steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
-                                                                      "grad_accumulation", "max_length")}
-        reference = finetune.replace(**steps)
-        pretrained = prepare(comparison.seeds[0])["pretrained"]
-
-        def full_runs(seeds, rates, validation=None) -> list:
-            runs = [(seed, lr) for seed in seeds for lr in rates]
-            return full_finetune_task.map(
-                unmapped(pretrained), unmapped(fit_path), unmapped(eval_data_path),
-                [str(layout.run_dir(f"full-finetune-lr{lr:g}" if comparison.full_learning_rates else "full-finetune",
-                                    seed)) for seed, lr in runs],
-                [reference.replace(learning_rate=lr) for _, lr in runs], [seed for seed, _ in runs],
-                unmapped(fidelity), unmapped(validation)).result()
-
-        first = comparison.seeds[0]
-        if comparison.full_learning_rates:
-            trials = full_runs([first], comparison.full_learning_rates, validation_path)
-            (loss, _), rate = min(zip(trials, comparison.full_learning_rates), key=lambda t: t[0][1])
-            choices = {**(choices or {}), "full-finetune": {"learning_rate": rate, "validation_losses": {
-                f"{lr:g}": validation for (_, validation), lr in zip(trials, comparison.full_learning_rates)}}}
-            full = {first: loss, **dict(zip(comparison.seeds[1:], full_runs(comparison.seeds[1:], [rate])))}
-        else:
-            full = dict(zip(comparison.seeds, full_runs(comparison.seeds, [reference.learning_rate])))
+    if comparison.full_finetune:
+        full, choices = matrix.full_finetunes(finetune, choices)
+    prepared = matrix.prepared
 
     # Step 6: report.
     preparations = {("shared" if key is None else key): {k: prep[k] for k in ("config", "root", "seconds")}
@@ -280,6 +164,157 @@ def compare_allocations(
                                      "learning_rate_choices": choices},
                                     training.init, full, preparations, results_dir)
     return report.results_path
+
+
+class _Matrix:
+    """One comparison between its steps: the preparation of each seed (made once, when a row of it is first
+    trained), and the rows trained through tasks (a row committed in ``results_dir`` with the same inputs is read,
+    not trained)."""
+
+    def __init__(self, layout: ComparisonLayout, base_model: str, finetuned_model: str | None, fit_path: str,
+                 eval_data_path: str, validation_path: str | None, results_dir: str | None, analysis_settings: dict,
+                 training: LoRATrainingSettings, comparison: ComparisonSettings, extraction: ExtractionSettings):
+        self.layout, self.base_model, self.finetuned_model = layout, base_model, finetuned_model
+        self.fit_path, self.eval_data_path, self.validation_path = fit_path, eval_data_path, validation_path
+        self.results_dir, self.settings = results_dir, analysis_settings
+        self.training, self.comparison, self.extraction = training, comparison, extraction
+        self.inits = [training.init] + (["cold"] if comparison.cold_baseline and training.init == "warm" else [])
+        self.labels: list[str] | None = None  # the configs every preparation must give (None: the first one's)
+        self.prepared: dict = {}
+        s = analysis_settings
+        self.committed = (Committed(results_dir, design_digest(finetuned_model, s["allocation"], s["alpha"],
+                                                               s["analysis"], s["curvature"], s["finetune"],
+                                                               extraction, comparison))
+                          if results_dir else None)
+
+    def prepare(self, seed: int) -> dict:
+        """Step 2: ranks, from the fit records only, once or per seed (comparison.seeded_preparation); without
+        budget ranks also the analysis' fidelity sweep (with them, step 3 measures the fidelity of every compared
+        config). Step 3: equal-budget configs; at budget ranks, their fidelity; optionally the comparability check;
+        the warm starts (timed with the analysis: preparation)."""
+        comparison, s = self.comparison, self.settings
+        key = seed if comparison.seeded_preparation else None
+        if key in self.prepared:
+            return self.prepared[key]
+        root = self.layout.seed_layout(key) if key is not None else self.layout
+        began = time.perf_counter()
+        config_path = svd_analysis(
+            base_model=self.base_model, finetuned_model=self.finetuned_model, data_path=self.fit_path,
+            output_dir=str(root.analysis.root), allocation=s["allocation"], alpha=s["alpha"], analysis=s["analysis"],
+            curvature=s["curvature"], finetune=s["finetune"] if key is None else s["finetune"].replace(seed=key),
+            safety=s["safety"], fidelity=s["fidelity"],
+            eval_data_path=None if comparison.budget_ranks else self.eval_data_path)
+        configs = select_configs(allocation_configs_task(config_path, str(root.root), comparison.budget_ranks,
+                                                         comparison.alpha_variants), comparison.allocations)
+        seconds = time.perf_counter() - began
+        missing = [label for label in self.labels or () if label not in configs]
+        if missing:
+            raise ValueError(f"the analysis gave no config {missing[0]!r} (it gave {', '.join(configs)}): the "
+                             "allocations asked for need a spectrum this analysis does not have")
+        first = not self.prepared
+        if comparison.budget_ranks and first:  # evidence about the configs, not preparation: not timed
+            allocation_fidelity_task(config_path, configs, self.eval_data_path, str(root.root), s["fidelity"])
+        if comparison.comparability and first:
+            comparability_check_task(config_path, self.eval_data_path, str(root.root), comparison, s["fidelity"])
+        pair = load_rank_config(config_path).checkpoints
+        warm = {}
+        if "warm" in self.inits:  # the warm starts are preparation: timed
+            began = time.perf_counter()
+            extracted = extract_lora_task.map(unmapped(pair.pretrained.path), unmapped(pair.finetuned.path),
+                                              list(configs.values()),
+                                              [str(root.warm_adapter_dir(label)) for label in configs],
+                                              unmapped(s["safety"].allow_pickle), unmapped(self.extraction))
+            warm = dict(zip(configs, extracted.result()))
+            seconds += time.perf_counter() - began
+        self.prepared[key] = {"config": config_path, "configs": configs, "warm": warm, "seconds": seconds,
+                              "root": str(root.root), "pretrained": pair.pretrained.path}
+        return self.prepared[key]
+
+    def train(self, batch: list[tuple[str, str, int, float]], row_evaluation: RowEvaluation) -> list:
+        """Step 4: the rows of ``batch`` (label, init, seed, learning rate), each warm-started from the adapter
+        extracted at its config's ranks (peers at each budget's uniform ranks; PEFT's LoraConfig() is the peer
+        "default"); committed rows are read."""
+        comparison, training, committed = self.comparison, self.training, self.committed
+        tag = (lambda lr: f"-lr{lr:g}") if comparison.learning_rates else (lambda lr: "")
+        done, todo = {}, []
+        for item in batch:
+            label, init, seed, lr = item
+            found = (read_committed(self.results_dir, RowSpec(label, init, seed, ""), lr, committed_key(
+                self.base_model, RowSpec(label, init, seed, ""), self.fit_path, training.replace(learning_rate=lr),
+                row_evaluation, committed.design)) if committed else None)
+            if found is not None:
+                done[item] = found
+            else:
+                todo.append(item)
+        specs = []
+        for label, init, seed, _ in todo:
+            prep = self.prepare(seed)
+            specs.append(RowSpec(label, init, seed, prep["configs"][label],
+                                 prep["warm"].get(label) if init == "warm" else None))
+        if todo:
+            trained = train_row_task.map(unmapped(self.prepare(todo[0][2])["pretrained"]), specs,
+                                         unmapped(self.fit_path),
+                                         [str(self.layout.run_dir(spec.name + tag(lr), spec.seed))
+                                          for spec, (*_, lr) in zip(specs, todo)],
+                                         [training.replace(learning_rate=lr) for *_, lr in todo],
+                                         unmapped(row_evaluation), unmapped(committed)).result()
+            done.update(zip(todo, trained))
+        return [done[item] for item in batch]
+
+    def train_rows(self, rows: list[tuple[str, str]], evaluation: RowEvaluation) -> tuple[list, dict | None]:
+        """Steps 4-5: every row on every seed; with learning rates to choose from, each row trains at each on the
+        tuning seeds (on the training records less the validation split) and keeps the rate of lowest mean
+        validation loss; a choice at an edge of the rates tried extends them on that side and trains again, until
+        it is interior (or max_rate_extensions); then every other seed trains at it. Returns (results, the rate
+        choices or None)."""
+        comparison = self.comparison
+        if not comparison.learning_rates:
+            return self.train([(label, init, seed, self.training.learning_rate) for label, init in rows
+                               for seed in comparison.seeds], evaluation), None
+        tuning, rest = comparison.seeds[:comparison.tuning_seeds], comparison.seeds[comparison.tuning_seeds:]
+        trial_evaluation = evaluation.replace_validation(self.validation_path)
+        trials = self.train([(label, init, seed, lr) for label, init in rows for seed in tuning
+                             for lr in comparison.learning_rates], trial_evaluation)
+        for _ in range(comparison.max_rate_extensions):
+            chosen, choices = choose_learning_rates(trials)
+            extend = next_learning_rates(choices)
+            if not extend:
+                break
+            trials += self.train([(label, init, seed, extend[f"{label}/{init}"]) for label, init in rows
+                                  if f"{label}/{init}" in extend for seed in tuning], trial_evaluation)
+        chosen, choices = choose_learning_rates(trials)
+        results = [t for t in trials if t.learning_rate == chosen[t.label, t.init]]
+        results += self.train([(label, init, seed, chosen[label, init]) for label, init in rows for seed in rest],
+                              trial_evaluation if comparison.early_stopping else evaluation)
+        return results, choices
+
+    def full_finetunes(self, finetune: FinetuneSettings, choices: dict | None) -> tuple[dict, dict | None]:
+        """Step 5's reference: a full fine-tune per seed (every parameter, as many steps and records per step as the
+        LoRAs), its rate chosen from comparison.full_learning_rates on the first seed. Returns ({seed: held-out
+        loss}, the rate choices with the full fine-tune's added)."""
+        comparison, training = self.comparison, self.training
+        steps = {k: v for k, v in training.to_dict().items() if k in ("max_steps", "epochs", "batch_size",
+                                                                      "grad_accumulation", "max_length")}
+        reference = finetune.replace(**steps)
+        pretrained = self.prepare(comparison.seeds[0])["pretrained"]
+
+        def full_runs(seeds, rates, validation=None) -> list:
+            runs = [(seed, lr) for seed in seeds for lr in rates]
+            return full_finetune_task.map(
+                unmapped(pretrained), unmapped(self.fit_path), unmapped(self.eval_data_path),
+                [str(self.layout.run_dir(f"full-finetune-lr{lr:g}" if comparison.full_learning_rates
+                                         else "full-finetune", seed)) for seed, lr in runs],
+                [reference.replace(learning_rate=lr) for _, lr in runs], [seed for seed, _ in runs],
+                unmapped(self.settings["fidelity"]), unmapped(validation)).result()
+
+        first = comparison.seeds[0]
+        if not comparison.full_learning_rates:
+            return dict(zip(comparison.seeds, full_runs(comparison.seeds, [reference.learning_rate]))), choices
+        trials = full_runs([first], comparison.full_learning_rates, self.validation_path)
+        (loss, _), rate = min(zip(trials, comparison.full_learning_rates), key=lambda t: t[0][1])
+        choices = {**(choices or {}), "full-finetune": {"learning_rate": rate, "validation_losses": {
+            f"{lr:g}": validation for (_, validation), lr in zip(trials, comparison.full_learning_rates)}}}
+        return {first: loss, **dict(zip(comparison.seeds[1:], full_runs(comparison.seeds[1:], [rate])))}, choices
 
 
 if __name__ == "__main__":

@@ -130,32 +130,18 @@ def svd_analysis(
 
     # Step 5: curvature factors from the fine-tuned model (input and fisher spectra), cached like the layers.
     modules = [m for group in groups for m in group]
-    factors = None
-    if plan.spectrum.weighted:
-        factors = run_cached(collect_curvature_task, curvature_result_is_current,
-                             "Recollecting curvature factors whose cached files are missing or changed",
-                             refresh=refresh, plan=plan, modules=modules, svd_dir=str(layout.svd_dir),
-                             digests=[d.result() for d in digests])
+    factors = _curvature(plan, modules, str(layout.svd_dir), digests, refresh) if plan.spectrum.weighted else None
     clock.mark_discovered()
 
     # Step 6: one SVD task per layer, cached by the layer's content and the numerics.
-    progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
-                                        description=f"Layers analyzed (of {len(names)})")
-    results = map_cached(analyze_layer_task, layer_result_is_current,
-                         "Recomputing {n} layer(s) whose cached spectra file is missing or changed",
-                         mapped=dict(layer=names, modules=groups, digests=digests),
-                         shared=dict(plan=plan, svd_dir=str(layout.svd_dir), factors=factors), refresh=refresh,
-                         on_done=lambda done: update_progress_artifact(progress, progress=100.0 * done / len(names)))
+    results = _layer_spectra(plan, names, groups, digests, str(layout.svd_dir), factors, refresh)
     clock.mark_spectra_done()
 
     # Step 7: (split-half noise estimate) two fine-tunes on halves of the subset and the directions they share,
     # cached by their inputs like the layers; the rank config.
     split_half = None
     if allocation.noise_estimate is NoiseEstimate.SPLIT_HALF:
-        halves = run_cached(split_half_finetunes_task, split_halves_are_current,
-                            "Fine-tuning the split halves again: the cached fine-tunes' folders are missing or changed",
-                            refresh=refresh, plan=plan, out_dir=str(layout.split_half_dir))
-        split_half = split_half_ranks_task(plan, halves, modules)
+        split_half = _split_half(plan, modules, str(layout.split_half_dir), refresh)
     config_path = assemble_rank_config_task(plan, layers, results, str(layout.config_path), clock.timings(results),
                                             factors, split_half)
 
@@ -170,3 +156,29 @@ def svd_analysis(
 
 if __name__ == "__main__":
     svd_analysis()
+
+
+def _curvature(plan: AnalysisPlan, modules, svd_dir: str, digests, refresh: bool):
+    """The curvature factors of every module (one task), rerun when its cached files are missing or changed."""
+    return run_cached(collect_curvature_task, curvature_result_is_current,
+                      "Recollecting curvature factors whose cached files are missing or changed",
+                      refresh=refresh, plan=plan, modules=modules, svd_dir=svd_dir, digests=[d.result() for d in digests])
+
+
+def _layer_spectra(plan: AnalysisPlan, names, groups, digests, svd_dir: str, factors, refresh: bool):
+    """One analyze-layer task per layer, with a progress artifact; layers whose cached file changed rerun."""
+    progress = create_progress_artifact(progress=0.0, key="svd-analysis-progress",
+                                        description=f"Layers analyzed (of {len(names)})")
+    return map_cached(analyze_layer_task, layer_result_is_current,
+                      "Recomputing {n} layer(s) whose cached spectra file is missing or changed",
+                      mapped=dict(layer=names, modules=groups, digests=digests),
+                      shared=dict(plan=plan, svd_dir=svd_dir, factors=factors), refresh=refresh,
+                      on_done=lambda done: update_progress_artifact(progress, progress=100.0 * done / len(names)))
+
+
+def _split_half(plan: AnalysisPlan, modules, out_dir: str, refresh: bool):
+    """Two fine-tunes on halves of the subset (cached by their inputs like the layers) and the directions they share."""
+    halves = run_cached(split_half_finetunes_task, split_halves_are_current,
+                        "Fine-tuning the split halves again: the cached fine-tunes' folders are missing or changed",
+                        refresh=refresh, plan=plan, out_dir=out_dir)
+    return split_half_ranks_task(plan, halves, modules)

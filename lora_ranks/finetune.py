@@ -163,26 +163,11 @@ def run_preliminary_finetune(
         max_samples=settings.max_samples, task_key=settings.task_key, image_processor=image_processor)
 
     # Step 2: the pretrained side of the pair (a local safetensors base is referenced, not copied).
-    local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
-    if settings.copy_base or not local_safetensors:
-        pretrained_dir = out / "pretrained"
-        if writes:
-            _save_dir(model, tokenizer, pretrained_dir, image_processor)
-        wait_for_everyone()  # every process reads the fingerprint below
-    else:
-        pretrained_dir = Path(model_path).resolve()
-
+    pretrained_dir = _pretrained_side(model, tokenizer, image_processor, model_path, out, settings.copy_base, writes)
     pretrained_fingerprint = Checkpoint(pretrained_dir).header_fingerprint()
 
     # Step 3: train.
-    model.to(dev).train()
-    if settings.freeze_vision:
-        for name, param in model.named_parameters():
-            if ".visual." in f".{name}":
-                param.requires_grad_(False)
-    if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-        model.config.use_cache = False
+    _ready_to_train(model, dev, settings)
     step_tokens: list[int] = []
     losses, use_bf16 = train_loop(model, examples, tokenizer.pad_token_id, settings, dev, on_step=on_step,
                                   progress=progress, desc="preliminary fine-tune", tokens_per_step=step_tokens)
@@ -195,31 +180,47 @@ def run_preliminary_finetune(
         _save_dir(model.cpu(), tokenizer, finetuned_dir, image_processor)
     seconds = time.perf_counter() - start
     metrics = {
-        "model": str(model_path),
-        "pretrained_dir": str(pretrained_dir),
-        "pretrained_copied": pretrained_dir == out / "pretrained",
-        "pretrained_fingerprint": pretrained_fingerprint,
-        "finetuned_dir": str(finetuned_dir),
-        "data": str(data_path),
-        "n_records": n_records,
-        "n_train": len(examples),
-        "task_counts_before": report.counts_before,
-        "task_counts_after": report.counts_after,
-        "settings": settings.to_dict(),
-        "device": str(dev),
+        "model": str(model_path), "pretrained_dir": str(pretrained_dir),
+        "pretrained_copied": pretrained_dir == out / "pretrained", "pretrained_fingerprint": pretrained_fingerprint,
+        "finetuned_dir": str(finetuned_dir), "data": str(data_path), "n_records": n_records, "n_train": len(examples),
+        "task_counts_before": report.counts_before, "task_counts_after": report.counts_after,
+        "settings": settings.to_dict(), "device": str(dev),
         "processes": world()[1],  # data-parallel processes that trained (lora_ranks.distributed)
         "bf16": use_bf16,  # matrix products under bf16 autocast; the weights trained and saved are float32
-        "bf16_units": bf16_units(dev) if use_bf16 else None,
-        "steps": total,
+        "bf16_units": bf16_units(dev) if use_bf16 else None, "steps": total,
         "tokens": sum(step_tokens),  # non-padding tokens trained on (compute: ~6 x parameters FLOPs each)
-        "losses": losses,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
+        "losses": losses, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "seconds": seconds,
     }
     metrics_path = atomic_write_json(out / "training_metrics.json", metrics) if writes else out / "training_metrics.json"
     return FinetuneResult(str(pretrained_dir), str(finetuned_dir), str(metrics_path), losses, total, seconds,
                           use_bf16)
+
+
+def _pretrained_side(model, tokenizer, image_processor, model_path: str | Path, out: Path, copy_base: bool,
+                     writes: bool) -> Path:
+    """The pretrained side of the pair: ``model_path`` itself when it is a local safetensors folder (referenced, not
+    copied) unless ``copy_base``, else the loaded model saved to ``out/pretrained`` (by the writing process)."""
+    local_safetensors = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
+    if local_safetensors and not copy_base:
+        return Path(model_path).resolve()
+    pretrained_dir = out / "pretrained"
+    if writes:
+        _save_dir(model, tokenizer, pretrained_dir, image_processor)
+    wait_for_everyone()  # every process reads the pretrained side's fingerprint next
+    return pretrained_dir
+
+
+def _ready_to_train(model, dev: torch.device, settings: FinetuneSettings) -> None:
+    """On ``dev`` in train mode; the vision tower frozen and gradient checkpointing on when the settings ask."""
+    model.to(dev).train()
+    if settings.freeze_vision:
+        for name, param in model.named_parameters():
+            if ".visual." in f".{name}":
+                param.requires_grad_(False)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        model.config.use_cache = False
 
 
 def split_half_records(data_path: str | Path, settings: FinetuneSettings) -> tuple[list[dict], list[dict]]:

@@ -174,18 +174,8 @@ def collect_curvature(
         CalibrationError: when ``examples`` is empty or no position is trained on (no response tokens).
     """
     kind = curvature_kind(kind)
-    if not examples:
-        raise CalibrationError("no calibration records to estimate curvature from")
-    tokens, response = calibration_tokens(examples)
-    if kind.needs_output_factor and response == 0:
-        raise CalibrationError("the calibration records have no response tokens to sample labels at")
     by_name = dict(model.named_modules())
-    missing = [m.name for m in modules if m.name not in by_name]
-    if missing:
-        raise LoraRanksError(f"the model has no module {missing[0]!r} ({len(missing)} target module(s) missing)")
-    sides = {m.name: side for m in modules if (side := projection_side(m, kind, dense_limit)) is not None}
-    if sides and delta_of is None:
-        raise ValueError(f"{next(iter(sides))} has a factor wider than {dense_limit}: collect_curvature needs delta_of")
+    sides = _check_curvature_inputs(examples, kind, modules, by_name, dense_limit, delta_of)
     passes = plan_passes(modules, kind, memory_bytes, dense_limit)
     stats = {} if stats is None else stats
     stats.update(passes=len(passes), accumulation_seconds=0.0, delta_seconds=0.0)
@@ -219,6 +209,24 @@ def collect_curvature(
                 yield layer, {m.name: factors[m.name] for m in wanted if m.layer == layer}
     finally:
         model.train(was_training)
+
+
+def _check_curvature_inputs(examples: Sequence[dict], kind: SpectrumKind, modules: Sequence[ModuleRef], by_name: dict,
+                            dense_limit: int | None, delta_of) -> dict[str, str]:
+    """The calibration records have tokens to train on, the model has every module, and a delta is at hand for each
+    projected one; returns the projected modules' sides (``projection_side``)."""
+    if not examples:
+        raise CalibrationError("no calibration records to estimate curvature from")
+    _, response = calibration_tokens(examples)
+    if kind.needs_output_factor and response == 0:
+        raise CalibrationError("the calibration records have no response tokens to sample labels at")
+    missing = [m.name for m in modules if m.name not in by_name]
+    if missing:
+        raise LoraRanksError(f"the model has no module {missing[0]!r} ({len(missing)} target module(s) missing)")
+    sides = {m.name: side for m in modules if (side := projection_side(m, kind, dense_limit)) is not None}
+    if sides and delta_of is None:
+        raise ValueError(f"{next(iter(sides))} has a factor wider than {dense_limit}: collect_curvature needs delta_of")
+    return sides
 
 
 def _progress(on_batch: Callable[[int, int], None], before: int, total: int, done: int) -> None:

@@ -98,40 +98,15 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
     """
     root = Path(folder)
     config_path, weights_path = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
-    if root.is_file():
-        hint = f" (the adapter is the folder {root.parent})" if root.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) else ""
-        raise AdapterError(f"{root} is a file; an adapter is a folder holding adapter_config.json and {ADAPTER_WEIGHTS}"
-                           + hint)
-    if not root.is_dir():
-        raise AdapterError(f"{root}: no such adapter folder")
-    if not config_path.is_file():
-        raise AdapterError(f"{root} has no adapter_config.json; is it a saved PEFT adapter?")
-    if not weights_path.is_file():
-        found = "adapter_model.bin (pickle, not read for safety)" if (root / "adapter_model.bin").is_file() else "none"
-        raise AdapterError(f"{root} has no {ADAPTER_WEIGHTS} (weights found: {found})")
-    try:
-        config = strict_json_loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
-    from peft.utils.other import get_pattern_key
-
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")
-    if config.get("use_dora"):
-        raise AdapterError(f"{config_path}: a DoRA adapter (use_dora true) has magnitude vectors that no zero-padding "
-                           "or global scale can carry; it cannot be exported")
+    _check_adapter_folder(root)
+    config = _adapter_config(config_path)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) if weights else torch.empty(f.get_slice(k).get_shape(), device="meta")
                        for k in f.keys()}
     except Exception as exc:  # a truncated or foreign file: safetensors' own message says what
         raise AdapterError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+    from peft.utils.other import get_pattern_key
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
@@ -166,6 +141,41 @@ def read_adapter(folder: str | Path, *, weights: bool = True) -> Adapter:
     provenance_path = root / PROVENANCE
     provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     return Adapter(root, config, modules, weights_path.stat().st_size, provenance)
+
+
+def _check_adapter_folder(root: Path) -> None:
+    """``root`` is a folder with ``adapter_config.json`` and safetensors weights (``AdapterError`` naming what is not)."""
+    if root.is_file():
+        hint = f" (the adapter is the folder {root.parent})" if root.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) else ""
+        raise AdapterError(f"{root} is a file; an adapter is a folder holding adapter_config.json and {ADAPTER_WEIGHTS}"
+                           + hint)
+    if not root.is_dir():
+        raise AdapterError(f"{root}: no such adapter folder")
+    if not (root / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{root} has no adapter_config.json; is it a saved PEFT adapter?")
+    if not (root / ADAPTER_WEIGHTS).is_file():
+        found = "adapter_model.bin (pickle, not read for safety)" if (root / "adapter_model.bin").is_file() else "none"
+        raise AdapterError(f"{root} has no {ADAPTER_WEIGHTS} (weights found: {found})")
+
+
+def _adapter_config(config_path: Path) -> dict:
+    """``adapter_config.json``, checked: a JSON object of a LoRA (not DoRA) adapter with positive ``r`` and alpha."""
+    try:
+        config = strict_json_loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: must hold a JSON object, got {type(config).__name__}")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters can be exported")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: a DoRA adapter (use_dora true) has magnitude vectors that no zero-padding "
+                           "or global scale can carry; it cannot be exported")
+    return config
 
 
 def served_scales(adapter: Adapter, server: str) -> dict[str, float]:

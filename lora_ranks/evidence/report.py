@@ -140,105 +140,14 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
     seed: the losses, the best step and why training stopped, FLOPs and seconds to the best step and in all, and the
     validation curve) come from the runs.
     """
-    diverged = [r for r in results if getattr(r, "diverged", False)]
-    results = [r for r in results if not getattr(r, "diverged", False)]
-    by_run = {(r.label, r.init, r.seed): r for r in results}
-    inits = list(dict.fromkeys(r.init for r in results))
-    metadata = {label: load_rank_config(path) for label, path in configs.items() if Path(path).is_file()}
-    labels = list(dict.fromkeys([*configs, *(r.label for r in results)]))
-
-    def budget_of(label: str) -> int | None:
-        if label in metadata:
-            return metadata[label].analysis_metadata.budget_rank
-        return next((r.budget_rank for r in results if r.label == label), None)
-
-    def allocation_of(label: str) -> str | None:
-        if label in metadata:
-            return metadata[label].analysis_metadata.allocation
-        return next((r.allocation for r in results if r.label == label), None)
-
-    def parameters_of(label: str) -> float:
-        if label in metadata:
-            return metadata[label].trainable_parameters
-        return _mean([r.trainable_parameters for r in results if r.label == label and r.init in ("warm", "cold")]
-                     or [0])
-
-    def uniform_of(label: str) -> str:
-        r = budget_of(label)
-        if r is not None:
-            return f"r{r}-uniform"
-        if "uniform" in labels or label == "uniform":
-            return "uniform"
-        # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
-        uniforms = [u for u in labels if allocation_of(u) == "uniform"]
-        own = parameters_of(label)
-        return min(uniforms, key=lambda u: abs(parameters_of(u) - own), default="uniform")
-
-    def per_seed(label: str, init: str) -> dict[int, float]:
-        return {seed: r.loss for (run_label, run_init, seed), r in by_run.items() if (run_label, run_init) == (label, init)}
-
-    def paired_to(label: str, init: str, other: tuple[str, str]) -> PairedDifference | None:
-        mine, reference = per_seed(label, init), per_seed(*other)
-        paired = [s for s in sorted(mine) if s in reference]
-        if len(paired) < 2 or (label, init) == other:
-            return None
-        return PairedDifference(**_finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired])))
-
-    per_seed_preparation = (preparation if preparation and "total" not in preparation else
-                            None if preparation is None else {None: preparation})
-
-    def preparation_for(seeds: Sequence[int], key: str) -> float | None:
-        if per_seed_preparation is None:
-            return None
-        values = [(per_seed_preparation.get(s) or per_seed_preparation.get(str(s)) or per_seed_preparation.get(None)
-                   or {}).get(key) for s in seeds]
-        return None if any(v is None for v in values) else _mean(values)
-
+    table = _Runs(results, configs, preparation)
     full_mean = mean_and_std(list(full_finetune.values()))[0] if full_finetune else None
-    rows = []
-    for label in labels:
-        for init in inits:
-            runs = [by_run[key] for key in sorted(by_run) if key[:2] == (label, init)]
-            if not runs:
-                continue
-            seeds = [r.seed for r in runs]
-            mean, std = mean_and_std([r.loss for r in runs])
-            cold_uniform = per_seed(uniform_of(label), "cold")
-            gap = None
-            if full_mean is not None and cold_uniform:
-                baseline = mean_and_std(list(cold_uniform.values()))[0]
-                gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
-            peer = init not in ("warm", "cold")
-            plain_lora = init == "cold" and (allocation_of(label) or label) == "uniform"
-            # None when lora-ranks' preparation is unknown (a pair fine-tuned elsewhere): not counted as free
-            own_prep = (_mean([r.preparation_flops for r in runs]) if peer else 0.0 if plain_lora
-                        else preparation_for(seeds, "total"))
-            own_seconds = 0.0 if peer or plain_lora else preparation_for(seeds, "seconds")
-            accuracies = [r.accuracy for r in runs if r.accuracy is not None]
-            accuracy_mean, accuracy_se = None, None
-            if accuracies:
-                accuracy_mean = _mean(accuracies)
-                accuracy_se = (mean_and_std(accuracies)[1] / math.sqrt(len(accuracies)) if len(accuracies) > 1 else
-                               math.sqrt(accuracy_mean * (1 - accuracy_mean) / max(1, runs[0].accuracy_n)))
-            tasks = sorted({t for r in runs for t in getattr(r, "accuracy_by_task", {})})
-            by_task = {t: _mean([r.accuracy_by_task[t][0] / r.accuracy_by_task[t][1] for r in runs
-                                 if t in r.accuracy_by_task and r.accuracy_by_task[t][1]]) for t in tasks}
-            reference_default = (uniform_of(label), "default" if per_seed(uniform_of(label), "default") else "cold")
-            rows.append(ComparisonRow(
-                allocation=label, method=init if peer else (allocation_of(label) or label), budget_rank=budget_of(label),
-                init=init, trainable_parameters=round(_mean([r.trainable_parameters for r in runs])),
-                learning_rate=runs[0].learning_rate, loss_mean=mean, loss_std=std, losses=[r.loss for r in runs],
-                seeds=seeds, vs_uniform=paired_to(label, init, (uniform_of(label), reference_init)),
-                vs_default=paired_to(label, init, reference_default), gap_closed=gap, accuracy_mean=accuracy_mean,
-                accuracy_se=accuracy_se, accuracy_by_task=by_task, train_flops=_mean([r.train_flops for r in runs]),
-                preparation_flops=own_prep, preparation_seconds=own_seconds, seconds=_mean([r.seconds for r in runs]),
-                served_rank_factor=runs[0].served_rank_factor,
-                diverged_seeds=sorted(r.seed for r in diverged if (r.label, r.init) == (label, init)),
-                curve=_mean_curve(runs, own_prep), runs=[_run_summary(r) for r in runs]))
+    rows = [table.row(label, init, reference_init, full_mean) for label in table.labels for init in table.inits
+            if table.runs_of(label, init)]
     if full_finetune:
         seeds = sorted(full_finetune)
         mean, std = mean_and_std([full_finetune[s] for s in seeds])
-        base_parameters = next(iter(metadata.values())).base_parameters if metadata else None
+        base_parameters = next(iter(table.metadata.values())).base_parameters if table.metadata else None
         rows.append(ComparisonRow(allocation="full-finetune", method="full-finetune", init="full",
                                   trainable_parameters=base_parameters, loss_mean=mean, loss_std=std,
                                   losses=[full_finetune[s] for s in seeds], seeds=seeds, gap_closed=1.0))
@@ -248,6 +157,116 @@ def comparison_report(layout: ComparisonLayout, configs: dict[str, str], results
     if any(row.curve for row in rows):
         write_curves_plot(layout.curves_plot_path, rows)
     return ComparisonReport(str(results_path), write_comparison_plot(layout.comparison_plot_path, rows), rows)
+
+
+class _Runs:
+    """The runs of a comparison, indexed for its rows: by (label, init, seed), with each label's config (when its
+    file is there) and lora-ranks' preparation (one for every seed, or one per seed)."""
+
+    def __init__(self, results: Sequence, configs: dict[str, str], preparation: dict | None):
+        self.diverged = [r for r in results if getattr(r, "diverged", False)]
+        self.results = [r for r in results if not getattr(r, "diverged", False)]
+        self.by_run = {(r.label, r.init, r.seed): r for r in self.results}
+        self.inits = list(dict.fromkeys(r.init for r in self.results))
+        self.metadata = {label: load_rank_config(path) for label, path in configs.items() if Path(path).is_file()}
+        self.labels = list(dict.fromkeys([*configs, *(r.label for r in self.results)]))
+        self.preparation = (preparation if preparation and "total" not in preparation else
+                            None if preparation is None else {None: preparation})
+
+    def runs_of(self, label: str, init: str) -> list:
+        return [self.by_run[key] for key in sorted(self.by_run) if key[:2] == (label, init)]
+
+    def budget_of(self, label: str) -> int | None:
+        if label in self.metadata:
+            return self.metadata[label].analysis_metadata.budget_rank
+        return next((r.budget_rank for r in self.results if r.label == label), None)
+
+    def allocation_of(self, label: str) -> str | None:
+        if label in self.metadata:
+            return self.metadata[label].analysis_metadata.allocation
+        return next((r.allocation for r in self.results if r.label == label), None)
+
+    def parameters_of(self, label: str) -> float:
+        if label in self.metadata:
+            return self.metadata[label].trainable_parameters
+        return _mean([r.trainable_parameters for r in self.results if r.label == label and r.init in ("warm", "cold")]
+                     or [0])
+
+    def uniform_of(self, label: str) -> str:
+        """The uniform ranks ``label`` is paired with: at its budget rank, or the closest in parameters."""
+        r = self.budget_of(label)
+        if r is not None:
+            return f"r{r}-uniform"
+        if "uniform" in self.labels or label == "uniform":
+            return "uniform"
+        # a budget of its own (the signal rule): the uniform ranks of the budget closest in parameters
+        uniforms = [u for u in self.labels if self.allocation_of(u) == "uniform"]
+        own = self.parameters_of(label)
+        return min(uniforms, key=lambda u: abs(self.parameters_of(u) - own), default="uniform")
+
+    def per_seed(self, label: str, init: str) -> dict[int, float]:
+        return {seed: r.loss for (run_label, run_init, seed), r in self.by_run.items()
+                if (run_label, run_init) == (label, init)}
+
+    def paired_to(self, label: str, init: str, other: tuple[str, str]) -> PairedDifference | None:
+        mine, reference = self.per_seed(label, init), self.per_seed(*other)
+        paired = [s for s in sorted(mine) if s in reference]
+        if len(paired) < 2 or (label, init) == other:
+            return None
+        return PairedDifference(**_finite(paired_comparison([mine[s] for s in paired], [reference[s] for s in paired])))
+
+    def preparation_for(self, seeds: Sequence[int], key: str) -> float | None:
+        if self.preparation is None:
+            return None
+        values = [(self.preparation.get(s) or self.preparation.get(str(s)) or self.preparation.get(None)
+                   or {}).get(key) for s in seeds]
+        return None if any(v is None for v in values) else _mean(values)
+
+    def row(self, label: str, init: str, reference_init: str, full_mean: float | None) -> ComparisonRow:
+        """The row of ``label`` at ``init`` (see ``comparison_report``)."""
+        runs = self.runs_of(label, init)
+        seeds = [r.seed for r in runs]
+        mean, std = mean_and_std([r.loss for r in runs])
+        cold_uniform = self.per_seed(self.uniform_of(label), "cold")
+        gap = None
+        if full_mean is not None and cold_uniform:
+            baseline = mean_and_std(list(cold_uniform.values()))[0]
+            gap = (baseline - mean) / (baseline - full_mean) if baseline != full_mean else None
+        peer = init not in ("warm", "cold")
+        plain_lora = init == "cold" and (self.allocation_of(label) or label) == "uniform"
+        # None when lora-ranks' preparation is unknown (a pair fine-tuned elsewhere): not counted as free
+        own_prep = (_mean([r.preparation_flops for r in runs]) if peer else 0.0 if plain_lora
+                    else self.preparation_for(seeds, "total"))
+        own_seconds = 0.0 if peer or plain_lora else self.preparation_for(seeds, "seconds")
+        accuracy_mean, accuracy_se, by_task = _accuracy_summary(runs)
+        uniform = self.uniform_of(label)
+        reference_default = (uniform, "default" if self.per_seed(uniform, "default") else "cold")
+        return ComparisonRow(
+            allocation=label, method=init if peer else (self.allocation_of(label) or label),
+            budget_rank=self.budget_of(label), init=init,
+            trainable_parameters=round(_mean([r.trainable_parameters for r in runs])),
+            learning_rate=runs[0].learning_rate, loss_mean=mean, loss_std=std, losses=[r.loss for r in runs],
+            seeds=seeds, vs_uniform=self.paired_to(label, init, (uniform, reference_init)),
+            vs_default=self.paired_to(label, init, reference_default), gap_closed=gap, accuracy_mean=accuracy_mean,
+            accuracy_se=accuracy_se, accuracy_by_task=by_task, train_flops=_mean([r.train_flops for r in runs]),
+            preparation_flops=own_prep, preparation_seconds=own_seconds, seconds=_mean([r.seconds for r in runs]),
+            served_rank_factor=runs[0].served_rank_factor,
+            diverged_seeds=sorted(r.seed for r in self.diverged if (r.label, r.init) == (label, init)),
+            curve=_mean_curve(runs, own_prep), runs=[_run_summary(r) for r in runs])
+
+
+def _accuracy_summary(runs: Sequence) -> tuple[float | None, float | None, dict[str, float]]:
+    """(mean accuracy over seeds, its SE: over seeds, or the binomial SE of one run; task -> mean accuracy)."""
+    accuracies = [r.accuracy for r in runs if r.accuracy is not None]
+    accuracy_mean, accuracy_se = None, None
+    if accuracies:
+        accuracy_mean = _mean(accuracies)
+        accuracy_se = (mean_and_std(accuracies)[1] / math.sqrt(len(accuracies)) if len(accuracies) > 1 else
+                       math.sqrt(accuracy_mean * (1 - accuracy_mean) / max(1, runs[0].accuracy_n)))
+    tasks = sorted({t for r in runs for t in getattr(r, "accuracy_by_task", {})})
+    by_task = {t: _mean([r.accuracy_by_task[t][0] / r.accuracy_by_task[t][1] for r in runs
+                         if t in r.accuracy_by_task and r.accuracy_by_task[t][1]]) for t in tasks}
+    return accuracy_mean, accuracy_se, by_task
 
 
 def _run_summary(run) -> dict:

@@ -80,157 +80,210 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
 
     settings = settings.replace(seed=spec.seed)
     out = Path(out_dir)
-    layout = TrainLayout(out)
-    design_key = None
-    if committed is not None:
-        design_key = committed_key(base_model, spec, train_path, settings, evaluation, committed.design)
-        reused = read_committed(committed.results_dir, spec, settings.learning_rate, design_key)
-        if reused is not None:
-            return reused
+    design_key = committed_key(base_model, spec, train_path, settings, evaluation, committed.design) if committed else None
+    reused = read_committed(committed.results_dir, spec, settings.learning_rate, design_key) if committed else None
+    if reused is not None:
+        return reused
     key = row_key(base_model, spec, train_path, settings, evaluation)
     done = out / "row.json"
-    if done.is_file():  # a finished run of the same inputs: resume without training again
-        saved = json.loads(done.read_text())
-        if saved.pop("key", None) == key:
-            result = RowResult(**saved)
-            _commit(result, spec, committed, design_key)
-            return result
-    rank_config = load_rank_config(spec.config_path)
-    meta = rank_config.analysis_metadata
+    resumed = _resumed(done, key)
+    if resumed is not None:  # a finished run of the same inputs: resume without training again
+        _commit(resumed, spec, committed, design_key)
+        return resumed
+    meta = load_rank_config(spec.config_path).analysis_metadata
     start = time.perf_counter()
-    built = None
-    if spec.is_peer:
-        torch.manual_seed(settings.seed)
-        records = load_records(train_path)
-        random.Random(settings.seed).shuffle(records)
-        built = build_peer_model(base_model, rank_config, spec.init,
-                                 records[:evaluation.peer_records], max_length=settings.max_length,
-                                 lora_dropout=settings.lora_dropout, total_steps=planned_steps(len(records), settings),
-                                 work_dir=out, batch_size=settings.batch_size)
-        examples, _, _ = prepare_examples(train_path, built.tokenizer, max_length=settings.max_length,
-                                          seed=settings.seed)
-        model, tokenizer = built.model, built.tokenizer
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
-        run = None
-    else:
+    row = _RowModel.build(base_model, spec, train_path, settings, evaluation, out)
+    monitor = _Monitor(row, spec, evaluation, planned_steps(len(row.examples), settings), start)
+    stopped = "planned"
+    try:
+        losses, use_bf16 = train_loop(row.model, row.examples, row.pad, settings, row.device, on_step=monitor.on_step,
+                                      progress=progress, desc=f"{spec.name} seed {spec.seed}",
+                                      after_update=row.built.after_update if row.built else None,
+                                      tokens_per_step=monitor.tokens_per_step)
+    except TrainingDivergedError:
+        if monitor.stopping is not None and monitor.stopping.best_state is not None:
+            losses, use_bf16, stopped = [], False, "diverged"
+        elif evaluation.validation_data_path:  # a learning-rate trial: the rate is too high, say so and go on
+            return _finish(monitor.diverged(settings.learning_rate, str(out), meta), done, key, spec, committed,
+                           design_key)
+        else:
+            raise
+    seconds = time.perf_counter() - start - monitor.evaluating
+    stopping = monitor.stopping
+    best_step = best_flops = best_seconds = validation = None
+    if stopping is not None:  # the best evaluation's weights, and where it was
+        stopped = stopped if stopped == "diverged" else "patience" if stopping.stop_now else "cap"
+        stopping.restore(row.model)
+        best_step, best_flops, best_seconds = (stopping.best_point[k] for k in ("step", "train_flops", "seconds"))
+        validation = stopping.best_loss
+    held_out = eval_examples(evaluation.eval_data_path, row.tokenizer, evaluation.eval_samples, evaluation.max_length)
+    in_memory = held_out_loss(row.model, held_out, row.pad)
+    model, loss, served_factor = row.save(TrainLayout(out), base_model, spec, train_path, settings, losses, use_bf16,
+                                          seconds, start, held_out, in_memory)
+    if evaluation.validation_data_path and stopping is None:
+        validation = held_out_loss(model, monitor.validation_records, row.pad, what="validation loss")
+    accuracy, accuracy_n, by_task = _accuracy(model, row.tokenizer, evaluation)
+    preparation_tokens, preparation = _preparation_flops(row, model)
+    tokens = sum(monitor.tokens_per_step)
+    result = RowResult(spec.label, spec.init, spec.seed, settings.learning_rate, str(out), loss, row.trainable, row.n,
+                       tokens, frozen_training_flops(row.n, row.trainable, tokens),
+                       preparation_tokens, preparation, seconds, accuracy, accuracy_n, monitor.curve, served_factor,
+                       in_memory if served_factor == 2 else None, validation, len(monitor.tokens_per_step), best_step,
+                       best_flops, best_seconds, stopped, False, stopping.curve if stopping else [],
+                       forward_flops(row.n, monitor.validation_tokens) * len(stopping.curve) if stopping else 0.0,
+                       by_task, meta.allocation, meta.budget_rank)
+    return _finish(result, done, key, spec, committed, design_key)
+
+
+def _finish(result: RowResult, done: Path, key: str, spec: RowSpec, committed: Committed | None,
+            design_key: str | None) -> RowResult:
+    """Write the run's row.json (with its inputs' key, to resume from) and commit the result when asked."""
+    atomic_write_json(done, {**asdict(result), "key": key})
+    _commit(result, spec, committed, design_key)
+    return result
+
+
+def _resumed(done: Path, key: str) -> RowResult | None:
+    """The result a finished run left in ``done`` (row.json), when its inputs' key is ``key``."""
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text())
+    return RowResult(**saved) if saved.pop("key", None) == key else None
+
+
+class _RowModel:
+    """A row's model before training: a PEFT peer (``built``) or lora-ranks' LoRA (``run``), with its tokenizer, the
+    tokenized training records, the device, and its parameter counts (``n``: matmul parameters; ``trainable``)."""
+
+    def __init__(self, model, tokenizer, examples: list[dict], device, built=None, run=None):
+        self.model, self.tokenizer, self.examples, self.device, self.built, self.run = (
+            model, tokenizer, examples, device, built, run)
+        self.pad = tokenizer.pad_token_id
+        self.n = matmul_parameters(model)
+        self.trainable = model.get_nb_trainable_parameters()[0]
+
+    @classmethod
+    def build(cls, base_model: str, spec: RowSpec, train_path: str, settings: LoRATrainingSettings,
+              evaluation: RowEvaluation, out: Path) -> _RowModel:
+        if spec.is_peer:
+            torch.manual_seed(settings.seed)
+            records = load_records(train_path)
+            random.Random(settings.seed).shuffle(records)
+            rank_config = load_rank_config(spec.config_path)
+            built = build_peer_model(base_model, rank_config, spec.init, records[:evaluation.peer_records],
+                                     max_length=settings.max_length, lora_dropout=settings.lora_dropout,
+                                     total_steps=planned_steps(len(records), settings), work_dir=out,
+                                     batch_size=settings.batch_size)
+            examples, _, _ = prepare_examples(train_path, built.tokenizer, max_length=settings.max_length,
+                                              seed=settings.seed)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            built.model.to(device)
+            return cls(built.model, built.tokenizer, examples, device, built=built)
         # The base stays float32 (bf16 autocast only, when on), as the peers': every row and the full fine-tune
         # are evaluated in float32 (a base stored in bf16 evaluates 0.05 nats/token higher on SmolLM2-135M).
         run = prepare_lora_run(base_model, spec.config_path, train_path, settings, init_from=spec.warm_adapter,
                                base_dtype=None if settings.quantization else torch.float32)
-        model, tokenizer, examples, device = run.model, run.tokenizer, run.examples, run.device
-    pad = tokenizer.pad_token_id
-    n = matmul_parameters(model)
-    trainable = model.get_nb_trainable_parameters()[0]
-    total = planned_steps(len(examples), settings)
-    at = curve_steps(total, evaluation.curve_points)
-    curve_records = (eval_examples(evaluation.eval_data_path, tokenizer, evaluation.curve_samples,
-                                   evaluation.max_length) if at else [])
-    validation_records = (eval_examples(evaluation.validation_data_path, tokenizer,
-                                        evaluation.validation_samples or evaluation.eval_samples, evaluation.max_length)
-                          if evaluation.validation_data_path else [])
-    validation_tokens = sum(len(e["input_ids"]) for e in validation_records)
-    tokens_per_step: list[int] = []
-    evaluating = [0.0]  # seconds spent evaluating, left out of the run's wall time
-    curve: list[dict] = []
-    stopping = _EarlyStopping(evaluation.patience) if evaluation.early_stopping else None
+        return cls(run.model, run.tokenizer, run.examples, run.device, run=run)
 
-    def on_step(step: int, _total: int, _loss: float, _lr: float) -> bool:
-        stop = False
-        if step in at or (stopping is not None and (step % evaluation.eval_interval == 0 or step == total)):
-            began = time.perf_counter()
-            tokens = sum(tokens_per_step)
-            point = {"step": step, "tokens": tokens, "train_flops": frozen_training_flops(n, trainable, tokens),
-                     "seconds": began - start - evaluating[0]}
-            if step in at:
-                curve.append({**point, "loss": held_out_loss(model, curve_records, pad, what="curve loss")})
-            if stopping is not None and (step % evaluation.eval_interval == 0 or step == total):
-                stop = stopping.update(model, point, held_out_loss(model, validation_records, pad,
-                                                                   what="validation loss"))
-                LOGGER.info(f"{spec.name} seed {spec.seed} step {step}: validation loss "
-                            f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
-                            f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
-            model.train()
-            evaluating[0] += time.perf_counter() - began
-        return stop
-
-    stopped = "planned"
-    try:
-        losses, use_bf16 = train_loop(model, examples, pad, settings, device, on_step=on_step, progress=progress,
-                                      desc=f"{spec.name} seed {spec.seed}",
-                                      after_update=built.after_update if built else None,
-                                      tokens_per_step=tokens_per_step)
-    except TrainingDivergedError:
-        if stopping is not None and stopping.best_state is not None:
-            losses, use_bf16, stopped = [], False, "diverged"
-        elif evaluation.validation_data_path:  # a learning-rate trial: the rate is too high, say so and go on
-            result = RowResult(spec.label, spec.init, spec.seed, settings.learning_rate, str(out), None, trainable, n,
-                               sum(tokens_per_step), frozen_training_flops(n, trainable, sum(tokens_per_step)),
-                               steps=len(tokens_per_step), stopped="diverged", diverged=True,
-                               validation_curve=stopping.curve if stopping else [],
-                               allocation=meta.allocation, budget_rank=meta.budget_rank)
-            atomic_write_json(done, {**asdict(result), "key": key})
-            _commit(result, spec, committed, design_key)
-            return result
-        else:
-            raise
-    seconds = time.perf_counter() - start - evaluating[0]
-    steps_run = len(tokens_per_step)
-    best_step = best_flops = best_seconds = validation = None
-    if stopping is not None:
-        if stopped != "diverged":
-            stopped = "patience" if stopping.stop_now else "cap"
-        stopping.restore(model)
-        best_step, validation = stopping.best_point["step"], stopping.best_loss
-        best_flops, best_seconds = stopping.best_point["train_flops"], stopping.best_point["seconds"]
-    held_out = eval_examples(evaluation.eval_data_path, tokenizer, evaluation.eval_samples, evaluation.max_length)
-    in_memory = held_out_loss(model, held_out, pad)
-    loss, served_factor = in_memory, 1
-    if built is not None:
-        adapter_dir = save_served_adapter(built, layout.adapter_dir)
-        if built.initial_adapter_dir is not None:  # evaluate the converted adapter on the original base
+    def save(self, layout: TrainLayout, base_model: str, spec: RowSpec, train_path: str,
+             settings: LoRATrainingSettings, losses: list[float], use_bf16: bool, seconds: float, start: float,
+             held_out: list[dict], in_memory: float):
+        """Write the run's adapter and metrics; returns (the model evaluated from here on, its held-out loss, the
+        served-rank factor): a peer whose adapter is converted to be served is evaluated as served, on the base."""
+        if self.built is None:
+            save_lora_run(self.run, layout, base_model, spec.config_path, train_path, settings, losses, use_bf16,
+                          spec.warm_adapter, start)
+            return self.model, in_memory, 1
+        model, loss, served_factor = self.model, in_memory, 1
+        adapter_dir = save_served_adapter(self.built, layout.adapter_dir)
+        if self.built.initial_adapter_dir is not None:  # evaluate the converted adapter on the original base
             from peft import PeftModel
 
             base, _ = load_model(base_model, dtype=torch.float32)
-            served = PeftModel.from_pretrained(base, str(adapter_dir)).to(device)
-            loss, served_factor = held_out_loss(served, held_out, pad), 2
-            model = served
+            model = PeftModel.from_pretrained(base, str(adapter_dir)).to(self.device)
+            loss, served_factor = held_out_loss(model, held_out, self.pad), 2
         atomic_write_json(layout.metrics_path, {"model": str(base_model), "peer": spec.init, "losses": losses,
                                                 "settings": settings.to_dict(), "bf16": use_bf16,
-                                                "n_train": len(examples), "seconds": seconds})
-    else:
-        save_lora_run(run, layout, base_model, spec.config_path, train_path, settings, losses, use_bf16,
-                      spec.warm_adapter, start)
-    if evaluation.validation_data_path and stopping is None:
-        validation = held_out_loss(model, validation_records, pad, what="validation loss")
-    accuracy = None
-    accuracy_n = 0
-    by_task: dict[str, list[int]] = {}
-    if evaluation.accuracy_samples:
-        records = checkable_records(evaluation.eval_data_path, evaluation.accuracy_samples,
-                                    tasks=evaluation.accuracy_tasks)
-        if records:
-            scored = exact_match_by_task(model, tokenizer, records, evaluation.max_new_tokens,
-                                         batch_size=evaluation.accuracy_batch_size)
-            by_task = {task: [m.correct, m.n] for task, m in scored.items()}
-            accuracy_n = sum(m.n for m in scored.values())
-            accuracy = sum(m.correct for m in scored.values()) / accuracy_n
-    preparation_tokens = built.preparation_tokens if built else 0
-    preparation = 0.0
-    if built is not None and built.peer.preparation == "forward":
-        preparation = forward_flops(n, preparation_tokens)
-    elif built is not None and built.peer.preparation == "backward":  # forward, input and target-weight gradients
-        preparation = frozen_training_flops(n, 0, preparation_tokens) + 2.0 * _target_parameters(model) * preparation_tokens
-    result = RowResult(spec.label, spec.init, spec.seed, settings.learning_rate, str(out), loss, trainable, n,
-                       sum(tokens_per_step), frozen_training_flops(n, trainable, sum(tokens_per_step)),
-                       preparation_tokens, preparation, seconds, accuracy, accuracy_n, curve, served_factor,
-                       in_memory if served_factor == 2 else None, validation, steps_run, best_step, best_flops,
-                       best_seconds, stopped, False, stopping.curve if stopping else [],
-                       forward_flops(n, validation_tokens) * len(stopping.curve) if stopping else 0.0, by_task,
-                       meta.allocation, meta.budget_rank)
-    atomic_write_json(done, {**asdict(result), "key": key})
-    _commit(result, spec, committed, design_key)
-    return result
+                                                "n_train": len(self.examples), "seconds": seconds})
+        return model, loss, served_factor
+
+
+class _Monitor:
+    """What a row measures while it trains (``on_step``, train_loop's callback): the held-out loss at the curve's
+    steps, and with early stopping the validation loss every ``eval_interval`` steps (``stopping``); the seconds
+    spent evaluating (``evaluating``), left out of the run's wall time; the tokens of every step."""
+
+    def __init__(self, row: _RowModel, spec: RowSpec, evaluation: RowEvaluation, total: int, start: float):
+        self.row, self.spec, self.evaluation, self.total, self.start = row, spec, evaluation, total, start
+        self.at = curve_steps(total, evaluation.curve_points)
+        self.curve_records = (eval_examples(evaluation.eval_data_path, row.tokenizer, evaluation.curve_samples,
+                                            evaluation.max_length) if self.at else [])
+        self.validation_records = (eval_examples(evaluation.validation_data_path, row.tokenizer,
+                                                 evaluation.validation_samples or evaluation.eval_samples,
+                                                 evaluation.max_length)
+                                   if evaluation.validation_data_path else [])
+        self.validation_tokens = sum(len(e["input_ids"]) for e in self.validation_records)
+        self.tokens_per_step: list[int] = []
+        self.evaluating = 0.0
+        self.curve: list[dict] = []
+        self.stopping = _EarlyStopping(evaluation.patience) if evaluation.early_stopping else None
+
+    def diverged(self, learning_rate: float, out: str, meta) -> RowResult:
+        """The result of a learning-rate trial that diverged with no checkpoint to keep: the rate is too high."""
+        spec, row, tokens = self.spec, self.row, sum(self.tokens_per_step)
+        return RowResult(spec.label, spec.init, spec.seed, learning_rate, out, None, row.trainable, row.n, tokens,
+                         frozen_training_flops(row.n, row.trainable, tokens), steps=len(self.tokens_per_step),
+                         stopped="diverged", diverged=True, validation_curve=self.stopping.curve if self.stopping else [],
+                         allocation=meta.allocation, budget_rank=meta.budget_rank)
+
+    def on_step(self, step: int, _total: int, _loss: float, _lr: float) -> bool:
+        evaluation, stopping, row, model = self.evaluation, self.stopping, self.row, self.row.model
+        validating = stopping is not None and (step % evaluation.eval_interval == 0 or step == self.total)
+        if step not in self.at and not validating:
+            return False
+        stop = False
+        began = time.perf_counter()
+        tokens = sum(self.tokens_per_step)
+        point = {"step": step, "tokens": tokens, "train_flops": frozen_training_flops(row.n, row.trainable, tokens),
+                 "seconds": began - self.start - self.evaluating}
+        if step in self.at:
+            self.curve.append({**point, "loss": held_out_loss(model, self.curve_records, row.pad, what="curve loss")})
+        if validating:
+            stop = stopping.update(model, point, held_out_loss(model, self.validation_records, row.pad,
+                                                               what="validation loss"))
+            LOGGER.info(f"{self.spec.name} seed {self.spec.seed} step {step}: validation loss "
+                        f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
+                        f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
+        model.train()
+        self.evaluating += time.perf_counter() - began
+        return stop
+
+
+def _accuracy(model, tokenizer, evaluation: RowEvaluation) -> tuple[float | None, int, dict[str, list[int]]]:
+    """Exact-match accuracy of greedy answers on the held-out records that can be checked: (overall, records
+    scored, {task: [correct, scored]})."""
+    if not evaluation.accuracy_samples:
+        return None, 0, {}
+    records = checkable_records(evaluation.eval_data_path, evaluation.accuracy_samples, tasks=evaluation.accuracy_tasks)
+    if not records:
+        return None, 0, {}
+    scored = exact_match_by_task(model, tokenizer, records, evaluation.max_new_tokens,
+                                 batch_size=evaluation.accuracy_batch_size)
+    n = sum(m.n for m in scored.values())
+    return sum(m.correct for m in scored.values()) / n, n, {task: [m.correct, m.n] for task, m in scored.items()}
+
+
+def _preparation_flops(row: _RowModel, model) -> tuple[int, float]:
+    """(tokens, FLOPs) a peer spent preparing its init before training (0 for lora-ranks' rows, whose preparation
+    is the analysis, counted separately)."""
+    if row.built is None:
+        return 0, 0.0
+    tokens = row.built.preparation_tokens
+    if row.built.peer.preparation == "forward":
+        return tokens, forward_flops(row.n, tokens)
+    if row.built.peer.preparation == "backward":  # forward, input and target-weight gradients
+        return tokens, frozen_training_flops(row.n, 0, tokens) + 2.0 * _target_parameters(model) * tokens
+    return tokens, 0.0
 
 
 class _EarlyStopping:
