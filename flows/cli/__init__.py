@@ -160,10 +160,10 @@ def _quiet_prefect_exit() -> None:
     """Stop Prefect's temporary API server now, quietly, so that nothing it prints lands after the command's last
     line (the error, or where the results are). It would otherwise be stopped at interpreter exit, after that line,
     with an INFO goodbye on the ``prefect`` logger; ``stop`` waits (5 s at most) for the process to end."""
-    logging.getLogger("prefect").setLevel(logging.WARNING)
     server = sys.modules.get("prefect.server.api.server")
     if server is None or not _STOP_SERVER:  # no server started, or another command of this process may need it
-        return
+        return  # (and that process's Prefect logging is left as it is)
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     # Send the run's last logs and events first (as prefect.testing's harness does before it stops its server).
     for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
         service = getattr(sys.modules.get(module), worker, None)
