@@ -35,7 +35,10 @@ from .errors import LoraRanksError
 
 __all__ = ["DataError", "load_records", "check_vision_records", "record_kind", "stratified_subset", "subset_size",
            "SubsetReport",
-           "tokenize_record", "collate"]
+           "tokenize_record", "collate", "TASK_KEY"]
+
+TASK_KEY = "task"
+"""The record field naming its task: the strata of the stratified subset, the tasks accuracy is scored by."""
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
@@ -169,7 +172,7 @@ def stratified_subset(
     max_samples: int,
     *,
     seed: int = 0,
-    task_key: str = "task",
+    task_key: str = TASK_KEY,
 ) -> tuple[list[dict], SubsetReport]:
     """Sample a subset that keeps every task, in proportion to task size (``FinetuneSettings`` has the defaults).
 

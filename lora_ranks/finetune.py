@@ -35,7 +35,7 @@ import torch
 
 from ._io import atomic_folder, atomic_write_json, atomic_write_text
 from .checkpoints import Checkpoint, resolve_model_path
-from .data import DataError, load_records, stratified_subset, tokenize_record
+from .data import TASK_KEY, DataError, load_records, stratified_subset, tokenize_record
 from .devices import bf16_units, resolve_precision
 from .distributed import check_launchable, is_main, launch, should_launch, wait_for_everyone, world
 from .loading import load_image_processor, load_model
@@ -68,7 +68,7 @@ class FinetuneResult:
 
 
 def prepare_examples(data_path: str | Path, tokenizer, *, max_length: int, seed: int = 0, subset_ratio: float = 1.0,
-                     max_samples: int | None = None, task_key: str = "task", image_processor=None):
+                     max_samples: int | None = None, task_key: str = TASK_KEY, image_processor=None):
     """Load, stratify and tokenize: (examples, SubsetReport, number of records in the file).
 
     ``subset_ratio`` / ``max_samples`` pick a stratified subset by ``task_key`` (all records by default). Image

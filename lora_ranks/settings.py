@@ -18,6 +18,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .data import TASK_KEY
 from .spectra.kind import SpectrumKind
 from .targets import DEFAULT_TARGET_MODULES, DEFAULT_VISION_TARGET_MODULES, TargetSpec
 
@@ -405,7 +406,7 @@ class FinetuneSettings(TrainingSettings):
     """Fraction of the records to fine-tune on: about 1% shows which directions each layer moves in."""
     max_samples: int = Field(1000, ge=1)
     """Cap on the subset size, so that huge datasets stay a brief fine-tune."""
-    task_key: str = "task"
+    task_key: str = TASK_KEY
     """Record field naming the task; the subset is stratified by it."""
     freeze_vision: bool = True
     """Keep a vision tower (Qwen2.5-VL) frozen: the ranks are for the language model unless asked otherwise."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import _prompt_and_response, load_records, record_kind
+from ..data import TASK_KEY, _prompt_and_response, load_records, record_kind
 from ..progress import Heartbeat
 
 __all__ = ["ExactMatch", "checkable_records", "normalize_answer", "exact_match", "exact_match_by_task"]
@@ -57,7 +57,7 @@ def _answer(record: dict) -> str | None:
 
 
 def checkable_records(data_path: str | Path, limit: int, seed: int = 0, tasks: Sequence[str] = (),
-                      task_key: str = "task") -> list[dict]:
+                      task_key: str = TASK_KEY) -> list[dict]:
     """A seeded sample of at most ``limit`` checkable records of ``data_path`` (see the module docstring); with
     ``tasks``, only records whose ``task_key`` is one of them (a task scored by loss only, such as a definition, is
     left out)."""
