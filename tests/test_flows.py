@@ -68,12 +68,10 @@ def test_analyze_flow_equals_library(prefect_harness, planted_pair, tmp_path):
     assert flow_config.analysis_metadata.analysis == lib_config.analysis_metadata.analysis
 
 
-def test_a_missing_input_is_one_message_on_every_path(prefect_harness, planted_pair, tmp_path):
+def test_a_missing_input_is_one_message_on_every_path(prefect_harness, planted_pair, tmp_path, capsys, monkeypatch):
     """The split-half estimate without data fails with the same exception type and message from the library, the
     flow and the command line (each runs the AnalysisPlan's checks), before anything is written."""
-    import subprocess
-    import sys
-
+    from flows.cli import main
     from flows.svd_analysis import svd_analysis
     from lora_ranks.errors import CalibrationError
 
@@ -84,11 +82,12 @@ def test_a_missing_input_is_one_message_on_every_path(prefect_harness, planted_p
     with pytest.raises(CalibrationError) as flow:
         svd_analysis(base_model=str(base), finetuned_model=str(ft), output_dir=str(tmp_path / "flow"),
                      allocation=allocation)
-    cli = subprocess.run([str(Path(sys.executable).with_name("lora-ranks")), "analyze", "--base", str(base),
-                          "--finetuned", str(ft), "--out", str(tmp_path / "cli"), "--noise-estimate", "split-half"],
-                         capture_output=True, text=True, timeout=300)
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")  # main sets it; keep it to this test
+    capsys.readouterr()
+    status = main(["analyze", "--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "cli"),
+                   "--noise-estimate", "split-half"])
     assert str(library.value) == str(flow.value) and "split-half" in str(library.value)
-    assert cli.returncode == 2 and cli.stderr.strip() == f"lora-ranks: error: {library.value}"
+    assert status == 2 and capsys.readouterr().err.strip() == f"lora-ranks: error: {library.value}"
     assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()
     assert not any((tmp_path / "flow").rglob("*.json"))
 
