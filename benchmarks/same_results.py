@@ -8,7 +8,11 @@ energy, water-filling on the weight / input / Fisher spectra, signal ranks), war
 fine-tune reference, the comparability check and the configs' fidelity. Two seeds, three LoRA steps: about two
 minutes a revision on 2 cores.
 
-    .venv/bin/python benchmarks/same_results.py [--rev 993b52b] [--record]
+    .venv/bin/python benchmarks/same_results.py [--rev 993b52b] [--record] [--extended]
+
+``--extended`` also exercises what the comparison's rows do while they train: two learning rates chosen on seed 0,
+early stopping (validation every step, patience 2), held-out curves, exact-match accuracy and PEFT's default peer;
+it compares those rows' validation losses, curves, accuracies and rate choices too (about twice as long).
 
 Exit status 1 when anything differs. Raw results: ``benchmarks/results/same_results.json``.
 """
@@ -33,7 +37,12 @@ from benchmarks._common import emit  # noqa: E402
 BEFORE_RESTRUCTURING = "993b52b"
 
 
-def compare_args(tree: Path, inputs: Path, out: Path) -> list[str]:
+EXTENDED = ["--learning-rates", "0.01", "0.03", "--tuning-seeds", "1", "--max-rate-extensions", "0",
+            "--eval-interval", "1", "--patience", "2", "--curve-points", "2", "--accuracy-samples", "5",
+            "--peers", "default"]
+
+
+def compare_args(tree: Path, inputs: Path, out: Path, extended: bool = False) -> list[str]:
     """The command, with the LoRA dropout flag as that revision spells it (``--lora-lora-dropout`` before 0.3)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     help_text = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "--help"], capture_output=True, text=True,
@@ -47,13 +56,14 @@ def compare_args(tree: Path, inputs: Path, out: Path) -> list[str]:
             "--no-finetune-gradient-checkpointing", "--lora-max-steps", "3", "--lora-epochs", "1000",
             "--lora-batch-size", "4", "--lora-learning-rate", "0.01", "--lora-max-length", "64",
             "--no-lora-gradient-checkpointing", dropout, "0", "--seeds", "0", "1", "--budget-ranks", "2",
-            "--cold-baseline", "--full-finetune", "--comparability", "--eval-samples", "20"]
+            "--cold-baseline", "--full-finetune", "--comparability", "--eval-samples", "20",
+            *(EXTENDED if extended else [])]
 
 
-def run(tree: Path, inputs: Path, out: Path) -> None:
+def run(tree: Path, inputs: Path, out: Path, extended: bool = False) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree), "PREFECT_HOME": str(out.parent / f"prefect-{out.name}"),
            "LORA_RANKS_TASK_RUNNER": "processes"}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *compare_args(tree, inputs, out)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *compare_args(tree, inputs, out, extended)], capture_output=True,
                           text=True, env=env, cwd=tree)
     if done.returncode != 0:
         sys.exit(f"lora-ranks compare failed from {tree}:\n{done.stderr[-3000:]}")
@@ -69,7 +79,17 @@ def outcome(out: Path) -> dict:
         config = json.loads(path.read_text())
         configs[path.stem] = {"rank_pattern": config["rank_pattern"], "alpha_pattern": config["alpha_pattern"],
                               "trainable_parameters": config["trainable_parameters"]}
+    trained = {f"{r['allocation']}/{r['init']}": [{k: run.get(k) for k in ("validation_loss", "accuracy", "steps",
+                                                                        "best_step", "stopped", "validation_curve")}
+                                                 for run in r.get("runs", [])] for r in results["rows"]}
+    for runs in trained.values():  # wall times are not results
+        for run in runs:
+            run["validation_curve"] = [{k: v for k, v in p.items() if k != "seconds"} for p in run["validation_curve"] or []]
     return {"losses": {f"{r['allocation']}/{r['init']}": r["losses"] for r in results["rows"]},
+            "training": {"runs": trained, "learning_rate_choices": results.get("learning_rate_choices"),
+                         "curves": {f"{r['allocation']}/{r['init']}": [{k: v for k, v in p.items() if k != "seconds"}
+                                                                       for p in r.get("curve") or []]
+                                    for r in results["rows"]}},
             "fidelity": {"ceiling_kl": fidelity["ceiling_kl"],
                          "rows": [{k: r[k] for k in ("allocation", "truncation", "kl")} for r in fidelity["rows"]]},
             "sensitivity": sensitivity["spectra"], "configs": configs}
@@ -90,6 +110,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default=BEFORE_RESTRUCTURING, help="the earlier revision to compare with")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    parser.add_argument("--extended", action="store_true", help="also learning rates, early stopping, curves, "
+                        "accuracy and a PEFT peer (module docstring)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -101,8 +123,8 @@ def main() -> int:
                            check=True, capture_output=True, env={**os.environ, "PREFECT_HOME": str(tmp / "prefect-demo")})
             records = (inputs / "demo" / "demo_inputs" / "synthetic.jsonl").read_text().splitlines(keepends=True)
             (inputs / "data.jsonl").write_text("".join(records[:300]))
-            run(old, inputs, tmp / "before")
-            run(REPO, inputs, tmp / "after")
+            run(old, inputs, tmp / "before", args.extended)
+            run(REPO, inputs, tmp / "after", args.extended)
             before, after = outcome(tmp / "before"), outcome(tmp / "after")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
@@ -132,7 +154,9 @@ def main() -> int:
              f"| comparability (predicted and measured KL per module) | {len(before['sensitivity'])} spectra | "
              f"{verdict('sensitivity')} |",
              f"| compared configs (rank and alpha patterns, parameters) | {len(before['configs'])} | "
-             f"{verdict('configs')} |", ""]
+             f"{verdict('configs')} |",
+             f"| training (validation losses and curves, accuracy, stopping, rate choices, held-out curves) | "
+             f"{sum(len(v) for v in before['training']['runs'].values())} runs | {verdict('training')} |", ""]
     emit("\n".join(lines), args.record)
     return 0 if all(same for _, same in rows) else 1
 
