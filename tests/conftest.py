@@ -29,7 +29,12 @@ if _WORKERS > 1:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+# Importing prefect.main configures Prefect's logging, whose console handler keeps the sys.stderr of that moment:
+# here, the process's own. Done first inside a test that captures output (capsys, as the in-process command-line
+# tests do), it would be that test's capture, closed when the test ends, and every later Prefect log line of this
+# worker would fail on it.
 import numpy as np  # noqa: E402
+import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -143,7 +143,7 @@ def test_interrupted_write_keeps_the_previous_layer_file(planted_pair, tmp_path,
             handle.write(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash_midway)
+    monkeypatch.setattr("lora_ranks.analysis.layout.save_file", crash_midway)  # the layer files' writer
     with pytest.raises(KeyboardInterrupt):
         analyze_checkpoints(*planted_pair, tmp_path)
     assert path.read_bytes() == before
