@@ -51,16 +51,9 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_wr
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` to produce the file, then atomically move it to ``path`` (``_atomic.replace_file``),
-    noting it in its run folder's marker.
-
-    ``write`` receives the path of a fresh temporary file in the target's folder (so the final rename
-    never crosses file systems). On any exception the temporary file is removed and the target is
-    left untouched.
-
-    Raises:
-        DiskFullError: the file system ran out of space (or quota) while writing, naming the file.
-    """
+    """``_atomic.replace_file(path, write)`` (``write(tmp_path)`` produces the file, which then replaces ``path`` in
+    one rename; on any exception the target is untouched; ``DiskFullError`` on a full disk), with the file noted in
+    its run folder's marker (``outputs.note_made`` before, ``outputs.note_written`` after)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     note_made(target)  # in a folder of the user's written into with --overwrite: the run's name is the tool's now
