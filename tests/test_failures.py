@@ -22,7 +22,7 @@ TARGET = "model.layers.1.self_attn.o_proj.weight"
 
 
 class _NeverRun(AssertionError):
-    pass
+    """A flow's command got past its preflight (the ``cli`` fixture's run stands in for it)."""
 
 
 @pytest.fixture
