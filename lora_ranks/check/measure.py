@@ -16,7 +16,7 @@ The fork server (CPU measurements, where the platform has one) saves each measur
 importing those libraries again (a check makes three). GPU measurements are spawned: a library that initializes CUDA
 when imported (bitsandbytes) would leave a forked child unable to use it. A forked process's resident set counts the
 libraries' code pages it touches, not every page a fresh import would have read: on a tiny model its peak read
-~65 MiB lower than a spawned process's (376 against 441 MiB here; model, optimizer and activations the same).
+~65 MiB lower than a spawned process's (376 against 441 MiB here; the rise above the loaded model alike, 20-26 MiB).
 
 The model is built exactly as ``train_dynamic_lora`` builds it (``PEFTModelFactory``: the same dtype, quantization,
 gradient checkpointing and LoRA dropout), and the training step is ``finetune.train_loop`` itself (the same
