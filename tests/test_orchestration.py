@@ -70,9 +70,13 @@ def _run_driver(args, env, log_path, crash_at=None):
     return code, Path(log_path).read_text()
 
 
-def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path, prefect_harness):
+def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path, task_states):
+    """A run killed outright (its own process, as a user's) after three layers; the rerun (here, in this process:
+    results persist under the same Prefect home) takes those three from the cache and computes the other three."""
+    from flows.svd_analysis import svd_analysis
+
     env = {**os.environ, "LORA_RANKS_MAX_WORKERS": "1", "PYTHONPATH": str(REPO)}
-    # Each run uses its own ephemeral API on this worker's SQLite database (migrated once per worker, not per test).
+    # The crashed run uses its own ephemeral API on this worker's SQLite database (migrated once per worker).
     env.pop("PREFECT_API_URL", None)
     out = tmp_path / "out"
     code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "crashed.log", crash_at="model.layers.3")
@@ -81,16 +85,14 @@ def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path,
     assert done_before == [f"model.layers.{i}.safetensors" for i in range(3)]
     assert not (out / "configs" / "lora_rank_config.json").exists()
 
-    code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "resumed.log")
-    assert code == 0, log[-3000:]
+    base, finetuned = map(str, six_layer_pair)
+    resumed = svd_analysis(base_model=base, finetuned_model=finetuned, output_dir=str(out), return_state=True, **KW)
+    assert resumed.is_completed(), resumed.message
+    states = task_states(resumed)
     for i in range(6):
-        cached = f"Task run 'analyze-model.layers.{i}' - Finished in state Cached" in log
-        computed = f"model.layers.{i}: 7 modules in" in log
-        assert (cached, computed) == ((True, False) if i < 3 else (False, True)), f"layer {i}"
+        assert states[f"analyze-model.layers.{i}"] == [("Cached" if i < 3 else "Completed", 1)], f"layer {i}"
 
-    from flows.svd_analysis import svd_analysis  # an uninterrupted run, for reference
-
-    reference = load_rank_config(svd_analysis(base_model=str(six_layer_pair[0]), finetuned_model=str(six_layer_pair[1]),
+    reference = load_rank_config(svd_analysis(base_model=base, finetuned_model=finetuned,  # uninterrupted
                                               output_dir=str(tmp_path / "reference"), **KW))
     assert _comparable(load_rank_config(out / "configs" / "lora_rank_config.json")) == _comparable(reference)
 
