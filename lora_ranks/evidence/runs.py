@@ -90,9 +90,10 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     if resumed is not None:  # a finished run of the same inputs: resume without training again
         _commit(resumed, spec, committed, design_key)
         return resumed
-    meta = load_rank_config(spec.config_path).analysis_metadata
+    rank_config = load_rank_config(spec.config_path)
+    meta = rank_config.analysis_metadata
     start = time.perf_counter()
-    row = _RowModel.build(base_model, spec, train_path, settings, evaluation, out)
+    row = _RowModel.build(base_model, spec, rank_config, train_path, settings, evaluation, out)
     monitor = _Monitor(row, spec, evaluation, planned_steps(len(row.examples), settings), start)
     stopped = "planned"
     try:
@@ -163,13 +164,12 @@ class _RowModel:
         self.trainable = model.get_nb_trainable_parameters()[0]
 
     @classmethod
-    def build(cls, base_model: str, spec: RowSpec, train_path: str, settings: LoRATrainingSettings,
+    def build(cls, base_model: str, spec: RowSpec, rank_config, train_path: str, settings: LoRATrainingSettings,
               evaluation: RowEvaluation, out: Path) -> _RowModel:
         if spec.is_peer:
             torch.manual_seed(settings.seed)
             records = load_records(train_path)
             random.Random(settings.seed).shuffle(records)
-            rank_config = load_rank_config(spec.config_path)
             built = build_peer_model(base_model, rank_config, spec.init, records[:evaluation.peer_records],
                                      max_length=settings.max_length, lora_dropout=settings.lora_dropout,
                                      total_steps=planned_steps(len(records), settings), work_dir=out,
