@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default (on these machines it comes from local disk); a GPU user installs CUDA torch into
 # .venv first (see README) and this step leaves it alone.
 TORCH_SPEC ?= torch==2.13.0
+UV_SPEC ?= uv==0.13.10
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test quick lint setup clean interop
@@ -18,7 +19,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# uv installs the project and its packages (the same versions pip picks) in ~15 s where pip takes ~90 s; the torch
+	# above satisfies the project's range, so uv leaves it alone.
+	$(BIN)/pip install --quiet "$(UV_SPEC)"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

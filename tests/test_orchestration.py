@@ -123,18 +123,26 @@ def test_rerun_hits_cache_and_refresh_recomputes(planted_pair, tmp_path, task_st
     assert all(_comparable(c) == _comparable(configs[0]) for c in configs)
 
 
+@pytest.fixture(scope="module")
+def threads_config(planted_pair, tmp_path_factory, prefect_harness):
+    """The planted pair's config from the default runner (threads), which every other runner must reproduce."""
+    from flows.svd_analysis import svd_analysis
+
+    return load_rank_config(svd_analysis(output_dir=str(tmp_path_factory.mktemp("threads")), refresh=True,
+                                         base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), **KW))
+
+
 @pytest.mark.parametrize("runner", ["processes", "dask"])
-def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, prefect_harness, runner, monkeypatch):
+def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, threads_config, runner, monkeypatch):
     from flows import _runtime
     from flows.svd_analysis import svd_analysis
 
     kwargs = dict(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), refresh=True, **KW)
-    threads = load_rank_config(svd_analysis(output_dir=str(tmp_path / "threads"), **kwargs))
     monkeypatch.setenv("LORA_RANKS_TASK_RUNNER", runner)
     monkeypatch.setenv("LORA_RANKS_MAX_WORKERS", "2")
     other = load_rank_config(svd_analysis.with_options(task_runner=_runtime.task_runner())(
         output_dir=str(tmp_path / runner), **kwargs))
-    assert _comparable(other) == _comparable(threads)
+    assert _comparable(other) == _comparable(threads_config)
 
 
 def test_a_layer_that_fails_once_is_retried(planted_pair, tmp_path, monkeypatch, task_states):
