@@ -102,7 +102,14 @@ def write_raw_data(layout: OutputLayout, config: RankConfig, spectra: Mapping[st
 def write_plots(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
     """Write the three analysis plots (PNG, 110 dpi) where ``layout`` puts them; return their paths by name."""
     plt = _pyplot()
+    figures = {kind: _spectrum_figure(plt, kind, config, spectra) for kind in ("singular_values", "cumulative_energy")}
+    figures["rank_heatmap"] = _rank_heatmap(plt, config)
+    return {name: _save_png(fig, layout.plot_path(name)) for name, fig in figures.items()}
 
+
+def _spectrum_figure(plt, kind: str, config: RankConfig, spectra: Mapping[str, Spectrum]):
+    """One panel per module type, one line per layer (colour: depth): ``kind`` "singular_values" (s_i / s_1, log)
+    or "cumulative_energy" (kept energy vs rank, with tau); chosen, signal and split-half ranks marked."""
     modules = config.modules
     tau = config.allocation_settings.energy_threshold
     types = list(dict.fromkeys(m.module_type for m in modules.values()))
@@ -110,60 +117,56 @@ def write_plots(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, 
     cmap = plt.get_cmap("viridis")
     ncols = min(4, len(types))
     nrows = -(-len(types) // ncols)
-    paths: dict[str, str] = {}
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, mtype in zip(axes.flat, types):
+        for name, meta in modules.items():
+            if meta.module_type != mtype or name not in spectra:
+                continue
+            s = spectra[name]
+            color = cmap(depths.index(meta.depth) / max(1, len(depths) - 1))
+            x = np.arange(1, len(s.singular_values) + 1)
+            y = s.singular_values / s.singular_values[0] if kind == "singular_values" and s.singular_values[0] > 0 \
+                else s.cumulative_energy() if kind == "cumulative_energy" else s.singular_values
+            ax.plot(x, y, color=color, lw=1)
+            for rank, marker, size in ((meta.final_rank, "o", 4),
+                                       (meta.signal_rank, "x", 5),  # the noise floor: directions above it are signal
+                                       (meta.split_half_rank, "+", 6)):  # directions two half-data fine-tunes share
+                if rank and rank <= len(y):
+                    ax.plot([rank], [y[rank - 1]], marker, color=color, ms=size)
+            if (kind == "singular_values" and not meta.spectrum.weighted
+                    and meta.noise_threshold and s.singular_values[0] > 0):
+                ax.axhline(meta.noise_threshold / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
+        ax.set_title(mtype, fontsize=9)
+        ax.set_xlabel("index i", fontsize=8)
+        if kind == "singular_values":
+            ax.set_yscale("log")
+            low, high = ax.get_ylim()
+            if high > 100 * low:  # decades enough to read by: minor ticks took a third of the plots' time
+                ax.yaxis.set_minor_locator(plt.NullLocator())
+            ax.set_ylabel("s_i / s_1", fontsize=8)
+        else:
+            ax.axhline(tau, color="red", ls="--", lw=1)
+            ax.set_ylim(0, 1.02)
+            ax.set_ylabel("energy kept (exact total)", fontsize=8)
+    for ax in list(axes.flat)[len(types):]:
+        ax.axis("off")
+    spectrum = next(iter(modules.values())).spectrum
+    of = spectrum.matrix
+    split = any(m.split_half_rank is not None for m in modules.values())
+    title = (f"Singular values of {of} (dots: chosen rank; x: noise-floor signal rank"
+             + ("; +: split-half rank" if split else "")
+             + ("; dotted: noise floor" if not spectrum.weighted else "") + "; colour: depth)"
+             if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
+    fig.suptitle(title, fontsize=10)
+    _margins(fig, left=0.75, right=0.15, bottom=0.5, top=0.6, wspace=0.75, hspace=0.7)
+    return fig
 
-    def save(fig, name: str) -> None:
-        paths[name] = _save_png(fig, layout.plot_path(name))
 
-    for kind in ("singular_values", "cumulative_energy"):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
-        for ax, mtype in zip(axes.flat, types):
-            for name, meta in modules.items():
-                if meta.module_type != mtype or name not in spectra:
-                    continue
-                s = spectra[name]
-                color = cmap(depths.index(meta.depth) / max(1, len(depths) - 1))
-                x = np.arange(1, len(s.singular_values) + 1)
-                y = s.singular_values / s.singular_values[0] if kind == "singular_values" and s.singular_values[0] > 0 \
-                    else s.cumulative_energy() if kind == "cumulative_energy" else s.singular_values
-                ax.plot(x, y, color=color, lw=1)
-                r = meta.final_rank
-                if r <= len(y):
-                    ax.plot([r], [y[r - 1]], "o", color=color, ms=4)
-                signal = meta.signal_rank
-                if signal and signal <= len(y):  # the noise floor: directions above it are signal
-                    ax.plot([signal], [y[signal - 1]], "x", color=color, ms=5)
-                shared = meta.split_half_rank
-                if shared and shared <= len(y):  # the directions two fine-tunes on halves of the data share
-                    ax.plot([shared], [y[shared - 1]], "+", color=color, ms=6)
-                if (kind == "singular_values" and not meta.spectrum.weighted
-                        and meta.noise_threshold and s.singular_values[0] > 0):
-                    ax.axhline(meta.noise_threshold / s.singular_values[0], color=color, lw=0.6, ls=":", alpha=0.6)
-            ax.set_title(mtype, fontsize=9)
-            ax.set_xlabel("index i", fontsize=8)
-            if kind == "singular_values":
-                ax.set_yscale("log")
-                low, high = ax.get_ylim()
-                if high > 100 * low:  # decades enough to read by: minor ticks took a third of the plots' time
-                    ax.yaxis.set_minor_locator(plt.NullLocator())
-                ax.set_ylabel("s_i / s_1", fontsize=8)
-            else:
-                ax.axhline(tau, color="red", ls="--", lw=1)
-                ax.set_ylim(0, 1.02)
-                ax.set_ylabel("energy kept (exact total)", fontsize=8)
-        for ax in list(axes.flat)[len(types):]:
-            ax.axis("off")
-        spectrum = next(iter(modules.values())).spectrum
-        of = spectrum.matrix
-        split = any(m.split_half_rank is not None for m in modules.values())
-        title = (f"Singular values of {of} (dots: chosen rank; x: noise-floor signal rank"
-                 + ("; +: split-half rank" if split else "")
-                 + ("; dotted: noise floor" if not spectrum.weighted else "") + "; colour: depth)"
-                 if kind == "singular_values" else f"Cumulative energy of {of} (dashed: tau = {tau})")
-        fig.suptitle(title, fontsize=10)
-        _margins(fig, left=0.75, right=0.15, bottom=0.5, top=0.6, wspace=0.75, hspace=0.7)
-        save(fig, kind)
-
+def _rank_heatmap(plt, config: RankConfig):
+    """The final rank of every module, layer x module type."""
+    modules = config.modules
+    types = list(dict.fromkeys(m.module_type for m in modules.values()))
+    depths = sorted({m.depth for m in modules.values()})
     grid = np.full((len(depths), len(types)), np.nan)
     for meta in modules.values():
         grid[depths.index(meta.depth), types.index(meta.module_type)] = meta.final_rank
@@ -178,8 +181,7 @@ def write_plots(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, 
     fig.colorbar(image, ax=ax, label="LoRA rank")
     ax.set_title("Final LoRA rank per layer and module", fontsize=10)
     fig.tight_layout()
-    save(fig, "rank_heatmap")
-    return paths
+    return fig
 
 
 def write_fidelity_plot(path: str | Path, points) -> str:
