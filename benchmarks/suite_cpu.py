@@ -1,0 +1,69 @@
+"""Where the test suite's CPU goes: a pytest plugin that records each test's wall time and CPU seconds (its worker's
+own, and the children it waited for: command-line runs, servers, measuring processes), and a summary of them.
+
+    PYTHONPATH=benchmarks SUITE_CPU_DIR=/tmp/cpu .venv/bin/python -m pytest -q -p suite_cpu -n 2 --dist worksteal
+    .venv/bin/python benchmarks/suite_cpu.py /tmp/cpu [--top 40] [--json benchmarks/results/suite_cpu.json]
+
+On a CPU-bound 2-core machine the suite's wall time is about its CPU seconds over 2, so this is the list to cut
+from. Not counted: each worker's start and its Prefect test server (which serves every in-process flow run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+_ROWS: list[tuple[str, float, float, float]] = []
+
+
+def _cpu() -> tuple[float, float]:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+try:
+    import pytest
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        began, (own, children) = time.monotonic(), _cpu()
+        yield
+        own_after, children_after = _cpu()
+        _ROWS.append((item.nodeid, time.monotonic() - began, own_after - own, children_after - children))
+except ImportError:  # the summary needs no pytest
+    pass
+
+
+def pytest_sessionfinish(session):
+    folder = os.environ.get("SUITE_CPU_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        (Path(folder) / f"{worker}.json").write_text(json.dumps(_ROWS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--json", type=Path, help="also write the top rows here")
+    args = parser.parse_args()
+    rows = sorted((row for f in args.folder.glob("*.json") for row in json.loads(f.read_text())),
+                  key=lambda r: -(r[2] + r[3]))
+    total = sum(r[2] + r[3] for r in rows)
+    print(f"{len(rows)} tests, {total:.0f} CPU-s in all, {sum(r[1] for r in rows):.0f} s of wall summed\n")
+    print("| test | CPU-s (own + children) | wall s |\n|---|---|---|")
+    for name, wall, own, children in rows[:args.top]:
+        print(f"| {name} | {own + children:.1f} ({own:.1f} + {children:.1f}) | {wall:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"tests": len(rows), "cpu_seconds": round(total, 1), "top": [
+            {"test": n, "wall_s": round(w, 1), "own_cpu_s": round(o, 1), "children_cpu_s": round(c, 1)}
+            for n, w, o, c in rows[:args.top]]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
