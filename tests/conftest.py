@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
+import sys
 from pathlib import Path
 
 from flows._runtime import apply_defaults
@@ -93,3 +96,16 @@ def task_states(prefect_harness):
         return {name: sorted(v) for name, v in out.items()}
 
     return read
+
+
+def pytest_sessionfinish(session):
+    """Stop the temporary Prefect servers that in-process commands (``flows.cli.main(argv)``) left running for the
+    next one, while this worker's output is still open: left to interpreter exit, Prefect's goodbye line met a closed
+    stream and printed a logging error after the worker's results."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the session is over: no goodbye lines
+    for instance in list(server.SubprocessASGIServer._instances.values()):
+        with contextlib.suppress(Exception):  # already stopped
+            instance.stop()
