@@ -17,6 +17,8 @@ import resource
 import time
 from pathlib import Path
 
+import pytest
+
 _ROWS: list[tuple[str, float, float, float]] = []
 
 
@@ -25,17 +27,14 @@ def _cpu() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-try:
-    import pytest
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test's wall time and CPU seconds, setup and teardown included (a wrapper around pytest's own hook)."""
+    began, (own, children) = time.monotonic(), _cpu()
+    yield
+    own_after, children_after = _cpu()
+    _ROWS.append((item.nodeid, time.monotonic() - began, own_after - own, children_after - children))
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(item, nextitem):
-        began, (own, children) = time.monotonic(), _cpu()
-        yield
-        own_after, children_after = _cpu()
-        _ROWS.append((item.nodeid, time.monotonic() - began, own_after - own, children_after - children))
-except ImportError:  # the summary needs no pytest
-    pass
 
 
 def pytest_sessionfinish(session):
