@@ -102,9 +102,16 @@ def write_raw_data(layout: OutputLayout, config: RankConfig, spectra: Mapping[st
 def write_plots(layout: OutputLayout, config: RankConfig, spectra: Mapping[str, Spectrum]) -> dict[str, str]:
     """Write the three analysis plots (PNG, 110 dpi) where ``layout`` puts them; return their paths by name."""
     plt = _pyplot()
-    figures = {kind: _spectrum_figure(plt, kind, config, spectra) for kind in ("singular_values", "cumulative_energy")}
-    figures["rank_heatmap"] = _rank_heatmap(plt, config)
-    return {name: _save_png(fig, layout.plot_path(name)) for name, fig in figures.items()}
+    paths = {kind: _save_png(_spectrum_figure(plt, kind, config, spectra), layout.plot_path(kind))
+             for kind in ("singular_values", "cumulative_energy")}  # each figure saved and closed before the next
+    paths["rank_heatmap"] = _save_png(_rank_heatmap(plt, config), layout.plot_path("rank_heatmap"))
+    return paths
+
+
+def _types_and_depths(config: RankConfig) -> tuple[list[str], list[int]]:
+    """The config's module types (in module order) and layer depths (sorted): the plots' panels and rows."""
+    modules = config.modules.values()
+    return list(dict.fromkeys(m.module_type for m in modules)), sorted({m.depth for m in modules})
 
 
 def _spectrum_figure(plt, kind: str, config: RankConfig, spectra: Mapping[str, Spectrum]):
@@ -112,8 +119,7 @@ def _spectrum_figure(plt, kind: str, config: RankConfig, spectra: Mapping[str, S
     or "cumulative_energy" (kept energy vs rank, with tau); chosen, signal and split-half ranks marked."""
     modules = config.modules
     tau = config.allocation_settings.energy_threshold
-    types = list(dict.fromkeys(m.module_type for m in modules.values()))
-    depths = sorted({m.depth for m in modules.values()})
+    types, depths = _types_and_depths(config)
     cmap = plt.get_cmap("viridis")
     ncols = min(4, len(types))
     nrows = -(-len(types) // ncols)
@@ -165,8 +171,7 @@ def _spectrum_figure(plt, kind: str, config: RankConfig, spectra: Mapping[str, S
 def _rank_heatmap(plt, config: RankConfig):
     """The final rank of every module, layer x module type."""
     modules = config.modules
-    types = list(dict.fromkeys(m.module_type for m in modules.values()))
-    depths = sorted({m.depth for m in modules.values()})
+    types, depths = _types_and_depths(config)
     grid = np.full((len(depths), len(types)), np.nan)
     for meta in modules.values():
         grid[depths.index(meta.depth), types.index(meta.module_type)] = meta.final_rank
