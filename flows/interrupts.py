@@ -13,7 +13,8 @@ Two things make this hold however busy the command is:
 
 * Prefect's temporary server runs in a session of its own (``isolate_prefect_server``), so a ^C to the terminal's
   process group does not kill it under a flow that still needs it (which used to hang for minutes in retries and
-  print hundreds of lines of tracebacks); the command stops it itself.
+  print hundreds of lines of tracebacks); the command stops it itself. Its stderr passes through the command, so
+  that what it logs while being stopped goes to /dev/null with the rest, after the one line.
 * The signal is noticed by a watcher thread (``signal.set_wakeup_fd``), not only by the main thread, which may be
   inside a long torch call and run Python handlers only after it.
 
@@ -158,9 +159,33 @@ def _own_session(popen):
         # kernel sends it SIGTERM when the thread that started it ends, so only the main thread (the process's life)
         # arms that.
         armed = threading.current_thread() is threading.main_thread()
-        return popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None, **kwargs)
+        if kwargs.get("stderr") is not None:
+            return popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None, **kwargs)
+        # Its stderr reaches the terminal through this process (``_forward``), not straight: once the command is
+        # interrupted, what the child prints while it is being stopped (a server logs the requests it cancels, with
+        # tracebacks) goes to /dev/null with the command's own output, after the one line.
+        read_end, write_end = os.pipe()
+        try:
+            child = popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None,
+                          stderr=write_end, **kwargs)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        threading.Thread(target=_forward, args=(read_end,), name="lora-ranks-child-stderr", daemon=True).start()
+        return child
 
     return in_own_session
+
+
+def _forward(read_end: int) -> None:
+    """Copy a child's stderr to this process's fd 2 (the terminal, or /dev/null once interrupted) until it ends."""
+    with contextlib.suppress(OSError):
+        while data := memoryview(os.read(read_end, 65536)):
+            while data:
+                data = data[os.write(2, data):]
+    os.close(read_end)
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

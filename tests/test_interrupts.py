@@ -191,3 +191,46 @@ def test_export_in_the_middle_of_writing_when_the_terminal_closes(setting, tmp_p
     _assert_clean(status, rest, signal.SIGHUP, tmp_path / "exp")
     assert not (tmp_path / "exp").exists()
     assert not [p for p in tmp_path.iterdir() if ".lora-ranks-" in p.name or p.name.endswith(".tmp")]
+
+
+_LATE_CHILD = """
+import signal, sys, time
+def stopped(*_):
+    print("ERROR logged while being stopped", file=sys.stderr, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+print("child ready", file=sys.stderr, flush=True)
+time.sleep(60)
+"""
+
+_COMMAND_WITH_SERVER_LIKE_CHILD = f"""
+import subprocess, sys, time
+from flows import interrupts
+interrupts.install()
+child = interrupts._own_session(subprocess.Popen)([sys.executable, "-c", {_LATE_CHILD!r}])
+time.sleep(60)
+"""
+
+
+def test_what_an_isolated_child_prints_while_being_stopped_stays_off_the_terminal(tmp_path):
+    """Prefect's temporary server logs the requests it cancels when stopped (an SQLAlchemy traceback, seen in CI):
+    a child in a session of its own prints through the command, so its output before the signal reaches the
+    terminal, and what it prints while the command stops it does not. Here a child that prints as it is stopped."""
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _COMMAND_WITH_SERVER_LIKE_CHILD], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "child ready" not in err_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        _, alive = psutil.wait_procs(started, timeout=5)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err_path.read_text().split() == ["child", "ready", "lora-ranks:", "interrupted"], err_path.read_text()
