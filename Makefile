@@ -16,14 +16,19 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# Where pip is told to look for wheels on disk (PIP_FIND_LINKS, or pip's own config), uv looks too: uv reads no pip
+# configuration, and these machines keep the CPU torch wheel there.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+
 # uv installs the project and its packages (the same versions pip picks) in ~30 s where pip takes ~90 s, byte-code
-# compiled as pip does it (else every first import in the tests would compile it); the torch that pip installs first
-# satisfies the project's range, so uv leaves it alone.
+# compiled as pip does it (else every first import in the tests would compile it), on every core. Torch comes in the
+# same step only where .venv has none: a torch already there (a CUDA build, say) satisfies the project's range and
+# is left alone.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet "$(UV_SPEC)"
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[dev]"
+	test -x $(BIN)/uv || $(BIN)/pip install --quiet "$(UV_SPEC)"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(foreach d,$(FIND_LINKS),--find-links $(d)) \
+		$$($(BIN)/python -c "import torch" 2>/dev/null || echo "$(TORCH_SPEC)") -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

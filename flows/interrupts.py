@@ -13,8 +13,9 @@ Two things make this hold however busy the command is:
 
 * Prefect's temporary server runs in a session of its own (``isolate_prefect_server``), so a ^C to the terminal's
   process group does not kill it under a flow that still needs it (which used to hang for minutes in retries and
-  print hundreds of lines of tracebacks); the command stops it itself. Its stderr passes through the command, so
-  that what it logs while being stopped goes to /dev/null with the rest, after the one line.
+  print hundreds of lines of tracebacks); the command stops it itself. Its stderr passes through the command, which
+  drops what it prints once the command stops it (``silence_children``): what a server logs about the requests
+  its shutdown cancels never lands after the one line, nor after a finished command's last line.
 * The signal is noticed by a watcher thread (``signal.set_wakeup_fd``), not only by the main thread, which may be
   inside a long torch call and run Python handlers only after it.
 
@@ -38,7 +39,7 @@ import psutil
 
 from lora_ranks._io import abandon_pending
 
-__all__ = ["install", "on_interrupt", "stop_children", "isolate_prefect_server"]
+__all__ = ["install", "on_interrupt", "stop_children", "isolate_prefect_server", "silence_children"]
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # SIGHUP: the terminal closed
 #: Seconds a child has to end after SIGTERM before it is killed.
@@ -47,6 +48,7 @@ GRACE_SECONDS = 3.0
 _cleanups: list[Callable[[], None]] = []
 _stopping = threading.Lock()
 _this_thread = threading.local()  # .stopping: this thread has begun to stop the command
+_silenced = threading.Event()  # set: what isolated children print is dropped (``silence_children``)
 
 
 def on_interrupt(cleanup: Callable[[], None]) -> None:
@@ -100,6 +102,7 @@ def _stop(signum: int) -> None:
             os.write(terminal, b"\nlora-ranks: interrupted\n")
         else:
             print("\nlora-ranks: interrupted", file=sys.stderr, flush=True)
+        silence_children()
         stop_children()
 
         abandon_pending()
@@ -180,12 +183,19 @@ def _own_session(popen):
 
 
 def _forward(read_end: int) -> None:
-    """Copy a child's stderr to this process's fd 2 (the terminal, or /dev/null once interrupted) until it ends."""
+    """Copy a child's stderr to this process's fd 2 (the terminal, or /dev/null once interrupted) until it ends, or
+    read and drop it once the command has begun to stop it (``silence_children``)."""
     with contextlib.suppress(OSError):
         while data := memoryview(os.read(read_end, 65536)):
-            while data:
+            while data and not _silenced.is_set():
                 data = data[os.write(2, data):]
     os.close(read_end)
+
+
+def silence_children() -> None:
+    """From now on, drop what the isolated children print: called when the command stops them, so that what a
+    server logs about the requests its shutdown cancels never lands beside or after the command's last line."""
+    _silenced.set()
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

@@ -59,12 +59,44 @@ def planted_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once)."""
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once). Yields a copy of its
+    database as it started, freshly migrated, which also seeds this worker's Prefect home: the commands run in their
+    own processes use that one, a fresh clone has none, and their first temporary server would spend ~7
+    CPU-seconds migrating it again."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        migrated = _copy_sqlite(_harness_database(), tmp_path_factory.mktemp("prefect-db") / "prefect.db")
+        home_database = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
+        if not home_database.exists():
+            _copy_sqlite(migrated, home_database)
+        yield migrated
+
+
+@pytest.fixture(scope="session")
+def migrated_prefect_database(prefect_harness) -> Path:
+    """A freshly migrated Prefect database, with no runs: copied into a new Prefect home, a server starts on it
+    without migrating (~7 CPU-seconds sooner)."""
+    return prefect_harness
+
+
+def _harness_database() -> Path:
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    return Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+
+
+def _copy_sqlite(source: Path, target: Path) -> Path:
+    """A consistent copy of a SQLite database another process may be writing (SQLite's online backup), put in place
+    whole (renamed from a temporary file)."""
+    import sqlite3
+
+    partial = target.with_name(target.name + ".partial")
+    with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(partial)) as dst:
+        src.backup(dst)
+    partial.replace(target)
+    return target
 
 
 

@@ -1,6 +1,7 @@
 """Orchestration guarantees: crash and resume from the cache, identical results on every task runner,
 retries of a failing layer, CPU fallback after CUDA out-of-memory."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,8 +55,8 @@ DRIVER = textwrap.dedent("""
 
 
 def _run_driver(args, env, log_path, crash_at=None):
-    """Run DRIVER in its own process group; afterwards stop whatever it left (its ephemeral API server
-    outlives a crash) by killing that group. Returns (exit code, combined output)."""
+    """Run DRIVER in its own process group; afterwards stop whatever it left by killing that group. Returns (exit
+    code, combined output)."""
     env = {**env, **({"CRASH_AT_LAYER": crash_at} if crash_at else {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], cwd=REPO, env=env, stdout=log,
@@ -73,11 +74,13 @@ def _run_driver(args, env, log_path, crash_at=None):
 def test_crash_then_rerun_computes_only_missing_layers(six_layer_pair, tmp_path, task_states):
     """A run killed outright (its own process, as a user's) after three layers; the rerun (here, in this process:
     results persist under the same Prefect home) takes those three from the cache and computes the other three."""
+    from prefect.settings import PREFECT_API_URL
+
     from flows.svd_analysis import svd_analysis
 
-    env = {**os.environ, "LORA_RANKS_MAX_WORKERS": "1", "PYTHONPATH": str(REPO)}
-    # The crashed run uses its own ephemeral API on this worker's SQLite database (migrated once per worker).
-    env.pop("PREFECT_API_URL", None)
+    # The crashed run reports to this session's test server (starting an ephemeral one of its own costs ~8
+    # CPU-seconds, and a migration on a fresh worker); what it finished persists under the same Prefect home.
+    env = {**os.environ, "LORA_RANKS_MAX_WORKERS": "1", "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
     out = tmp_path / "out"
     code, log = _run_driver([*six_layer_pair, out], env, tmp_path / "crashed.log", crash_at="model.layers.3")
     assert code == 17, log[-3000:]
@@ -134,15 +137,44 @@ def threads_config(planted_pair, tmp_path_factory, prefect_harness):
 
 @pytest.mark.parametrize("runner", ["processes", "dask"])
 def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, threads_config, runner, monkeypatch):
+    """The process pool and Dask reproduce the threads' config.
+    Dask runs on an existing cluster, at LORA_RANKS_DASK_ADDRESS, as on a pool of machines: here a local one whose
+    workers are threads of this process (a cluster of worker processes costs ~50 CPU-seconds to start beside the
+    suite, torch and Prefect imported in each); the local cluster the runner starts itself is checked below."""
     from flows import _runtime
     from flows.svd_analysis import svd_analysis
 
     kwargs = dict(base_model=str(planted_pair[0]), finetuned_model=str(planted_pair[1]), refresh=True, **KW)
     monkeypatch.setenv("LORA_RANKS_TASK_RUNNER", runner)
-    monkeypatch.setenv("LORA_RANKS_MAX_WORKERS", "2")
-    other = load_rank_config(svd_analysis.with_options(task_runner=_runtime.task_runner())(
-        output_dir=str(tmp_path / runner), **kwargs))
+    # One worker process: the tasks still run in another process and come back (each worker costs ~25 CPU-seconds
+    # to start, importing torch, transformers and Prefect); two workers and their pinning: the next test.
+    monkeypatch.setenv("LORA_RANKS_MAX_WORKERS", "1" if runner == "processes" else "2")
+    with contextlib.ExitStack() as stack:
+        if runner == "dask":
+            from distributed import LocalCluster
+
+            cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                                       dashboard_address=None))
+            monkeypatch.setenv("LORA_RANKS_DASK_ADDRESS", cluster.scheduler_address)
+        task_runner = _runtime.task_runner()
+        assert runner != "dask" or task_runner.address == cluster.scheduler_address
+        other = load_rank_config(svd_analysis.with_options(task_runner=task_runner)(output_dir=str(tmp_path / runner),
+                                                                                    **kwargs))
     assert _comparable(other) == _comparable(threads_config)
+
+
+def test_dask_without_an_address_starts_a_local_cluster_of_processes(monkeypatch):
+    """Without LORA_RANKS_DASK_ADDRESS, the Dask runner starts a local cluster of LORA_RANKS_MAX_WORKERS worker
+    processes, one thread each (a layer task's matrix products use every core of its process already)."""
+    from flows import _runtime
+
+    monkeypatch.setenv("LORA_RANKS_TASK_RUNNER", "dask")
+    monkeypatch.delenv("LORA_RANKS_DASK_ADDRESS", raising=False)
+    monkeypatch.setenv("LORA_RANKS_MAX_WORKERS", "3")
+    runner = _runtime.task_runner()
+    assert runner.address is None
+    assert runner.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True,
+                                     "dashboard_address": None}
 
 
 def test_a_layer_that_fails_once_is_retried(planted_pair, tmp_path, monkeypatch, task_states):
@@ -184,16 +216,13 @@ def test_cuda_out_of_memory_falls_back_to_cpu(monkeypatch):
     assert np.max(np.abs(result.singular_values[:10] - ref) / ref) < 1e-10
 
 
-def _worker_env(_):
-    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
-
-
 def test_process_pool_pins_one_gpu_per_worker(monkeypatch):
     """The process runner's initializer gives each worker its own device and a share of the CPU threads."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from flows import _runtime
+    from tests._pool_probe import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.delenv("LORA_RANKS_MAX_WORKERS", raising=False)
@@ -204,7 +233,7 @@ def test_process_pool_pins_one_gpu_per_worker(monkeypatch):
 
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_runtime.pin_worker,
                              initargs=(("0", "1"), 1)) as pool:
-        seen = list(pool.map(_worker_env, range(16)))
+        seen = list(pool.map(worker_env, range(16)))
     device_of = {}
     for pid, device, threads in seen:
         assert device in ("0", "1") and threads == "1"

@@ -170,6 +170,8 @@ def _quiet_prefect_exit() -> None:
         if service is not None:
             with contextlib.suppress(Exception):  # never started, or already drained
                 service.drain_all(timeout=5)
+    if not os.environ.get("LORA_RANKS_DEBUG"):  # what it logs about the requests its shutdown cancels: nothing
+        interrupts.silence_children()  # the user can act on (with --debug, everything it says is shown)
     for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
         with contextlib.suppress(Exception):  # already stopped, or gone: nothing left to print
             instance.stop()
