@@ -60,10 +60,13 @@ def planted_pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once). Yields a copy of its
-    database as it started, freshly migrated, which also seeds this worker's Prefect home: the commands run in their
-    own processes use that one, a fresh clone has none, and their first temporary server would spend ~7
-    CPU-seconds migrating it again."""
+    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once), and for the commands a
+    test runs in the test's process (``flows.cli.main(argv)``): a test that runs a flow that way requests it, else its
+    worker would start a second server and keep it to the end of the session.
+
+    Yields a copy of its database as it started, freshly migrated. The copy also seeds this worker's Prefect home,
+    which commands run in processes of their own use: a fresh clone has none, and their first temporary server would
+    spend ~7 CPU-seconds migrating it again."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

@@ -371,7 +371,7 @@ def test_the_second_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
              "--min-rank", "100", "--max-rank", "128"], "--min-rank 100 is at least the full rank of every module")
 
 
-def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch):
+def test_the_third_sweeps_cases(ws, tmp_path, capsys, monkeypatch, prefect_harness):
     """Cases a third sweep found: a copied model folder (its marker too), a folder holding one file of a tool's name,
     a model copy inside a run, a link planted inside a run folder, '' and '.', a name too long, a folder that cannot
     be created although os.access says yes (/proc as root), a garbage marker, a warm start from the base itself or

@@ -208,7 +208,7 @@ def test_the_command_line_refuses_an_unknown_base_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_on_a_real_base_runs_the_pipeline_and_says_where_everything_is(tiny_gguf, tmp_path, monkeypatch,
-                                                                                capsys):
+                                                                                capsys, prefect_harness):
     """``lora-ranks demo --base NAME`` end to end, with a known base whose "wheel" is a package on sys.path holding
     the tiny GGUF: the base is made into the cache, fine-tuned, analyzed, and a LoRA trained from its config."""
     from flows.cli import main

@@ -37,7 +37,7 @@ def _args(tiny, out, *extra):
 
 
 @pytest.mark.slow
-def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_path, capsys):
+def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_path, capsys, prefect_harness):
     assert main(_args(tiny, tmp_path / "ok", "--max-train-memory-gb", "64", "--max-infer-overhead", "100")) == 0
     out = capsys.readouterr().out
     assert "training peak, checkpointing on *" in out and "All budgets hold." in out
@@ -59,7 +59,7 @@ def test_budgets_that_hold_pass_and_the_report_says_what_was_measured(tiny, tmp_
     assert verdicts["training peak, checkpointing on *"] == verdicts["forward, unmerged adapter"] == "ok"
 
 
-def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys, monkeypatch):
+def test_budgets_that_cannot_hold_fail_with_the_right_line(tiny, tmp_path, capsys, monkeypatch, prefect_harness):
     """Through the check-config flow, which fails (CheckFailed, a one-line state message); the command exits with 1.
     The measurements are given (5 GiB without checkpointing): the real ones are the test above's, and each costs a
     process of its own."""

@@ -368,7 +368,7 @@ def test_a_marker_names_nothing_outside_its_folder_and_owns_only_files_as_writte
     assert (adapter / "README.md").read_text() == "my notes on this adapter\n"
 
 
-def test_a_run_into_a_users_folder_owns_only_the_names_it_made(ws, tmp_path, capsys):
+def test_a_run_into_a_users_folder_owns_only_the_names_it_made(ws, tmp_path, capsys, prefect_harness):
     """--overwrite into a folder of the user's: the marker lists, once the run ends, only what the run made there;
     a name of the layout the user creates afterwards (results.json, runs/) is theirs, and a later run refuses it."""
     from lora_ranks.outputs import RUN_ENTRIES, check_output_dir, record_made_entries
@@ -395,7 +395,7 @@ def test_a_run_into_a_users_folder_owns_only_the_names_it_made(ws, tmp_path, cap
     capsys.readouterr()
 
 
-def test_an_overwrite_refuses_only_the_names_the_output_writes(ws, tmp_path, capsys):
+def test_an_overwrite_refuses_only_the_names_the_output_writes(ws, tmp_path, capsys, prefect_harness):
     """An adapter never writes config.json or model.safetensors: a folder holding a model is written into with
     --overwrite, the model untouched; and outputs are shared like other files (not 0600)."""
     folder = Path(shutil.copytree(ws / "ft", tmp_path / "model-and-adapter"))
@@ -500,7 +500,8 @@ def test_a_file_edited_in_a_run_folder_is_never_written_over(ws, tmp_path, capsy
                                              "after this tool's last run", tmp_path)
 
 
-def test_a_document_added_to_a_run_folder_under_a_name_the_run_never_wrote_is_kept(ws, tmp_path, capsys):
+def test_a_document_added_to_a_run_folder_under_a_name_the_run_never_wrote_is_kept(ws, tmp_path, capsys,
+                                                                                          prefect_harness):
     """A finetune run's folder, then the user's own configs/lora_rank_config.json (a name finetune never writes):
     an analyze into that folder is refused, with or without --overwrite, instead of replacing it."""
     from lora_ranks.synthetic import DEMO_BASE
