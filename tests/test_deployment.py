@@ -118,7 +118,7 @@ def test_deployment_run_through_server_and_worker(tmp_path, migrated_prefect_dat
         started.append((worker, "worker"))
         out_dir = tmp_path / "run"
         watched = _run([PREFECT, "deployment", "run", "svd-analysis/default", "--watch", "--watch-timeout", "400",
-                        "--param", f"output_dir={out_dir}", "--param", 'finetune={"max_steps": 10}'], env, 450)
+                        "--param", f"output_dir={out_dir}", "--param", 'finetune={"max_steps": 2}'], env, 450)
         assert "Completed" in watched  # --watch also exits non-zero when the run fails
 
         # Every deployment of prefect.yaml, read from the server (a `prefect deployment inspect` each took ~8 s of
