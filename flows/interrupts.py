@@ -164,9 +164,9 @@ def _own_session(popen):
         armed = threading.current_thread() is threading.main_thread()
         if kwargs.get("stderr") is not None:
             return popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None, **kwargs)
-        # Its stderr reaches the terminal through this process (``_forward``), not straight: once the command is
-        # interrupted, what the child prints while it is being stopped (a server logs the requests it cancels, with
-        # tracebacks) goes to /dev/null with the command's own output, after the one line.
+        # Its stderr reaches the terminal through this process (``_forward``), not straight: once the command stops
+        # it (interrupted, or done), what it prints while being stopped (a server logs the requests it cancels, with
+        # tracebacks) is dropped, and never lands after the command's last line.
         read_end, write_end = os.pipe()
         try:
             child = popen(*args, start_new_session=True, preexec_fn=_parent_death_signal() if armed else None,
