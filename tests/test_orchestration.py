@@ -139,7 +139,7 @@ def threads_config(planted_pair, tmp_path_factory, prefect_harness):
 def test_every_task_runner_gives_the_same_config(planted_pair, tmp_path, threads_config, runner, monkeypatch):
     """The process pool and Dask reproduce the threads' config.
     Dask runs on an existing cluster, at LORA_RANKS_DASK_ADDRESS, as on a pool of machines: here a local one whose
-    workers are threads of this process (a cluster of worker processes costs ~50 CPU-seconds to start beside the
+    workers are threads of this process (its own cluster of worker processes cost ~85 CPU-seconds beside the
     suite, torch and Prefect imported in each); the local cluster the runner starts itself is checked below."""
     from flows import _runtime
     from flows.svd_analysis import svd_analysis
