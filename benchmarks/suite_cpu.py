@@ -5,8 +5,9 @@ own, and the children it waited for: command-line runs, servers, measuring proce
     .venv/bin/python benchmarks/suite_cpu.py /tmp/cpu [--top 40] [--json benchmarks/results/suite_cpu.json]
 
 On a CPU-bound 2-core machine the suite's wall time is about its CPU seconds over 2, so this is the list to cut
-from. Not counted: each worker's start. Its Prefect test server, which serves every in-process flow run, is a row
-of its own (and counted again in the test that stops it).
+from. Not counted: each worker's start. The Prefect test server, which serves every in-process flow run, is a row of
+its own: under xdist the one the controller started for all workers (tests/conftest.py); without xdist the session's
+own (counted again in the test that stops it).
 """
 
 from __future__ import annotations
@@ -57,7 +58,20 @@ def pytest_sessionfinish(session):
         # a second time in the row of the test that reaped them (the last one, usually).
         lasting = sum(cpu for pid, cpu in _LAST_SEEN_CPU.items() if _TESTS_SEEN_ALIVE[pid] >= 3)
         rows = [*_ROWS, (f"<{worker}: processes that lasted 3 tests or more>", 0.0, 0.0, lasting)]
+        if worker == "main" and os.environ.get("PYTEST_XDIST_WORKER") is None and not _ROWS:
+            # the xdist controller runs no test: its own children are the workers and the Prefect test server it
+            # started for them (tests/conftest.py), still running here
+            rows = [(f"<controller: {' '.join(p.cmdline()[1:4])}>", 0.0, 0.0, cpu)
+                    for p, cpu in _child_cpu(psutil.Process()) if "uvicorn" in " ".join(p.cmdline())]
         (Path(folder) / f"{worker}.json").write_text(json.dumps(rows))
+
+
+def _child_cpu(process: psutil.Process) -> list[tuple[psutil.Process, float]]:
+    out = []
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            out.append((child, sum(child.cpu_times()[:2])))
+    return out
 
 
 def main() -> None:

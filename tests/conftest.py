@@ -58,23 +58,134 @@ def planted_pair(tmp_path_factory):
     return write_planted_pair(root / "base", root / "ft", planted_rank=(3, 8, 20), noise=1e-3)
 
 
+#: Environment variable the xdist controller sets for its workers: "<API URL> <database file> <folder>" of the one
+#: Prefect test server it started for all of them (``pytest_configure``).
+SHARED_SERVER = "LORA_RANKS_TEST_PREFECT_SERVER"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, the controller starts one Prefect test server for every worker, without waiting for it:
+    it starts (~13 CPU-seconds, its database migrated) while the workers start and collect, and a second server's
+    start is saved. A worker waits for it when its first flow test asks (``prefect_harness``)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    import socket
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lora-ranks-test-prefect-"))
+    with socket.socket() as probe:  # a free port, chosen now so that the workers know the URL before it answers
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = folder / "prefect.db"
+    import prefect
+
+    with open(folder / "server.log", "wb") as log:  # the server keeps its own handle
+        config._lora_ranks_prefect_server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+             "error", "--lifespan", "on"],
+            # as Prefect's own test harness starts it (SubprocessASGIServer), on a database of its own
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+                 f"sqlite+aiosqlite:///{database}"},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    config._lora_ranks_prefect_folder = folder
+    os.environ[SHARED_SERVER] = f"http://127.0.0.1:{port}/api {database} {folder}"
+
+
+def pytest_unconfigure(config):
+    """The controller stops the server it started (by its process, 10 s at most, then killed) and removes its
+    folder."""
+    import shutil
+    import subprocess
+
+    server = getattr(config, "_lora_ranks_prefect_server", None)
+    if server is None:
+        return
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+    shutil.rmtree(config._lora_ranks_prefect_folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """One temporary Prefect API (SQLite) for every flow test of the session (~20 s once), and for the commands a
-    test runs in the test's process (``flows.cli.main(argv)``): a test that runs a flow that way requests it, else its
-    worker would start a second server and keep it to the end of the session.
+    """One temporary Prefect API (SQLite) for every flow test of the session, and for the commands a test runs in
+    the test's process (``flows.cli.main(argv)``): a test that runs a flow that way requests it, else its worker
+    would start a second server and keep it to the end of the session. Under pytest-xdist it is the server the
+    controller started for all workers (``pytest_configure``); else one started here (~20 s).
 
     Yields a copy of its database as it started, freshly migrated. The copy also seeds this worker's Prefect home,
     which commands run in processes of their own use: a fresh clone has none, and their first temporary server would
     spend ~7 CPU-seconds migrating it again."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        migrated = _copy_sqlite(_harness_database(), tmp_path_factory.mktemp("prefect-db") / "prefect.db")
+    shared = os.environ.get(SHARED_SERVER)
+    with _shared_harness(shared) if shared else _own_harness():
+        migrated = _migrated_copy(_harness_database(), tmp_path_factory)
         home_database = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
         if not home_database.exists():
             _copy_sqlite(migrated, home_database)
         yield migrated
+
+
+@contextlib.contextmanager
+def _own_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@contextlib.contextmanager
+def _shared_harness(shared: str):
+    """Settings that point this process at the controller's server, once it answers (180 s at most), as Prefect's
+    ``prefect_test_harness`` does for its own; on leaving, the logs and events this process still holds are sent."""
+    import time
+
+    import httpx
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    url, database, folder = shared.split(" ")
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            log = Path(folder, "server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the shared Prefect test server at {url} did not answer within 180 s; its log:\n{log}")
+        time.sleep(0.2)
+    with temporary_settings({PREFECT_API_URL: url,
+                             PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{database}"}), \
+            _temporary_global_settings_context(get_settings_context()):
+        yield
+        with contextlib.suppress(RuntimeError):  # never started
+            APILogWorker.drain_all()
+        EventsWorker.drain_all()
+
+
+def _migrated_copy(database: Path, tmp_path_factory) -> Path:
+    """A copy of the test server's database as it was before any test used it (freshly migrated, no runs). Under
+    pytest-xdist the first worker to get here copies it, under a lock, before any worker has used the server; the
+    others reuse that copy."""
+    import fcntl
+
+    shared = os.environ.get(SHARED_SERVER)
+    if not shared:
+        return _copy_sqlite(database, tmp_path_factory.mktemp("prefect-db") / "prefect.db")
+    folder = Path(shared.split(" ")[2])
+    with open(folder / "copy.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        copy = folder / "migrated.db"
+        return copy if copy.exists() else _copy_sqlite(database, copy)
 
 
 @pytest.fixture(scope="session")

@@ -184,10 +184,10 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
     base = build_tiny_qwen3(tmp_path / "base", num_layers=2)
     data = write_synthetic_dataset(tmp_path / "data.jsonl", 16, fmt="mixed")
     comparison = ComparisonSettings(seeds=(0, 1), tuning_seeds=2, budget_ranks=(2,), allocations=("budget-fisher",),
-                                    alpha_variants=("rslora",), peers=("default", "eva"), learning_rates=(1e-3, 3e-3),
-                                    max_rate_extensions=2, eval_interval=2, patience=1, seeded_preparation=True,
+                                    alpha_variants=("rslora",), peers=("default", "eva"), learning_rates=(3e-3, 9e-3),
+                                    max_rate_extensions=1, eval_interval=2, patience=1, seeded_preparation=True,
                                     curve_points=2, curve_samples=4, accuracy_samples=6, max_new_tokens=4,
-                                    full_finetune=True, full_learning_rates=(1e-3, 3e-3))
+                                    full_finetune=True, full_learning_rates=(3e-3, 9e-3))
     settings = dict(base_model=str(base), data_path=str(data), allocation=AllocationSettings(min_rank=1, max_rank=16),
                     curvature=CurvatureSettings(spectrum="fisher", min_calibration_tokens=50),
                     training=LoRATrainingSettings(max_steps=6, epochs=100, learning_rate=1e-3, batch_size=4),
@@ -213,14 +213,14 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
         cmp / "seeds" / "seed0" / "configs" / "r2-budget-fisher.json").rank_pattern
     choices = results["learning_rate_choices"]
     full_choice = choices.pop("full-finetune")
-    assert full_choice["learning_rate"] in (1e-3, 3e-3)
+    assert full_choice["learning_rate"] in (3e-3, 9e-3)
     for (label, init), row in rows.items():
         choice = choices[f"{label}/{init}"]
         rates = sorted(float(r) for r in choice["per_seed"])
         assert all(set(per_seed) == {"0", "1"} for per_seed in choice["per_seed"].values())  # two tuning seeds
-        assert rates[:2] == [1e-3, 3e-3] or rates[0] < 1e-3 or rates[-1] > 3e-3
-        # interior, or at an edge only once the extensions ran out
-        assert rates[0] < row["learning_rate"] < rates[-1] or (choice["at_edge"] and len(rates) == 4)
+        assert rates[:2] == [3e-3, 9e-3] or rates[0] < 3e-3 or rates[-1] > 9e-3
+        # interior, or at an edge only once the extension ran out
+        assert rates[0] < row["learning_rate"] < rates[-1] or (choice["at_edge"] and len(rates) == 3)
         assert row["learning_rate"] == min(rates, key=lambda r: choice["validation_losses"][f"{r:g}"] or 1e9)
         assert len(row["losses"]) == 2 and 0.0 <= row["accuracy_mean"] <= 1.0 and row["accuracy_by_task"]
         for run in row["runs"]:
@@ -234,7 +234,7 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
     assert rows["r2-uniform", "default"]["preparation_flops"] == 0.0 and rows["r2-uniform", "eva"]["preparation_flops"] > 0
     assert warm["vs_default"]["n"] == 2
     committed = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
-    assert "preparation-seed0.json" in committed and "r2-budget-fisher-seed1-lr0.001.json" in committed
+    assert "preparation-seed0.json" in committed and "r2-budget-fisher-seed1-lr0.003.json" in committed
     # a fresh folder with the same committed rows: nothing trained, nothing prepared, the same table
     again = json.loads(Path(compare_allocations(output_dir=str(tmp_path / "again"),
                                                 comparison=comparison.replace(full_finetune=False,

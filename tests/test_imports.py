@@ -34,35 +34,6 @@ def _cli():
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
 
 
-def test_cli_analyze_then_extract(planted_pair, tmp_path, capsys):
-    """The documented commands, as a user types them: analyze a pair (the command's own process, with its temporary
-    Prefect server), then extract its adapter (no Prefect: the command line's ``main`` in this process)."""
-    import json
-    import os
-
-    import flows.cli
-
-    # The embedded (ephemeral) API, on this test worker's Prefect home: a fresh home's database migration (~20 s
-    # here) is paid once per worker, not by each command test (the demo from a fresh clone pays it: README).
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run(_cli() + ["analyze", "--base", str(planted_pair[0]), "--finetuned", str(planted_pair[1]),
-                                    "--out", str(tmp_path / "an"), "--energy", "0.95", "--min-rank", "2",
-                                    "--round-to", "2"], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    config_path = tmp_path / "an" / "configs" / "lora_rank_config.json"
-    assert f"Rank config:        {config_path}" in done.stdout
-    config = json.loads(config_path.read_text())
-    assert config["analysis_metadata"]["settings"]["energy_threshold"] == 0.95
-    assert all(r % 2 == 0 for r in config["rank_pattern"].values())
-    capsys.readouterr()
-    status = flows.cli.main(["extract", "--base", str(planted_pair[0]), "--finetuned", str(planted_pair[1]),
-                             "--config", str(config_path), "--out", str(tmp_path / "adapter")])
-    out, err = capsys.readouterr()
-    assert status == 0, err[-3000:]
-    assert "Adapter:" in out
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-
-
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     done = subprocess.run(_cli() + ["extract", "--base", str(tmp_path / "missing"), "--finetuned", str(tmp_path / "ft"),
                                     "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")],

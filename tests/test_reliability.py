@@ -77,43 +77,48 @@ def test_remote_code_never_runs_by_default(tmp_path):
     assert not marker.exists()
 
 
-def test_secrets_in_the_environment_never_reach_outputs(planted_pair, tmp_path, prefect_harness):
-    """API keys in the environment reach no output file, artifact or log. The command runs in its own process,
-    reporting to the test's Prefect API, so that its logs are sent there (an APILogWorker this test process made
-    earlier may still point at a server another test stopped)."""
+def test_analyze_then_extract_as_typed_and_no_secret_reaches_any_output(planted_pair, tmp_path, capsys):
+    """The documented commands, as a user types them: analyze a pair (the command's own process, with its temporary
+    Prefect server, on this test worker's Prefect home), then extract its adapter (no Prefect: the command line's
+    ``main`` in this process). API keys in the environment reach no output file, terminal line, log or artifact:
+    the Prefect database, where the temporary server kept the run's logs and artifacts, holds no byte of them."""
     import os
     import subprocess
     import sys
 
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    import flows.cli
 
     sentinel = "sk-test-SENTINEL-4f9c1d"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
            **{var: sentinel for var in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")}}
+    out = tmp_path / "an"
     done = subprocess.run([str(Path(sys.executable).with_name("lora-ranks")), "analyze", "--base", str(planted_pair[0]),
-                           "--finetuned", str(planted_pair[1]), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+                           "--finetuned", str(planted_pair[1]), "--out", str(out), "--energy", "0.95", "--min-rank",
+                           "2", "--round-to", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config_path = out / "configs" / "lora_rank_config.json"
+    assert f"Rank config:        {config_path}" in done.stdout
+    config = json.loads(config_path.read_text())
+    assert config["analysis_metadata"]["settings"]["energy_threshold"] == 0.95
+    assert all(r % 2 == 0 for r in config["rank_pattern"].values())
     assert sentinel not in done.stdout + done.stderr
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:
         assert sentinel.encode() not in path.read_bytes(), path
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import FlowRunSort
+    home = Path(os.environ["PREFECT_HOME"])
+    database = b"".join(p.read_bytes() for p in (home / "prefect.db", home / "prefect.db-wal") if p.exists())
+    assert str(out).encode() in database  # the run is recorded there (its parameters)
+    assert b"Finished in state Completed()" in database  # and its logs
+    assert database.count(sentinel.encode()) == 0
 
-    with get_client(sync_client=True) as client:  # the newest runs, and this run's logs: the API pages by 200
-        runs = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
-                if r.parameters.get("output_dir") == str(tmp_path / "out")]
-        assert len(runs) == 1
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
-    assert runs[0].state.is_completed()
-    assert artifacts and logs
-    assert all(sentinel not in str(a.data) for a in artifacts)
-    assert all(sentinel not in log.message for log in logs)
+    capsys.readouterr()
+    status = flows.cli.main(["extract", "--base", str(planted_pair[0]), "--finetuned", str(planted_pair[1]),
+                             "--config", str(config_path), "--out", str(tmp_path / "adapter")])
+    stdout, stderr = capsys.readouterr()
+    assert status == 0, stderr[-3000:]
+    assert "Adapter:" in stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_atomic_writes_leave_no_temporary_files(planted_pair, tmp_path):

@@ -3,7 +3,8 @@ processes (the disk space for the outputs and the tokens left to train on read m
 
 from __future__ import annotations
 
-# Prefect and httpx are imported by check_prefect, the preflight's last check: a bad option never waits for them.
+# Prefect and httpx are imported by check_prefect_server, the preflight's last check: a bad option never waits for
+# them.
 import os
 import shutil
 from pathlib import Path
@@ -20,9 +21,10 @@ PREFECT_HOME_SPACE = 64 * 2**20
 after a day of runs here, 87 MiB with the test suite's), with room to grow."""
 
 
-def check_prefect() -> None:
-    """Prefect can run: its home (PREFECT_HOME) is, or can be, a folder, and a server named by PREFECT_API_URL (the
-    environment's or the Prefect profile's) answers: a bad setting ends here, not minutes into a flow."""
+def check_prefect_home() -> None:
+    """Prefect's home (PREFECT_HOME) is, or can be, a folder of its own with room for its database: read from the
+    environment, without importing Prefect (importing it with a bad home waits and then fails), so the preflight
+    asks it first."""
     home = os.environ.get("PREFECT_HOME")
     if home:  # read before Prefect is imported: importing it with a bad home waits and then fails
         path = Path(home).expanduser()
@@ -40,6 +42,11 @@ def check_prefect() -> None:
             raise LoraRanksError(f"PREFECT_HOME {path} has {free / 2**20:,.0f} MiB free on its device: Prefect's "
                                  f"database needs about {PREFECT_HOME_SPACE // 2**20} MiB; free some space, or point "
                                  "PREFECT_HOME at another file system")
+
+
+def check_prefect_server() -> None:
+    """A server named by PREFECT_API_URL (the environment's or the Prefect profile's) answers: a bad setting ends
+    here, not minutes into a flow."""
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url

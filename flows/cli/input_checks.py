@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from flows.cli.environment import check_prefect
+from flows.cli.environment import check_prefect_server
 from flows.options import flag_for
 from lora_ranks.check import check_inputs
 from lora_ranks.checkpoints import Checkpoint, CheckpointError, CheckpointPair, build_meta_model, resolve_model_path
@@ -64,7 +64,7 @@ def check_inputs_and_models(command: str, inputs: dict, settings: dict, plan) ->
     if command in _TRAINS:  # after the checks that name a cause: tokenizes records
         _check_trainable_tokens(command, inputs, settings)
     if command in FLOW_OF:  # last: it imports Prefect (2 s), which a bad option never waits for
-        check_prefect()
+        check_prefect_server()
 
 
 def _check_data(command: str, inputs: dict, settings: dict) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.cli.commands import COMMANDS, DEMO_OUT, DEMO_VL_OUT, FLOW_OF, OUTPUT_PARAMS
-from flows.cli.environment import check_precision, check_processes
+from flows.cli.environment import check_precision, check_prefect_home, check_processes
 from lora_ranks.analysis.plan import AnalysisPlan
 from lora_ranks.bases import KNOWN_BASES, BaseModelError, check_gguf_file, default_base_dir, known_base_paths, make_base
 from lora_ranks.devices import resolve_device
@@ -25,6 +25,8 @@ def run_preflight(command: str, inputs: dict, settings: dict) -> None:
     if command == "base":
         _base_inputs(inputs)
     _check_output(command, inputs, settings)
+    if command in FLOW_OF:  # Prefect's home, read from the environment: no import
+        check_prefect_home()
     if command == "demo" and inputs.get("demo_base"):  # made (or found in the cache) before Prefect starts
         inputs["demo_base_dir"] = str(make_base(inputs["demo_base"]).path)
     plan = _analysis_plan(command, inputs, settings)
