@@ -307,3 +307,51 @@ def test_unknown_preparation_is_reported_as_unknown_not_free(setting, tmp_path):
     assert rows["cold"].preparation_flops == 0.0 and rows["cold"].curve[0].total_flops == 1e4
     assert rows["warm"].vs_default.mean == pytest.approx(-0.4)
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_rows_built_at_once_draw_the_initialization_they_would_alone(monkeypatch):
+    """compare trains rows in threads, which share torch's one random generator: a row seeds it and draws its
+    initialization as one step, so two rows built at the same moment draw what each draws alone. Without the lock,
+    the second row's seeding lands between the first's seeding and its draw (the pause below), and both differ."""
+    import threading
+    import time
+    import types
+
+    import lora_ranks.evidence.runs as runs
+    from lora_ranks.evidence.rows import RowEvaluation, RowSpec
+
+    class Drawn:
+        def __init__(self):
+            time.sleep(0.2)  # PEFT's build between the seeding and the draw: the other row starts meanwhile
+            self.weights = torch.rand(4)
+
+        def to(self, device):
+            return self
+
+        def get_nb_trainable_parameters(self):
+            return (4, 4)
+
+    monkeypatch.setattr(runs, "load_records", lambda path: [{}] * 4)
+    monkeypatch.setattr(runs, "build_peer_model", lambda *a, **k: types.SimpleNamespace(
+        model=Drawn(), tokenizer=types.SimpleNamespace(pad_token_id=0)))
+    monkeypatch.setattr(runs, "prepare_examples", lambda *a, **k: ([], None, None))
+    monkeypatch.setattr(runs, "matmul_parameters", lambda model: 0)
+    evaluation = RowEvaluation(eval_data_path="", eval_samples=1, max_length=8)
+
+    def build(seed: int):
+        spec = RowSpec(label="r2-uniform", init="default", seed=seed, config_path="")
+        settings = LoRATrainingSettings(seed=seed)
+        return runs._RowModel.build("base", spec, None, "train.jsonl", settings, evaluation, Path("."))
+
+    alone = {seed: build(seed).model.weights for seed in (0, 1)}
+    together: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda s=seed: together.__setitem__(s, build(s).model.weights))
+               for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # the second starts while the first is inside its build
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not torch.equal(alone[0], alone[1])
+    for seed in (0, 1):
+        assert torch.equal(together[seed], alone[seed]), seed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -152,6 +153,10 @@ def _resumed(done: Path, key: str) -> RowResult | None:
     return RowResult(**saved) if saved.pop("key", None) == key else None
 
 
+_INITIALIZING = threading.Lock()
+"""Held while a row seeds torch's global generator and draws its initialization (``_RowModel.build``)."""
+
+
 class _RowModel:
     """A row's model before training: a PEFT peer (``built``) or lora-ranks' LoRA (``run``), with its tokenizer, the
     tokenized training records, the device, and its parameter counts (``n``: matmul parameters; ``trainable``)."""
@@ -166,6 +171,16 @@ class _RowModel:
     @classmethod
     def build(cls, base_model: str, spec: RowSpec, rank_config, train_path: str, settings: LoRATrainingSettings,
               evaluation: RowEvaluation, out: Path) -> _RowModel:
+        """The row's model, initialized from its seed. Rows trained at once (``compare``'s thread pool) share
+        torch's one random generator: each seeds it, then draws its initialization (PEFT's, EVA's randomized
+        SVDs) while holding ``_INITIALIZING``, so that it draws what it would alone. (Dropout masks, drawn while
+        rows train side by side, are not covered: rows with dropout repeat exactly only one at a time.)"""
+        with _INITIALIZING:
+            return cls._build(base_model, spec, rank_config, train_path, settings, evaluation, out)
+
+    @classmethod
+    def _build(cls, base_model: str, spec: RowSpec, rank_config, train_path: str, settings: LoRATrainingSettings,
+               evaluation: RowEvaluation, out: Path) -> _RowModel:
         if spec.is_peer:
             torch.manual_seed(settings.seed)
             records = load_records(train_path)
