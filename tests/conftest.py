@@ -168,11 +168,9 @@ def _shared_harness(shared: str):
     url, database, folder = shared.split(" ")
     deadline = time.monotonic() + 180
     while True:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 break
-        except httpx.HTTPError:
-            pass
         if time.monotonic() > deadline:
             log = Path(folder, "server.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the shared Prefect test server at {url} did not answer within 180 s; its log:\n{log}")
