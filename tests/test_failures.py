@@ -32,7 +32,7 @@ def cli(capsys, monkeypatch):
     refuse: a flow's command never reaches its run (``run_command`` fails the test), so Prefect never started; the
     others (extract, export) refuse in their library call, before it writes anything. Returns a
     ``CompletedProcess`` with the exit status and what was printed. (A command's own process, as a user runs it:
-    tests/test_imports.py and the four-runs test below.)"""
+    tests/test_imports.py, test_reliability's analyze-then-extract and the failing run below.)"""
     import flows.cli
     from flows.cli.commands import FLOW_OF
 
