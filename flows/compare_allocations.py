@@ -73,11 +73,13 @@ from lora_ranks.settings import (  # noqa: E402
     SafetySettings,
 )
 from lora_ranks.synthetic import DEMO_MODEL  # noqa: E402
+from tasks._cache import run_cached  # noqa: E402
 from tasks.evidence import (  # noqa: E402
     allocation_configs_task,
     allocation_fidelity_task,
     comparability_check_task,
     comparison_report_task,
+    fidelity_table_is_current,
     full_finetune_task,
     split_data_task,
     split_validation_task,
@@ -213,7 +215,9 @@ class _Matrix:
                              "allocations asked for need a spectrum this analysis does not have")
         first = not self.prepared
         if comparison.budget_ranks and first:  # evidence about the configs, not preparation: not timed
-            allocation_fidelity_task(config_path, configs, self.eval_data_path, str(root.root), s["fidelity"])
+            run_cached(allocation_fidelity_task, fidelity_table_is_current, "the cached allocation fidelity's table "
+                       "is gone: measuring it again", analysis_config_path=config_path, configs=configs,
+                       eval_data_path=self.eval_data_path, comparison_root=str(root.root), settings=s["fidelity"])
         if comparison.comparability and first:
             comparability_check_task(config_path, self.eval_data_path, str(root.root), comparison, s["fidelity"])
         pair = load_rank_config(config_path).checkpoints

@@ -9,13 +9,15 @@ that a user deleted or edited those files since. ``run_cached`` and ``map_cached
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, unmapped
 from prefect.futures import as_completed
 
-__all__ = ["run_cached", "map_cached"]
+__all__ = ["run_cached", "map_cached", "file_digest", "folder_digest"]
 
 
 def run_cached(task: Task, is_current: Callable[[Any], bool], stale_warning: str, *, refresh: bool = False,
@@ -52,3 +54,21 @@ def map_cached(task: Task, is_current: Callable[[Any], bool], stale_warning: str
         for i, result in zip(stale, again.result()):
             results[i] = result
     return results
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over the names and bytes of a folder's files (not recursive): a model folder's content identity."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()

@@ -4,14 +4,22 @@ comparability check, one row's training and evaluation, the comparison report. E
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+import lora_ranks.data as data_module
+import lora_ranks.evidence.fidelity as fidelity_module
+import lora_ranks.evidence.fidelity_checks as fidelity_checks
+import lora_ranks.extract as extract_module
 from lora_ranks._io import atomic_write_json
 from lora_ranks.analysis import OutputLayout
+from lora_ranks.analysis.layer import numerics_identity
+from lora_ranks.config import load_rank_config
 from lora_ranks.evidence import (
     ComparabilityReport,
     ComparisonLayout,
@@ -30,6 +38,8 @@ from lora_ranks.evidence import (
 from lora_ranks.evidence.runs import Committed, RowEvaluation, RowResult, RowSpec, train_row
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
+from lora_ranks.spectra import default_device
+from tasks._cache import file_digest, folder_digest
 
 
 @task(name="split-data")
@@ -58,10 +68,50 @@ def allocation_configs_task(config_path: str, comparison_root: str, budget_ranks
     return write_allocation_configs(config_path, ComparisonLayout(comparison_root), budget_ranks, alpha_variants)
 
 
-@task(name="allocation-fidelity")
+_FIDELITY_CODE = (fidelity_checks, fidelity_module, extract_module, data_module)
+"""The modules whose code computes a fidelity table (beside the spectra's, in ``numerics_identity``)."""
+
+
+def allocation_fidelity_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key of ``allocation-fidelity``: the content of the analysis config and of every compared config (their
+    durations left out), the files of the checkpoint pair the analysis config names, the held-out records' bytes,
+    the settings, the code that computes the table (with the numerics identity and the version), the device type and
+    the output folder."""
+    pair = load_rank_config(parameters["analysis_config_path"]).checkpoints
+    code = hashlib.sha256(numerics_identity().encode())
+    for module in _FIDELITY_CODE:
+        code.update(Path(module.__file__).read_bytes())
+    identity = [code.hexdigest(), default_device().type, _config_content(parameters["analysis_config_path"]),
+                {label: _config_content(path) for label, path in sorted(parameters["configs"].items())},
+                folder_digest(pair.pretrained.path), folder_digest(pair.finetuned.path),
+                file_digest(parameters["eval_data_path"]), parameters["settings"].to_dict(),
+                str(Path(parameters["comparison_root"]).resolve())]
+    return "allocation-fidelity-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _config_content(path: str) -> str:
+    """sha256 of a rank config's content without its durations (``timings`` and every ``*seconds`` field): a config
+    written again by a resumed run, with the same ranks, spectra and checkpoints, keeps its identity."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "timings" and not k.endswith("seconds")}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    content = strip(json.loads(Path(path).read_text()))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def fidelity_table_is_current(table: FidelityTable) -> bool:
+    """True if the file a (possibly cached) fidelity table names is still there."""
+    return Path(table.json_path).is_file()
+
+
+@task(name="allocation-fidelity", cache_key_fn=allocation_fidelity_cache_key, persist_result=True)
 def allocation_fidelity_task(analysis_config_path: str, configs: dict[str, str], eval_data_path: str,
                              comparison_root: str, settings: FidelitySettings) -> FidelityTable:
-    """KL of every compared config's extracted adapter to the fine-tuned model (plain and loss-aware truncation)."""
+    """KL of every compared config's extracted adapter to the fine-tuned model (plain and loss-aware truncation).
+    Cached by content (``allocation_fidelity_cache_key``): a resumed comparison reads it (on SmolLM2 it took ~10-20
+    minutes on a CPU); ``fidelity_table_is_current`` says whether a cached table's file is still there."""
     table = allocation_fidelity(analysis_config_path, configs, eval_data_path, ComparisonLayout(comparison_root),
                                 settings)
     create_markdown_artifact(key="allocation-fidelity", markdown=allocation_fidelity_markdown(table.rows, table.ceiling_kl),

@@ -19,6 +19,7 @@ from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.spectra import default_device
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
+from tasks._cache import file_digest, folder_digest
 from tasks._common import retry_if_transient
 
 
@@ -44,17 +45,6 @@ def preliminary_finetune_task(model_path: str, data_path: str, out_dir: str, set
     return result
 
 
-def _files_digest(folder: str | Path) -> str:
-    """sha256 over the names and bytes of a folder's files (not recursive): a model folder's content identity."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Cache key of ``split-half-finetunes``: the base model folder's files and the data file's bytes, the settings,
     the device type and its bf16 units (what precision "auto" resolves to), the fine-tuning code
@@ -66,7 +56,7 @@ def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         code.update(Path(module.__file__).read_bytes())
     plan: AnalysisPlan = parameters["plan"]
     device = (plan.analysis.device or default_device().type).split(":")[0]
-    identity = [_files_digest(plan.base), hashlib.sha256(Path(plan.data_path).read_bytes()).hexdigest(),
+    identity = [folder_digest(plan.base), file_digest(plan.data_path),
                 plan.finetune.to_dict(), device, bf16_units(device), code.hexdigest(),
                 str(Path(parameters["out_dir"]).resolve())]
     return "split-half-finetunes-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()

@@ -171,7 +171,7 @@ def test_compare_allocations_flow(prefect_harness, tmp_path):
 
 
 def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded_preparation(prefect_harness,
-                                                                                               tmp_path):
+                                                                                               tmp_path, task_states):
     """Issue 37's harness: a preparation per seed (its own subset, fine-tune, calibration, ranks, warm start), the
     validation split carved before it, a learning rate per row chosen on two tuning seeds and extended until interior,
     early stopping on every run (its best checkpoint reported), lora-ranks at rsLoRA's scale, PEFT's LoraConfig() and
@@ -243,6 +243,44 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
     assert not (tmp_path / "again" / "seeds").exists() and not (tmp_path / "again" / "runs").exists()
     again_rows = {(r["allocation"], r["init"]): r["losses"] for r in again["rows"]}
     assert again_rows == {key: row["losses"] for key, row in rows.items()}
+
+    # The comparison's fidelity table is cached by content: measured again only when an input changes or its file
+    # is gone (a resumed comparison reads it; on SmolLM2 it took 10-20 minutes on a CPU).
+    from prefect import flow
+
+    from tasks._cache import run_cached
+    from tasks.evidence import allocation_fidelity_task, fidelity_table_is_current
+
+    seed0 = cmp / "seeds" / "seed0"
+    analysis_config = seed0 / "analysis" / "configs" / "lora_rank_config.json"
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text((cmp / "data" / "eval.jsonl").read_text())
+
+    @flow
+    def fidelity_table():
+        return run_cached(allocation_fidelity_task, fidelity_table_is_current, "table gone: measuring it again",
+                          analysis_config_path=str(analysis_config),
+                          configs={label: str(seed0 / "configs" / f"{label}.json")
+                                   for label in ("r2-uniform", "r2-budget-fisher")},
+                          eval_data_path=str(held_out), comparison_root=str(tmp_path / "fidelity"),
+                          settings=FidelitySettings(eval_samples=4, eval_max_length=64))
+
+    def measured():
+        state = fidelity_table(return_state=True)
+        return [s for name, runs in task_states(state).items() if name.startswith("allocation-fidelity")
+                for s, _ in runs]
+
+    assert measured() == ["Completed"]
+    assert measured() == ["Cached"]
+    written_again = json.loads(analysis_config.read_text())  # by a resumed run: other durations, the same content
+    written_again["analysis_metadata"]["timings"]["analysis_seconds"] += 1.0
+    analysis_config.write_text(json.dumps(written_again))
+    assert measured() == ["Cached"]
+    held_out.write_text("\n".join(held_out.read_text().splitlines()[1:]) + "\n")  # another held-out set
+    assert measured() == ["Completed"]
+    (tmp_path / "fidelity" / "allocation_fidelity.json").unlink()  # its file gone: measured again
+    assert sorted(measured()) == ["Cached", "Completed"]
+    assert (tmp_path / "fidelity" / "allocation_fidelity.json").is_file()
 
 
 @pytest.mark.slow
