@@ -1,10 +1,12 @@
 """Cached tasks whose results point at files: a cached result whose files are gone or changed since is computed
 again, once, with a warning (the one place that rule is written).
 
-A persisted result of ``collect-curvature``, ``analyze-layer`` or ``split-half-finetunes`` names files on disk
-(factor files, layer files, model folders). Prefect serves it from its cache by the task's inputs; it cannot know
-that a user deleted or edited those files since. ``run_cached`` and ``map_cached`` run the task, ask
-``is_current`` of each result, and rerun the stale ones with ``refresh_cache=True``.
+A persisted result of ``collect-curvature``, ``analyze-layer``, ``split-half-finetunes`` or ``allocation-fidelity``
+names files on disk (factor files, layer files, model folders, a fidelity table). Prefect serves it from its cache
+by the task's inputs; it cannot know that a user deleted or edited those files since. ``run_cached`` and
+``map_cached`` run the task, ask ``is_current`` of each result, and rerun the stale ones with
+``refresh_cache=True``. The content identities their cache keys are made of are here too (``file_digest``,
+``folder_digest``, ``code_identity``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from prefect import Task, get_run_logger, unmapped
 from prefect.futures import as_completed
 
-__all__ = ["run_cached", "map_cached", "file_digest", "folder_digest"]
+__all__ = ["run_cached", "map_cached", "file_digest", "folder_digest", "code_identity"]
 
 
 def run_cached(task: Task, is_current: Callable[[Any], bool], stale_warning: str, *, refresh: bool = False,
@@ -71,4 +73,13 @@ def folder_digest(folder: str | Path) -> str:
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
         digest.update(path.name.encode())
         digest.update(file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def code_identity(seed: str, modules: Sequence[Any]) -> str:
+    """sha256 of ``seed`` (a version, or the numerics identity) and the source of ``modules``: any edit of the code
+    that computes a cached result changes its key."""
+    digest = hashlib.sha256(seed.encode())
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()

@@ -31,6 +31,7 @@ from lora_ranks.analysis import (
 from lora_ranks.checkpoints import CheckpointPair, ModuleRef
 from lora_ranks.config import Timings
 from lora_ranks.spectra import default_device, resolve_method
+from tasks._cache import file_digest
 from tasks._common import TRANSIENT_RETRIES, retry_if_transient
 
 
@@ -86,7 +87,7 @@ def curvature_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     factors go through the delta), the calibration file's bytes, the settings that shape the factors, the numerics
     identity and the device type."""
     plan: AnalysisPlan = parameters["plan"]
-    data = hashlib.sha256(Path(plan.data_path).read_bytes()).hexdigest()
+    data = file_digest(plan.data_path)
     digests = parameters["digests"]
     identity = [numerics_identity(), _device_type(plan.analysis.device), sorted(d[1] for d in digests),
                 sorted(d[0] for d in digests), data, plan.curvature.to_dict(), plan.finetune.to_dict(),
@@ -117,7 +118,7 @@ def collect_curvature_task(plan: AnalysisPlan, modules: list[ModuleRef], svd_dir
 def curvature_result_is_current(result: CurvatureResult) -> bool:
     """True if every layer file a (possibly cached) curvature result points to still has the recorded bytes."""
     for layer, path in result.paths.items():
-        if not Path(path).is_file() or hashlib.sha256(Path(path).read_bytes()).hexdigest() != result.digests[layer]:
+        if not Path(path).is_file() or file_digest(path) != result.digests[layer]:
             return False
     return True
 

@@ -39,7 +39,7 @@ from lora_ranks.evidence.runs import Committed, RowEvaluation, RowResult, RowSpe
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
 from lora_ranks.spectra import default_device
-from tasks._cache import file_digest, folder_digest
+from tasks._cache import code_identity, file_digest, folder_digest
 
 
 @task(name="split-data")
@@ -78,10 +78,8 @@ def allocation_fidelity_cache_key(context: Any, parameters: dict[str, Any]) -> s
     the settings, the code that computes the table (with the numerics identity and the version), the device type and
     the output folder."""
     pair = load_rank_config(parameters["analysis_config_path"]).checkpoints
-    code = hashlib.sha256(numerics_identity().encode())
-    for module in _FIDELITY_CODE:
-        code.update(Path(module.__file__).read_bytes())
-    identity = [code.hexdigest(), default_device().type, _config_content(parameters["analysis_config_path"]),
+    identity = [code_identity(numerics_identity(), _FIDELITY_CODE), default_device().type,
+                _config_content(parameters["analysis_config_path"]),
                 {label: _config_content(path) for label, path in sorted(parameters["configs"].items())},
                 folder_digest(pair.pretrained.path), folder_digest(pair.finetuned.path),
                 file_digest(parameters["eval_data_path"]), parameters["settings"].to_dict(),

@@ -19,7 +19,7 @@ from lora_ranks.finetune import FinetuneResult, run_preliminary_finetune
 from lora_ranks.settings import FinetuneSettings
 from lora_ranks.spectra import default_device
 from lora_ranks.synthetic import DEMO_MODEL, build_demo_inputs
-from tasks._cache import file_digest, folder_digest
+from tasks._cache import code_identity, file_digest, folder_digest
 from tasks._common import retry_if_transient
 
 
@@ -51,13 +51,11 @@ def split_half_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     (``lora_ranks.finetune``, ``lora_ranks.training_loop`` and ``lora_ranks.data``, with the version) and the output
     folder; never the run. A rerun of ``svd-analysis`` with the same inputs reuses the two fine-tunes, as a resumed
     ``compare`` reuses its analysis pair."""
-    code = hashlib.sha256(__version__.encode())
-    for module in (finetune_module, training_loop_module, data_module):
-        code.update(Path(module.__file__).read_bytes())
     plan: AnalysisPlan = parameters["plan"]
     device = (plan.analysis.device or default_device().type).split(":")[0]
     identity = [folder_digest(plan.base), file_digest(plan.data_path),
-                plan.finetune.to_dict(), device, bf16_units(device), code.hexdigest(),
+                plan.finetune.to_dict(), device, bf16_units(device),
+                code_identity(__version__, (finetune_module, training_loop_module, data_module)),
                 str(Path(parameters["out_dir"]).resolve())]
     return "split-half-finetunes-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
