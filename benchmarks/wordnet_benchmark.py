@@ -123,6 +123,9 @@ def compare_command(base: str, paths: dict, out: Path, args) -> list[str]:
             "--lora-max-steps", "1000000", "--lora-epochs", str(args.epochs), "--lora-batch-size", "8",
             "--lora-max-length", "128", "--no-lora-gradient-checkpointing", "--lora-dropout", "0",
             "--lora-warmup-ratio", "0.05",
+            # float32 on every machine: the committed rows ran in float32 (no bf16 units where they ran), and a row
+            # trained in bf16 must not join them (its key would differ, and its file name would not).
+            "--finetune-precision", "float32", "--lora-precision", "float32",
             "--seeds", *map(str, args.seeds), "--seeded-preparation", "--tuning-seeds", str(args.tuning_seeds),
             "--budget-ranks", str(BUDGET), "--allocations", "budget-fisher",
             *(["--alpha-variants", "rslora", "--peers", "default", "rslora"] if args.rows == "core" else []),

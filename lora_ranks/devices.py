@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 from .errors import LoraRanksError
 
-__all__ = ["DeviceError", "PrecisionError", "resolve_device", "resolve_precision", "bf16_units", "cpu_bf16_units",
-           "CPU_BF16_FLAGS", "HIDE_CPU_BF16"]
+__all__ = ["DeviceError", "PrecisionError", "resolve_device", "resolve_precision", "precision_key", "bf16_units",
+           "cpu_bf16_units", "CPU_BF16_FLAGS", "HIDE_CPU_BF16"]
 
 #: CPU flags (as Linux's /proc/cpuinfo names them) of bf16 matrix units: AVX-512 BF16 (AMD Zen 4 and later, Intel
 #: Cooper Lake and later) and AMX-BF16 (Intel Sapphire Rapids and later). Without them torch emulates bf16 matrix
@@ -132,6 +132,18 @@ def resolve_precision(precision: str, device, *, flag: str = "precision") -> boo
         raise PrecisionError(f"{flag} bf16 is not available here: {_lacking(device)}; use {flag} auto (bf16 "
                              "where the hardware has it) or float32")
     return units is not None
+
+
+def precision_key(settings: dict, device: str | None = None) -> dict:
+    """``settings`` (a training settings' ``key_dict``) with its ``precision`` as it runs on ``device`` (None: CUDA
+    when available, else the CPU), for the digests of committed results: "auto" means float32 on one machine and
+    bf16 on another, and a result must not be reused, or mixed with others, across that difference. A run in bf16
+    is keyed "bf16"; a run in float32 keeps the spelling "auto" (whatever was asked), under which every result
+    committed before this key existed ran (in float32), so that those stay valid."""
+    if "precision" not in settings:
+        return settings
+    bf16 = resolve_precision(settings["precision"], resolve_device(device))
+    return {**settings, "precision": "bf16" if bf16 else "auto"}
 
 
 def _lacking(device) -> str:

@@ -189,7 +189,7 @@ if not torch.cuda.is_available():
     # a forced bf16 on a CPU without bf16 units (the suite hides the CPU's: conftest), each spelling of the flag
     CASES += [
         ("finetune", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --precision bf16",
-         "--precision bf16 is not available here: training runs on the CPU, which has no bf16 units"),
+         "--precision bf16 is not available here: "),
         ("train", f"--model {{ws}}/base --lora-config {_CONFIG} --data {{ws}}/data.jsonl --out {{ws}}/new --precision bf16",
          "--precision bf16 is not available here"),
         ("compare", "--model {ws}/base --data {ws}/data.jsonl --out {ws}/new --lora-precision bf16",

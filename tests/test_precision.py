@@ -225,6 +225,29 @@ def test_cached_split_half_finetunes_are_not_reused_across_bf16_units(monkeypatc
     assert keys[0] == keys[2] != keys[1]
 
 
+def test_committed_rows_are_keyed_by_the_precision_they_run_in(monkeypatch, tiny):
+    """A committed comparison row (and its preparation's digest) is not reused across bf16 units: "auto" is keyed as
+    it runs. float32, asked for or reached by "auto", keeps the key that results committed before had."""
+    from lora_ranks.devices import precision_key
+    from lora_ranks.evidence.comparison import design_digest
+    from lora_ranks.evidence.runs import RowEvaluation, RowSpec, committed_key
+
+    base, data = tiny[0], tiny[1]
+    spec, evaluation = RowSpec("r2-uniform", "warm", 0, "unused.json"), RowEvaluation(str(data), 2, 32)
+    monkeypatch.delenv(HIDE_CPU_BF16, raising=False)
+    keys = {}
+    for units in (None, "avx512_bf16"):
+        monkeypatch.setattr(devices, "_detected_cpu_bf16_units", lambda units=units: units)
+        for precision in ("auto", "float32"):
+            keys[units, precision] = (
+                committed_key(base, spec, str(data), LoRATrainingSettings(precision=precision), evaluation, "d"),
+                design_digest(None, FinetuneSettings(precision=precision)))
+        assert precision_key({"precision": "float32"}, "cpu") == {"precision": "auto"}
+    assert keys[None, "auto"] == keys[None, "float32"] == keys["avx512_bf16", "float32"]
+    assert keys["avx512_bf16", "auto"][0] != keys[None, "auto"][0]
+    assert keys["avx512_bf16", "auto"][1] != keys[None, "auto"][1]
+
+
 def test_a_comparison_row_under_bf16_keeps_its_base_in_float32(pretend_cpu_bf16, tiny, tmp_path):
     """``compare`` evaluates each row in process: its base stays float32 (autocast only), as the peers', so that every
     row is evaluated in float32 (a base stored in bf16 evaluates higher; BENCHMARKS.md)."""

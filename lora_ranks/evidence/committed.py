@@ -13,6 +13,7 @@ from pathlib import Path
 from .._io import atomic_write_json
 from ..checkpoints import Checkpoint, resolve_model_path
 from ..data import DataError
+from ..devices import precision_key
 from ..settings import LoRATrainingSettings
 from .rows import RowEvaluation, RowResult, RowSpec
 
@@ -32,14 +33,16 @@ def committed_key(base_model: str, spec: RowSpec, train_path: str, settings: LoR
                   evaluation: RowEvaluation, design: str) -> str:
     """A digest of what a committed result (``train_row``'s ``results_dir``) stands for, that needs no preparation to
     compute: the base model's files (config and safetensors headers), the data files' bytes, the row (label, init,
-    seed), the training settings (its learning rate included), the evaluation and ``design`` (the caller's digest of
-    the preparation's settings: fine-tune, analysis, allocation). Unlike ``row_key`` it does not read the rank
+    seed), the training settings (its learning rate included; the precision as it runs here, ``devices.precision_key``),
+    the evaluation and ``design`` (the caller's digest of the preparation's settings: fine-tune, analysis,
+    allocation). Unlike ``row_key`` it does not read the rank
     config or the warm start, which a fresh clone would have to prepare again."""
 
 
     evaluation_paths = {k: v for k, v in asdict(evaluation).items() if not k.endswith("_path")}
-    digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, settings.replace(seed=spec.seed).key_dict(),
-                                        evaluation_paths, design], sort_keys=True, default=str).encode())
+    training = precision_key(settings.replace(seed=spec.seed).key_dict())
+    digest = hashlib.sha256(json.dumps([spec.label, spec.init, spec.seed, training, evaluation_paths, design],
+                                       sort_keys=True, default=str).encode())
     model = resolve_model_path(base_model)
     config = Path(model) / "config.json"
     if config.is_file():

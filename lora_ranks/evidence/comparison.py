@@ -40,6 +40,7 @@ from ..analysis import (
 from ..checkpoints import Checkpoint, CheckpointPair, resolve_model_path
 from ..config import load_rank_config, save_rank_config
 from ..data import DataError, load_records, subset_size, tokenize_record
+from ..devices import precision_key
 from ..loading import load_model
 from ..plots import write_fidelity_plot
 from ..settings import ComparisonSettings, FidelitySettings, FinetuneSettings, NoiseEstimate
@@ -319,7 +320,7 @@ def design_digest(finetuned_model: str | None, *settings) -> str:
 
     parts: list = [Checkpoint(resolve_model_path(finetuned_model)).header_fingerprint() if finetuned_model else None]
     for item in settings:
-        data = item.key_dict()
+        data = precision_key(item.key_dict())  # the fine-tune's precision as it runs here
         if isinstance(item, ComparisonSettings):  # only what shapes the configs and their preparation
             data = {k: data[k] for k in ("budget_ranks", "allocations", "alpha_variants", "seeded_preparation")}
         parts.append(data)
