@@ -146,8 +146,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: dict) -> str:
-    """The Markdown table of a run's results (``results``: what ``bf16.json`` holds)."""
+def table(results: dict, path: Path = RESULTS) -> str:
+    """The Markdown table of a run's results (``results``: what ``path``, ``bf16.json`` by default, holds)."""
     runs, args, units = results["runs"], argparse.Namespace(**results["settings"]), results["bf16_units"]
     how = (f"bf16 units: {units}" if units else "**no bf16 units on this CPU: bf16 emulated by torch "
            "(`--emulate-bf16`)**")
@@ -161,7 +161,7 @@ def table(results: dict) -> str:
              f"lr {args.lora_lr:g}, {args.lora_steps} steps; full fine-tune: every parameter, lr {args.full_lr:g}, "
              f"{args.full_steps} steps. Tokens/s over the steps after the first; held-out loss (nats/token, "
              f"{results['n_eval']} records) in float32 after the last step, mean ± sd over seeds; ratio: bf16 / "
-             "float32 tokens/s per seed, mean (min-max). Raw per seed: `benchmarks/results/bf16.json`.",
+             f"float32 tokens/s per seed, mean (min-max). Raw per seed: `{path.resolve().relative_to(REPO)}`.",
              "",
              "| training | float32 tokens/s | bf16 tokens/s | ratio bf16 / float32 | float32 held-out loss | "
              "bf16 held-out loss | bf16 - float32 (per seed, mean ± sd) |",
@@ -205,10 +205,12 @@ def main() -> int:
     parser.add_argument("--emulate-bf16", action="store_true",
                         help="on a CPU without bf16 units, pretend they are there (torch emulates bf16)")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the raw per-seed results (written, or read "
+                        "with --table-only); bf16-avx512.json holds the run on a CPU with bf16 units")
     parser.add_argument("--table-only", action="store_true", help="print the table of the last results again (no run)")
     args = parser.parse_args()
     if args.table_only:
-        emit(table(json.loads(RESULTS.read_text())), args.record)
+        emit(table(json.loads(args.results.read_text()), args.results), args.record)
         return 0
 
     units = devices.cpu_bf16_units()
@@ -251,9 +253,9 @@ def main() -> int:
                "settings": {k: v for k, v in vars(args).items() if k not in ("record", "table_only")},
                "argv": sys.argv[1:], "n_eval": n_eval,
                "minutes": minutes, "runs": [{k: v for k, v in r.items() if k != "order"} for r in runs]}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    emit(table(results), args.record)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    emit(table(results, args.results), args.record)
     return 0
 
 

@@ -69,11 +69,12 @@ class Heartbeat:
         unit: the items' name, singular ("step", "batch", "record").
         pace: shared with the other loops of the thread (``thread_pace()``) unless given.
         emit: where a line goes (``LOGGER.info`` by default).
+        initial: items already done before this loop began (a resumed run): the pace counts only the rest.
     """
 
     def __init__(self, what: str, total: int | None, unit: str, *, pace: Pace | None = None,
-                 emit: Callable[[str], None] | None = None):
-        self.what, self.total, self.unit = what, total, unit
+                 emit: Callable[[str], None] | None = None, initial: int = 0):
+        self.what, self.total, self.unit, self.initial = what, total, unit, initial
         self.pace = pace or thread_pace()
         self._emit = emit or LOGGER.info
         self._start = self.pace.clock()
@@ -95,9 +96,9 @@ class Heartbeat:
             text = f"{self.what}: {self.unit} {done}/{self.total} ({100 * done / self.total:.1f}%)"
         else:
             text = f"{self.what}: {done} {self.unit}{'s' if done != 1 else ''}"
-        if done > 0 and elapsed > 0:
-            per = elapsed / done
-            text += f", {per:.2f} s/{self.unit}" if per >= 0.1 else f", {done / elapsed:.1f} {self.unit}s/s"
+        if done > self.initial and elapsed > 0:
+            per = elapsed / (done - self.initial)
+            text += f", {per:.2f} s/{self.unit}" if per >= 0.1 else f", {1 / per:.1f} {self.unit}s/s"
             if self.total and done < self.total:
                 text += f", ~{_duration(per * (self.total - done))} left"
             elif self.total:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,11 +27,26 @@ from .errors import LoraRanksError
 from .progress import Heartbeat
 from .settings import TrainingSettings
 
-__all__ = ["TrainingDivergedError", "train_loop", "planned_steps", "check_step_fits", "enable_gradient_checkpointing"]
+__all__ = ["TrainingDivergedError", "LoopState", "train_loop", "planned_steps", "check_step_fits",
+           "enable_gradient_checkpointing"]
 
 
 class TrainingDivergedError(LoraRanksError):
     """Training stopped because its loss or gradients became NaN or infinite (no model is written)."""
+
+
+@dataclass
+class LoopState:
+    """Where ``train_loop`` stands after ``step`` optimizer steps: what it needs, beside the trainable weights, to go
+    on exactly as if it had not stopped (``resume``). ``order``: the record indices still to come in this epoch;
+    ``rng_state``: the data-order generator's (``random.Random.getstate()``); ``optimizer``: the optimizer's
+    ``state_dict()`` (tensors on the training device)."""
+
+    step: int
+    losses: list[float]
+    order: list[int]
+    rng_state: tuple
+    optimizer: dict
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -72,7 +88,9 @@ def check_step_fits(n_examples: int, settings: TrainingSettings, what: str = "tr
 def train_loop(model, examples: list[dict], pad_token_id: int, settings: TrainingSettings, device: torch.device, *,
                on_step: Callable[[int, int, float, float], None] | None = None, progress: bool = True,
                desc: str = "training", after_update: Callable[[int], None] | None = None,
-               tokens_per_step: list[int] | None = None) -> tuple[list[float], bool]:
+               tokens_per_step: list[int] | None = None, resume: LoopState | None = None,
+               on_checkpoint: Callable[[LoopState], None] | None = None,
+               checkpoint_every: int = 0) -> tuple[list[float], bool]:
     """AdamW over the model's trainable parameters: warmup + decay, gradient accumulation, clipping at 1.0.
     Steps = min(max_steps, epochs over ``examples``). Returns (loss per step, bf16 used).
 
@@ -91,6 +109,12 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
             still there (AdaLoRA's rank allocation reads them).
         tokens_per_step: when given, the non-padding tokens each step processed are appended to it (compute
             accounting).
+        on_checkpoint, checkpoint_every: ``on_checkpoint(state)`` after every ``checkpoint_every``-th step (after
+            ``on_step``; not after the last step, nor when stopping): the caller saves ``state`` with the trainable
+            weights to continue from later.
+        resume: a state ``on_checkpoint`` received, the model's trainable weights being those of that moment:
+            training goes on from step ``resume.step + 1`` with the same data order, optimizer state and schedule,
+            so that its steps are those of an uninterrupted run. One process only.
 
     Raises:
         PrecisionError: ``precision`` "bf16" on a device without bf16 units (before any step).
@@ -111,14 +135,21 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
     rng = random.Random(settings.seed)
     order: list[int] = []
     losses: list[float] = []
+    first = 0
+    if resume is not None:
+        if processes > 1:
+            raise ValueError("train_loop: resuming is supported in one process only")
+        first, losses, order = resume.step, list(resume.losses), list(resume.order)
+        rng.setstate(resume.rng_state)
+        optimizer.load_state_dict(resume.optimizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"{desc} (bf16)" if use_bf16 else desc, unit="step")
+        bar = tqdm(total=total, initial=first, desc=f"{desc} (bf16)" if use_bf16 else desc, unit="step")
     heartbeat = Heartbeat(f"{desc} (bf16)" if use_bf16 else desc, total, "step",
-                          emit=None if rank == 0 else (lambda _: None))
-    for step in range(total):
+                          emit=None if rank == 0 else (lambda _: None), initial=first)
+    for step in range(first, total):
         lr = settings.learning_rate * _lr_factor(step, total, warmup, settings.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -178,6 +209,8 @@ def train_loop(model, examples: list[dict], pad_token_id: int, settings: Trainin
                          force=stop)
         if stop:
             break
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+            on_checkpoint(LoopState(step + 1, list(losses), list(order), rng.getstate(), optimizer.state_dict()))
     if bar is not None:
         bar.close()
     if run is not None:

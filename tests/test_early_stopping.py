@@ -128,3 +128,50 @@ def test_a_setting_added_later_leaves_committed_keys_alone_at_its_old_value(sett
     assert one.key_dict() == before
     keys = {committed_key(base, spec, str(root / "train.jsonl"), s, _evaluation(root), "design") for s in (one, two)}
     assert len(keys) == 2
+
+
+def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopped(setting, tmp_path, monkeypatch):
+    """A run killed after an evaluation goes on from there (weights, AdamW state, data order, schedule, curves and
+    early-stopping state) and ends exactly as the uninterrupted run; a run of other inputs ignores the saved state."""
+    from lora_ranks.evidence import partial_runs, runs
+
+    root, base, config = setting
+    spec, train = RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl")
+    # warmup and cosine decay over 12 steps, evaluated every 2: a resumed schedule that restarted would show
+    settings = SETTINGS.replace(max_steps=12, learning_rate=3e-2, warmup_ratio=0.25, schedule="cosine")
+    evaluation = _evaluation(root, eval_interval=2, patience=10, curve_points=3)
+    whole = train_row(base, spec, train, tmp_path / "whole", settings, evaluation)
+    assert not (tmp_path / "whole" / partial_runs.PARTIAL_FILE).exists()  # removed once the run finished
+
+    real_save, loaded = runs.save_partial, []
+
+    def killed_after_step_6(run_dir, partial):
+        real_save(run_dir, partial)
+        if partial.loop.step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_partial", killed_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_row(base, spec, train, tmp_path / "cut", settings, evaluation)
+    assert (tmp_path / "cut" / partial_runs.PARTIAL_FILE).is_file() and not (tmp_path / "cut" / "row.json").exists()
+    monkeypatch.setattr(runs, "save_partial", real_save)
+    real_load = runs.load_partial
+    monkeypatch.setattr(runs, "load_partial", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
+    resumed = train_row(base, spec, train, tmp_path / "cut", settings, evaluation)
+    assert loaded[-1] is not None and loaded[-1].loop.step == 6  # it did resume, from step 6
+    assert len(loaded[-1].loop.losses) == 6 and loaded[-1].best_weights is not None
+    for field in ("loss", "validation_loss", "validation_curve", "curve", "steps", "best_step", "train_tokens",
+                  "train_flops", "best_train_flops", "stopped", "accuracy"):
+        a, b = getattr(whole, field), getattr(resumed, field)
+        if field.endswith("curve"):  # wall seconds differ between the two runs; everything else is the same
+            a, b = ([{k: v for k, v in p.items() if k != "seconds"} for p in c] for c in (a, b))
+        assert a == b, field
+    assert not (tmp_path / "cut" / partial_runs.PARTIAL_FILE).exists()
+
+    # A saved state of other inputs (here another learning rate) is ignored: that run starts from step 0.
+    monkeypatch.setattr(runs, "save_partial", killed_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_row(base, spec, train, tmp_path / "other", settings, evaluation)
+    monkeypatch.setattr(runs, "save_partial", real_save)
+    train_row(base, spec, train, tmp_path / "other", settings.replace(learning_rate=1e-2), evaluation)
+    assert loaded[-1] is None

@@ -5,6 +5,7 @@ The run's folder (``ComparisonLayout.run_dir``)::
     <run>/adapter/               # the adapter as served (a base-changing peer's converted rank-2r LoRA)
     <run>/training_metrics.json  # the training loop's metrics
     <run>/row.json               # the RowResult: losses, accuracy, curve, FLOPs, parameters
+    <run>/partial.safetensors    # while it trains with early stopping: its last evaluated moment (partial_runs)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .comparison import eval_examples
 from .compute import forward_flops, frozen_training_flops, matmul_parameters
 from .fidelity import held_out_loss
 from .learning_rates import choose_learning_rates, next_learning_rates
+from .partial_runs import PARTIAL_FILE, PartialRun, load_partial, save_partial
 from .peers import build_peer_model, save_served_adapter
 from .rows import (
     RowEvaluation,
@@ -95,13 +97,25 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     meta = rank_config.analysis_metadata
     start = time.perf_counter()
     row = _RowModel.build(base_model, spec, rank_config, train_path, settings, evaluation, out)
+    # A run with early stopping saves its state at each evaluation and goes on from the last one when stopped midway
+    # (not AdaLoRA's, whose rank allocator keeps state of its own).
+    resumable = evaluation.early_stopping and (row.built is None or row.built.after_update is None)
+    partial = load_partial(out, key, row.device) if resumable else None
+    if partial is not None:
+        start = time.perf_counter() - partial.measured["elapsed"]  # the run's seconds as if never stopped
     monitor = _Monitor(row, spec, evaluation, planned_steps(len(row.examples), settings), start)
+    if partial is not None:
+        monitor.restore(partial)
+        LOGGER.info(f"{spec.name} seed {spec.seed}: resuming from step {partial.loop.step} ({out / PARTIAL_FILE})")
     stopped = "planned"
     try:
         losses, use_bf16 = train_loop(row.model, row.examples, row.pad, settings, row.device, on_step=monitor.on_step,
                                       progress=progress, desc=f"{spec.name} seed {spec.seed}",
                                       after_update=row.built.after_update if row.built else None,
-                                      tokens_per_step=monitor.tokens_per_step)
+                                      tokens_per_step=monitor.tokens_per_step,
+                                      resume=partial.loop if partial else None,
+                                      on_checkpoint=(lambda state: monitor.checkpoint(state, out, key)) if resumable
+                                      else None, checkpoint_every=evaluation.eval_interval)
     except TrainingDivergedError:
         if monitor.stopping is not None and monitor.stopping.best_state is not None:
             losses, use_bf16, stopped = [], False, "diverged"
@@ -139,8 +153,10 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
 
 def _finish(result: RowResult, done: Path, key: str, spec: RowSpec, committed: Committed | None,
             design_key: str | None) -> RowResult:
-    """Write the run's row.json (with its inputs' key, to resume from) and commit the result when asked."""
+    """Write the run's row.json (with its inputs' key, to resume from) and commit the result when asked; the
+    partial run it may have saved on the way is no longer needed."""
     atomic_write_json(done, {**asdict(result), "key": key})
+    (done.parent / PARTIAL_FILE).unlink(missing_ok=True)
     _commit(result, spec, committed, design_key)
     return result
 
@@ -250,6 +266,31 @@ class _Monitor:
                          frozen_training_flops(row.n, row.trainable, tokens), steps=len(self.tokens_per_step),
                          stopped="diverged", diverged=True, validation_curve=self.stopping.curve if self.stopping else [],
                          allocation=meta.allocation, budget_rank=meta.budget_rank)
+
+    def checkpoint(self, state, run_dir: Path, key: str) -> None:
+        """Save the run as it stands after ``state.step`` (train_loop's ``on_checkpoint``; ``partial_runs``)."""
+        stopping, model = self.stopping, self.row.model
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        measured = {"tokens_per_step": self.tokens_per_step, "curve": self.curve, "evaluating": self.evaluating,
+                    "elapsed": time.perf_counter() - self.start,
+                    "stopping": {"best_loss": stopping.best_loss, "best_point": stopping.best_point,
+                                 "since": stopping.since, "curve": stopping.curve}}
+        save_partial(run_dir, PartialRun(key, state, weights, stopping.best_state, torch.get_rng_state(), measured))
+
+    def restore(self, partial: PartialRun) -> None:
+        """Take up a saved run (``checkpoint``): its trainable weights, random generator and measurements."""
+        measured, stopping = partial.measured, self.stopping
+        with torch.no_grad():
+            for name, p in self.row.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(partial.weights[name])
+        torch.set_rng_state(partial.torch_rng)
+        self.tokens_per_step[:] = measured["tokens_per_step"]
+        self.curve, self.evaluating = measured["curve"], measured["evaluating"]
+        saved = measured["stopping"]
+        stopping.best_loss, stopping.best_point, stopping.since, stopping.curve = (
+            saved["best_loss"], saved["best_point"], saved["since"], saved["curve"])
+        stopping.best_state = partial.best_weights
 
     def on_step(self, step: int, _total: int, _loss: float, _lr: float) -> bool:
         evaluation, stopping, row, model = self.evaluation, self.stopping, self.row, self.row.model
