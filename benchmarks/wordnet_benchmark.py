@@ -63,7 +63,8 @@ ROWS = {(f"r{BUDGET}-budget-fisher", "warm"): "lora-ranks default (Fisher alloca
         (f"r{BUDGET}-uniform", "default"): "PEFT LoraConfig() (alpha 8)",
         (f"r{BUDGET}-uniform", "rslora"): "rsLoRA (PEFT, alpha 16)"}
 DEFAULT, RSLORA_SCALE, WARM_UNIFORM, PEFT, RSLORA = ROWS
-# The comparisons the decision table uses: (row, reference), each on held-out loss and on category accuracy.
+# The comparisons the decision table uses: (row, reference), each on held-out loss and on category accuracy; and
+# (summarize) lora-ranks' default against PEFT's LoraConfig() and rsLoRA given its total compute.
 COMPARISONS = [(DEFAULT, PEFT), (DEFAULT, RSLORA), (DEFAULT, WARM_UNIFORM), (RSLORA_SCALE, RSLORA),
                (RSLORA_SCALE, DEFAULT), (WARM_UNIFORM, PEFT)]
 
@@ -188,6 +189,10 @@ def summarize(results: Path, args, seconds: float | None) -> str:
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         return f"{mean:.4f} ± {sd:.4f}"
 
+    def mean(values, spec: str) -> str:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        return format(sum(values) / len(values), spec) if values else "—"
+
     def pct(values) -> str:
         values = [v for v in values if v is not None]
         if not values:
@@ -223,12 +228,12 @@ def summarize(results: Path, args, seconds: float | None) -> str:
         grid = "/".join(sorted(entry["per_seed"], key=float))
         rs = list(seeds.values())
         steps = ", ".join(f"{r.best_step} ({r.stopped})" for r in rs)
-        flops = mean_sd([r.best_train_flops + prep(row, r.seed)[0] for r in rs]).split(" ±")[0]
-        wall = mean_sd([r.best_seconds + prep(row, r.seed)[1] for r in rs]).split(" ±")[0]
+        flops = mean([r.best_train_flops + prep(row, r.seed)[0] for r in rs], ".3g")  # "—" until it is committed
+        wall = mean([r.best_seconds + prep(row, r.seed)[1] for r in rs], ".0f")
         lines.append(f"| {name} | {len(rs)} | {chosen[row]:g} ({grid}; {'yes' if entry['at_edge'] else 'no'}) | "
                      f"{mean_sd([r.loss for r in rs])} | {pct([category(r) for r in rs])} | "
                      f"{pct([accuracy(r, 'word') for r in rs])} | "
-                     f"{steps} | {float(flops):.3g} | {float(wall):.0f} |")
+                     f"{steps} | {flops} | {wall} |")
     # Paired comparisons, Holm-corrected over the family.
     tests = {}
     for mine, other in COMPARISONS:
@@ -241,14 +246,28 @@ def summarize(results: Path, args, seconds: float | None) -> str:
             if None in a or None in b:
                 continue
             tests[(mine, other, metric)] = paired_comparison(a, b)
+    # lora-ranks' default against a plain LoRA given its total compute (preparation and training to its stop): the
+    # plain LoRA's best validation loss among its evaluations within that many FLOPs, paired by seed.
+    at_compute = "validation loss at lora-ranks' total compute"
+    for mine, other in ((DEFAULT, PEFT), (DEFAULT, RSLORA)):
+        a, b = [], []
+        for seed in sorted(set(final[mine]) & set(final[other])):
+            budget = final[mine][seed].train_flops + prep(mine, seed)[0]
+            inside = [pt["validation_loss"] for pt in final[other][seed].validation_curve
+                      if pt["train_flops"] + prep(other, seed)[0] <= budget]
+            if inside and not math.isnan(budget):
+                a.append(final[mine][seed].validation_loss)
+                b.append(min(inside))
+        if len(a) >= 2:
+            tests[(mine, other, at_compute)] = paired_comparison(a, b)
     adjusted = holm({key: (v["p"] if v["p"] == v["p"] else 1.0) for key, v in tests.items()})
     lines += ["", f"Paired differences (row minus reference, mean ± SE over the seeds both have), two-sided t-test "
               f"p, Holm-corrected over these {len(tests)} comparisons; 'beats' = corrected p < 0.05.", "",
               "| row | reference | metric | difference | p | Holm p | verdict |", "|---|---|---|---|---|---|---|"]
     for (mine, other, metric), v in tests.items():
-        better = v["mean"] < 0 if metric == "held-out loss" else v["mean"] > 0
+        better = v["mean"] < 0 if "loss" in metric else v["mean"] > 0
         verdict = ("beats" if better else "loses to") if adjusted[mine, other, metric] < 0.05 else "not established"
-        scale = 100 if metric != "held-out loss" else 1
+        scale = 1 if "loss" in metric else 100
         unit = " pt" if scale == 100 else ""
         lines.append(f"| {ROWS[mine]} | {ROWS[other]} | {metric} | {scale * v['mean']:+.4f} ± {scale * v['se']:.4f}"
                      f"{unit} (n = {v['n']}) | {v['p']:.3g} | {adjusted[mine, other, metric]:.3g} | {verdict} |")

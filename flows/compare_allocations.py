@@ -81,6 +81,7 @@ from tasks.evidence import (  # noqa: E402
     comparison_report_task,
     fidelity_table_is_current,
     full_finetune_task,
+    preparation_record_task,
     split_data_task,
     split_validation_task,
     train_row_task,
@@ -155,8 +156,7 @@ def compare_allocations(
     prepared = matrix.prepared
 
     # Step 6: report.
-    preparations = {("shared" if key is None else key): {k: prep[k] for k in ("config", "root", "seconds")}
-                    for key, prep in prepared.items()}
+    preparations = {("shared" if key is None else key): prep["record"] for key, prep in prepared.items()}
     configs = next(iter(prepared.values()))["configs"] if prepared else {}
     report = comparison_report_task(str(layout.root), configs, results,
                                     {"config": next(iter(prepared.values()))["config"] if prepared else None,
@@ -164,7 +164,7 @@ def compare_allocations(
                                      "validation_data": validation_path, "eval_data": eval_data_path,
                                      "training": training.to_dict(), "comparison": comparison.to_dict(),
                                      "learning_rate_choices": choices},
-                                    training.init, full, preparations, results_dir)
+                                    training.init, full, preparations, matrix.committed)
     return report.results_path
 
 
@@ -230,7 +230,10 @@ class _Matrix:
                                               unmapped(s["safety"].allow_pickle), unmapped(self.extraction))
             warm = dict(zip(configs, extracted.result()))
             seconds += time.perf_counter() - began
-        self.prepared[key] = {"config": config_path, "configs": configs, "warm": warm, "seconds": seconds,
+        # What it cost, committed at once beside the rows (a comparison stopped before its report keeps it).
+        record = preparation_record_task(config_path, str(root.root), pair.pretrained.path, seconds, self.committed,
+                                         key)
+        self.prepared[key] = {"config": config_path, "configs": configs, "warm": warm, "record": record,
                               "root": str(root.root), "pretrained": pair.pretrained.path}
         return self.prepared[key]
 

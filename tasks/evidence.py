@@ -16,7 +16,6 @@ import lora_ranks.data as data_module
 import lora_ranks.evidence.fidelity as fidelity_module
 import lora_ranks.evidence.fidelity_checks as fidelity_checks
 import lora_ranks.extract as extract_module
-from lora_ranks._io import atomic_write_json
 from lora_ranks.analysis import OutputLayout
 from lora_ranks.analysis.layer import numerics_identity
 from lora_ranks.config import load_rank_config
@@ -35,6 +34,8 @@ from lora_ranks.evidence import (
     split_validation,
     write_allocation_configs,
 )
+from lora_ranks.evidence.committed import commit_preparation, read_preparations
+from lora_ranks.evidence.compute import model_matmul_parameters
 from lora_ranks.evidence.runs import Committed, RowEvaluation, RowResult, RowSpec, train_row
 from lora_ranks.plots import allocation_fidelity_markdown, comparison_markdown, markdown_image
 from lora_ranks.settings import ComparisonSettings, FidelitySettings, FinetuneSettings, LoRATrainingSettings
@@ -164,30 +165,31 @@ def full_finetune_task(base_model: str, train_path: str, eval_data_path: str, ou
                               validation_data_path)
 
 
+@task(name="preparation-record")
+def preparation_record_task(analysis_config_path: str, root: str, pretrained: str, seconds: float,
+                            committed: Committed | None = None, key: int | None = None) -> dict:
+    """What a preparation cost: its FLOPs (``preparation_of``, N counted from the base's config) and the wall
+    ``seconds`` the flow measured around it. With ``committed``, committed at once (``commit_preparation``: a record
+    of more seconds, i.e. one measured when the preparation really ran, is kept) and the committed record returned."""
+    record = {**preparation_of(analysis_config_path, ComparisonLayout(root), model_matmul_parameters(pretrained)),
+              "seconds": seconds}
+    if committed is None:
+        return record
+    return commit_preparation(committed.results_dir, key, committed.design, record)
+
+
 @task(name="comparison-report")
 def comparison_report_task(comparison_root: str, configs: dict[str, str], results: list[RowResult], details: dict,
                            reference_init: str = "warm", full_finetune: dict[int, float] | None = None,
-                           preparations: dict | None = None, results_dir: str | None = None) -> ComparisonReport:
+                           preparations: dict | None = None, committed: Committed | None = None) -> ComparisonReport:
     """results.json, comparison.png (and curves.png) and the UI artifacts of the comparison.
 
-    ``preparations``: "shared" or seed -> {config, root, seconds} of each preparation run here; the FLOPs come from
-    ``preparation_of``, the seconds are the flow's measured wall time. With ``results_dir`` each is committed there
-    (``preparation-seed<seed>.json``), and a seed prepared in an earlier run is read from there."""
-
-
-    n = results[0].matmul_parameters if results else None
-    preparation: dict | None = {}
-    for key, prep in (preparations or {}).items():
-        flops = preparation_of(prep["config"], ComparisonLayout(prep["root"]), n) if n else {}
-        preparation[key] = {**flops, "seconds": prep["seconds"]}
-        if results_dir:
-            atomic_write_json(Path(results_dir) / f"preparation-{'seed' + str(key) if key != 'shared' else key}.json",
-                              preparation[key])
-    if results_dir:
-        for path in sorted(Path(results_dir).glob("preparation-*.json")):
-            key = path.stem.removeprefix("preparation-")
-            key = int(key.removeprefix("seed")) if key.startswith("seed") else key
-            preparation.setdefault(key, json.loads(path.read_text()))
+    ``preparations``: "shared" or seed -> the record of each preparation made here (``preparation_record_task``);
+    with ``committed``, those of seeds prepared by earlier runs are read from its results folder."""
+    preparation: dict = dict(preparations or {})
+    if committed is not None:
+        preparation = {**read_preparations(committed.results_dir, committed.design), **preparation}
+    preparation = {k: {f: v for f, v in record.items() if f != "design"} for k, record in preparation.items()}
     if "shared" in preparation:
         preparation = preparation["shared"]
     report = comparison_report(ComparisonLayout(comparison_root), configs, results, details, reference_init,

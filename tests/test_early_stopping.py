@@ -175,3 +175,22 @@ def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopp
     monkeypatch.setattr(runs, "save_partial", real_save)
     train_row(base, spec, train, tmp_path / "other", settings.replace(learning_rate=1e-2), evaluation)
     assert loaded[-1] is None
+
+
+def test_a_preparation_is_committed_once_per_design_and_read_by_design(tmp_path):
+    """A preparation's record measured when it really ran is kept over a cached rerun's (fewer seconds), and a
+    longer one replaces it; another design replaces it; reading keeps only the asked design's records (and those
+    committed before designs were recorded)."""
+    from lora_ranks.evidence.committed import commit_preparation, read_preparations
+
+    first = commit_preparation(tmp_path, 0, "d1", {"total": 5.0, "seconds": 60.0})
+    assert commit_preparation(tmp_path, 0, "d1", {"total": 5.0, "seconds": 0.4}) == first  # a cached rerun's
+    assert first == {"total": 5.0, "seconds": 60.0, "design": "d1"}
+    first = commit_preparation(tmp_path, 0, "d1", {"total": 5.0, "seconds": 61.0})
+    assert json.loads((tmp_path / "preparation-seed0.json").read_text()) == first and first["seconds"] == 61.0
+    commit_preparation(tmp_path, None, "d1", {"total": 1.0, "seconds": 9.0})
+    (tmp_path / "preparation-seed3.json").write_text(json.dumps({"total": 2.0, "seconds": 8.0}))  # no design
+    assert read_preparations(tmp_path, "d1") == {0: first, "shared": {"total": 1.0, "seconds": 9.0, "design": "d1"},
+                                                 3: {"total": 2.0, "seconds": 8.0}}
+    other = commit_preparation(tmp_path, 0, "d2", {"total": 7.0, "seconds": 70.0})
+    assert other["design"] == "d2" and 0 not in read_preparations(tmp_path, "d1")

@@ -235,6 +235,13 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
     assert warm["vs_default"]["n"] == 2
     committed = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
     assert "preparation-seed0.json" in committed and "r2-budget-fisher-seed1-lr0.003.json" in committed
+    # each seed's preparation is committed when it is made, before its rows train (a comparison stopped midway
+    # keeps it), and it is the record the report used
+    for seed in (0, 1):
+        record = json.loads((tmp_path / "results" / f"preparation-seed{seed}.json").read_text())
+        assert record.pop("design") and record == prep[str(seed)]
+        first_row = min(p.stat().st_mtime_ns for p in (tmp_path / "results").glob(f"r2-*-seed{seed}-lr*.json"))
+        assert (tmp_path / "results" / f"preparation-seed{seed}.json").stat().st_mtime_ns < first_row
     # a fresh folder with the same committed rows: nothing trained, nothing prepared, the same table
     again = json.loads(Path(compare_allocations(output_dir=str(tmp_path / "again"),
                                                 comparison=comparison.replace(full_finetune=False,

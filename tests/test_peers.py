@@ -16,6 +16,7 @@ from lora_ranks.evidence.compute import (
     full_training_flops,
     lora_ranks_preparation,
     matmul_parameters,
+    model_matmul_parameters,
 )
 from lora_ranks.evidence.peers import PEERS, PeerError, check_peers
 from lora_ranks.evidence.runs import (
@@ -124,7 +125,7 @@ def test_a_finished_row_is_reused_and_a_changed_one_retrains(setting):
     assert other.learning_rate == 1e-3 and other.loss != first.loss
 
 
-def test_compute_formula_on_a_model_with_a_tied_head():
+def test_compute_formula_on_a_model_with_a_tied_head(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -133,6 +134,10 @@ def test_compute_formula_on_a_model_with_a_tied_head():
     per_layer = 16 * 16 + 2 * 16 * 8 + 16 * 16 + 3 * 16 * 24  # q, k + v (1 kv head x 8), o, gate + up + down
     assert matmul_parameters(model) == per_layer + 50 * 16  # the tied head once, the embedding lookup not again
     assert frozen_training_flops(100, 10, 7) == (4 * 100 + 6 * 10) * 7
+    for tied in (True, False):  # counted from the saved config alone, without its weights, as from the model
+        model = Qwen3ForCausalLM(config.__class__(**{**config.to_dict(), "tie_word_embeddings": tied}))
+        model.save_pretrained(tmp_path / f"tied-{tied}")
+        assert model_matmul_parameters(tmp_path / f"tied-{tied}") == matmul_parameters(model)
     assert full_training_flops(100, 7) == 6 * 100 * 7
     assert curvature_flops(100, 7, passes=2, kind="fisher", samples=3) == 2 * 2 * 100 * 7 * 4
 

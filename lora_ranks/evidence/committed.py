@@ -17,7 +17,8 @@ from ..devices import precision_key
 from ..settings import LoRATrainingSettings
 from .rows import RowEvaluation, RowResult, RowSpec
 
-__all__ = ["Committed", "committed_key", "committed_name", "check_results_dir", "read_committed"]
+__all__ = ["Committed", "committed_key", "committed_name", "check_results_dir", "read_committed", "commit_preparation",
+           "read_preparations"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,33 @@ def _commit(result: RowResult, spec: RowSpec, committed: Committed | None, desig
     if committed is not None:
         atomic_write_json(Path(committed.results_dir) / committed_name(spec, result.learning_rate),
                           {**asdict(result), "committed_key": design_key})
+
+
+def _preparation_path(results_dir: str | Path, key: int | None) -> Path:
+    """``preparation-seed<seed>.json``, or ``preparation-shared.json`` for one preparation shared by every seed."""
+    return Path(results_dir) / f"preparation-{'shared' if key is None else f'seed{key}'}.json"
+
+
+def commit_preparation(results_dir: str | Path, key: int | None, design: str, record: dict) -> dict:
+    """Commit what a seed's preparation cost (``record``: its FLOPs and wall ``seconds``) as soon as it is made, so
+    that a comparison stopped before its end still leaves it beside the rows it prepared. Of two records of the same
+    ``design`` the one with more seconds is kept: a rerun that found the preparation's steps cached (Prefect's
+    cache) measures only the lookups. Returns the committed record."""
+    path = _preparation_path(results_dir, key)
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if isinstance(saved, dict) and saved.get("design") == design and saved.get("seconds", 0) >= record["seconds"]:
+        return saved
+    atomic_write_json(path, {**record, "design": design})
+    return {**record, "design": design}
+
+
+def read_preparations(results_dir: str | Path, design: str) -> dict:
+    """The committed preparations of ``design``: seed (or "shared") -> record. Records without a design were
+    committed before it was recorded, and are read as they are."""
+    found = {}
+    for path in sorted(Path(results_dir).glob("preparation-*.json")):
+        key = path.stem.removeprefix("preparation-")
+        saved = json.loads(path.read_text())
+        if saved.get("design", design) == design:
+            found[int(key.removeprefix("seed")) if key.startswith("seed") else key] = saved
+    return found

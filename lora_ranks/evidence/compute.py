@@ -54,6 +54,23 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def model_matmul_parameters(model_path: str | Path) -> int:
+    """``matmul_parameters`` of the model in ``model_path`` (a local folder), without reading its weights: the model
+    is built from its ``config.json`` on PyTorch's meta device (no memory, ~1 s)."""
+    import transformers
+
+    from ..checkpoints import resolve_model_path
+    from ..loading import detect_model_type
+
+    root = resolve_model_path(model_path)
+    config = transformers.AutoConfig.from_pretrained(str(root))
+    cls = (transformers.Qwen2_5_VLForConditionalGeneration if detect_model_type(root) == "qwen2_5_vl"
+           else transformers.AutoModelForCausalLM)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return matmul_parameters(model)
+
+
 def forward_flops(n: int, tokens: int) -> float:
     """2 N per token."""
     return float(FORWARD * n * tokens)
