@@ -44,9 +44,11 @@ apply_defaults()
 from prefect import flow, unmapped  # noqa: E402
 
 from flows.svd_analysis import svd_analysis  # noqa: E402
+from lora_ranks.checkpoints import resolve_model_path  # noqa: E402
 from lora_ranks.config import load_rank_config  # noqa: E402
 from lora_ranks.evidence import ComparisonLayout  # noqa: E402
 from lora_ranks.evidence.comparison import design_digest, expected_labels  # noqa: E402
+from lora_ranks.evidence.rows import FULL, FULL_LABEL  # noqa: E402
 from lora_ranks.evidence.runs import (  # noqa: E402
     Committed,
     RowEvaluation,
@@ -148,10 +150,13 @@ def compare_allocations(
         labels = list(matrix.prepare(comparison.seeds[0])["configs"])
     matrix.labels = labels
     rows = comparison_rows(labels, matrix.inits, comparison.peers)
+    if comparison.full_finetune and comparison.early_stopping:  # the ceiling, trained to its own plateau as a row
+        rows.append((FULL_LABEL, FULL))
     evaluation = RowEvaluation.of(eval_data_path, fidelity, comparison, validation_path)
     results, choices = matrix.train_rows(rows, evaluation)
-    full = None
-    if comparison.full_finetune:
+    full = {r.seed: r.loss for r in results if r.init == FULL} or None
+    results = [r for r in results if r.init != FULL]
+    if comparison.full_finetune and not comparison.early_stopping:
         full, choices = matrix.full_finetunes(finetune, choices)
     prepared = matrix.prepared
 
@@ -255,11 +260,16 @@ class _Matrix:
                 todo.append(item)
         specs = []
         for label, init, seed, _ in todo:
+            if init == FULL:  # needs no preparation: it trains the base itself
+                specs.append(RowSpec(label, init, seed, ""))
+                continue
             prep = self.prepare(seed)
             specs.append(RowSpec(label, init, seed, prep["configs"][label],
                                  prep["warm"].get(label) if init == "warm" else None))
         if todo:
-            trained = train_row_task.map(unmapped(self.prepare(todo[0][2])["pretrained"]), specs,
+            pretrained = next((self.prepare(seed)["pretrained"] for _, init, seed, _ in todo if init != FULL),
+                              None) or resolve_model_path(self.base_model)
+            trained = train_row_task.map(unmapped(pretrained), specs,
                                          unmapped(self.fit_path),
                                          [str(self.layout.run_dir(spec.name + tag(lr), spec.seed))
                                           for spec, (*_, lr) in zip(specs, todo)],
@@ -275,13 +285,16 @@ class _Matrix:
         it is interior (or max_rate_extensions); then every other seed trains at it. Returns (results, the rate
         choices or None)."""
         comparison = self.comparison
+        # the full fine-tune's own grid (its rates are ~100x below a LoRA's), the fine-tune's rate when none is given
+        full_rates = comparison.full_learning_rates or (self.settings["finetune"].learning_rate,)
         if not comparison.learning_rates:
-            return self.train([(label, init, seed, self.training.learning_rate) for label, init in rows
-                               for seed in comparison.seeds], evaluation), None
+            return self.train([(label, init, seed, full_rates[0] if init == FULL else self.training.learning_rate)
+                               for label, init in rows for seed in comparison.seeds], evaluation), None
         tuning, rest = comparison.seeds[:comparison.tuning_seeds], comparison.seeds[comparison.tuning_seeds:]
         trial_evaluation = evaluation.replace_validation(self.validation_path)
         trials = self.train([(label, init, seed, lr) for label, init in rows for seed in tuning
-                             for lr in comparison.learning_rates], trial_evaluation)
+                             for lr in (full_rates if init == FULL else comparison.learning_rates)],
+                            trial_evaluation)
         for _ in range(comparison.max_rate_extensions):
             chosen, choices = choose_learning_rates(trials)
             extend = next_learning_rates(choices)

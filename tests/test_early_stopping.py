@@ -133,7 +133,7 @@ def test_a_setting_added_later_leaves_committed_keys_alone_at_its_old_value(sett
 def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopped(setting, tmp_path, monkeypatch):
     """A run killed after an evaluation goes on from there (weights, AdamW state, data order, schedule, curves and
     early-stopping state) and ends exactly as the uninterrupted run; a run of other inputs ignores the saved state."""
-    from lora_ranks.evidence import partial_runs, runs
+    from lora_ranks.evidence import monitor, partial_runs, runs
 
     root, base, config = setting
     spec, train = RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl")
@@ -143,18 +143,18 @@ def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopp
     whole = train_row(base, spec, train, tmp_path / "whole", settings, evaluation)
     assert not (tmp_path / "whole" / partial_runs.PARTIAL_FILE).exists()  # removed once the run finished
 
-    real_save, loaded = runs.save_partial, []
+    real_save, loaded = monitor.save_partial, []
 
     def killed_after_step_6(run_dir, partial):
         real_save(run_dir, partial)
         if partial.loop.step == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "save_partial", killed_after_step_6)
+    monkeypatch.setattr(monitor, "save_partial", killed_after_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_row(base, spec, train, tmp_path / "cut", settings, evaluation)
     assert (tmp_path / "cut" / partial_runs.PARTIAL_FILE).is_file() and not (tmp_path / "cut" / "row.json").exists()
-    monkeypatch.setattr(runs, "save_partial", real_save)
+    monkeypatch.setattr(monitor, "save_partial", real_save)
     real_load = runs.load_partial
     monkeypatch.setattr(runs, "load_partial", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
     resumed = train_row(base, spec, train, tmp_path / "cut", settings, evaluation)
@@ -169,10 +169,10 @@ def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopp
     assert not (tmp_path / "cut" / partial_runs.PARTIAL_FILE).exists()
 
     # A saved state of other inputs (here another learning rate) is ignored: that run starts from step 0.
-    monkeypatch.setattr(runs, "save_partial", killed_after_step_6)
+    monkeypatch.setattr(monitor, "save_partial", killed_after_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_row(base, spec, train, tmp_path / "other", settings, evaluation)
-    monkeypatch.setattr(runs, "save_partial", real_save)
+    monkeypatch.setattr(monitor, "save_partial", real_save)
     train_row(base, spec, train, tmp_path / "other", settings.replace(learning_rate=1e-2), evaluation)
     assert loaded[-1] is None
 

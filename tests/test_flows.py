@@ -212,8 +212,16 @@ def test_compare_trains_every_row_to_its_plateau_at_an_interior_rate_with_seeded
     assert rslora.use_rslora and rslora.rank_pattern == load_rank_config(
         cmp / "seeds" / "seed0" / "configs" / "r2-budget-fisher.json").rank_pattern
     choices = results["learning_rate_choices"]
-    full_choice = choices.pop("full-finetune")
-    assert full_choice["learning_rate"] in (3e-3, 9e-3)
+    # the full fine-tune (the ceiling) is a row like the others: its own grid, tuned on both seeds, to its plateau,
+    # its best checkpoint saved whole and committed
+    full_choice = choices.pop("full-finetune/full")
+    assert set(full_choice["per_seed"]) >= {"0.003", "0.009"}
+    for seed in (0, 1):
+        committed_full = json.loads((tmp_path / "results" / f"full-finetune-seed{seed}-lr"
+                                     f"{full_choice['learning_rate']:g}.json").read_text())
+        assert committed_full["loss"] == full["losses"][seed] and committed_full["stopped"] in ("patience", "cap")
+        assert committed_full["train_flops"] == 6 * committed_full["matmul_parameters"] * committed_full["train_tokens"]
+        assert (Path(committed_full["run_dir"]) / "model" / "model.safetensors").is_file()
     for (label, init), row in rows.items():
         choice = choices[f"{label}/{init}"]
         rates = sorted(float(r) for r in choice["per_seed"])

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import build_meta_model, resolve_model_path
 from ..kfac import plan_passes
 from ..spectra.kind import SpectrumKind
 
-__all__ = ["FORWARD", "matmul_parameters", "frozen_training_flops", "full_training_flops", "forward_flops",
-           "finetune_flops", "curvature_flops", "lora_ranks_preparation"]
+__all__ = ["FORWARD", "matmul_parameters", "model_matmul_parameters", "frozen_training_flops", "full_training_flops",
+           "forward_flops", "finetune_flops", "curvature_flops", "lora_ranks_preparation"]
 
 FORWARD = 2
 """FLOPs per parameter and token of a forward pass (a multiply and an add)."""
@@ -55,20 +56,9 @@ def matmul_parameters(model: torch.nn.Module) -> int:
 
 
 def model_matmul_parameters(model_path: str | Path) -> int:
-    """``matmul_parameters`` of the model in ``model_path`` (a local folder), without reading its weights: the model
-    is built from its ``config.json`` on PyTorch's meta device (no memory, ~1 s)."""
-    import transformers
-
-    from ..checkpoints import resolve_model_path
-    from ..loading import detect_model_type
-
-    root = resolve_model_path(model_path)
-    config = transformers.AutoConfig.from_pretrained(str(root))
-    cls = (transformers.Qwen2_5_VLForConditionalGeneration if detect_model_type(root) == "qwen2_5_vl"
-           else transformers.AutoModelForCausalLM)
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    return matmul_parameters(model)
+    """``matmul_parameters`` of the model in ``model_path`` (a local folder or a known name), without reading its
+    weights: the model is built from its ``config.json`` on PyTorch's meta device (``checkpoints.build_meta_model``)."""
+    return matmul_parameters(build_meta_model(resolve_model_path(model_path)))
 
 
 def forward_flops(n: int, tokens: int) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_write
@@ -72,8 +73,6 @@ def load_partial(run_dir: str | Path, key: str, device: torch.device | str = "cp
     path = Path(run_dir) / PARTIAL_FILE
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads((handle.metadata() or {}).get("partial", "{}"))
     if meta.get("format") != _FORMAT or meta.get("key") != key:

@@ -13,7 +13,12 @@ from pathlib import Path
 from ..adapter_files import ADAPTER_WEIGHTS
 from ..settings import ComparisonSettings, FidelitySettings, LoRATrainingSettings
 
-__all__ = ["RowSpec", "RowEvaluation", "RowResult", "select_configs", "comparison_rows", "row_key", "curve_steps"]
+__all__ = ["RowSpec", "RowEvaluation", "RowResult", "select_configs", "comparison_rows", "row_key", "curve_steps",
+           "FULL", "FULL_LABEL"]
+
+FULL = "full"
+"""The init of the full fine-tune row: every parameter trained, no rank config (``RowSpec.is_full``)."""
+FULL_LABEL = "full-finetune"
 
 
 @dataclass(frozen=True)
@@ -21,9 +26,12 @@ class RowSpec:
     """What one run trains.
 
     Attributes:
-        label: the config's label (``r2-budget-fisher``; a peer trains at its budget's ``r2-uniform``).
-        init: "warm" or "cold" for lora-ranks' configs, the peer's name (``evidence.peers.PEERS``) for a peer.
-        config_path: the rank config (a peer: the budget's uniform config, whose ranks and alpha it takes).
+        label: the config's label (``r2-budget-fisher``; a peer trains at its budget's ``r2-uniform``;
+            ``full-finetune`` for the full fine-tune).
+        init: "warm" or "cold" for lora-ranks' configs, the peer's name (``evidence.peers.PEERS``) for a peer,
+            ``FULL`` for the full fine-tune (every parameter trained: the ceiling).
+        config_path: the rank config (a peer: the budget's uniform config, whose ranks and alpha it takes; the full
+            fine-tune has none: "").
         warm_adapter: the adapter a warm run starts from.
     """
 
@@ -35,12 +43,17 @@ class RowSpec:
 
     @property
     def is_peer(self) -> bool:
-        return self.init not in ("warm", "cold")
+        return self.init not in ("warm", "cold", FULL)
+
+    @property
+    def is_full(self) -> bool:
+        return self.init == FULL
 
     @property
     def name(self) -> str:
-        """The run's folder name stem, e.g. ``r2-budget-fisher`` (the reference init), ``r2-uniform-cold``."""
-        return self.label if self.init == "warm" else f"{self.label}-{self.init}"
+        """The run's folder name stem, e.g. ``r2-budget-fisher`` (the reference init), ``r2-uniform-cold``,
+        ``full-finetune``."""
+        return self.label if self.init in ("warm", FULL) else f"{self.label}-{self.init}"
 
 
 _COMPARISON = ComparisonSettings()  # the evaluation's defaults are the comparison settings' (one definition)

@@ -3,6 +3,7 @@ process (held-out loss during and after training, exact-match accuracy), and acc
 
 The run's folder (``ComparisonLayout.run_dir``)::
     <run>/adapter/               # the adapter as served (a base-changing peer's converted rank-2r LoRA)
+    <run>/model/                 # the full fine-tune's model instead (its best checkpoint)
     <run>/training_metrics.json  # the training loop's metrics
     <run>/row.json               # the RowResult: losses, accuracy, curve, FLOPs, parameters
     <run>/partial.safetensors    # while it trains with early stopping: its last evaluated moment (partial_runs)
@@ -12,23 +13,24 @@ from __future__ import annotations
 
 # PEFT is imported when a served adapter is read back: the committed-results checks import this module without it.
 import json
-import math
 import random
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_folder, atomic_write_json
 from ..config import load_rank_config
 from ..data import load_records
-from ..finetune import TrainingDivergedError, planned_steps, prepare_examples, train_loop
+from ..finetune import TrainingDivergedError, enable_gradient_checkpointing, planned_steps, prepare_examples, train_loop
 from ..loading import load_model
 from ..progress import LOGGER
 from ..settings import LoRATrainingSettings
 from ..train import TrainLayout, prepare_lora_run, save_lora_run
+from ..training_loop import LoopState
 from .accuracy import checkable_records, exact_match_by_task
 from .committed import (
     Committed,
@@ -39,10 +41,11 @@ from .committed import (
     read_committed,
 )
 from .comparison import eval_examples
-from .compute import forward_flops, frozen_training_flops, matmul_parameters
+from .compute import forward_flops, frozen_training_flops, full_training_flops, matmul_parameters
 from .fidelity import held_out_loss
 from .learning_rates import choose_learning_rates, next_learning_rates
-from .partial_runs import PARTIAL_FILE, PartialRun, load_partial, save_partial
+from .monitor import RowMonitor
+from .partial_runs import PARTIAL_FILE, load_partial
 from .peers import build_peer_model, save_served_adapter
 from .rows import (
     RowEvaluation,
@@ -93,29 +96,19 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     if resumed is not None:  # a finished run of the same inputs: resume without training again
         _commit(resumed, spec, committed, design_key)
         return resumed
-    rank_config = load_rank_config(spec.config_path)
-    meta = rank_config.analysis_metadata
+    rank_config = None if spec.is_full else load_rank_config(spec.config_path)
+    meta = rank_config.analysis_metadata if rank_config else _NO_ALLOCATION
     start = time.perf_counter()
     row = _RowModel.build(base_model, spec, rank_config, train_path, settings, evaluation, out)
-    # A run with early stopping saves its state at each evaluation and goes on from the last one when stopped midway
-    # (not AdaLoRA's, whose rank allocator keeps state of its own).
-    resumable = evaluation.early_stopping and (row.built is None or row.built.after_update is None)
-    partial = load_partial(out, key, row.device) if resumable else None
-    if partial is not None:
-        start = time.perf_counter() - partial.measured["elapsed"]  # the run's seconds as if never stopped
-    monitor = _Monitor(row, spec, evaluation, planned_steps(len(row.examples), settings), start)
-    if partial is not None:
-        monitor.restore(partial)
-        LOGGER.info(f"{spec.name} seed {spec.seed}: resuming from step {partial.loop.step} ({out / PARTIAL_FILE})")
+    monitor, resume = _monitor(row, spec, evaluation, settings, out, key, start)
     stopped = "planned"
     try:
         losses, use_bf16 = train_loop(row.model, row.examples, row.pad, settings, row.device, on_step=monitor.on_step,
                                       progress=progress, desc=f"{spec.name} seed {spec.seed}",
                                       after_update=row.built.after_update if row.built else None,
-                                      tokens_per_step=monitor.tokens_per_step,
-                                      resume=partial.loop if partial else None,
-                                      on_checkpoint=(lambda state: monitor.checkpoint(state, out, key)) if resumable
-                                      else None, checkpoint_every=evaluation.eval_interval)
+                                      tokens_per_step=monitor.tokens_per_step, resume=resume,
+                                      on_checkpoint=monitor.checkpoint if monitor.saves else None,
+                                      checkpoint_every=evaluation.eval_interval)
     except TrainingDivergedError:
         if monitor.stopping is not None and monitor.stopping.best_state is not None:
             losses, use_bf16, stopped = [], False, "diverged"
@@ -124,7 +117,7 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
                            design_key)
         else:
             raise
-    seconds = time.perf_counter() - start - monitor.evaluating
+    seconds = time.perf_counter() - monitor.start - monitor.evaluating
     stopping = monitor.stopping
     best_step = best_flops = best_seconds = validation = None
     if stopping is not None:  # the best evaluation's weights, and where it was
@@ -135,20 +128,38 @@ def train_row(base_model: str, spec: RowSpec, train_path: str, out_dir: str | Pa
     held_out = eval_examples(evaluation.eval_data_path, row.tokenizer, evaluation.eval_samples, evaluation.max_length)
     in_memory = held_out_loss(row.model, held_out, row.pad)
     model, loss, served_factor = row.save(TrainLayout(out), base_model, spec, train_path, settings, losses, use_bf16,
-                                          seconds, start, held_out, in_memory)
+                                          seconds, monitor.start, held_out, in_memory)
     if evaluation.validation_data_path and stopping is None:
         validation = held_out_loss(model, monitor.validation_records, row.pad, what="validation loss")
     accuracy, accuracy_n, by_task = _accuracy(model, row.tokenizer, evaluation)
     preparation_tokens, preparation = _preparation_flops(row, model)
     tokens = sum(monitor.tokens_per_step)
     result = RowResult(spec.label, spec.init, spec.seed, settings.learning_rate, str(out), loss, row.trainable, row.n,
-                       tokens, frozen_training_flops(row.n, row.trainable, tokens),
+                       tokens, row.training_flops(tokens),
                        preparation_tokens, preparation, seconds, accuracy, accuracy_n, monitor.curve, served_factor,
                        in_memory if served_factor == 2 else None, validation, len(monitor.tokens_per_step), best_step,
                        best_flops, best_seconds, stopped, False, stopping.curve if stopping else [],
                        forward_flops(row.n, monitor.validation_tokens) * len(stopping.curve) if stopping else 0.0,
                        by_task, meta.allocation, meta.budget_rank)
     return _finish(result, done, key, spec, committed, design_key)
+
+
+def _monitor(row: _RowModel, spec: RowSpec, evaluation: RowEvaluation, settings: LoRATrainingSettings, out: Path,
+             key: str, start: float) -> tuple[RowMonitor, LoopState | None]:
+    """The row's monitor, and the training loop's state to resume from. With early stopping (not AdaLoRA's, whose
+    rank allocator keeps state of its own) the run is saved at each evaluation (``partial_runs``), and a run of the
+    same inputs saved in ``out`` is taken up: its wall clock goes on from the seconds it had run."""
+    resumable = evaluation.early_stopping and (row.built is None or row.built.after_update is None)
+    partial = load_partial(out, key, row.device) if resumable else None
+    if partial is not None:
+        start = time.perf_counter() - partial.measured["elapsed"]
+    monitor = RowMonitor(row, spec, evaluation, planned_steps(len(row.examples), settings), start,
+                         saves_to=(out, key) if resumable else None)
+    if partial is None:
+        return monitor, None
+    monitor.restore(partial)
+    LOGGER.info(f"{spec.name} seed {spec.seed}: resuming from step {partial.loop.step} ({out / PARTIAL_FILE})")
+    return monitor, partial.loop
 
 
 def _finish(result: RowResult, done: Path, key: str, spec: RowSpec, committed: Committed | None,
@@ -169,20 +180,30 @@ def _resumed(done: Path, key: str) -> RowResult | None:
     return RowResult(**saved) if saved.pop("key", None) == key else None
 
 
+_NO_ALLOCATION = SimpleNamespace(allocation=None, budget_rank=None)
+"""The full fine-tune's stand-in for a rank config's metadata: no allocation, no budget."""
+
 _INITIALIZING = threading.Lock()
 """Held while a row seeds torch's global generator and draws its initialization (``_RowModel.build``)."""
 
 
 class _RowModel:
-    """A row's model before training: a PEFT peer (``built``) or lora-ranks' LoRA (``run``), with its tokenizer, the
-    tokenized training records, the device, and its parameter counts (``n``: matmul parameters; ``trainable``)."""
+    """A row's model before training: a PEFT peer (``built``), lora-ranks' LoRA (``run``) or the full fine-tune
+    (``full``: the base with every parameter trained), with its tokenizer, the tokenized training records, the
+    device, and its parameter counts (``n``: matmul parameters; ``trainable``)."""
 
-    def __init__(self, model, tokenizer, examples: list[dict], device, built=None, run=None):
-        self.model, self.tokenizer, self.examples, self.device, self.built, self.run = (
-            model, tokenizer, examples, device, built, run)
+    def __init__(self, model, tokenizer, examples: list[dict], device, built=None, run=None, full: bool = False):
+        self.model, self.tokenizer, self.examples, self.device, self.built, self.run, self.full = (
+            model, tokenizer, examples, device, built, run, full)
         self.pad = tokenizer.pad_token_id
         self.n = matmul_parameters(model)
-        self.trainable = model.get_nb_trainable_parameters()[0]
+        self.trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad) if full
+                          else model.get_nb_trainable_parameters()[0])
+
+    def training_flops(self, tokens: int) -> float:
+        """FLOPs of training on ``tokens`` tokens: 6N per token for the full fine-tune, 4N + 6P for a LoRA."""
+        return full_training_flops(self.n, tokens) if self.full else frozen_training_flops(self.n, self.trainable,
+                                                                                             tokens)
 
     @classmethod
     def build(cls, base_model: str, spec: RowSpec, rank_config, train_path: str, settings: LoRATrainingSettings,
@@ -197,6 +218,17 @@ class _RowModel:
     @classmethod
     def _build(cls, base_model: str, spec: RowSpec, rank_config, train_path: str, settings: LoRATrainingSettings,
                evaluation: RowEvaluation, out: Path) -> _RowModel:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if spec.is_full:  # every parameter, float32 master weights (bf16 autocast only, when on), as finetune's
+            torch.manual_seed(settings.seed)
+            model, tokenizer = load_model(base_model, dtype=torch.float32)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model.requires_grad_(True)
+            if settings.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+            examples, _, _ = prepare_examples(train_path, tokenizer, max_length=settings.max_length, seed=settings.seed)
+            return cls(model.to(device).train(), tokenizer, examples, device, full=True)
         if spec.is_peer:
             torch.manual_seed(settings.seed)
             records = load_records(train_path)
@@ -207,7 +239,6 @@ class _RowModel:
                                      batch_size=settings.batch_size)
             examples, _, _ = prepare_examples(train_path, built.tokenizer, max_length=settings.max_length,
                                               seed=settings.seed)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             built.model.to(device)
             return cls(built.model, built.tokenizer, examples, device, built=built)
         # The base stays float32 (bf16 autocast only, when on), as the peers': every row and the full fine-tune
@@ -220,7 +251,16 @@ class _RowModel:
              settings: LoRATrainingSettings, losses: list[float], use_bf16: bool, seconds: float, start: float,
              held_out: list[dict], in_memory: float):
         """Write the run's adapter and metrics; returns (the model evaluated from here on, its held-out loss, the
-        served-rank factor): a peer whose adapter is converted to be served is evaluated as served, on the base."""
+        served-rank factor): a peer whose adapter is converted to be served is evaluated as served, on the base; the
+        full fine-tune's model is saved whole (``<run>/model``)."""
+        if self.full:
+            with atomic_folder(layout.root / "model", overwrite=True, content="model") as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(layout.metrics_path, {"model": str(base_model), "full_finetune": True, "losses": losses,
+                                                    "settings": settings.to_dict(), "bf16": use_bf16,
+                                                    "n_train": len(self.examples), "seconds": seconds})
+            return self.model, in_memory, 1
         if self.built is None:
             save_lora_run(self.run, layout, base_model, spec.config_path, train_path, settings, losses, use_bf16,
                           spec.warm_adapter, start)
@@ -237,82 +277,6 @@ class _RowModel:
                                                 "settings": settings.to_dict(), "bf16": use_bf16,
                                                 "n_train": len(self.examples), "seconds": seconds})
         return model, loss, served_factor
-
-
-class _Monitor:
-    """What a row measures while it trains (``on_step``, train_loop's callback): the held-out loss at the curve's
-    steps, and with early stopping the validation loss every ``eval_interval`` steps (``stopping``); the seconds
-    spent evaluating (``evaluating``), left out of the run's wall time; the tokens of every step."""
-
-    def __init__(self, row: _RowModel, spec: RowSpec, evaluation: RowEvaluation, total: int, start: float):
-        self.row, self.spec, self.evaluation, self.total, self.start = row, spec, evaluation, total, start
-        self.at = curve_steps(total, evaluation.curve_points)
-        self.curve_records = (eval_examples(evaluation.eval_data_path, row.tokenizer, evaluation.curve_samples,
-                                            evaluation.max_length) if self.at else [])
-        self.validation_records = (eval_examples(evaluation.validation_data_path, row.tokenizer,
-                                                 evaluation.validation_samples or evaluation.eval_samples,
-                                                 evaluation.max_length)
-                                   if evaluation.validation_data_path else [])
-        self.validation_tokens = sum(len(e["input_ids"]) for e in self.validation_records)
-        self.tokens_per_step: list[int] = []
-        self.evaluating = 0.0
-        self.curve: list[dict] = []
-        self.stopping = _EarlyStopping(evaluation.patience) if evaluation.early_stopping else None
-
-    def diverged(self, learning_rate: float, out: str, meta) -> RowResult:
-        """The result of a learning-rate trial that diverged with no checkpoint to keep: the rate is too high."""
-        spec, row, tokens = self.spec, self.row, sum(self.tokens_per_step)
-        return RowResult(spec.label, spec.init, spec.seed, learning_rate, out, None, row.trainable, row.n, tokens,
-                         frozen_training_flops(row.n, row.trainable, tokens), steps=len(self.tokens_per_step),
-                         stopped="diverged", diverged=True, validation_curve=self.stopping.curve if self.stopping else [],
-                         allocation=meta.allocation, budget_rank=meta.budget_rank)
-
-    def checkpoint(self, state, run_dir: Path, key: str) -> None:
-        """Save the run as it stands after ``state.step`` (train_loop's ``on_checkpoint``; ``partial_runs``)."""
-        stopping, model = self.stopping, self.row.model
-        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        measured = {"tokens_per_step": self.tokens_per_step, "curve": self.curve, "evaluating": self.evaluating,
-                    "elapsed": time.perf_counter() - self.start,
-                    "stopping": {"best_loss": stopping.best_loss, "best_point": stopping.best_point,
-                                 "since": stopping.since, "curve": stopping.curve}}
-        save_partial(run_dir, PartialRun(key, state, weights, stopping.best_state, torch.get_rng_state(), measured))
-
-    def restore(self, partial: PartialRun) -> None:
-        """Take up a saved run (``checkpoint``): its trainable weights, random generator and measurements."""
-        measured, stopping = partial.measured, self.stopping
-        with torch.no_grad():
-            for name, p in self.row.model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(partial.weights[name])
-        torch.set_rng_state(partial.torch_rng)
-        self.tokens_per_step[:] = measured["tokens_per_step"]
-        self.curve, self.evaluating = measured["curve"], measured["evaluating"]
-        saved = measured["stopping"]
-        stopping.best_loss, stopping.best_point, stopping.since, stopping.curve = (
-            saved["best_loss"], saved["best_point"], saved["since"], saved["curve"])
-        stopping.best_state = partial.best_weights
-
-    def on_step(self, step: int, _total: int, _loss: float, _lr: float) -> bool:
-        evaluation, stopping, row, model = self.evaluation, self.stopping, self.row, self.row.model
-        validating = stopping is not None and (step % evaluation.eval_interval == 0 or step == self.total)
-        if step not in self.at and not validating:
-            return False
-        stop = False
-        began = time.perf_counter()
-        tokens = sum(self.tokens_per_step)
-        point = {"step": step, "tokens": tokens, "train_flops": frozen_training_flops(row.n, row.trainable, tokens),
-                 "seconds": began - self.start - self.evaluating}
-        if step in self.at:
-            self.curve.append({**point, "loss": held_out_loss(model, self.curve_records, row.pad, what="curve loss")})
-        if validating:
-            stop = stopping.update(model, point, held_out_loss(model, self.validation_records, row.pad,
-                                                               what="validation loss"))
-            LOGGER.info(f"{self.spec.name} seed {self.spec.seed} step {step}: validation loss "
-                        f"{stopping.curve[-1]['validation_loss']:.4f} (best {stopping.best_loss:.4f} at step "
-                        f"{stopping.best_point['step']}){'; stopping' if stop else ''}")
-        model.train()
-        self.evaluating += time.perf_counter() - began
-        return stop
 
 
 def _accuracy(model, tokenizer, evaluation: RowEvaluation) -> tuple[float | None, int, dict[str, list[int]]]:
@@ -340,41 +304,6 @@ def _preparation_flops(row: _RowModel, model) -> tuple[int, float]:
     if row.built.peer.preparation == "backward":  # forward, input and target-weight gradients
         return tokens, frozen_training_flops(row.n, 0, tokens) + 2.0 * _target_parameters(model) * tokens
     return tokens, 0.0
-
-
-class _EarlyStopping:
-    """The best validation loss so far, the trainable weights at it (a copy, on the model's device), and how many
-    evaluations since brought no improvement."""
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best_loss = math.inf
-        self.best_point: dict = {}
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.since = 0
-        self.curve: list[dict] = []
-
-    @property
-    def stop_now(self) -> bool:
-        return self.since >= self.patience
-
-    def update(self, model: torch.nn.Module, point: dict, loss: float) -> bool:
-        """Record an evaluation; True when training should stop."""
-        self.curve.append({**point, "validation_loss": loss})
-        if loss < self.best_loss:
-            self.best_loss, self.best_point, self.since = loss, point, 0
-            self.best_state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        else:
-            self.since += 1
-        return self.stop_now
-
-    def restore(self, model: torch.nn.Module) -> None:
-        if self.best_state is None:
-            return
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in self.best_state:
-                    p.copy_(self.best_state[name])
 
 
 def _target_parameters(model: torch.nn.Module) -> int:
