@@ -22,10 +22,15 @@ Holm-corrected p-values, compute with the preparation counted; resumable from co
    and wall time with the preparation; paired differences for the comparisons the README's decision table uses,
    with t-test p-values Holm-corrected over that family; for each row the compute it needs to reach the best
    validation loss of PEFT's ``LoraConfig()``, and its best validation loss within the compute lora-ranks' default
-   spends in all.
+   spends in all; lora-ranks' default against a plain LoRA given its total compute (paired, in the Holm family).
+4. Beyond the core (``--rows``, 3 seeds each): ``further`` trains LoRA-GA, PiSSA, EVA (ranks redistributed) and the
+   full fine-tune to its own plateau (the ceiling; its own grid ``FULL_GRID``) beside lora-ranks' default, reusing
+   the core's committed rows; ``budget2`` the core rows at uniform rank 2's parameters; ``default`` with
+   ``--subset 0.03`` / ``0.1`` lora-ranks' default and warm uniform ranks at a larger brief fine-tune (the subset
+   sweep: what the preparation buys), each design in a results folder of its own.
 
-    .venv/bin/python benchmarks/wordnet_benchmark.py [--device cpu|cuda] [--record]
-    .venv/bin/python benchmarks/wordnet_benchmark.py --summarize       # tables from the committed results only
+    .venv/bin/python benchmarks/wordnet_benchmark.py [--rows core|further|budget2|default] [--device cpu|cuda]
+    .venv/bin/python benchmarks/wordnet_benchmark.py --summarize [--rows ...]   # tables from the committed results
 """
 
 from __future__ import annotations
@@ -56,17 +61,37 @@ of the shared CPU): the training set is as large as the core matrix's hours allo
 GRID = (3e-4, 9e-4, 2.7e-3, 8.1e-3)
 """Four learning rates spaced 3x (extended by 3x on the chosen side while the choice is at an edge)."""
 BUDGET = 8
-# (label, init) of the core rows at the budget, and their names in the tables.
-ROWS = {(f"r{BUDGET}-budget-fisher", "warm"): "lora-ranks default (Fisher allocation, warm)",
-        (f"r{BUDGET}-budget-fisher-rslora", "warm"): "lora-ranks at rsLoRA's scale",
-        (f"r{BUDGET}-uniform", "warm"): "warm uniform ranks",
-        (f"r{BUDGET}-uniform", "default"): "PEFT LoraConfig() (alpha 8)",
-        (f"r{BUDGET}-uniform", "rslora"): "rsLoRA (PEFT, alpha 16)"}
+"""The main budget: the trainable parameters of uniform rank 8 on every projection."""
+PEERS_FURTHER = ("lora-ga", "pissa", "eva")
+FULL_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
+"""The full fine-tune's learning rates (spaced 3x; extended like the rows' while at an edge)."""
+
+
+def row_set(kind: str) -> tuple[int, dict, list]:
+    """(budget, rows, comparisons) of a run of ``--rows kind``: rows as (label, init) -> name; comparisons as (row,
+    reference) pairs, each on held-out loss and on category accuracy (the decision table's family).
+
+    core: the five core rows at the main budget. budget2: the same at uniform rank 2's parameters (a second budget).
+    further: lora-ranks' default against LoRA-GA, PiSSA, EVA (its ranks redistributed) and the full fine-tune (the
+    ceiling), at the main budget. default: lora-ranks' default and warm uniform ranks alone (the subset sweep)."""
+    budget = 2 if kind == "budget2" else BUDGET
+    default, rslora_scale, warm_uniform = ((f"r{budget}-budget-fisher", "warm"), (f"r{budget}-budget-fisher-rslora",
+                                                                                     "warm"), (f"r{budget}-uniform", "warm"))
+    peft, rslora = (f"r{budget}-uniform", "default"), (f"r{budget}-uniform", "rslora")
+    names = {default: "lora-ranks default (Fisher allocation, warm)", rslora_scale: "lora-ranks at rsLoRA's scale",
+             warm_uniform: "warm uniform ranks", peft: "PEFT LoraConfig() (alpha 8)", rslora: "rsLoRA (PEFT, alpha 16)"}
+    if kind == "default":
+        return budget, {row: names[row] for row in (default, warm_uniform)}, [(default, warm_uniform)]
+    if kind == "further":
+        peers = {(f"r{budget}-uniform", peer): f"{peer} (PEFT)" for peer in PEERS_FURTHER}
+        rows = {default: names[default], **peers, ("full-finetune", "full"): "full fine-tune (every parameter)"}
+        return budget, rows, [(default, row) for row in rows if row != default]
+    return budget, names, [(default, peft), (default, rslora), (default, warm_uniform), (rslora_scale, rslora),
+                           (rslora_scale, default), (warm_uniform, peft)]
+
+
+ROWS = row_set("core")[1]
 DEFAULT, RSLORA_SCALE, WARM_UNIFORM, PEFT, RSLORA = ROWS
-# The comparisons the decision table uses: (row, reference), each on held-out loss and on category accuracy; and
-# (summarize) lora-ranks' default against PEFT's LoraConfig() and rsLoRA given its total compute.
-COMPARISONS = [(DEFAULT, PEFT), (DEFAULT, RSLORA), (DEFAULT, WARM_UNIFORM), (RSLORA_SCALE, RSLORA),
-               (RSLORA_SCALE, DEFAULT), (WARM_UNIFORM, PEFT)]
 
 
 def build_data(out: Path, seed: int, sizes: dict) -> dict:
@@ -116,7 +141,10 @@ def compare_command(base: str, paths: dict, out: Path, args) -> list[str]:
     """The ``lora-ranks compare`` command line (what a user would type)."""
     return [str(Path(sys.executable).with_name("lora-ranks")), "compare", "--model", base,
             "--data", paths["train"], "--validation-data", paths["validation"], "--eval-data", paths["eval"],
-            "--out", str(out / "compare"), "--results-dir", str(args.results_dir),
+            # one comparison folder per design (the further rows share the core's: the same preparations)
+            "--out", str(out / ("compare" if args.subset == 0.01 and args.rows in ("core", "further")
+                                else f"compare-{args.rows}-subset{args.subset:g}")),
+            "--results-dir", str(args.results_dir),
             "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64", "--smoothing", "none",
             "--finetune-max-length", "128", "--no-finetune-gradient-checkpointing",
             "--finetune-subset-ratio", str(args.subset), "--finetune-batch-size", "4",
@@ -128,8 +156,12 @@ def compare_command(base: str, paths: dict, out: Path, args) -> list[str]:
             # trained in bf16 must not join them (its key would differ, and its file name would not).
             "--finetune-precision", "float32", "--lora-precision", "float32",
             "--seeds", *map(str, args.seeds), "--seeded-preparation", "--tuning-seeds", str(args.tuning_seeds),
-            "--budget-ranks", str(BUDGET), "--allocations", "budget-fisher",
-            *(["--alpha-variants", "rslora", "--peers", "default", "rslora"] if args.rows == "core" else []),
+            "--budget-ranks", str(row_set(args.rows)[0]), "--allocations", "budget-fisher",
+            *(["--alpha-variants", "rslora"] if args.rows != "default" else []),
+            # further: the core run's design (same budget, allocations, alpha variants), so its rows are reused
+            *(["--peers", "default", "rslora"] if args.rows in ("core", "budget2") else []),
+            *(["--peers", *PEERS_FURTHER, "--full-finetune", "--full-learning-rates", *map(str, FULL_GRID)]
+              if args.rows == "further" else []),
             "--learning-rates", *map(str, args.learning_rates),
             "--max-rate-extensions", "3", "--eval-interval", str(args.eval_interval), "--patience",
             str(args.patience), "--validation-samples", "1000000", "--eval-samples", "1000000",
@@ -158,8 +190,11 @@ def summarize(results: Path, args, seconds: float | None) -> str:
     from lora_ranks.evidence.experiment import holm, paired_comparison
     from lora_ranks.evidence.runs import RowResult, choose_learning_rates
 
+    budget, ROWS, COMPARISONS = row_set(args.rows)  # noqa: N806 (the module's names, for this set of rows)
+    DEFAULT = next(iter(ROWS))  # noqa: N806
+    PEFT, RSLORA = (f"r{budget}-uniform", "default"), (f"r{budget}-uniform", "rslora")  # noqa: N806
     runs = [RowResult(**{k: v for k, v in json.loads(p.read_text()).items() if k != "committed_key"})
-            for p in sorted(results.glob("r*-seed*-lr*.json"))]
+            for p in sorted(results.glob("*-seed*-lr*.json"))]
     preparation = {int(p.stem.removeprefix("preparation-seed")): json.loads(p.read_text())
                    for p in results.glob("preparation-seed*.json")}
     base = json.loads((results / "baselines.json").read_text()) if (results / "baselines.json").is_file() else None
@@ -176,8 +211,9 @@ def summarize(results: Path, args, seconds: float | None) -> str:
     category = accuracy
 
     def prep(row, seed) -> tuple[float, float]:
-        if row[1] != "warm":  # PEFT's rows: their own (none for LoraConfig() and rsLoRA)
-            return 0.0, 0.0
+        if row[1] != "warm":  # a peer's own initialization passes (EVA's, LoRA-GA's; their seconds are in its run's)
+            run = final.get(row, {}).get(seed)
+            return (run.preparation_flops if run else 0.0), 0.0
         p = preparation.get(seed, {})
         return p.get("total") or math.nan, p.get("seconds") or math.nan
 
@@ -202,10 +238,12 @@ def summarize(results: Path, args, seconds: float | None) -> str:
         return f"{100 * mean:.1f}% ± {100 * sd:.1f}"
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    lines = [f"### WordNet on SmolLM2-135M: the core rows at the plateau ({date.today().isoformat()}, {machine})", "",
+    title = {"core": "the core rows", "further": "further rows", "budget2": "the core rows at a second budget",
+             "default": f"lora-ranks' default with a {100 * args.subset:g}% subset"}[args.rows]
+    lines = [f"### WordNet on SmolLM2-135M: {title} at the plateau ({date.today().isoformat()}, {machine})", "",
              "`.venv/bin/python benchmarks/wordnet_benchmark.py " + " ".join(sys.argv[1:]) + "`"
              + (f" ({seconds / 3600:.1f} h this invocation)" if seconds else "") + ". Budget: the parameters of "
-             f"uniform rank {BUDGET}. Seeds {', '.join(map(str, args.seeds))}; learning rates tuned on seeds "
+             f"uniform rank {budget}. Seeds {', '.join(map(str, args.seeds))}; learning rates tuned on seeds "
              f"{', '.join(map(str, tuning))} (grid {' / '.join(f'{lr:g}' for lr in args.learning_rates)}, "
              "extended 3x while at an edge), the other seeds at the chosen rate. Early stopping: validation every "
              f"{args.eval_interval} steps, patience {args.patience}, cap {args.epochs:g} epochs. Held-out loss: "
@@ -249,7 +287,7 @@ def summarize(results: Path, args, seconds: float | None) -> str:
     # lora-ranks' default against a plain LoRA given its total compute (preparation and training to its stop): the
     # plain LoRA's best validation loss among its evaluations within that many FLOPs, paired by seed.
     at_compute = "validation loss at lora-ranks' total compute"
-    for mine, other in ((DEFAULT, PEFT), (DEFAULT, RSLORA)):
+    for mine, other in ((DEFAULT, PEFT), (DEFAULT, RSLORA)) if PEFT in ROWS else ():
         a, b = [], []
         for seed in sorted(set(final[mine]) & set(final[other])):
             budget = final[mine][seed].train_flops + prep(mine, seed)[0]
@@ -272,13 +310,14 @@ def summarize(results: Path, args, seconds: float | None) -> str:
         lines.append(f"| {ROWS[mine]} | {ROWS[other]} | {metric} | {scale * v['mean']:+.4f} ± {scale * v['se']:.4f}"
                      f"{unit} (n = {v['n']}) | {v['p']:.3g} | {adjusted[mine, other, metric]:.3g} | {verdict} |")
     # Compute: to reach PEFT LoraConfig()'s best validation loss; best within lora-ranks' total compute.
-    lines += ["", "Compute, per seed then averaged (validation curves; FLOPs of training to each evaluation plus the "
+    lines += [] if PEFT not in ROWS else [
+              "", "Compute, per seed then averaged (validation curves; FLOPs of training to each evaluation plus the "
               "row's preparation): the total FLOPs at which a row first reaches the best validation loss of PEFT's "
               "LoraConfig() on the same seed, and a row's best validation loss within the FLOPs lora-ranks' default "
               "spends in all (its preparation and training up to its stop).", "",
               "| row | reaches LoraConfig()'s best (seeds) | FLOPs to reach it | best validation loss within "
               "lora-ranks' total |", "|---|---|---|---|"]
-    for row, name in ROWS.items():
+    for row, name in ROWS.items() if PEFT in ROWS else ():
         reached, flops, within = 0, [], []
         for seed, run in final[row].items():
             target = final[PEFT].get(seed)
@@ -296,8 +335,8 @@ def summarize(results: Path, args, seconds: float | None) -> str:
                 within.append(min(inside) if inside else None)
         lines.append(f"| {name} | {reached} of {len(final[row])} | "
                      f"{(sum(flops) / len(flops)) if flops else float('nan'):.3g} | {mean_sd(within)} |")
-    plot_curves(final, prep, results.parent / f"{results.name}.png")
-    raw = results.parent / f"{results.name}.json"  # benchmarks/results/wordnet-smollm2.json by default
+    plot_curves(final, prep, results.parent / f"{results.name}-{args.rows}.png", ROWS)
+    raw = results.parent / f"{results.name}-{args.rows}.json"  # benchmarks/results/wordnet-smollm2-core.json
     raw.write_text(json.dumps({"learning_rate_choices": record, "baselines": base, "preparation": preparation,
                                "comparisons": [{"row": ROWS[m], "reference": ROWS[o], "metric": metric, **v,
                                                 "holm_p": adjusted[m, o, metric]}
@@ -311,7 +350,7 @@ def summarize(results: Path, args, seconds: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(final: dict, prep, path: Path) -> None:
+def plot_curves(final: dict, prep, path: Path, rows: dict) -> None:
     """Validation loss against total FLOPs and against wall time (preparation included), one line per run, a colour
     per row; the best checkpoint of each run marked."""
     import matplotlib
@@ -320,7 +359,7 @@ def plot_curves(final: dict, prep, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for colour, (row, name) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], ROWS.items()):
+    for colour, (row, name) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], rows.items()):
         for i, (seed, run) in enumerate(sorted(final[row].items())):
             flops, seconds = prep(row, seed)
             curve = run.validation_curve
@@ -343,9 +382,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m", help="a known base (lora-ranks base) or a model folder")
     parser.add_argument("--out", default="outputs/wordnet-smollm2")
-    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results" / "wordnet-smollm2")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where rows are committed (default: "
+                        "benchmarks/results/wordnet-smollm2 for core, further and budget2 at --subset 0.01, else "
+                        "wordnet-smollm2-<rows>-subset<share>: a committed row's file name does not say its "
+                        "preparation, so rows of one name and another design need a folder of their own)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-4 (core), 0-2 (the others)")
     parser.add_argument("--tuning-seeds", type=int, default=2)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=list(GRID))
     parser.add_argument("--epochs", type=float, default=3.0, help="the cap of a LoRA run, in epochs")
@@ -361,11 +403,19 @@ def main() -> None:
                         "torch's, one per core). On a CPU shared with other work, 1: two threads of a niced process, "
                         "one of them preempted, wait on each other at every parallel region (measured here: 13-18 s "
                         "per step with 2, 3-4 s with 1)")
-    parser.add_argument("--rows", choices=("core", "default"), default="core", help="core: the five core rows; "
-                        "default: lora-ranks' default and warm uniform ranks only (the subset sweep)")
+    parser.add_argument("--rows", choices=("core", "further", "budget2", "default"), default="core",
+                        help="core: the five core rows; further: LoRA-GA, PiSSA, EVA and the full fine-tune beside "
+                        "lora-ranks' default; budget2: the core rows at uniform rank 2's parameters; default: "
+                        "lora-ranks' default and warm uniform ranks only (the subset sweep, with --subset)")
     parser.add_argument("--summarize", action="store_true", help="only the tables, from the committed results")
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
+    if args.seeds is None:
+        args.seeds = [0, 1, 2, 3, 4] if args.rows == "core" else [0, 1, 2]
+    if args.results_dir is None:  # the core's folder for the rows of its design (or of distinct names); else their own
+        shared = args.subset == 0.01 and args.rows in ("core", "further", "budget2")
+        args.results_dir = REPO / "benchmarks" / "results" / ("wordnet-smollm2" if shared
+                                                             else f"wordnet-smollm2-{args.rows}-subset{args.subset:g}")
     args.results_dir = args.results_dir.resolve()
     seconds = None
     if not args.summarize:
