@@ -114,6 +114,21 @@ def convert_to_lora_adapter(base_dir: str, pair, modules, budget: int, out: Path
     return out, low
 
 
+def table_rows(rows: list[dict], budgets: list[int], extra=lambda row: "") -> list[str]:
+    """The table's lines, a size after the other: size, method (with its threshold), parameters, KL, excess,
+    lora-ranks' excess over this method's, held-out loss, then ``extra(row)`` (further columns, each ending "|")."""
+    lines = []
+    for r in budgets:
+        group = [x for x in rows if x["budget_rank"] == r]
+        ours = next(x for x in group if x["method"].startswith("lora-ranks"))
+        for x in group:
+            ratio = "—" if x is ours else f"{ours['excess'] / x['excess']:.2f}"
+            tau = f" (τ = {x['tau']:.3f})" if x["tau"] is not None else ""
+            lines.append(f"| {r} | {x['method']}{tau} | {x['parameters']:,} | {x['kl']:.4f} | {x['excess']:.4f} | "
+                         f"{ratio} | {x['loss']:.4f} |{extra(x)}")
+    return lines
+
+
 def adapter_parameters(adapter_dir: Path) -> int:
     from safetensors import safe_open
 
@@ -174,14 +189,7 @@ def main() -> None:
              f"{rows[0]['loss_finetuned']:.4f}. Raw: `benchmarks/results/extraction_peers.json`.", "",
              "| size (uniform r) | method | parameters | KL | excess | lora-ranks' excess / this one's | held-out loss |",
              "|---|---|---|---|---|---|---|"]
-    for r in args.budgets:
-        group = [x for x in rows if x["budget_rank"] == r]
-        ours = next(x for x in group if x["method"].startswith("lora-ranks"))
-        for x in group:
-            ratio = "—" if x is ours else f"{ours['excess'] / x['excess']:.2f}"
-            tau = f" (τ = {x['tau']:.3f})" if x["tau"] is not None else ""
-            lines.append(f"| {r} | {x['method']}{tau} | {x['parameters']:,} | {x['kl']:.4f} | {x['excess']:.4f} | "
-                         f"{ratio} | {x['loss']:.4f} |")
+    lines += table_rows(rows, args.budgets)
     (REPO / "benchmarks" / "results" / "extraction_peers.json").write_text(
         json.dumps({"ceiling_kl": ceiling, "rows": rows}, indent=1) + "\n")
     emit("\n".join(lines) + "\n", args.record)
