@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/wordnet-smollm2/extraction"))
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--eval-records", type=int, default=600, help="held-out records scored (all 600 by default)")
+    parser.add_argument("--results", type=Path, default=RESULTS.parent / "wordnet-extraction.json",
+                        help="the raw results (JSON)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     import torch
@@ -111,8 +113,9 @@ def main() -> None:
     reference = reference_outputs(finetuned, held_out, tokenizer.pad_token_id)
     scored = checkable_records(eval_path, args.eval_records, tasks=("category", "word"))
 
-    def accuracy(model) -> dict:
-        return {task: m.accuracy for task, m in exact_match_by_task(model, tokenizer, scored, 8, batch_size=32).items()}
+    def accuracy(model) -> dict:  # task -> {accuracy, correct, n}
+        return {task: {"accuracy": m.accuracy, "correct": m.correct, "n": m.n}
+                for task, m in exact_match_by_task(model, tokenizer, scored, 8, batch_size=32).items()}
 
     finetuned_accuracy = accuracy(finetuned)
     del finetuned
@@ -137,7 +140,7 @@ def main() -> None:
                          "loss_finetuned": loss_ft, "accuracy": accuracy(model)})
             print(f"r {r} {method}: KL {kl:.4f} (excess {kl - ceiling:.4f}), loss {loss:.4f}", flush=True)
     minutes = (time.perf_counter() - start) / 60
-    (RESULTS.parent / "wordnet-extraction.json").write_text(json.dumps(
+    args.results.write_text(json.dumps(
         {"finetuned": ft_dir, "ceiling_kl": ceiling, "finetuned_accuracy": finetuned_accuracy, "rows": rows,
          "eval_records": len(held_out), "minutes": minutes}, indent=1) + "\n")
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
@@ -147,12 +150,14 @@ def main() -> None:
              f"min). Pair: {Path(ft_dir).relative_to(REPO) if Path(ft_dir).is_relative_to(REPO) else ft_dir}. "
              f"KL(fine-tuned || base + merged adapter) on {len(held_out)} held-out records, nats/token; ceiling "
              f"(full-rank deltas) {ceiling:.4f}; excess = KL − ceiling. Held-out loss of the fine-tune "
-             f"{rows[0]['loss_finetuned']:.4f}; its accuracy: category {100 * finetuned_accuracy['category']:.1f}%, "
-             f"word {100 * finetuned_accuracy['word']:.1f}%. Raw: `benchmarks/results/wordnet-extraction.json`.", "",
+             f"{rows[0]['loss_finetuned']:.4f}; its exact match: category "
+             f"{100 * finetuned_accuracy['category']['accuracy']:.1f}% (n = {finetuned_accuracy['category']['n']}), "
+             f"word {100 * finetuned_accuracy['word']['accuracy']:.1f}% (n = {finetuned_accuracy['word']['n']}). Raw: "
+             f"`{args.results.resolve().relative_to(REPO)}`.", "",
              "| size (uniform r) | method | parameters | KL | excess | lora-ranks' excess / this one's | held-out loss "
              "| category | word |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += table_rows(rows, args.budgets, lambda x: f" {100 * x['accuracy']['category']:.1f}% | "
-                                                    f"{100 * x['accuracy']['word']:.1f}% |")
+    lines += table_rows(rows, args.budgets, lambda x: f" {100 * x['accuracy']['category']['accuracy']:.1f}% | "
+                                                    f"{100 * x['accuracy']['word']['accuracy']:.1f}% |")
     emit("\n".join(lines) + "\n", args.record)
 
 
