@@ -256,7 +256,8 @@ def summarize(results: Path, args, seconds: float | None) -> str:
                   f"word for a definition zero-shot {100 * zs['word']['accuracy']:.1f}% (n = {zs['word']['n']}); "
                   f"held-out loss of the base model {base['zero_shot_loss']:.4f}.", ""]
     lines += ["| row | seeds | lr (grid; at edge?) | held-out loss | category accuracy | word accuracy | best step "
-              "(stopped) | train FLOPs to best + prep | wall s to best + prep |", "|---|---|---|---|---|---|---|---|---|"]
+              "(stopped) | train FLOPs to best + prep | wall s to best + prep | preparation's share (FLOPs; wall) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, name in ROWS.items():
         seeds = final[row]
         if not seeds:
@@ -268,10 +269,15 @@ def summarize(results: Path, args, seconds: float | None) -> str:
         steps = ", ".join(f"{r.best_step} ({r.stopped})" for r in rs)
         flops = mean([r.best_train_flops + prep(row, r.seed)[0] for r in rs], ".3g")  # "—" until it is committed
         wall = mean([r.best_seconds + prep(row, r.seed)[1] for r in rs], ".0f")
+        # what the preparation (the brief fine-tune, the curvature passes, the SVDs and roots, the warm start: all in
+        # its wall seconds) is of the row's total compute to its best checkpoint
+        share = [(prep(row, r.seed)[0] / (r.best_train_flops + prep(row, r.seed)[0]),
+                  prep(row, r.seed)[1] / (r.best_seconds + prep(row, r.seed)[1])) for r in rs]
+        share = f"{mean([a for a, _ in share], '.0%')}; {mean([b for _, b in share], '.0%')}"
         lines.append(f"| {name} | {len(rs)} | {chosen[row]:g} ({grid}; {'yes' if entry['at_edge'] else 'no'}) | "
                      f"{mean_sd([r.loss for r in rs])} | {pct([category(r) for r in rs])} | "
                      f"{pct([accuracy(r, 'word') for r in rs])} | "
-                     f"{steps} | {flops} | {wall} |")
+                     f"{steps} | {flops} | {wall} | {share} |")
     # Paired comparisons, Holm-corrected over the family.
     tests = {}
     for mine, other in COMPARISONS:
