@@ -195,6 +195,7 @@ def summarize(results: Path, args, seconds: float | None) -> str:
     PEFT, RSLORA = (f"r{budget}-uniform", "default"), (f"r{budget}-uniform", "rslora")  # noqa: N806
     runs = [RowResult(**{k: v for k, v in json.loads(p.read_text()).items() if k != "committed_key"})
             for p in sorted(results.glob("*-seed*-lr*.json"))]
+    runs = [r for r in runs if r.seed in args.seeds]  # further's table: its 3 seeds, not the core's 5
     preparation = {int(p.stem.removeprefix("preparation-seed")): json.loads(p.read_text())
                    for p in results.glob("preparation-seed*.json")}
     base = json.loads((results / "baselines.json").read_text()) if (results / "baselines.json").is_file() else None
@@ -389,7 +390,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m", help="a known base (lora-ranks base) or a model folder")
     parser.add_argument("--out", default="outputs/wordnet-smollm2")
     parser.add_argument("--results-dir", type=Path, default=None, help="where rows are committed (default: "
-                        "benchmarks/results/wordnet-smollm2 for core, further and budget2 at --subset 0.01, else "
+                        "benchmarks/results/wordnet-smollm2 for core and further at --subset 0.01, else "
                         "wordnet-smollm2-<rows>-subset<share>: a committed row's file name does not say its "
                         "preparation, so rows of one name and another design need a folder of their own)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -419,7 +420,7 @@ def main() -> None:
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3, 4] if args.rows == "core" else [0, 1, 2]
     if args.results_dir is None:  # the core's folder for the rows of its design (or of distinct names); else their own
-        shared = args.subset == 0.01 and args.rows in ("core", "further", "budget2")
+        shared = args.subset == 0.01 and args.rows in ("core", "further")  # one design: the same preparations
         args.results_dir = REPO / "benchmarks" / "results" / ("wordnet-smollm2" if shared
                                                              else f"wordnet-smollm2-{args.rows}-subset{args.subset:g}")
     args.results_dir = args.results_dir.resolve()

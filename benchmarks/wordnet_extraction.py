@@ -47,16 +47,19 @@ from benchmarks.extraction_peers import (  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results" / "wordnet-smollm2"
 
 
-def default_finetuned(out: Path) -> Path:
-    """The ``further`` rows' full fine-tune of seed 0 at its committed rate: its best checkpoint's folder."""
-    committed = sorted(RESULTS.glob("full-finetune-seed0-lr*.json"))
-    runs = [json.loads(p.read_text()) for p in committed]
-    runs = [r for r in runs if not r.get("diverged") and r.get("validation_loss") is not None]
-    if not runs:
+def default_finetuned() -> Path:
+    """The ``further`` rows' full fine-tune of seed 0 at its chosen rate (the rate of lowest mean validation loss
+    over the tuning seeds, as the benchmark chooses it): its best checkpoint's folder."""
+    from lora_ranks.evidence.runs import RowResult, choose_learning_rates
+
+    trials = [RowResult(**{k: v for k, v in json.loads(p.read_text()).items() if k != "committed_key"})
+              for p in sorted(RESULTS.glob("full-finetune-seed*-lr*.json"))]
+    if not any(t.seed == 0 for t in trials):
         sys.exit("lora-ranks: error: no committed full fine-tune of seed 0 in benchmarks/results/wordnet-smollm2: run "
                  "`benchmarks/wordnet_benchmark.py --rows further` first, or give --finetuned")
-    best = min(runs, key=lambda r: r["validation_loss"])
-    model = Path(best["run_dir"]) / "model"
+    chosen, _ = choose_learning_rates([t for t in trials if t.seed in (0, 1)])
+    best = next(t for t in trials if t.seed == 0 and t.learning_rate == chosen["full-finetune", "full"])
+    model = Path(best.run_dir) / "model"
     if not (model / "config.json").is_file():
         sys.exit(f"lora-ranks: error: the full fine-tune's model {model} is not on this machine (its result is "
                  "committed, its weights are not): run `benchmarks/wordnet_benchmark.py --rows further` here, or "
@@ -95,15 +98,19 @@ def main() -> None:
 
     start = time.perf_counter()
     base_dir = str(make_base("smollm2-135m").path)
-    ft_dir = str((args.finetuned or default_finetuned(args.out)).resolve())
+    ft_dir = str((args.finetuned or default_finetuned()).resolve())
     out = args.out.resolve()
     layout = ComparisonLayout(out)
     cli = str(Path(sys.executable).with_name("lora-ranks"))
     analysis_config = layout.analysis.root / "configs" / "lora_rank_config.json"
-    if not analysis_config.is_file():
-        lora_ranks(cli, "analyze", "--base", base_dir, "--finetuned", ft_dir, "--data", str(args.data / "train.jsonl"),
-                   "--out", str(layout.analysis.root), "--spectrum", "fisher", "--min-rank", "1", "--max-rank", "64",
-                   "--smoothing", "none")
+    # an analysis left in --out by an earlier run is reused only when it is of this pair (same fine-tuned weights)
+    if analysis_config.is_file():
+        earlier = load_rank_config(analysis_config)
+        digest = CheckpointPair(base_dir, ft_dir).fingerprints(earlier.module_refs())[1]
+    if not analysis_config.is_file() or earlier.checkpoints.finetuned.content_fingerprint != digest:
+        lora_ranks(cli, "analyze", "--overwrite", "--base", base_dir, "--finetuned", ft_dir, "--data",
+                   str(args.data / "train.jsonl"), "--out", str(layout.analysis.root), "--spectrum", "fisher",
+                   "--min-rank", "1", "--max-rank", "64", "--smoothing", "none")
     configs = write_allocation_configs(analysis_config, layout, args.budgets)
     modules = load_rank_config(analysis_config).module_refs()
     pair = CheckpointPair(base_dir, ft_dir)

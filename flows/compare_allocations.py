@@ -150,13 +150,15 @@ def compare_allocations(
         labels = list(matrix.prepare(comparison.seeds[0])["configs"])
     matrix.labels = labels
     rows = comparison_rows(labels, matrix.inits, comparison.peers)
-    if comparison.full_finetune and comparison.early_stopping:  # the ceiling, trained to its own plateau as a row
+    # the ceiling, trained to its own plateau as a row, its rate chosen as the rows' are
+    full_as_row = comparison.full_finetune and comparison.early_stopping and bool(comparison.learning_rates)
+    if full_as_row:
         rows.append((FULL_LABEL, FULL))
     evaluation = RowEvaluation.of(eval_data_path, fidelity, comparison, validation_path)
     results, choices = matrix.train_rows(rows, evaluation)
     full = {r.seed: r.loss for r in results if r.init == FULL} or None
     results = [r for r in results if r.init != FULL]
-    if comparison.full_finetune and not comparison.early_stopping:
+    if comparison.full_finetune and not full_as_row:
         full, choices = matrix.full_finetunes(finetune, choices)
     prepared = matrix.prepared
 
@@ -285,11 +287,11 @@ class _Matrix:
         it is interior (or max_rate_extensions); then every other seed trains at it. Returns (results, the rate
         choices or None)."""
         comparison = self.comparison
+        if not comparison.learning_rates:
+            return self.train([(label, init, seed, self.training.learning_rate) for label, init in rows
+                               for seed in comparison.seeds], evaluation), None
         # the full fine-tune's own grid (its rates are ~100x below a LoRA's), the fine-tune's rate when none is given
         full_rates = comparison.full_learning_rates or (self.settings["finetune"].learning_rate,)
-        if not comparison.learning_rates:
-            return self.train([(label, init, seed, full_rates[0] if init == FULL else self.training.learning_rate)
-                               for label, init in rows for seed in comparison.seeds], evaluation), None
         tuning, rest = comparison.seeds[:comparison.tuning_seeds], comparison.seeds[comparison.tuning_seeds:]
         trial_evaluation = evaluation.replace_validation(self.validation_path)
         trials = self.train([(label, init, seed, lr) for label, init in rows for seed in tuning

@@ -483,9 +483,9 @@ class ComparisonSettings(Settings):
     full_finetune: bool = False
     """Also fine-tune every parameter as long on the same data, per seed (the fine-tune's learning rate, the LoRA
     training's steps and batch): the reference of the gap closed (writes a full model per seed). With early
-    stopping it is a row like the others (``full-finetune``: trained as the LoRA rows are, to its own plateau, its
-    rate chosen from full_learning_rates on the tuning seeds and the grid extended while at an edge; its best
-    checkpoint saved whole, committed with the rows)."""
+    stopping and learning_rates it is a row like the others (``full-finetune``: trained as the LoRA rows are, to
+    its own plateau, its rate chosen from full_learning_rates on the tuning seeds and the grid extended while at an
+    edge; its best checkpoint saved whole, committed with the rows)."""
     comparability: bool = False
     """Also check whether the spectra are comparable across modules: truncate each module alone to
     comparability_rank and compare the predicted with the measured KL on comparability_records held-out records

@@ -137,8 +137,10 @@ def test_a_run_stopped_midway_resumes_from_its_last_evaluation_as_if_never_stopp
 
     root, base, config = setting
     spec, train = RowSpec("r2-uniform", "cold", 0, config), str(root / "train.jsonl")
-    # warmup and cosine decay over 12 steps, evaluated every 2: a resumed schedule that restarted would show
-    settings = SETTINGS.replace(max_steps=12, learning_rate=3e-2, warmup_ratio=0.25, schedule="cosine")
+    # warmup and cosine decay over 12 steps, evaluated every 2: a resumed schedule that restarted would show; dropout
+    # on: the masks after the resume are those of the uninterrupted run only if the generator is restored too
+    settings = SETTINGS.replace(max_steps=12, learning_rate=3e-2, warmup_ratio=0.25, schedule="cosine",
+                                lora_dropout=0.1)
     evaluation = _evaluation(root, eval_interval=2, patience=10, curve_points=3)
     whole = train_row(base, spec, train, tmp_path / "whole", settings, evaluation)
     assert not (tmp_path / "whole" / partial_runs.PARTIAL_FILE).exists()  # removed once the run finished

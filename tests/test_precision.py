@@ -235,6 +235,7 @@ def test_committed_rows_are_keyed_by_the_precision_they_run_in(monkeypatch, tiny
     base, data = tiny[0], tiny[1]
     spec, evaluation = RowSpec("r2-uniform", "warm", 0, "unused.json"), RowEvaluation(str(data), 2, 32)
     monkeypatch.delenv(HIDE_CPU_BF16, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rows' device is the CPU, here and on a GPU
     keys = {}
     for units in (None, "avx512_bf16"):
         monkeypatch.setattr(devices, "_detected_cpu_bf16_units", lambda units=units: units)

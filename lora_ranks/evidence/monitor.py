@@ -57,6 +57,7 @@ class RowMonitor:
     def checkpoint(self, state) -> None:
         """Save the run as it stands after ``state.step`` in ``saves_to`` (train_loop's ``on_checkpoint``;
         ``partial_runs``)."""
+        began = time.perf_counter()
         run_dir, key = self.saves_to
         stopping, model = self.stopping, self.row.model
         weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -64,7 +65,11 @@ class RowMonitor:
                     "elapsed": time.perf_counter() - self.start,
                     "stopping": {"best_loss": stopping.best_loss, "best_point": stopping.best_point,
                                  "since": stopping.since, "curve": stopping.curve}}
-        save_partial(run_dir, PartialRun(key, state, weights, stopping.best_state, torch.get_rng_state(), measured))
+        device = self.row.device
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        save_partial(run_dir, PartialRun(key, state, weights, stopping.best_state, torch.get_rng_state(), measured,
+                                         cuda_rng))
+        self.evaluating += time.perf_counter() - began  # saving is the harness's cost, not the row's: left out
 
     def restore(self, partial: PartialRun) -> None:
         """Take up a saved run (``checkpoint``): its trainable weights, random generator and measurements."""
@@ -74,6 +79,8 @@ class RowMonitor:
                 if p.requires_grad:
                     p.copy_(partial.weights[name])
         torch.set_rng_state(partial.torch_rng)
+        if partial.cuda_rng is not None and self.row.device.type == "cuda":
+            torch.cuda.set_rng_state(partial.cuda_rng, self.row.device)
         self.tokens_per_step[:] = measured["tokens_per_step"]
         self.curve, self.evaluating = measured["curve"], measured["evaluating"]
         saved = measured["stopping"]

@@ -4,9 +4,10 @@ machine handed back) goes on from there instead of from step 0, and ends as the 
 One file in the run's folder, ``<run>/partial.safetensors``, replaced atomically at each validation evaluation (with
 early stopping) and removed when the run finishes. Its tensors: the trainable weights (``weights.<name>``), those of
 the best evaluation so far (``best.<name>``), the optimizer's state (``optimizer.<param index>.<name>``) and torch's
-random generator (``torch_rng``); its metadata (``"partial"``: JSON): the inputs' key (``row_key``: a partial of
-other inputs is ignored), the training loop's place (``LoopState`` without tensors), the optimizer's param groups,
-and what the run measured so far (curves, tokens per step, seconds).
+random generators (``torch_rng``, and ``cuda_rng`` on a GPU: dropout's masks come from the device's); its metadata
+(``"partial"``: JSON): the inputs' key (``row_key``: a partial of other inputs is ignored), the training loop's
+place (``LoopState`` without tensors), the optimizer's param groups, and what the run measured so far (curves,
+tokens per step, seconds).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class PartialRun:
     """What a run had done at its last checkpoint.
 
     ``weights``/``best_weights``: trainable parameter name -> tensor (float32, CPU); ``loop``: the training loop's
-    state (its optimizer state dict's tensors on the CPU); ``measured``: the monitor's record (``tokens_per_step``,
+    state (its optimizer state dict's tensors on the CPU); ``torch_rng``/``cuda_rng``: torch's CPU generator and, on a
+    GPU, the device's (``torch.cuda.get_rng_state``), uint8 tensors; ``measured``: the monitor's record (``tokens_per_step``,
     ``curve``, ``evaluating`` and ``elapsed`` in seconds, and the early-stopping state ``stopping``: ``best_loss``,
     ``best_point``, ``since``, ``curve``)."""
 
@@ -43,6 +45,7 @@ class PartialRun:
     best_weights: dict[str, torch.Tensor] | None
     torch_rng: torch.Tensor
     measured: dict
+    cuda_rng: torch.Tensor | None = None
 
 
 def save_partial(run_dir: str | Path, partial: PartialRun) -> Path:
@@ -59,6 +62,8 @@ def save_partial(run_dir: str | Path, partial: PartialRun) -> Path:
                 scalars.setdefault(str(index), {})[name] = value
         state[str(index)] = sorted(entry)
     tensors["torch_rng"] = partial.torch_rng
+    if partial.cuda_rng is not None:
+        tensors["cuda_rng"] = partial.cuda_rng.cpu()
     meta = {"format": _FORMAT, "key": partial.key, "step": partial.loop.step, "losses": partial.loop.losses,
             "order": partial.loop.order, "rng_state": partial.loop.rng_state, "optimizer_state": state,
             "optimizer_scalars": scalars, "param_groups": partial.loop.optimizer["param_groups"],
@@ -88,4 +93,5 @@ def load_partial(run_dir: str | Path, key: str, device: torch.device | str = "cp
     version, internal, gauss = meta["rng_state"]
     loop = LoopState(meta["step"], meta["losses"], meta["order"], (version, tuple(internal), gauss),
                      {"state": state, "param_groups": meta["param_groups"]})
-    return PartialRun(key, loop, weights, best, tensors["torch_rng"].cpu(), meta["measured"])
+    cuda_rng = tensors["cuda_rng"].cpu() if "cuda_rng" in tensors else None
+    return PartialRun(key, loop, weights, best, tensors["torch_rng"].cpu(), meta["measured"], cuda_rng)
